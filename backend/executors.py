@@ -1,0 +1,218 @@
+"""CPU executors of a lowered :class:`Program`, behind one interface.
+
+``serial`` runs the program's global launch order on the calling thread (the deterministic reference).
+``thread`` runs each lane on its own worker thread; cross-lane dependencies are real
+``threading.Event`` waits with a timeout, so a scheduling bug shows up as a wrong answer or a
+:class:`BackendError`, never a hang. Both record a :class:`Timeline`. The CUDA executor (streams, events,
+green contexts, CUDA Graphs) implements the same :class:`Executor` interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+import torch
+
+from dynaflow import knobs
+from dynaflow.errors import BackendError
+from dynaflow.registry import Registry
+from dynaflow.segmented import OutRef
+from dynaflow.timeline import Timeline, TimelineEvent
+from dynaflow.backend.program import Launch, Program, Wait, fetch
+
+__all__ = ["Executor", "SerialExecutor", "ThreadExecutor", "executors", "run_launch"]
+
+log = logging.getLogger(__name__)
+
+
+class Executor:
+    """Runs a Program on a list of flat inputs and returns the graph's outputs."""
+
+    name = "base"
+
+    def __init__(self) -> None:
+        self.last_timeline: Timeline | None = None
+
+    def run(self, program: Program, inputs: Sequence[Any]) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release threads/streams; the executor may not be used afterwards."""
+
+    @staticmethod
+    def new_env(program: Program, inputs: Sequence[Any]) -> list[Any]:
+        if len(inputs) != program.num_inputs:
+            raise BackendError(f"Program expects {program.num_inputs} inputs, got {len(inputs)}.")
+        env: list[Any] = list(inputs)
+        env.extend([None] * (program.num_slots - len(env)))
+        return env
+
+    @staticmethod
+    def outputs(program: Program, env: list[Any]) -> Any:
+        def build(t: Any) -> Any:
+            if isinstance(t, OutRef):
+                return env[program.output_slots[t.name]]
+            if isinstance(t, tuple):
+                return tuple(build(x) for x in t)
+            if isinstance(t, list):
+                return [build(x) for x in t]
+            if isinstance(t, dict):
+                return {k: build(v) for k, v in t.items()}
+            return t
+
+        return build(program.output_tree)
+
+
+def run_launch(launch: Launch, env: list[Any], lock: threading.Lock, batch: int) -> None:
+    """Fetch arguments, call the segment, store outputs, and write merged outputs into their buffers."""
+    out = launch.fn(*[fetch(a, env) for a in launch.args])
+    outs = out if launch.returns_tuple else (out,)
+    for slot, value in zip(launch.out_slots, outs):
+        env[slot] = value
+    for j, buf_slot, dim, start, stop in launch.merges:
+        value = outs[j]
+        k = value.size(dim) // (stop - start)
+        buf = env[buf_slot]
+        if buf is None:
+            with lock:  # the first nano-batch to finish allocates the full-batch buffer once
+                buf = env[buf_slot]
+                if buf is None:
+                    shape = list(value.shape)
+                    shape[dim] = k * batch
+                    buf = env[buf_slot] = value.new_empty(shape)
+        buf.narrow(dim, start * k, (stop - start) * k).copy_(value)
+
+
+class SerialExecutor(Executor):
+    """Every launch on the calling thread, in the program's global order: the reference executor."""
+
+    name = "serial"
+
+    def run(self, program: Program, inputs: Sequence[Any]) -> Any:
+        env = self.new_env(program, inputs)
+        lock = threading.Lock()
+        record = knobs.record_timeline()
+        lane_names = {id(ins): lane.name for lane, s in zip(program.lanes, program.streams) for ins in s}
+        events: list[TimelineEvent] = []
+        clock = time.perf_counter
+        t_start = clock()
+        B = program.batch_size
+        for launch in program.serial_order:
+            t0 = clock()
+            run_launch(launch, env, lock, B)
+            if record:
+                events.append(TimelineEvent(lane_names[id(launch)], repr(launch.op), t0 - t_start, clock() - t_start,
+                                            launch.segment.resource.value))
+        self.last_timeline = Timeline(tuple(events), self.name) if record else None
+        return self.outputs(program, env)
+
+
+class _Step:
+    """Shared state of one threaded step: values, events, the failure flag."""
+
+    def __init__(self, program: Program, env: list[Any], timeout: float):
+        self.env = env
+        self.events = [threading.Event() for _ in range(program.num_events)]
+        self.lock = threading.Lock()
+        self.failed: BaseException | None = None
+        self.timeout = timeout
+
+    def fail(self, exc: BaseException) -> None:
+        with self.lock:
+            if self.failed is None:
+                self.failed = exc
+        for ev in self.events:  # wake every waiting lane so it can abort
+            ev.set()
+
+
+class ThreadExecutor(Executor):
+    """One worker thread per lane (lane 0 on the calling thread); events are real synchronisation."""
+
+    name = "thread"
+
+    def __init__(self, wait_timeout: float | None = None) -> None:
+        super().__init__()
+        self.wait_timeout = wait_timeout
+        self._pool: ThreadPoolExecutor | None = None
+        self._workers = 0
+
+    def _ensure_pool(self, n: int) -> ThreadPoolExecutor:
+        if self._pool is None or self._workers < n:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="dynaflow-lane")
+            self._workers = n
+        return self._pool
+
+    def run(self, program: Program, inputs: Sequence[Any]) -> Any:
+        env = self.new_env(program, inputs)
+        timeout = self.wait_timeout if self.wait_timeout is not None else knobs.wait_timeout()
+        step = _Step(program, env, timeout)
+        record = knobs.record_timeline()
+        per_lane: list[list[TimelineEvent]] = [[] for _ in program.lanes]
+        t_start = time.perf_counter()
+        futures = []
+        if len(program.lanes) > 1:
+            pool = self._ensure_pool(len(program.lanes) - 1)
+            grad = torch.is_grad_enabled()
+            for li in range(1, len(program.lanes)):
+                futures.append(pool.submit(self._lane, program, li, step, per_lane[li], t_start, record, grad))
+        self._lane(program, 0, step, per_lane[0], t_start, record, torch.is_grad_enabled())
+        for f in futures:
+            f.result(timeout=timeout * max(1, program.num_launches))
+        if step.failed is not None:
+            if isinstance(step.failed, BackendError):
+                raise step.failed
+            raise BackendError(f"A lane failed while running the program: {step.failed!r}") from step.failed
+        if record:
+            events = tuple(sorted((e for lane in per_lane for e in lane), key=lambda e: e.start))
+            self.last_timeline = Timeline(events, self.name)
+        return self.outputs(program, env)
+
+    def _lane(self, program: Program, li: int, step: _Step, out: list[TimelineEvent], t_start: float,
+              record: bool, grad: bool) -> None:
+        lane = program.lanes[li].name
+        clock = time.perf_counter
+        B = program.batch_size
+        try:
+            with torch.set_grad_enabled(grad):
+                for ins in program.streams[li]:
+                    if step.failed is not None:
+                        return
+                    if isinstance(ins, Wait):
+                        if not step.events[ins.event].wait(step.timeout):
+                            raise BackendError(
+                                f"Lane {lane!r} waited {step.timeout:.1f}s for {ins.op} (event e{ins.event}) and it "
+                                "never finished: the program deadlocked or a producer hung. Raise "
+                                "DYNAFLOW_WAIT_TIMEOUT if the op is legitimately slow."
+                            )
+                        continue
+                    t0 = clock()
+                    run_launch(ins, step.env, step.lock, B)
+                    if record:
+                        out.append(TimelineEvent(lane, repr(ins.op), t0 - t_start, clock() - t_start,
+                                                 ins.segment.resource.value))
+                    if ins.event is not None:
+                        step.events[ins.event].set()
+        except BaseException as exc:  # noqa: BLE001 - every failure must wake the other lanes
+            step.fail(exc)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+executors: Registry[Executor] = Registry("executor", Executor, BackendError, entry_point_group="dynaflow.executors")
+executors.register("serial", SerialExecutor)
+executors.register("thread", ThreadExecutor)

@@ -1,0 +1,276 @@
+"""Lowering: ``Schedule`` → ``Program``, a straight-line launch list per lane with explicit event waits.
+
+Each :class:`Launch` knows how to fetch its arguments from the step's value table (a flat list of
+slots) — a full value, a nano-batch view of a full value (``narrow``, no copy), or the nano-batch size —
+and where its outputs go: a slot, and for values needed whole (by a barrier or as a graph output) a
+write into the matching rows of a full-batch buffer (no ``torch.cat``). Cross-lane dependencies become
+``Wait`` instructions on the producer's event; a wait already implied by an earlier wait on the same
+lane is dropped. Every executor (serial, thread, later cuda and sim) runs the same Program.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from dynaflow.errors import BackendError
+from dynaflow.ir import ALL, Lane, NanoGraph, NanoOp, Schedule, Segment, SplitConfig
+from dynaflow.segmented import OutRef, SegmentedModule, ValueKind
+
+__all__ = ["Arg", "Launch", "Wait", "Program", "lower"]
+
+# Argument fetch kinds
+SLOT, VIEW, CONST = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Arg:
+    """How a launch fetches one argument: ``SLOT`` env[slot]; ``VIEW`` rows [start, stop) of env[slot] along
+    ``dim`` (``batch`` is the full batch size, so ``k = size(dim) // batch`` rows per item); ``CONST`` the
+    constant ``value`` (a nano-batch size)."""
+
+    kind: int
+    slot: int = -1
+    dim: int = 0
+    start: int = 0
+    stop: int = 0
+    value: Any = None
+    batch: int = 1
+
+    def __repr__(self) -> str:
+        if self.kind == SLOT:
+            return f"%{self.slot}"
+        if self.kind == VIEW:
+            return f"%{self.slot}[{self.start}:{self.stop}]@{self.dim}"
+        return repr(self.value)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Run ``op``'s segment on its arguments; store outputs into ``out_slots``; write merged outputs
+    ``(output index, buffer slot, dim, start, stop)`` into full-batch buffers; then signal ``event``."""
+
+    op: NanoOp
+    segment: Segment
+    fn: Callable[..., Any] = field(repr=False)
+    args: tuple[Arg, ...]
+    out_slots: tuple[int, ...]
+    returns_tuple: bool
+    merges: tuple[tuple[int, int, int, int, int], ...] = ()
+    event: int | None = None
+
+    def __repr__(self) -> str:
+        merges = "".join(f" ; out{o}→%{b}[{s}:{e}]@{d}" for o, b, d, s, e in self.merges)
+        ev = f" ; record e{self.event}" if self.event is not None else ""
+        return f"{self.op} = {self.segment.name}({', '.join(map(repr, self.args))}) → {list(self.out_slots)}{merges}{ev}"
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Block the lane until event ``event`` (recorded by ``op`` on another lane) has fired."""
+
+    event: int
+    op: NanoOp
+
+    def __repr__(self) -> str:
+        return f"wait e{self.event} ({self.op})"
+
+
+Instr = Launch | Wait
+
+
+@dataclass(frozen=True)
+class Program:
+    """The lowered step: per-lane instruction lists, slot counts, buffers and how to build the outputs."""
+
+    lanes: tuple[Lane, ...]
+    streams: tuple[tuple[Instr, ...], ...]
+    num_inputs: int
+    num_slots: int
+    buffers: tuple[int, ...]
+    """Slots that hold full-batch merge buffers, allocated on the first nano write of a step."""
+    num_events: int
+    serial_order: tuple[Launch, ...]
+    """A global launch order consistent with lane orders and waits: what the serial executor runs."""
+    output_tree: Any
+    output_slots: dict[str, int]
+    batch_size: int
+    split: SplitConfig
+    schedule: Schedule
+
+    @property
+    def num_launches(self) -> int:
+        return len(self.serial_order)
+
+    def listing(self) -> str:
+        """The program as text: one block per lane."""
+        out = [repr(self)]
+        for lane, instrs in zip(self.lanes, self.streams):
+            out.append(f"  lane {lane!r}:")
+            out.extend(f"    {i!r}" for i in instrs)
+        return "\n".join(out)
+
+    def __repr__(self) -> str:
+        waits = sum(isinstance(i, Wait) for s in self.streams for i in s)
+        return (f"Program({self.split}, {len(self.lanes)} lanes, {self.num_launches} launches, {waits} waits, "
+                f"{len(self.buffers)} merge buffers)")
+
+
+def lower(seg: SegmentedModule, graph: NanoGraph, schedule: Schedule) -> Program:
+    """Lower a verified schedule into a Program (see the module docstring)."""
+    split = graph.split
+    bounds = split.boundaries
+    B = split.batch_size
+    slots: dict[tuple[str, int], int] = {}
+    for name, v in seg.values.items():
+        if v.source == "input":
+            slots[(name, ALL)] = v.index
+    next_slot = [seg.num_inputs]
+
+    def new_slot() -> int:
+        next_slot[0] += 1
+        return next_slot[0] - 1
+
+    producer_whole = {c.segment.name: c.segment.whole for c in seg.calls}
+    calls = {c.segment.name: c for c in seg.calls}
+    # Which split-produced batch values are needed whole: by a whole consumer, or as a graph output.
+    needs_buffer: set[str] = set()
+    for c in seg.calls:
+        if c.segment.whole:
+            needs_buffer.update(a for a in c.args if _split_batch(seg, a, producer_whole))
+    out_names = [leaf.name for leaf in _leaves(seg.output_tree)]
+    needs_buffer.update(n for n in out_names if _split_batch(seg, n, producer_whole))
+    single = split.num == 1
+    buffers: dict[str, int] = {n: new_slot() for n in sorted(needs_buffer)}
+
+    def arg_for(name: str, nano: int) -> Arg:
+        v = seg.values[name]
+        if v.source == "input":
+            if nano == ALL or v.kind is ValueKind.FREE:
+                return Arg(SLOT, v.index)
+            if v.kind is ValueKind.BATCH_SIZE:
+                return Arg(CONST, value=bounds[nano][1] - bounds[nano][0])
+            start, stop = bounds[nano]
+            return Arg(VIEW, v.index, v.batch_dim or 0, start, stop, batch=B)
+        if producer_whole[v.source]:
+            if nano != ALL and v.kind is ValueKind.BATCH:
+                start, stop = bounds[nano]
+                return Arg(VIEW, slots[(name, ALL)], v.batch_dim or 0, start, stop, batch=B)
+            return Arg(SLOT, slots[(name, ALL)])
+        if nano == ALL:
+            if v.kind is ValueKind.BATCH:
+                return Arg(SLOT, buffers[name])
+            return Arg(SLOT, slots[(name, 0)])
+        return Arg(SLOT, slots[(name, nano)])
+
+    launches: dict[NanoOp, Launch] = {}
+    lane_of = {op: li for li, ops in enumerate(schedule.order) for op in ops}
+    cross = {op for op in graph.ops if any(lane_of[u] != lane_of[op] for u in graph.users(op))}
+    event_of = {op: i for i, op in enumerate(sorted(cross, key=graph.ops.index))}
+    for op in graph.ops:  # program order: producers get slots before consumers read them
+        call = calls[op.segment]
+        out_slots = []
+        merges = []
+        for j, name in enumerate(call.outputs):
+            if single and name in buffers:
+                out_slots.append(buffers[name])  # one nano-batch: its output *is* the full value
+                continue
+            s = new_slot()
+            slots[(name, op.nano)] = s
+            out_slots.append(s)
+            if name in buffers and op.nano != ALL:
+                start, stop = bounds[op.nano]
+                merges.append((j, buffers[name], seg.values[name].batch_dim or 0, start, stop))
+        if single:
+            for name in call.outputs:
+                if name in buffers:
+                    slots[(name, op.nano)] = buffers[name]
+        launches[op] = Launch(op, call.segment, call.fn, tuple(arg_for(a, op.nano) for a in call.args),
+                              tuple(out_slots), call.returns_tuple, tuple(merges), event_of.get(op))
+    streams = []
+    for li, ops in enumerate(schedule.order):
+        instrs: list[Instr] = []
+        seen: dict[int, int] = {}  # other lane -> highest position already waited for
+        for op in ops:
+            for dep in graph.deps(op):
+                lj = lane_of[dep]
+                if lj == li:
+                    continue
+                p = schedule.order[lj].index(dep)
+                if seen.get(lj, -1) >= p:
+                    continue  # an earlier wait on a later op of that lane already covers it
+                seen[lj] = p
+                instrs.append(Wait(event_of[dep], dep))
+            instrs.append(launches[op])
+        streams.append(tuple(instrs))
+    output_slots = {}
+    for name in out_names:
+        v = seg.values[name]
+        if v.source == "input":
+            output_slots[name] = v.index
+        elif name in buffers:
+            output_slots[name] = buffers[name]
+        else:
+            output_slots[name] = slots[(name, ALL if producer_whole[v.source] else 0)]
+    return Program(
+        lanes=schedule.lanes, streams=tuple(streams), num_inputs=seg.num_inputs, num_slots=next_slot[0],
+        buffers=tuple(sorted(set(buffers.values()))) if not single else (), num_events=len(event_of),
+        serial_order=_serial_order(tuple(streams)), output_tree=seg.output_tree, output_slots=output_slots,
+        batch_size=B, split=split, schedule=schedule,
+    )
+
+
+def _split_batch(seg: SegmentedModule, name: str, producer_whole: dict[str, bool]) -> bool:
+    v = seg.values[name]
+    return v.source != "input" and not producer_whole[v.source] and v.kind is ValueKind.BATCH
+
+
+def _leaves(tree: Any) -> list[OutRef]:
+    if isinstance(tree, OutRef):
+        return [tree]
+    if isinstance(tree, (list, tuple)):
+        return [x for t in tree for x in _leaves(t)]
+    if isinstance(tree, dict):
+        return [x for t in tree.values() for x in _leaves(t)]
+    return []
+
+
+def _serial_order(streams: Sequence[Sequence[Instr]]) -> tuple[Launch, ...]:
+    """Interleave lanes into one order that satisfies every wait (lowest lane first when several can go)."""
+    pc = [0] * len(streams)
+    fired: set[int] = set()
+    order: list[Launch] = []
+    total = sum(len(s) for s in streams)
+    done = 0
+    while done < total:
+        progressed = False
+        for li, instrs in enumerate(streams):
+            while pc[li] < len(instrs):
+                ins = instrs[pc[li]]
+                if isinstance(ins, Wait):
+                    if ins.event not in fired:
+                        break
+                else:
+                    order.append(ins)
+                    if ins.event is not None:
+                        fired.add(ins.event)
+                pc[li] += 1
+                done += 1
+                progressed = True
+        if not progressed:
+            raise BackendError("Program deadlocks: every lane waits on an event no lane can fire. "
+                               "The schedule should have been rejected by verify(); please report this.")
+    return tuple(order)
+
+
+def fetch(arg: Arg, env: list[Any]) -> Any:
+    """Materialise one launch argument from the step's value table (a nano view is ``narrow``: no copy)."""
+    if arg.kind == SLOT:
+        return env[arg.slot]
+    if arg.kind == VIEW:
+        full = env[arg.slot]
+        k = full.size(arg.dim) // arg.batch  # rows per batch item (k > 1 for a flattened batch·seq dim)
+        return full.narrow(arg.dim, arg.start * k, (arg.stop - arg.start) * k)
+    return arg.value

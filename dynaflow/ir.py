@@ -1,0 +1,375 @@
+"""The intermediate representation: segments, split configs, nano-ops, the nano graph, lanes, schedules.
+
+All IR objects are small frozen dataclasses whose repr reads like what they describe::
+
+    >>> SplitConfig.even(7, 3)
+    SplitConfig(7 → 3/2/2)
+    >>> NanoOp("attn_1", 2)
+    attn_1[nb2]
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import networkx as nx
+
+from dynaflow.errors import ConfigError
+
+__all__ = [
+    "Resource",
+    "HINTS",
+    "SegmentKind",
+    "Segment",
+    "SplitConfig",
+    "InputInfo",
+    "NanoOp",
+    "ALL",
+    "NanoGraph",
+    "Lane",
+    "Schedule",
+]
+
+ALL = -1
+"""The nano-batch index of an op that runs once on the whole batch (barriers, batch-free segments)."""
+
+HINTS = frozenset({"no-inductor", "no-cudagraph", "barrier", "batch-local"})
+"""Segment hints. ``barrier`` forces a whole-batch segment; ``batch-local`` asserts (and trusts) that a
+segment the analysis flags as coupled is in fact row-separable (e.g. MoE token permutations)."""
+
+
+class Resource(str, enum.Enum):
+    """The hardware resource a segment is bound by."""
+
+    COMPUTE = "compute"
+    MEMORY = "memory"
+    NETWORK = "network"
+
+    def __repr__(self) -> str:
+        return self.value
+
+    __str__ = __repr__
+
+
+class SegmentKind(str, enum.Enum):
+    """How a segment meets the nano-batches.
+
+    ``split``: runs once per nano-batch on its slice; ``barrier``: couples the batch, so all nano-batches
+    join, it runs once on the whole batch, and they split again; ``shared``: touches no batch data, runs
+    once and every nano-batch reads its result.
+    """
+
+    SPLIT = "split"
+    BARRIER = "barrier"
+    SHARED = "shared"
+
+    def __repr__(self) -> str:
+        return self.value
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One cut of the captured graph: a named group of consecutive fx nodes with its tags."""
+
+    name: str
+    index: int
+    resource: Resource
+    kind: SegmentKind = SegmentKind.SPLIT
+    hints: frozenset[str] = frozenset()
+    rule: str = "default"
+    reason: str = ""
+    num_nodes: int = 0
+    flops: int | None = None
+    bytes: int | None = None
+
+    @property
+    def whole(self) -> bool:
+        """Runs once on the whole batch (barrier or shared)."""
+        return self.kind is not SegmentKind.SPLIT
+
+    def __repr__(self) -> str:
+        extra = f", hints={{{', '.join(sorted(self.hints))}}}" if self.hints else ""
+        kind = "" if self.kind is SegmentKind.SPLIT else f", {self.kind.value}"
+        return f"Segment({self.name!r}, {self.resource.value}{kind}{extra})"
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Nano-batch sizes along the batch dimension; uneven sizes are allowed.
+
+    Worked example: a batch of 7 rows in 3 nano-batches::
+
+        SplitConfig.even(7, 3).sizes      == (3, 2, 2)
+        SplitConfig.even(7, 3).boundaries == ((0, 3), (3, 5), (5, 7))
+    """
+
+    sizes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        sizes = tuple(int(s) for s in self.sizes)
+        object.__setattr__(self, "sizes", sizes)
+        if not sizes:
+            raise ConfigError("SplitConfig needs at least one nano-batch size; got sizes=().")
+        if any(s < 1 for s in sizes):
+            raise ConfigError(
+                f"SplitConfig sizes must all be >= 1; got {sizes}. Use fewer nano-batches for this batch."
+            )
+
+    @classmethod
+    def even(cls, batch_size: int, nano_batches: int) -> "SplitConfig":
+        """Split ``batch_size`` rows into ``nano_batches`` near-equal parts, larger parts first."""
+        if nano_batches < 1 or nano_batches > batch_size:
+            raise ConfigError(
+                f"nano_batches={nano_batches} is invalid for a batch of {batch_size} rows: it must be "
+                f"between 1 and the batch size ({batch_size}). Pass nano_batches<= {batch_size}."
+            )
+        base, extra = divmod(batch_size, nano_batches)
+        return cls(tuple(base + (1 if i < extra else 0) for i in range(nano_batches)))
+
+    @classmethod
+    def whole(cls, batch_size: int) -> "SplitConfig":
+        """One nano-batch holding the whole batch."""
+        return cls((batch_size,))
+
+    @property
+    def batch_size(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def num(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def boundaries(self) -> tuple[tuple[int, int], ...]:
+        """``(start, stop)`` row ranges, one per nano-batch."""
+        out, start = [], 0
+        for s in self.sizes:
+            out.append((start, start + s))
+            start += s
+        return tuple(out)
+
+    def __repr__(self) -> str:
+        return f"SplitConfig({self.batch_size} → {'/'.join(map(str, self.sizes))})"
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """What a strategy knows about one input bucket when it picks a split config."""
+
+    batch_size: int
+    device: str = "cpu"
+    dtype: str = "float32"
+    request_lengths: tuple[int, ...] | None = None
+    requested_nano_batches: int | None = None
+
+    def __repr__(self) -> str:
+        extra = f", nano_batches={self.requested_nano_batches}" if self.requested_nano_batches else ""
+        return f"InputInfo(batch={self.batch_size}, {self.device}, {self.dtype}{extra})"
+
+
+@dataclass(frozen=True, order=True)
+class NanoOp:
+    """One (segment, nano-batch) launch; ``nano == ALL`` for a whole-batch op."""
+
+    segment: str
+    nano: int
+
+    def __repr__(self) -> str:
+        return f"{self.segment}[{'all' if self.nano == ALL else f'nb{self.nano}'}]"
+
+
+class NanoGraph:
+    """The nano-batch operator graph: a networkx DiGraph of :class:`NanoOp` with data-dependency edges.
+
+    Built from the ordered segments, the segment-level dependencies and a split config: a split segment
+    becomes one op per nano-batch, a barrier/shared segment one op on the whole batch. A split consumer
+    depends on the same nano-batch of a split producer; anything touching a whole op joins all of them.
+    """
+
+    def __init__(
+        self,
+        segments: Sequence[Segment],
+        segment_deps: Iterable[tuple[str, str]],
+        split: SplitConfig,
+    ) -> None:
+        self.segments: tuple[Segment, ...] = tuple(segments)
+        self.split = split
+        self._by_name: dict[str, Segment] = {s.name: s for s in self.segments}
+        self.g: nx.DiGraph = nx.DiGraph()
+        order: list[NanoOp] = []
+        for seg in self.segments:
+            for op in self._ops_of(seg):
+                self.g.add_node(op)
+                order.append(op)
+        self.ops: tuple[NanoOp, ...] = tuple(order)
+        self.segment_deps = tuple(sorted(set(segment_deps), key=lambda e: (self.index(e[1]), self.index(e[0]))))
+        for prod, cons in self.segment_deps:
+            self._connect(self._by_name[prod], self._by_name[cons])
+
+    def _ops_of(self, seg: Segment) -> list[NanoOp]:
+        if seg.whole:
+            return [NanoOp(seg.name, ALL)]
+        return [NanoOp(seg.name, i) for i in range(self.split.num)]
+
+    def _connect(self, prod: Segment, cons: Segment) -> None:
+        if not prod.whole and not cons.whole:
+            for i in range(self.split.num):
+                self.g.add_edge(NanoOp(prod.name, i), NanoOp(cons.name, i))
+            return
+        for p in self._ops_of(prod):
+            for c in self._ops_of(cons):
+                self.g.add_edge(p, c)
+
+    def segment(self, op: NanoOp | str) -> Segment:
+        return self._by_name[op.segment if isinstance(op, NanoOp) else op]
+
+    def index(self, name: str) -> int:
+        return self._by_name[name].index
+
+    def deps(self, op: NanoOp) -> list[NanoOp]:
+        return sorted(self.g.predecessors(op), key=self.ops.index)
+
+    def users(self, op: NanoOp) -> list[NanoOp]:
+        return sorted(self.g.successors(op), key=self.ops.index)
+
+    def ops_of_nano(self, nano: int) -> list[NanoOp]:
+        """The ops nano-batch ``nano`` runs, in program order (whole ops included)."""
+        return [op for op in self.ops if op.nano in (nano, ALL)]
+
+    def __contains__(self, op: object) -> bool:
+        return op in self.g
+
+    def __iter__(self) -> Iterator[NanoOp]:
+        return iter(self.ops)
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def verify(self) -> None:
+        from dynaflow.verify import verify_graph
+
+        verify_graph(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"NanoGraph({len(self.segments)} segments × {self.split}, "
+            f"{len(self.ops)} ops, {self.g.number_of_edges()} edges)"
+        )
+
+
+@dataclass(frozen=True)
+class Lane:
+    """An execution lane: a CUDA stream (with an optional SM partition) on GPU, a thread on CPU."""
+
+    name: str
+    resource: Resource | None = None
+    sm_count: int | None = None
+    priority: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sm_count is not None and self.sm_count < 1:
+            raise ConfigError(f"Lane {self.name!r}: sm_count must be >= 1 or None; got {self.sm_count}.")
+
+    def __repr__(self) -> str:
+        parts = [repr(self.name)]
+        if self.resource is not None:
+            parts.append(self.resource.value)
+        if self.sm_count is not None:
+            parts.append(f"sm={self.sm_count}")
+        if self.priority:
+            parts.append(f"priority={self.priority}")
+        return f"Lane({', '.join(parts)})"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Every nano-op placed on a lane, in order. ``order[i]`` is the op sequence of ``lanes[i]``."""
+
+    strategy: str
+    split: SplitConfig
+    lanes: tuple[Lane, ...]
+    order: tuple[tuple[NanoOp, ...], ...]
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    @classmethod
+    def from_lanes(
+        cls,
+        strategy: str,
+        split: SplitConfig,
+        lanes: Mapping[Lane, Sequence[NanoOp]],
+        notes: Sequence[str] = (),
+    ) -> "Schedule":
+        """Build from ``{lane: [ops...]}`` (insertion order of the mapping is lane order)."""
+        return cls(strategy, split, tuple(lanes), tuple(tuple(v) for v in lanes.values()), tuple(notes))
+
+    @property
+    def num_ops(self) -> int:
+        return sum(len(o) for o in self.order)
+
+    def lane_of(self, op: NanoOp) -> Lane:
+        for lane, ops in zip(self.lanes, self.order):
+            if op in ops:
+                return lane
+        raise KeyError(op)
+
+    def levels(self, graph: NanoGraph) -> dict[NanoOp, int]:
+        """Earliest step of each op if every op took one unit: ops on one level may run together."""
+        level: dict[NanoOp, int] = {}
+        prev: dict[NanoOp, NanoOp | None] = {}
+        for ops in self.order:
+            for i, op in enumerate(ops):
+                prev[op] = ops[i - 1] if i else None
+        pending = [op for ops in self.order for op in ops]
+        while pending:
+            progressed = False
+            for op in list(pending):
+                before = [d for d in graph.deps(op)] + ([prev[op]] if prev.get(op) else [])
+                if all(b in level for b in before):
+                    level[op] = 1 + max((level[b] for b in before), default=-1)
+                    pending.remove(op)
+                    progressed = True
+            if not progressed:  # cyclic: verify() reports it; the table shows lane order only
+                for op in pending:
+                    level[op] = -1
+                break
+        return level
+
+    def table(self, graph: NanoGraph | None = None) -> str:
+        """A lane × step table; with ``graph``, rows are dependency levels so concurrent ops share a row."""
+        width = max([len(repr(op)) for ops in self.order for op in ops] + [len(repr(l)) for l in self.lanes] + [4])
+        if graph is None:
+            rows: dict[int, dict[int, NanoOp]] = {}
+            for li, ops in enumerate(self.order):
+                for step, op in enumerate(ops):
+                    rows.setdefault(step, {})[li] = op
+        else:
+            level = self.levels(graph)
+            rows = {}
+            for li, ops in enumerate(self.order):
+                for op in ops:
+                    rows.setdefault(level[op], {})
+                    cell = rows[level[op]]
+                    cell[li] = op if li not in cell else cell[li]
+        head = "step | " + " | ".join(repr(l).ljust(width) for l in self.lanes)
+        out = [f"{self!r}", head, "-" * len(head)]
+        for step in sorted(rows):
+            out.append(
+                f"{step:>4} | " + " | ".join(repr(rows[step].get(li, "")).ljust(width) if li in rows[step]
+                                            else "".ljust(width) for li in range(len(self.lanes)))
+            )
+        return "\n".join(line.rstrip() for line in out)
+
+    def verify(self, graph: NanoGraph) -> None:
+        from dynaflow.verify import verify_schedule
+
+        verify_schedule(self, graph)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        return f"Schedule({self.strategy!r}, {self.split}, {len(self.lanes)} lanes, {self.num_ops} ops)"

@@ -1,0 +1,71 @@
+"""Every ``DYNAFLOW_*`` environment variable, typed, read in one place.
+
+Nothing else in the package reads ``os.environ``. Tests scope a knob with :func:`scope`.
+
+===========================  ======================================================  =========
+variable                     meaning                                                 default
+===========================  ======================================================  =========
+``DYNAFLOW_DEBUG``           0 quiet; 1 split config per bucket; 2 segments + tags;  0
+                             3 schedule tables; 4 per-launch trace
+``DYNAFLOW_VERIFY``          verify graphs and schedules on every plan               0
+``DYNAFLOW_WAIT_TIMEOUT``    seconds a lane waits on an event before failing         60
+``DYNAFLOW_EXECUTOR``        force an executor ("serial", "thread", ...)             unset
+``DYNAFLOW_TIMELINE``        record a Timeline on every call                         1
+===========================  ======================================================  =========
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+__all__ = ["debug_level", "verify", "wait_timeout", "forced_executor", "record_timeline", "scope"]
+
+_overrides: dict[str, str] = {}
+
+
+def _get(name: str, default: str) -> str:
+    if name in _overrides:
+        return _overrides[name]
+    return os.environ.get(name, default)
+
+
+def debug_level() -> int:
+    """``DYNAFLOW_DEBUG`` as an int (0 when unset or malformed)."""
+    try:
+        return int(_get("DYNAFLOW_DEBUG", "0"))
+    except ValueError:
+        return 0
+
+
+def verify() -> bool:
+    """``DYNAFLOW_VERIFY``: verify every graph and schedule at plan time."""
+    return _get("DYNAFLOW_VERIFY", "0") not in ("", "0", "false", "False")
+
+
+def wait_timeout() -> float:
+    """``DYNAFLOW_WAIT_TIMEOUT`` in seconds: how long a lane waits on an event."""
+    return float(_get("DYNAFLOW_WAIT_TIMEOUT", "60"))
+
+
+def forced_executor() -> str | None:
+    """``DYNAFLOW_EXECUTOR``: an executor name that overrides ``executor="auto"``."""
+    return _get("DYNAFLOW_EXECUTOR", "") or None
+
+
+def record_timeline() -> bool:
+    """``DYNAFLOW_TIMELINE``: record a Timeline on every call (on by default; cheap on CPU)."""
+    return _get("DYNAFLOW_TIMELINE", "1") not in ("", "0", "false", "False")
+
+
+@contextlib.contextmanager
+def scope(**values: object) -> Iterator[None]:
+    """Temporarily set knobs, e.g. ``with knobs.scope(DYNAFLOW_WAIT_TIMEOUT=0.5): ...``."""
+    saved = dict(_overrides)
+    _overrides.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)

@@ -1,0 +1,108 @@
+"""One registry pattern for every pluggable kind (strategies, executors).
+
+A registry maps names to factories (usually classes). :meth:`Registry.resolve` accepts a registered
+name (case-insensitive), a class, an instance, or a ``"pkg.module:Class"`` string, and discovers
+plugins published under an entry-point group. Unknown names raise an error listing what exists.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from importlib import metadata
+from typing import Callable, Generic, TypeVar
+
+from dynaflow.errors import DynaflowError, did_you_mean
+
+__all__ = ["Registry"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Name → factory map for one kind of plugin ``T``."""
+
+    def __init__(self, kind: str, base: type, error: type[DynaflowError], entry_point_group: str | None = None):
+        self.kind = kind
+        self.base = base
+        self.error = error
+        self.group = entry_point_group
+        self._factories: dict[str, Callable[..., T]] = {}
+        self._entry_points_loaded = False
+
+    def register(self, name: str, factory: Callable[..., T], *, replace: bool = False) -> Callable[..., T]:
+        key = name.lower()
+        if key in self._factories and not replace and self._factories[key] is not factory:
+            raise self.error(f"{self.kind} {name!r} is already registered; pass replace=True to override it.")
+        self._factories[key] = factory
+        return factory
+
+    def available(self) -> list[str]:
+        self._load_entry_points()
+        return sorted(self._factories)
+
+    def resolve(self, spec: object, **kwargs: object) -> T:
+        """Turn ``spec`` (name, class, instance or ``"module:Class"``) into an instance of ``T``."""
+        if isinstance(spec, self.base):
+            if kwargs:
+                raise self.error(f"{self.kind} options {sorted(kwargs)} cannot be applied to an instance {spec!r}.")
+            return spec  # type: ignore[return-value]
+        if isinstance(spec, type):
+            return self._make(spec, spec.__name__, kwargs)
+        if isinstance(spec, str):
+            if ":" in spec:
+                return self._make(self._import(spec), spec, kwargs)
+            self._load_entry_points()
+            factory = self._factories.get(spec.lower())
+            if factory is None:
+                raise self.error(
+                    f"Unknown {self.kind} {spec!r}.{did_you_mean(spec.lower(), self._factories)} "
+                    f"Available {self.kind}s: {', '.join(self.available())}. A custom one can be passed as a "
+                    f"class, an instance, or a 'pkg.module:Class' string."
+                )
+            return self._make(factory, spec, kwargs)
+        raise self.error(
+            f"Cannot use {spec!r} as a {self.kind}: pass a name ({', '.join(self.available())}), "
+            f"a {self.base.__name__} subclass or instance, or a 'pkg.module:Class' string."
+        )
+
+    def _make(self, factory: Callable[..., T], label: str, kwargs: dict[str, object]) -> T:
+        if isinstance(factory, type) and not issubclass(factory, self.base):
+            raise self.error(f"{self.kind} {label!r} resolves to {factory!r}, which is not a {self.base.__name__} subclass.")
+        try:
+            obj = factory(**kwargs)
+        except TypeError as exc:
+            raise self.error(f"{self.kind} {label!r} rejected its options {sorted(kwargs)}: {exc}") from exc
+        if not isinstance(obj, self.base):
+            raise self.error(f"{self.kind} {label!r} produced {obj!r}, which is not a {self.base.__name__}.")
+        return obj
+
+    def _import(self, spec: str) -> Callable[..., T]:
+        module, _, attr = spec.partition(":")
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            raise self.error(f"{self.kind} {spec!r}: cannot import module {module!r} ({exc}).") from exc
+        try:
+            return getattr(mod, attr)
+        except AttributeError:
+            names = [n for n in dir(mod) if not n.startswith("_")]
+            raise self.error(
+                f"{self.kind} {spec!r}: module {module!r} has no attribute {attr!r}.{did_you_mean(attr, names)}"
+            ) from None
+
+    def _load_entry_points(self) -> None:
+        if self._entry_points_loaded or self.group is None:
+            return
+        self._entry_points_loaded = True
+        for ep in metadata.entry_points(group=self.group):
+            if ep.name.lower() in self._factories:
+                continue
+            try:
+                self._factories[ep.name.lower()] = ep.load()
+            except Exception as exc:  # a broken plugin must not break dynaflow
+                log.warning("could not load %s plugin %r from entry point %s: %s", self.kind, ep.name, ep.value, exc)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind}: {', '.join(sorted(self._factories))})"

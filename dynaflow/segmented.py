@@ -1,0 +1,89 @@
+"""The hand-off between the frontend and the backend: a graph cut into callable segments.
+
+``SegmentedModule`` says, for every value crossing a segment boundary, where it comes from (a graph
+input or a segment output) and how it meets the batch (``batch_dim`` or batch-free), so the backend can
+slice nano-batch views and merge nano outputs without knowing anything about fx.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from dynaflow.ir import Segment
+
+__all__ = ["ValueKind", "Value", "OutRef", "SegmentCall", "SegmentedModule"]
+
+
+class ValueKind(str, enum.Enum):
+    BATCH = "batch"        # a tensor whose dim ``batch_dim`` has size k·batch
+    FREE = "free"          # anything that does not depend on the batch (weights, masks of seq, ints)
+    BATCH_SIZE = "batch_size"  # an int equal to the batch size (Dynamo lifts the batch symbol as an input)
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Value:
+    """A boundary value: a graph input (``source == "input"``, ``index`` = position) or a segment output."""
+
+    name: str
+    kind: ValueKind
+    batch_dim: int | None = None
+    source: str = "input"
+    index: int = 0
+
+    def __repr__(self) -> str:
+        dim = f"@dim{self.batch_dim}" if self.kind is ValueKind.BATCH else ""
+        return f"{self.name}:{self.kind.value}{dim}<-{self.source}[{self.index}]"
+
+
+@dataclass(frozen=True)
+class OutRef:
+    """A leaf of the graph's output structure that refers to a boundary value."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class SegmentCall:
+    """How to call one segment: its callable, the boundary values it takes and the ones it returns."""
+
+    segment: Segment
+    fn: Callable[..., Any]
+    args: tuple[str, ...]
+    outputs: tuple[str, ...]
+    returns_tuple: bool
+
+
+@dataclass(frozen=True)
+class SegmentedModule:
+    """A captured graph cut into segments, in program order, with its boundary values."""
+
+    calls: tuple[SegmentCall, ...]
+    values: dict[str, Value]
+    num_inputs: int
+    output_tree: Any
+    """The graph's output structure: :class:`OutRef` leaves for boundary values, constants elsewhere."""
+    output_is_tuple: bool
+    batch_symbol: str | None
+    graph_text: str = ""
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        return tuple(c.segment for c in self.calls)
+
+    def segment_deps(self) -> list[tuple[str, str]]:
+        """(producer, consumer) segment pairs linked by a boundary value."""
+        producer = {v.name: v.source for v in self.values.values() if v.source != "input"}
+        deps = set()
+        for call in self.calls:
+            for a in call.args:
+                if a in producer:
+                    deps.add((producer[a], call.segment.name))
+        return sorted(deps)
+
+    def __repr__(self) -> str:
+        return f"SegmentedModule({len(self.calls)} segments, {len(self.values)} boundary values)"

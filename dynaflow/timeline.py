@@ -1,0 +1,95 @@
+"""Timelines: what ran on which lane and when, from any executor; exported as Perfetto / Chrome JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+__all__ = ["TimelineEvent", "Timeline", "to_perfetto"]
+
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    """One launch: ``op`` ran on ``lane`` from ``start`` to ``end`` (seconds, relative to the step start)."""
+
+    lane: str
+    op: str
+    start: float
+    end: float
+    resource: str = ""
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+    def __repr__(self) -> str:
+        return f"{self.op}@{self.lane} [{self.start * 1e6:.1f}µs → {self.end * 1e6:.1f}µs]"
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The launches of one step, per lane, as recorded by an executor."""
+
+    events: tuple[TimelineEvent, ...]
+    executor: str = ""
+
+    @property
+    def lanes(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for e in self.events:
+            seen.setdefault(e.lane, None)
+        return tuple(seen)
+
+    @property
+    def makespan(self) -> float:
+        if not self.events:
+            return 0.0
+        return max(e.end for e in self.events) - min(e.start for e in self.events)
+
+    def busy(self, lane: str) -> float:
+        return sum(e.duration for e in self.events if e.lane == lane)
+
+    def overlap(self) -> float:
+        """Total busy time over makespan: 1.0 is serial, >1 means lanes overlapped."""
+        span = self.makespan
+        return sum(e.duration for e in self.events) / span if span else 0.0
+
+    def of_lane(self, lane: str) -> tuple[TimelineEvent, ...]:
+        return tuple(e for e in self.events if e.lane == lane)
+
+    def __repr__(self) -> str:
+        return (
+            f"Timeline({self.executor or '?'}: {len(self.events)} launches on {len(self.lanes)} lanes, "
+            f"makespan {self.makespan * 1e3:.3f} ms, overlap {self.overlap():.2f}x)"
+        )
+
+
+def to_perfetto(timeline: Timeline, path: str | os.PathLike[str]) -> str:
+    """Write ``timeline`` as Chrome trace-event JSON (opens in ui.perfetto.dev or chrome://tracing)."""
+    lanes: Sequence[str] = timeline.lanes
+    events: list[dict[str, object]] = [
+        {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"dynaflow ({timeline.executor})"}}
+    ]
+    for tid, lane in enumerate(lanes):
+        events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": tid, "args": {"name": lane}})
+    tid_of = {lane: i for i, lane in enumerate(lanes)}
+    for e in timeline.events:
+        events.append(
+            {
+                "name": e.op,
+                "cat": e.resource or "op",
+                "ph": "X",
+                "pid": 0,
+                "tid": tid_of[e.lane],
+                "ts": e.start * 1e6,
+                "dur": max(e.duration * 1e6, 0.001),
+                "args": {"lane": e.lane, "resource": e.resource},
+            }
+        )
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"traceEvents": events, "displayTimeUnit": "ns"}, f)
+    return path

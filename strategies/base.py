@@ -1,0 +1,149 @@
+"""The ``Strategy`` base class: every hook has a working default; override one to change one behaviour.
+
+A strategy decides (1) the split rules (``rules()``), (2) the nano-batch split for an input bucket
+(``split_config(info)``), and (3) the schedule: either declaratively (``plan(graph, split)`` returns a
+:class:`Schedule`) or imperatively, DynaFlow style, with ``async def schedule(self, ctx)`` calling
+``ctx.pop(nano)`` and ``ctx.execute(op, lane=...)``. The imperative program is *recorded* once per
+input bucket into a static Schedule; it never runs per step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Sequence
+
+from dynaflow.errors import StrategyError
+from dynaflow.ir import ALL, InputInfo, Lane, NanoGraph, NanoOp, Schedule, SplitConfig
+
+__all__ = ["Strategy", "ScheduleContext"]
+
+
+class _Done:
+    """A completed awaitable, so ``await ctx.execute(...)`` and plain ``ctx.execute(...)`` both work."""
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return iter(())
+
+
+class ScheduleContext:
+    """What an imperative ``schedule(ctx)`` sees while it is being recorded.
+
+    ``pop(nano)`` returns nano-batch ``nano``'s next op in program order (a whole-batch op appears in every
+    nano-batch's sequence and is returned once), or ``None`` when that nano-batch is done.
+    ``execute(op, lane=...)`` appends ``op`` to a lane's order.
+    """
+
+    def __init__(self, strategy: "Strategy", graph: NanoGraph, lanes: Sequence[Lane]):
+        self.strategy = strategy
+        self.graph = graph
+        self.split = graph.split
+        self.lanes = {lane.name: lane for lane in lanes}
+        self._order: dict[str, list[NanoOp]] = {lane.name: [] for lane in lanes}
+        self._queues = {i: list(graph.ops_of_nano(i)) for i in range(graph.split.num)}
+        self._taken: set[NanoOp] = set()
+
+    @property
+    def num_nano_batches(self) -> int:
+        return self.split.num
+
+    def segment(self, op: NanoOp):  # type: ignore[no-untyped-def]
+        return self.graph.segment(op)
+
+    def peek(self, nano: int) -> NanoOp | None:
+        q = self._queues.get(nano)
+        if q is None:
+            raise StrategyError(f"Strategy {self.strategy.name!r}: ctx.pop({nano}) but there are only {self.split.num} nano-batches.")
+        while q and q[0] in self._taken:
+            q.pop(0)
+        return q[0] if q else None
+
+    def pop(self, nano: int) -> NanoOp | None:
+        op = self.peek(nano)
+        if op is not None:
+            self._queues[nano].pop(0)
+            self._taken.add(op)
+        return op
+
+    def done(self, nano: int | None = None) -> bool:
+        nanos = range(self.split.num) if nano is None else [nano]
+        return all(self.peek(i) is None for i in nanos)
+
+    def execute(self, op: NanoOp, lane: str | Lane | None = None) -> _Done:
+        name = lane.name if isinstance(lane, Lane) else (lane or next(iter(self.lanes)))
+        if name not in self._order:
+            raise StrategyError(
+                f"Strategy {self.strategy.name!r}: ctx.execute({op}, lane={name!r}) names an unknown lane; "
+                f"declared lanes: {list(self._order)}. Declare it in lanes()."
+            )
+        if not isinstance(op, NanoOp):
+            raise StrategyError(f"Strategy {self.strategy.name!r}: ctx.execute() needs a NanoOp from ctx.pop(); got {op!r}.")
+        self._taken.add(op)
+        self._order[name].append(op)
+        return _Done()
+
+    def to_schedule(self, notes: Sequence[str] = ()) -> Schedule:
+        return Schedule.from_lanes(self.strategy.name, self.split, {self.lanes[n]: ops for n, ops in self._order.items()}, notes)
+
+
+class Strategy:
+    """Base strategy: one nano-batch, program order, one lane — i.e. sequential execution."""
+
+    name: str = "strategy"
+    default_nano_batches: int = 1
+
+    def __init__(self, nano_batches: int | None = None) -> None:
+        self.nano_batches = nano_batches
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def rules(self) -> Sequence[Any] | None:
+        """Split rules; ``None`` means dynaflow's defaults (attention, MLP/MoE, collectives)."""
+        return None
+
+    def split_config(self, info: InputInfo) -> SplitConfig:
+        """Nano-batch sizes for this input bucket: even split into the requested or default count."""
+        n = info.requested_nano_batches or self.nano_batches or self.default_nano_batches
+        return SplitConfig.even(info.batch_size, min(n, info.batch_size) if not info.requested_nano_batches else n)
+
+    def lanes(self, graph: NanoGraph) -> list[Lane]:
+        """The lanes this strategy schedules onto."""
+        return [Lane("main")]
+
+    def plan(self, graph: NanoGraph, split: SplitConfig) -> Schedule:
+        """Declarative planning; the default records :meth:`schedule` if a subclass defines it."""
+        if _overrides(self, "schedule"):
+            return self.record(graph)
+        return Schedule.from_lanes(self.name, split, {self.lanes(graph)[0]: list(graph.ops)})
+
+    # -- imperative recording ------------------------------------------------------------------------
+    def record(self, graph: NanoGraph) -> Schedule:
+        """Run ``schedule(ctx)`` once against a recorder and return the Schedule it produced."""
+        ctx = ScheduleContext(self, graph, self.lanes(graph))
+        result = self.schedule(ctx)  # type: ignore[attr-defined]
+        if inspect.iscoroutine(result):
+            try:
+                while True:
+                    yielded = result.send(None)
+                    result.close()
+                    raise StrategyError(
+                        f"Strategy {self.name!r}: schedule(ctx) awaited {yielded!r}; it may only await ctx.execute() "
+                        "— it is recorded once at plan time, not run per step."
+                    )
+            except StopIteration:
+                pass
+        return ctx.to_schedule()
+
+    def describe(self) -> str:
+        """One line saying what this strategy does with its parameters (for explain())."""
+        return (self.__doc__ or self.name).strip().splitlines()[0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(nano_batches={self.nano_batches})"
+
+
+def _overrides(obj: object, method: str) -> bool:
+    return callable(getattr(type(obj), method, None)) and getattr(type(obj), method) is not getattr(Strategy, method, None)
+
+
+def program_order_key(graph: NanoGraph):  # type: ignore[no-untyped-def]
+    """Sort key (segment index, nano) — any per-lane order sorted by it is deadlock-free."""
+    return lambda op: (graph.index(op.segment), op.nano if op.nano != ALL else -1)
