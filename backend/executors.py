@@ -83,7 +83,7 @@ def run_launch(launch: Launch, env: list[Any], lock: threading.Lock, batch: int)
                 if buf is None:
                     shape = list(value.shape)
                     shape[dim] = k * batch
-                    buf = env[buf_slot] = value.new_empty(shape)
+                    buf = env[buf_slot] = torch.empty(shape, dtype=value.dtype, device=value.device)
         buf.narrow(dim, start * k, (stop - start) * k).copy_(value)
 
 

@@ -147,6 +147,8 @@ def lower(seg: SegmentedModule, graph: NanoGraph, schedule: Schedule) -> Program
 
     def arg_for(name: str, nano: int) -> Arg:
         v = seg.values[name]
+        if v.source == "const":
+            return Arg(CONST, value=seg.constants[name])
         if v.source == "input":
             if nano == ALL or v.kind is ValueKind.FREE:
                 return Arg(SLOT, v.index)
@@ -208,6 +210,8 @@ def lower(seg: SegmentedModule, graph: NanoGraph, schedule: Schedule) -> Program
     output_slots = {}
     for name in out_names:
         v = seg.values[name]
+        if v.source == "const":
+            raise BackendError(f"graph output {name!r} is a constant attribute; return a tensor computed from inputs")
         if v.source == "input":
             output_slots[name] = v.index
         elif name in buffers:
@@ -224,7 +228,7 @@ def lower(seg: SegmentedModule, graph: NanoGraph, schedule: Schedule) -> Program
 
 def _split_batch(seg: SegmentedModule, name: str, producer_whole: dict[str, bool]) -> bool:
     v = seg.values[name]
-    return v.source != "input" and not producer_whole[v.source] and v.kind is ValueKind.BATCH
+    return v.source not in ("input", "const") and not producer_whole[v.source] and v.kind is ValueKind.BATCH
 
 
 def _leaves(tree: Any) -> list[OutRef]:

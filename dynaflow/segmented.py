@@ -8,7 +8,7 @@ slice nano-batch views and merge nano outputs without knowing anything about fx.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from dynaflow.ir import Segment
@@ -27,7 +27,8 @@ class ValueKind(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Value:
-    """A boundary value: a graph input (``source == "input"``, ``index`` = position) or a segment output."""
+    """A boundary value: a graph input (``source == "input"``, ``index`` = position), a constant
+    (``source == "const"``), or output ``index`` of the segment named ``source``."""
 
     name: str
     kind: ValueKind
@@ -70,6 +71,8 @@ class SegmentedModule:
     output_is_tuple: bool
     batch_symbol: str | None
     graph_text: str = ""
+    constants: dict[str, Any] = field(default_factory=dict)
+    """Values with ``source == "const"``: weights the root graph passes to several segments."""
 
     @property
     def segments(self) -> tuple[Segment, ...]:
@@ -77,7 +80,7 @@ class SegmentedModule:
 
     def segment_deps(self) -> list[tuple[str, str]]:
         """(producer, consumer) segment pairs linked by a boundary value."""
-        producer = {v.name: v.source for v in self.values.values() if v.source != "input"}
+        producer = {v.name: v.source for v in self.values.values() if v.source not in ("input", "const")}
         deps = set()
         for call in self.calls:
             for a in call.args:

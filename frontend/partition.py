@@ -288,8 +288,14 @@ def read_back(split: torch.fx.GraphModule, segments: list[Segment], ba: BatchAna
         values[ph.name] = _classify(ph.name, ba, meta_val(ph), "input", i)
         name_of[ph] = ph.name
     calls: list[SegmentCall] = []
+    constants: dict[str, Any] = {}
     by_index = {s.index: s for s in segments}
     for node in split.graph.nodes:
+        if node.op == "get_attr":  # weights of a GraphModule (export, symbolic_trace) used by several segments
+            constants[node.name] = _fetch_attr(split, str(node.target))
+            values[node.name] = Value(node.name, ValueKind.FREE, None, "const", 0)
+            name_of[node] = node.name
+            continue
         if node.op != "call_module":
             continue
         seg = by_index[int(str(node.target).rsplit("_", 1)[-1])]
@@ -319,8 +325,15 @@ def read_back(split: torch.fx.GraphModule, segments: list[Segment], ba: BatchAna
     return SegmentedModule(
         calls=tuple(calls), values=values, num_inputs=len(placeholders), output_tree=tree,
         output_is_tuple=isinstance(out_arg, (tuple, list)), batch_symbol=str(ba.batch) if ba.batch is not None else None,
-        graph_text=graph_text,
+        graph_text=graph_text, constants=constants,
     )
+
+
+def _fetch_attr(root: torch.nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _classify(name: str, ba: BatchAnalysis, val: Any, source: str, index: int) -> Value:

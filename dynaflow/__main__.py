@@ -1,0 +1,5 @@
+"""``python -m dynaflow demo``."""
+
+from dynaflow.cli import main
+
+raise SystemExit(main())
