@@ -158,10 +158,10 @@ class ThreadExecutor(Executor):
         futures = []
         if len(program.lanes) > 1:
             pool = self._ensure_pool(len(program.lanes) - 1)
-            grad = torch.is_grad_enabled()
+            grad = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
             for li in range(1, len(program.lanes)):
                 futures.append(pool.submit(self._lane, program, li, step, per_lane[li], t_start, record, grad))
-        self._lane(program, 0, step, per_lane[0], t_start, record, torch.is_grad_enabled())
+        self._lane(program, 0, step, per_lane[0], t_start, record, (torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
         for f in futures:
             f.result(timeout=timeout * max(1, program.num_launches))
         if step.failed is not None:
@@ -174,12 +174,13 @@ class ThreadExecutor(Executor):
         return self.outputs(program, env)
 
     def _lane(self, program: Program, li: int, step: _Step, out: list[TimelineEvent], t_start: float,
-              record: bool, grad: bool) -> None:
+              record: bool, grad: tuple[bool, bool]) -> None:
         lane = program.lanes[li].name
         clock = time.perf_counter
         B = program.batch_size
         try:
-            with torch.set_grad_enabled(grad):
+            # autograd and inference modes are thread-local: workers take the caller's
+            with torch.set_grad_enabled(grad[0]), torch.inference_mode(grad[1]):
                 for ins in program.streams[li]:
                     if step.failed is not None:
                         return
