@@ -96,16 +96,17 @@ class SerialExecutor(Executor):
         env = self.new_env(program, inputs)
         lock = threading.Lock()
         record = knobs.record_timeline()
-        lane_names = {id(ins): lane.name for lane, s in zip(program.lanes, program.streams) for ins in s}
         events: list[TimelineEvent] = []
         clock = time.perf_counter
         t_start = clock()
         B = program.batch_size
-        for launch in program.serial_order:
+        for launch, frees in zip(program.serial_order, program.serial_frees):
             t0 = clock()
             run_launch(launch, env, lock, B)
+            for slot in frees:
+                env[slot] = None
             if record:
-                events.append(TimelineEvent(lane_names[id(launch)], repr(launch.op), t0 - t_start, clock() - t_start,
+                events.append(TimelineEvent(launch.lane, repr(launch.op), t0 - t_start, clock() - t_start,
                                             launch.segment.resource.value))
         self.last_timeline = Timeline(tuple(events), self.name) if record else None
         return self.outputs(program, env)

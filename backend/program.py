@@ -60,6 +60,7 @@ class Launch:
     returns_tuple: bool
     merges: tuple[tuple[int, int, int, int, int], ...] = ()
     event: int | None = None
+    lane: str = ""
 
     def __repr__(self) -> str:
         merges = "".join(f" ; out{o}→%{b}[{s}:{e}]@{d}" for o, b, d, s, e in self.merges)
@@ -94,6 +95,9 @@ class Program:
     num_events: int
     serial_order: tuple[Launch, ...]
     """A global launch order consistent with lane orders and waits: what the serial executor runs."""
+    serial_frees: tuple[tuple[int, ...], ...]
+    """Per entry of ``serial_order``: slots read for the last time there, dropped right after it so
+    intermediates are freed at last use (as fx's generated code does), not at the end of the step."""
     output_tree: Any
     output_slots: dict[str, int]
     batch_size: int
@@ -190,7 +194,8 @@ def lower(seg: SegmentedModule, graph: NanoGraph, schedule: Schedule) -> Program
                 if name in buffers:
                     slots[(name, op.nano)] = buffers[name]
         launches[op] = Launch(op, call.segment, call.fn, tuple(arg_for(a, op.nano) for a in call.args),
-                              tuple(out_slots), call.returns_tuple, tuple(merges), event_of.get(op))
+                              tuple(out_slots), call.returns_tuple, tuple(merges), event_of.get(op),
+                              schedule.lanes[lane_of[op]].name)
     streams = []
     for li, ops in enumerate(schedule.order):
         instrs: list[Instr] = []
@@ -218,10 +223,12 @@ def lower(seg: SegmentedModule, graph: NanoGraph, schedule: Schedule) -> Program
             output_slots[name] = buffers[name]
         else:
             output_slots[name] = slots[(name, ALL if producer_whole[v.source] else 0)]
+    serial = _serial_order(tuple(streams))
     return Program(
         lanes=schedule.lanes, streams=tuple(streams), num_inputs=seg.num_inputs, num_slots=next_slot[0],
         buffers=tuple(sorted(set(buffers.values()))) if not single else (), num_events=len(event_of),
-        serial_order=_serial_order(tuple(streams)), output_tree=seg.output_tree, output_slots=output_slots,
+        serial_order=serial, serial_frees=_last_uses(serial, seg.num_inputs, set(output_slots.values())),
+        output_tree=seg.output_tree, output_slots=output_slots,
         batch_size=B, split=split, schedule=schedule,
     )
 
@@ -239,6 +246,22 @@ def _leaves(tree: Any) -> list[OutRef]:
     if isinstance(tree, dict):
         return [x for t in tree.values() for x in _leaves(t)]
     return []
+
+
+def _last_uses(order: Sequence[Launch], num_inputs: int, keep: set[int]) -> tuple[tuple[int, ...], ...]:
+    """For each launch, the intermediate slots it reads (or writes unused) for the last time."""
+    last: dict[int, int] = {}
+    for i, launch in enumerate(order):
+        for slot in launch.out_slots:
+            last.setdefault(slot, i)  # an output nobody reads dies right after its producer
+        for a in launch.args:
+            if a.kind != CONST:
+                last[a.slot] = i
+    frees: list[list[int]] = [[] for _ in order]
+    for slot, i in last.items():
+        if slot >= num_inputs and slot not in keep:
+            frees[i].append(slot)
+    return tuple(tuple(sorted(f)) for f in frees)
 
 
 def _serial_order(streams: Sequence[Sequence[Instr]]) -> tuple[Launch, ...]:

@@ -300,6 +300,8 @@ def read_back(split: torch.fx.GraphModule, segments: list[Segment], ba: BatchAna
             continue
         seg = by_index[int(str(node.target).rsplit("_", 1)[-1])]
         sub: torch.fx.GraphModule = getattr(split, node.target)
+        if getattr(sub, "_needs_recompile", lambda: False)():
+            sub.real_recompile()  # a lazy GraphModule's bound forward would recompile-check on every launch
         outs = sub.graph.output_node().args[0]
         multi = isinstance(outs, (tuple, list))
         out_nodes = list(outs) if multi else [outs]

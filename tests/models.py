@@ -165,3 +165,16 @@ HF_FACTORIES = {"llama": make_llama, "mixtral": make_mixtral}
 def hf_input(batch: int, seq: int = HF_SEQ, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, HF_VOCAB, (batch, seq), generator=g)
+
+
+# -- grad mode for test calls ---------------------------------------------------------------------------
+def grad_off(executor: str = "thread"):
+    """The no-autograd context a test calls a compiled model in.
+
+    ``torch.no_grad()`` for the serial executor; ``torch.inference_mode()`` for anything that may run the
+    thread executor: under ``no_grad`` the thread executor currently re-enables autograd inside its lanes
+    (BUG, see ``test_equivalence.py::test_thread_executor_keeps_no_grad``), and concurrent merges into one
+    buffer then fail at random with "a leaf Variable that requires grad is being used in an in-place
+    operation". Once that is fixed this can return ``torch.no_grad()`` for every executor.
+    """
+    return torch.no_grad() if executor == "serial" else torch.inference_mode()

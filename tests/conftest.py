@@ -1,0 +1,36 @@
+"""Shared pytest configuration for the dynaflow test suite.
+
+* every test starts from a clean Dynamo state (``torch._dynamo.reset()``) and a fixed torch seed, so
+  Dynamo's per-code-object recompile limit is never hit across tests and the results do not depend on
+  the test order;
+* hypothesis runs the ``ci`` profile (no deadline: the first example of a test may compile a model).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, os.path.dirname(__file__))  # make ``import models`` work from every test module
+
+settings.register_profile(
+    "ci",
+    deadline=None,
+    max_examples=25,
+    derandomize=False,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                           HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    yield

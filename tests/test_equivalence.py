@@ -1,0 +1,341 @@
+"""Every built-in strategy × nano-batch count × uneven batch size × executor computes what eager computes.
+
+Tolerances (measured on the 2-core x86 CPU dev box, torch 2.13 CPU):
+
+* one nano-batch: the program runs the captured ops on the very same tensors, so the output is
+  bitwise equal to eager (``torch.equal``);
+* the hand-written transformer and the transformers Llama / Mixtral models (3-D inputs, so every
+  nano-batch still feeds >= seq_len rows into each matmul): bitwise equal to eager for every case here;
+* the 2-D models (MLP, batch-coupled model): a nano-batch with few rows can take a different GEMM
+  kernel than the full batch (observed: up to 6e-8 abs. difference, e.g. a 1-row nano-batch, or
+  sizes 3/2 for a 16x16 Linear). Those cases are compared with ``assert_close(atol=1e-5, rtol=1e-5)``
+  against eager on the full batch, *and* bitwise against eager run on the same row slices — which is
+  exactly what a correct split/merge must reproduce.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dynaflow
+from models import (HF_FACTORIES, grad_off, make_coupled, make_mlp, make_transformer, hf_input, mlp_input,
+                    transformer_input)
+
+STRATEGIES = dynaflow.strategies.available()
+NANOS = (1, 2, 3, 4)
+BATCHES = (5, 7)
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def test_builtin_strategies_are_the_expected_ones():
+    assert set(STRATEGIES) >= {"sequential", "round_robin", "nanoflow"}
+
+
+def _eager_on_slices(model, x, split):
+    return torch.cat([model(x[s:e]) for s, e in split.boundaries], dim=0)
+
+
+def _assert_equivalent(out, ref, split, *, exact, sliced=None):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if exact or split.num == 1:
+        assert torch.equal(out, ref), f"{split}: max abs diff {(out - ref).abs().max().item()}"
+        return
+    torch.testing.assert_close(out, ref, **TOL)
+    if sliced is not None:
+        assert torch.equal(out, sliced), f"{split}: differs from eager on the same slices"
+
+
+HAND_WRITTEN = {
+    # name: (factory, input factory, bitwise vs full eager, row-separable -> compare with eager on slices)
+    "mlp": (make_mlp, mlp_input, False, True),
+    "transformer": (make_transformer, transformer_input, True, True),
+    "coupled": (make_coupled, mlp_input, False, False),
+}
+
+
+@pytest.mark.parametrize("executor", ["serial", "thread"])
+@pytest.mark.parametrize("nano", NANOS)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("model_name", list(HAND_WRITTEN))
+def test_hand_written_models_match_eager(model_name, strategy, nano, executor):
+    make, make_input, exact, separable = HAND_WRITTEN[model_name]
+    model = make()
+    compiled = dynaflow.compile(model, strategy=strategy, nano_batches=nano, executor=executor)
+    with grad_off(executor):
+        for batch in BATCHES:
+            x = make_input(batch)
+            ref = model(x)
+            out = compiled(x)
+            plan = compiled.last_graph.last_plan
+            assert plan.split == dynaflow.SplitConfig.even(batch, nano)
+            assert compiled.schedule.strategy == strategy
+            assert compiled.last_timeline.executor == executor
+            assert len(compiled.last_timeline.events) == compiled.program.num_launches
+            sliced = _eager_on_slices(model, x, plan.split) if separable else None
+            _assert_equivalent(out, ref, plan.split, exact=exact, sliced=sliced)
+            # a second call reuses the bucket's plan and gives the same bits
+            again = compiled(x)
+            assert compiled.last_graph.last_plan is plan
+            assert torch.equal(again, out)
+    # one capture serves both batch sizes (the batch dim is symbolic); one plan per bucket
+    assert len(compiled.graphs) == 1
+    assert sorted(compiled.graphs[0].plans) == list(BATCHES)
+
+
+def test_coupled_model_gets_a_barrier_and_plans_it_once():
+    model = make_coupled()
+    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=3, executor="thread")
+    x = mlp_input(7)
+    with grad_off():
+        torch.testing.assert_close(compiled(x), model(x), **TOL)
+    graph = compiled.last_graph.last_plan.graph
+    whole = [op for op in graph.ops if op.nano == dynaflow.ALL]
+    assert len(whole) == 1  # the mean runs once, on the whole batch
+    barrier = graph.segment(whole[0])
+    assert barrier.kind is dynaflow.SegmentKind.BARRIER and "mean" in barrier.reason
+
+
+class _MultiOut(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y, {"act": torch.tanh(y), "pair": [x * 2, y.sum(-1)]}
+
+
+@pytest.mark.parametrize("executor", ["serial", "thread"])
+def test_structured_outputs_match_eager(executor):
+    model = _MultiOut().eval()
+    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=3, executor=executor)
+    x = mlp_input(7)
+    with grad_off(executor):
+        ref, out = model(x), compiled(x)
+    assert isinstance(out, tuple) and isinstance(out[1], dict) and isinstance(out[1]["pair"], list)
+    torch.testing.assert_close(out, ref, **TOL)
+    assert torch.equal(out[1]["pair"][0], ref[1]["pair"][0])  # elementwise: bitwise
+
+
+def test_thread_executor_really_uses_several_lanes():
+    model = make_transformer()
+    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=4, executor="thread")
+    x = transformer_input(7)
+    with grad_off():
+        assert torch.equal(compiled(x), model(x))
+    tl = compiled.last_timeline
+    assert set(tl.lanes) == {"lane0", "lane1"}
+    # nano-batches 0 and 2 on lane0, 1 and 3 on lane1
+    for ev in tl.events:
+        nano = int(ev.op.rsplit("[nb", 1)[1].rstrip("]"))
+        assert ev.lane == f"lane{nano % 2}"
+    assert len(compiled.program.lanes) == 2
+
+
+@pytest.mark.parametrize("nano, expected", [(1, "serial"), (2, "thread")])
+def test_auto_executor_picks_serial_for_one_lane_and_thread_for_several(nano, expected):
+    model = make_mlp()
+    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=nano)  # executor="auto"
+    x = mlp_input(6)
+    with grad_off():
+        _assert_equivalent(compiled(x), model(x), compiled.last_graph.last_plan.split, exact=False,
+                           sliced=_eager_on_slices(model, x, compiled.last_graph.last_plan.split))
+    assert compiled.last_timeline.executor == expected
+
+
+def test_nano_batches_none_uses_strategy_default():
+    model = make_mlp()
+    x = mlp_input(5)
+    for name, n in (("sequential", 1), ("round_robin", 2), ("nanoflow", 2)):
+        torch._dynamo.reset()
+        compiled = dynaflow.compile(model, strategy=name)
+        with grad_off():
+            torch.testing.assert_close(compiled(x), model(x), **TOL)
+        assert compiled.last_graph.last_plan.split.num == n, name
+
+
+def test_explain_lists_segments_split_and_schedule():
+    model = make_transformer()
+    compiled = dynaflow.compile(model, strategy="nanoflow", nano_batches=2)
+    assert "not captured yet" in compiled.explain()
+    with grad_off():
+        compiled(transformer_input(5))
+    text = compiled.explain()
+    assert "strategy 'nanoflow'" in text
+    assert "attention_0" in text and "mlp_0" in text
+    assert "SplitConfig(5 → 3/2)" in text
+    assert "attention_0[nb1]" in text  # the schedule table
+    assert "Program(" in text
+
+
+# -- transformers models -----------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=sorted(HF_FACTORIES))
+def hf(request):
+    model = HF_FACTORIES[request.param]()
+    refs = {}
+    with grad_off():
+        for batch in BATCHES:
+            ids = hf_input(batch)
+            refs[batch] = (ids, model(ids, use_cache=False).logits)
+    return request.param, model, refs
+
+
+def _check_hf(model, refs, strategy, nano, executor):
+    torch._dynamo.reset()
+    compiled = dynaflow.compile(model, strategy=strategy, nano_batches=nano, executor=executor)
+    with grad_off(executor):
+        for batch in BATCHES:
+            ids, ref = refs[batch]
+            out = compiled(ids, use_cache=False)
+            assert compiled.last_timeline.executor == executor
+            # bitwise equal for every case (see the module docstring)
+            _assert_equivalent(out.logits, ref, compiled.last_graph.last_plan.split, exact=True)
+    return compiled
+
+
+@pytest.mark.parametrize("nano", NANOS)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_transformers_models_match_eager_thread(hf, strategy, nano):
+    name, model, refs = hf
+    compiled = _check_hf(model, refs, strategy, nano, "thread")
+    assert compiled.last_graph.last_plan.split.num == nano
+    # the attention cores and the MLP / MoE blocks became their own segments
+    seg_names = [s.name for s in compiled.last_graph.segmented.segments]
+    assert sum(n.startswith("attention_") for n in seg_names) == 2, seg_names
+    assert any(n.startswith("mlp_") for n in seg_names), seg_names
+
+
+def test_transformers_models_match_eager_serial(hf):
+    name, model, refs = hf
+    _check_hf(model, refs, "nanoflow", 3, "serial")
+
+
+@pytest.mark.parametrize("hf", ["mixtral"], indirect=True)
+def test_mixtral_router_is_a_barrier(hf):
+    name, model, refs = hf
+    compiled = _check_hf(model, refs, "round_robin", 2, "thread")
+    segs = compiled.last_graph.segmented.segments
+    moe_barriers = [s for s in segs if s.kind is dynaflow.SegmentKind.BARRIER and s.name.startswith("mlp_")]
+    assert len(moe_barriers) == 2  # one per layer: the expert dispatch couples the batch
+
+
+# -- grad modes ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("executor", ["serial", "thread"])
+def test_inference_mode_output_has_no_autograd_history(executor):
+    model = make_mlp()
+    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor=executor)
+    x = mlp_input(6)
+    with torch.inference_mode():
+        out = compiled(x)
+        ref = model(x)
+    assert not out.requires_grad and out.grad_fn is None
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_serial_executor_keeps_no_grad():
+    model = make_mlp()
+    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor="serial")
+    with torch.no_grad():
+        out = compiled(mlp_input(6))
+    assert not out.requires_grad and out.grad_fn is None
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: ThreadExecutor._lane enters torch.inference_mode(False) inside "
+                   "set_grad_enabled(False); InferenceMode(false) re-enables grad mode, so under torch.no_grad() the "
+                   "lanes record autograd history (and concurrent merges into one buffer can raise 'a leaf Variable "
+                   "that requires grad is being used in an in-place operation')")
+def test_thread_executor_keeps_no_grad():
+    model = make_mlp()
+    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor="thread")
+    with torch.no_grad():
+        out = compiled(mlp_input(6))
+    assert not out.requires_grad and out.grad_fn is None
+
+
+def test_grad_enabled_outputs_are_differentiable():
+    """With autograd on, the output carries history and its gradient equals eager's."""
+    model = make_mlp()
+    compiled = dynaflow.compile(model, strategy="sequential", nano_batches=2, executor="serial")
+    x = mlp_input(6).requires_grad_()
+    out = compiled(x)
+    assert out.requires_grad
+    (g_dyn,) = torch.autograd.grad(out.sum(), x)
+    (g_ref,) = torch.autograd.grad(model(x).sum(), x)
+    torch.testing.assert_close(g_dyn, g_ref, **TOL)
+
+
+# -- GraphModule inputs (torch.fx.symbolic_trace, torch.export) ---------------------------------------
+def _export(model, x):
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=64)},))
+    return ep.module()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_symbolic_traced_graph_module_matches_eager(strategy):
+    model = make_mlp()
+    gm = torch.fx.symbolic_trace(model)
+    compiled = dynaflow.compile(gm, strategy=strategy, nano_batches=3, executor="thread")
+    with grad_off():
+        for batch in BATCHES:
+            x = mlp_input(batch)
+            split = dynaflow.SplitConfig.even(batch, 3)
+            _assert_equivalent(compiled(x), model(x), split, exact=False, sliced=_eager_on_slices(model, x, split))
+    assert sorted(compiled.graphs[0].plans) == list(BATCHES)
+
+
+@pytest.mark.parametrize("nano", [2, 4])
+def test_exported_graph_module_matches_eager(nano):
+    model = make_transformer()
+    gm = _export(model, transformer_input(5))
+    compiled = dynaflow.compile(gm, strategy="nanoflow", nano_batches=nano)
+    with grad_off():
+        for batch in BATCHES:
+            x = transformer_input(batch)
+            _assert_equivalent(compiled(x), model(x), compiled.last_graph.last_plan.split, exact=True)
+    names = [s.name for s in compiled.last_graph.segmented.segments]
+    assert "attention_0" in names and "mlp_1" in names
+
+
+class _CumsumOverBatch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.cumsum(self.lin(x), dim=0)
+
+
+def test_cumsum_over_batch_is_a_barrier_when_captured_by_dynamo():
+    model = _CumsumOverBatch().eval()
+    compiled = dynaflow.compile(model, nano_batches=2, strategy="round_robin", executor="serial")
+    x = mlp_input(6)
+    with grad_off():
+        torch.testing.assert_close(compiled(x), model(x), **TOL)
+    assert any(s.kind is dynaflow.SegmentKind.BARRIER and "cumsum" in s.reason
+               for s in compiled.last_graph.segmented.segments)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: for torch.export GraphModules op_name() is 'aten.cumsum.default', and "
+                   "batching._short() takes the part after the last dot ('default'), so every name-based coupling "
+                   "check (cumsum/softmax/sort/flip along the batch, random ops, arange, in-place) is skipped: the "
+                   "segment is split per nano-batch and the result is silently wrong")
+def test_cumsum_over_batch_is_a_barrier_in_an_exported_graph():
+    model = _CumsumOverBatch().eval()
+    x = mlp_input(6)
+    compiled = dynaflow.compile(_export(model, x), nano_batches=2, strategy="round_robin", executor="serial")
+    with grad_off():
+        torch.testing.assert_close(compiled(x), model(x), **TOL)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: partition._resource() classifies by the op-name suffix, which is "
+                   "'default' for every aten OpOverload, so in torch.export graphs a segment of linears is 'memory'")
+def test_exported_linear_segments_are_compute_bound():
+    model = make_mlp()
+    x = mlp_input(6)
+    compiled = dynaflow.compile(_export(model, x), nano_batches=2, rules=[dynaflow.Op("linear")])
+    with grad_off():
+        compiled(x)
+    linears = [s for s in compiled.last_graph.segmented.segments if s.name.startswith("linear_")]
+    assert len(linears) == 3
+    assert all(s.resource is dynaflow.Resource.COMPUTE for s in linears)

@@ -1,0 +1,399 @@
+"""Bad-input catalogue: every mistake raises a specific ``DynaflowError`` subclass whose message names the
+option / value / node / strategy and says how to fix it."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import dynaflow
+from dynaflow import (ALL, BackendError, BatchCouplingError, CaptureError, ConfigError, DynaflowError, Lane,
+                      NanoOp, PartitionError, Schedule, ScheduleError, StrategyError)
+from dynaflow.backend import SerialExecutor, ThreadExecutor, lower
+from models import grad_off, make_coupled, make_mlp, make_transformer, mlp_input, transformer_input
+
+# Cut the MLP at every linear: linear_0 -> glue_0 -> linear_1 -> glue_1 -> linear_2 (a chain of 5 segments).
+CHAIN_RULES = [dynaflow.Op("linear")]
+
+
+def _raises(cls, fn, *needles):
+    """Call ``fn``; assert it raises exactly a ``cls`` (the dynaflow class itself, not a torch wrapper) whose
+    message contains every needle; return the message."""
+    with pytest.raises(DynaflowError) as info:
+        fn()
+    assert type(info.value) is cls, f"{type(info.value).__name__}: {info.value}"
+    msg = str(info.value)
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not in message:\n{msg}"
+    return msg
+
+
+def test_error_hierarchy():
+    for cls in (ConfigError, CaptureError, PartitionError, BatchCouplingError, StrategyError, ScheduleError,
+                BackendError):
+        assert issubclass(cls, DynaflowError)
+    assert issubclass(ConfigError, ValueError)
+
+
+# -- options -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [0, -1, 2.0, "2"])
+def test_nano_batches_below_one_or_not_int_rejected_at_compile(bad):
+    _raises(ConfigError, lambda: dynaflow.compile(make_mlp(), nano_batches=bad),
+            f"nano_batches={bad!r}", "must be an int >= 1")
+
+
+@pytest.mark.parametrize("strategy", ["sequential", "round_robin", "nanoflow"])
+def test_nano_batches_above_batch_size_rejected_on_call(strategy):
+    compiled = dynaflow.compile(make_mlp(), strategy=strategy, nano_batches=6)  # fine at compile time
+    with grad_off():
+        _raises(ConfigError, lambda: compiled(mlp_input(5)),
+                "nano_batches=6", "batch of 5 rows", "nano_batches<= 5")
+        # the same compiled model still serves a batch that is large enough
+        x = mlp_input(8)
+        torch.testing.assert_close(compiled(x), make_mlp()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_batch_dim_that_no_input_has():
+    compiled = dynaflow.compile(make_mlp(), batch_dim=3)
+    _raises(ConfigError, lambda: compiled(mlp_input(4)), "batch_dim=3", "(4, 16)", "Pass batch_dim=")
+
+
+def test_negative_batch_dim():
+    _raises(ConfigError, lambda: dynaflow.compile(make_mlp(), batch_dim=-1), "batch_dim=-1", "non-negative")
+
+
+def test_unknown_executor_name_suggests_nearest():
+    _raises(ConfigError, lambda: dynaflow.compile(make_mlp(), executor="threads"),
+            "executor='threads'", "Did you mean 'thread'?")
+
+
+def test_unavailable_executor_on_call():
+    compiled = dynaflow.compile(make_mlp(), executor="cuda", nano_batches=2)
+    _raises(BackendError, lambda: compiled(mlp_input(4)), "executor='cuda'", "available: serial, thread")
+
+
+def test_unknown_config_key_suggests_nearest():
+    _raises(ConfigError, lambda: dynaflow.compile(make_mlp(), config={"nano_batch": 2}),
+            "'nano_batch'", "Did you mean 'nano_batches'?", "Valid options:")
+
+
+def test_wait_timeout_must_be_positive():
+    _raises(ConfigError, lambda: dynaflow.compile(make_mlp(), config={"wait_timeout": 0}), "wait_timeout=0", "> 0")
+
+
+# -- strategies --------------------------------------------------------------------------------------
+def test_unknown_strategy_lists_available_names():
+    msg = _raises(StrategyError, lambda: dynaflow.compile(make_mlp(), strategy="nanoflw"),
+                  "'nanoflw'", "Did you mean 'nanoflow'?")
+    for name in dynaflow.strategies.available():
+        assert name in msg
+    assert "'pkg.module:Class'" in msg  # how to pass a custom one
+
+
+def test_unknown_strategy_without_close_match():
+    msg = _raises(StrategyError, lambda: dynaflow.compile(make_mlp(), strategy="zzz"), "'zzz'",
+                  "nanoflow, round_robin, sequential")
+    assert "Did you mean" not in msg
+
+
+@pytest.mark.parametrize(
+    "spec, needles",
+    [
+        ("no_such_module_xyz:Foo", ["cannot import module 'no_such_module_xyz'"]),
+        ("dynaflow.strategies:Nope", ["has no attribute 'Nope'"]),
+        ("collections:OrderedDict", ["not a Strategy subclass"]),
+        (42, ["Cannot use 42 as a strategy", "nanoflow"]),
+    ],
+)
+def test_bad_strategy_specs(spec, needles):
+    _raises(StrategyError, lambda: dynaflow.strategies.get(spec), *needles)
+
+
+def test_strategy_options_errors():
+    _raises(StrategyError, lambda: dynaflow.strategies.get("sequential", bogus=1), "'sequential'", "['bogus']")
+    _raises(StrategyError, lambda: dynaflow.strategies.get(dynaflow.strategies.Sequential(), nano_batches=2),
+            "cannot be applied to an instance")
+    _raises(StrategyError, lambda: dynaflow.strategies.get("round_robin", lanes=0), "lanes=0", ">= 1")
+
+
+def _invalid_plan_strategy(kind: str) -> type[dynaflow.Strategy]:
+    """A strategy whose plan() breaks one schedule invariant on the 5-segment MLP chain."""
+
+    class Broken(dynaflow.Strategy):
+        name = f"broken_{kind}"
+
+        def plan(self, graph, split):
+            ops = list(graph.ops)
+            main, side = Lane("main"), Lane("side")
+            if kind == "missing":
+                return Schedule.from_lanes(self.name, split, {main: ops[:-1]})
+            if kind == "duplicated":
+                return Schedule.from_lanes(self.name, split, {main: ops, side: [ops[0]]})
+            if kind == "dependency":  # last op first: it runs before its producer on the same lane
+                return Schedule.from_lanes(self.name, split, {main: ops[-1:] + ops[:-1]})
+            if kind == "cycle":
+                # With segments s0 -> s1: main runs s1[nb1], s0[nb0]; side runs s1[nb0], s0[nb1].
+                # s1[nb1] waits for s0[nb1] (side, after s1[nb0]), which waits for s0[nb0] (main, after
+                # s1[nb1]): a cross-lane deadlock with no dependency later on its own lane.
+                seg = [s.name for s in graph.segments]
+                l0, l1 = seg[0], seg[1]
+                first_main = [NanoOp(l1, 1), NanoOp(l0, 0)]
+                first_side = [NanoOp(l1, 0), NanoOp(l0, 1)]
+                rest = [op for op in ops if op not in first_main + first_side]
+                return Schedule.from_lanes(self.name, split, {main: first_main + rest, side: first_side})
+            raise AssertionError(kind)
+
+    return Broken
+
+
+@pytest.mark.parametrize(
+    "kind, needles",
+    [
+        ("missing", ["1 op(s) never scheduled", "Every op of the graph must be placed"]),
+        ("duplicated", ["scheduled more than once", "[nb0]"]),
+        ("dependency", ["dependency violated on lane Lane('main')", "runs later", "Put "]),
+        ("cycle", ["cycle (a deadlock)", "@main", "@side", "Reorder the lanes"]),
+    ],
+)
+def test_strategy_returning_invalid_schedule(kind, needles):
+    strat = _invalid_plan_strategy(kind)
+    compiled = dynaflow.compile(make_mlp(), strategy=strat, nano_batches=2, rules=CHAIN_RULES)
+    with grad_off():
+        msg = _raises(ScheduleError, lambda: compiled(mlp_input(4)), f"Strategy 'broken_{kind}'", *needles)
+    if kind == "missing":
+        assert "linear_2[nb1]" in msg  # the op left out, by name
+    if kind == "cycle":
+        assert "dependency violated" not in msg
+
+
+def test_strategy_plan_raising_is_wrapped():
+    class Raises(dynaflow.Strategy):
+        name = "raises"
+
+        def plan(self, graph, split):
+            raise RuntimeError("boom")
+
+    compiled = dynaflow.compile(make_mlp(), strategy=Raises, nano_batches=2)
+    with pytest.raises(StrategyError, match=r"Strategy 'raises'\.plan\(\) raised RuntimeError: boom") as info:
+        compiled(mlp_input(4))
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_strategy_plan_returning_non_schedule():
+    class NotSchedule(dynaflow.Strategy):
+        name = "not_schedule"
+
+        def plan(self, graph, split):
+            return [op for op in graph.ops]
+
+    compiled = dynaflow.compile(make_mlp(), strategy=NotSchedule, nano_batches=2)
+    _raises(StrategyError, lambda: compiled(mlp_input(4)), "'not_schedule'", "returned list", "must return a Schedule")
+
+
+def test_strategy_split_config_with_wrong_total():
+    class BadSplit(dynaflow.Strategy):
+        name = "bad_split"
+
+        def split_config(self, info):
+            return dynaflow.SplitConfig((1, 1))
+
+    compiled = dynaflow.compile(make_mlp(), strategy=BadSplit)
+    _raises(StrategyError, lambda: compiled(mlp_input(4)), "'bad_split'", "SplitConfig(2 → 1/1)", "batch size 4")
+
+
+# -- rules -------------------------------------------------------------------------------------------
+def test_unknown_mod_rule_target():
+    compiled = dynaflow.compile(make_transformer(), rules=[dynaflow.Mod("NoSuchModule")])
+    msg = _raises(PartitionError, lambda: compiled(transformer_input(4)),
+                  "Mod('NoSuchModule'", "matches no node", "Fix the rule's target or drop the rule")
+    for cls in ("Attention", "Block", "FeedForward", "LayerNorm", "Linear"):
+        assert cls in msg  # the classes that do exist
+
+
+def test_mod_rule_typo_suggests_class():
+    compiled = dynaflow.compile(make_transformer(), rules=[dynaflow.Mod("FeedForwrd")])
+    _raises(PartitionError, lambda: compiled(transformer_input(4)), "Did you mean 'FeedForward'?")
+
+
+def test_unmatched_op_rule_lists_ops():
+    compiled = dynaflow.compile(make_mlp(), rules=[dynaflow.Op("conv2d")])
+    _raises(PartitionError, lambda: compiled(mlp_input(4)), "Op('conv2d'", "matches no node", "torch._C._nn.linear")
+
+
+@pytest.mark.parametrize(
+    "make, needles",
+    [
+        (lambda: dynaflow.Op(""), ["non-empty regex"]),
+        (lambda: dynaflow.Op("(("), ["Op('((')", "invalid regex"]),
+        (lambda: dynaflow.Mod(3), ["module class", "got 3"]),
+        (lambda: dynaflow.Seq(dynaflow.Op("a")), ["at least two rules", "got 1"]),
+        (lambda: dynaflow.Where(3), ["callable", "got 3"]),
+        (lambda: dynaflow.Op("linear", tags=("memroy",)), ["unknown tag 'memroy'", "Did you mean 'memory'?"]),
+        (lambda: dynaflow.mark(""), ["non-empty segment name"]),
+    ],
+)
+def test_malformed_rules(make, needles):
+    _raises(PartitionError, make, *needles)
+
+
+def test_rule_that_is_not_a_rule():
+    compiled = dynaflow.compile(make_mlp(), rules=[42])
+    _raises(PartitionError, lambda: compiled(mlp_input(4)), "Cannot use 42 as a split rule", "dynaflow.Op(regex)")
+
+
+# -- capture -----------------------------------------------------------------------------------------
+class _ReturnsStrAndTensor(nn.Module):
+    def forward(self, x):
+        return x * 2, "hello"
+
+
+class _Box:
+    def __init__(self, t):
+        self.t = t
+
+
+class _ReturnsObject(nn.Module):
+    def forward(self, x):
+        return _Box(x * 2)
+
+
+class _ReturnsDictWithInt(nn.Module):
+    def forward(self, x):
+        return {"y": x + 1, "n": 3}
+
+
+@pytest.mark.parametrize("model, bad_type", [(_ReturnsStrAndTensor(), "str"), (_ReturnsObject(), "_Box"),
+                                             (_ReturnsDictWithInt(), "int")])
+def test_model_returning_non_tensor(model, bad_type):
+    compiled = dynaflow.compile(model, nano_batches=2)
+    _raises(CaptureError, lambda: compiled(mlp_input(4)), "non-tensor values", bad_type, "Return tensors only")
+
+
+class _ReturnsOnlyStr(nn.Module):
+    def forward(self, x):
+        return "hello"
+
+
+def test_model_returning_only_a_string_raises_capture_error():
+    compiled = dynaflow.compile(_ReturnsOnlyStr(), nano_batches=2)
+    with pytest.raises(CaptureError):
+        compiled(mlp_input(4))
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a model that returns only a non-tensor (no tensor ops) is reported as "
+                   "'Dynamo fell back to eager ... recompile limit' instead of the non-tensor output diagnosis")
+def test_model_returning_only_a_string_names_the_problem():
+    compiled = dynaflow.compile(_ReturnsOnlyStr(), nano_batches=2)
+    _raises(CaptureError, lambda: compiled(mlp_input(4)), "non-tensor values", "str")
+
+
+def test_static_batch_capture_cannot_be_split():
+    model = make_mlp()
+    compiled = torch.compile(model, backend="dynaflow", options={"nano_batches": 2}, dynamic=False)
+    with pytest.raises(CaptureError, match=r"static batch dim.*cannot be split into 2 nano-batches") as info:
+        compiled(mlp_input(4, seed=123))  # a fresh tensor: not marked dynamic by an earlier call
+    assert "mark_dynamic" in str(info.value) and "dynamic=True" in str(info.value)
+
+
+def test_torch_compile_backend_works_with_dynamic_batch():
+    model = make_mlp()
+    compiled = torch.compile(model, backend="dynaflow", options={"nano_batches": 2, "strategy": "round_robin"},
+                             dynamic=True)
+    x = mlp_input(6, seed=7)
+    with grad_off():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+# -- batch coupling ----------------------------------------------------------------------------------
+def test_strict_rejects_batch_coupled_model():
+    compiled = dynaflow.compile(make_coupled(), nano_batches=2, strict=True)
+    msg = _raises(BatchCouplingError, lambda: compiled(mlp_input(4)),
+                  "couples the batch", "node 'mean'", "reduces over the batch", "strict=True", "batch-local")
+    assert re.search(r"Segment '\w+'", msg)
+    assert "h - h.mean(0)" in msg  # the user's source line
+
+
+def test_barrier_without_strict_gives_the_right_answer():
+    model = make_coupled()
+    compiled = dynaflow.compile(model, nano_batches=2, strategy="round_robin", executor="thread")
+    x = mlp_input(6)
+    with grad_off():
+        out = compiled(x)
+        # the mean must be over all 6 rows, not per nano-batch of 3
+        torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+        wrong = torch.cat([model(x[:3]), model(x[3:])])
+        assert not torch.allclose(out, wrong, atol=1e-3)
+    kinds = {s.kind for s in compiled.last_graph.segmented.segments}
+    assert dynaflow.SegmentKind.BARRIER in kinds
+
+
+def test_batch_local_tag_trusts_the_user():
+    """Tagging the coupled segment 'batch-local' silences the analysis: it is split (and therefore per-nano-batch)."""
+    model = make_coupled()
+    rules = [dynaflow.Op(r"mean|sub", name="centre", tags=("batch-local",))]
+    compiled = dynaflow.compile(model, nano_batches=2, rules=rules, strict=True)  # no BatchCouplingError
+    x = mlp_input(6)
+    with grad_off():
+        out = compiled(x)
+        sliced = torch.cat([model(x[:3]), model(x[3:])])
+    torch.testing.assert_close(out, sliced, atol=1e-5, rtol=1e-5)
+    assert all(not s.whole for s in compiled.last_graph.segmented.segments)
+
+
+# -- backend -----------------------------------------------------------------------------------------
+def test_program_with_wrong_input_count():
+    compiled = dynaflow.compile(make_mlp(), nano_batches=2)
+    with grad_off():
+        compiled(mlp_input(4))
+    graph = compiled.last_graph
+    plan = graph.last_plan
+    program = lower(graph.segmented, plan.graph, plan.schedule)
+    for ex in (SerialExecutor(), ThreadExecutor()):
+        _raises(BackendError, lambda: ex.run(program, []), f"Program expects {program.num_inputs} inputs, got 0")
+
+
+def test_thread_executor_reports_a_failing_lane():
+    """A segment raising on a worker lane surfaces as a BackendError, not a hang."""
+    compiled = dynaflow.compile(make_mlp(), strategy="round_robin", nano_batches=2, rules=CHAIN_RULES,
+                                executor="thread")
+    with grad_off():
+        compiled(mlp_input(4))
+    graph = compiled.last_graph
+    plan = graph.last_plan
+    program = lower(graph.segmented, plan.graph, plan.schedule)
+    # No real inputs: the first launch on each lane raises inside its segment.
+    inputs = [None] * program.num_inputs
+    with pytest.raises(BackendError, match=r"lane failed"):
+        ThreadExecutor(wait_timeout=5).run(program, inputs)
+
+
+# -- batch of one --------------------------------------------------------------------------------------
+def test_batch_of_one_runs_unsplit():
+    model = make_mlp()
+    compiled = dynaflow.compile(model, nano_batches=1)
+    x = mlp_input(1)
+    with grad_off():
+        assert torch.equal(compiled(x), model(x))
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: for a static capture (batch of 1) CompiledGraph.batch_size() falls back "
+                   "to batch_size_of(inputs), whose first tensor is a *weight* among Dynamo's graph inputs, so the "
+                   "bucket is planned for batch 32 (fc1.weight rows) instead of 1")
+def test_batch_of_one_is_planned_as_batch_one():
+    model = make_mlp()
+    compiled = dynaflow.compile(model, nano_batches=1)
+    with grad_off():
+        compiled(mlp_input(1))
+    assert compiled.last_graph.last_plan.split == dynaflow.SplitConfig((1,))
+    assert sorted(compiled.last_graph.plans) == [1]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: same root cause: with a batch of 1 and nano_batches=2 the split is "
+                   "computed for the weight's 32 rows, so the user gets a CaptureError about a static batch dim "
+                   "instead of the ConfigError 'nano_batches=2 is invalid for a batch of 1 rows'")
+def test_batch_of_one_with_two_nano_batches_is_a_config_error():
+    compiled = dynaflow.compile(make_mlp(), nano_batches=2)
+    _raises(ConfigError, lambda: compiled(mlp_input(1)), "nano_batches=2", "batch of 1 rows", "nano_batches<= 1")
