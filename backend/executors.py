@@ -9,6 +9,7 @@ green contexts, CUDA Graphs) implements the same :class:`Executor` interface.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -181,7 +182,8 @@ class ThreadExecutor(Executor):
         B = program.batch_size
         try:
             # autograd and inference modes are thread-local: workers take the caller's
-            with torch.set_grad_enabled(grad[0]), torch.inference_mode(grad[1]):
+            # (inference_mode(False) would re-enable grad, so it is only entered when the caller is in it)
+            with torch.set_grad_enabled(grad[0]), (torch.inference_mode() if grad[1] else contextlib.nullcontext()):
                 for ins in program.streams[li]:
                     if step.failed is not None:
                         return

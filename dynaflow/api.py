@@ -61,6 +61,8 @@ class CompiledGraph:
         self.last_timeline: Timeline | None = None
         self.calls = 0
         self._batch_source: tuple[int, int] | None = None
+        self.batch_hint: Callable[[], int] | None = None
+        """For a static capture: where the caller learnt the batch size (Dynamo inputs start with weights)."""
         self._executors: dict[str, Any] = {}
 
     def prepare(self, example_inputs: Sequence[Any] | None = None, *, from_fx: bool = False) -> "CompiledGraph":
@@ -84,6 +86,8 @@ class CompiledGraph:
         if self._batch_source is not None:
             i, d = self._batch_source
             return int(inputs[i].shape[d])
+        if self.batch_hint is not None:
+            return self.batch_hint()
         return batch_size_of(inputs, self.config.batch_dim)
 
     def plan_for(self, inputs: Sequence[Any]) -> Plan:
@@ -187,6 +191,7 @@ class Compiled:
         self.strategy: Strategy = get_strategy(config.strategy, **dict(config.strategy_options))
         self.graphs: list[CompiledGraph] = []
         self._checked = False
+        self._batch = 0
         self._fx = isinstance(model, torch.fx.GraphModule)
         if self._fx:
             self._flatten, self._unflatten = flat_io(model)
@@ -199,13 +204,14 @@ class Compiled:
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> CompiledGraph:
         graph = CompiledGraph(gm, self.config, self.strategy, label=f"graph{len(self.graphs)}").prepare()
+        graph.batch_hint = lambda: self._batch
         self.graphs.append(graph)
         return graph
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._fx:
             return self._call_fx(args, kwargs)
-        mark_batch_dynamic(args, kwargs, self.config.batch_dim)
+        self._batch = mark_batch_dynamic(args, kwargs, self.config.batch_dim)
         before = sum(g.calls for g in self.graphs)
         try:
             out = self._compiled(*args, **kwargs)
@@ -214,15 +220,15 @@ class Compiled:
             if isinstance(inner, DynaflowError):
                 raise inner.with_traceback(None) from None
             raise
+        if not self._checked:
+            check_outputs(out)
+            self._checked = True
         if sum(g.calls for g in self.graphs) == before:
             raise CaptureError(
                 "torch.compile ran the model without handing any graph to dynaflow (Dynamo fell back to eager, e.g. "
                 "its recompile limit was hit after many compiles of the same model class). Call "
                 "torch._dynamo.reset() between compiles or raise torch._dynamo.config.recompile_limit."
             )
-        if not self._checked:
-            check_outputs(out)
-            self._checked = True
         return out
 
     def _call_fx(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -20,7 +20,7 @@ import sympy
 import torch
 import torch.fx
 
-from dynaflow.frontend.rules import op_name
+from dynaflow.frontend.rules import op_short_name
 
 __all__ = ["meta_val", "find_batch_symbol", "find_batch_source", "BatchAnalysis", "analyze"]
 
@@ -77,7 +77,7 @@ def find_batch_symbol(gm: torch.fx.GraphModule, batch_dim: int) -> sympy.Symbol 
 
 
 def _short(node: torch.fx.Node) -> str:
-    return op_name(node).rsplit(".", 1)[-1].lower()
+    return op_short_name(node)
 
 
 class BatchAnalysis:

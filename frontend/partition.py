@@ -27,7 +27,7 @@ from dynaflow.ir import Resource, Segment, SegmentKind
 from dynaflow.segmented import OutRef, SegmentCall, SegmentedModule, Value, ValueKind
 from dynaflow.frontend.batching import SYM, BatchAnalysis, analyze, find_batch_symbol, meta_val
 from dynaflow.frontend.markers import is_marker, marker_args
-from dynaflow.frontend.rules import Rule, Seq, as_rule, default_rules, module_stack, op_name
+from dynaflow.frontend.rules import Rule, Seq, as_rule, default_rules, module_stack, op_name, op_short_name
 
 __all__ = ["Region", "assign_regions", "rematerialize_sizes", "partition"]
 
@@ -186,7 +186,7 @@ def rematerialize_sizes(gm: torch.fx.GraphModule, regions: list[Region]) -> None
 def _resource(region: Region, rule_resource: Resource | None) -> Resource:
     if rule_resource is not None:
         return rule_resource
-    names = [op_name(n).rsplit(".", 1)[-1].lower() for n in region.nodes]
+    names = [op_short_name(n) for n in region.nodes]
     if any(any(k in n for k in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")) for n in names):
         return Resource.NETWORK
     if any(n in _COMPUTE_OPS or n.startswith("conv") for n in names):
@@ -262,7 +262,7 @@ def partition(
             name=region.name, index=i, resource=_resource(region, resource), kind=kind, hints=hints,
             rule=region.rule, reason=reason, num_nodes=sum(1 for n in region.nodes if not is_marker(n)),
         ))
-    for node in [n for r in regions for n in r.nodes if is_marker(n)]:
+    for node in [n for n in gm.graph.nodes if is_marker(n)]:  # markers did their job: cut points
         gm.graph.erase_node(node)
     region_index = {n: i for i, r in enumerate(regions) for n in r.nodes if not is_marker(n)}
     split = cut(gm, region_index)

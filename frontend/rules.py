@@ -17,7 +17,7 @@ import torch
 from dynaflow.errors import PartitionError
 from dynaflow.ir import HINTS, Resource
 
-__all__ = ["Rule", "Op", "Mod", "Seq", "Where", "as_rule", "default_rules", "op_name", "module_stack"]
+__all__ = ["Rule", "Op", "Mod", "Seq", "Where", "as_rule", "default_rules", "op_name", "op_short_name", "module_stack"]
 
 _RESOURCES = {r.value for r in Resource}
 
@@ -36,6 +36,16 @@ def op_name(node: torch.fx.Node) -> str:
     if mod in ("", "builtins", "_operator", "operator"):
         return f"operator.{name}" if mod in ("_operator", "operator") else name
     return f"{mod}.{name}"
+
+
+def op_short_name(node: torch.fx.Node) -> str:
+    """The bare op name, lower case: ``linear`` for ``torch._C._nn.linear``, ``cumsum`` for ``aten.cumsum.default``."""
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return t._opname.lower()
+    if isinstance(t, torch._ops.OpOverloadPacket):
+        return t._qualified_op_name.split("::")[-1].lower()
+    return op_name(node).rsplit(".", 1)[-1].lower()
 
 
 _DYNAMO_PREFIX = re.compile(r"^L\['[^']*'\](\[\d+\])*\.?")

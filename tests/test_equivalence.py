@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import dynaflow
-from models import (HF_FACTORIES, grad_off, make_coupled, make_mlp, make_transformer, hf_input, mlp_input,
+from models import (HF_FACTORIES, FeedForward, grad_off, make_coupled, make_mlp, make_transformer, hf_input, mlp_input,
                     transformer_input)
 
 STRATEGIES = dynaflow.strategies.available()
@@ -169,6 +169,70 @@ def test_explain_lists_segments_split_and_schedule():
     assert "Program(" in text
 
 
+# -- input layouts ---------------------------------------------------------------------------------------
+class _SeqFirst(torch.nn.Module):
+    """(S, B, d) input: the batch is dim 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 8)
+        self.ff = FeedForward(8)
+
+    def forward(self, x):
+        return self.ff(self.lin(x))
+
+
+class _FlatRows(torch.nn.Module):
+    """Flattens (B, S, d) to (B·S, d) across segments (k = S rows per item) and takes a batch-free input."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+        self.mlp = FeedForward(16)
+
+    def forward(self, x, bias):
+        b, s, d = x.shape
+        h = self.mlp(self.lin(x.reshape(b * s, d))) + bias
+        return h.reshape(b, s, d).sum(1), h
+
+
+class _Masked(torch.nn.Module):
+    """A second batch input passed by keyword."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+        self.mlp = FeedForward(16)
+
+    def forward(self, x, mask=None):
+        return self.mlp(self.lin(x)) * mask.unsqueeze(-1)
+
+
+def _layout_case(name, batch):
+    g = torch.Generator().manual_seed(batch)
+    if name == "seq_first":
+        return _SeqFirst(), (torch.randn(6, batch, 16, generator=g),), {}, {"batch_dim": 1}
+    if name == "flat_rows":
+        return _FlatRows(), (torch.randn(batch, 3, 16, generator=g), torch.randn(16, generator=g)), {}, {}
+    return _Masked(), (torch.randn(batch, 3, 16, generator=g),), {"mask": (torch.rand(batch, 3, generator=g) > 0.5).float()}, {}
+
+
+@pytest.mark.parametrize("executor", ["serial", "thread"])
+@pytest.mark.parametrize("strategy", ["round_robin", "nanoflow"])
+@pytest.mark.parametrize("layout", ["seq_first", "flat_rows", "masked"])
+def test_input_layouts_match_eager(layout, strategy, executor):
+    model, args, kwargs, opts = _layout_case(layout, 7)
+    model.eval()
+    compiled = dynaflow.compile(model, strategy=strategy, nano_batches=3, executor=executor, **opts)
+    with grad_off(executor):
+        for batch in BATCHES:
+            _, args, kwargs, _ = _layout_case(layout, batch)
+            out, ref = compiled(*args, **kwargs), model(*args, **kwargs)
+            torch.testing.assert_close(out, ref, **TOL)
+    assert len(compiled.graphs) == 1 and sorted(compiled.graphs[0].plans) == list(BATCHES)
+    assert "mlp_0" in [s.name for s in compiled.last_graph.segmented.segments]
+
+
 # -- transformers models -----------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=sorted(HF_FACTORIES))
 def hf(request):
@@ -241,10 +305,6 @@ def test_serial_executor_keeps_no_grad():
     assert not out.requires_grad and out.grad_fn is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ThreadExecutor._lane enters torch.inference_mode(False) inside "
-                   "set_grad_enabled(False); InferenceMode(false) re-enables grad mode, so under torch.no_grad() the "
-                   "lanes record autograd history (and concurrent merges into one buffer can raise 'a leaf Variable "
-                   "that requires grad is being used in an in-place operation')")
 def test_thread_executor_keeps_no_grad():
     model = make_mlp()
     compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor="thread")
@@ -316,10 +376,6 @@ def test_cumsum_over_batch_is_a_barrier_when_captured_by_dynamo():
                for s in compiled.last_graph.segmented.segments)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: for torch.export GraphModules op_name() is 'aten.cumsum.default', and "
-                   "batching._short() takes the part after the last dot ('default'), so every name-based coupling "
-                   "check (cumsum/softmax/sort/flip along the batch, random ops, arange, in-place) is skipped: the "
-                   "segment is split per nano-batch and the result is silently wrong")
 def test_cumsum_over_batch_is_a_barrier_in_an_exported_graph():
     model = _CumsumOverBatch().eval()
     x = mlp_input(6)
@@ -328,8 +384,6 @@ def test_cumsum_over_batch_is_a_barrier_in_an_exported_graph():
         torch.testing.assert_close(compiled(x), model(x), **TOL)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: partition._resource() classifies by the op-name suffix, which is "
-                   "'default' for every aten OpOverload, so in torch.export graphs a segment of linears is 'memory'")
 def test_exported_linear_segments_are_compute_bound():
     model = make_mlp()
     x = mlp_input(6)

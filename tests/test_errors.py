@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import dynaflow
-from dynaflow import (ALL, BackendError, BatchCouplingError, CaptureError, ConfigError, DynaflowError, Lane,
+from dynaflow import (BackendError, BatchCouplingError, CaptureError, ConfigError, DynaflowError, Lane,
                       NanoOp, PartitionError, Schedule, ScheduleError, StrategyError)
 from dynaflow.backend import SerialExecutor, ThreadExecutor, lower
 from models import grad_off, make_coupled, make_mlp, make_transformer, mlp_input, transformer_input
@@ -283,8 +283,6 @@ def test_model_returning_only_a_string_raises_capture_error():
         compiled(mlp_input(4))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a model that returns only a non-tensor (no tensor ops) is reported as "
-                   "'Dynamo fell back to eager ... recompile limit' instead of the non-tensor output diagnosis")
 def test_model_returning_only_a_string_names_the_problem():
     compiled = dynaflow.compile(_ReturnsOnlyStr(), nano_batches=2)
     _raises(CaptureError, lambda: compiled(mlp_input(4)), "non-tensor values", "str")
@@ -379,9 +377,6 @@ def test_batch_of_one_runs_unsplit():
         assert torch.equal(compiled(x), model(x))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: for a static capture (batch of 1) CompiledGraph.batch_size() falls back "
-                   "to batch_size_of(inputs), whose first tensor is a *weight* among Dynamo's graph inputs, so the "
-                   "bucket is planned for batch 32 (fc1.weight rows) instead of 1")
 def test_batch_of_one_is_planned_as_batch_one():
     model = make_mlp()
     compiled = dynaflow.compile(model, nano_batches=1)
@@ -391,9 +386,6 @@ def test_batch_of_one_is_planned_as_batch_one():
     assert sorted(compiled.last_graph.plans) == [1]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: same root cause: with a batch of 1 and nano_batches=2 the split is "
-                   "computed for the weight's 32 rows, so the user gets a CaptureError about a static batch dim "
-                   "instead of the ConfigError 'nano_batches=2 is invalid for a batch of 1 rows'")
 def test_batch_of_one_with_two_nano_batches_is_a_config_error():
     compiled = dynaflow.compile(make_mlp(), nano_batches=2)
     _raises(ConfigError, lambda: compiled(mlp_input(1)), "nano_batches=2", "batch of 1 rows", "nano_batches<= 1")

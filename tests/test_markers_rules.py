@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import dynaflow
@@ -83,9 +82,6 @@ def test_mark_survives_dynamo_capture_as_a_graph_node():
     assert [n.args[0] for n in seen[0]] == ["front", "middle", "back"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: partition() drops the marker-only regions before erasing marker nodes, "
-                   "so cut() raises PartitionError 'internal: node %mark ... was not assigned to a segment' for any "
-                   "model that calls dynaflow.mark")
 @pytest.mark.parametrize("nano", [1, 2])
 def test_markers_create_segments_named_after_them(nano):
     marked, _ = _marked_pair()
@@ -94,7 +90,6 @@ def test_markers_create_segments_named_after_them(nano):
     assert all(s.rule == "mark" for s in _segments(compiled))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: any model that calls dynaflow.mark fails to partition (see above)")
 def test_marker_tags_set_resource_and_hints():
     marked, _ = _marked_pair()
     compiled = _run(marked, mlp_input(5), nano_batches=2, strategy="nanoflow", executor="serial")
@@ -106,7 +101,6 @@ def test_marker_tags_set_resource_and_hints():
     assert {lane.name for lane in compiled.schedule.lanes} == {"compute", "memory"}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: any model that calls dynaflow.mark fails to partition (see above)")
 def test_single_marker_in_a_function():
     def f(x):
         dynaflow.mark("scale")

@@ -92,7 +92,8 @@ def splits(draw, batch=BATCH, max_nano=4):
 
 
 def draw_linear_extension(data, graph: NanoGraph) -> list[NanoOp]:
-    """A uniformly-steerable random topological order of ``graph.g`` (shrinks towards program order)."""
+    """A random topological order of ``graph.g``: each step picks one of the ready ops (shrinks towards
+    taking the earliest-ready op, i.e. close to program order)."""
     indeg = {op: graph.g.in_degree(op) for op in graph.ops}
     ready = [op for op in graph.ops if indeg[op] == 0]
     order = []
