@@ -168,13 +168,13 @@ def hf_input(batch: int, seq: int = HF_SEQ, seed: int = 1) -> torch.Tensor:
 
 
 # -- grad mode for test calls ---------------------------------------------------------------------------
-def grad_off(executor: str = "thread"):
-    """The no-autograd context a test calls a compiled model in.
+def grad_off(mode: str = "no_grad"):
+    """The no-autograd context a test calls a model in: ``"no_grad"`` (the default) or ``"inference"``.
 
-    ``torch.no_grad()`` for the serial executor; ``torch.inference_mode()`` for anything that may run the
-    thread executor: under ``no_grad`` the thread executor currently re-enables autograd inside its lanes
-    (BUG, see ``test_equivalence.py::test_thread_executor_keeps_no_grad``), and concurrent merges into one
-    buffer then fail at random with "a leaf Variable that requires grad is being used in an in-place
-    operation". Once that is fixed this can return ``torch.no_grad()`` for every executor.
+    Both matter for the thread executor: grad and inference modes are thread-local, so its lanes must take
+    the caller's (a past bug re-enabled autograd in the lanes under ``no_grad``).
     """
-    return torch.no_grad() if executor == "serial" else torch.inference_mode()
+    if mode == "inference":
+        return torch.inference_mode()
+    assert mode == "no_grad", mode
+    return torch.no_grad()

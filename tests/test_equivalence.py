@@ -54,15 +54,19 @@ HAND_WRITTEN = {
 }
 
 
-@pytest.mark.parametrize("executor", ["serial", "thread"])
+# (executor, grad mode): grad and inference modes are thread-local, so both are checked on the thread executor
+EXECUTOR_MODES = [("serial", "no_grad"), ("thread", "no_grad"), ("thread", "inference")]
+
+
+@pytest.mark.parametrize("executor, mode", EXECUTOR_MODES, ids=["serial", "thread", "thread-inference"])
 @pytest.mark.parametrize("nano", NANOS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("model_name", list(HAND_WRITTEN))
-def test_hand_written_models_match_eager(model_name, strategy, nano, executor):
+def test_hand_written_models_match_eager(model_name, strategy, nano, executor, mode):
     make, make_input, exact, separable = HAND_WRITTEN[model_name]
     model = make()
     compiled = dynaflow.compile(model, strategy=strategy, nano_batches=nano, executor=executor)
-    with grad_off(executor):
+    with grad_off(mode):
         for batch in BATCHES:
             x = make_input(batch)
             ref = model(x)
@@ -78,6 +82,7 @@ def test_hand_written_models_match_eager(model_name, strategy, nano, executor):
             again = compiled(x)
             assert compiled.last_graph.last_plan is plan
             assert torch.equal(again, out)
+            assert not out.requires_grad
     # one capture serves both batch sizes (the batch dim is symbolic); one plan per bucket
     assert len(compiled.graphs) == 1
     assert sorted(compiled.graphs[0].plans) == list(BATCHES)
@@ -111,7 +116,7 @@ def test_structured_outputs_match_eager(executor):
     model = _MultiOut().eval()
     compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=3, executor=executor)
     x = mlp_input(7)
-    with grad_off(executor):
+    with grad_off():
         ref, out = model(x), compiled(x)
     assert isinstance(out, tuple) and isinstance(out[1], dict) and isinstance(out[1]["pair"], list)
     torch.testing.assert_close(out, ref, **TOL)
@@ -224,7 +229,7 @@ def test_input_layouts_match_eager(layout, strategy, executor):
     model, args, kwargs, opts = _layout_case(layout, 7)
     model.eval()
     compiled = dynaflow.compile(model, strategy=strategy, nano_batches=3, executor=executor, **opts)
-    with grad_off(executor):
+    with grad_off():
         for batch in BATCHES:
             _, args, kwargs, _ = _layout_case(layout, batch)
             out, ref = compiled(*args, **kwargs), model(*args, **kwargs)
@@ -245,10 +250,10 @@ def hf(request):
     return request.param, model, refs
 
 
-def _check_hf(model, refs, strategy, nano, executor):
+def _check_hf(model, refs, strategy, nano, executor, mode="no_grad"):
     torch._dynamo.reset()
     compiled = dynaflow.compile(model, strategy=strategy, nano_batches=nano, executor=executor)
-    with grad_off(executor):
+    with grad_off(mode):
         for batch in BATCHES:
             ids, ref = refs[batch]
             out = compiled(ids, use_cache=False)
@@ -272,7 +277,7 @@ def test_transformers_models_match_eager_thread(hf, strategy, nano):
 
 def test_transformers_models_match_eager_serial(hf):
     name, model, refs = hf
-    _check_hf(model, refs, "nanoflow", 3, "serial")
+    _check_hf(model, refs, "nanoflow", 3, "serial", mode="inference")
 
 
 @pytest.mark.parametrize("hf", ["mixtral"], indirect=True)

@@ -68,7 +68,7 @@ def test_imperative_strategy_recorded_once_per_bucket(ping_pong, executor, make,
     model = make()
     compiled = dynaflow.compile(model, strategy=ping_pong, nano_batches=3, executor=executor)
     x = make_input(7)
-    with grad_off(executor):
+    with grad_off():
         ref = model(x)
         for _ in range(4):
             torch.testing.assert_close(compiled(x), ref, **TOL)
@@ -80,7 +80,7 @@ def test_imperative_strategy_recorded_once_per_bucket(ping_pong, executor, make,
     assert odd and all(op.nano % 2 == 1 for op in odd)
     assert all(op.nano in (0, 2, ALL) for op in sched.order[0])
     # a new batch size is a new bucket: recorded once more
-    with grad_off(executor):
+    with grad_off():
         x5 = make_input(5)
         torch.testing.assert_close(compiled(x5), model(x5), **TOL)
         compiled(x5)
