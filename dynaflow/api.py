@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import itertools
 import logging
 import sys
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from dynaflow.verify import verify_graph, verify_schedule
 __all__ = ["compile", "parallelize", "dynaflow_backend", "Compiled", "CompiledGraph", "Plan"]
 
 log = logging.getLogger("dynaflow")
+_CALL_SEQ = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class CompiledGraph:
         self.last_plan: Plan | None = None
         self.last_timeline: Timeline | None = None
         self.calls = 0
+        self.last_call_seq = -1
+        """Global call counter value of this graph's latest run (the most recent graph wins in inspection)."""
         self._batch_source: tuple[int, int] | None = None
         self.batch_hint: Callable[[], int] | None = None
         """For a static capture: where the caller learnt the batch size (Dynamo inputs start with weights)."""
@@ -159,6 +163,7 @@ class CompiledGraph:
         self.last_plan = plan
         self.last_timeline = ex.last_timeline
         self.calls += 1
+        self.last_call_seq = next(_CALL_SEQ)
         return out
 
     # -- inspection -----------------------------------------------------------------------------------
@@ -249,7 +254,9 @@ class Compiled:
     @property
     def last_graph(self) -> CompiledGraph | None:
         ran = [g for g in self.graphs if g.last_plan is not None]
-        return ran[-1] if ran else (self.graphs[-1] if self.graphs else None)
+        if ran:
+            return max(ran, key=lambda g: g.last_call_seq)
+        return self.graphs[-1] if self.graphs else None
 
     @property
     def last_timeline(self) -> Timeline | None:

@@ -174,6 +174,73 @@ def test_explain_lists_segments_split_and_schedule():
     assert "Program(" in text
 
 
+def test_static_and_dynamic_captures_each_serve_their_batches():
+    """A batch of 1 is captured statically (Dynamo specialises size 1), larger batches share a dynamic graph."""
+    model = make_mlp()
+    compiled = dynaflow.compile(model, nano_batches=1, executor="serial")
+    with grad_off():
+        for batch in (1, 2, 1, 5):
+            x = mlp_input(batch)
+            assert torch.equal(compiled(x), model(x))
+    assert [sorted(g.plans) for g in compiled.graphs] == [[1], [2, 5]]
+    assert [g.calls for g in compiled.graphs] == [2, 2]
+
+
+def test_inspection_describes_the_latest_call():
+    model = make_mlp()
+    compiled = dynaflow.compile(model, nano_batches=1, executor="serial")
+    with grad_off():
+        compiled(mlp_input(1))
+        compiled(mlp_input(2))
+        compiled(mlp_input(1))
+    assert compiled.schedule.split == dynaflow.SplitConfig((1,))
+    assert compiled.program.batch_size == 1
+    assert compiled.last_graph is compiled.graphs[0]
+
+
+# -- entry points ------------------------------------------------------------------------------------
+def test_parallelize_decorates_a_module_class():
+    from models import MLP
+
+    @dynaflow.parallelize(strategy="round_robin", nano_batches=2, executor="thread")
+    class FastMLP(MLP):
+        pass
+
+    model = make_mlp()
+    fast = FastMLP().eval()
+    fast.load_state_dict(model.state_dict())
+    assert fast.dynaflow is None  # compiled on first call
+    x = mlp_input(6)
+    with grad_off():
+        torch.testing.assert_close(fast(x), model(x), **TOL)
+    assert isinstance(fast.dynaflow, dynaflow.Compiled)
+    assert fast.dynaflow.schedule.strategy == "round_robin" and len(fast.dynaflow.schedule.lanes) == 2
+
+
+def test_parallelize_decorates_a_function():
+    @dynaflow.parallelize
+    def f(x):
+        return torch.relu(x * 2 + 1)
+
+    x = mlp_input(6)
+    assert isinstance(f, dynaflow.Compiled)
+    assert torch.equal(f(x), torch.relu(x * 2 + 1))
+    assert f.schedule.strategy == "nanoflow" and f.schedule.split.num == 2  # the default strategy
+
+
+def test_forced_executor_knob():
+    from dynaflow import knobs
+
+    model = make_mlp()
+    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=2)  # auto would pick thread
+    with knobs.scope(DYNAFLOW_EXECUTOR="serial"), grad_off():
+        compiled(mlp_input(6))
+    assert compiled.last_timeline.executor == "serial"
+    with grad_off():
+        compiled(mlp_input(6))
+    assert compiled.last_timeline.executor == "thread"
+
+
 # -- input layouts ---------------------------------------------------------------------------------------
 class _SeqFirst(torch.nn.Module):
     """(S, B, d) input: the batch is dim 1."""

@@ -389,3 +389,17 @@ def test_batch_of_one_is_planned_as_batch_one():
 def test_batch_of_one_with_two_nano_batches_is_a_config_error():
     compiled = dynaflow.compile(make_mlp(), nano_batches=2)
     _raises(ConfigError, lambda: compiled(mlp_input(1)), "nano_batches=2", "batch of 1 rows", "nano_batches<= 1")
+
+
+def test_lowering_an_unverified_cross_lane_deadlock_fails_fast():
+    """lower() expects a verified schedule; a cross-lane deadlock still fails loudly instead of hanging."""
+    compiled = dynaflow.compile(make_mlp(), nano_batches=2, rules=CHAIN_RULES, executor="serial")
+    with grad_off():
+        compiled(mlp_input(4))
+    graph = compiled.last_graph
+    nano_graph = graph.last_plan.graph
+    s0, s1 = [s.name for s in nano_graph.segments[:2]]
+    first_main, first_side = [NanoOp(s1, 1), NanoOp(s0, 0)], [NanoOp(s1, 0), NanoOp(s0, 1)]
+    rest = [op for op in nano_graph.ops if op not in first_main + first_side]
+    bad = Schedule.from_lanes("deadlock", nano_graph.split, {Lane("main"): first_main + rest, Lane("side"): first_side})
+    _raises(BackendError, lambda: lower(graph.segmented, nano_graph, bad), "Program deadlocks")

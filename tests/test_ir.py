@@ -365,3 +365,43 @@ def test_verify_rejects_cross_lane_cycle():
     assert "Strategy 'deadlock'" in msg and "cycle (a deadlock)" in msg
     assert "@x" in msg and "@y" in msg
     assert "dependency violated" not in msg
+
+
+# -- Timeline ----------------------------------------------------------------------------------------
+def test_timeline_statistics_and_perfetto_export(tmp_path):
+    import json
+
+    from dynaflow.timeline import Timeline, TimelineEvent, to_perfetto
+
+    events = (
+        TimelineEvent("a", "x[nb0]", 0.0, 2.0, "compute"),
+        TimelineEvent("b", "y[nb1]", 1.0, 3.0, "memory"),
+        TimelineEvent("a", "x[nb1]", 2.0, 4.0, "compute"),
+    )
+    tl = Timeline(events, "thread")
+    assert tl.lanes == ("a", "b")
+    assert tl.makespan == 4.0
+    assert tl.busy("a") == 4.0 and tl.busy("b") == 2.0
+    assert tl.overlap() == pytest.approx(1.5)  # 6 busy seconds over a 4 s makespan
+    assert tl.of_lane("b") == (events[1],)
+    assert repr(tl).startswith("Timeline(thread: 3 launches on 2 lanes")
+    assert Timeline((), "serial").makespan == 0.0 and Timeline(()).overlap() == 0.0
+    path = to_perfetto(tl, tmp_path / "sub" / "trace.json")
+    data = json.loads(open(path).read())
+    spans = [e for e in data["traceEvents"] if e["ph"] == "X"]
+    assert [e["name"] for e in spans] == ["x[nb0]", "y[nb1]", "x[nb1]"]
+    assert {e["tid"] for e in spans} == {0, 1}
+    assert spans[1]["ts"] == pytest.approx(1e6) and spans[1]["dur"] == pytest.approx(2e6)
+    names = {e["args"]["name"] for e in data["traceEvents"] if e["name"] == "thread_name"}
+    assert names == {"a", "b"}
+
+
+# -- DynaflowConfig ----------------------------------------------------------------------------------
+def test_config_hash_and_replace():
+    a = dynaflow.DynaflowConfig(nano_batches=2)
+    assert a.compute_hash() == dynaflow.DynaflowConfig(nano_batches=2).compute_hash()
+    assert a.compute_hash() != a.replace(nano_batches=3).compute_hash()
+    assert a.replace(strategy="sequential").strategy == "sequential" and a.strategy == "nanoflow"
+    assert dynaflow.DynaflowConfig.from_dict({"nano_batches": 4, "executor": "serial"}).nano_batches == 4
+    with pytest.raises(ConfigError, match=r"nano_batches=0"):
+        a.replace(nano_batches=0)
