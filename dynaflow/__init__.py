@@ -22,6 +22,7 @@ from dynaflow.errors import (
     StrategyError,
 )
 from dynaflow.ir import ALL, InputInfo, Lane, NanoGraph, NanoOp, Resource, Schedule, Segment, SegmentKind, SplitConfig
+from dynaflow.requests import RequestLayout, requests
 from dynaflow.timeline import Timeline, TimelineEvent
 from dynaflow import timeline
 from dynaflow.frontend.markers import mark
@@ -35,7 +36,7 @@ logging.getLogger("dynaflow").addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "parallelize", "Compiled", "DynaflowConfig",
+    "compile", "parallelize", "Compiled", "DynaflowConfig", "requests", "RequestLayout",
     "mark", "Op", "Mod", "Seq", "Where", "default_rules",
     "Strategy", "register_strategy", "strategies",
     "SplitConfig", "InputInfo", "NanoOp", "NanoGraph", "Lane", "Schedule", "Segment", "SegmentKind", "Resource", "ALL",

@@ -22,11 +22,12 @@ import torch.fx
 from dynaflow import knobs
 from dynaflow.backend import Program, executors, lower
 from dynaflow.config import DynaflowConfig
-from dynaflow.errors import BackendError, CaptureError, DynaflowError, StrategyError
+from dynaflow.errors import BackendError, CaptureError, ConfigError, DynaflowError, StrategyError
 from dynaflow.frontend.batching import find_batch_source
 from dynaflow.frontend.capture import batch_size_of, check_outputs, flat_io, mark_batch_dynamic, symbolize
 from dynaflow.frontend.partition import partition
 from dynaflow.ir import InputInfo, NanoGraph, Schedule, SplitConfig
+from dynaflow.requests import RequestLayout, current_requests
 from dynaflow.segmented import SegmentedModule
 from dynaflow.strategies import Strategy, get as get_strategy
 from dynaflow.timeline import Timeline
@@ -59,6 +60,9 @@ class CompiledGraph:
         self.label = label
         self.segmented: SegmentedModule | None = None
         self.plans: dict[int, Plan] = {}
+        """The latest plan per batch size (the input bucket)."""
+        self._by_split: dict[SplitConfig, Plan] = {}
+        self._splits: dict[tuple[Any, ...], tuple[InputInfo, SplitConfig]] = {}
         self.last_plan: Plan | None = None
         self.last_timeline: Timeline | None = None
         self.calls = 0
@@ -95,31 +99,56 @@ class CompiledGraph:
         return batch_size_of(inputs, self.config.batch_dim)
 
     def plan_for(self, inputs: Sequence[Any]) -> Plan:
+        """The plan for these inputs: the split comes from the strategy (once per batch size and request
+        layout), the schedule and program once per distinct split."""
         batch = self.batch_size(inputs)
-        plan = self.plans.get(batch)
+        layout = current_requests()
+        key = (batch, layout)
+        cached = self._splits.get(key)
+        if cached is None:
+            info = self.input_info(batch, inputs, layout)
+            cached = self._splits[key] = (info, self._split(info))
+        info, split = cached
+        plan = self._by_split.get(split)
         if plan is None:
-            plan = self.plans[batch] = self._plan(batch, inputs)
+            plan = self._by_split[split] = self._plan(info, split)
+        self.plans[batch] = plan
         return plan
 
-    def _plan(self, batch: int, inputs: Sequence[Any]) -> Plan:
-        assert self.segmented is not None
+    def input_info(self, batch: int, inputs: Sequence[Any], layout: RequestLayout | None = None) -> InputInfo:
         first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
-        info = InputInfo(batch, str(first.device) if first is not None else "cpu",
-                         str(first.dtype).replace("torch.", "") if first is not None else "float32",
-                         requested_nano_batches=self.config.nano_batches)
+        try:
+            return InputInfo(
+                batch, str(first.device) if first is not None else "cpu",
+                str(first.dtype).replace("torch.", "") if first is not None else "float32",
+                request_lengths=layout.lengths if layout else None,
+                requested_nano_batches=self.config.nano_batches,
+                request_phases=layout.phases if layout else None,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{self.label}: dynaflow.requests(...) does not match this call's batch: {exc}") from None
+
+    def _split(self, info: InputInfo) -> SplitConfig:
         name = getattr(self.strategy, "name", type(self.strategy).__name__)
+        batch = info.batch_size
         split = self.strategy.split_config(info)
         if not isinstance(split, SplitConfig) or split.batch_size != batch:
             raise StrategyError(
                 f"Strategy {name!r}.split_config({info}) returned {split!r}; it must return a SplitConfig whose "
                 f"sizes sum to the batch size {batch}."
             )
-        if self.segmented.batch_symbol is None and split.num > 1:
+        if self.segmented is not None and self.segmented.batch_symbol is None and split.num > 1:
             raise CaptureError(
                 f"{self.label}: the captured graph has a static batch dim, so it cannot be split into {split.num} "
                 "nano-batches. Use dynaflow.compile (it marks the batch dynamic), or torch.compile(..., dynamic=True), "
                 "or call torch._dynamo.mark_dynamic(x, batch_dim) on the inputs; a batch of 1 cannot be split."
             )
+        return split
+
+    def _plan(self, info: InputInfo, split: SplitConfig) -> Plan:
+        assert self.segmented is not None
+        name = getattr(self.strategy, "name", type(self.strategy).__name__)
+        batch = info.batch_size
         graph = NanoGraph(self.segmented.segments, self.segmented.segment_deps(), split)
         if self.config.verify or knobs.verify():
             verify_graph(graph)
@@ -180,8 +209,8 @@ class CompiledGraph:
         out = [f"{self.label}: {self.segmented} (batch symbol {self.segmented.batch_symbol if self.segmented else '?'})"]
         if self.segmented is not None:
             out.append(self.segments_table())
-        for batch, plan in sorted(self.plans.items()):
-            out.append(f"\nbucket batch={batch}: {plan.split} -> {plan.graph}")
+        for split, plan in sorted(self._by_split.items(), key=lambda kv: (kv[0].batch_size, kv[0].sizes)):
+            out.append(f"\nbucket batch={split.batch_size}: {plan.split} -> {plan.graph}")
             out.append(plan.schedule.table(plan.graph))
             out.append(repr(plan.program))
         return "\n".join(out)

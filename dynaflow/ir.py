@@ -108,10 +108,16 @@ class SplitConfig:
     """
 
     sizes: tuple[int, ...]
+    labels: tuple[str, ...] | None = None
+    """Optional name per nano-batch (e.g. ``("prefill", "decode")``) for strategies that treat them apart."""
 
     def __post_init__(self) -> None:
         sizes = tuple(int(s) for s in self.sizes)
         object.__setattr__(self, "sizes", sizes)
+        if self.labels is not None:
+            object.__setattr__(self, "labels", tuple(self.labels))
+            if len(self.labels) != len(sizes):
+                raise ConfigError(f"SplitConfig labels {self.labels} must give one label per nano-batch ({len(sizes)}).")
         if not sizes:
             raise ConfigError("SplitConfig needs at least one nano-batch size; got sizes=().")
         if any(s < 1 for s in sizes):
@@ -153,22 +159,68 @@ class SplitConfig:
         return tuple(out)
 
     def __repr__(self) -> str:
-        return f"SplitConfig({self.batch_size} → {'/'.join(map(str, self.sizes))})"
+        labels = f" {'/'.join(self.labels)}" if self.labels else ""
+        return f"SplitConfig({self.batch_size} → {'/'.join(map(str, self.sizes))}{labels})"
 
 
 @dataclass(frozen=True)
 class InputInfo:
-    """What a strategy knows about one input bucket when it picks a split config."""
+    """What a strategy knows about one input bucket when it picks a split config.
+
+    ``request_lengths`` gives the rows (tokens) each request occupies along the batch dim, in batch order,
+    and ``request_phases`` each request's phase (``"prefill"`` or ``"decode"``); callers set them per step
+    with :func:`dynaflow.requests` so splits can fall on request boundaries.
+    """
 
     batch_size: int
     device: str = "cpu"
     dtype: str = "float32"
     request_lengths: tuple[int, ...] | None = None
     requested_nano_batches: int | None = None
+    request_phases: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.request_lengths is not None:
+            lengths = tuple(int(n) for n in self.request_lengths)
+            object.__setattr__(self, "request_lengths", lengths)
+            if any(n < 1 for n in lengths) or sum(lengths) != self.batch_size:
+                raise ConfigError(
+                    f"request_lengths={lengths} must be positive and sum to the batch size {self.batch_size} "
+                    f"(they sum to {sum(lengths)}). Pass one length per request, in batch order."
+                )
+        if self.request_phases is not None:
+            phases = tuple(self.request_phases)
+            object.__setattr__(self, "request_phases", phases)
+            bad = [p for p in phases if p not in PHASES]
+            if bad:
+                raise ConfigError(f"request_phases has {bad[0]!r}; each phase must be one of {PHASES}.")
+            if self.request_lengths is None or len(phases) != len(self.request_lengths):
+                raise ConfigError(
+                    f"request_phases has {len(phases)} entries but request_lengths has "
+                    f"{'none' if self.request_lengths is None else len(self.request_lengths)}; give one phase per request."
+                )
+
+    @property
+    def requests(self) -> tuple[tuple[int, int], ...] | None:
+        """``(start, stop)`` row ranges, one per request (``None`` when the caller gave no requests)."""
+        if self.request_lengths is None:
+            return None
+        out, start = [], 0
+        for n in self.request_lengths:
+            out.append((start, start + n))
+            start += n
+        return tuple(out)
 
     def __repr__(self) -> str:
         extra = f", nano_batches={self.requested_nano_batches}" if self.requested_nano_batches else ""
+        if self.request_lengths is not None:
+            extra += f", requests={len(self.request_lengths)}"
+        if self.request_phases is not None:
+            extra += f", prefill={self.request_phases.count('prefill')}"
         return f"InputInfo(batch={self.batch_size}, {self.device}, {self.dtype}{extra})"
+
+
+PHASES = ("prefill", "decode")
 
 
 @dataclass(frozen=True, order=True)

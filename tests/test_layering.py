@@ -204,10 +204,10 @@ def test_import_dynaflow_without_any_optional_dependency():
 
 PUBLIC_API = [
     "ALL", "BackendError", "BatchCouplingError", "CaptureError", "Compiled", "ConfigError", "DynaflowConfig",
-    "DynaflowError", "InputInfo", "Lane", "Mod", "NanoGraph", "NanoOp", "Op", "PartitionError", "Resource",
-    "Schedule", "ScheduleError", "Segment", "SegmentKind", "Seq", "SplitConfig", "Strategy", "StrategyError",
-    "Timeline", "TimelineEvent", "Where", "compile", "default_rules", "mark", "parallelize", "register_strategy",
-    "strategies", "timeline",
+    "DynaflowError", "InputInfo", "Lane", "Mod", "NanoGraph", "NanoOp", "Op", "PartitionError", "RequestLayout",
+    "Resource", "Schedule", "ScheduleError", "Segment", "SegmentKind", "Seq", "SplitConfig", "Strategy",
+    "StrategyError", "Timeline", "TimelineEvent", "Where", "compile", "default_rules", "mark", "parallelize",
+    "register_strategy", "requests", "strategies", "timeline",
 ]
 
 
