@@ -30,6 +30,8 @@ from dynaflow.frontend.rules import Mod, Op, Seq, Where, default_rules
 from dynaflow import strategies
 from dynaflow.strategies import Strategy, register_strategy
 from dynaflow.api import Compiled, compile, parallelize
+from dynaflow.strategies import load_strategy
+from dynaflow.profiling import profile
 
 logging.getLogger("dynaflow").addHandler(logging.NullHandler())
 
@@ -38,7 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "compile", "parallelize", "Compiled", "DynaflowConfig", "requests", "RequestLayout",
     "mark", "Op", "Mod", "Seq", "Where", "default_rules",
-    "Strategy", "register_strategy", "strategies",
+    "Strategy", "register_strategy", "strategies", "load_strategy", "profile",
     "SplitConfig", "InputInfo", "NanoOp", "NanoGraph", "Lane", "Schedule", "Segment", "SegmentKind", "Resource", "ALL",
     "Timeline", "TimelineEvent", "timeline",
     "DynaflowError", "ConfigError", "CaptureError", "PartitionError", "BatchCouplingError", "StrategyError",

@@ -12,6 +12,7 @@ import functools
 import io
 import itertools
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TextIO
@@ -29,6 +30,10 @@ from dynaflow.frontend.partition import partition
 from dynaflow.ir import InputInfo, NanoGraph, Schedule, SplitConfig
 from dynaflow.requests import RequestLayout, current_requests
 from dynaflow.segmented import SegmentedModule
+from dynaflow.cost import CombinedCost, CostModel, DeviceSpec, MeasuredCost, RooflineCost, device_spec
+from dynaflow.flops import count_segments
+from dynaflow.profiles import Profile, load_profiles, model_hash
+from dynaflow.backend.sim import simulate
 from dynaflow.strategies import Strategy, get as get_strategy
 from dynaflow.timeline import Timeline
 from dynaflow.verify import verify_graph, verify_schedule
@@ -62,6 +67,13 @@ class CompiledGraph:
         self.plans: dict[int, Plan] = {}
         """The latest plan per batch size (the input bucket)."""
         self._by_split: dict[SplitConfig, Plan] = {}
+        self._strategy_for: dict[SplitConfig, Strategy] = {}
+        """The autotuner's winner per split (``strategy="auto"``); other strategies plan every split themselves."""
+        self.tuned: dict[str, Any] = {}
+        """``TuneResult`` per bucket key when the strategy is ``auto``."""
+        self._counts: dict[str, Any] | None = None
+        self._record: dict[int, Sequence[Any]] | None = None
+        """Set by ``dynaflow.profile``: the next call stores its flat inputs here."""
         self._splits: dict[tuple[Any, ...], tuple[InputInfo, SplitConfig]] = {}
         self.last_plan: Plan | None = None
         self.last_timeline: Timeline | None = None
@@ -107,7 +119,7 @@ class CompiledGraph:
         cached = self._splits.get(key)
         if cached is None:
             info = self.input_info(batch, inputs, layout)
-            cached = self._splits[key] = (info, self._split(info))
+            cached = self._splits[key] = (info, self._split(info, inputs))
         info, split = cached
         plan = self._by_split.get(split)
         if plan is None:
@@ -128,10 +140,19 @@ class CompiledGraph:
         except ConfigError as exc:
             raise ConfigError(f"{self.label}: dynaflow.requests(...) does not match this call's batch: {exc}") from None
 
-    def _split(self, info: InputInfo) -> SplitConfig:
-        name = getattr(self.strategy, "name", type(self.strategy).__name__)
+    def _split(self, info: InputInfo, inputs: Sequence[Any] = ()) -> SplitConfig:
+        strategy = self.strategy
+        if getattr(strategy, "autotune", False):
+            strategy = self._tune(info, inputs)
+        split = self._split_with(strategy, info)
+        if strategy is not self.strategy:
+            self._strategy_for[split] = strategy
+        return split
+
+    def _split_with(self, strategy: Strategy, info: InputInfo) -> SplitConfig:
+        name = getattr(strategy, "name", type(strategy).__name__)
         batch = info.batch_size
-        split = self.strategy.split_config(info)
+        split = strategy.split_config(info)
         if not isinstance(split, SplitConfig) or split.batch_size != batch:
             raise StrategyError(
                 f"Strategy {name!r}.split_config({info}) returned {split!r}; it must return a SplitConfig whose "
@@ -145,15 +166,16 @@ class CompiledGraph:
             )
         return split
 
-    def _plan(self, info: InputInfo, split: SplitConfig) -> Plan:
+    def _plan(self, info: InputInfo, split: SplitConfig, strategy: Strategy | None = None) -> Plan:
         assert self.segmented is not None
-        name = getattr(self.strategy, "name", type(self.strategy).__name__)
+        strategy = strategy or self._strategy_for.get(split, self.strategy)
+        name = getattr(strategy, "name", type(strategy).__name__)
         batch = info.batch_size
         graph = NanoGraph(self.segmented.segments, self.segmented.segment_deps(), split)
         if self.config.verify or knobs.verify():
             verify_graph(graph)
         try:
-            schedule = self.strategy.plan(graph, split)
+            schedule = strategy.plan(graph, split)
         except DynaflowError:
             raise
         except Exception as exc:
@@ -168,6 +190,109 @@ class CompiledGraph:
             log.info("%s\n%s", schedule.table(graph), program.listing())
         return Plan(info, split, graph, schedule, program)
 
+    # -- costs and autotuning ---------------------------------------------------------------------------
+    def cost_model(self, inputs: Sequence[Any]) -> CostModel:
+        """Measured timings from ``config.profile`` where they match this graph, else the roofline from
+        FLOP/byte counts (counted once per graph with fake tensors)."""
+        assert self.segmented is not None
+        first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
+        device = device_spec(self.config.cost_device or (str(first.device) if first is not None else "cpu"))
+        dtype = str(first.dtype).replace("torch.", "") if first is not None else "float32"
+        if self._counts is None:
+            self._counts = count_segments(self.segmented, inputs, self.batch_size(inputs))
+        models: list[CostModel] = []
+        profile = self._matching_profile(device.name, dtype)
+        if profile is not None:
+            models.append(MeasuredCost(profile.timings, device))
+        models.append(RooflineCost(self._counts, device, dtype))
+        return CombinedCost(*models)
+
+    def _matching_profile(self, device: str, dtype: str) -> Profile | None:
+        source = self.config.profile
+        if source is None:
+            return None
+        profiles = load_profiles(source) if isinstance(source, (str, os.PathLike)) else list(
+            source if isinstance(source, (list, tuple)) else [source])
+        assert self.segmented is not None
+        h = model_hash(self.segmented)
+        for p in profiles:
+            if p.model == h and p.dtype == dtype:
+                return p
+        log.info("%s: no profile for model %s (%s); using the roofline", self.label, h, dtype)
+        return None
+
+    def device(self, inputs: Sequence[Any]) -> DeviceSpec:
+        first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
+        return device_spec(self.config.cost_device or (str(first.device) if first is not None else "cpu"))
+
+    def num_sms(self, inputs: Sequence[Any]) -> int | None:
+        spec = self.device(inputs)
+        return spec.num_sms if spec.num_sms > 1 else None
+
+    def simulate(self, program: Program, inputs: Sequence[Any], cost: CostModel | None = None) -> Timeline:
+        """The predicted timeline of ``program`` on this graph's cost model and device."""
+        spec = self.device(inputs)
+        return simulate(program, cost or self.cost_model(inputs), num_sms=self.num_sms(inputs),
+                        wait_latency=spec.wait_latency)
+
+    def predict(self, plan: Plan, inputs: Sequence[Any]) -> Timeline:
+        """The simulated timeline of ``plan`` on this graph's cost model."""
+        return self.simulate(plan.program, inputs)
+
+    def _tune(self, info: InputInfo, inputs: Sequence[Any]) -> Strategy:
+        from dynaflow.tune import TuneCache, TuneResult, autotune, bucket_key, median_seconds
+
+        assert self.segmented is not None
+        auto = self.strategy
+        cost = self.cost_model(inputs)
+        num_sms = self.num_sms(inputs)
+        spec = device_spec(self.config.cost_device or info.device)
+        bucket = bucket_key(info)
+        key = f"{model_hash(self.segmented)}|{bucket}|{spec.name}|{info.dtype}|{self.config.executor}|{auto!r}"
+        cache = TuneCache() if getattr(auto, "cache", False) else None
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None:
+            cand, reason = hit
+            from dynaflow.tune import Trial
+
+            trial = Trial(cand, None, None, note="cached")
+            self.tuned[bucket] = TuneResult(bucket, (trial,), trial, reason, from_cache=True)
+            return cand.build()
+        resources = {s.resource for s in self.segmented.segments}
+        cands = auto.candidates(info, resources, num_sms, spec.sm_granularity)  # type: ignore[attr-defined]
+        plans: dict[Any, Plan] = {}
+
+        def build(cand: Any) -> Plan:
+            if cand not in plans:
+                strategy = cand.build()
+                split = self._split_with(strategy, info)
+                plans[cand] = self._plan(info, split, strategy)
+            return plans[cand]
+
+        def predict(cand: Any) -> tuple[SplitConfig, float]:
+            plan = build(cand)
+            return plan.split, self.simulate(plan.program, inputs, cost).makespan
+
+        measure = None
+        if auto.measure_top_k > 0:  # type: ignore[attr-defined]
+            if _mutates_inputs(self.segmented):
+                log.info("%s: the graph writes into its inputs in place; autotune predicts only (no measuring)", self.label)
+            else:
+                sync = torch.cuda.synchronize if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else None
+
+                def measure(cand: Any) -> float:
+                    plan = build(cand)
+                    ex = self.executor_for(plan, inputs)
+                    return median_seconds(lambda: ex.run(plan.program, inputs), auto.repeats, sync)  # type: ignore[attr-defined]
+
+        result = autotune(cands, bucket, predict, measure, auto.measure_top_k)  # type: ignore[attr-defined]
+        self.tuned[bucket] = result
+        if cache is not None:
+            cache.put(key, result)
+        if knobs.debug_level() >= 1:
+            log.info("%s\n%s", self.label, result.table())
+        return result.winner.candidate.build()
+
     # -- running --------------------------------------------------------------------------------------
     def executor_for(self, plan: Plan, inputs: Sequence[Any]) -> Any:
         name = knobs.forced_executor() or self.config.executor
@@ -179,13 +304,21 @@ class CompiledGraph:
             if name not in executors.available():
                 raise BackendError(
                     f"executor={name!r} is not available in this build (available: {', '.join(executors.available())}). "
-                    "The CUDA and simulator executors are separate work items; use 'serial' or 'thread' on CPU."
+                    "The CUDA executor needs a CUDA build of torch and a GPU; use 'serial', 'thread' or 'sim' on CPU."
                 )
-            ex = executors.resolve(name, **({"wait_timeout": self.config.wait_timeout} if name == "thread" else {}))
+            options: dict[str, Any] = {}
+            if name == "thread":
+                options["wait_timeout"] = self.config.wait_timeout
+            elif name == "sim":
+                options.update(cost=self.cost_model(inputs), num_sms=self.num_sms(inputs),
+                               wait_latency=self.device(inputs).wait_latency)
+            ex = executors.resolve(name, **options)
             self._executors[name] = ex
         return ex
 
     def __call__(self, *inputs: Any) -> Any:
+        if self._record is not None:
+            self._record[id(self)] = inputs
         plan = self.plan_for(inputs)
         ex = self.executor_for(plan, inputs)
         out = ex.run(plan.program, inputs)
@@ -209,6 +342,8 @@ class CompiledGraph:
         out = [f"{self.label}: {self.segmented} (batch symbol {self.segmented.batch_symbol if self.segmented else '?'})"]
         if self.segmented is not None:
             out.append(self.segments_table())
+        for bucket, result in self.tuned.items():
+            out.append("\n" + result.table())
         for split, plan in sorted(self._by_split.items(), key=lambda kv: (kv[0].batch_size, kv[0].sizes)):
             out.append(f"\nbucket batch={split.batch_size}: {plan.split} -> {plan.graph}")
             out.append(plan.schedule.table(plan.graph))
@@ -313,6 +448,25 @@ class Compiled:
 
     def __repr__(self) -> str:
         return f"dynaflow.Compiled({type(self.model).__name__}, strategy={self.strategy.name!r}, graphs={len(self.graphs)})"
+
+
+def _mutates_inputs(seg: SegmentedModule) -> bool:
+    """Whether any segment runs an in-place op (conservative: measuring would replay it on real inputs)."""
+    for call in seg.calls:
+        graph = getattr(call.module, "graph", None)
+        if graph is None:
+            return True
+        for node in graph.nodes:
+            target = node.target
+            schema = getattr(target, "_schema", None)
+            if schema is not None and schema.is_mutable:
+                return True
+            if node.op == "call_method" and str(target).endswith("_") and not str(target).startswith("_"):
+                return True
+            if node.op == "call_function" and getattr(target, "__name__", "").endswith("_") and \
+                    not getattr(target, "__name__", "").startswith("_"):
+                return True
+    return False
 
 
 def _config(config: DynaflowConfig | dict[str, Any] | None, **options: Any) -> DynaflowConfig:

@@ -37,6 +37,12 @@ class DynaflowConfig:
     """Seconds a lane waits on an event before failing; ``None`` uses ``DYNAFLOW_WAIT_TIMEOUT``."""
     strategy_options: Mapping[str, Any] = field(default_factory=dict)
     """Keyword options passed to the strategy's constructor when it is given by name or class."""
+    profile: Any = None
+    """Measured segment timings for the cost model: a path written by ``dynaflow.profile(...).save`` or
+    Profile objects. The roofline (FLOP/byte counts) covers what it lacks."""
+    cost_device: str | None = None
+    """Device the cost model (``executor="sim"``, ``strategy="auto"``) assumes: a key of
+    ``dynaflow.cost.DEVICES`` such as ``"h200"`` (what-if planning on a CPU machine); ``None`` = the inputs' device."""
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -49,6 +55,10 @@ class DynaflowConfig:
             )
         if not isinstance(self.batch_dim, int) or self.batch_dim < 0:
             raise ConfigError(f"batch_dim={self.batch_dim!r} must be a non-negative int (the batch dimension index).")
+        if self.cost_device is not None:
+            from dynaflow.cost import device_spec
+
+            device_spec(self.cost_device)  # unknown names fail here, with the known ones listed
         if self.wait_timeout is not None and self.wait_timeout <= 0:
             raise ConfigError(f"wait_timeout={self.wait_timeout!r} must be > 0 seconds.")
 

@@ -11,6 +11,8 @@ variable                     meaning                                            
 ``DYNAFLOW_WAIT_TIMEOUT``    seconds a lane waits on an event before failing         60
 ``DYNAFLOW_EXECUTOR``        force an executor ("serial", "thread", ...)             unset
 ``DYNAFLOW_TIMELINE``        record a Timeline on every call                         1
+``DYNAFLOW_CACHE_DIR``       where autotune winners and profiles are kept             ~/.cache/dynaflow
+``DYNAFLOW_PROGRESS``        autotune progress bar: 1 on, 0 off, unset = on a tty     unset
 ===========================  ======================================================  =========
 """
 
@@ -20,7 +22,9 @@ import contextlib
 import os
 from typing import Iterator
 
-__all__ = ["debug_level", "verify", "wait_timeout", "forced_executor", "record_timeline", "scope"]
+__all__ = [
+    "debug_level", "verify", "wait_timeout", "forced_executor", "record_timeline", "cache_dir", "progress", "scope",
+]
 
 _overrides: dict[str, str] = {}
 
@@ -57,6 +61,19 @@ def forced_executor() -> str | None:
 def record_timeline() -> bool:
     """``DYNAFLOW_TIMELINE``: record a Timeline on every call (on by default; cheap on CPU)."""
     return _get("DYNAFLOW_TIMELINE", "1") not in ("", "0", "false", "False")
+
+
+def cache_dir() -> str:
+    """``DYNAFLOW_CACHE_DIR``: the folder of the autotune cache and saved profiles."""
+    return _get("DYNAFLOW_CACHE_DIR", "") or os.path.join(os.path.expanduser("~"), ".cache", "dynaflow")
+
+
+def progress() -> bool | None:
+    """``DYNAFLOW_PROGRESS``: show the autotune progress bar (``None``: only when stderr is a terminal)."""
+    value = _get("DYNAFLOW_PROGRESS", "")
+    if value == "":
+        return None
+    return value not in ("0", "false", "False")
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ plugins published under an entry-point group. Unknown names raise an error listi
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from importlib import metadata
 from typing import Callable, Generic, TypeVar
@@ -58,7 +59,7 @@ class Registry(Generic[T]):
             if factory is None:
                 raise self.error(
                     f"Unknown {self.kind} {spec!r}.{did_you_mean(spec.lower(), self._factories)} "
-                    f"Available {self.kind}s: {', '.join(self.available())}. A custom one can be passed as a "
+                    f"Available {self.kind} names: {', '.join(self.available())}. A custom one can be passed as a "
                     f"class, an instance, or a 'pkg.module:Class' string."
                 )
             return self._make(factory, spec, kwargs)
@@ -70,6 +71,14 @@ class Registry(Generic[T]):
     def _make(self, factory: Callable[..., T], label: str, kwargs: dict[str, object]) -> T:
         if isinstance(factory, type) and not issubclass(factory, self.base):
             raise self.error(f"{self.kind} {label!r} resolves to {factory!r}, which is not a {self.base.__name__} subclass.")
+        unknown = _unknown_options(factory, kwargs)
+        if unknown:
+            valid = _option_names(factory)
+            key = unknown[0]
+            raise self.error(
+                f"{self.kind} {label!r} has no option {key!r}.{did_you_mean(key, valid)} "
+                f"Valid options: {', '.join(valid) or '(none)'}."
+            )
         try:
             obj = factory(**kwargs)
         except TypeError as exc:
@@ -104,5 +113,33 @@ class Registry(Generic[T]):
             except Exception as exc:  # a broken plugin must not break dynaflow
                 log.warning("could not load %s plugin %r from entry point %s: %s", self.kind, ep.name, ep.value, exc)
 
+    def options(self, spec: object) -> list[str]:
+        """Keyword options the named factory accepts (for config validation and docs)."""
+        if isinstance(spec, str):
+            self._load_entry_points()
+            factory = self._import(spec) if ":" in spec else self._factories.get(spec.lower())
+        else:
+            factory = spec if isinstance(spec, type) else type(spec)
+        return _option_names(factory) if factory is not None else []
+
     def __repr__(self) -> str:
         return f"Registry({self.kind}: {', '.join(sorted(self._factories))})"
+
+
+def _option_names(factory: Callable[..., object]) -> list[str]:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+
+
+def _unknown_options(factory: Callable[..., object], kwargs: dict[str, object]) -> list[str]:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return []
+    names = set(_option_names(factory))
+    return sorted(k for k in kwargs if k not in names)

@@ -58,6 +58,12 @@ class SegmentCall:
     outputs: tuple[str, ...]
     returns_tuple: bool
 
+    @property
+    def module(self) -> Any:
+        """The segment's ``fx.GraphModule`` (``fn`` is its bound ``forward``), or ``None`` for a plain callable."""
+        owner = getattr(self.fn, "__self__", self.fn)
+        return owner if hasattr(owner, "graph") else None
+
 
 @dataclass(frozen=True)
 class SegmentedModule:

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from dynaflow.errors import StrategyError
 from dynaflow.registry import Registry
+from dynaflow.strategies import splits
+from dynaflow.strategies.auto import Auto, Candidate
 from dynaflow.strategies.base import ScheduleContext, Strategy
 from dynaflow.strategies.nanoflow import NanoFlow
+from dynaflow.strategies.prefill_decode import PrefillDecode
 from dynaflow.strategies.round_robin import RoundRobin
 from dynaflow.strategies.sequential import Sequential
+from dynaflow.strategies.two_batch_overlap import TwoBatchOverlap
 
-__all__ = ["Strategy", "ScheduleContext", "Sequential", "RoundRobin", "NanoFlow", "registry", "get", "available",
-           "register_strategy"]
+__all__ = ["Strategy", "ScheduleContext", "Sequential", "RoundRobin", "NanoFlow", "TwoBatchOverlap", "PrefillDecode",
+           "Auto", "Candidate", "splits", "registry", "get", "available", "register_strategy", "load_strategy"]
 
 registry: Registry[Strategy] = Registry("strategy", Strategy, StrategyError, entry_point_group="dynaflow.strategies")
-for _cls in (Sequential, RoundRobin, NanoFlow):
+for _cls in (Sequential, RoundRobin, NanoFlow, TwoBatchOverlap, PrefillDecode, Auto):
     registry.register(_cls.name, _cls)
 
 
@@ -41,3 +46,25 @@ def register_strategy(name_or_cls: Any = None, *, replace: bool = False) -> Any:
     if isinstance(name_or_cls, type):
         return deco(name_or_cls)
     return deco
+
+
+def load_strategy(path: str | os.PathLike[str]) -> Strategy:
+    """A strategy from a YAML (or JSON) file: ``name`` (a registered name or ``"pkg.module:Class"``) plus
+    its options, e.g. ``{name: nanoflow, nano_batches: 3, sm_counts: {compute: 96, memory: 36}}``.
+    Unknown keys are rejected with the nearest valid option name."""
+    import yaml
+
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        raise StrategyError(f"Cannot read strategy file {path!r}: {exc}") from None
+    if not isinstance(data, dict) or "name" not in data:
+        raise StrategyError(f"Strategy file {path!r} must be a mapping with a 'name' key (and the strategy's options); "
+                            f"got {type(data).__name__}{' without name' if isinstance(data, dict) else ''}.")
+    options = {k: v for k, v in data.items() if k != "name"}
+    try:
+        return get(data["name"], **options)
+    except StrategyError as exc:
+        raise StrategyError(f"{path}: {exc}") from None

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from dynaflow.errors import StrategyError
 from dynaflow.ir import ALL, InputInfo, Lane, NanoGraph, NanoOp, Schedule, SplitConfig
+from dynaflow.strategies import splits
 
 __all__ = ["Strategy", "ScheduleContext"]
 
@@ -91,8 +92,13 @@ class Strategy:
     name: str = "strategy"
     default_nano_batches: int = 1
 
-    def __init__(self, nano_batches: int | None = None) -> None:
+    def __init__(self, nano_batches: int | None = None, min_rows: int = 1) -> None:
+        if nano_batches is not None and (not isinstance(nano_batches, int) or nano_batches < 1):
+            raise StrategyError(f"Strategy {self.name!r}: nano_batches={nano_batches!r} must be an int >= 1 or None.")
+        if not isinstance(min_rows, int) or min_rows < 1:
+            raise StrategyError(f"Strategy {self.name!r}: min_rows={min_rows!r} must be an int >= 1.")
         self.nano_batches = nano_batches
+        self.min_rows = min_rows
 
     # -- hooks -------------------------------------------------------------------------------------
     def rules(self) -> Sequence[Any] | None:
@@ -100,9 +106,16 @@ class Strategy:
         return None
 
     def split_config(self, info: InputInfo) -> SplitConfig:
-        """Nano-batch sizes for this input bucket: even split into the requested or default count."""
+        """Nano-batch sizes for this input bucket: the requested or default count, cut at request boundaries
+        when the caller declared requests (else evenly), merged up to ``min_rows`` rows per nano-batch."""
         n = info.requested_nano_batches or self.nano_batches or self.default_nano_batches
-        return SplitConfig.even(info.batch_size, min(n, info.batch_size) if not info.requested_nano_batches else n)
+        if info.request_lengths is not None:
+            split = splits.token_balanced(info, n)
+        elif info.requested_nano_batches:
+            split = SplitConfig.even(info.batch_size, n)  # an explicit count the batch cannot hold is an error
+        else:
+            split = splits.even(info, n)
+        return splits.with_min_rows(split, self.min_rows) if self.min_rows > 1 else split
 
     def lanes(self, graph: NanoGraph) -> list[Lane]:
         """The lanes this strategy schedules onto."""

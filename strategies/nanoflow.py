@@ -1,10 +1,15 @@
 """``nanoflow``: resource-aware overlap (NanoFlow). Compute-bound segments run on a compute lane,
-memory- and network-bound ones on their own lanes; each lane takes its ops segment-major, so while the
-compute lane runs nano-batch i+1's GEMMs the memory lane runs nano-batch i's attention."""
+memory- and network-bound ones on their own lanes (each optionally an SM partition); each lane takes its
+ops segment-major, so while the compute lane runs nano-batch i+1's GEMMs the memory lane runs nano-batch
+i's attention and the network lane nano-batch i-1's all-reduce — every resource stays busy."""
 
 from __future__ import annotations
 
-from dynaflow.ir import Lane, NanoGraph, Resource, Schedule, SplitConfig
+from typing import Mapping, Sequence
+
+from dynaflow.errors import StrategyError
+from dynaflow.ir import InputInfo, Lane, NanoGraph, Resource, Schedule, SplitConfig
+from dynaflow.strategies import splits
 from dynaflow.strategies.base import Strategy, program_order_key
 
 __all__ = ["NanoFlow"]
@@ -16,9 +21,36 @@ class NanoFlow(Strategy):
     name = "nanoflow"
     default_nano_batches = 2
 
-    def __init__(self, nano_batches: int | None = None, sm_counts: dict[str, int] | None = None) -> None:
-        super().__init__(nano_batches)
+    def __init__(self, nano_batches: int | None = None, sm_counts: Mapping[str, int] | None = None,
+                 weights: Sequence[float] | None = None, min_rows: int = 1) -> None:
+        super().__init__(len(weights) if weights and nano_batches is None else nano_batches, min_rows)
         self.sm_counts = dict(sm_counts or {})
+        unknown = [k for k in self.sm_counts if k not in {r.value for r in Resource}]
+        if unknown:
+            raise StrategyError(f"Strategy 'nanoflow': sm_counts names unknown lane {unknown[0]!r}; lanes are "
+                                f"{[r.value for r in Resource]}.")
+        if weights is not None and (not weights or any(w <= 0 for w in weights)):
+            raise StrategyError(f"Strategy 'nanoflow': weights={list(weights)} must be positive numbers, one per nano-batch.")
+        self.weights = tuple(float(w) for w in weights) if weights else None
+
+    def split_config(self, info: InputInfo) -> SplitConfig:
+        """Uneven nano-batches in proportion to ``weights`` when given (e.g. NanoFlow's large-then-small
+        split), else the base policy."""
+        if self.weights is None or info.request_lengths is not None:
+            return super().split_config(info)
+        n = min(len(self.weights), info.batch_size)
+        w = self.weights[:n]
+        raw = [info.batch_size * x / sum(w) for x in w]
+        sizes = [max(1, int(r)) for r in raw]
+        order = sorted(range(n), key=lambda i: raw[i] - int(raw[i]), reverse=True)
+        i = 0
+        while sum(sizes) < info.batch_size:  # largest remainders get the leftover rows
+            sizes[order[i % n]] += 1
+            i += 1
+        while sum(sizes) > info.batch_size:
+            j = max(range(n), key=lambda k: sizes[k])
+            sizes[j] -= 1
+        return splits.with_min_rows(SplitConfig(tuple(sizes)), self.min_rows)
 
     def lanes(self, graph: NanoGraph) -> list[Lane]:
         used = {s.resource for s in graph.segments}
@@ -33,4 +65,8 @@ class NanoFlow(Strategy):
         return Schedule.from_lanes(self.name, split, order, notes)
 
     def describe(self) -> str:
-        return "compute / memory / network segments on separate lanes, nano-batches staggered"
+        sms = f", SMs {self.sm_counts}" if self.sm_counts else ""
+        return f"compute / memory / network segments on separate lanes, nano-batches staggered{sms}"
+
+    def __repr__(self) -> str:
+        return f"NanoFlow(nano_batches={self.nano_batches}, sm_counts={self.sm_counts}, weights={self.weights})"

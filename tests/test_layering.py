@@ -10,7 +10,7 @@ Layers and what each may import (besides itself):
 
 =============  ========================================================================================
 core           ``dynaflow/*.py`` except the facade modules; only stdlib, torch, networkx, sympy, yaml
-facade         ``dynaflow/{__init__,api,cli,__main__,models}.py``; core, frontend, strategies, backend
+facade         ``dynaflow/{__init__,api,cli,__main__,models,tune,profiling}.py``; core, frontend, strategies, backend
 frontend       core
 strategies     core, and the rule types of ``dynaflow.frontend.rules``; never backend
 backend        core; never strategies or frontend
@@ -40,7 +40,7 @@ FOLDERS = {
     "backend": ("dynaflow.backend", "backend"),
     "integrations": ("dynaflow.integrations", "integrations"),
 }
-FACADE = {"__init__", "api", "cli", "__main__", "models"}
+FACADE = {"__init__", "api", "cli", "__main__", "models", "tune", "profiling"}
 """Modules of ``dynaflow/`` that wire the layers together (the public API); everything else there is core."""
 
 SUBPACKAGE_LAYER = {
@@ -206,8 +206,8 @@ PUBLIC_API = [
     "ALL", "BackendError", "BatchCouplingError", "CaptureError", "Compiled", "ConfigError", "DynaflowConfig",
     "DynaflowError", "InputInfo", "Lane", "Mod", "NanoGraph", "NanoOp", "Op", "PartitionError", "RequestLayout",
     "Resource", "Schedule", "ScheduleError", "Segment", "SegmentKind", "Seq", "SplitConfig", "Strategy",
-    "StrategyError", "Timeline", "TimelineEvent", "Where", "compile", "default_rules", "mark", "parallelize",
-    "register_strategy", "requests", "strategies", "timeline",
+    "StrategyError", "Timeline", "TimelineEvent", "Where", "compile", "default_rules", "load_strategy", "mark", "parallelize",
+    "profile", "register_strategy", "requests", "strategies", "timeline",
 ]
 
 

@@ -1,0 +1,206 @@
+"""The autotuner: simulate every candidate strategy on the cost model, measure the best few on the real
+executor, keep the winner per (model, input bucket, device) in an on-disk cache.
+
+The search never returns a candidate predicted slower than sequential execution (one nano-batch, one
+lane): that baseline is always a candidate, and anything predicted slower is dropped before measuring.
+When measuring, the baseline is measured too, and a candidate must beat it on the real executor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from dynaflow import knobs
+from dynaflow.errors import DynaflowError
+from dynaflow.ir import InputInfo, SplitConfig
+from dynaflow.strategies.auto import Candidate
+
+__all__ = ["Trial", "TuneResult", "TuneCache", "autotune", "median_seconds"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One candidate's outcome: its split, predicted seconds, measured seconds (if measured), or why it was
+    not eligible."""
+
+    candidate: Candidate
+    split: SplitConfig | None
+    predicted: float | None
+    measured: float | None = None
+    note: str = ""
+
+    def __repr__(self) -> str:
+        pred = f"{self.predicted * 1e3:.3f}ms" if self.predicted is not None else "-"
+        meas = f", measured {self.measured * 1e3:.3f}ms" if self.measured is not None else ""
+        return f"Trial({self.candidate!r}: predicted {pred}{meas}{', ' + self.note if self.note else ''})"
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """What the autotuner tried for one bucket and why the winner won."""
+
+    bucket: str
+    trials: tuple[Trial, ...]
+    winner: Trial
+    reason: str
+    from_cache: bool = False
+
+    def table(self) -> str:
+        rows = [("candidate", "split", "predicted ms", "vs seq", "measured ms", "note")]
+        base = self.trials[0].predicted if self.trials and self.trials[0].predicted else None
+        for t in sorted(self.trials, key=lambda t: (t.predicted is None, t.predicted or 0.0)):
+            mark = " <- winner" if t is self.winner or t == self.winner else ""
+            rows.append((
+                repr(t.candidate), "/".join(map(str, t.split.sizes)) if t.split else "-",
+                f"{t.predicted * 1e3:.4f}" if t.predicted is not None else "-",
+                f"{base / t.predicted:.2f}x" if base and t.predicted else "-",
+                f"{t.measured * 1e3:.4f}" if t.measured is not None else "-",
+                (t.note + mark).strip(),
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        head = f"autotune {self.bucket}: winner {self.winner.candidate!r} — {self.reason}"
+        return "\n".join([head + (" (from cache)" if self.from_cache else "")] + lines)
+
+    def __repr__(self) -> str:
+        return f"TuneResult({self.bucket}: {self.winner.candidate!r} of {len(self.trials)} candidates)"
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, sync: Callable[[], None] | None = None) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up run."""
+    fn()
+    if sync:
+        sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _progress(items: Sequence[Any], desc: str) -> Iterable[Any]:
+    show = knobs.progress()
+    if show is None:
+        show = sys.stderr.isatty()
+    if not show:
+        return items
+    try:
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc, leave=False)
+    except ImportError:  # pragma: no cover - tqdm ships with transformers; plain logging otherwise
+        log.info("%s: %d candidates", desc, len(items))
+        return items
+
+
+def autotune(
+    candidates: Sequence[Candidate],
+    bucket: str,
+    predict: Callable[[Candidate], tuple[SplitConfig, float]],
+    measure: Callable[[Candidate], float] | None = None,
+    top_k: int = 2,
+) -> TuneResult:
+    """Pick the best candidate. ``predict(c)`` returns (split, simulated seconds) or raises a DynaflowError
+    (the candidate does not apply); ``measure(c)`` returns real seconds. ``candidates[0]`` is the baseline
+    (sequential): nothing predicted slower than it is eligible, and when measuring it is measured too.
+    """
+    if not candidates:
+        raise DynaflowError("autotune needs at least one candidate (the sequential baseline).")
+    trials: list[Trial] = []
+    for cand in _progress(candidates, f"dynaflow autotune {bucket}"):
+        try:
+            split, seconds = predict(cand)
+            trials.append(Trial(cand, split, seconds))
+        except DynaflowError as exc:
+            trials.append(Trial(cand, None, None, note=f"not applicable: {str(exc).splitlines()[0][:80]}"))
+    base = trials[0]
+    if base.predicted is None:
+        raise DynaflowError(f"autotune {bucket}: the sequential baseline could not be planned: {base.note}")
+    eligible = [t for t in trials if t.predicted is not None and t.predicted <= base.predicted * (1 + 1e-9)]
+    trials = [t if t in eligible or t.predicted is None else Trial(t.candidate, t.split, t.predicted,
+                                                                   note="predicted slower than sequential")
+              for t in trials]
+    ranked = sorted(eligible, key=lambda t: t.predicted)  # type: ignore[arg-type, return-value]
+    if measure is None or top_k <= 0:
+        best = ranked[0]
+        speed = base.predicted / best.predicted if best.predicted else 1.0
+        reason = f"best prediction on the cost model ({speed:.2f}x of sequential predicted); nothing measured"
+        return TuneResult(bucket, tuple(trials), best, reason)
+    to_measure = ranked[:top_k]
+    if base not in to_measure:
+        to_measure.append(base)
+    measured: dict[Candidate, float] = {}
+    for t in to_measure:
+        measured[t.candidate] = measure(t.candidate)
+    trials = [Trial(t.candidate, t.split, t.predicted, measured.get(t.candidate), t.note) for t in trials]
+    by_cand = {t.candidate: t for t in trials}
+    contenders = [by_cand[t.candidate] for t in to_measure]
+    best = min(contenders, key=lambda t: t.measured)  # type: ignore[arg-type, return-value]
+    base_t = by_cand[base.candidate]
+    speed = base_t.measured / best.measured if best.measured else 1.0
+    if best is base_t:
+        reason = f"no candidate beat sequential on the real executor (measured {len(to_measure)} of {len(trials)})"
+    else:
+        reason = (f"fastest measured of the {len(to_measure) - 1} best predictions: {speed:.2f}x of sequential measured, "
+                  f"{base.predicted / best.predicted:.2f}x predicted")  # type: ignore[operator]
+    return TuneResult(bucket, tuple(trials), best, reason)
+
+
+@dataclass
+class TuneCache:
+    """Winners per key in one JSON file under ``DYNAFLOW_CACHE_DIR`` (``autotune.json``)."""
+
+    path: str = field(default_factory=lambda: os.path.join(knobs.cache_dir(), "autotune.json"))
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else {}
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def get(self, key: str) -> tuple[Candidate, str] | None:
+        entry = self._read().get(key)
+        if not entry:
+            return None
+        try:
+            return Candidate.from_json(entry["candidate"]), str(entry.get("reason", ""))
+        except (KeyError, TypeError):
+            return None
+
+    def put(self, key: str, result: TuneResult) -> None:
+        data = self._read()
+        w = result.winner
+        data[key] = {"candidate": w.candidate.to_json(), "reason": result.reason, "predicted": w.predicted,
+                     "measured": w.measured, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            tmp = self.path + f".{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError as exc:  # a read-only cache dir must not break planning
+            log.warning("could not write the autotune cache %s: %s", self.path, exc)
+
+
+def bucket_key(info: InputInfo) -> str:
+    """The cache's notion of an input bucket: batch size, device, dtype and whether requests/phases were given."""
+    extra = ""
+    if info.request_lengths is not None:
+        extra += f",requests={len(info.request_lengths)}"
+    if info.request_phases is not None:
+        extra += f",prefill={info.request_phases.count('prefill')}"
+    return f"batch={info.batch_size}{extra}"

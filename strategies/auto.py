@@ -1,0 +1,135 @@
+"""``auto``: let the autotuner pick the strategy and its parameters per input bucket.
+
+``Auto`` only *describes* the search — which strategies, nano-batch counts, SM splits and staggers to try,
+and how many of the best predictions to measure. ``dynaflow.tune`` runs the search (simulate every
+candidate on the cost model, measure the best few on the real executor, cache the winner on disk) and
+the compiled model plans each bucket with the winner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from dynaflow.errors import StrategyError
+from dynaflow.ir import InputInfo, NanoGraph, Resource, Schedule, SplitConfig
+from dynaflow.strategies.base import Strategy
+from dynaflow.strategies.sequential import Sequential
+
+__all__ = ["Auto", "Candidate"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the search space: a registered strategy name and its options."""
+
+    strategy: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def build(self) -> Strategy:
+        from dynaflow.strategies import get
+
+        return get(self.strategy, **{k: (dict(v) if isinstance(v, tuple) and v and isinstance(v[0], tuple) else v)
+                                     for k, v in self.options})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "options": {k: _plain(v) for k, v in self.options}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Candidate":
+        return cls(data["strategy"], tuple(sorted((k, _frozen(v)) for k, v in data.get("options", {}).items())))
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={_plain(v)}" for k, v in self.options)
+        return f"{self.strategy}({opts})"
+
+
+def _frozen(v: Any) -> Any:
+    if isinstance(v, dict):
+        return tuple(sorted(v.items()))
+    if isinstance(v, list):
+        return tuple(v)
+    return v
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple) and v and all(isinstance(x, tuple) and len(x) == 2 for x in v):
+        return dict(v)
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+def _cand(strategy: str, **options: Any) -> Candidate:
+    return Candidate(strategy, tuple(sorted((k, _frozen(v)) for k, v in options.items())))
+
+
+class Auto(Strategy):
+    """Search strategies × nano-batch counts × SM splits × staggers; simulate all, measure the best few."""
+
+    name = "auto"
+    autotune = True
+
+    def __init__(self, max_nano_batches: int = 4, strategies: Sequence[str] | None = None, measure_top_k: int = 2,
+                 repeats: int = 5, sm_steps: int = 4, cache: bool = True,
+                 candidates: Sequence[Candidate | dict[str, Any]] | None = None) -> None:
+        super().__init__(None)
+        if not isinstance(max_nano_batches, int) or max_nano_batches < 1:
+            raise StrategyError(f"Strategy 'auto': max_nano_batches={max_nano_batches!r} must be an int >= 1.")
+        if measure_top_k < 0 or repeats < 1:
+            raise StrategyError(f"Strategy 'auto': measure_top_k={measure_top_k} must be >= 0 and repeats={repeats} >= 1.")
+        self.max_nano_batches = max_nano_batches
+        self.strategies = tuple(strategies) if strategies else ("sequential", "round_robin", "nanoflow",
+                                                                  "two_batch_overlap", "prefill_decode")
+        self.measure_top_k = measure_top_k
+        self.repeats = repeats
+        self.sm_steps = sm_steps
+        self.cache = cache
+        self.fixed = tuple(c if isinstance(c, Candidate) else Candidate.from_json(c) for c in candidates) if candidates else None
+        self._fallback = Sequential()
+
+    def candidates(self, info: InputInfo, resources: set[Resource], num_sms: int | None = None,
+                   granularity: int = 8) -> list[Candidate]:
+        """The search space for one bucket. Sequential with one nano-batch is always first: the baseline
+        no winner may be predicted slower than."""
+        if self.fixed is not None:
+            return [_cand("sequential")] + [c for c in self.fixed if c != _cand("sequential")]
+        out = [_cand("sequential")]
+        top = max(1, min(self.max_nano_batches, info.batch_size))
+        counts = range(2, top + 1)
+        if "round_robin" in self.strategies:
+            out += [_cand("round_robin", nano_batches=n, lanes=min(n, 2)) for n in counts]
+        if "nanoflow" in self.strategies:
+            for n in counts:
+                out.append(_cand("nanoflow", nano_batches=n))
+                if num_sms and len(resources) > 1 and Resource.COMPUTE in resources:
+                    other = next(r for r in (Resource.MEMORY, Resource.NETWORK) if r in resources)
+                    for k in range(1, self.sm_steps):
+                        sm = max(granularity, int(num_sms * k / self.sm_steps) // granularity * granularity)
+                        if sm < num_sms:
+                            out.append(_cand("nanoflow", nano_batches=n,
+                                             sm_counts={"compute": num_sms - sm, other.value: sm}))
+        if "two_batch_overlap" in self.strategies and info.batch_size >= 2:
+            out += [_cand("two_batch_overlap", stagger=s) for s in (0, 1)]
+        if "prefill_decode" in self.strategies and info.request_phases and len(set(info.request_phases)) > 1:
+            out.append(_cand("prefill_decode"))
+            if num_sms:
+                for k in range(1, self.sm_steps):
+                    sm = max(granularity, int(num_sms * k / self.sm_steps) // granularity * granularity)
+                    if sm < num_sms:
+                        out.append(_cand("prefill_decode", prefill_sms=num_sms - sm, decode_sms=sm))
+        return list(dict.fromkeys(out))
+
+    # Used as-is (outside a compiled model's tuner) Auto behaves like sequential execution.
+    def split_config(self, info: InputInfo) -> SplitConfig:
+        return self._fallback.split_config(info)
+
+    def plan(self, graph: NanoGraph, split: SplitConfig) -> Schedule:
+        return self._fallback.plan(graph, split)
+
+    def describe(self) -> str:
+        return (f"autotuned per bucket over {', '.join(self.strategies)} (up to {self.max_nano_batches} nano-batches), "
+                f"measuring the best {self.measure_top_k}")
+
+    def __repr__(self) -> str:
+        return f"Auto(max_nano_batches={self.max_nano_batches}, measure_top_k={self.measure_top_k})"
