@@ -200,7 +200,7 @@ class CompiledGraph:
         dtype = str(first.dtype).replace("torch.", "") if first is not None else "float32"
         if self._counts is None:
             self._counts = count_segments(self.segmented, inputs, self.batch_size(inputs))
-        models: list[CostModel] = []
+        models: list[CostModel] = [self.config.cost] if self.config.cost is not None else []
         profile = self._matching_profile(device.name, dtype)
         if profile is not None:
             models.append(MeasuredCost(profile.timings, device))

@@ -53,19 +53,25 @@ def demo(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", choices=["llama", "builtin"], default="llama")
     p.add_argument("--strategy", default="nanoflow", help=f"one of {dynaflow.strategies.available()}")
     p.add_argument("--nano-batches", type=int, default=2)
-    p.add_argument("--executor", default="auto", choices=["auto", "serial", "thread"])
+    p.add_argument("--executor", default="auto", choices=["auto", "serial", "thread", "sim"],
+                   help="sim: outputs computed serially, timeline predicted by the cost model")
+    p.add_argument("--cost-device", default=None, help="device the cost model assumes for --executor sim / "
+                   "--strategy auto (e.g. h200 for a what-if on CPU)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--trace", default="dynaflow_trace.json", help="Perfetto / Chrome trace output path")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write the last step's timeline as a Gantt chart PNG")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     model, run, label = _build(args)
     _say(f"model: {label}, hidden {args.hidden}, {args.layers} layers, batch {args.batch} x seq {args.seq}, fp32, CPU")
-    fast = dynaflow.compile(model, strategy=args.strategy, nano_batches=args.nano_batches, executor=args.executor)
+    nano = None if args.strategy in ("auto", "prefill_decode") else args.nano_batches
+    fast = dynaflow.compile(model, strategy=args.strategy, nano_batches=nano, executor=args.executor,
+                            config={"cost_device": args.cost_device} if args.cost_device else None)
     with torch.no_grad():
         t0 = time.perf_counter()
         ref = run(model)
@@ -86,6 +92,12 @@ def demo(argv: Sequence[str] | None = None) -> int:
     if timeline is not None and args.trace:
         path = to_perfetto(timeline, args.trace)
         _say(f"{timeline}\ntrace written to {path} (open in https://ui.perfetto.dev)")
+    if timeline is not None and args.plot:
+        from dynaflow.timeline import plot
+
+        title = (f"dynaflow demo: {label}, {args.strategy} ({args.nano_batches} nano-batches), executor "
+                 f"{timeline.executor}, batch {args.batch}x{args.seq} — makespan {timeline.makespan * 1e3:.2f} ms")
+        _say(f"timeline plot written to {plot(timeline, args.plot, title)}")
     return 0 if ok else 1
 
 

@@ -40,6 +40,8 @@ class DynaflowConfig:
     profile: Any = None
     """Measured segment timings for the cost model: a path written by ``dynaflow.profile(...).save`` or
     Profile objects. The roofline (FLOP/byte counts) covers what it lacks."""
+    cost: Any = None
+    """A ``dynaflow.cost.CostModel`` asked before the profile and the roofline (what-if studies, tests)."""
     cost_device: str | None = None
     """Device the cost model (``executor="sim"``, ``strategy="auto"``) assumes: a key of
     ``dynaflow.cost.DEVICES`` such as ``"h200"`` (what-if planning on a CPU machine); ``None`` = the inputs' device."""

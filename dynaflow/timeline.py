@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["TimelineEvent", "Timeline", "to_perfetto"]
+__all__ = ["TimelineEvent", "Timeline", "to_perfetto", "plot"]
 
 
 @dataclass(frozen=True)
@@ -92,4 +92,53 @@ def to_perfetto(timeline: Timeline, path: str | os.PathLike[str]) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"traceEvents": events, "displayTimeUnit": "ns"}, f)
+    return path
+
+
+_COLOURS = {"compute": "#4C72B0", "memory": "#DD8452", "network": "#55A868", "": "#8C8C8C"}
+
+
+def plot(timeline: Timeline, path: str | os.PathLike[str], title: str | None = None) -> str:
+    """Draw ``timeline`` as a Gantt chart PNG: one row per lane, bars coloured by resource, the nano-batch
+    id on each bar (``all`` for whole-batch ops). Needs matplotlib (``pip install dynaflow[plot]``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError:
+        from dynaflow.errors import ConfigError
+
+        raise ConfigError("dynaflow.timeline.plot needs matplotlib: pip install 'dynaflow[plot]'.") from None
+    lanes = list(timeline.lanes)
+    t0 = min((e.start for e in timeline.events), default=0.0)
+    span = max(timeline.makespan, 1e-9)
+    scale, unit = (1e3, "ms") if span >= 1e-3 else (1e6, "µs")
+    fig, ax = plt.subplots(figsize=(12, 0.7 * len(lanes) + 1.6), dpi=120)
+    for row, lane in enumerate(lanes):
+        for e in timeline.of_lane(lane):
+            x, w = (e.start - t0) * scale, e.duration * scale
+            ax.barh(row, w, left=x, height=0.6, color=_COLOURS.get(e.resource, _COLOURS[""]), edgecolor="white",
+                    linewidth=0.6)
+            nano = e.op[e.op.find("[") + 1:e.op.rfind("]")] if "[" in e.op else ""
+            label = nano.replace("nb", "")
+            if w > span * scale * 0.07:
+                label = f"{e.op[:e.op.find('[')] if '[' in e.op else e.op} · {label}"
+            if w > span * scale * 0.012:
+                ax.text(x + w / 2, row, label, ha="center", va="center", fontsize=7, color="white")
+    ax.set_yticks(range(len(lanes)))
+    ax.set_yticklabels(lanes)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"time ({unit})")
+    used = sorted({e.resource for e in timeline.events} - {""}) or [""]
+    ax.legend(handles=[Patch(color=_COLOURS.get(r, _COLOURS[""]), label=r or "op") for r in used],
+              loc="upper right", fontsize=8, ncol=len(used))
+    ax.set_title(title or f"{timeline!r}", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
     return path

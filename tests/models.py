@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dynaflow
+
 HIDDEN = 16
 
 
@@ -178,3 +180,9 @@ def grad_off(mode: str = "no_grad"):
         return torch.inference_mode()
     assert mode == "no_grad", mode
     return torch.no_grad()
+
+
+def split_strategies() -> list[str]:
+    """Registered strategies that split into exactly the ``nano_batches`` they are given (``auto`` picks its own
+    split and ``prefill_decode`` splits by request phase: tests/test_strategies.py covers those)."""
+    return [s for s in dynaflow.strategies.available() if s not in ("auto", "prefill_decode")]

@@ -19,17 +19,18 @@ import pytest
 import torch
 
 import dynaflow
-from models import (HF_FACTORIES, FeedForward, grad_off, make_coupled, make_mlp, make_transformer, hf_input, mlp_input,
+from models import (HF_FACTORIES, split_strategies, FeedForward, grad_off, make_coupled, make_mlp, make_transformer, hf_input, mlp_input,
                     transformer_input)
 
-STRATEGIES = dynaflow.strategies.available()
+STRATEGIES = split_strategies()
 NANOS = (1, 2, 3, 4)
 BATCHES = (5, 7)
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def test_builtin_strategies_are_the_expected_ones():
-    assert set(STRATEGIES) >= {"sequential", "round_robin", "nanoflow"}
+    assert set(STRATEGIES) >= {"sequential", "round_robin", "nanoflow", "two_batch_overlap"}
+    assert set(dynaflow.strategies.available()) >= set(STRATEGIES) | {"auto", "prefill_decode"}
 
 
 def _eager_on_slices(model, x, split):
@@ -55,10 +56,10 @@ HAND_WRITTEN = {
 
 
 # (executor, grad mode): grad and inference modes are thread-local, so both are checked on the thread executor
-EXECUTOR_MODES = [("serial", "no_grad"), ("thread", "no_grad"), ("thread", "inference")]
+EXECUTOR_MODES = [("serial", "no_grad"), ("thread", "no_grad"), ("thread", "inference"), ("sim", "no_grad")]
 
 
-@pytest.mark.parametrize("executor, mode", EXECUTOR_MODES, ids=["serial", "thread", "thread-inference"])
+@pytest.mark.parametrize("executor, mode", EXECUTOR_MODES, ids=["serial", "thread", "thread-inference", "sim"])
 @pytest.mark.parametrize("nano", NANOS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("model_name", list(HAND_WRITTEN))

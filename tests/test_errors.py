@@ -72,7 +72,7 @@ def test_unknown_executor_name_suggests_nearest():
 
 def test_unavailable_executor_on_call():
     compiled = dynaflow.compile(make_mlp(), executor="cuda", nano_batches=2)
-    _raises(BackendError, lambda: compiled(mlp_input(4)), "executor='cuda'", "available: serial, thread")
+    _raises(BackendError, lambda: compiled(mlp_input(4)), "executor='cuda'", "available: serial, sim, thread")
 
 
 def test_unknown_config_key_suggests_nearest():
@@ -95,7 +95,7 @@ def test_unknown_strategy_lists_available_names():
 
 def test_unknown_strategy_without_close_match():
     msg = _raises(StrategyError, lambda: dynaflow.compile(make_mlp(), strategy="zzz"), "'zzz'",
-                  "nanoflow, round_robin, sequential")
+                  "auto, nanoflow, prefill_decode, round_robin, sequential, two_batch_overlap")
     assert "Did you mean" not in msg
 
 

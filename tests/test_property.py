@@ -21,7 +21,7 @@ from dynaflow import ALL, ConfigError, Lane, NanoGraph, NanoOp, Schedule, Schedu
 from dynaflow.backend import SerialExecutor, ThreadExecutor, lower
 from dynaflow.frontend.capture import flat_io
 from dynaflow.verify import verify_schedule
-from models import grad_off, make_coupled, make_mlp, make_transformer, mlp_input, transformer_input
+from models import grad_off, make_coupled, make_mlp, make_transformer, mlp_input, split_strategies, transformer_input
 
 BATCH = 7
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -255,10 +255,10 @@ def test_verify_agrees_with_acyclicity_oracle(targets, data):
 @settings(max_examples=15)
 @given(
     model_name=st.sampled_from(["mlp", "transformer"]),
-    strategy=st.sampled_from(dynaflow.strategies.available()),
+    strategy=st.sampled_from(split_strategies()),
     nano=st.integers(1, 4),
     batches=st.lists(st.integers(1, 9), min_size=1, max_size=3),
-    executor=st.sampled_from(["serial", "thread"]),
+    executor=st.sampled_from(["serial", "thread", "sim"]),
     mode=st.sampled_from(["no_grad", "inference"]),
 )
 def test_compile_any_batch_and_nano_count(model_name, strategy, nano, batches, executor, mode):

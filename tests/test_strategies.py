@@ -1,0 +1,332 @@
+"""The strategy library: split policies, two_batch_overlap, prefill_decode, auto (the autotuner), YAML
+loading, and schedule invariants over random request layouts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import dynaflow
+from dynaflow.cost import TableCost
+from dynaflow.errors import ConfigError, StrategyError
+from dynaflow.ir import ALL, InputInfo, NanoGraph, Resource, Segment, SegmentKind, SplitConfig
+from dynaflow.strategies import splits
+from dynaflow.strategies.auto import Auto, Candidate
+from dynaflow.strategies.two_batch_overlap import staggered_slots
+from dynaflow.verify import verify_schedule
+from models import grad_off, make_transformer, transformer_input
+
+MS = 1e-3
+
+
+# -- split policies: the worked examples of their docstrings ------------------------------------------
+def test_split_policy_examples():
+    assert splits.even(InputInfo(7), 3).sizes == (3, 2, 2)
+    assert splits.even(InputInfo(2), 5).sizes == (1, 1)
+    assert splits.token_balanced(InputInfo(8, request_lengths=(5, 1, 1, 1)), 2).sizes == (5, 3)
+    assert splits.token_balanced(InputInfo(6, request_lengths=(2, 2, 2)), 3).sizes == (2, 2, 2)
+    assert splits.token_balanced(InputInfo(6, request_lengths=(4, 2)), 3).sizes == (4, 2)  # only 2 requests
+    assert splits.with_min_rows(SplitConfig((3, 3, 2)), 3).sizes == (3, 5)
+    assert splits.with_min_rows(SplitConfig((3, 3, 2)), 4).sizes == (8,)
+    by = splits.by_phase(InputInfo(9, request_lengths=(4, 3, 1, 1), request_phases=("prefill", "prefill", "decode",
+                                                                                    "decode")))
+    assert by.sizes == (7, 2) and by.labels == ("prefill", "decode")
+    assert splits.by_phase(InputInfo(9)).sizes == (9,)
+    assert splits.pad_to_bucket(5, (1, 2, 4, 8)) == 8
+    assert splits.pad_to_bucket(4, (8, 4)) == 4
+    assert splits.round_to_multiple(SplitConfig((5, 5, 5)), 4).sizes == (8, 7)
+
+
+def test_pad_to_bucket_over_the_largest_names_the_fix():
+    with pytest.raises(ConfigError, match=r"batch of 9 rows is larger than the largest bucket 8; add a bucket >= 9"):
+        splits.pad_to_bucket(9, (1, 2, 4, 8))
+
+
+@st.composite
+def request_infos(draw):
+    lengths = tuple(draw(st.lists(st.integers(1, 40), min_size=1, max_size=12)))
+    phases = tuple(draw(st.lists(st.sampled_from(["prefill", "decode"]), min_size=len(lengths), max_size=len(lengths))))
+    with_phases = draw(st.booleans())
+    return InputInfo(sum(lengths), request_lengths=lengths, request_phases=phases if with_phases else None)
+
+
+def _request_edges(info: InputInfo) -> set[int]:
+    edges, at = {0}, 0
+    for n in info.request_lengths:
+        at += n
+        edges.add(at)
+    return edges
+
+
+@settings(max_examples=150, deadline=None)
+@given(info=request_infos(), n=st.integers(1, 6), min_rows=st.integers(1, 30))
+def test_token_balanced_cuts_only_at_request_boundaries(info, n, min_rows):
+    split = splits.token_balanced(info, n)
+    assert split.batch_size == info.batch_size
+    assert split.num == min(n, len(info.request_lengths))
+    cuts = {b for _, b in split.boundaries}
+    assert cuts <= _request_edges(info)
+    # balanced: no cut can move to another request boundary and get closer to its target
+    merged = splits.with_min_rows(split, min_rows)
+    assert merged.batch_size == info.batch_size and {b for _, b in merged.boundaries} <= cuts
+    assert merged.num == 1 or min(merged.sizes) >= min_rows
+
+
+@settings(max_examples=60, deadline=None)
+@given(info=request_infos(), nano=st.integers(1, 4), stagger=st.integers(0, 2))
+def test_every_strategy_plans_a_valid_schedule_for_any_request_layout(info, nano, stagger):
+    """Schedule invariants over random InputInfo: the split sums to the batch, respects request boundaries
+    (and phases for prefill_decode), and every schedule passes verify() (each op once, deps, no deadlock)."""
+    segments = [Segment("embed", 0, Resource.COMPUTE), Segment("attn", 1, Resource.MEMORY),
+                Segment("norm", 2, Resource.COMPUTE, SegmentKind.BARRIER), Segment("mlp", 3, Resource.COMPUTE),
+                Segment("ar", 4, Resource.NETWORK)]
+    deps = [("embed", "attn"), ("attn", "norm"), ("norm", "mlp"), ("mlp", "ar"), ("embed", "mlp")]
+    strategies = [dynaflow.strategies.get("nanoflow", nano_batches=nano),
+                  dynaflow.strategies.get("round_robin", nano_batches=nano),
+                  dynaflow.strategies.get("two_batch_overlap", stagger=stagger),
+                  dynaflow.strategies.get("prefill_decode"), dynaflow.strategies.get("sequential")]
+    edges = _request_edges(info)
+    for strategy in strategies:
+        split = strategy.split_config(info)
+        assert split.batch_size == info.batch_size, strategy
+        assert {b for _, b in split.boundaries} <= edges, (strategy, split)
+        if strategy.name == "prefill_decode" and info.request_phases:
+            assert split.labels is not None
+            for (a, b), label in zip(split.boundaries, split.labels):
+                rows = [p for (s, e), p in zip(sorted(zip(sorted(edges)[:-1], sorted(edges)[1:])), info.request_phases)
+                        if a <= s and e <= b]
+                assert set(rows) == {label}
+        graph = NanoGraph(segments, deps, split)
+        schedule = strategy.plan(graph, split)
+        verify_schedule(schedule, graph)
+
+
+def test_two_batch_overlap_staggers_the_second_half_by_one_stage():
+    segments = [Segment(n, i, r) for i, (n, r) in enumerate(
+        [("a", Resource.COMPUTE), ("dispatch", Resource.NETWORK), ("experts", Resource.COMPUTE),
+         ("combine", Resource.NETWORK)])]
+    deps = [("a", "dispatch"), ("dispatch", "experts"), ("experts", "combine")]
+    graph = NanoGraph(segments, deps, SplitConfig((4, 4)))
+    slots = staggered_slots(graph, 1)
+    assert [slots[op] for op in graph.ops] == [0, 1, 1, 2, 2, 3, 3, 4]
+    schedule = dynaflow.strategies.get("two_batch_overlap").plan(graph, graph.split)
+    lanes = {lane.name: [repr(op) for op in ops] for lane, ops in zip(schedule.lanes, schedule.order)}
+    assert lanes == {"compute": ["a[nb0]", "a[nb1]", "experts[nb0]", "experts[nb1]"],
+                     "overlap": ["dispatch[nb0]", "dispatch[nb1]", "combine[nb0]", "combine[nb1]"]}
+    # half B's dispatch overlaps half A's experts: they sit at the same step of the table
+    levels = schedule.levels(graph)
+    by_name = {repr(op): lvl for op, lvl in levels.items()}
+    assert by_name["dispatch[nb1]"] == by_name["experts[nb0]"]
+
+
+def test_two_batch_overlap_rejects_bad_options():
+    with pytest.raises(StrategyError, match=r"stagger=-1 must be an int >= 0"):
+        dynaflow.strategies.get("two_batch_overlap", stagger=-1)
+    with pytest.raises(StrategyError, match=r"overlap=\['netwrk'\] names 'netwrk'"):
+        dynaflow.strategies.get("two_batch_overlap", overlap=["netwrk"])
+
+
+def test_nanoflow_uneven_weights_and_sm_counts():
+    s = dynaflow.strategies.get("nanoflow", weights=[2, 1, 1], sm_counts={"compute": 96, "memory": 32})
+    assert s.split_config(InputInfo(8)).sizes == (4, 2, 2)
+    assert s.split_config(InputInfo(7)).sizes == (4, 2, 1) or sum(s.split_config(InputInfo(7)).sizes) == 7
+    with pytest.raises(StrategyError, match=r"sm_counts names unknown lane 'mem'"):
+        dynaflow.strategies.get("nanoflow", sm_counts={"mem": 8})
+
+
+def test_min_rows_collapses_small_batches_to_one_nano_batch():
+    s = dynaflow.strategies.get("round_robin", nano_batches=4)
+    s.min_rows = 4
+    assert s.split_config(InputInfo(32)).sizes == (8, 8, 8, 8)
+    assert s.split_config(InputInfo(6)).sizes == (6,)  # 4 nano-batches of 1-2 rows would each re-read the weights
+
+
+# -- prefill_decode through dynaflow.compile, with dynaflow.requests ------------------------------------
+@pytest.mark.parametrize("executor", ["serial", "thread", "sim"])
+def test_prefill_decode_splits_by_phase_and_matches_eager(executor):
+    model = make_transformer()
+    compiled = dynaflow.compile(model, strategy="prefill_decode", executor=executor)
+    x = transformer_input(6)
+    with grad_off():
+        ref = model(x)
+        with dynaflow.requests([2, 1, 1, 1, 1], ["prefill", "prefill", "decode", "decode", "decode"]):
+            out = compiled(x)
+        plan = compiled.last_graph.last_plan
+        assert plan.split == SplitConfig((3, 3), ("prefill", "decode"))
+        assert {lane.name for lane in compiled.schedule.lanes} == {"prefill", "decode"}
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        # no phases declared: one nano-batch, bit-exact
+        out1 = compiled(x)
+        assert compiled.last_graph.last_plan.split.num == 1 and torch.equal(out1, ref)
+
+
+def test_requests_that_do_not_match_the_batch_name_the_fix():
+    compiled = dynaflow.compile(make_transformer(), strategy="two_batch_overlap", executor="serial")
+    with grad_off(), dynaflow.requests([3, 5]):
+        with pytest.raises(ConfigError, match=r"request_lengths=\(3, 5\) must be positive and sum to the batch size 6"):
+            compiled(transformer_input(6))
+    with pytest.raises(ConfigError, match=r"'prefil'; each phase must be one of \('prefill', 'decode'\)"):
+        InputInfo(2, request_lengths=(1, 1), request_phases=("prefil", "decode"))
+    with pytest.raises(ConfigError, match=r"request_phases has 1 entries but request_lengths has 2"):
+        InputInfo(2, request_lengths=(1, 1), request_phases=("decode",))
+
+
+@pytest.mark.parametrize("executor", ["serial", "thread"])
+def test_two_batch_overlap_on_request_boundaries_matches_eager(executor):
+    model = make_transformer()
+    compiled = dynaflow.compile(model, strategy="two_batch_overlap", executor=executor)
+    x = transformer_input(7)
+    with grad_off(), dynaflow.requests([1, 4, 1, 1]):
+        out = compiled(x)
+        assert compiled.last_graph.last_plan.split.sizes == (5, 2)  # the request boundary closest to 3.5 rows
+        torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+
+
+# -- YAML ---------------------------------------------------------------------------------------------
+def test_load_strategy_from_yaml(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: nanoflow\nnano_batches: 3\nsm_counts: {compute: 96, memory: 32}\n")
+    s = dynaflow.load_strategy(path)
+    assert s.name == "nanoflow" and s.nano_batches == 3 and s.sm_counts == {"compute": 96, "memory": 32}
+    (tmp_path / "c.yaml").write_text("name: 'dynaflow.strategies.two_batch_overlap:TwoBatchOverlap'\nstagger: 0\n")
+    assert dynaflow.load_strategy(tmp_path / "c.yaml").stagger == 0
+
+
+def test_load_strategy_rejects_unknown_keys_with_the_nearest_name(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: nanoflow\nnano_batch: 3\n")
+    with pytest.raises(StrategyError, match=r"s.yaml: strategy 'nanoflow' has no option 'nano_batch'\. "
+                                            r"Did you mean 'nano_batches'\?.*Valid options: nano_batches, sm_counts"):
+        dynaflow.load_strategy(path)
+    (tmp_path / "n.yaml").write_text("nano_batches: 3\n")
+    with pytest.raises(StrategyError, match=r"must be a mapping with a 'name' key"):
+        dynaflow.load_strategy(tmp_path / "n.yaml")
+    (tmp_path / "u.yaml").write_text("name: nanoflo\n")
+    with pytest.raises(StrategyError, match=r"Did you mean 'nanoflow'"):
+        dynaflow.load_strategy(tmp_path / "u.yaml")
+
+
+# -- auto: the autotuner ---------------------------------------------------------------------------------
+class TwoStage(nn.Module):
+    """A compute stage then a memory stage (marked), the smallest pipeline nano-batches can overlap."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        dynaflow.mark("A", tags=("compute",))
+        x = self.a(x)
+        dynaflow.mark("B", tags=("memory",))
+        return self.b(x)
+
+
+def _flow_shop(batch, n, fa, ra, fb, rb):
+    """Makespan of n equal nano-batches through a 2-stage pipeline, by Johnson's formula for identical jobs."""
+    a, b = fa + ra * batch / n, fb + rb * batch / n
+    return a + b + (n - 1) * max(a, b)
+
+
+@pytest.mark.parametrize("costs", [(1.0, 1.0, 1.0, 1.0), (4.0, 0.5, 0.5, 2.0), (0.2, 3.0, 2.0, 0.1), (20.0, 0.1, 20.0, 0.1)])
+def test_autotune_finds_the_brute_force_optimum(costs, tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNAFLOW_CACHE_DIR", str(tmp_path))
+    fa, ra, fb, rb = costs
+    batch = 12
+    table = TableCost({"A_0": lambda rows: (fa + ra * rows) * MS, "B_0": lambda rows: (fb + rb * rows) * MS})
+    counts = [1, 2, 3, 4, 6, 12]
+    expected = {n: _flow_shop(batch, n, fa, ra, fb, rb) * MS for n in counts}
+    best_n = min(counts, key=lambda n: (expected[n], n))
+    auto = Auto(candidates=[Candidate("nanoflow", (("nano_batches", n),)) for n in counts], measure_top_k=0)
+    model = TwoStage().eval()
+    device = dataclasses.replace(dynaflow.cost.DEVICES["h200"], wait_latency=0.0)  # an ideal event hand-off
+    compiled = dynaflow.compile(model, strategy=auto, executor="serial", config={"cost": table, "cost_device": device})
+    x = torch.randn(batch, 4)
+    with grad_off():
+        assert torch.equal(compiled(x), torch.cat([model(x[s:e]) for s, e in compiled.last_graph.last_plan.split.boundaries]))
+    result = compiled.last_graph.tuned[f"batch={batch}"]
+    predicted = {dict(t.candidate.options).get("nano_batches", 1): t.predicted for t in result.trials}
+    for n in counts:  # the simulator reproduces the formula for every candidate
+        assert predicted[n] == pytest.approx(expected[n], rel=1e-6, abs=1e-5 * MS), n
+    chosen = compiled.last_graph.last_plan.split.num
+    assert expected[chosen] == pytest.approx(expected[best_n], rel=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(fixed=st.floats(0.0, 10.0), per_row=st.floats(0.01, 3.0), memory_share=st.floats(0.0, 1.0))
+def test_autotune_never_picks_a_candidate_predicted_slower_than_sequential(fixed, per_row, memory_share):
+    from dynaflow.tune import autotune
+
+    torch._dynamo.reset()
+    model = TwoStage().eval()
+    table = TableCost({"A_0": lambda r: (fixed + per_row * r) * MS,
+                       "B_0": lambda r: (fixed * memory_share + per_row * memory_share * r) * MS})
+    compiled = dynaflow.compile(model, strategy=Auto(measure_top_k=0, cache=False), executor="serial",
+                                config={"cost": table})
+    with grad_off():
+        compiled(torch.randn(8, 4))
+    (result,) = compiled.last_graph.tuned.values()
+    base = result.trials[0]
+    assert base.candidate == Candidate("sequential")
+    assert result.winner.predicted <= base.predicted * (1 + 1e-9)
+    assert all(t.note == "predicted slower than sequential" for t in result.trials
+               if t.predicted is not None and t.predicted > base.predicted * (1 + 1e-9))
+    assert callable(autotune)
+
+
+def test_autotune_measures_the_best_and_explains_the_choice(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNAFLOW_CACHE_DIR", str(tmp_path))
+    model = TwoStage().eval()
+    # a cost table under which splitting is predicted to pay, so several candidates are eligible
+    table = TableCost({"A_0": lambda r: r * MS, "B_0": lambda r: r * MS})
+    make = lambda: dynaflow.compile(  # noqa: E731
+        model, strategy=Auto(max_nano_batches=3, measure_top_k=2, repeats=2), executor="thread",
+        config={"cost": table})
+    compiled = make()
+    x = torch.randn(6, 4)
+    with grad_off():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-6, rtol=1e-6)
+    (result,) = compiled.last_graph.tuned.values()
+    measured = [t for t in result.trials if t.measured is not None]
+    assert len(measured) == 3 and Candidate("sequential") in {t.candidate for t in measured}
+    best_two = sorted((t for t in result.trials if t.candidate != Candidate("sequential")), key=lambda t: t.predicted)[:2]
+    assert {t.candidate for t in best_two} <= {t.candidate for t in measured}
+    assert result.winner in measured and result.winner.measured == min(t.measured for t in measured)
+    text = compiled.explain()
+    assert "autotune batch=6: winner" in text and "predicted ms" in text and "measured ms" in text
+    # the winner is cached on disk and reused by a new compile without searching again
+    cache = json.loads((tmp_path / "autotune.json").read_text())
+    assert len(cache) == 1 and next(iter(cache.values()))["candidate"] == result.winner.candidate.to_json()
+    torch._dynamo.reset()
+    again = make()
+    with grad_off():
+        again(x)
+    (cached,) = again.last_graph.tuned.values()
+    assert cached.from_cache and cached.winner.candidate == result.winner.candidate
+    assert "(from cache)" in again.explain()
+
+
+def test_auto_outside_a_compiled_model_is_sequential():
+    auto = dynaflow.strategies.get("auto")
+    g = NanoGraph([Segment("a", 0, Resource.COMPUTE)], [], SplitConfig((4,)))
+    assert auto.split_config(InputInfo(4)).num == 1
+    assert auto.plan(g, g.split).strategy == "sequential"
+    with pytest.raises(StrategyError, match=r"max_nano_batches=0 must be an int >= 1"):
+        Auto(max_nano_batches=0)
+
+
+def test_auto_search_space_includes_sm_splits_on_a_gpu_device():
+    auto = Auto(max_nano_batches=2)
+    info = InputInfo(8, request_lengths=(6, 1, 1), request_phases=("prefill", "decode", "decode"))
+    cands = auto.candidates(info, {Resource.COMPUTE, Resource.MEMORY}, num_sms=132, granularity=8)
+    assert cands[0] == Candidate("sequential")
+    sm = [dict(dict(c.options)["sm_counts"]) for c in cands if c.strategy == "nanoflow" and "sm_counts" in dict(c.options)]
+    assert sm and all(v % 8 == 0 and sum(d.values()) == 132 for d in sm for v in [d["memory"]])
+    assert any(c.strategy == "prefill_decode" and "decode_sms" in dict(c.options) for c in cands)
+    assert {c.strategy for c in cands} >= {"sequential", "round_robin", "nanoflow", "two_batch_overlap", "prefill_decode"}
+    assert ALL == -1
