@@ -101,16 +101,11 @@ _COLOURS = {"compute": "#4C72B0", "memory": "#DD8452", "network": "#55A868", "":
 def plot(timeline: Timeline, path: str | os.PathLike[str], title: str | None = None) -> str:
     """Draw ``timeline`` as a Gantt chart PNG: one row per lane, bars coloured by resource, the nano-batch
     id on each bar (``all`` for whole-batch ops). Needs matplotlib (``pip install dynaflow[plot]``)."""
-    try:
-        import matplotlib
+    from dynaflow.optional import require
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
-    except ImportError:
-        from dynaflow.errors import ConfigError
-
-        raise ConfigError("dynaflow.timeline.plot needs matplotlib: pip install 'dynaflow[plot]'.") from None
+    require("matplotlib", "dynaflow.timeline.plot").use("Agg", force=False)
+    plt = require("matplotlib.pyplot", "dynaflow.timeline.plot")
+    Patch = require("matplotlib.patches", "dynaflow.timeline.plot").Patch
     lanes = list(timeline.lanes)
     t0 = min((e.start for e in timeline.events), default=0.0)
     span = max(timeline.makespan, 1e-9)

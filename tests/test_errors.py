@@ -113,7 +113,10 @@ def test_bad_strategy_specs(spec, needles):
 
 
 def test_strategy_options_errors():
-    _raises(StrategyError, lambda: dynaflow.strategies.get("sequential", bogus=1), "'sequential'", "['bogus']")
+    _raises(StrategyError, lambda: dynaflow.strategies.get("sequential", bogus=1), "'sequential'", "no option 'bogus'",
+            "Valid options: nano_batches, min_rows")
+    _raises(StrategyError, lambda: dynaflow.strategies.get("round_robin", lane=3), "no option 'lane'",
+            "Did you mean 'lanes'?")
     _raises(StrategyError, lambda: dynaflow.strategies.get(dynaflow.strategies.Sequential(), nano_batches=2),
             "cannot be applied to an instance")
     _raises(StrategyError, lambda: dynaflow.strategies.get("round_robin", lanes=0), "lanes=0", ">= 1")

@@ -330,3 +330,31 @@ def test_auto_search_space_includes_sm_splits_on_a_gpu_device():
     assert any(c.strategy == "prefill_decode" and "decode_sms" in dict(c.options) for c in cands)
     assert {c.strategy for c in cands} >= {"sequential", "round_robin", "nanoflow", "two_batch_overlap", "prefill_decode"}
     assert ALL == -1
+
+
+# -- the new strategies and executors on transformers models ------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_request_aware_strategies_on_transformers_models(family, tmp_path, monkeypatch):
+    """prefill_decode (with a request layout), two_batch_overlap and auto equal eager bit for bit on the
+    thread and sim executors (the rows are whole sequences here, so a request is a run of rows)."""
+    pytest.importorskip("transformers")
+    from models import HF_FACTORIES, hf_input
+
+    monkeypatch.setenv("DYNAFLOW_CACHE_DIR", str(tmp_path))
+    model = HF_FACTORIES[family]()
+    ids = hf_input(5)
+    with grad_off():
+        ref = model(ids, use_cache=False).logits
+        cases = [("prefill_decode", "thread"), ("prefill_decode", "sim"), ("two_batch_overlap", "thread"),
+                 ("two_batch_overlap", "sim"), (Auto(max_nano_batches=2, measure_top_k=1, repeats=1), "thread")]
+        for strategy, executor in cases:
+            torch._dynamo.reset()
+            compiled = dynaflow.compile(model, strategy=strategy, executor=executor)
+            with dynaflow.requests([2, 1, 2], ["prefill", "decode", "decode"]):
+                out = compiled(ids, use_cache=False).logits
+            split = compiled.last_graph.last_plan.split
+            assert {b for _, b in split.boundaries} <= {2, 3, 5}, (strategy, split)
+            if strategy == "prefill_decode":
+                assert split.sizes == (2, 3) and split.labels == ("prefill", "decode")
+            assert torch.equal(out, ref), (strategy, executor, split)
+            assert compiled.last_timeline.executor == executor
