@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -19,8 +20,10 @@ __all__ = ["Profile", "model_hash", "load_profiles", "save_profiles"]
 
 
 def model_hash(seg: SegmentedModule) -> str:
-    """A stable hash of a segmented graph's code and segment names (what a profile is valid for)."""
-    text = seg.graph_text + "|" + ",".join(s.name for s in seg.segments)
+    """A stable hash of a segmented graph's code and segment names (what a profile is valid for). Dynamo's
+    symbol names (``s23``) differ from one capture to the next, so they are normalised first."""
+    code = re.sub(r"\b[su]\d+\b", "s", seg.graph_text)
+    text = code + "|" + ",".join(s.name for s in seg.segments)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

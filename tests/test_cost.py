@@ -194,3 +194,21 @@ def test_demo_plot_writes_the_png(tmp_path):
     rc = main(["demo", "--model", "builtin", "--layers", "1", "--hidden", "32", "--batch", "4", "--seq", "8",
                "--repeats", "1", "--trace", str(tmp_path / "t.json"), "--plot", str(png)])
     assert rc == 0 and png.stat().st_size > 10_000
+
+
+def test_model_hash_is_stable_across_captures():
+    from dynaflow.profiles import model_hash
+    from models import make_transformer, transformer_input
+
+    hashes = set()
+    for strategy in ("sequential", "nanoflow"):
+        torch._dynamo.reset()
+        compiled = dynaflow.compile(make_transformer(), strategy=strategy, executor="serial")
+        with grad_off():
+            compiled(transformer_input(5))
+        hashes.add(model_hash(compiled.last_graph.segmented))
+    assert len(hashes) == 1
+    other = dynaflow.compile(TwoLinears(), executor="serial")
+    with grad_off():
+        other(torch.randn(4, 32))
+    assert model_hash(other.last_graph.segmented) not in hashes
