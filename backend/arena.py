@@ -134,9 +134,8 @@ class ArenaPlan:
 def plan_arena(program: Program, sizes: Mapping[int, int]) -> ArenaPlan:
     """Place every intermediate slot of ``program`` first-fit in one arena (see the module docstring)."""
     producer, readers = _uses(program)
-    missing = sorted(s for s in producer if s not in sizes)
-    if missing:
-        raise BackendError(f"plan_arena: no size for slot(s) {missing[:5]}; probe the program first (probe_slot_sizes).")
+    if any(v < 0 for v in sizes.values()):
+        raise BackendError(f"plan_arena: slot sizes must be >= 0 bytes; got {dict(sizes)}.")
     hb = happens_before(program)
     n = len(program.serial_order)
     keep = set(program.output_slots.values()) | set(program.buffers)
@@ -146,7 +145,7 @@ def plan_arena(program: Program, sizes: Mapping[int, int]) -> ArenaPlan:
     placed: list[tuple[int, int, int]] = []  # (offset, end, slot)
     offsets: dict[int, int] = {}
     for s in sorted(producer, key=lambda s: (producer[s], s)):
-        size = _align(max(sizes[s], 1))
+        size = _align(sizes.get(s, 0))  # slots without a size hold no tensor (ints, None)
         p = producer[s]
 
         def dead(other: int) -> bool:  # every use of ``other`` happens before ``s`` is produced
@@ -159,9 +158,10 @@ def plan_arena(program: Program, sizes: Mapping[int, int]) -> ArenaPlan:
                 break
             off = max(off, e)
         offsets[s] = off
-        placed.append((off, off + size, s))
+        if size:
+            placed.append((off, off + size, s))
     total = max((e for _, e, _ in placed), default=0)
-    return ArenaPlan(offsets, {s: sizes[s] for s in producer}, total, serial_peak(program, sizes),
+    return ArenaPlan(offsets, {s: sizes.get(s, 0) for s in producer}, total, serial_peak(program, sizes),
                      tuple(sorted(keep & set(producer))))
 
 
