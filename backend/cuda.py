@@ -86,6 +86,10 @@ class _State:
     waits: dict[int, tuple[Wait, ...]]
     cross_readers: dict[int, tuple[int, ...]]
     """Slot → lanes that read it other than its producer's lane (record_stream before freeing)."""
+    eager_piece: Piece
+    """The whole program as one eager piece (every wait kept)."""
+    free_at: dict[int, tuple[int, ...]]
+    """Launch id → slots to drop after it (free at last use)."""
     buffers: dict[int, torch.Tensor] | None = None
     arena: torch.Tensor | None = None
     steps: int = 0
@@ -123,16 +127,32 @@ class CudaExecutor(Executor):
         if graphs:
             return self._run_graphed(state, inputs)
         env = self.new_env(program, inputs)
-        self._prefill_buffers(state, env)
         timing: list[tuple[str, str, str, Any, Any]] | None = [] if self.config.gpu_timeline else None
         caller = torch.cuda.current_stream()
         start = _timing_event(caller) if timing is not None else None
-        self._issue(state, capture_plan(program, graphs=False).pieces[0], env, caller, frees=True, timing=timing)
-        state.steps += 1
         if state.buffers is None:
+            # First step of this program: run it on the caller's stream alone. It measures the merge
+            # buffers (allocated here on one stream, so no lane can race with the allocator's earlier
+            # users of that memory) and warms every kernel; then the arena replaces them.
+            self._probe(state, env, timing)
             self._make_arena(state, env)
+        else:
+            self._prefill_buffers(state, env)
+            self._issue(state, state.eager_piece, env, caller, frees=True, timing=timing)
+        state.steps += 1
         self._finish_timeline(start, timing)
         return self._outputs(program, env)
+
+    def _probe(self, state: _State, env: list[Any], timing: list[tuple[str, str, str, Any, Any]] | None) -> None:
+        program = state.program
+        caller = torch.cuda.current_stream()
+        for launch, frees in zip(program.serial_order, program.serial_frees):
+            t0 = _timing_event(caller) if timing is not None else None
+            run_launch(launch, env, _NOLOCK, program.batch_size)
+            if timing is not None:
+                timing.append((launch.lane, repr(launch.op), launch.segment.resource.value, t0, _timing_event(caller)))
+            for slot in frees:
+                env[slot] = None
 
     def close(self) -> None:
         self._states.clear()
@@ -164,7 +184,8 @@ class CudaExecutor(Executor):
             cross = {s: tuple(sorted(r - {producer_lane[s]})) for s, r in readers.items()
                      if s in producer_lane and r - {producer_lane[s]}}
             st = _State(program, lanes, [torch.cuda.Event() for _ in range(program.num_events)], lane_of,
-                        waits_before(program), cross)
+                        waits_before(program), cross, capture_plan(program, graphs=False).pieces[0],
+                        _free_table(program))
             self._states[id(program)] = st
         return st
 
@@ -194,14 +215,18 @@ class CudaExecutor(Executor):
 
     # -- issuing --------------------------------------------------------------------------------------
     def _issue(self, state: _State, piece: Piece, env: list[Any], caller: Any, *, frees: bool,
-               timing: list[tuple[str, str, str, Any, Any]] | None = None) -> None:
-        """Fork ``caller`` into the lanes, issue the piece's launches in serial order, join back."""
+               timing: list[tuple[str, str, str, Any, Any]] | None = None, only: set[int] | None = None) -> None:
+        """Fork ``caller`` into the lanes, issue the piece's launches in serial order, join back.
+
+        ``frees``: drop each value after its last use; ``only``: drop only these slots (inside a capture,
+        the values the piece itself allocated from the graph's pool — never a tensor allocated outside the
+        capture, whose memory the allocator could hand out again while replays still read it)."""
         program = state.program
         streams = [ls.stream for ls in state.lanes]
         used = sorted({state.lane_of[id(l)] for l in piece.order})
         for li in used:
             streams[li].wait_stream(caller)
-        free_at = _free_table(program) if frees else {}
+        free_at = state.free_at if frees else {}
         recorded = {l.event for l in piece.order if l.event is not None}
         for launch in piece.order:
             li = state.lane_of[id(launch)]
@@ -217,6 +242,8 @@ class CudaExecutor(Executor):
                 if launch.event is not None:
                     state.events[launch.event].record(s)
             for slot in free_at.get(id(launch), ()):
+                if only is not None and slot not in only:
+                    continue
                 v = env[slot]
                 if isinstance(v, torch.Tensor):
                     for r in state.cross_readers.get(slot, ()):
@@ -268,12 +295,22 @@ class CudaExecutor(Executor):
         for piece in plan.pieces:
             if piece.graph:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=cap):
-                    self._issue(state, piece, env, cap, frees=True)
+                own = {s for launch in piece.order for s in launch.out_slots}
+                try:
+                    with torch.cuda.graph(graph, stream=cap):
+                        self._issue(state, piece, env, cap, frees=True, only=own)
+                except Exception as exc:
+                    segs = sorted({launch.segment.name for launch in piece.order})
+                    raise BackendError(
+                        f"CUDA-graph capture of {piece!r} (segments {', '.join(segs[:6])}{' ...' if len(segs) > 6 else ''}) "
+                        f"failed: {type(exc).__name__}: {exc}. A segment that synchronises with the host or allocates "
+                        "outside the graph pool cannot be captured: tag it 'no-cudagraph' (it then runs eagerly "
+                        "between graph pieces), or set cuda_graphs=False."
+                    ) from exc
                 graphs[piece.index] = graph
             else:
                 with torch.cuda.stream(cap):
-                    self._issue(state, piece, env, cap, frees=True)
+                    self._issue(state, piece, env, cap, frees=False)
         caller.wait_stream(cap)
         log.info("captured %s for %r", plan, program)
         # capture recorded the work without running it: replay once so the static outputs are valid
