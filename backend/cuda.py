@@ -313,14 +313,9 @@ class CudaExecutor(Executor):
                     self._issue(state, piece, env, cap, frees=False)
         caller.wait_stream(cap)
         log.info("captured %s for %r", plan, program)
-        # capture recorded the work without running it: replay once so the static outputs are valid
-        g = _Graphed(plan, graphs, static, env)
-        for piece in plan.pieces:
-            if piece.graph:
-                graphs[piece.index].replay()
-            else:
-                self._replay_eager(state, piece, env, caller)
-        return g
+        # capture recorded the work without running it; the caller replays right away, which makes the
+        # static outputs valid
+        return _Graphed(plan, graphs, static, env)
 
     def _replay_eager(self, state: _State, piece: Piece, env: list[Any], caller: Any) -> None:
         """Run an uncapturable piece and copy its outputs into the tensors later graphs read (fixed addresses)."""

@@ -54,6 +54,32 @@ class FakeStream:
         return f"FakeStream({self.name})"
 
 
+class FakeGraph:
+    """Records the launches issued during a fake capture; ``replay`` re-runs them and writes the results into
+    the tensors the capture left in the env (what a real replay does at fixed addresses)."""
+
+    active: "FakeGraph | None" = None
+
+    def __init__(self) -> None:
+        self.recorded: list = []
+        self.env: list | None = None
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+        scratch = list(self.env)
+        for launch, batch in self.recorded:
+            REAL_RUN_LAUNCH(launch, scratch, NOLOCK, batch)
+            for s in launch.out_slots:
+                old = self.env[s]
+                if isinstance(old, torch.Tensor) and old is not scratch[s]:
+                    old.copy_(scratch[s])
+
+
+REAL_RUN_LAUNCH = cuda_mod.run_launch
+NOLOCK = cuda_mod._NOLOCK
+
+
 @pytest.fixture
 def fake_cuda(monkeypatch):
     journal: list = []
@@ -79,6 +105,30 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(cuda_mod, "make_lane_streams", lane_streams)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: frees.append(s.name), raising=False)
+
+    @contextlib.contextmanager
+    def graph(g, stream=None, **_):
+        assert FakeGraph.active is None, "nested capture"
+        FakeGraph.active = g
+        current.append(stream)
+        try:
+            yield
+        finally:
+            current.pop()
+            FakeGraph.active = None
+
+    def run_launch(launch, env, lock, batch):
+        g = FakeGraph.active
+        if g is not None:
+            assert g.env is None or g.env is env, "one env per captured piece"
+            g.env = env
+            g.recorded.append((launch, batch))
+        return REAL_RUN_LAUNCH(launch, env, lock, batch)
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: FakeStream("capture", journal))
+    monkeypatch.setattr(cuda_mod, "run_launch", run_launch)
     return type("Fake", (), {"journal": journal, "caller": caller, "frees": frees})
 
 
@@ -149,3 +199,51 @@ def test_sm_partitioned_lanes_fall_back_and_still_compute_the_same(fake_cuda):
         assert torch.equal(c(x), model(x))
     streams = c.graphs[0]._executors["cuda"].lane_streams(c.program)
     assert {ls.requested_sms for ls in streams} == {96, 36}
+
+
+# -- CUDA-graph bookkeeping with a fake graph (capture records launches, replay re-runs them in place) ----
+def test_cuda_graphs_bucketed_calls_pad_capture_once_per_bucket_and_replay(fake_cuda):
+    model = make_transformer()
+    c = dynaflow.compile(model, strategy="nanoflow", nano_batches=2, executor="cuda",
+                         config={"cuda_graphs": True, "capture_sizes": (4, 8)})
+    with torch.no_grad():
+        for batch, bucket, seed in [(5, 8, 1), (6, 8, 2), (3, 4, 3), (8, 8, 4), (5, 8, 5)]:
+            x = transformer_input(batch, seed=seed)
+            out = c(x)
+            assert c.graphs[0].last_bucket.size == bucket
+            torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+        ex = c.graphs[0]._executors["cuda"]
+        states = [st for st in ex._states.values() if st.graphed]
+        assert sorted(st.program.batch_size for st in states) == [4, 8]  # one capture per bucket
+        (g8,) = [next(iter(st.graphed.values())) for st in states if st.program.batch_size == 8]
+        assert g8.plan.whole and g8.graphs[0].replays == 4  # captured once, replayed on each call
+        with pytest.raises(dynaflow.DynaflowError, match="larger than the largest"):
+            c(transformer_input(9))
+
+
+def test_cuda_graph_static_outputs_as_views(fake_cuda):
+    model = make_transformer()
+    c = dynaflow.compile(model, strategy="nanoflow", nano_batches=2, executor="cuda",
+                         config={"cuda_graphs": True, "copy_outputs": False})
+    with torch.no_grad():
+        a = c(transformer_input(4, seed=1))
+        a_val = a.clone()
+        b = c(transformer_input(4, seed=2))
+    assert a.data_ptr() == b.data_ptr() and not torch.equal(a, a_val)
+    torch.testing.assert_close(b, model(transformer_input(4, seed=2)), atol=1e-5, rtol=1e-5)
+
+
+def test_no_cudagraph_segments_run_eagerly_between_graph_pieces(fake_cuda):
+    from programs import retag
+
+    p, inputs, _ = program_of(make_transformer(), transformer_input(6), "nanoflow", 2)
+    q = retag(p, {"attention_0", "glue_3"}, "no-cudagraph")
+    ex = cuda_mod.CudaExecutor(cuda_graphs=True)
+    with torch.no_grad():
+        for seed in (1, 2, 3):
+            x = transformer_input(6, seed=seed)
+            out = ex.run(q, [x])
+            assert torch.equal(out, SerialExecutor().run(p, [x]))
+    (g,) = ex._state(q).graphed.values()
+    assert g.plan.num_graphs >= 2 and not g.plan.whole
+    assert all(graph.replays == 3 for graph in g.graphs.values())
