@@ -21,8 +21,9 @@ capture begins and joins before it ends, so the lane streams and events become g
 tagged ``no-cudagraph`` cut the step into pieces (:mod:`dynaflow.backend.graphs`) that run eagerly
 between graphs. Every segment is warmed by two eager steps before capture (Inductor compiles happen
 even earlier, in :class:`~dynaflow.backend.compiled_segments.InductorSegments`). Inputs are copied into
-static buffers (a tensor that *is* the captured one — a weight — is not copied); outputs are returned
-as clones (``copy_outputs=True``) or as views of the static outputs that the next replay overwrites.
+static buffers (a parameter is captured in place, never copied); outputs are returned as clones
+(``copy_outputs=True``) or as the static output tensors that the next replay overwrites. In eager mode
+only outputs living in the merge-buffer arena are cloned (other outputs are fresh tensors anyway).
 Padding batches up to capture sizes happens above the executor (:mod:`dynaflow.backend.buckets`).
 
 **Timeline** (``gpu_timeline=True``): a pair of timing events around every launch; the executor
@@ -141,7 +142,7 @@ class CudaExecutor(Executor):
             self._issue(state, state.eager_piece, env, caller, frees=True, timing=timing)
         state.steps += 1
         self._finish_timeline(start, timing)
-        return self._outputs(program, env)
+        return self._outputs(program, env, set(state.buffers or ()))
 
     def _probe(self, state: _State, env: list[Any], timing: list[tuple[str, str, str, Any, Any]] | None) -> None:
         program = state.program
@@ -328,11 +329,14 @@ class CudaExecutor(Executor):
                     old.copy_(new)
 
     # -- outputs and timeline -------------------------------------------------------------------------
-    def _outputs(self, program: Program, env: list[Any]) -> Any:
-        out = self.outputs(program, env)
+    def _outputs(self, program: Program, env: list[Any], static: set[int] | None = None) -> Any:
+        """The step's outputs; with ``copy_outputs`` a clone of every output living in a static buffer
+        (``static``: those slots; ``None``: all of them, as under CUDA graphs). Fresh tensors pass as is."""
         if not self.config.copy_outputs:
-            return out
-        return _map_tensors(out, lambda t: t.clone())
+            return self.outputs(program, env)
+        keep = set(program.output_slots.values()) if static is None else static
+        copied = {s: env[s].clone() for s in keep if isinstance(env[s], torch.Tensor)}
+        return self.outputs(program, [copied.get(i, v) for i, v in enumerate(env)])
 
     def _finish_timeline(self, start: Any, timing: list[tuple[str, str, str, Any, Any]] | None) -> None:
         if timing is None:
@@ -380,13 +384,3 @@ def _signature(inputs: Sequence[Any]) -> tuple[Any, ...]:
                  for x in inputs)
 
 
-def _map_tensors(tree: Any, fn: Any) -> Any:
-    if isinstance(tree, torch.Tensor):
-        return fn(tree)
-    if isinstance(tree, tuple):
-        return tuple(_map_tensors(x, fn) for x in tree)
-    if isinstance(tree, list):
-        return [_map_tensors(x, fn) for x in tree]
-    if isinstance(tree, dict):
-        return {k: _map_tensors(v, fn) for k, v in tree.items()}
-    return tree
