@@ -62,7 +62,8 @@ class LaneStream:
     stream: Any = None
     requested_sms: int | None = None
     granted_sms: int | None = None
-    """SMs of the partition (``None``: the lane shares the whole device)."""
+    """SMs of the partition (``None``: the lane shares the whole device). The driver's count where it
+    reports one (cuda-python), else the request rounded to the device granularity (torch's API)."""
     mechanism: str = "stream"
     """``stream`` (plain), ``torch-green-context``, ``cuda-python-green-context`` or ``fallback``."""
     context: Any = None
@@ -78,7 +79,8 @@ def green_context_support() -> str | None:
     try:
         from torch.cuda import green_contexts as gc  # type: ignore[attr-defined]
 
-        if hasattr(gc, "GreenContext") and hasattr(gc.GreenContext, "create") and hasattr(gc.GreenContext, "Stream"):
+        if (getattr(gc, "SUPPORTED", True) and hasattr(gc, "GreenContext") and hasattr(gc.GreenContext, "create")
+                and hasattr(gc.GreenContext, "Stream")):
             return "torch"
     except Exception:  # pragma: no cover - depends on the torch build
         pass
@@ -98,32 +100,37 @@ def _driver() -> Any:
     return None
 
 
-def _torch_green(lane: Lane, n: int, device: int) -> tuple[Any, Any]:
+def _torch_green(lane: Lane, n: int, device: int) -> tuple[Any, Any, int | None]:
+    """torch's green context; it does not report the granted SM count (pytorch #195378), so ``None``."""
     from torch.cuda.green_contexts import GreenContext  # type: ignore[attr-defined]
 
     try:
         ctx = GreenContext.create(num_sms=n, device_id=device)
     except TypeError:  # an older positional-only signature
         ctx = GreenContext.create(n, device)
-    return ctx, ctx.Stream()
+    return ctx, ctx.Stream(), None
 
 
 def _check(result: Any) -> Any:
     err, *rest = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
+    if int(getattr(err, "value", err)) != 0:
         raise RuntimeError(f"CUDA driver error {err}")
     return rest[0] if len(rest) == 1 else tuple(rest)
 
 
-def _driver_green(lane: Lane, n: int, device: int) -> tuple[Any, Any]:
+def _driver_green(lane: Lane, n: int, device: int) -> tuple[Any, Any, int | None]:
+    """cuda-python driver calls: split one group of ``n`` SMs off the device, make a green context and a
+    non-blocking stream on it; the driver reports the SMs it granted."""
     drv = _driver()
     dev = _check(drv.cuDeviceGet(device))
     res = _check(drv.cuDeviceGetDevResource(dev, drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
-    groups, count, _rest = _check(drv.cuDevSmResourceSplitByCount(1, res, 0, n))
-    desc = _check(drv.cuDevResourceGenerateDesc([groups[0]] if isinstance(groups, (list, tuple)) else [groups], 1))
+    groups, _count, _remaining = _check(drv.cuDevSmResourceSplitByCount(1, res, 0, n))
+    group = groups[0] if isinstance(groups, (list, tuple)) else groups
+    desc = _check(drv.cuDevResourceGenerateDesc([group], 1))
     ctx = _check(drv.cuGreenCtxCreate(desc, dev, drv.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
     raw = _check(drv.cuGreenCtxStreamCreate(ctx, drv.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
-    return ctx, torch.cuda.ExternalStream(int(raw), device=torch.device("cuda", device))
+    granted = getattr(getattr(group, "sm", None), "smCount", None)
+    return ctx, torch.cuda.ExternalStream(int(raw), device=torch.device("cuda", device)), granted
 
 
 def make_lane_streams(lanes: Sequence[Lane], device: torch.device | int | None = None) -> tuple[LaneStream, ...]:
@@ -149,8 +156,8 @@ def make_lane_streams(lanes: Sequence[Lane], device: torch.device | int | None =
         made = None
         for m in dict.fromkeys(tried):
             try:
-                ctx, stream = makers[m](lane, granted, index)
-                made = LaneStream(lane.name, stream, lane.sm_count, granted, f"{m}-green-context", ctx)
+                ctx, stream, reported = makers[m](lane, granted, index)
+                made = LaneStream(lane.name, stream, lane.sm_count, reported or granted, f"{m}-green-context", ctx)
                 break
             except Exception as exc:  # noqa: BLE001 - any failure falls back to a plain stream
                 log.warning("lane %r: green context via %s failed (%s: %s)", lane.name, m, type(exc).__name__, exc)

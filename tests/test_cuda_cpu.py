@@ -88,3 +88,49 @@ def test_round_sms_on_ampere_and_bad_input():
 
 def test_green_context_detection_never_crashes():
     assert green_context_support() in (None, "torch", "cuda-python")
+
+
+# -- lane streams with fake devices: green-context success, failure → plain-stream fallback ------------------
+class _Props:
+    multi_processor_count = 132
+    major, minor = 9, 0
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    from dynaflow.backend import streams as st
+
+    made = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: _Props())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, priority=0: made.append(priority) or f"stream{len(made)}")
+    return st
+
+
+def test_lane_streams_green_context_granted_rounded(fake_device, monkeypatch):
+    from dynaflow.ir import Lane
+
+    calls = []
+    monkeypatch.setattr(fake_device, "green_context_support", lambda: "torch")
+    monkeypatch.setattr(fake_device, "_torch_green", lambda lane, n, dev: calls.append(n) or ("ctx", f"green{n}", None))
+    out = fake_device.make_lane_streams((Lane("compute", sm_count=100), Lane("memory", sm_count=30), Lane("other")))
+    assert calls == [104, 32]
+    assert [(ls.requested_sms, ls.granted_sms, ls.mechanism) for ls in out] == [
+        (100, 104, "torch-green-context"), (30, 32, "torch-green-context"), (None, None, "stream")]
+    assert out[0].stream == "green104" and "sm 100->104" in repr(out[0])
+
+
+def test_lane_streams_fall_back_to_plain_streams_with_a_warning(fake_device, monkeypatch, caplog):
+    from dynaflow.ir import Lane
+
+    def boom(lane, n, dev):
+        raise RuntimeError("green contexts not supported by this driver")
+
+    monkeypatch.setattr(fake_device, "green_context_support", lambda: "torch")
+    monkeypatch.setattr(fake_device, "_torch_green", boom)
+    monkeypatch.setattr(fake_device, "_driver_green", boom)
+    with caplog.at_level("WARNING"):
+        (ls,) = fake_device.make_lane_streams((Lane("compute", sm_count=64),))
+    assert ls.mechanism == "fallback" and ls.granted_sms is None and ls.stream.startswith("stream")
+    assert "asked for 64 SMs but green contexts are unavailable" in caplog.text
+
