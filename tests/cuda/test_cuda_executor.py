@@ -113,12 +113,12 @@ def test_cuda_graph_buckets_pad_recapture_and_reject_oversize():
     c = dynaflow.compile(model, strategy="nanoflow", nano_batches=2, executor="cuda",
                          config={"cuda_graphs": True, "capture_sizes": (4, 8)})
     with torch.no_grad():
-        for batch, bucket in [(5, 8), (3, 4), (8, 8), (1, 4)]:
+        for batch, bucket in [(5, 8), (3, 4), (8, 8), (2, 4)]:  # (a batch of 1 is captured static by Dynamo)
             x = _x(batch, torch.float32)
             out = c(x)
             assert c.graphs[0].last_bucket.size == bucket
             assert_matches(out, model(x), torch.float32, f"batch {batch}")
-        assert sorted(c.graphs[0].plans) == [1, 3, 4, 5, 8] or {4, 8} <= set(c.graphs[0].plans)
+        assert set(c.graphs[0].plans) == {4, 8}  # planned and captured at the bucket sizes only
         with pytest.raises(BackendError, match="larger than the largest CUDA-graph capture size 8"):
             c(_x(9, torch.float32))
     c2 = dynaflow.compile(model, strategy="nanoflow", nano_batches=2, executor="cuda",
