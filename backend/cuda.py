@@ -147,13 +147,15 @@ class CudaExecutor(Executor):
     def _probe(self, state: _State, env: list[Any], timing: list[tuple[str, str, str, Any, Any]] | None) -> None:
         program = state.program
         caller = torch.cuda.current_stream()
+        buffers = set(program.buffers)
         for launch, frees in zip(program.serial_order, program.serial_frees):
             t0 = _timing_event(caller) if timing is not None else None
             run_launch(launch, env, _NOLOCK, program.batch_size)
             if timing is not None:
                 timing.append((launch.lane, repr(launch.op), launch.segment.resource.value, t0, _timing_event(caller)))
             for slot in frees:
-                env[slot] = None
+                if slot not in buffers:  # merge buffers are measured after the step
+                    env[slot] = None
 
     def close(self) -> None:
         self._states.clear()

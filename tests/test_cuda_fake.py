@@ -157,6 +157,22 @@ def test_eager_cuda_path_matches_serial_and_follows_the_stream_protocol(fake_cud
         assert fake_cuda.frees, "cross-lane values must be record_stream-ed on their reading lanes before freeing"
 
 
+def test_merge_buffers_read_by_a_barrier_move_into_the_arena(fake_cuda):
+    """A merge buffer that only a barrier reads is freed at its last use; the probe must still measure it."""
+    from models import make_coupled, mlp_input
+
+    model = make_coupled()
+    p, inputs, _ = program_of(model, mlp_input(6), "nanoflow", 2)
+    assert set(p.buffers) - set(p.output_slots.values())  # a buffer only the barrier reads
+    ex = cuda_mod.CudaExecutor()
+    with torch.no_grad():
+        ref = SerialExecutor().run(p, inputs)
+        for _ in range(3):
+            torch.testing.assert_close(ex.run(p, inputs), ref, atol=1e-6, rtol=1e-6)
+    st = ex._state(p)
+    assert set(st.buffers) == set(p.buffers) and st.arena is not None
+
+
 def test_views_of_static_buffers_when_copy_outputs_is_false(fake_cuda):
     p, inputs, _ = program_of(make_transformer(), transformer_input(6), "nanoflow", 2)
     ex = cuda_mod.CudaExecutor(copy_outputs=False)
