@@ -9,9 +9,11 @@ wait for nothing — and joins back (the caller's stream waits on every lane). C
 compiled callable is stream-correct for its caller like any torch op.
 
 **Memory.** Nano-batch inputs are views (``narrow``). Merge buffers (full-batch values written slice by
-slice by nano launches) are carved out of one preallocated byte arena per program (input bucket) after
-the first step has measured their shapes, so steady-state steps and CUDA-graph captures allocate no
-merge buffers. Intermediates are freed at their last use; a value read on a lane other than the one
+slice by nano launches) are carved out of one preallocated byte arena per program (input bucket). The
+first step of a program is a *probe*: it runs every launch on the caller's stream alone (correct, not
+overlapped), which measures the merge buffers without any lane writing into memory freshly taken from
+another stream's pool; from the second step on the lanes run concurrently and no merge buffer is
+allocated, in steady-state steps or in CUDA-graph captures. Intermediates are freed at their last use; a value read on a lane other than the one
 that made it is first ``record_stream``-ed on the reading lanes, so the caching allocator cannot hand
 its memory to a new tensor while another lane still reads it.
 
