@@ -23,6 +23,7 @@ from dynaflow import knobs
 from dynaflow.backend import Program, executors, lower
 from dynaflow.backend.buckets import (BucketChoice, Mode, barrier_names, choose_bucket, input_specs, pad_inputs,
                                       unpad_outputs)
+from dynaflow.backend.checks import check_program
 from dynaflow.backend.compiled_segments import InductorSegments
 from dynaflow.config import DynaflowConfig
 from dynaflow.errors import BackendError, CaptureError, ConfigError, DynaflowError, StrategyError
@@ -168,6 +169,8 @@ class CompiledGraph:
             raise StrategyError(f"Strategy {name!r}.plan() returned {type(schedule).__name__}; it must return a Schedule.")
         verify_schedule(schedule, graph)
         program = lower(self.segmented, graph, schedule)
+        if self.config.verify or knobs.verify():
+            check_program(program)  # every cross-lane read ordered by an event wait
         if knobs.debug_level() >= 1:
             log.info("%s: batch %d -> %s", self.label, batch, split)
         if knobs.debug_level() >= 3:

@@ -146,3 +146,14 @@ def map_launches_replace(launch, fn):
     import dataclasses
 
     return dataclasses.replace(launch, fn=fn)
+
+
+def test_verify_option_checks_lowered_programs(monkeypatch):
+    import dynaflow.api as api
+
+    seen = []
+    monkeypatch.setattr(api, "check_program", lambda p: seen.append(p))
+    c = dynaflow.compile(make_transformer(), strategy="nanoflow", nano_batches=2, executor="serial", verify=True)
+    with torch.no_grad():
+        c(transformer_input(4))
+    assert seen and seen[-1] is c.program
