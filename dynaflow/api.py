@@ -188,7 +188,7 @@ class CompiledGraph:
             if name not in executors.available():
                 raise BackendError(
                     f"executor={name!r} is not available in this build (available: {', '.join(executors.available())}). "
-                    "The CUDA and simulator executors are separate work items; use 'serial' or 'thread' on CPU."
+                    "The simulator executor is a separate work item; use 'serial' or 'thread' on CPU."
                 )
             options: dict[str, Any] = {}
             if name == "thread":
