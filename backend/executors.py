@@ -220,3 +220,13 @@ class ThreadExecutor(Executor):
 executors: Registry[Executor] = Registry("executor", Executor, BackendError, entry_point_group="dynaflow.executors")
 executors.register("serial", SerialExecutor)
 executors.register("thread", ThreadExecutor)
+
+
+def _cuda_executor(**options: Any) -> Executor:
+    """Factory of the ``cuda`` executor, imported on first use (it raises BackendError without CUDA)."""
+    from dynaflow.backend.cuda import CudaExecutor
+
+    return CudaExecutor(**options)
+
+
+executors.register("cuda", _cuda_executor)

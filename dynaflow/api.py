@@ -22,6 +22,10 @@ import torch.fx
 
 from dynaflow import knobs
 from dynaflow.backend import Program, executors, lower
+from dynaflow.backend.buckets import (BucketChoice, Mode, barrier_names, choose_bucket, input_specs, pad_inputs,
+                                      unpad_outputs)
+from dynaflow.backend.checks import check_program
+from dynaflow.backend.compiled_segments import InductorSegments
 from dynaflow.config import DynaflowConfig
 from dynaflow.errors import BackendError, CaptureError, ConfigError, DynaflowError, StrategyError
 from dynaflow.frontend.batching import find_batch_source
@@ -84,6 +88,9 @@ class CompiledGraph:
         self.batch_hint: Callable[[], int] | None = None
         """For a static capture: where the caller learnt the batch size (Dynamo inputs start with weights)."""
         self._executors: dict[str, Any] = {}
+        self._inductor: InductorSegments | None = None
+        self.last_bucket: BucketChoice | None = None
+        """With ``cuda_graphs=True``: how the latest call was bucketed (capture size, graph or eager)."""
 
     def prepare(self, example_inputs: Sequence[Any] | None = None, *, from_fx: bool = False) -> "CompiledGraph":
         """Partition the graph (for a plain GraphModule, first make its batch dim symbolic)."""
@@ -184,6 +191,8 @@ class CompiledGraph:
             raise StrategyError(f"Strategy {name!r}.plan() returned {type(schedule).__name__}; it must return a Schedule.")
         verify_schedule(schedule, graph)
         program = lower(self.segmented, graph, schedule)
+        if self.config.verify or knobs.verify():
+            check_program(program)  # every cross-lane read ordered by an event wait
         if knobs.debug_level() >= 1:
             log.info("%s: batch %d -> %s", self.label, batch, split)
         if knobs.debug_level() >= 3:
@@ -283,7 +292,8 @@ class CompiledGraph:
                 def measure(cand: Any) -> float:
                     plan = build(cand)
                     ex = self.executor_for(plan, inputs)
-                    return median_seconds(lambda: ex.run(plan.program, inputs), auto.repeats, sync)  # type: ignore[attr-defined]
+                    program = self.program_for(plan, inputs)
+                    return median_seconds(lambda: ex.run(program, inputs), auto.repeats, sync)  # type: ignore[attr-defined]
 
         result = autotune(cands, bucket, predict, measure, auto.measure_top_k)  # type: ignore[attr-defined]
         self.tuned[bucket] = result
@@ -312,16 +322,68 @@ class CompiledGraph:
             elif name == "sim":
                 options.update(cost=self.cost_model(inputs), num_sms=self.num_sms(inputs),
                                wait_latency=self.device(inputs).wait_latency)
+            elif name == "cuda":
+                options["config"] = self.config
             ex = executors.resolve(name, **options)
             self._executors[name] = ex
         return ex
 
+    def program_for(self, plan: Plan, inputs: Sequence[Any]) -> Program:
+        """The program to run: the planned one, or (``inductor=True``) its copy with every segment compiled by
+        Inductor for its nano-batch shapes and warmed on these inputs."""
+        if not self.config.inductor:
+            return plan.program
+        if self._inductor is None:
+            self._inductor = InductorSegments()
+        return self._inductor.program_for(plan.program, inputs)
+
+    def bucket_for(self, batch: int) -> BucketChoice:
+        """Which capture size a batch runs at (``cuda_graphs=True``), padding up when that is safe."""
+        assert self.segmented is not None
+        unsafe = [f"barrier segment {n!r} sees the whole batch" for n in barrier_names(self.segmented)]
+        if self._batch_source is None:
+            unsafe.append("the batch size is not read from an input tensor")
+        if current_requests() is not None:
+            unsafe.append("a dynaflow.requests(...) layout is active")
+        return choose_bucket(batch, self.config.capture_sizes, self.config.over_capture, unsafe)
+
+    def run_bucketed(self, inputs: Sequence[Any], executor: Any = None) -> Any:
+        """One call under ``cuda_graphs=True``: pad to the bucket, plan and run at the bucket size (captured
+        on the cuda executor), and narrow the outputs back. ``executor`` overrides the resolved one (tests)."""
+        assert self.segmented is not None
+        batch = self.batch_size(inputs)
+        choice = self.bucket_for(batch)
+        padded = pad_inputs(inputs, input_specs(self.segmented), batch, choice.size) if choice.padded else list(inputs)
+        plan = self.plan_for(padded)
+        ex = executor if executor is not None else self.executor_for(plan, padded)
+        if executor is None and getattr(ex, "name", "") != "cuda":
+            raise BackendError(
+                f"{self.label}: cuda_graphs=True needs the cuda executor (inputs on a CUDA device), but the "
+                f"{getattr(ex, 'name', ex)!r} executor was chosen. Set cuda_graphs=False for CPU runs."
+            )
+        program = self.program_for(plan, padded)
+        if getattr(ex, "name", "") == "cuda":
+            out = ex.run(program, padded, capture=choice.mode is Mode.GRAPH)
+        else:
+            out = ex.run(program, padded)
+        self.last_bucket = choice
+        self._ran(plan, ex)
+        return unpad_outputs(out, self.segmented, batch, choice.size)
+
+    def _ran(self, plan: Plan, ex: Any) -> None:
+        self.last_plan = plan
+        self.last_timeline = ex.last_timeline
+        self.calls += 1
+        self.last_call_seq = next(_CALL_SEQ)
+
     def __call__(self, *inputs: Any) -> Any:
         if self._record is not None:
             self._record[id(self)] = inputs
+        if self.config.cuda_graphs:
+            return self.run_bucketed(inputs)
         plan = self.plan_for(inputs)
         ex = self.executor_for(plan, inputs)
-        out = ex.run(plan.program, inputs)
+        out = ex.run(self.program_for(plan, inputs), inputs)
         self.last_plan = plan
         self.last_timeline = ex.last_timeline
         self.calls += 1

@@ -10,9 +10,10 @@ from typing import Any, Mapping, Sequence
 
 from dynaflow.errors import ConfigError, did_you_mean
 
-__all__ = ["DynaflowConfig", "EXECUTORS"]
+__all__ = ["DynaflowConfig", "EXECUTORS", "OVER_CAPTURE"]
 
 EXECUTORS = ("auto", "serial", "thread", "cuda", "sim")
+OVER_CAPTURE = ("error", "eager")
 
 
 @dataclass
@@ -45,6 +46,21 @@ class DynaflowConfig:
     cost_device: str | None = None
     """Device the cost model (``executor="sim"``, ``strategy="auto"``) assumes: a key of
     ``dynaflow.cost.DEVICES`` such as ``"h200"`` (what-if planning on a CPU machine); ``None`` = the inputs' device."""
+    inductor: bool = False
+    """Compile every segment (except ones tagged ``no-inductor``) with TorchInductor, once per nano-batch
+    shape, warmed before the first step runs (and before any CUDA-graph capture)."""
+    cuda_graphs: bool = False
+    """On the cuda executor: capture the whole multi-lane step as one CUDA graph per input bucket."""
+    capture_sizes: Sequence[int] | None = None
+    """Batch sizes to capture CUDA graphs for (a batch is padded up to the next one); ``None`` captures
+    each batch size as it comes."""
+    over_capture: str = "error"
+    """What a batch larger than the largest capture size does: ``"error"`` or ``"eager"`` (run uncaptured)."""
+    gpu_timeline: bool = False
+    """On the cuda executor: time every launch with CUDA events (adds events and a sync per step)."""
+    copy_outputs: bool = True
+    """On the cuda executor: return fresh output tensors (``False``: views of static buffers that the next
+    step overwrites)."""
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -63,6 +79,25 @@ class DynaflowConfig:
             device_spec(self.cost_device)  # unknown names fail here, with the known ones listed
         if self.wait_timeout is not None and self.wait_timeout <= 0:
             raise ConfigError(f"wait_timeout={self.wait_timeout!r} must be > 0 seconds.")
+        self._check_cuda_options()
+
+    def _check_cuda_options(self) -> None:
+        for name in ("inductor", "cuda_graphs", "gpu_timeline", "copy_outputs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False.")
+        if self.over_capture not in OVER_CAPTURE:
+            raise ConfigError(
+                f"over_capture={self.over_capture!r} is not one of {OVER_CAPTURE}."
+                f"{did_you_mean(str(self.over_capture), OVER_CAPTURE)}"
+            )
+        if self.capture_sizes is not None:
+            sizes = self.capture_sizes
+            if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes:
+                raise ConfigError(f"capture_sizes={sizes!r} must be a non-empty sequence of batch sizes, e.g. (1, 2, 4, 8).")
+            bad = [s for s in sizes if not isinstance(s, int) or isinstance(s, bool) or s < 1]
+            if bad:
+                raise ConfigError(f"capture_sizes={tuple(sizes)!r}: {bad[0]!r} is not a batch size (an int >= 1).")
+            self.capture_sizes = tuple(sorted(set(sizes)))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DynaflowConfig":

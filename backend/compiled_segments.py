@@ -1,0 +1,126 @@
+"""TorchInductor per segment: compile every (segment, nano-batch shape) once and warm it before use.
+
+``InductorSegments.program_for(program, inputs)`` returns a copy of ``program`` whose launches call
+compiled segments. On the first call for a program it runs the step once in serial order on the real
+inputs; each launch's arguments give the example shapes, so a segment is compiled once per distinct
+argument signature (in practice once per nano-batch size) and that compiled callable is shared by every
+launch with the same signature. The compile and the first (warm-up) call both happen in this run, so by
+the time an executor runs the program — and before any CUDA-graph capture — nothing compiles anymore.
+
+Why one ``torch.compile(copy_of_segment, dynamic=False)`` per signature: each copy of an fx
+GraphModule has its own code object, so Dynamo's per-code-object recompile limit is never hit however
+many nano sizes there are, and a static-shape compile generates the best kernels for that size.
+Inductor's own CUDA graphs stay off (the executor captures the whole step itself). Segments tagged
+``no-inductor`` run as captured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+
+from dynaflow.errors import BackendError
+from dynaflow.backend.program import Launch, Program, fetch
+
+__all__ = ["InductorSegments", "signature", "replace_fns", "NO_INDUCTOR"]
+
+log = logging.getLogger(__name__)
+
+NO_INDUCTOR = "no-inductor"
+
+
+def signature(args: Sequence[Any]) -> tuple[Any, ...]:
+    """What a static-shape compile specialises on: shape, stride, dtype and device of tensors; the value of
+    everything else (ints such as a nano-batch size)."""
+    out: list[Any] = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(("T", tuple(a.shape), tuple(a.stride()), a.dtype, str(a.device), a.requires_grad))
+        else:
+            out.append(("V", type(a).__name__, repr(a)))
+    return tuple(out)
+
+
+def replace_fns(program: Program, fns: dict[int, Callable[..., Any]]) -> Program:
+    """A copy of ``program`` in which the launch with ``id(launch) == k`` calls ``fns[k]``."""
+    new: dict[int, Launch] = {}
+    for launch in program.serial_order:
+        fn = fns.get(id(launch))
+        new[id(launch)] = dataclasses.replace(launch, fn=fn) if fn is not None else launch
+    streams = tuple(tuple(new.get(id(i), i) for i in instrs) for instrs in program.streams)
+    order = tuple(new[id(l)] for l in program.serial_order)
+    return dataclasses.replace(program, streams=streams, serial_order=order)
+
+
+class InductorSegments:
+    """Compiles a Program's segments with Inductor (see the module docstring); caches per program."""
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        self.options = {"triton.cudagraphs": False, **(options or {})}
+        self._compiled: dict[tuple[str, tuple[Any, ...]], Callable[..., Any]] = {}
+        self._programs: dict[int, tuple[Program, Program]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def num_compiled(self) -> int:
+        """Distinct (segment, signature) compiles so far."""
+        return len(self._compiled)
+
+    def program_for(self, program: Program, inputs: Sequence[Any]) -> Program:
+        """The compiled (and warmed) version of ``program``; compiles on the first call for it."""
+        hit = self._programs.get(id(program))
+        if hit is not None and hit[0] is program:
+            return hit[1]
+        with self._lock:
+            compiled = self._compile(program, inputs)
+            self._programs[id(program)] = (program, compiled)
+        return compiled
+
+    def _compile(self, program: Program, inputs: Sequence[Any]) -> Program:
+        from dynaflow.backend.executors import Executor, run_launch
+
+        env = Executor.new_env(program, inputs)
+        lock = threading.Lock()
+        fns: dict[int, Callable[..., Any]] = {}
+        for launch, frees in zip(program.serial_order, program.serial_frees):
+            if NO_INDUCTOR in launch.segment.hints:
+                run_launch(launch, env, lock, program.batch_size)
+            else:
+                args = [fetch(a, env) for a in launch.args]
+                key = (launch.segment.name, signature(args))
+                fn = self._compiled.get(key)
+                if fn is None:
+                    fn = self._compiled[key] = self._compile_one(launch, args)
+                fns[id(launch)] = fn
+                try:
+                    run_launch(dataclasses.replace(launch, fn=fn), env, lock, program.batch_size)  # compiles + warms
+                except Exception as exc:
+                    shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
+                    raise BackendError(
+                        f"Inductor failed on segment {launch.segment.name!r} ({launch.op}) with argument shapes "
+                        f"{shapes}: {type(exc).__name__}: {exc}. Tag the segment 'no-inductor' (e.g. a marker or rule "
+                        "with tags={'no-inductor'}) to run it uncompiled, or set inductor=False."
+                    ) from exc
+            for slot in frees:
+                env[slot] = None
+        log.info("inductor: %d segment compiles for %r", len(self._compiled), program)
+        return replace_fns(program, fns)
+
+    def _compile_one(self, launch: Launch, args: Sequence[Any]) -> Callable[..., Any]:
+        fn = launch.fn
+        gm = getattr(fn, "__self__", fn)  # segment calls hold ``submodule.forward``
+        if isinstance(gm, torch.fx.GraphModule):
+            fn = torch.fx.GraphModule(gm, gm.graph)  # own code object: no shared recompile budget
+        try:
+            return torch.compile(fn, backend="inductor", dynamic=False, options=self.options)
+        except Exception as exc:  # pragma: no cover - torch.compile is lazy; errors surface on the first call
+            raise BackendError(
+                f"Inductor could not compile segment {launch.segment.name!r} for argument shapes "
+                f"{[tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]}: {exc}. Tag the segment "
+                "'no-inductor' to run it uncompiled."
+            ) from exc

@@ -1,0 +1,390 @@
+"""The CUDA executor: the same lowered Program on CUDA streams, with events, SM partitions and CUDA Graphs.
+
+**Streams and events.** Each lane is a CUDA stream (:mod:`dynaflow.backend.streams`; a lane with
+``sm_count`` runs on a green-context stream). A step forks from the caller's current stream (every lane
+stream waits on it), issues launches from the host in the program's ``serial_order`` — so every event
+is recorded (enqueued) before any lane waits on it; waiting on a never-recorded event would silently
+wait for nothing — and joins back (the caller's stream waits on every lane). Cross-lane dependencies are
+``torch.cuda.Event`` record / ``Stream.wait_event``; the host never synchronises inside a step, so the
+compiled callable is stream-correct for its caller like any torch op.
+
+**Memory.** Nano-batch inputs are views (``narrow``). Merge buffers (full-batch values written slice by
+slice by nano launches) are carved out of one preallocated byte arena per program (input bucket). The
+first step of a program is a *probe*: it runs every launch on the caller's stream alone (correct, not
+overlapped), which measures the merge buffers without any lane writing into memory freshly taken from
+another stream's pool; from the second step on the lanes run concurrently and no merge buffer is
+allocated, in steady-state steps or in CUDA-graph captures. Intermediates are freed at their last use; a value read on a lane other than the one
+that made it is first ``record_stream``-ed on the reading lanes, so the caching allocator cannot hand
+its memory to a new tensor while another lane still reads it.
+
+**CUDA Graphs** (``cuda_graphs=True``). The whole step — all lanes, segments and nano-batches — is
+captured as one graph per program and input signature: the capture stream forks into the lanes after
+capture begins and joins before it ends, so the lane streams and events become graph edges. Segments
+tagged ``no-cudagraph`` cut the step into pieces (:mod:`dynaflow.backend.graphs`) that run eagerly
+between graphs. Every segment is warmed by two eager steps before capture (Inductor compiles happen
+even earlier, in :class:`~dynaflow.backend.compiled_segments.InductorSegments`). Inputs are copied into
+static buffers (a parameter is captured in place, never copied); outputs are returned as clones
+(``copy_outputs=True``) or as the static output tensors that the next replay overwrites. In eager mode
+only outputs living in the merge-buffer arena are cloned (other outputs are fresh tensors anyway).
+Padding batches up to capture sizes happens above the executor (:mod:`dynaflow.backend.buckets`).
+
+**Timeline** (``gpu_timeline=True``): a pair of timing events around every launch; the executor
+synchronises once at the end of the step to read them (so it is off by default). Under CUDA Graphs
+each piece is timed as one event on the caller's lane.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from dynaflow.config import DynaflowConfig
+from dynaflow.errors import BackendError
+from dynaflow.ir import Lane
+from dynaflow.timeline import Timeline, TimelineEvent
+from dynaflow.backend.arena import ALIGN
+from dynaflow.backend.executors import Executor, run_launch
+from dynaflow.backend.graphs import CapturePlan, Piece, capture_plan, waits_before
+from dynaflow.backend.program import CONST, Program, Wait
+from dynaflow.backend.streams import LaneStream, make_lane_streams
+
+__all__ = ["CudaExecutor", "cuda_unavailable_reason"]
+
+log = logging.getLogger(__name__)
+
+WARMUP_STEPS = 2
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why the cuda executor cannot run here (``None`` when it can)."""
+    if not torch.cuda.is_available():
+        built = torch.version.cuda or "none (a CPU-only build)"
+        return (f"torch.cuda.is_available() is False (torch {torch.__version__}, CUDA runtime {built}, "
+                f"{torch.cuda.device_count() if torch.version.cuda else 0} devices)")
+    return None
+
+
+@dataclass
+class _Graphed:
+    """One captured step for one input signature."""
+
+    plan: CapturePlan
+    graphs: dict[int, Any]
+    static_inputs: list[Any]
+    env: list[Any]
+
+
+@dataclass
+class _State:
+    """Per-program state: lane streams, events, issue-time tables, the merge-buffer arena, graphs."""
+
+    program: Program
+    lanes: tuple[LaneStream, ...]
+    events: list[Any]
+    lane_of: dict[int, int]
+    waits: dict[int, tuple[Wait, ...]]
+    cross_readers: dict[int, tuple[int, ...]]
+    """Slot → lanes that read it other than its producer's lane (record_stream before freeing)."""
+    eager_piece: Piece
+    """The whole program as one eager piece (every wait kept)."""
+    free_at: dict[int, tuple[int, ...]]
+    """Launch id → slots to drop after it (free at last use)."""
+    buffers: dict[int, torch.Tensor] | None = None
+    arena: torch.Tensor | None = None
+    steps: int = 0
+    graphed: dict[tuple[Any, ...], _Graphed] = field(default_factory=dict)
+
+
+class CudaExecutor(Executor):
+    """Runs a Program on CUDA streams (see the module docstring)."""
+
+    name = "cuda"
+
+    def __init__(self, config: DynaflowConfig | None = None, **options: Any) -> None:
+        why = cuda_unavailable_reason()
+        if why is not None:
+            raise BackendError(
+                f"executor='cuda' needs a CUDA device, but {why}. Use executor='auto' (it picks 'thread' or 'serial' "
+                "for CPU inputs), or install a CUDA build of torch and put the model and inputs on a GPU."
+            )
+        super().__init__()
+        self.config = config.replace(**options) if config is not None else DynaflowConfig(**options)
+        self._states: dict[int, _State] = {}
+        self._lane_streams: dict[tuple[Lane, ...], tuple[LaneStream, ...]] = {}
+        self._capture_stream: Any = None
+        self._lock = threading.Lock()
+
+    # -- public ---------------------------------------------------------------------------------------
+    def lane_streams(self, program: Program) -> tuple[LaneStream, ...]:
+        """The streams (and granted SM partitions) the program's lanes run on."""
+        return self._state(program).lanes
+
+    def run(self, program: Program, inputs: Sequence[Any], *, capture: bool | None = None) -> Any:
+        """One step. ``capture`` overrides ``config.cuda_graphs`` for this call (``False``: eager)."""
+        state = self._state(program)
+        graphs = self.config.cuda_graphs if capture is None else capture
+        if graphs:
+            return self._run_graphed(state, inputs)
+        env = self.new_env(program, inputs)
+        timing: list[tuple[str, str, str, Any, Any]] | None = [] if self.config.gpu_timeline else None
+        caller = torch.cuda.current_stream()
+        start = _timing_event(caller) if timing is not None else None
+        if state.buffers is None:
+            # First step of this program: run it on the caller's stream alone. It measures the merge
+            # buffers (allocated here on one stream, so no lane can race with the allocator's earlier
+            # users of that memory) and warms every kernel; then the arena replaces them.
+            self._probe(state, env, timing)
+            self._make_arena(state, env)
+        else:
+            self._prefill_buffers(state, env)
+            self._issue(state, state.eager_piece, env, caller, frees=True, timing=timing)
+        state.steps += 1
+        self._finish_timeline(start, timing)
+        return self._outputs(program, env, set(state.buffers or ()))
+
+    def _probe(self, state: _State, env: list[Any], timing: list[tuple[str, str, str, Any, Any]] | None) -> None:
+        program = state.program
+        caller = torch.cuda.current_stream()
+        buffers = set(program.buffers)
+        for launch, frees in zip(program.serial_order, program.serial_frees):
+            t0 = _timing_event(caller) if timing is not None else None
+            run_launch(launch, env, _NOLOCK, program.batch_size)
+            if timing is not None:
+                timing.append((launch.lane, repr(launch.op), launch.segment.resource.value, t0, _timing_event(caller)))
+            for slot in frees:
+                if slot not in buffers:  # merge buffers are measured after the step
+                    env[slot] = None
+
+    def close(self) -> None:
+        self._states.clear()
+        self._lane_streams.clear()
+
+    # -- setup ----------------------------------------------------------------------------------------
+    def _state(self, program: Program) -> _State:
+        st = self._states.get(id(program))
+        if st is not None and st.program is program:
+            return st
+        with self._lock:
+            lanes = self._lane_streams.get(program.lanes)
+            if lanes is None:
+                lanes = self._lane_streams[program.lanes] = make_lane_streams(program.lanes)
+                granted = [repr(l) for l in lanes if l.requested_sms is not None]
+                if granted:
+                    log.info("SM partitions: %s", ", ".join(granted))
+            lane_index = {lane.name: i for i, lane in enumerate(program.lanes)}
+            lane_of = {id(l): lane_index[l.lane] for l in program.serial_order}
+            producer_lane: dict[int, int] = {}
+            readers: dict[int, set[int]] = {}
+            for launch in program.serial_order:
+                li = lane_of[id(launch)]
+                for s in launch.out_slots:
+                    producer_lane.setdefault(s, li)
+                for a in launch.args:
+                    if a.kind != CONST:
+                        readers.setdefault(a.slot, set()).add(li)
+            cross = {s: tuple(sorted(r - {producer_lane[s]})) for s, r in readers.items()
+                     if s in producer_lane and r - {producer_lane[s]}}
+            st = _State(program, lanes, [torch.cuda.Event() for _ in range(program.num_events)], lane_of,
+                        waits_before(program), cross, capture_plan(program, graphs=False).pieces[0],
+                        _free_table(program))
+            self._states[id(program)] = st
+        return st
+
+    def _prefill_buffers(self, state: _State, env: list[Any]) -> None:
+        if state.buffers:
+            for slot, buf in state.buffers.items():
+                env[slot] = buf
+
+    def _make_arena(self, state: _State, env: list[Any]) -> None:
+        """After the first step: one byte arena on the caller's stream holding every merge buffer."""
+        specs = {s: env[s] for s in state.program.buffers if isinstance(env[s], torch.Tensor)}
+        if not specs:
+            state.buffers = {}
+            return
+        offsets, total = {}, 0
+        for s, t in specs.items():
+            offsets[s] = total
+            total += (t.numel() * t.element_size() + ALIGN - 1) // ALIGN * ALIGN
+        device = next(iter(specs.values())).device
+        arena = torch.empty(total, dtype=torch.uint8, device=device)
+        state.arena = arena
+        state.buffers = {
+            s: arena.narrow(0, offsets[s], t.numel() * t.element_size()).view(t.dtype).view(t.shape)
+            for s, t in specs.items()
+        }
+        log.debug("merge-buffer arena: %d buffers, %d bytes", len(specs), total)
+
+    # -- issuing --------------------------------------------------------------------------------------
+    def _issue(self, state: _State, piece: Piece, env: list[Any], caller: Any, *, frees: bool,
+               timing: list[tuple[str, str, str, Any, Any]] | None = None, only: set[int] | None = None) -> None:
+        """Fork ``caller`` into the lanes, issue the piece's launches in serial order, join back.
+
+        ``frees``: drop each value after its last use; ``only``: drop only these slots (inside a capture,
+        the values the piece itself allocated from the graph's pool — never a tensor allocated outside the
+        capture, whose memory the allocator could hand out again while replays still read it)."""
+        program = state.program
+        streams = [ls.stream for ls in state.lanes]
+        used = sorted({state.lane_of[id(l)] for l in piece.order})
+        for li in used:
+            streams[li].wait_stream(caller)
+        free_at = state.free_at if frees else {}
+        recorded = {l.event for l in piece.order if l.event is not None}
+        for launch in piece.order:
+            li = state.lane_of[id(launch)]
+            s = streams[li]
+            for w in state.waits[id(launch)]:
+                if w.event in recorded:  # events of earlier pieces are covered by their join
+                    s.wait_event(state.events[w.event])
+            with torch.cuda.stream(s):
+                t0 = _timing_event(s) if timing is not None else None
+                run_launch(launch, env, _NOLOCK, program.batch_size)
+                if timing is not None:
+                    timing.append((launch.lane, repr(launch.op), launch.segment.resource.value, t0, _timing_event(s)))
+                if launch.event is not None:
+                    state.events[launch.event].record(s)
+            for slot in free_at.get(id(launch), ()):
+                if only is not None and slot not in only:
+                    continue
+                v = env[slot]
+                if isinstance(v, torch.Tensor):
+                    for r in state.cross_readers.get(slot, ()):
+                        v.record_stream(streams[r])
+                env[slot] = None
+        for li in used:
+            caller.wait_stream(streams[li])
+
+    # -- CUDA graphs ----------------------------------------------------------------------------------
+    def _run_graphed(self, state: _State, inputs: Sequence[Any]) -> Any:
+        program = state.program
+        key = _signature(inputs)
+        g = state.graphed.get(key)
+        caller = torch.cuda.current_stream()
+        if g is None:
+            g = state.graphed[key] = self._capture(state, inputs)
+        else:
+            for static, x in zip(g.static_inputs, inputs):
+                if isinstance(x, torch.Tensor) and x.data_ptr() != static.data_ptr():
+                    static.copy_(x)
+        timing: list[tuple[str, str, str, Any, Any]] | None = [] if self.config.gpu_timeline else None
+        start = _timing_event(caller) if timing is not None else None
+        for piece in g.plan.pieces:
+            t0 = _timing_event(caller) if timing is not None else None
+            if piece.graph:
+                g.graphs[piece.index].replay()
+            else:
+                self._replay_eager(state, piece, g.env, caller)
+            if timing is not None:
+                timing.append(("graph", f"piece{piece.index}" + ("" if piece.graph else " (eager)"), "", t0,
+                               _timing_event(caller)))
+        self._finish_timeline(start, timing)
+        return self._outputs(program, g.env)
+
+    def _capture(self, state: _State, inputs: Sequence[Any]) -> _Graphed:
+        program = state.program
+        static = [x.clone() if isinstance(x, torch.Tensor) and not _is_persistent(x) else x for x in inputs]
+        for _ in range(max(WARMUP_STEPS - state.steps, 1)):  # warm every kernel, size the arena
+            self.run(program, static, capture=False)
+        plan = capture_plan(program, graphs=True)
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream()
+        cap = self._capture_stream
+        env = self.new_env(program, static)
+        self._prefill_buffers(state, env)
+        graphs: dict[int, Any] = {}
+        caller = torch.cuda.current_stream()
+        cap.wait_stream(caller)
+        for piece in plan.pieces:
+            if piece.graph:
+                graph = torch.cuda.CUDAGraph()
+                own = {s for launch in piece.order for s in launch.out_slots}
+                try:
+                    with torch.cuda.graph(graph, stream=cap):
+                        self._issue(state, piece, env, cap, frees=True, only=own)
+                except Exception as exc:
+                    segs = sorted({launch.segment.name for launch in piece.order})
+                    raise BackendError(
+                        f"CUDA-graph capture of {piece!r} (segments {', '.join(segs[:6])}{' ...' if len(segs) > 6 else ''}) "
+                        f"failed: {type(exc).__name__}: {exc}. A segment that synchronises with the host or allocates "
+                        "outside the graph pool cannot be captured: tag it 'no-cudagraph' (it then runs eagerly "
+                        "between graph pieces), or set cuda_graphs=False."
+                    ) from exc
+                graphs[piece.index] = graph
+            else:
+                with torch.cuda.stream(cap):
+                    self._issue(state, piece, env, cap, frees=False)
+        caller.wait_stream(cap)
+        log.info("captured %s for %r", plan, program)
+        # capture recorded the work without running it; the caller replays right away, which makes the
+        # static outputs valid
+        return _Graphed(plan, graphs, static, env)
+
+    def _replay_eager(self, state: _State, piece: Piece, env: list[Any], caller: Any) -> None:
+        """Run an uncapturable piece and copy its outputs into the tensors later graphs read (fixed addresses)."""
+        scratch = list(env)
+        self._issue(state, piece, scratch, caller, frees=False)
+        for launch in piece.order:
+            for slot in launch.out_slots:
+                old, new = env[slot], scratch[slot]
+                if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor) and old is not new:
+                    old.copy_(new)
+
+    # -- outputs and timeline -------------------------------------------------------------------------
+    def _outputs(self, program: Program, env: list[Any], static: set[int] | None = None) -> Any:
+        """The step's outputs; with ``copy_outputs`` a clone of every output living in a static buffer
+        (``static``: those slots; ``None``: all of them, as under CUDA graphs). Fresh tensors pass as is."""
+        if not self.config.copy_outputs:
+            return self.outputs(program, env)
+        keep = set(program.output_slots.values()) if static is None else static
+        copied = {s: env[s].clone() for s in keep if isinstance(env[s], torch.Tensor)}
+        return self.outputs(program, [copied.get(i, v) for i, v in enumerate(env)])
+
+    def _finish_timeline(self, start: Any, timing: list[tuple[str, str, str, Any, Any]] | None) -> None:
+        if timing is None:
+            self.last_timeline = None
+            return
+        if timing:
+            timing[-1][4].synchronize()
+        events = []
+        for lane, op, res, t0, t1 in timing:
+            t1.synchronize()
+            events.append(TimelineEvent(lane, op, start.elapsed_time(t0) / 1e3, start.elapsed_time(t1) / 1e3, res))
+        self.last_timeline = Timeline(tuple(sorted(events, key=lambda e: e.start)), self.name)
+
+
+class _NoLock:
+    """Launches are issued from one host thread, so the merge-buffer allocation needs no lock."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+_NOLOCK: Any = _NoLock()
+
+
+def _timing_event(stream: Any) -> Any:
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record(stream)
+    return ev
+
+
+def _free_table(program: Program) -> dict[int, tuple[int, ...]]:
+    return {id(l): f for l, f in zip(program.serial_order, program.serial_frees) if f}
+
+
+def _is_persistent(x: torch.Tensor) -> bool:
+    """Parameters and buffers keep their storage across calls: capture them in place, never copy them."""
+    return isinstance(x, torch.nn.Parameter) or getattr(x, "_dynamo_static_input_type", None) is not None
+
+
+def _signature(inputs: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple((tuple(x.shape), x.dtype, str(x.device)) if isinstance(x, torch.Tensor) else ("V", repr(x))
+                 for x in inputs)
+
+

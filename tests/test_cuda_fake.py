@@ -1,0 +1,265 @@
+"""The CUDA executor's eager path on CPU, with torch.cuda's streams and events replaced by fakes that check
+the host-side protocol: every lane forks from the caller's stream and joins back, every event is recorded
+before any stream waits on it, cross-lane values are ``record_stream``-ed before they are freed, merge
+buffers move into one arena after the first step. (Real streams run on the GPU under ``pytest -m cuda``.)"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+import torch
+
+import dynaflow
+from dynaflow.backend import SerialExecutor
+from dynaflow.backend import cuda as cuda_mod
+from dynaflow.backend.streams import LaneStream
+from models import make_transformer, transformer_input
+from programs import program_of
+
+
+class FakeEvent:
+    def __init__(self, enable_timing: bool = False, **_: object) -> None:
+        self.recorded = False
+        self.t = 0.0
+
+    def record(self, stream=None):
+        self.recorded = True
+        self.t = time.perf_counter()
+        if stream is not None:
+            stream.log.append(("record", id(self)))
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other):
+        return (other.t - self.t) * 1e3
+
+
+class FakeStream:
+    def __init__(self, name: str, journal: list) -> None:
+        self.name = name
+        self.log: list = []
+        self.journal = journal
+
+    def wait_event(self, ev):
+        assert ev.recorded, f"{self.name} waits on an event that was never recorded (host issue order is wrong)"
+        self.log.append(("wait", id(ev)))
+
+    def wait_stream(self, other):
+        self.journal.append((self.name, "wait_stream", other.name))
+
+    def __repr__(self):
+        return f"FakeStream({self.name})"
+
+
+class FakeGraph:
+    """Records the launches issued during a fake capture; ``replay`` re-runs them and writes the results into
+    the tensors the capture left in the env (what a real replay does at fixed addresses)."""
+
+    active: "FakeGraph | None" = None
+
+    def __init__(self) -> None:
+        self.recorded: list = []
+        self.env: list | None = None
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+        scratch = list(self.env)
+        for launch, batch in self.recorded:
+            REAL_RUN_LAUNCH(launch, scratch, NOLOCK, batch)
+            for s in launch.out_slots:
+                old = self.env[s]
+                if isinstance(old, torch.Tensor) and old is not scratch[s]:
+                    old.copy_(scratch[s])
+
+
+REAL_RUN_LAUNCH = cuda_mod.run_launch
+NOLOCK = cuda_mod._NOLOCK
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    journal: list = []
+    caller = FakeStream("caller", journal)
+    current = [caller]
+    frees: list = []
+
+    @contextlib.contextmanager
+    def stream(s):
+        current.append(s)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    def lane_streams(lanes, device=None):
+        return tuple(LaneStream(l.name, FakeStream(l.name, journal), l.sm_count, None,
+                                "fallback" if l.sm_count else "stream") for l in lanes)
+
+    monkeypatch.setattr(cuda_mod, "cuda_unavailable_reason", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(cuda_mod, "make_lane_streams", lane_streams)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: frees.append(s.name), raising=False)
+
+    @contextlib.contextmanager
+    def graph(g, stream=None, **_):
+        assert FakeGraph.active is None, "nested capture"
+        FakeGraph.active = g
+        current.append(stream)
+        try:
+            yield
+        finally:
+            current.pop()
+            FakeGraph.active = None
+
+    def run_launch(launch, env, lock, batch):
+        g = FakeGraph.active
+        if g is not None:
+            assert g.env is None or g.env is env, "one env per captured piece"
+            g.env = env
+            g.recorded.append((launch, batch))
+        return REAL_RUN_LAUNCH(launch, env, lock, batch)
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: FakeStream("capture", journal))
+    monkeypatch.setattr(cuda_mod, "run_launch", run_launch)
+    return type("Fake", (), {"journal": journal, "caller": caller, "frees": frees})
+
+
+@pytest.mark.parametrize("strategy,nano", [("sequential", 1), ("round_robin", 2), ("nanoflow", 2), ("nanoflow", 3)])
+def test_eager_cuda_path_matches_serial_and_follows_the_stream_protocol(fake_cuda, strategy, nano):
+    p, inputs, _ = program_of(make_transformer(), transformer_input(7), strategy, nano)
+    ex = cuda_mod.CudaExecutor()
+    with torch.no_grad():
+        ref = SerialExecutor().run(p, inputs)
+        for step in range(3):
+            fake_cuda.journal.clear()
+            out = ex.run(p, inputs)
+            assert torch.equal(out, ref)
+            lanes = {l.name for l in p.lanes}
+            if step == 0:  # the first step probes buffer shapes on the caller's stream alone
+                assert not fake_cuda.journal
+                continue
+            assert {(n, "wait_stream", "caller") for n in lanes} <= set(fake_cuda.journal)  # fork
+            assert {("caller", "wait_stream", n) for n in lanes} <= set(fake_cuda.journal)  # join
+    state = ex._state(p)
+    assert state.buffers is not None and set(state.buffers) == set(p.buffers)
+    if p.buffers:
+        assert state.arena is not None and state.arena.dtype == torch.uint8
+        assert out.data_ptr() != state.arena.data_ptr()  # copy_outputs=True: a fresh tensor
+    if len(p.lanes) > 1 and any(w for s in p.streams for w in s if not hasattr(w, "fn")):
+        assert fake_cuda.frees, "cross-lane values must be record_stream-ed on their reading lanes before freeing"
+
+
+def test_merge_buffers_read_by_a_barrier_move_into_the_arena(fake_cuda):
+    """A merge buffer that only a barrier reads is freed at its last use; the probe must still measure it."""
+    from models import make_coupled, mlp_input
+
+    model = make_coupled()
+    p, inputs, _ = program_of(model, mlp_input(6), "nanoflow", 2)
+    assert set(p.buffers) - set(p.output_slots.values())  # a buffer only the barrier reads
+    ex = cuda_mod.CudaExecutor()
+    with torch.no_grad():
+        ref = SerialExecutor().run(p, inputs)
+        for _ in range(3):
+            torch.testing.assert_close(ex.run(p, inputs), ref, atol=1e-6, rtol=1e-6)
+    st = ex._state(p)
+    assert set(st.buffers) == set(p.buffers) and st.arena is not None
+
+
+def test_views_of_static_buffers_when_copy_outputs_is_false(fake_cuda):
+    p, inputs, _ = program_of(make_transformer(), transformer_input(6), "nanoflow", 2)
+    ex = cuda_mod.CudaExecutor(copy_outputs=False)
+    with torch.no_grad():
+        ex.run(p, inputs)
+        out = ex.run(p, inputs)
+    arena = ex._state(p).arena
+    assert arena is not None
+    assert arena.data_ptr() <= out.data_ptr() < arena.data_ptr() + arena.numel()
+
+
+def test_gpu_timeline_records_every_launch(fake_cuda):
+    p, inputs, _ = program_of(make_transformer(), transformer_input(6), "nanoflow", 2)
+    ex = cuda_mod.CudaExecutor(gpu_timeline=True)
+    with torch.no_grad():
+        ex.run(p, inputs)
+    tl = ex.last_timeline
+    assert tl is not None and len(tl.events) == p.num_launches and set(tl.lanes) == {l.name for l in p.lanes}
+    assert all(e.end >= e.start >= 0 for e in tl.events)
+    assert cuda_mod.CudaExecutor().last_timeline is None
+
+
+def test_compile_with_cuda_executor_uses_the_config(fake_cuda):
+    model = make_transformer()
+    c = dynaflow.compile(model, strategy="nanoflow", nano_batches=2, executor="cuda", config={"gpu_timeline": True})
+    x = transformer_input(5)
+    with torch.no_grad():
+        out = c(x)
+        assert torch.equal(out, model(x))
+    ex = c.graphs[0]._executors["cuda"]
+    assert ex.config.gpu_timeline and c.last_timeline is not None and c.last_timeline.executor == "cuda"
+
+
+def test_sm_partitioned_lanes_fall_back_and_still_compute_the_same(fake_cuda):
+    model = make_transformer()
+    c = dynaflow.compile(model, strategy="nanoflow", nano_batches=2, executor="cuda",
+                         config={"strategy_options": {"sm_counts": {"compute": 96, "memory": 36}}})
+    x = transformer_input(5)
+    with torch.no_grad():
+        assert torch.equal(c(x), model(x))
+    streams = c.graphs[0]._executors["cuda"].lane_streams(c.program)
+    assert {ls.requested_sms for ls in streams} == {96, 36}
+
+
+# -- CUDA-graph bookkeeping with a fake graph (capture records launches, replay re-runs them in place) ----
+def test_cuda_graphs_bucketed_calls_pad_capture_once_per_bucket_and_replay(fake_cuda):
+    model = make_transformer()
+    c = dynaflow.compile(model, strategy="nanoflow", nano_batches=2, executor="cuda",
+                         config={"cuda_graphs": True, "capture_sizes": (4, 8)})
+    with torch.no_grad():
+        for batch, bucket, seed in [(5, 8, 1), (6, 8, 2), (3, 4, 3), (8, 8, 4), (5, 8, 5)]:
+            x = transformer_input(batch, seed=seed)
+            out = c(x)
+            assert c.graphs[0].last_bucket.size == bucket
+            torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+        ex = c.graphs[0]._executors["cuda"]
+        states = [st for st in ex._states.values() if st.graphed]
+        assert sorted(st.program.batch_size for st in states) == [4, 8]  # one capture per bucket
+        (g8,) = [next(iter(st.graphed.values())) for st in states if st.program.batch_size == 8]
+        assert g8.plan.whole and g8.graphs[0].replays == 4  # captured once, replayed on each call
+        with pytest.raises(dynaflow.DynaflowError, match="larger than the largest"):
+            c(transformer_input(9))
+
+
+def test_cuda_graph_static_outputs_as_views(fake_cuda):
+    model = make_transformer()
+    c = dynaflow.compile(model, strategy="nanoflow", nano_batches=2, executor="cuda",
+                         config={"cuda_graphs": True, "copy_outputs": False})
+    with torch.no_grad():
+        a = c(transformer_input(4, seed=1))
+        a_val = a.clone()
+        b = c(transformer_input(4, seed=2))
+    assert a.data_ptr() == b.data_ptr() and not torch.equal(a, a_val)
+    torch.testing.assert_close(b, model(transformer_input(4, seed=2)), atol=1e-5, rtol=1e-5)
+
+
+def test_no_cudagraph_segments_run_eagerly_between_graph_pieces(fake_cuda):
+    from programs import retag
+
+    p, inputs, _ = program_of(make_transformer(), transformer_input(6), "nanoflow", 2)
+    q = retag(p, {"attention_0", "glue_3"}, "no-cudagraph")
+    ex = cuda_mod.CudaExecutor(cuda_graphs=True)
+    with torch.no_grad():
+        for seed in (1, 2, 3):
+            x = transformer_input(6, seed=seed)
+            out = ex.run(q, [x])
+            assert torch.equal(out, SerialExecutor().run(p, [x]))
+    (g,) = ex._state(q).graphed.values()
+    assert g.plan.num_graphs >= 2 and not g.plan.whole
+    assert all(graph.replays == 3 for graph in g.graphs.values())
