@@ -15,6 +15,7 @@ and dynaflow partitions and plans each for its batch size.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -48,14 +49,19 @@ class DynaflowForward:
         self.model = model
         self.options = dict(options)
         self._own_forward = type(model).forward.__get__(model)
+        # generate() reads the forward's signature to decide what to pass (position_ids for left padding,
+        # logits_to_keep): the hook must advertise the model's own parameters, not (*args, **kwargs).
+        self.__signature__ = inspect.signature(self._own_forward)
         self._saved_disable_compile = getattr(model.generation_config, "disable_compile", False)
         self.compiled = dynaflow.compile(self._step, **options)
         self.calls = 0
 
     # -- the captured step -------------------------------------------------------------------------------
-    def _step(self, input_ids: torch.Tensor, attention_mask: Any, position_ids: Any, cache: Any) -> torch.Tensor:
+    def _step(self, input_ids: torch.Tensor, attention_mask: Any, position_ids: Any, cache: Any,
+              logits_to_keep: int = 0) -> torch.Tensor:
         out = self._own_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                cache=cache, use_cache=cache is not None, return_dict=True)
+                                cache=cache, use_cache=cache is not None, return_dict=True,
+                                logits_to_keep=logits_to_keep)
         return out.logits
 
     # -- the hook ----------------------------------------------------------------------------------------
@@ -71,11 +77,11 @@ class DynaflowForward:
         cache = call["cache"]
         if cache is not None:
             self._prepare_cache(cache, ids)
-        logits = self.compiled(ids, call["attention_mask"], call["position_ids"], cache)
-        self.calls += 1
         keep = call["logits_to_keep"]
-        if isinstance(keep, int) and keep > 0:
-            logits = logits[:, -keep:, :]
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+            raise ConfigError(f"logits_to_keep must be an int >= 0 under dynaflow; got {keep!r}.")
+        logits = self.compiled(ids, call["attention_mask"], call["position_ids"], cache, keep)
+        self.calls += 1
         if call["return_dict"] is False:
             return (logits, cache) if cache is not None else (logits,)
         return CausalLMOutputWithPast(logits=logits, cache=cache)
@@ -126,7 +132,7 @@ class DynaflowForward:
             cache = None
         return {"input_ids": ids, "attention_mask": call.get("attention_mask"),
                 "position_ids": call.get("position_ids"), "cache": cache,
-                "return_dict": call.get("return_dict"), "logits_to_keep": call.get("logits_to_keep", 0)}
+                "return_dict": call.get("return_dict"), "logits_to_keep": call.get("logits_to_keep") or 0}
 
     def _prepare_cache(self, cache: Any, ids: torch.Tensor) -> None:
         """Check the cache is a static one of this batch; allocate it now if it is still lazy."""

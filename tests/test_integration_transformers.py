@@ -1,0 +1,210 @@
+"""transformers ``generate`` through dynaflow: greedy tokens equal eager's, with a static KV cache.
+
+Every forward step (prefill and decode, separate graphs) runs through dynaflow with 2 nano-batches; the
+static cache rows of each nano-batch are written in place through views. Tiny random Llama and Mixtral
+configs (Mixtral's expert dispatch is a barrier), batch sizes 3 and 4, left-padded prompts of different
+lengths, every built-in strategy, serial and thread executors.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dynaflow
+from models import HF_FACTORIES, HF_VOCAB, grad_off
+
+pytest.importorskip("transformers")
+from transformers import DynamicCache, StaticCache  # noqa: E402
+
+from dynaflow.integrations import transformers as df_hf  # noqa: E402
+
+NEW_TOKENS = 4
+PAD = 0
+
+
+def prompts(batch: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """A left-padded batch: row i has ``i % 3`` pad tokens in front, so prompt lengths differ."""
+    g = torch.Generator().manual_seed(seed + batch)
+    ids = torch.randint(1, HF_VOCAB, (batch, 7), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(batch):
+        pad = i % 3
+        ids[i, :pad] = PAD
+        mask[i, :pad] = 0
+    return ids, mask
+
+
+def gen_kwargs(mask: torch.Tensor, **extra) -> dict:
+    return dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=PAD,
+                return_dict_in_generate=True, output_logits=True, **extra)
+
+
+def assert_same_generation(out, ref) -> None:
+    """Tokens equal; every step's logits close (so equal tokens are not luck of a tiny random model)."""
+    assert torch.equal(out.sequences, ref.sequences), (out.sequences, ref.sequences)
+    assert len(out.logits) == len(ref.logits) == NEW_TOKENS
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module", params=sorted(HF_FACTORIES))
+def hf_model(request):
+    model = HF_FACTORIES[request.param]().eval()
+    refs = {}
+    with grad_off():
+        for batch in (3, 4):
+            ids, mask = prompts(batch)
+            refs[batch] = model.generate(ids, **gen_kwargs(mask, cache_implementation="static"))
+    return request.param, model, refs
+
+
+def _generate(model, batch, **enable):
+    ids, mask = prompts(batch)
+    hook = df_hf.enable(model, nano_batches=2, **enable)
+    try:
+        with grad_off():
+            out = model.generate(ids, **gen_kwargs(mask, cache_implementation="static"))
+    finally:
+        df_hf.disable(model)
+    return out, hook
+
+
+CASES = [(s, "thread", 3) for s in dynaflow.strategies.available()] + [("nanoflow", "serial", 4),
+                                                                        ("round_robin", "serial", 3)]
+
+
+@pytest.mark.parametrize("strategy,executor,batch", CASES)
+def test_generate_matches_eager(hf_model, strategy, executor, batch):
+    name, model, refs = hf_model
+    out, hook = _generate(model, batch, strategy=strategy, executor=executor)
+    assert_same_generation(out, refs[batch])
+    # prefill + one decode graph, every step through dynaflow, split in two
+    assert len(hook.compiled.graphs) == 2 and hook.calls == NEW_TOKENS
+    for g in hook.compiled.graphs:
+        assert g.last_plan.split.num == 2
+        assert g.last_timeline.executor == executor
+        reasons = [s.reason for s in g.segmented.segments if s.kind is dynaflow.SegmentKind.BARRIER]
+        counters = [r for r in reasons if "cumulative_length" in r]
+        assert len(counters) == model.config.num_hidden_layers  # the cache length counter, once per layer
+        assert len(reasons) == len(counters) * (2 if name == "mixtral" else 1)  # + the MoE dispatch
+
+
+def test_user_static_cache_is_written_in_place(hf_model):
+    name, model, _ = hf_model
+    ids, mask = prompts(4)
+    cfg = model.config
+    caches = [StaticCache(config=cfg, max_cache_len=16) for _ in range(2)]
+    with grad_off():
+        ref = model.generate(ids, **gen_kwargs(mask, cache=caches[0]))
+        df_hf.enable(model, strategy="round_robin", nano_batches=2, executor="thread")
+        try:
+            ptrs = None
+            out = model.generate(ids, **gen_kwargs(mask, cache=caches[1]))
+            ptrs = [layer.keys.data_ptr() for layer in caches[1].layers]
+        finally:
+            df_hf.disable(model)
+    assert_same_generation(out, ref)
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-5)
+        assert int(b.cumulative_length) == int(a.cumulative_length)
+    assert ptrs == [layer.keys.data_ptr() for layer in caches[1].layers]
+
+
+def test_forward_without_cache_matches_eager(hf_model):
+    name, model, _ = hf_model
+    ids, mask = prompts(4)
+    with grad_off():
+        ref = model(ids, attention_mask=mask, use_cache=False).logits
+        df_hf.enable(model, strategy="nanoflow", nano_batches=2, executor="serial")
+        try:
+            out = model(ids, attention_mask=mask, use_cache=False)
+        finally:
+            df_hf.disable(model)
+    torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
+    assert out.cache is None
+
+
+# -- switch and lifecycle ---------------------------------------------------------------------------
+def test_enable_disable_restores_the_model():
+    model = HF_FACTORIES["llama"]()
+    assert df_hf.is_available() and not df_hf.is_enabled(model)
+    hook = df_hf.enable(model, strategy="sequential", nano_batches=2)
+    assert df_hf.is_enabled(model) and df_hf.hook_of(model) is hook and model.forward is hook
+    assert model.generation_config.disable_compile is True  # generate must not torch.compile over dynaflow
+    assert "LlamaForCausalLM" in repr(hook) and "sequential" in repr(hook)
+    again = df_hf.enable(model, strategy="round_robin", nano_batches=2)  # replaces the first hook
+    assert df_hf.hook_of(model) is again
+    assert df_hf.disable(model) is True and df_hf.disable(model) is False
+    assert "forward" not in model.__dict__ and not model.generation_config.disable_compile
+
+
+# -- bad input: each a DynaflowError naming the option, the shape and the fix ------------------------
+@pytest.fixture
+def llama_enabled():
+    model = HF_FACTORIES["llama"]()
+    df_hf.enable(model, nano_batches=2, executor="serial")
+    yield model
+    df_hf.disable(model)
+
+
+def test_dynamic_cache_is_refused(llama_enabled):
+    ids, mask = prompts(3)
+    with pytest.raises(dynaflow.ConfigError, match=r"cache=DynamicCache.*cache_implementation='static'"):
+        with grad_off():
+            llama_enabled.generate(ids, **gen_kwargs(mask))
+    with pytest.raises(dynaflow.ConfigError, match=r"DynamicCache.*StaticCache\(config=model.config"):
+        llama_enabled(ids, cache=DynamicCache(config=llama_enabled.config))
+
+
+def test_cache_batch_mismatch_is_refused(llama_enabled):
+    cfg = llama_enabled.config
+    cache = StaticCache(config=cfg, max_cache_len=16)
+    cache.early_initialization(2, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
+                               torch.float32, torch.device("cpu"))
+    ids, mask = prompts(3)
+    with pytest.raises(dynaflow.ConfigError, match=r"holds 2 rows .*\(2, 2, 16, 16\).*batch 3 \(3, 7\).*"
+                                                  r"cache_implementation='static'"):
+        llama_enabled(ids, attention_mask=mask, cache=cache)
+
+
+def test_missing_cache_with_use_cache_is_refused(llama_enabled):
+    ids, _ = prompts(3)
+    with pytest.raises(dynaflow.ConfigError, match=r"use_cache=True and no cache \(input_ids \(3, 7\)\).*use_cache=False"):
+        llama_enabled(ids)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    ({"labels": "ids"}, r"unsupported argument\(s\) \['labels'\].*disable\(model\)"),
+    ({"inputs_embeds": "emb"}, r"unsupported argument\(s\) \['inputs_embeds'\]"),
+    ({"output_attentions": True}, r"output_attentions=True is not supported"),
+])
+def test_unsupported_arguments_are_refused(llama_enabled, kwargs, pattern):
+    ids, _ = prompts(3)
+    values = {"ids": ids, "emb": torch.zeros(3, 7, 64)}
+    kw = {k: values.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+    with pytest.raises(dynaflow.ConfigError, match=pattern):
+        llama_enabled(ids, use_cache=False, **kw)
+
+
+def test_bad_input_ids_shape_is_refused(llama_enabled):
+    with pytest.raises(dynaflow.ConfigError, match=r"input_ids must be a \[batch, seq\].*got \(7,\)"):
+        llama_enabled(torch.ones(7, dtype=torch.long), use_cache=False)
+
+
+def test_enable_refuses_non_transformers_models():
+    with pytest.raises(dynaflow.ConfigError, match=r"needs a transformers PreTrainedModel.*got Linear.*dynaflow.compile"):
+        df_hf.enable(torch.nn.Linear(2, 2))
+
+
+def test_package_imports_without_transformers():
+    code = ("import sys; sys.modules['transformers'] = None; import dynaflow; "
+            "from dynaflow.integrations import transformers as df_hf; assert not df_hf.is_available(); "
+            "import torch\ntry:\n    df_hf.enable(torch.nn.Linear(2, 2))\nexcept dynaflow.ConfigError as e:\n"
+            "    assert 'pip install' in str(e); print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
