@@ -226,3 +226,18 @@ def test_package_imports_without_transformers():
             "    assert 'pip install' in str(e); print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_host_is_imported_only_by_the_private_module():
+    import ast
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "integrations" / "transformers"
+    importers = set()
+    for path in pkg.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            if any(n == "transformers" or n.startswith("transformers.") for n in names):
+                importers.add(path.name)
+    assert importers == {"_hooks.py"}
