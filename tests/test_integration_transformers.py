@@ -241,3 +241,35 @@ def test_host_is_imported_only_by_the_private_module():
             if any(n == "transformers" or n.startswith("transformers.") for n in names):
                 importers.add(path.name)
     assert importers == {"_hooks.py"}
+
+
+def test_one_hook_serves_new_prompt_lengths_and_batch_sizes(hf_models):
+    model, refs = hf_models("llama")
+    g = torch.Generator().manual_seed(11)
+    cases = [(3, 7), (4, 5), (3, 9)]  # prefill graph becomes dynamic in the sequence; plans per batch size
+    inputs = {}
+    with grad_off():
+        for batch, seq in cases:
+            ids = torch.randint(1, HF_VOCAB, (batch, seq), generator=g)
+            mask = torch.ones_like(ids)
+            ids[0, :1], mask[0, :1] = PAD, 0
+            inputs[batch, seq] = (ids, mask, model.generate(ids, **gen_kwargs(mask, cache_implementation="static")))
+        hook = df_hf.enable(model, strategy="nanoflow", nano_batches=2, executor="thread")
+        try:
+            for ids, mask, ref in inputs.values():
+                assert_same_generation(model.generate(ids, **gen_kwargs(mask, cache_implementation="static")), ref)
+        finally:
+            df_hf.disable(model)
+    assert hook.calls == len(cases) * NEW_TOKENS and len(hook.compiled.graphs) <= 4
+
+
+def test_batch_of_one_cannot_be_split(hf_models):
+    model, _ = hf_models("llama")
+    ids, mask = prompts(1)
+    df_hf.enable(model, nano_batches=2, executor="serial")
+    try:
+        with pytest.raises(dynaflow.ConfigError, match=r"nano_batches=2 is invalid for a batch of 1"):
+            with grad_off():
+                model.generate(ids, **gen_kwargs(mask, cache_implementation="static"))
+    finally:
+        df_hf.disable(model)
