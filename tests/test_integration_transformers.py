@@ -273,3 +273,17 @@ def test_batch_of_one_cannot_be_split(hf_models):
                 model.generate(ids, **gen_kwargs(mask, cache_implementation="static"))
     finally:
         df_hf.disable(model)
+
+
+def test_outer_torch_compile_leaves_the_step_to_dynaflow():
+    model = HF_FACTORIES["llama"]().eval()
+    ids, mask = prompts(3)
+    with grad_off():
+        ref = model(ids, attention_mask=mask, use_cache=False).logits
+        hook = df_hf.enable(model, strategy="round_robin", nano_batches=2, executor="serial")
+        try:
+            out = torch.compile(model, backend="eager")(ids, attention_mask=mask, use_cache=False)
+        finally:
+            df_hf.disable(model)
+    torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
+    assert hook.calls == 1 and hook.compiled.last_graph.last_plan.split.num == 2

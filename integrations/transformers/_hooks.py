@@ -65,13 +65,10 @@ class DynaflowForward:
         return out.logits
 
     # -- the hook ----------------------------------------------------------------------------------------
+    @torch._dynamo.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():
-            raise ConfigError(
-                "transformers tried to torch.compile the forward of a model that dynaflow runs (generate's "
-                "auto-compile for static caches). Pass disable_compile=True to generate(...) or leave "
-                "model.generation_config.disable_compile=True as dynaflow.integrations.transformers.enable sets it."
-            )
+        # Never traced by an outer torch.compile (generate's auto-compile, a user's torch.compile(model)): the
+        # outer graph breaks here and dynaflow's own capture runs the step.
         call = self._bind(args, kwargs)
         ids = call["input_ids"]
         cache = call["cache"]
