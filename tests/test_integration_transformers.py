@@ -17,10 +17,11 @@ import torch
 import dynaflow
 from models import HF_FACTORIES, HF_VOCAB, grad_off
 
-pytest.importorskip("transformers")
-from transformers import DynamicCache, StaticCache  # noqa: E402
+from dynaflow.integrations import transformers as df_hf
 
-from dynaflow.integrations import transformers as df_hf  # noqa: E402
+if not df_hf.is_available():
+    pytest.skip("needs transformers >= 5.0", allow_module_level=True)
+from transformers import DynamicCache, StaticCache  # noqa: E402
 
 NEW_TOKENS = 4
 PAD = 0
