@@ -327,12 +327,4 @@ def _dropout_training(node: torch.fx.Node) -> bool:
 
 
 def _is_inplace(node: torch.fx.Node, short: str) -> bool:
-    if short in ("setitem", "__setitem__"):
-        return True
-    if node.op == "call_method" and short.endswith("_") and not short.endswith("__"):
-        return True
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.is_mutable
-    if node.op == "call_function" and short.endswith("_") and not short.endswith("__"):
-        return True
-    return "out" in node.kwargs
+    return is_inplace(node)

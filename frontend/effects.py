@@ -31,13 +31,23 @@ _VIEW_OPS = {
 """Ops whose result may share storage with their first argument."""
 
 
+_AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+              operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+              operator.imatmul}
+"""``x += y`` and friends: Dynamo records them as ``operator.iadd(x, y)``; on a tensor they write ``x``."""
+
+
 def is_inplace(node: torch.fx.Node) -> bool:
-    """Whether ``node`` writes into one of its inputs (``x.add_(1)``, ``x[i] = v``, ``out=`` variants)."""
+    """Whether ``node`` writes into one of its inputs (``x.add_(1)``, ``x += 1``, ``x[i] = v``, ``out=`` variants)."""
     if node.op not in ("call_function", "call_method"):
         return False
     short = op_short_name(node)
     if short in ("setitem", "__setitem__") or node.target is operator.setitem:
         return True
+    if node.target in _AUGMENTED or short in ("__iadd__", "__isub__", "__imul__", "__itruediv__"):
+        first = node.args[0] if node.args else None
+        val = first.meta.get("val", first.meta.get("example_value")) if isinstance(first, torch.fx.Node) else None
+        return isinstance(val, torch.Tensor)  # on ints (sizes) ``+=`` rebinds, it does not write
     if isinstance(node.target, torch._ops.OpOverload):
         return node.target._schema.is_mutable
     if "out" in node.kwargs:

@@ -135,3 +135,45 @@ def test_inplace_on_a_fresh_intermediate_is_not_a_barrier():
         torch.testing.assert_close(compiled(x), model(x))
     kinds = {s.kind for s in compiled.last_graph.segmented.segments}
     assert dynaflow.SegmentKind.BARRIER not in kinds
+
+
+class StepCounter(nn.Module):
+    """A buffer counter bumped with ``+=`` (Dynamo records ``operator.iadd``), then used by batch rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.steps += 1
+        return self.lin(x) * self.steps
+
+
+@pytest.mark.parametrize("executor", ["serial", "thread"])
+def test_augmented_assignment_counter_runs_once_per_step(executor):
+    model, ref = StepCounter(), StepCounter()
+    ref.load_state_dict(model.state_dict())
+    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor=executor)
+    x = torch.randn(4, 4)
+    with grad_off():
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), ref(x))
+    assert int(model.steps) == int(ref.steps) == 3
+    reasons = [s.reason for s in compiled.last_graph.segmented.segments if s.kind is dynaflow.SegmentKind.BARRIER]
+    assert len(reasons) == 1 and "steps" in reasons[0]
+
+
+def test_augmented_assignment_on_ints_is_not_a_write():
+    class SizeMath(nn.Module):
+        def forward(self, x):
+            n = x.shape[-1]
+            n += 1
+            return x[..., : n - 1] * 2
+
+    model = SizeMath()
+    compiled = dynaflow.compile(model, nano_batches=2, executor="serial")
+    x = torch.randn(4, 6)
+    with grad_off():
+        torch.testing.assert_close(compiled(x), model(x))
+    assert all(s.kind is not dynaflow.SegmentKind.BARRIER for s in compiled.last_graph.segmented.segments)
