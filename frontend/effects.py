@@ -88,6 +88,12 @@ def _aliases(root: torch.fx.Node) -> set[torch.fx.Node]:
     return seen
 
 
+def _reads_metadata_only(node: torch.fx.Node) -> bool:
+    """A size / stride query (its value is an int, a SymInt or a ``torch.Size``): it never sees the data."""
+    val = node.meta.get("val", node.meta.get("example_value"))
+    return isinstance(val, (int, torch.SymInt, torch.SymBool, torch.SymFloat, torch.Size)) and not isinstance(val, bool)
+
+
 def effect_pairs(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
     """``(first, then)`` node pairs that must keep their graph order because one writes what the other accesses."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -105,7 +111,7 @@ def effect_pairs(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx
             aliases = alias_cache[root] = _aliases(root)
         for a in aliases:
             for user in list(a.users) + ([a] if a.op != "placeholder" else []):
-                if user is w or user.op == "output":
+                if user is w or user.op == "output" or _reads_metadata_only(user):
                     continue
                 pairs.add((user, w) if order[user] < order[w] else (w, user))
     return sorted(pairs, key=lambda p: (order[p[0]], order[p[1]]))
