@@ -290,3 +290,15 @@ def test_outer_torch_compile_leaves_the_step_to_dynaflow():
             df_hf.disable(model)
     torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
     assert hook.calls == 1 and hook.compiled.last_graph.last_plan.split.num == 2
+
+
+def test_strict_mode_names_the_cache_counter(hf_models):
+    model, _ = hf_models("llama")
+    ids, mask = prompts(3)
+    df_hf.enable(model, nano_batches=2, executor="serial", config={"strict": True})
+    try:
+        with pytest.raises(dynaflow.BatchCouplingError, match=r"cumulative_length.*in place"):
+            with grad_off():
+                model.generate(ids, **gen_kwargs(mask, cache_implementation="static"))
+    finally:
+        df_hf.disable(model)
