@@ -302,3 +302,21 @@ def test_strict_mode_names_the_cache_counter(hf_models):
                 model.generate(ids, **gen_kwargs(mask, cache_implementation="static"))
     finally:
         df_hf.disable(model)
+
+
+def test_sliding_window_cache_is_refused(llama_enabled):
+    from transformers import MistralConfig
+
+    cfg = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=HF_VOCAB, sliding_window=4)
+    cache = StaticCache(config=cfg, max_cache_len=16)
+    ids, mask = prompts(3)
+    with pytest.raises(dynaflow.ConfigError, match=r"cache=StaticCache \(layers: StaticSlidingWindowLayer\).*"
+                                                  r"sliding-window"):
+        llama_enabled(ids, attention_mask=mask, cache=cache)
+
+
+def test_bad_logits_to_keep_is_refused(llama_enabled):
+    ids, _ = prompts(3)
+    with pytest.raises(dynaflow.ConfigError, match=r"logits_to_keep must be an int >= 0.*-1"):
+        llama_enabled(ids, use_cache=False, logits_to_keep=-1)
