@@ -79,15 +79,18 @@ class SegmentedModule:
     graph_text: str = ""
     constants: dict[str, Any] = field(default_factory=dict)
     """Values with ``source == "const"``: weights the root graph passes to several segments."""
+    effect_deps: tuple[tuple[str, str], ...] = ()
+    """(earlier, later) segment pairs ordered by an in-place write, not by a value (a KV-cache write before
+    the attention that reads the cache placeholder)."""
 
     @property
     def segments(self) -> tuple[Segment, ...]:
         return tuple(c.segment for c in self.calls)
 
     def segment_deps(self) -> list[tuple[str, str]]:
-        """(producer, consumer) segment pairs linked by a boundary value."""
+        """(producer, consumer) segment pairs linked by a boundary value or ordered by an in-place write."""
         producer = {v.name: v.source for v in self.values.values() if v.source not in ("input", "const")}
-        deps = set()
+        deps = set(self.effect_deps)
         for call in self.calls:
             for a in call.args:
                 if a in producer:

@@ -5,8 +5,14 @@ A tensor carries the batch at dim ``d`` when its symbolic size there is ``k·B``
 change its result: it reduces over the batch (its output loses ``B``), works along the batch dim
 (``cumsum``, ``sort``, ``cat``, ``softmax`` over dim 0, ...), changes the rows-per-item factor ``k`` (``repeat``,
 ``cat``), regroups a flattened batch dim, gathers rows by a tensor index, creates batch-position values
-(``arange(B)``), draws random numbers, or writes batch data into a batch-free tensor. A segment holding
-such a node becomes a barrier (or an error under ``strict=True``).
+(``arange(B)``), draws random numbers, writes batch data into a batch-free tensor, or updates batch-free
+state in place (``length.add_(n)`` on a graph input or buffer: once per nano-batch it would apply the update
+several times). A segment holding such a node becomes a barrier (or an error under ``strict=True``).
+
+An in-place write into a tensor that carries the batch at a batch-aligned dim (a static KV cache
+``keys[B, heads, max_len, dim].index_copy_(2, pos, k)``) is batch-local: each nano-batch writes its own rows
+through a view of the cache. The order of writes against reads of the same storage is kept by
+:mod:`.effects`.
 
 Worked example: in ``h - h.mean(0)`` the ``mean`` node couples (``(B, 16) → (16,)``); the ``sub`` does not.
 """
@@ -20,6 +26,7 @@ import sympy
 import torch
 import torch.fx
 
+from dynaflow.frontend.effects import is_inplace, storage_root, write_target
 from dynaflow.frontend.rules import op_short_name
 
 __all__ = ["meta_val", "find_batch_symbol", "find_batch_source", "BatchAnalysis", "analyze"]
@@ -141,7 +148,28 @@ class BatchAnalysis:
                 self.touches.add(node)
             if reason and self._touches(node, dims):
                 self.coupling[node] = reason
+            elif node not in self.coupling:
+                state = self._state_update(node)
+                if state:
+                    self.coupling[node] = state
         return self
+
+    def _state_update(self, node: torch.fx.Node) -> str | None:
+        """An in-place write into a batch-free graph input or buffer (a step counter): it must run once per step.
+
+        Run per nano-batch it would apply the update once per nano-batch (``n.add_(1)`` twice for two), so it is
+        coupling even though no batch data flows into it.
+        """
+        if self.batch is None or not is_inplace(node):
+            return None
+        target = write_target(node)
+        if target is None or self._carries(self.of(target)):
+            return None
+        root = storage_root(target)
+        if root.op not in ("placeholder", "get_attr"):
+            return None
+        return (f"it updates {root.name!r}, a batch-free graph input or buffer, in place; it must run once per step, "
+                "not once per nano-batch")
 
     def _positional(self, node: torch.fx.Node) -> str | None:
         """Track values derived from batch positions (``arange(B)``): they mean different rows per nano-batch.
@@ -299,12 +327,4 @@ def _dropout_training(node: torch.fx.Node) -> bool:
 
 
 def _is_inplace(node: torch.fx.Node, short: str) -> bool:
-    if short in ("setitem", "__setitem__"):
-        return True
-    if node.op == "call_method" and short.endswith("_") and not short.endswith("__"):
-        return True
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.is_mutable
-    if node.op == "call_function" and short.endswith("_") and not short.endswith("__"):
-        return True
-    return "out" in node.kwargs
+    return is_inplace(node)

@@ -12,6 +12,7 @@ The pass runs in five steps, each a function:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 from collections import Counter, defaultdict
@@ -26,6 +27,7 @@ from dynaflow.errors import BatchCouplingError, PartitionError, did_you_mean, no
 from dynaflow.ir import Resource, Segment, SegmentKind
 from dynaflow.segmented import OutRef, SegmentCall, SegmentedModule, Value, ValueKind
 from dynaflow.frontend.batching import SYM, BatchAnalysis, analyze, find_batch_symbol, meta_val
+from dynaflow.frontend.effects import effect_pairs
 from dynaflow.frontend.markers import is_marker, marker_args
 from dynaflow.frontend.rules import Rule, Seq, as_rule, default_rules, module_stack, op_name, op_short_name
 
@@ -265,8 +267,20 @@ def partition(
     for node in [n for n in gm.graph.nodes if is_marker(n)]:  # markers did their job: cut points
         gm.graph.erase_node(node)
     region_index = {n: i for i, r in enumerate(regions) for n in r.nodes if not is_marker(n)}
+    effects = _effect_deps(gm, region_index, segments)
     split = cut(gm, region_index)
-    return read_back(split, segments, ba, graph_text)
+    return dataclasses.replace(read_back(split, segments, ba, graph_text), effect_deps=effects)
+
+
+def _effect_deps(gm: torch.fx.GraphModule, region_index: dict[torch.fx.Node, int],
+                 segments: list[Segment]) -> tuple[tuple[str, str], ...]:
+    """Segment pairs that in-place writes order (see :mod:`dynaflow.frontend.effects`)."""
+    deps = set()
+    for first, then in effect_pairs(gm):
+        a, b = region_index.get(first), region_index.get(then)
+        if a is not None and b is not None and a != b:
+            deps.add((segments[a].name, segments[b].name))
+    return tuple(sorted(deps))
 
 
 def cut(gm: torch.fx.GraphModule, region_index: dict[torch.fx.Node, int]) -> torch.fx.GraphModule:

@@ -1,0 +1,179 @@
+"""In-place state in captured graphs: KV-cache-style row writes and batch-free counters.
+
+A static KV cache is a batch-major tensor written in place each step; each nano-batch must write its own
+rows through a view (batch-local), every read of the cache must see the write (effect ordering), and a
+batch-free length counter updated in place must be updated once per step, not once per nano-batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+import dynaflow
+from dynaflow.frontend.effects import effect_pairs, is_inplace, storage_root, write_target
+from models import grad_off
+
+HID, MAXLEN = 8, 12
+
+
+class CacheStep(nn.Module):
+    """One decode-style step over a batch-major cache: ``cache[B, MAXLEN, HID]`` and a scalar ``length``.
+
+    With ``cut=True`` a marker puts the cache write and the read of the cache in different segments, so only
+    an effect edge orders them.
+    """
+
+    def __init__(self, cut: bool = False):
+        super().__init__()
+        self.proj = nn.Linear(HID, HID)
+        self.cut = cut
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)                                   # [B, S, HID]
+        pos = torch.arange(x.shape[1]) + length            # positions after what is cached
+        length.add_(x.shape[1])                            # batch-free state: once per step
+        cache.index_copy_(1, pos, h)                       # rows of each nano-batch, in place
+        if self.cut:
+            dynaflow.mark("read")
+        seen = cache.sum(1)                                # reads the cache placeholder, not the write
+        return seen + h.mean(1)
+
+
+def _state(batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, HID, generator=g)
+    cache = torch.randn(batch, MAXLEN, HID, generator=g)
+    return x, cache, torch.tensor(2)
+
+
+def _run_both(model, compiled, batch, steps=2):
+    x, cache, length = _state(batch)
+    ref_cache, ref_len = cache.clone(), length.clone()
+    cache_ptr = cache.data_ptr()
+    for s in range(steps):
+        xs = x + s
+        with grad_off():
+            ref = model(xs, ref_cache, ref_len)
+            out = compiled(xs, cache, length)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache, ref_cache, rtol=1e-5, atol=1e-5)
+    assert int(length) == int(ref_len) == 2 + 3 * steps  # the counter moved once per step
+    assert cache.data_ptr() == cache_ptr  # written in place, never replaced
+
+
+@pytest.mark.parametrize("executor", ["serial", "thread"])
+@pytest.mark.parametrize("strategy", dynaflow.strategies.available())
+@pytest.mark.parametrize("cut", [False, True])
+def test_cache_writes_and_counter_match_eager(strategy, executor, cut):
+    model = CacheStep(cut=cut).eval()
+    compiled = dynaflow.compile(model, strategy=strategy, nano_batches=2, executor=executor)
+    _run_both(model, compiled, batch=5)
+    segs = {s.name: s for s in compiled.last_graph.segmented.segments}
+    counters = [s for s in segs.values() if s.kind is dynaflow.SegmentKind.BARRIER]
+    assert len(counters) == 1 and "in place" in counters[0].reason and "length" in counters[0].reason
+    # the cache write itself stays split: nano-batches write their own rows
+    assert compiled.last_graph.last_plan.split.num == 2
+
+
+def test_cut_between_write_and_read_is_an_effect_dependency():
+    model = CacheStep(cut=True).eval()
+    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor="serial")
+    _run_both(model, compiled, batch=4, steps=1)
+    sm = compiled.last_graph.segmented
+    names = [s.name for s in sm.segments]
+    read = next(n for n in names if n.startswith("read"))
+    assert any(b == read for _, b in sm.effect_deps), sm.effect_deps
+    assert set(sm.effect_deps) <= set(sm.segment_deps())
+
+
+def test_strict_names_the_counter():
+    model = CacheStep().eval()
+    compiled = dynaflow.compile(model, nano_batches=2, strict=True)
+    x, cache, length = _state(4)
+    with pytest.raises(dynaflow.BatchCouplingError, match=r"length.*in place.*once per step"):
+        with grad_off():
+            compiled(x, cache, length)
+
+
+def test_effect_pairs_order_reads_around_writes():
+    def f(cache, x, n):
+        before = cache * 1
+        v = cache[:, 0]
+        cache.add_(x)
+        n.add_(1)
+        return before + v + cache
+
+    gm = torch.fx.symbolic_trace(f)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    write = nodes["add_"]
+    assert is_inplace(write) and write_target(write) is nodes["cache"]
+    assert storage_root(nodes["getitem"]) is nodes["cache"]
+    pairs = {(a.name, b.name) for a, b in effect_pairs(gm)}
+    assert ("mul", "add_") in pairs            # read before the write
+    assert ("getitem", "add_") in pairs        # a view taken before the write ...
+    assert ("add_", "add") in pairs            # ... read after it through the view (before + v)
+    assert ("add_", "add_1") in pairs          # ... and through the placeholder (+ cache)
+    counter = next(n for n in gm.graph.nodes if is_inplace(n) and write_target(n) is nodes["n"])
+    assert not any(counter.name in p for p in pairs)  # n's update touches nothing the cache write does
+    assert not is_inplace(nodes["mul"])
+
+
+def test_inplace_on_a_fresh_intermediate_is_not_a_barrier():
+    class Fresh(nn.Module):
+        def forward(self, x):
+            t = torch.zeros(x.shape[-1])
+            t.add_(1.0)                     # a batch-free tensor made in the graph: recomputed per nano-batch
+            return x * t
+
+    model = Fresh()
+    compiled = dynaflow.compile(model, nano_batches=2, executor="serial")
+    x = torch.randn(4, 6)
+    with grad_off():
+        torch.testing.assert_close(compiled(x), model(x))
+    kinds = {s.kind for s in compiled.last_graph.segmented.segments}
+    assert dynaflow.SegmentKind.BARRIER not in kinds
+
+
+class StepCounter(nn.Module):
+    """A buffer counter bumped with ``+=`` (Dynamo records ``operator.iadd``), then used by batch rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.steps += 1
+        return self.lin(x) * self.steps
+
+
+@pytest.mark.parametrize("executor", ["serial", "thread"])
+def test_augmented_assignment_counter_runs_once_per_step(executor):
+    model, ref = StepCounter(), StepCounter()
+    ref.load_state_dict(model.state_dict())
+    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor=executor)
+    x = torch.randn(4, 4)
+    with grad_off():
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), ref(x))
+    assert int(model.steps) == int(ref.steps) == 3
+    reasons = [s.reason for s in compiled.last_graph.segmented.segments if s.kind is dynaflow.SegmentKind.BARRIER]
+    assert len(reasons) == 1 and "steps" in reasons[0]
+
+
+def test_augmented_assignment_on_ints_is_not_a_write():
+    class SizeMath(nn.Module):
+        def forward(self, x):
+            n = x.shape[-1]
+            n += 1
+            return x[..., : n - 1] * 2
+
+    model = SizeMath()
+    compiled = dynaflow.compile(model, nano_batches=2, executor="serial")
+    x = torch.randn(4, 6)
+    with grad_off():
+        torch.testing.assert_close(compiled(x), model(x))
+    assert all(s.kind is not dynaflow.SegmentKind.BARRIER for s in compiled.last_graph.segmented.segments)
