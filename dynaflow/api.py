@@ -8,6 +8,7 @@ strategy, lowered to a Program, and run by an executor on every call.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import io
 import itertools
@@ -21,6 +22,7 @@ import torch.fx
 
 from dynaflow import knobs
 from dynaflow.backend import Program, executors, lower
+from dynaflow.backend.comm import DistributedPlanner
 from dynaflow.config import DynaflowConfig
 from dynaflow.errors import BackendError, CaptureError, ConfigError, DynaflowError, StrategyError
 from dynaflow.frontend.batching import find_batch_source
@@ -72,6 +74,8 @@ class CompiledGraph:
         self.batch_hint: Callable[[], int] | None = None
         """For a static capture: where the caller learnt the batch size (Dynamo inputs start with weights)."""
         self._executors: dict[str, Any] = {}
+        self.distributed: DistributedPlanner | None = None
+        """Split agreement, collective ordering and lane communicators (set by ``prepare``)."""
 
     def prepare(self, example_inputs: Sequence[Any] | None = None, *, from_fx: bool = False) -> "CompiledGraph":
         """Partition the graph (for a plain GraphModule, first make its batch dim symbolic)."""
@@ -85,6 +89,8 @@ class CompiledGraph:
         self._batch_source = (src[1], src[2]) if src else None
         rules = self.config.rules if self.config.rules is not None else self.strategy.rules()
         self.segmented = partition(gm, batch_dim=self.config.batch_dim, rules=rules, strict=self.config.strict)
+        self.distributed = DistributedPlanner(self.segmented.segments, self.config.distributed_agree,
+                                              self.config.lane_communicators, getattr(self.strategy, "name", "?"))
         if knobs.debug_level() >= 2:
             log.info("%s: %s\n%s", self.label, self.segmented, self.segments_table())
         return self
@@ -109,6 +115,9 @@ class CompiledGraph:
             info = self.input_info(batch, inputs, layout)
             cached = self._splits[key] = (info, self._split(info))
         info, split = cached
+        if self.distributed is not None and self.distributed.agreeing:  # every rank, every call
+            split = self.distributed.agree(split, lambda n: self.strategy.split_config(
+                dataclasses.replace(info, requested_nano_batches=n)))
         plan = self._by_split.get(split)
         if plan is None:
             plan = self._by_split[split] = self._plan(info, split)
@@ -162,6 +171,8 @@ class CompiledGraph:
             raise StrategyError(f"Strategy {name!r}.plan() returned {type(schedule).__name__}; it must return a Schedule.")
         verify_schedule(schedule, graph)
         program = lower(self.segmented, graph, schedule)
+        if self.distributed is not None:
+            program = self.distributed.finish(schedule, graph, program)
         if knobs.debug_level() >= 1:
             log.info("%s: batch %d -> %s", self.label, batch, split)
         if knobs.debug_level() >= 3:

@@ -37,6 +37,12 @@ class DynaflowConfig:
     """Seconds a lane waits on an event before failing; ``None`` uses ``DYNAFLOW_WAIT_TIMEOUT``."""
     strategy_options: Mapping[str, Any] = field(default_factory=dict)
     """Keyword options passed to the strategy's constructor when it is given by name or class."""
+    distributed_agree: bool | None = None
+    """Ranks agree on the nano-batch count on every call (one small all_reduce); ``None``: on when
+    torch.distributed is initialized and the captured graph has collectives. See docs/distributed.md."""
+    lane_communicators: bool = True
+    """Each lane that issues collectives gets its own communicator (a clone of the group); ``False``: one
+    per group, and collectives on several lanes must be ordered by dependencies (else ScheduleError)."""
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -49,6 +55,10 @@ class DynaflowConfig:
             )
         if not isinstance(self.batch_dim, int) or self.batch_dim < 0:
             raise ConfigError(f"batch_dim={self.batch_dim!r} must be a non-negative int (the batch dimension index).")
+        if self.distributed_agree not in (None, True, False):
+            raise ConfigError(f"distributed_agree={self.distributed_agree!r} must be True, False or None (auto).")
+        if not isinstance(self.lane_communicators, bool):
+            raise ConfigError(f"lane_communicators={self.lane_communicators!r} must be True or False.")
         if self.wait_timeout is not None and self.wait_timeout <= 0:
             raise ConfigError(f"wait_timeout={self.wait_timeout!r} must be > 0 seconds.")
 

@@ -25,6 +25,7 @@ from torch.fx.passes.split_module import split_module
 from dynaflow.errors import BatchCouplingError, PartitionError, did_you_mean, node_context
 from dynaflow.ir import Resource, Segment, SegmentKind
 from dynaflow.segmented import OutRef, SegmentCall, SegmentedModule, Value, ValueKind
+from dynaflow.frontend.collectives import describe as describe_collectives, hoist_waits
 from dynaflow.frontend.batching import SYM, BatchAnalysis, analyze, find_batch_symbol, meta_val
 from dynaflow.frontend.markers import is_marker, marker_args
 from dynaflow.frontend.rules import Rule, Seq, as_rule, default_rules, module_stack, op_name, op_short_name
@@ -246,6 +247,7 @@ def partition(
     """Cut ``gm`` into tagged segments and describe its boundary values for the backend."""
     graph_text = gm.print_readable(print_output=False) if hasattr(gm, "print_readable") else str(gm.graph)
     user_rules = [as_rule(r) for r in rules] if rules is not None else []
+    hoist_waits(gm)  # a collective and its wait_tensor stay in one segment
     has_markers = any(is_marker(n) for n in gm.graph.nodes)
     active = user_rules if rules is not None else ([] if has_markers else default_rules())
     regions, matches = assign_regions(gm, active)
@@ -261,6 +263,7 @@ def partition(
         segments.append(Segment(
             name=region.name, index=i, resource=_resource(region, resource), kind=kind, hints=hints,
             rule=region.rule, reason=reason, num_nodes=sum(1 for n in region.nodes if not is_marker(n)),
+            collectives=describe_collectives(region.nodes),
         ))
     for node in [n for n in gm.graph.nodes if is_marker(n)]:  # markers did their job: cut points
         gm.graph.erase_node(node)

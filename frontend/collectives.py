@@ -1,0 +1,66 @@
+"""Collectives in a captured graph: find them, keep each with its ``wait_tensor``, describe them per segment.
+
+Dynamo traces ``torch.distributed._functional_collectives`` (and in-place ``torch.distributed.all_reduce``,
+which it rewrites) into ``torch.ops._c10d_functional.<collective>(..., group_name)`` followed by
+``torch.ops._c10d_functional.wait_tensor``. The process group is baked into the graph as its *name*
+(a string, ``'0'`` for the default group). For example::
+
+    tensor = torch.ops._c10d_functional.all_reduce(h, 'sum', '0')
+    h_1 = torch.ops._c10d_functional.wait_tensor(tensor)
+
+:func:`hoist_waits` moves every ``wait_tensor`` right after its collective, so the default ``comm`` rule
+puts both in one network segment and a nano-batch's collective has completed when the segment returns.
+:func:`describe` names a segment's collectives (``all_reduce@0``) for the plan-time ordering checks.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Iterable
+
+import torch.fx
+
+from dynaflow.collective_ops import collective_name, group_name_of, is_collective, is_wait, rows_across_ranks
+
+__all__ = ["hoist_waits", "describe", "is_collective", "rows_across_ranks"]
+
+
+def hoist_waits(gm: torch.fx.GraphModule) -> int:
+    """Move each collective's ``wait_tensor`` (and the getitems of a coalesced one) right after it.
+
+    Waiting earlier never changes values, only how long the transfer may overlap with the ops in between;
+    keeping launch and wait together makes a network segment complete its collective before it returns.
+    Returns the number of nodes moved.
+    """
+    moved = 0
+    for node in list(gm.graph.nodes):
+        if not is_collective(node):
+            continue
+        anchor = node
+        users = sorted(node.users, key=_position(gm))
+        chain: list[torch.fx.Node] = []
+        for u in users:
+            if is_wait(u):
+                chain.append(u)
+            elif u.op == "call_function" and u.target is operator.getitem:
+                chain.append(u)
+                chain.extend(w for w in sorted(u.users, key=_position(gm)) if is_wait(w))
+        for u in chain:
+            if anchor.next is not u:
+                anchor.append(u)
+                moved += 1
+            anchor = u
+    if moved:
+        gm.graph.lint()
+        gm.recompile()
+    return moved
+
+
+def _position(gm: torch.fx.GraphModule):  # type: ignore[no-untyped-def]
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return lambda n: index[n]
+
+
+def describe(nodes: Iterable[torch.fx.Node]) -> tuple[str, ...]:
+    """The collectives among ``nodes`` in graph order, as ``"<collective>@<group name>"``."""
+    return tuple(f"{collective_name(n)}@{group_name_of(n)}" for n in nodes if is_collective(n))
