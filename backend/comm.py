@@ -224,3 +224,16 @@ class DistributedPlanner:
         if agreeing and self._fresh:
             distributed.check_same_order(order_text(program), self._group(), self.strategy)
         return program
+
+    def abort(self, exc: BaseException) -> None:
+        """Planning failed on this rank: take part in the order check with a failure marker, so the other
+        ranks (which planned fine and wait in it) raise too instead of hanging."""
+        if self.groups and self.agreeing and self._fresh:
+            import torch.distributed as dist
+
+            try:
+                distributed.check_same_order(f"planning failed on rank {dist.get_rank()}: {exc}", self._group(),
+                                             self.strategy)
+            except ScheduleError:
+                pass  # this rank raises its own error
+

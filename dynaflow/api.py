@@ -162,15 +162,20 @@ class CompiledGraph:
         if self.config.verify or knobs.verify():
             verify_graph(graph)
         try:
-            schedule = self.strategy.plan(graph, split)
-        except DynaflowError:
+            try:
+                schedule = self.strategy.plan(graph, split)
+            except DynaflowError:
+                raise
+            except Exception as exc:
+                raise StrategyError(f"Strategy {name!r}.plan() raised {type(exc).__name__}: {exc}") from exc
+            if not isinstance(schedule, Schedule):
+                raise StrategyError(f"Strategy {name!r}.plan() returned {type(schedule).__name__}; it must return a Schedule.")
+            verify_schedule(schedule, graph)
+            program = lower(self.segmented, graph, schedule)
+        except DynaflowError as exc:
+            if self.distributed is not None:
+                self.distributed.abort(exc)  # the other ranks wait in the order check: fail them too
             raise
-        except Exception as exc:
-            raise StrategyError(f"Strategy {name!r}.plan() raised {type(exc).__name__}: {exc}") from exc
-        if not isinstance(schedule, Schedule):
-            raise StrategyError(f"Strategy {name!r}.plan() returned {type(schedule).__name__}; it must return a Schedule.")
-        verify_schedule(schedule, graph)
-        program = lower(self.segmented, graph, schedule)
         if self.distributed is not None:
             program = self.distributed.finish(schedule, graph, program)
         if knobs.debug_level() >= 1:

@@ -169,7 +169,8 @@ def check_same_order(text: str, group: Any = None, strategy: str = "?") -> None:
     if lo != -neg_hi:
         raise ScheduleError(
             f"Strategy {strategy!r} ordered collectives differently on different ranks (rank {dist.get_rank()} "
-            f"issues, per communicator:\n{text}\n). Mismatched collective orders deadlock or pair the wrong tensors. "
+            f"issues, per communicator:\n{text}\n), or planning failed on another rank (see its error). Mismatched "
+            "collective orders deadlock or pair the wrong tensors. "
             "Fix: make the strategy deterministic (the same schedule for the same graph and split on every rank), "
             "e.g. order network ops by (segment index, nano-batch)."
         )

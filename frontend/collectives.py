@@ -22,7 +22,7 @@ import torch.fx
 
 from dynaflow.collective_ops import collective_name, group_name_of, is_collective, is_wait, rows_across_ranks
 
-__all__ = ["hoist_waits", "describe", "is_collective", "rows_across_ranks"]
+__all__ = ["hoist_waits", "functionalize_inplace", "describe", "is_collective", "rows_across_ranks"]
 
 
 def hoist_waits(gm: torch.fx.GraphModule) -> int:
@@ -54,6 +54,40 @@ def hoist_waits(gm: torch.fx.GraphModule) -> int:
         gm.graph.lint()
         gm.recompile()
     return moved
+
+
+def functionalize_inplace(gm: torch.fx.GraphModule) -> int:
+    """Rewrite ``t.copy_(wait_tensor(...))`` — how Dynamo captures in-place ``torch.distributed.all_reduce(t)``
+    — so that later readers of ``t`` read the collective's result instead.
+
+    Segments are ordered by data dependencies only; a reader of ``t`` in another segment would not depend on
+    the segment holding the in-place copy and could run before it. The copy itself is dropped unless ``t`` is
+    a graph input (then the caller can observe the write, so it stays). Returns the number of rewrites.
+    """
+    done = 0
+    order = _position(gm)
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_method" and node.target == "copy_" or
+                node.op == "call_function" and getattr(node.target, "__name__", "") in ("copy_", "copy_.default")):
+            continue
+        if len(node.args) < 2 or not isinstance(node.args[1], torch.fx.Node) or not is_wait(node.args[1]):
+            continue
+        target, result = node.args[0], node.args[1]
+        if not isinstance(target, torch.fx.Node):
+            continue
+        here = order(node)
+        for user in list(target.users):
+            if user is not node and order(user) > here:
+                user.replace_input_with(target, result)
+        for user in list(node.users):
+            user.replace_input_with(node, result)
+        if target.op != "placeholder":
+            gm.graph.erase_node(node)
+        done += 1
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done
 
 
 def _position(gm: torch.fx.GraphModule):  # type: ignore[no-untyped-def]

@@ -25,7 +25,7 @@ from torch.fx.passes.split_module import split_module
 from dynaflow.errors import BatchCouplingError, PartitionError, did_you_mean, node_context
 from dynaflow.ir import Resource, Segment, SegmentKind
 from dynaflow.segmented import OutRef, SegmentCall, SegmentedModule, Value, ValueKind
-from dynaflow.frontend.collectives import describe as describe_collectives, hoist_waits
+from dynaflow.frontend.collectives import describe as describe_collectives, functionalize_inplace, hoist_waits
 from dynaflow.frontend.batching import SYM, BatchAnalysis, analyze, find_batch_symbol, meta_val
 from dynaflow.frontend.markers import is_marker, marker_args
 from dynaflow.frontend.rules import Rule, Seq, as_rule, default_rules, module_stack, op_name, op_short_name
@@ -248,6 +248,7 @@ def partition(
     graph_text = gm.print_readable(print_output=False) if hasattr(gm, "print_readable") else str(gm.graph)
     user_rules = [as_rule(r) for r in rules] if rules is not None else []
     hoist_waits(gm)  # a collective and its wait_tensor stay in one segment
+    functionalize_inplace(gm)  # in-place dist.all_reduce: later readers depend on the collective
     has_markers = any(is_marker(n) for n in gm.graph.nodes)
     active = user_rules if rules is not None else ([] if has_markers else default_rules())
     regions, matches = assign_regions(gm, active)
