@@ -83,7 +83,28 @@ def case_tp() -> dict[str, Any]:
         d = _close(out, inplace(x))
     if d is not None:
         fails.append(f"tp/w{world} inplace all_reduce: max diff {d:.3g}")
+    if world == 4:  # 2 data-parallel replicas × tensor parallel over 2: subgroups, clones made by members only
+        fails.extend(_tp_subgroups(ex, rank))
     return {"fails": fails}
+
+
+def _tp_subgroups(ex: Any, rank: int) -> list[str]:
+    import dynaflow
+
+    groups = [dist.new_group([0, 1], timeout=TIMEOUT), dist.new_group([2, 3], timeout=TIMEOUT)]
+    mine = groups[rank // 2]
+    model = ex.build(rank % 2, 2, group=mine)
+    x = ex.make_input(6 if rank < 2 else 4, seed=3 + rank // 2)  # each replica its own batch
+    fails = []
+    with torch.no_grad():
+        ref = model(x)
+        for strategy in ("round_robin", "nanoflow"):
+            torch._dynamo.reset()
+            out = dynaflow.compile(model, strategy=strategy, nano_batches=2)(x)
+            d = _close(out, ref)
+            if d is not None:
+                fails.append(f"tp subgroups {strategy}: max diff {d:.3g}")
+    return fails
 
 
 def case_moe() -> dict[str, Any]:
@@ -183,6 +204,10 @@ def case_checks() -> dict[str, Any]:
             want_n = min(2, b)
             if d is not None or fast.program.split.num != want_n:
                 fails.append(f"moe step {step} batch {b}: {fast.program.split} (want {want_n} nano-batches), diff {d}")
+        # lane communicators inherit the group's timeout (a hung collective fails instead of hanging)
+        clone = distributed.resolve_group(distributed.lane_group("0", "lane1"))
+        if distributed._timeout_of(clone) != TIMEOUT:
+            fails.append(f"lane1's communicator has timeout {distributed._timeout_of(clone)}, want {TIMEOUT}")
     return out
 
 
