@@ -18,6 +18,7 @@ from __future__ import annotations
 import operator
 from typing import Iterable
 
+import torch
 import torch.fx
 
 from dynaflow.collective_ops import collective_name, group_name_of, is_collective, is_wait, rows_across_ranks
@@ -61,8 +62,9 @@ def functionalize_inplace(gm: torch.fx.GraphModule) -> int:
     — so that later readers of ``t`` read the collective's result instead.
 
     Segments are ordered by data dependencies only; a reader of ``t`` in another segment would not depend on
-    the segment holding the in-place copy and could run before it. The copy itself is dropped unless ``t`` is
-    a graph input (then the caller can observe the write, so it stays). Returns the number of rewrites.
+    the segment holding the in-place copy and could run before it. The copy itself is dropped when ``t`` is a
+    fresh intermediate; it stays when ``t`` is a graph input, a weight, or may be a view of another tensor (the
+    caller or readers of the base can observe the write). Returns the number of rewrites.
     """
     done = 0
     order = _position(gm)
@@ -81,7 +83,7 @@ def functionalize_inplace(gm: torch.fx.GraphModule) -> int:
                 user.replace_input_with(target, result)
         for user in list(node.users):
             user.replace_input_with(node, result)
-        if target.op != "placeholder":
+        if target.op not in ("placeholder", "get_attr") and not _may_alias(target):
             gm.graph.erase_node(node)
         done += 1
     if done:
@@ -90,6 +92,21 @@ def functionalize_inplace(gm: torch.fx.GraphModule) -> int:
     return done
 
 
+_VIEW_OPS = frozenset({"view", "reshape", "narrow", "slice", "getitem", "select", "transpose", "permute", "expand",
+                       "as_strided", "unsqueeze", "squeeze", "t", "unflatten", "flatten", "view_as", "split", "chunk",
+                       "unbind", "diagonal", "movedim", "swapaxes", "unfold", "detach", "alias"})
+
+
+def _may_alias(node: torch.fx.Node) -> bool:
+    """True unless ``node`` is known to produce a fresh tensor (not a view of another one)."""
+    val = node.meta.get("val", node.meta.get("example_value"))
+    if isinstance(val, torch.Tensor):
+        try:
+            return bool(val._is_view())
+        except Exception:  # noqa: BLE001 - fake tensors from old traces
+            pass
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return str(name).split(".")[0].lower() in _VIEW_OPS
 def _position(gm: torch.fx.GraphModule):  # type: ignore[no-untyped-def]
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
     return lambda n: index[n]

@@ -76,6 +76,18 @@ def test_functionalize_inplace_keeps_the_write_into_a_graph_input():
     assert is_wait(next(n for n in gm.graph.nodes if n.name == "add").args[0])
 
 
+def test_functionalize_inplace_keeps_the_write_into_a_view():
+    def f(x):
+        y = x * 2
+        v = y[:, :2]
+        v.copy_(c10d.wait_tensor(c10d.all_reduce(v, "sum", "0")))
+        return y + 1
+
+    gm = torch.fx.symbolic_trace(f)
+    assert functionalize_inplace(gm) == 1
+    assert any(n.target == "copy_" for n in gm.graph.nodes)  # readers of y must still see the write
+
+
 def test_default_rules_make_one_network_segment_per_collective_and_wait():
     gm = torch.fx.symbolic_trace(_late_wait)
     seg = partition(gm)
