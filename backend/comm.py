@@ -225,6 +225,13 @@ class DistributedPlanner:
             distributed.check_same_order(order_text(program), self._group(), self.strategy)
         return program
 
+    def describe(self) -> str:
+        """One line for ``explain()``: groups, whether ranks agree on the split, which lanes got communicators."""
+        made = ", ".join(f"{lane}: clone of group {g!r}" for g, lane in sorted(self._made)) or "none"
+        mode = "one per lane" if self.lane_communicators else "one per group (collectives must be ordered)"
+        return (f"collectives on process group(s) {self.groups}; split agreement "
+                f"{'on' if self.agreeing else 'off'}; communicators {mode}; lane clones: {made}")
+
     def abort(self, exc: BaseException) -> None:
         """Planning failed on this rank: take part in the order check with a failure marker, so the other
         ranks (which planned fine and wait in it) raise too instead of hanging."""

@@ -225,6 +225,8 @@ class CompiledGraph:
         out = [f"{self.label}: {self.segmented} (batch symbol {self.segmented.batch_symbol if self.segmented else '?'})"]
         if self.segmented is not None:
             out.append(self.segments_table())
+        if self.distributed is not None and self.distributed.groups:
+            out.append(self.distributed.describe())
         for split, plan in sorted(self._by_split.items(), key=lambda kv: (kv[0].batch_size, kv[0].sizes)):
             out.append(f"\nbucket batch={split.batch_size}: {plan.split} -> {plan.graph}")
             out.append(plan.schedule.table(plan.graph))

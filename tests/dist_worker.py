@@ -60,6 +60,10 @@ def _matrix(model: torch.nn.Module, inputs: list[torch.Tensor], label: str, **op
                 split = fast.program.split
                 if split.num != min(n, min(x.shape[0] for x in inputs)):
                     fails.append(f"{label} {strategy} n={n}: planned {split}")
+                text = fast.explain()
+                if "collectives on process group(s) ['0']; split agreement on" not in text or \
+                        (strategy == "round_robin" and split.num > 1 and "lane1: clone of group '0'" not in text):
+                    fails.append(f"{label} {strategy} n={n}: explain() lacks the collectives line")
                 lanes = {l.lane for s in fast.program.streams for l in s if hasattr(l, "lane") and l.segment.collectives}
                 if strategy == "round_robin" and split.num > 1 and len(lanes) > 1 \
                         and not distributed.has_lane_group("0", "lane1"):
