@@ -16,14 +16,15 @@ puts both in one network segment and a nano-batch's collective has completed whe
 from __future__ import annotations
 
 import operator
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx
 
+from dynaflow.errors import PartitionError, node_context
 from dynaflow.collective_ops import collective_name, group_name_of, is_collective, is_wait, rows_across_ranks
 
-__all__ = ["hoist_waits", "functionalize_inplace", "describe", "is_collective", "rows_across_ranks"]
+__all__ = ["hoist_waits", "functionalize_inplace", "check_waits", "describe", "is_wait", "is_collective", "rows_across_ranks"]
 
 
 def hoist_waits(gm: torch.fx.GraphModule) -> int:
@@ -107,6 +108,21 @@ def _may_alias(node: torch.fx.Node) -> bool:
             pass
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
     return str(name).split(".")[0].lower() in _VIEW_OPS
+def check_waits(region_index: dict[torch.fx.Node, int], segments: Sequence[Any]) -> None:
+    """Raise :class:`PartitionError` if a ``wait_tensor`` landed in another segment than its collective
+    (the collective's segment would return a tensor still in flight, and a nano-batch view of it is garbage)."""
+    for node, i in region_index.items():
+        if is_wait(node) and isinstance(node.args[0], torch.fx.Node):
+            j = region_index.get(node.args[0])
+            if j is not None and j != i:
+                raise PartitionError(
+                    f"Collective {node.args[0].name!r} ({collective_name(node.args[0]) or 'a collective'}) is in segment "
+                    f"{segments[j].name!r} but its wait_tensor {node.name!r} is in segment {segments[i].name!r}.\n"
+                    f"{node_context(node)}\nFix: keep both in one segment — do not cut between them with rules or "
+                    "markers (the default 'comm' rule keeps them together)."
+                )
+
+
 def _position(gm: torch.fx.GraphModule):  # type: ignore[no-untyped-def]
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
     return lambda n: index[n]

@@ -25,7 +25,7 @@ from torch.fx.passes.split_module import split_module
 from dynaflow.errors import BatchCouplingError, PartitionError, did_you_mean, node_context
 from dynaflow.ir import Resource, Segment, SegmentKind
 from dynaflow.segmented import OutRef, SegmentCall, SegmentedModule, Value, ValueKind
-from dynaflow.frontend.collectives import describe as describe_collectives, functionalize_inplace, hoist_waits
+from dynaflow.frontend.collectives import check_waits, describe as describe_collectives, functionalize_inplace, hoist_waits, is_wait
 from dynaflow.frontend.batching import SYM, BatchAnalysis, analyze, find_batch_symbol, meta_val
 from dynaflow.frontend.markers import is_marker, marker_args
 from dynaflow.frontend.rules import Rule, Seq, as_rule, default_rules, module_stack, op_name, op_short_name
@@ -145,13 +145,19 @@ def isolate_barriers(regions: list[Region], ba: BatchAnalysis) -> list[Region]:
             out.append(r)
             continue
         first, last = idx[0], idx[-1]
-        while last + 1 < len(r.nodes) and _is_unpack_of(r.nodes[last + 1], r.nodes[first:last + 1]):
+        while last + 1 < len(r.nodes) and (_is_unpack_of(r.nodes[last + 1], r.nodes[first:last + 1])
+                                           or _is_wait_of(r.nodes[last + 1], r.nodes[first:last + 1])):
             last += 1
         parts = [(r.nodes[:first], r.label, r.rule), (r.nodes[first:last + 1], r.label, r.rule),
                  (r.nodes[last + 1:], r.label, r.rule)]
         out.extend(Region(label, rule, r.tags, nodes) for nodes, label, rule in parts if nodes)
     _name_regions(out)
     return out
+
+
+def _is_wait_of(node: torch.fx.Node, producers: list[torch.fx.Node]) -> bool:
+    """A collective's ``wait_tensor`` stays in the barrier that issues the collective."""
+    return is_wait(node) and node.args[0] in producers
 
 
 def _is_unpack_of(node: torch.fx.Node, producers: list[torch.fx.Node]) -> bool:
@@ -269,6 +275,7 @@ def partition(
     for node in [n for n in gm.graph.nodes if is_marker(n)]:  # markers did their job: cut points
         gm.graph.erase_node(node)
     region_index = {n: i for i, r in enumerate(regions) for n in r.nodes if not is_marker(n)}
+    check_waits(region_index, segments)
     split = cut(gm, region_index)
     return read_back(split, segments, ba, graph_text)
 

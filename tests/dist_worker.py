@@ -208,6 +208,28 @@ def case_checks() -> dict[str, Any]:
             want_n = min(2, b)
             if d is not None or fast.program.split.num != want_n:
                 fails.append(f"moe step {step} batch {b}: {fast.program.split} (want {want_n} nano-batches), diff {d}")
+        # all_gather / reduce_scatter along the batch dim move rows between ranks: barriers, still equal to eager
+        import torch.distributed._functional_collectives as fc
+
+        w = torch.randn(8, 8, generator=torch.Generator().manual_seed(rank))
+
+        def gather_scatter(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = torch.relu(xb @ w)
+            g = fc.all_gather_tensor(h, 0, dist.group.WORLD) * 2
+            r = fc.reduce_scatter_tensor(h, "sum", 0, dist.group.WORLD) + 1
+            return g, r
+
+        xb = torch.randn(4, 8, generator=torch.Generator().manual_seed(10 + rank))
+        want = gather_scatter(xb)
+        for strategy in ("nanoflow", "round_robin"):
+            torch._dynamo.reset()
+            fast = dynaflow.compile(gather_scatter, strategy=strategy, nano_batches=2)
+            got = fast(xb)
+            kinds = {s.kind.value for g in fast.graphs for s in g.segmented.segments if s.collectives}
+            if any(_close(a, b) is not None for a, b in zip(got, want)) or kinds != {"barrier"}:
+                fails.append(f"all_gather/reduce_scatter {strategy}: kinds {kinds}, diffs "
+                             f"{[_close(a, b) for a, b in zip(got, want)]}")
+
         # lane communicators inherit the group's timeout (a hung collective fails instead of hanging)
         clone = distributed.resolve_group(distributed.lane_group("0", "lane1"))
         if distributed._timeout_of(clone) != TIMEOUT:

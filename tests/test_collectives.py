@@ -192,3 +192,12 @@ def test_config_options_are_validated():
         dynaflow.DynaflowConfig(lane_communicators=1)
     cfg = dynaflow.DynaflowConfig.from_dict({"distributed_agree": True, "lane_communicators": False})
     assert cfg.distributed_agree is True and cfg.lane_communicators is False
+
+
+def test_a_rule_cutting_between_a_collective_and_its_wait_is_rejected():
+    gm = torch.fx.symbolic_trace(_late_wait)
+    with pytest.raises(dynaflow.PartitionError) as err:
+        partition(gm, rules=[dynaflow.Op(r"\.all_reduce", tags="network")])
+    msg = str(err.value)
+    assert "Collective 'all_reduce' (all_reduce) is in segment 'all_reduce_0' but its wait_tensor 'wait_tensor'" in msg
+    assert "Fix: keep both in one segment" in msg
