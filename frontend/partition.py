@@ -25,7 +25,8 @@ from torch.fx.passes.split_module import split_module
 from dynaflow.errors import BatchCouplingError, PartitionError, did_you_mean, node_context
 from dynaflow.ir import Resource, Segment, SegmentKind
 from dynaflow.segmented import OutRef, SegmentCall, SegmentedModule, Value, ValueKind
-from dynaflow.frontend.collectives import check_waits, describe as describe_collectives, functionalize_inplace, hoist_waits, is_wait
+from dynaflow.frontend.collectives import check_waits, functionalize_inplace, hoist_waits, is_wait
+from dynaflow.frontend.collectives import describe as describe_collectives
 from dynaflow.frontend.batching import SYM, BatchAnalysis, analyze, find_batch_symbol, meta_val
 from dynaflow.frontend.markers import is_marker, marker_args
 from dynaflow.frontend.rules import Rule, Seq, as_rule, default_rules, module_stack, op_name, op_short_name
