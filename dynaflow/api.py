@@ -8,6 +8,7 @@ strategy, lowered to a Program, and run by an executor on every call.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import io
 import itertools
@@ -26,6 +27,7 @@ from dynaflow.backend.buckets import (BucketChoice, Mode, barrier_names, choose_
                                       unpad_outputs)
 from dynaflow.backend.checks import check_program
 from dynaflow.backend.compiled_segments import InductorSegments
+from dynaflow.backend.comm import DistributedPlanner
 from dynaflow.config import DynaflowConfig
 from dynaflow.errors import BackendError, CaptureError, ConfigError, DynaflowError, StrategyError
 from dynaflow.frontend.batching import find_batch_source
@@ -91,6 +93,8 @@ class CompiledGraph:
         self._inductor: InductorSegments | None = None
         self.last_bucket: BucketChoice | None = None
         """With ``cuda_graphs=True``: how the latest call was bucketed (capture size, graph or eager)."""
+        self.distributed: DistributedPlanner | None = None
+        """Split agreement, collective ordering and lane communicators (set by ``prepare``)."""
 
     def prepare(self, example_inputs: Sequence[Any] | None = None, *, from_fx: bool = False) -> "CompiledGraph":
         """Partition the graph (for a plain GraphModule, first make its batch dim symbolic)."""
@@ -104,6 +108,8 @@ class CompiledGraph:
         self._batch_source = (src[1], src[2]) if src else None
         rules = self.config.rules if self.config.rules is not None else self.strategy.rules()
         self.segmented = partition(gm, batch_dim=self.config.batch_dim, rules=rules, strict=self.config.strict)
+        self.distributed = DistributedPlanner(self.segmented.segments, self.config.distributed_agree,
+                                              self.config.lane_communicators, getattr(self.strategy, "name", "?"))
         if knobs.debug_level() >= 2:
             log.info("%s: %s\n%s", self.label, self.segmented, self.segments_table())
         return self
@@ -128,6 +134,9 @@ class CompiledGraph:
             info = self.input_info(batch, inputs, layout)
             cached = self._splits[key] = (info, self._split(info, inputs))
         info, split = cached
+        if self.distributed is not None and self.distributed.agreeing:  # every rank, every call
+            split = self.distributed.agree(split, lambda n: self.strategy.split_config(
+                dataclasses.replace(info, requested_nano_batches=n)))
         plan = self._by_split.get(split)
         if plan is None:
             plan = self._by_split[split] = self._plan(info, split)
@@ -182,15 +191,22 @@ class CompiledGraph:
         if self.config.verify or knobs.verify():
             verify_graph(graph)
         try:
-            schedule = strategy.plan(graph, split)
-        except DynaflowError:
+            try:
+                schedule = strategy.plan(graph, split)
+            except DynaflowError:
+                raise
+            except Exception as exc:
+                raise StrategyError(f"Strategy {name!r}.plan() raised {type(exc).__name__}: {exc}") from exc
+            if not isinstance(schedule, Schedule):
+                raise StrategyError(f"Strategy {name!r}.plan() returned {type(schedule).__name__}; it must return a Schedule.")
+            verify_schedule(schedule, graph)
+            program = lower(self.segmented, graph, schedule)
+        except DynaflowError as exc:
+            if self.distributed is not None:
+                self.distributed.abort(exc)  # the other ranks wait in the order check: fail them too
             raise
-        except Exception as exc:
-            raise StrategyError(f"Strategy {name!r}.plan() raised {type(exc).__name__}: {exc}") from exc
-        if not isinstance(schedule, Schedule):
-            raise StrategyError(f"Strategy {name!r}.plan() returned {type(schedule).__name__}; it must return a Schedule.")
-        verify_schedule(schedule, graph)
-        program = lower(self.segmented, graph, schedule)
+        if self.distributed is not None:
+            program = self.distributed.finish(schedule, graph, program)
         if self.config.verify or knobs.verify():
             check_program(program)  # every cross-lane read ordered by an event wait
         if knobs.debug_level() >= 1:
@@ -406,6 +422,8 @@ class CompiledGraph:
             out.append(self.segments_table())
         for bucket, result in self.tuned.items():
             out.append("\n" + result.table())
+        if self.distributed is not None and self.distributed.groups:
+            out.append(self.distributed.describe())
         for split, plan in sorted(self._by_split.items(), key=lambda kv: (kv[0].batch_size, kv[0].sizes)):
             out.append(f"\nbucket batch={split.batch_size}: {plan.split} -> {plan.graph}")
             out.append(plan.schedule.table(plan.graph))

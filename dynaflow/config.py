@@ -61,6 +61,12 @@ class DynaflowConfig:
     copy_outputs: bool = True
     """On the cuda executor: return fresh output tensors (``False``: views of static buffers that the next
     step overwrites)."""
+    distributed_agree: bool | None = None
+    """Ranks agree on the nano-batch count on every call (one small all_reduce); ``None``: on when
+    torch.distributed is initialized and the captured graph has collectives. See docs/distributed.md."""
+    lane_communicators: bool = True
+    """Each lane that issues collectives gets its own communicator (a clone of the group); ``False``: one
+    per group, and collectives on several lanes must be ordered by dependencies (else ScheduleError)."""
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -77,6 +83,10 @@ class DynaflowConfig:
             from dynaflow.cost import device_spec
 
             device_spec(self.cost_device)  # unknown names fail here, with the known ones listed
+        if self.distributed_agree not in (None, True, False):
+            raise ConfigError(f"distributed_agree={self.distributed_agree!r} must be True, False or None (auto).")
+        if not isinstance(self.lane_communicators, bool):
+            raise ConfigError(f"lane_communicators={self.lane_communicators!r} must be True or False.")
         if self.wait_timeout is not None and self.wait_timeout <= 0:
             raise ConfigError(f"wait_timeout={self.wait_timeout!r} must be > 0 seconds.")
         self._check_cuda_options()

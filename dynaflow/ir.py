@@ -85,6 +85,8 @@ class Segment:
     num_nodes: int = 0
     flops: int | None = None
     bytes: int | None = None
+    collectives: tuple[str, ...] = ()
+    """The collectives the segment issues, in order, as ``"all_reduce@<group name>"``."""
 
     @property
     def whole(self) -> bool:
@@ -94,6 +96,8 @@ class Segment:
     def __repr__(self) -> str:
         extra = f", hints={{{', '.join(sorted(self.hints))}}}" if self.hints else ""
         kind = "" if self.kind is SegmentKind.SPLIT else f", {self.kind.value}"
+        if self.collectives:
+            extra += f", collectives=[{', '.join(self.collectives)}]"
         return f"Segment({self.name!r}, {self.resource.value}{kind}{extra})"
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.fx
 
 from dynaflow.frontend.effects import is_inplace, storage_root, write_target
+from dynaflow.frontend.collectives import rows_across_ranks
 from dynaflow.frontend.rules import op_short_name
 
 __all__ = ["meta_val", "find_batch_symbol", "find_batch_source", "BatchAnalysis", "analyze"]
@@ -231,6 +232,9 @@ class BatchAnalysis:
         if short in ("cat", "concat", "concatenate", "stack") and isinstance(src, (list, tuple)):
             carriers = [self.of(a) for a in src if isinstance(a, torch.fx.Node) and isinstance(self.of(a), int)]
             src_dim = carriers[0] if carriers else None
+        if src_dim == 0 and rows_across_ranks(node):
+            return (f"it exchanges rows of the batch dim (dim 0) between ranks ({short}): a nano-batch slice would "
+                    "send different rows to each rank; put the batch in another dim (e.g. [world, batch, ...])")
         if short in _ALONG_DIM and isinstance(src_dim, int):
             reason = self._along_dim(node, short, src_dim, src)
             if reason:

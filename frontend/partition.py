@@ -26,6 +26,8 @@ from torch.fx.passes.split_module import split_module
 from dynaflow.errors import BatchCouplingError, PartitionError, did_you_mean, node_context
 from dynaflow.ir import Resource, Segment, SegmentKind
 from dynaflow.segmented import OutRef, SegmentCall, SegmentedModule, Value, ValueKind
+from dynaflow.frontend.collectives import check_waits, functionalize_inplace, hoist_waits, is_wait
+from dynaflow.frontend.collectives import describe as describe_collectives
 from dynaflow.frontend.batching import SYM, BatchAnalysis, analyze, find_batch_symbol, meta_val
 from dynaflow.frontend.effects import effect_pairs
 from dynaflow.frontend.markers import is_marker, marker_args
@@ -146,13 +148,19 @@ def isolate_barriers(regions: list[Region], ba: BatchAnalysis) -> list[Region]:
             out.append(r)
             continue
         first, last = idx[0], idx[-1]
-        while last + 1 < len(r.nodes) and _is_unpack_of(r.nodes[last + 1], r.nodes[first:last + 1]):
+        while last + 1 < len(r.nodes) and (_is_unpack_of(r.nodes[last + 1], r.nodes[first:last + 1])
+                                           or _is_wait_of(r.nodes[last + 1], r.nodes[first:last + 1])):
             last += 1
         parts = [(r.nodes[:first], r.label, r.rule), (r.nodes[first:last + 1], r.label, r.rule),
                  (r.nodes[last + 1:], r.label, r.rule)]
         out.extend(Region(label, rule, r.tags, nodes) for nodes, label, rule in parts if nodes)
     _name_regions(out)
     return out
+
+
+def _is_wait_of(node: torch.fx.Node, producers: list[torch.fx.Node]) -> bool:
+    """A collective's ``wait_tensor`` stays in the barrier that issues the collective."""
+    return is_wait(node) and node.args[0] in producers
 
 
 def _is_unpack_of(node: torch.fx.Node, producers: list[torch.fx.Node]) -> bool:
@@ -248,6 +256,8 @@ def partition(
     """Cut ``gm`` into tagged segments and describe its boundary values for the backend."""
     graph_text = gm.print_readable(print_output=False) if hasattr(gm, "print_readable") else str(gm.graph)
     user_rules = [as_rule(r) for r in rules] if rules is not None else []
+    hoist_waits(gm)  # a collective and its wait_tensor stay in one segment
+    functionalize_inplace(gm)  # in-place dist.all_reduce: later readers depend on the collective
     has_markers = any(is_marker(n) for n in gm.graph.nodes)
     active = user_rules if rules is not None else ([] if has_markers else default_rules())
     regions, matches = assign_regions(gm, active)
@@ -263,10 +273,12 @@ def partition(
         segments.append(Segment(
             name=region.name, index=i, resource=_resource(region, resource), kind=kind, hints=hints,
             rule=region.rule, reason=reason, num_nodes=sum(1 for n in region.nodes if not is_marker(n)),
+            collectives=describe_collectives(region.nodes),
         ))
     for node in [n for n in gm.graph.nodes if is_marker(n)]:  # markers did their job: cut points
         gm.graph.erase_node(node)
     region_index = {n: i for i, r in enumerate(regions) for n in r.nodes if not is_marker(n)}
+    check_waits(region_index, segments)
     effects = _effect_deps(gm, region_index, segments)
     split = cut(gm, region_index)
     return dataclasses.replace(read_back(split, segments, ba, graph_text), effect_deps=effects)

@@ -1,0 +1,259 @@
+"""One rank of a multi-process test (started by ``dist_harness.run_ranks``; not collected by pytest).
+
+``python tests/dist_worker.py CASE`` with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` and
+``DIST_OUT`` (a JSON file this rank writes) in the environment. Each case loops over its strategies and nano
+counts inside one process and reports failures as a list of strings, so a whole matrix costs one spawn.
+Every process group has a short timeout: a bug fails the test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("DIST_PG_TIMEOUT", "60")))
+STRATEGIES = ("sequential", "round_robin", "nanoflow")
+NANOS = (1, 2, 3)
+
+
+def _example(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """None when equal within float tolerance, else the max difference."""
+    d = (a - b).abs().max().item()
+    return None if torch.allclose(a, b, rtol=1e-5, atol=1e-5) else d
+
+
+def _matrix(model: torch.nn.Module, inputs: list[torch.Tensor], label: str, **options: Any) -> list[str]:
+    import dynaflow
+    from dynaflow import distributed
+
+    fails = []
+    with torch.no_grad():
+        refs = [model(x) for x in inputs]
+        for strategy in STRATEGIES:
+            for n in NANOS:
+                torch._dynamo.reset()
+                fast = dynaflow.compile(model, strategy=strategy, nano_batches=n, **options)
+                for x, ref in zip(inputs, refs):
+                    out = fast(x)
+                    d = _close(out, ref)
+                    if d is not None:
+                        fails.append(f"{label} {strategy} n={n} batch={x.shape[0]}: max diff {d:.3g}")
+                split = fast.program.split
+                if split.num != min(n, min(x.shape[0] for x in inputs)):
+                    fails.append(f"{label} {strategy} n={n}: planned {split}")
+                text = fast.explain()
+                if "collectives on process group(s) ['0']; split agreement on" not in text or \
+                        (strategy == "round_robin" and split.num > 1 and "lane1: clone of group '0'" not in text):
+                    fails.append(f"{label} {strategy} n={n}: explain() lacks the collectives line")
+                lanes = {l.lane for s in fast.program.streams for l in s if hasattr(l, "lane") and l.segment.collectives}
+                if strategy == "round_robin" and split.num > 1 and len(lanes) > 1 \
+                        and not distributed.has_lane_group("0", "lane1"):
+                    fails.append(f"{label} round_robin n={n}: lane1 issued collectives without its own communicator")
+    return fails
+
+
+def case_tp() -> dict[str, Any]:
+    ex = _example("tensor_parallel_llama")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = ex.build(rank, world)
+    fails = _matrix(model, [ex.make_input(6), ex.make_input(5, seed=2)], f"tp/w{world}")
+    # in-place torch.distributed.all_reduce reaches the same network segments (Dynamo rewrites it)
+    import dynaflow
+
+    inplace = ex.build(rank, world, inplace=True)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        x = ex.make_input(6)
+        out = dynaflow.compile(inplace, strategy="nanoflow", nano_batches=2)(x)
+        d = _close(out, inplace(x))
+    if d is not None:
+        fails.append(f"tp/w{world} inplace all_reduce: max diff {d:.3g}")
+    if world == 4:  # 2 data-parallel replicas × tensor parallel over 2: subgroups, clones made by members only
+        fails.extend(_tp_subgroups(ex, rank))
+    return {"fails": fails}
+
+
+def _tp_subgroups(ex: Any, rank: int) -> list[str]:
+    import dynaflow
+
+    groups = [dist.new_group([0, 1], timeout=TIMEOUT), dist.new_group([2, 3], timeout=TIMEOUT)]
+    mine = groups[rank // 2]
+    model = ex.build(rank % 2, 2, group=mine)
+    x = ex.make_input(6 if rank < 2 else 4, seed=3 + rank // 2)  # each replica its own batch
+    fails = []
+    with torch.no_grad():
+        ref = model(x)
+        for strategy in ("round_robin", "nanoflow"):
+            torch._dynamo.reset()
+            out = dynaflow.compile(model, strategy=strategy, nano_batches=2)(x)
+            d = _close(out, ref)
+            if d is not None:
+                fails.append(f"tp subgroups {strategy}: max diff {d:.3g}")
+    return fails
+
+
+def case_moe() -> dict[str, Any]:
+    ex = _example("expert_parallel_moe")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = ex.build(rank, world)
+    fails = _matrix(model, [ex.make_input(6, rank), ex.make_input(4, rank, seed=5)], f"moe/w{world}")
+    return {"fails": fails}
+
+
+def case_checks() -> dict[str, Any]:
+    """Ordering rejection, lane_communicators=False, split agreement."""
+    import dynaflow
+    from dynaflow import ScheduleError, distributed
+    from dynaflow.ir import Lane, Schedule
+
+    ex = _example("tensor_parallel_llama")
+    moe = _example("expert_parallel_moe")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = ex.build(rank, world)
+    x = ex.make_input(6)
+    out: dict[str, Any] = {"fails": []}
+    fails = out["fails"]
+
+    class RankSkewed(dynaflow.Strategy):
+        """Two lanes, but rank 1 orders them nano-major: a cross-rank collective order mismatch."""
+
+        name = "rank_skewed"
+        default_nano_batches = 2
+
+        def plan(self, graph, split):  # type: ignore[no-untyped-def]
+            ops = list(graph.ops)  # segment-major on rank 0, nano-major on rank 1: both valid locally
+            if dist.get_rank() == 1:
+                ops.sort(key=lambda op: (op.nano, graph.index(op.segment)))
+            net = [op for op in ops if graph.segment(op).resource.value == "network"]
+            rest = [op for op in ops if op not in net]
+            return Schedule.from_lanes(self.name, split, {Lane("main"): rest, Lane("net"): net})
+
+    with torch.no_grad():
+        torch._dynamo.reset()
+        fast = dynaflow.compile(model, strategy=RankSkewed(), nano_batches=2)
+        try:
+            fast(x)
+            fails.append("rank-skewed collective order was not rejected")
+        except ScheduleError as exc:
+            out["mismatch_message"] = str(exc)
+            if fast.graphs and fast.graphs[0].calls:
+                fails.append("the mismatched program ran before it was rejected")
+
+        # one communicator for all lanes: round_robin's concurrent collectives are rejected locally
+        torch._dynamo.reset()
+        fast = dynaflow.compile(model, strategy="round_robin", nano_batches=2,
+                                config={"lane_communicators": False})
+        try:
+            fast(x)
+            fails.append("concurrent collectives on one communicator were not rejected")
+        except ScheduleError as exc:
+            out["shared_message"] = str(exc)
+        # ... while nanoflow (one network lane) is fine with one communicator
+        torch._dynamo.reset()
+        fast = dynaflow.compile(model, strategy="nanoflow", nano_batches=3, config={"lane_communicators": False})
+        d = _close(fast(x), model(x))
+        if d is not None:
+            fails.append(f"nanoflow with shared communicator: max diff {d:.3g}")
+
+        # ranks propose different nano counts: they agree on the smallest
+        torch._dynamo.reset()
+        fast = dynaflow.compile(model, strategy="nanoflow", nano_batches=2 + rank % 2)
+        d = _close(fast(x), model(x))
+        out["agreed"] = repr(fast.program.split)
+        if fast.program.split.num != 2 or d is not None:
+            fails.append(f"proposals {2 + rank % 2} agreed on {fast.program.split} (diff {d})")
+
+        # direct: a rank that cannot split forces 1; equal batches with different sizes take the even split
+        from dynaflow.ir import SplitConfig
+
+        got = distributed.agree_split(SplitConfig.even(4, 2) if rank else SplitConfig((1,)))
+        if got.num != 1:
+            fails.append(f"agree_split with one rank unable to split gave {got}")
+        got = distributed.agree_split(SplitConfig((4, 2)) if rank == 0 else SplitConfig((3, 3)))
+        if got != SplitConfig((3, 3)):
+            fails.append(f"agree_split with equal batches, different sizes gave {got}")
+
+        # data-parallel style proposals: each rank its own batch, the nano count agreed, sizes kept per rank
+        got = distributed.agree_split(SplitConfig.even(6, 3) if rank == 0 else SplitConfig.even(4, 2))
+        want = SplitConfig.even(6, 2) if rank == 0 else SplitConfig.even(4, 2)
+        if got != want:
+            fails.append(f"agree_split with different batches gave {got}, want {want}")
+
+        # batch sizes changing per call: agreement every call, plans cached per split, lanes' communicators reused
+        em = moe.build(rank, world)
+        torch._dynamo.reset()
+        fast = dynaflow.compile(em, strategy="round_robin", nano_batches=2 + rank % 2)
+        for step, b in enumerate([6, 4, 6, 5]):
+            xb = moe.make_input(b, rank, seed=step)
+            d = _close(fast(xb), em(xb))
+            want_n = min(2, b)
+            if d is not None or fast.program.split.num != want_n:
+                fails.append(f"moe step {step} batch {b}: {fast.program.split} (want {want_n} nano-batches), diff {d}")
+        # all_gather / reduce_scatter along the batch dim move rows between ranks: barriers, still equal to eager
+        import torch.distributed._functional_collectives as fc
+
+        w = torch.randn(8, 8, generator=torch.Generator().manual_seed(rank))
+
+        def gather_scatter(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = torch.relu(xb @ w)
+            g = fc.all_gather_tensor(h, 0, dist.group.WORLD) * 2
+            r = fc.reduce_scatter_tensor(h, "sum", 0, dist.group.WORLD) + 1
+            return g, r
+
+        xb = torch.randn(4, 8, generator=torch.Generator().manual_seed(10 + rank))
+        want = gather_scatter(xb)
+        for strategy in ("nanoflow", "round_robin"):
+            torch._dynamo.reset()
+            fast = dynaflow.compile(gather_scatter, strategy=strategy, nano_batches=2)
+            got = fast(xb)
+            kinds = {s.kind.value for g in fast.graphs for s in g.segmented.segments if s.collectives}
+            if any(_close(a, b) is not None for a, b in zip(got, want)) or kinds != {"barrier"}:
+                fails.append(f"all_gather/reduce_scatter {strategy}: kinds {kinds}, diffs "
+                             f"{[_close(a, b) for a, b in zip(got, want)]}")
+
+        # lane communicators inherit the group's timeout (a hung collective fails instead of hanging)
+        clone = distributed.resolve_group(distributed.lane_group("0", "lane1"))
+        if distributed._timeout_of(clone) != TIMEOUT:
+            fails.append(f"lane1's communicator has timeout {distributed._timeout_of(clone)}, want {TIMEOUT}")
+    return out
+
+
+CASES: dict[str, Callable[[], dict[str, Any]]] = {"tp": case_tp, "moe": case_moe, "checks": case_checks}
+
+
+def main() -> None:
+    case = sys.argv[1]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=TIMEOUT)
+    t0 = time.perf_counter()
+    try:
+        result = CASES[case]()
+    except BaseException:  # noqa: BLE001 - reported to the test, which fails with it
+        result = {"fails": [f"rank {dist.get_rank()} raised:\n{traceback.format_exc()}"]}
+    result["rank"] = dist.get_rank()
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    Path(os.environ["DIST_OUT"]).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
