@@ -37,6 +37,7 @@ from dynaflow.ir import InputInfo, NanoGraph, Schedule, SplitConfig
 from dynaflow.requests import RequestLayout, current_requests
 from dynaflow.segmented import SegmentedModule
 from dynaflow.cost import CombinedCost, CostModel, DeviceSpec, MeasuredCost, RooflineCost, device_spec
+from dynaflow import distributed as dist_state
 from dynaflow.flops import count_segments
 from dynaflow.profiles import Profile, load_profiles, model_hash
 from dynaflow.backend.sim import simulate
@@ -229,7 +230,10 @@ class CompiledGraph:
         profile = self._matching_profile(device.name, dtype)
         if profile is not None:
             models.append(MeasuredCost(profile.timings, device))
-        models.append(RooflineCost(self._counts, device, dtype))
+        world = 1
+        if any(seg.collectives for seg in self.segmented.segments) and dist_state.initialized():
+            world = dist_state.world_size()
+        models.append(RooflineCost(self._counts, device, dtype, world=world, link=self.config.cost_link))
         return CombinedCost(*models)
 
     def _matching_profile(self, device: str, dtype: str) -> Profile | None:

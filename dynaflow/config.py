@@ -43,6 +43,9 @@ class DynaflowConfig:
     Profile objects. The roofline (FLOP/byte counts) covers what it lacks."""
     cost: Any = None
     """A ``dynaflow.cost.CostModel`` asked before the profile and the roofline (what-if studies, tests)."""
+    cost_link: Any = None
+    """Interconnect the cost model assumes for collectives: a ``dynaflow.network.LINKS`` name (``"nvlink4"``,
+    ``"pcie5"``, ``"ib_ndr"``) or a Link; ``None`` = the device table's own link."""
     cost_device: str | None = None
     """Device the cost model (``executor="sim"``, ``strategy="auto"``) assumes: a key of
     ``dynaflow.cost.DEVICES`` such as ``"h200"`` (what-if planning on a CPU machine); ``None`` = the inputs' device."""
@@ -79,6 +82,10 @@ class DynaflowConfig:
             )
         if not isinstance(self.batch_dim, int) or self.batch_dim < 0:
             raise ConfigError(f"batch_dim={self.batch_dim!r} must be a non-negative int (the batch dimension index).")
+        if self.cost_link is not None:
+            from dynaflow.network import link
+
+            link(self.cost_link)  # unknown link names fail here, with the known ones listed
         if self.cost_device is not None:
             from dynaflow.cost import device_spec
 

@@ -148,7 +148,12 @@ def _demand_for(resource: Resource, sm_share: float, bw_frac: float = 1.0) -> tu
         return (("sm", sm_share),)
     if resource is Resource.MEMORY:
         return (("bw", bw_frac), ("sm", 0.1 * sm_share))
-    return (("net", 1.0),)
+    return (("net", 1.0), ("sm", NCCL_SM_SHARE))
+
+
+NCCL_SM_SHARE = 0.08
+"""Fraction of the SMs a collective's kernels occupy while they run (NCCL uses ~8-16 of 132 SMs on Hopper);
+the simulator charges it so communication next to a GEMM is not entirely free."""
 
 
 @dataclass(frozen=True)
@@ -188,10 +193,14 @@ class RooflineCost(CostModel):
 
     name = "roofline"
 
-    def __init__(self, counts: Mapping[str, LinearCount], device: DeviceSpec | str = "cpu", dtype: str = "float32"):
+    def __init__(self, counts: Mapping[str, LinearCount], device: DeviceSpec | str = "cpu", dtype: str = "float32",
+                 world: int = 1, link: object = None):
         self.counts = dict(counts)
         self.device = device_spec(device)
         self.dtype = dtype
+        self.world = world
+        self.link = link
+        """A ``dynaflow.network`` link (name or Link) for collectives; ``None`` uses the device's own link."""
 
     def estimate(self, segment: Segment, rows: int, sm_share: float = 1.0) -> Estimate | None:
         c = self.counts.get(segment.name)
@@ -202,15 +211,33 @@ class RooflineCost(CostModel):
         t_compute = c.flops(rows) / (d.flops_for(self.dtype) * share)
         bw = bandwidth_share(share, d.bw_saturation)
         t_memory = c.bytes(rows) / (d.mem_bandwidth * bw)
-        if segment.resource is Resource.NETWORK and d.link_bandwidth > 0:
-            t_net = d.link_latency + c.bytes(rows) / d.link_bandwidth
-            return Estimate(t_net + d.launch_overhead, (("net", 1.0),), "network")
+        if segment.resource is Resource.NETWORK:
+            t_net = self._network_seconds(segment, c.bytes(rows))
+            if t_net is not None:
+                return Estimate(t_net + d.launch_overhead, _demand_for(Resource.NETWORK, share), "network")
         t = max(t_compute, t_memory, 0.0) + d.launch_overhead
         busy = max(t, 1e-12)
         # "host": the launching thread's share of the time (Python + dispatch; serialised by the GIL on CPU)
         demand = (("sm", share * min(1.0, t_compute / busy)), ("bw", bw * min(1.0, t_memory / busy)),
                   ("host", d.launch_overhead / busy))
         return Estimate(t, demand, "compute" if t_compute >= t_memory else "memory")
+
+    def _network_seconds(self, segment: Segment, nbytes: float) -> float | None:
+        """Collective time of a network segment: each of its collectives by the ring / pairwise formulas of
+        ``dynaflow.network`` over ``world`` ranks; a segment's counted bytes are its input plus its output,
+        so one collective moves half of them."""
+        from dynaflow import network
+
+        kinds = [c.split("@")[0] for c in getattr(segment, "collectives", ()) or ()]
+        if self.world <= 1:
+            return 0.0 if kinds else None
+        spec = self.link
+        if spec is None:
+            if self.device.link_bandwidth <= 0:
+                return None
+            spec = network.Link(self.device.name, self.device.link_bandwidth, self.device.link_latency)
+        per = nbytes / 2 / max(len(kinds), 1)
+        return sum(network.collective_time(k, per, self.world, spec) for k in (kinds or ["all_reduce"]))
 
     def __repr__(self) -> str:
         return f"RooflineCost({len(self.counts)} segments on {self.device.name}, {self.dtype})"

@@ -212,3 +212,45 @@ def test_model_hash_is_stable_across_captures():
     with grad_off():
         other(torch.randn(4, 32))
     assert model_hash(other.last_graph.segmented) not in hashes
+
+
+def test_network_segments_cost_their_collectives_over_the_link():
+    from dynaflow import network
+
+    seg = Segment("ar", 0, Resource.NETWORK, collectives=("all_reduce@tp", "all_reduce@tp"))
+    nbytes_each = 4096 * 2 * 256  # hidden 4096, bf16, 256 tokens
+    counts = {"ar": LinearCount(0, 0, 0, 2 * 2 * 4096 * 2)}  # two collectives: (in + out) each
+    tp8 = RooflineCost(counts, "h200", "bfloat16", world=8, link="nvlink4")
+    expect = 2 * network.all_reduce_time(nbytes_each, 8, "nvlink4") + DEVICES["h200"].launch_overhead
+    est = tp8.estimate(seg, 256)
+    assert est.seconds == pytest.approx(expect, rel=1e-9) and est.bound == "network"
+    assert dict(est.demand)["net"] == 1.0 and 0 < dict(est.demand)["sm"] < 0.2  # NCCL kernels hold a few SMs
+    # one rank: the collective is free; an unmarked network segment on one rank has no estimate
+    assert RooflineCost(counts, "h200", world=1).estimate(seg, 256).seconds == pytest.approx(
+        DEVICES["h200"].launch_overhead)
+    # the device's own link when none is named
+    own = RooflineCost(counts, "h200", world=2).estimate(seg, 256).seconds
+    assert own == pytest.approx(2 * network.all_reduce_time(nbytes_each, 2, network.Link("h200", 450e9, 3e-6))
+                                + DEVICES["h200"].launch_overhead, rel=1e-9)
+    with pytest.raises(ConfigError, match=r"Unknown link|nvlnk"):
+        dynaflow.DynaflowConfig(cost_link="nvlnk")
+
+
+def test_sim_parallel_what_if_reproduces_its_committed_predictions():
+    """benchmarks/sim_parallel.py is deterministic: rerunning one scenario gives the committed numbers."""
+    import json
+    import pathlib
+
+    bench = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        import sim_parallel
+    finally:
+        sys.path.remove(str(bench))
+    committed = json.loads((bench / "results" / "sim_parallel_h200.json").read_text())
+    label = committed["results"][4]["scenario"]
+    assert label.startswith("TP=8") and "prefill" in label
+    stages, counts = sim_parallel.tp_llama8b(8, 4096, True, committed["assumptions"]["layers"])
+    again = sim_parallel.scenario(label, stages, counts, 8, "nvlink4", 4096)
+    assert [round(r["step_ms"], 6) for r in again["rows"]] == [round(r["step_ms"], 6) for r in committed["results"][4]["rows"]]
+    assert again["best"]["speedup"] > 1.0 and again["ideal_bound"] > again["best"]["speedup"]
