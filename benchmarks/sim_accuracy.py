@@ -12,11 +12,8 @@ lanes compete for the same cores and the CPU cost model is rough.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,6 +23,9 @@ import torch
 from torch import nn
 
 import dynaflow
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _results  # noqa: E402
 
 log = logging.getLogger("bench.sim_accuracy")
 
@@ -125,15 +125,7 @@ def main(argv=None) -> int:
             log.info("%-24s %12.2f %12.2f %8.2f %8.2f", f"{r['strategy']}/{r['nano_batches']}", r["predicted_ms"],
                      r["measured_ms"], r["predicted_speedup"], r["measured_speedup"])
         log.info("best agrees: %s; median |error| %.0f%%", res["best_agrees"], res["median_abs_error_pct"])
-    out = {"benchmark": "sim_accuracy", "device": "cpu", "machine": platform.processor() or platform.machine(),
-           "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-           "date": datetime.date.today().isoformat(), "command": " ".join(["python"] + sys.argv),
-           "repeats": args.repeats, "results": results}
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
-        log.info("wrote %s", args.out)
+    _results.write(_results.provenance("sim_accuracy", device="cpu", repeats=args.repeats, results=results), args.out)
     return 0
 
 

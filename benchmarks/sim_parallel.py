@@ -12,8 +12,6 @@ execution and with the ideal bound (all work / the busiest resource). Assumption
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
 import os
 import sys
@@ -22,6 +20,9 @@ import torch
 from torch import nn
 
 import dynaflow
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _results  # noqa: E402
 from dynaflow.cost import DEVICES, LinearCount, RooflineCost
 
 log = logging.getLogger("bench.sim_parallel")
@@ -49,7 +50,7 @@ def gemm(k: int, n: int) -> LinearCount:
 
 def tp_llama8b(tp: int, kv_len: int, prefill: bool, layers: int):
     """Llama-3-8B decoder layers on one of ``tp`` ranks (column/row parallel, two all-reduces per layer)."""
-    h, kv, ffn, hd = 4096, 1024, 14336, 128
+    h, kv, ffn = 4096, 1024, 14336
     stages, counts = [], {}
     for i in range(layers):
         if prefill:  # chunked prefill attends to a prefix of kv_len tokens: compute-bound flash attention
@@ -139,17 +140,10 @@ def main(argv=None) -> int:
         for row in r["rows"]:
             opts = {k: v for k, v in row.items() if k not in ("strategy", "step_ms", "speedup")}
             log.info("  %-18s %-20s %9.3f ms  %5.2fx", row["strategy"], opts or "", row["step_ms"], row["speedup"])
-    out = {"benchmark": "sim_parallel", "predicted_for": "NVIDIA H200 (dynaflow.cost.DEVICES['h200'])",
-           "measured": False, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-           "command": " ".join(["python"] + sys.argv),
-           "assumptions": {"device": repr(DEVICES["h200"]), "links": "dynaflow.network.LINKS (per-direction peak)",
-                           "nccl_sm_share": dynaflow.cost.NCCL_SM_SHARE, "layers": args.layers},
-           "results": results}
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
-        log.info("wrote %s", args.out)
+    assumptions = {"device": repr(DEVICES["h200"]), "links": "dynaflow.network.LINKS (per-direction peak)",
+                   "nccl_sm_share": dynaflow.cost.NCCL_SM_SHARE, "layers": args.layers}
+    _results.write(_results.provenance("sim_parallel", predicted_for="NVIDIA H200 (dynaflow.cost.DEVICES['h200'])",
+                                       measured=False, assumptions=assumptions, results=results), args.out)
     return 0
 
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import io
 import itertools
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TextIO
 
@@ -302,20 +300,19 @@ class CompiledGraph:
             plan = build(cand)
             return plan.split, self.simulate(plan.program, inputs, cost).makespan
 
-        measure = None
-        if auto.measure_top_k > 0:  # type: ignore[attr-defined]
-            if _mutates_inputs(self.segmented):
-                log.info("%s: the graph writes into its inputs in place; autotune predicts only (no measuring)", self.label)
-            else:
-                sync = torch.cuda.synchronize if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else None
+        sync = torch.cuda.synchronize if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else None
 
-                def measure(cand: Any) -> float:
-                    plan = build(cand)
-                    ex = self.executor_for(plan, inputs)
-                    program = self.program_for(plan, inputs)
-                    return median_seconds(lambda: ex.run(program, inputs), auto.repeats, sync)  # type: ignore[attr-defined]
+        def measure(cand: Any) -> float:
+            plan = build(cand)
+            ex = self.executor_for(plan, inputs)
+            program = self.program_for(plan, inputs)
+            return median_seconds(lambda: ex.run(program, inputs), auto.repeats, sync)  # type: ignore[attr-defined]
 
-        result = autotune(cands, bucket, predict, measure, auto.measure_top_k)  # type: ignore[attr-defined]
+        measuring = auto.measure_top_k > 0  # type: ignore[attr-defined]
+        if measuring and _mutates_inputs(self.segmented):
+            log.info("%s: the graph writes into its inputs in place; autotune predicts only (no measuring)", self.label)
+            measuring = False
+        result = autotune(cands, bucket, predict, measure if measuring else None, auto.measure_top_k)  # type: ignore[attr-defined]
         self.tuned[bucket] = result
         if cache is not None:
             cache.put(key, result)
