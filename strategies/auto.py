@@ -100,6 +100,8 @@ class Auto(Strategy):
         if "round_robin" in self.strategies:
             out += [_cand("round_robin", nano_batches=n, lanes=min(n, 2)) for n in counts]
         if "nanoflow" in self.strategies:
+            if info.batch_size >= 3:  # uneven halves: NanoFlow-style large/small nano-batches
+                out += [_cand("nanoflow", weights=w) for w in ((2, 1), (1, 2))]
             for n in counts:
                 out.append(_cand("nanoflow", nano_batches=n))
                 if num_sms and len(resources) > 1 and Resource.COMPUTE in resources:

@@ -328,6 +328,8 @@ def test_auto_search_space_includes_sm_splits_on_a_gpu_device():
     sm = [dict(dict(c.options)["sm_counts"]) for c in cands if c.strategy == "nanoflow" and "sm_counts" in dict(c.options)]
     assert sm and all(v % 8 == 0 and sum(d.values()) == 132 for d in sm for v in [d["memory"]])
     assert any(c.strategy == "prefill_decode" and "decode_sms" in dict(c.options) for c in cands)
+    assert {dict(c.options).get("weights") for c in cands if c.strategy == "nanoflow"} >= {(2, 1), (1, 2)}
+    assert Candidate("nanoflow", (("weights", (2, 1)),)).build().split_config(InputInfo(9)).sizes == (6, 3)
     assert {c.strategy for c in cands} >= {"sequential", "round_robin", "nanoflow", "two_batch_overlap", "prefill_decode"}
     assert ALL == -1
 
