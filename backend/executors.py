@@ -23,9 +23,9 @@ from dynaflow.errors import BackendError
 from dynaflow.registry import Registry
 from dynaflow.segmented import OutRef
 from dynaflow.timeline import Timeline, TimelineEvent
-from dynaflow.backend.program import Launch, Program, Wait, fetch
+from dynaflow.backend.program import CONST, Launch, Program, Wait, fetch
 
-__all__ = ["Executor", "SerialExecutor", "ThreadExecutor", "executors", "run_launch"]
+__all__ = ["Executor", "SerialExecutor", "ThreadExecutor", "executors", "run_launch", "reader_counts"]
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +113,51 @@ class SerialExecutor(Executor):
         return self.outputs(program, env)
 
 
-class _Step:
-    """Shared state of one threaded step: values, events, the failure flag."""
+def reader_counts(program: Program) -> tuple[dict[int, int], dict[int, tuple[int, ...]]]:
+    """For freeing at last use when lanes run concurrently: how many launches read each intermediate slot,
+    and which freeable slots each launch reads or writes. Inputs and graph outputs are never freed."""
+    keep = set(range(program.num_inputs)) | set(program.output_slots.values())
+    counts: dict[int, int] = {}
+    touched: dict[int, tuple[int, ...]] = {}
+    for launch in program.serial_order:
+        reads = {a.slot for a in launch.args if a.kind != CONST and a.slot not in keep}
+        for slot in reads:
+            counts[slot] = counts.get(slot, 0) + 1
+        written = {slot for slot in launch.out_slots if slot not in keep}
+        touched[id(launch)] = tuple(sorted(reads | written))
+    for slots in touched.values():
+        for slot in slots:
+            counts.setdefault(slot, 0)
+    return counts, touched
 
-    def __init__(self, program: Program, env: list[Any], timeout: float):
+
+class _Step:
+    """Shared state of one threaded step: values, events, the failure flag, and the reader countdown that
+    frees each intermediate once its last reader (on whichever lane) has run."""
+
+    def __init__(self, program: Program, env: list[Any], timeout: float,
+                 readers: tuple[dict[int, int], dict[int, tuple[int, ...]]] | None = None):
         self.env = env
         self.events = [threading.Event() for _ in range(program.num_events)]
         self.lock = threading.Lock()
         self.failed: BaseException | None = None
         self.timeout = timeout
+        self.left = dict(readers[0]) if readers else {}
+        self.touched = readers[1] if readers else {}
+
+    def release(self, launch: Launch) -> None:
+        """After ``launch`` ran: count down its reads; drop values nobody will read any more."""
+        slots = self.touched.get(id(launch), ())
+        if not slots:
+            return
+        with self.lock:
+            for slot in slots:
+                left = self.left[slot]
+                if slot in (a.slot for a in launch.args if a.kind != CONST):
+                    left -= 1
+                    self.left[slot] = left
+                if left <= 0:
+                    self.env[slot] = None
 
     def fail(self, exc: BaseException) -> None:
         with self.lock:
@@ -141,6 +177,7 @@ class ThreadExecutor(Executor):
         self.wait_timeout = wait_timeout
         self._pool: ThreadPoolExecutor | None = None
         self._workers = 0
+        self._readers: dict[int, tuple[Program, Any]] = {}
 
     def _ensure_pool(self, n: int) -> ThreadPoolExecutor:
         if self._pool is None or self._workers < n:
@@ -153,7 +190,10 @@ class ThreadExecutor(Executor):
     def run(self, program: Program, inputs: Sequence[Any]) -> Any:
         env = self.new_env(program, inputs)
         timeout = self.wait_timeout if self.wait_timeout is not None else knobs.wait_timeout()
-        step = _Step(program, env, timeout)
+        cached = self._readers.get(id(program))
+        if cached is None or cached[0] is not program:
+            cached = self._readers[id(program)] = (program, reader_counts(program))
+        step = _Step(program, env, timeout, cached[1])
         record = knobs.record_timeline()
         per_lane: list[list[TimelineEvent]] = [[] for _ in program.lanes]
         t_start = time.perf_counter()
@@ -202,6 +242,7 @@ class ThreadExecutor(Executor):
                                                  ins.segment.resource.value))
                     if ins.event is not None:
                         step.events[ins.event].set()
+                    step.release(ins)
         except BaseException as exc:  # noqa: BLE001 - every failure must wake the other lanes
             step.fail(exc)
 

@@ -466,3 +466,34 @@ def test_exported_linear_segments_are_compute_bound():
     linears = [s for s in compiled.last_graph.segmented.segments if s.name.startswith("linear_")]
     assert len(linears) == 3
     assert all(s.resource is dynaflow.Resource.COMPUTE for s in linears)
+
+
+def test_thread_executor_frees_intermediates_at_their_last_use():
+    """Values die as soon as their last reader has run on whichever lane — not at the end of the step."""
+    import importlib
+
+    model = make_transformer()
+    compiled = dynaflow.compile(model, strategy="nanoflow", nano_batches=3, executor="thread")
+    x = transformer_input(6)
+    alive: list[int] = []
+    with grad_off():
+        ref = model(x)
+        compiled(x)  # plan
+        program = compiled.program
+        ex_mod = importlib.import_module("dynaflow.backend.executors")
+        real_release = ex_mod._Step.release
+
+        def spy(step, launch):
+            real_release(step, launch)
+            alive.append(sum(v is not None for v in step.env[program.num_inputs:]))
+
+        ex_mod._Step.release = spy
+        try:
+            out = compiled(x)
+        finally:
+            ex_mod._Step.release = real_release
+    assert torch.equal(out, compiled(x)) and torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    intermediates = program.num_slots - program.num_inputs
+    assert len(alive) == program.num_launches
+    assert max(alive) < intermediates // 2, (max(alive), intermediates)  # never close to everything held
+    assert alive[-1] <= len(program.output_slots) + len(program.buffers)
