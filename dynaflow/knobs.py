@@ -11,6 +11,10 @@ variable                     meaning                                            
 ``DYNAFLOW_WAIT_TIMEOUT``    seconds a lane waits on an event before failing         60
 ``DYNAFLOW_EXECUTOR``        force an executor ("serial", "thread", ...)             unset
 ``DYNAFLOW_TIMELINE``        record a Timeline on every call                         1
+``DYNAFLOW_VLLM``            the vLLM plugin turns dynaflow on (compile backend)     0
+``DYNAFLOW_VLLM_OPTIONS``    JSON dynaflow options for the vLLM integration          unset
+``DYNAFLOW_SGLANG``          the SGLang plugin routes torch.compile via dynaflow     0
+``DYNAFLOW_SGLANG_OPTIONS``  JSON dynaflow options for the SGLang integration        unset
 ===========================  ======================================================  =========
 """
 
@@ -20,7 +24,8 @@ import contextlib
 import os
 from typing import Iterator
 
-__all__ = ["debug_level", "verify", "wait_timeout", "forced_executor", "record_timeline", "scope"]
+__all__ = ["debug_level", "verify", "wait_timeout", "forced_executor", "record_timeline", "integration_enabled",
+           "integration_options", "scope"]
 
 _overrides: dict[str, str] = {}
 
@@ -57,6 +62,18 @@ def forced_executor() -> str | None:
 def record_timeline() -> bool:
     """``DYNAFLOW_TIMELINE``: record a Timeline on every call (on by default; cheap on CPU)."""
     return _get("DYNAFLOW_TIMELINE", "1") not in ("", "0", "false", "False")
+
+
+def integration_enabled(host: str) -> bool:
+    """``DYNAFLOW_VLLM`` / ``DYNAFLOW_SGLANG``: the host's plugin entry point turns dynaflow on (off by default,
+    so installing dynaflow never changes an engine's behaviour by itself)."""
+    return _get(f"DYNAFLOW_{host.upper()}", "0") not in ("", "0", "false", "False")
+
+
+def integration_options(host: str) -> str:
+    """``DYNAFLOW_VLLM_OPTIONS`` / ``DYNAFLOW_SGLANG_OPTIONS``: a JSON object of dynaflow options (the keys of
+    ``DynaflowConfig`` plus ``min_rows``); env vars reach the engines' worker processes, Python objects do not."""
+    return _get(f"DYNAFLOW_{host.upper()}_OPTIONS", "")
 
 
 @contextlib.contextmanager
