@@ -117,3 +117,18 @@ def test_integrations_import_and_plugins_are_no_ops_without_the_engines():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_integration_knobs():
+    from dynaflow import knobs
+
+    with knobs.scope(DYNAFLOW_VLLM=0, DYNAFLOW_SGLANG=1, DYNAFLOW_VLLM_OPTIONS='{"nano_batches": 3}'):
+        assert not knobs.integration_enabled("vllm") and knobs.integration_enabled("sglang")
+        assert knobs.integration_options("vllm") == '{"nano_batches": 3}'
+        import dynaflow.integrations.vllm as dv
+
+        saved, dv._OPTIONS = dv._OPTIONS, None
+        try:
+            assert dv.options() == {"nano_batches": 3, "min_rows": 1}
+        finally:
+            dv._OPTIONS = saved
