@@ -49,7 +49,7 @@ def check_version() -> None:
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
 
-    if Version(vllm.__version__).release[:2] and Version(vllm.__version__) not in SpecifierSet(SUPPORTED):
+    if Version(vllm.__version__) not in SpecifierSet(SUPPORTED):
         raise IntegrationError(
             f"dynaflow's vLLM integration supports vllm{SUPPORTED}; found vllm {vllm.__version__}. Install a "
             "supported version, or run the integration contract tests (pytest -m integration) against this one "

@@ -16,6 +16,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # the harness modules
 
+# vLLM resolves its platform once, on first import, which SGLang's modules may trigger too: set the CPU
+# platform before any test module runs (the PyPI wheel cannot infer a device without a GPU).
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # dynaflow's step callable is not serializable
+
 
 def pytest_collection_modifyitems(config, items):
     if "integration" in (config.option.markexpr or ""):
