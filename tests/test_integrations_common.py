@@ -132,3 +132,17 @@ def test_integration_knobs():
             assert dv.options() == {"nano_batches": 3, "min_rows": 1}
         finally:
             dv._OPTIONS = saved
+
+
+def test_integration_tier_fails_instead_of_skipping_when_required(monkeypatch):
+    import os
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "integration"))
+    from integ_util import require
+
+    monkeypatch.delenv("DYNAFLOW_REQUIRE_INTEGRATION", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="dynaflow_no_such_host is not importable"):
+        require("dynaflow_no_such_host")
+    monkeypatch.setenv("DYNAFLOW_REQUIRE_INTEGRATION", "1")
+    with pytest.raises(pytest.fail.Exception, match=r"not importable.*DYNAFLOW_REQUIRE_INTEGRATION=1"):
+        require("dynaflow_no_such_host")
