@@ -183,8 +183,8 @@ def matching_rules(gm: torch.fx.GraphModule, rules: Sequence[Any]) -> list[Any]:
 
 
 def parse_options(options: Mapping[str, Any] | str | None, source: str) -> dict[str, Any]:
-    """Integration options from a dict or a JSON string (an env var), checked against DynaflowConfig
-    plus ``min_rows``; unknown keys raise :class:`IntegrationError` naming ``source``."""
+    """Integration options from a dict or a JSON string (an env var), checked against DynaflowConfig plus
+    ``min_rows`` and ``piecewise`` (vLLM); unknown keys raise :class:`IntegrationError` naming ``source``."""
     if options is None or options == "":
         return {}
     if isinstance(options, str):
@@ -199,17 +199,23 @@ def parse_options(options: Mapping[str, Any] | str | None, source: str) -> dict[
     min_rows = data.pop("min_rows", 1)
     if not isinstance(min_rows, int) or min_rows < 1:
         raise IntegrationError(f"{source}: min_rows={min_rows!r} must be an int >= 1 (tokens per nano-batch).")
+    extra = {"min_rows": min_rows}
+    if "piecewise" in data:
+        extra["piecewise"] = data.pop("piecewise")
+        if not isinstance(extra["piecewise"], bool):
+            raise IntegrationError(f"{source}: piecewise={extra['piecewise']!r} must be true or false.")
     try:
         DynaflowConfig.from_dict(data)
     except ConfigError as exc:
         raise IntegrationError(f"{source}: {exc}") from None
-    return {**data, "min_rows": min_rows}
+    return {**data, **extra}
 
 
 def make_strategy(opts: Mapping[str, Any]) -> tuple[DynaflowConfig, RequestAligned]:
     """The DynaflowConfig and the request-aligned strategy for parsed integration options."""
     data = dict(opts)
     min_rows = data.pop("min_rows", 1)
+    data.pop("piecewise", None)
     cfg = DynaflowConfig.from_dict(data)
     inner = get_strategy(cfg.strategy, **dict(cfg.strategy_options))
     if cfg.nano_batches is not None:

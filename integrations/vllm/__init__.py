@@ -8,8 +8,9 @@ Two ways in (docs/integrations/vllm.md has the details and a copy-paste example)
   with that nano-batch's forward context (sliced attention metadata and slot mapping), cuts on request
   boundaries.
 * **piecewise mode** (``CompilationMode.VLLM_COMPILE``): vLLM splits the graph at attention itself and
-  hands dynaflow each dense piece through :class:`DynaflowCompiler` (a vLLM ``CompilerInterface``); the
-  plugin points the platform's ``simple_compile_backend`` at it.
+  hands dynaflow each dense piece through :class:`DynaflowCompiler` (a vLLM ``CompilerInterface``), when the
+  option ``"piecewise": true`` is set (vLLM 0.32 accepts no custom mode-3 backend name, so the plugin wraps
+  ``vllm.compilation.backends.make_compiler``).
 
 The ``vllm.general_plugins`` entry point :func:`register` does nothing unless ``DYNAFLOW_VLLM=1``.
 vLLM is imported only in the private ``_vllm`` module, on first use.
@@ -46,10 +47,10 @@ def options() -> dict[str, Any]:
     return parse_options(knobs.integration_options("vllm"), "DYNAFLOW_VLLM_OPTIONS")
 
 
-def enable(options: Mapping[str, Any] | None = None, *, piecewise: bool = True) -> None:
+def enable(options: Mapping[str, Any] | None = None) -> None:
     """Turn the integration on in this process: remember ``options`` (dynaflow options such as
-    ``nano_batches``, ``strategy``, ``executor`` plus ``min_rows``, the fewest tokens per nano-batch) and,
-    with ``piecewise=True``, make vLLM's piecewise mode compile dense pieces with :class:`DynaflowCompiler`.
+    ``nano_batches``, ``strategy``, ``executor`` plus ``min_rows``, the fewest tokens per nano-batch, and
+    ``piecewise``: make vLLM's mode 3 compile its dense pieces with :class:`DynaflowCompiler`).
     Idempotent. Worker processes do not inherit Python state: set ``DYNAFLOW_VLLM=1`` (and
     ``DYNAFLOW_VLLM_OPTIONS``) in the environment so the plugin calls this in every process."""
     global _OPTIONS
@@ -62,7 +63,7 @@ def enable(options: Mapping[str, Any] | None = None, *, piecewise: bool = True) 
 
     _vllm.check_version()
     _OPTIONS = parsed
-    if piecewise:
+    if parsed.get("piecewise"):
         _vllm.install_piecewise_compiler()
 
 

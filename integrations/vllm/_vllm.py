@@ -24,7 +24,7 @@ from dynaflow.api import CompiledGraph
 from dynaflow.frontend.rules import Where, default_rules, op_name
 from dynaflow.integrations._common import (HOST_STATE_META, IntegrationError, make_strategy, matching_rules,
                                            thread_mutations)
-from dynaflow.integrations.vllm import COMPILER_QUALNAME, SUPPORTED
+from dynaflow.integrations.vllm import SUPPORTED
 from dynaflow.nanocontext import nano_context
 from dynaflow.requests import requests
 
@@ -58,14 +58,26 @@ def check_version() -> None:
 
 
 def install_piecewise_compiler() -> None:
-    """Point the platform's custom compile backend at DynaflowCompiler, so ``-cc '{"mode": 3, "backend":
-    "dynaflow"}'`` keeps vLLM's piecewise splitting and hands dynaflow each dense piece."""
-    from vllm.platforms import current_platform
+    """vLLM piecewise mode (``CompilationMode.VLLM_COMPILE``): vLLM keeps splitting the graph at attention and
+    its piecewise machinery, and each dense piece is compiled by :class:`DynaflowCompiler` instead of Inductor.
 
-    cls = type(current_platform)
-    if getattr(cls, "simple_compile_backend", None) != COMPILER_QUALNAME:
-        log.info("vLLM piecewise mode: %s.simple_compile_backend = %s", cls.__name__, COMPILER_QUALNAME)
-        cls.simple_compile_backend = COMPILER_QUALNAME
+    vLLM 0.32 accepts only ``eager`` / ``inductor`` as a mode-3 backend and resolves the compiler with the
+    module function ``vllm.compilation.backends.make_compiler``; that function is wrapped (idempotently).
+    The platform's ``simple_compile_backend`` is deliberately left alone: in whole-graph mode vLLM uses it
+    as the torch.compile backend for ``"inductor"``."""
+    import vllm.compilation.backends as backends
+
+    if getattr(backends.make_compiler, "_dynaflow", False):
+        return
+    original = backends.make_compiler
+
+    def make_compiler(compilation_config: Any, *args: Any, **kwargs: Any) -> CompilerInterface:
+        return DynaflowCompiler()
+
+    make_compiler._dynaflow = True  # type: ignore[attr-defined]
+    make_compiler.__wrapped__ = original  # type: ignore[attr-defined]
+    backends.make_compiler = make_compiler
+    log.info("vLLM piecewise mode: dense pieces compile with dynaflow (make_compiler wrapped)")
 
 
 def is_host_op(node: torch.fx.Node) -> bool:
@@ -240,5 +252,13 @@ class DynaflowCompiler(CompilerInterface):
 
         cfg, strategy = make_strategy(options())
         compiled = CompiledGraph(graph, cfg, strategy, label=f"vllm-piece-{key or 'x'}")
-        compiled.prepare(example_inputs, from_fx=True)
+        traced = any("val" in n.meta or "example_value" in n.meta for n in graph.graph.nodes if n.op == "placeholder")
+        # vLLM's pieces keep Dynamo's fake values (token dim symbolic): partition them as they are; a plain
+        # GraphModule (tests, other callers) gets a symbolic batch from its example inputs first
+        compiled.prepare(example_inputs, from_fx=not traced)
+        PIECES.append(compiled)
         return compiled, None
+
+
+PIECES: list[CompiledGraph] = []
+"""Every piece DynaflowCompiler compiled in this process (for explain() and tests)."""

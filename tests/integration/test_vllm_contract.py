@@ -40,6 +40,7 @@ SIGNATURES = [
     ("vllm.compilation.compiler_interface", "CompilerInterface.compile",
      ["self", "graph", "example_inputs", "compiler_config", "compile_range", "key"]),
     ("vllm.compilation.backends", "make_compiler", ["compilation_config"]),
+    ("vllm.compilation.backends", "CompilerManager.__init__", ["self", "compilation_config"]),
     ("vllm.plugins", "load_general_plugins", []),
 ]
 
@@ -87,11 +88,12 @@ def test_attention_ops_and_compile_modes(vllm):
     assert {"mode", "backend", "custom_ops", "splitting_ops"} <= fields
 
 
-def test_platform_compile_backend_attribute(vllm):
-    from vllm.platforms import interface
+def test_piecewise_mode_rejects_custom_backend_names(vllm):
+    """Why the plugin wraps make_compiler: vLLM 0.32 accepts only eager/inductor as a mode-3 backend."""
+    from vllm.config import CompilationConfig
 
-    assert interface.Platform.simple_compile_backend == "inductor"
-    assert _params(interface.Platform.get_compile_backend) == []  # classmethod, no arguments
+    with pytest.raises(Exception, match="Invalid backend for piecewise compilation"):
+        CompilationConfig(mode=3, backend="dynaflow")
 
 
 def test_entry_point_is_registered_and_loads(vllm):
@@ -102,32 +104,37 @@ def test_entry_point_is_registered_and_loads(vllm):
     assert eps[0].load() is importlib.import_module("dynaflow.integrations.vllm").register
 
 
-def test_plugin_is_a_no_op_unless_enabled_and_installs_the_piecewise_compiler_when_enabled(vllm, monkeypatch):
+def test_plugin_is_a_no_op_unless_enabled_and_wraps_make_compiler_for_piecewise(vllm, monkeypatch):
     import dynaflow.integrations.vllm as dv
+    import vllm.compilation.backends as backends
+    import vllm.plugins
     from dynaflow import knobs
+    from vllm.compilation.compiler_interface import CompilerInterface
     from vllm.platforms import current_platform
 
-    cls = type(current_platform)
-    monkeypatch.setattr(cls, "simple_compile_backend", cls.simple_compile_backend)
+    original = backends.make_compiler
+    monkeypatch.setattr(backends, "make_compiler", original)
     monkeypatch.setattr(dv, "_OPTIONS", None)
-    import vllm.plugins
-
+    platform_backend = type(current_platform).simple_compile_backend
     monkeypatch.setattr(vllm.plugins, "plugins_loaded", False)
     with knobs.scope(DYNAFLOW_VLLM=0):
         vllm.plugins.load_general_plugins()  # runs dynaflow's entry point (and vLLM's own)
-    assert cls.simple_compile_backend != dv.COMPILER_QUALNAME and dv._OPTIONS is None
+    assert backends.make_compiler is original and dv._OPTIONS is None
     monkeypatch.setattr(vllm.plugins, "plugins_loaded", False)
     with knobs.scope(DYNAFLOW_VLLM=1, DYNAFLOW_VLLM_OPTIONS='{"nano_batches": 2, "min_rows": 4}'):
         vllm.plugins.load_general_plugins()
+        assert dv.options() == {"nano_batches": 2, "min_rows": 4}
+    assert backends.make_compiler is original  # whole-graph mode only: nothing patched
+    monkeypatch.setattr(vllm.plugins, "plugins_loaded", False)
+    with knobs.scope(DYNAFLOW_VLLM=1, DYNAFLOW_VLLM_OPTIONS='{"piecewise": true}'):
+        vllm.plugins.load_general_plugins()
         vllm.plugins.load_general_plugins()  # re-entrant
-    assert cls.simple_compile_backend == dv.COMPILER_QUALNAME
-    assert dv.options() == {"nano_batches": 2, "min_rows": 4}
-    from vllm.utils.import_utils import resolve_obj_by_qualname
-
-    compiler = resolve_obj_by_qualname(current_platform.get_compile_backend())()
-    from vllm.compilation.compiler_interface import CompilerInterface
-
+        dv.register()
+    wrapped = backends.make_compiler
+    assert wrapped is not original and wrapped.__wrapped__ is original
+    compiler = wrapped(object())
     assert isinstance(compiler, CompilerInterface) and compiler.name == "dynaflow"
+    assert type(current_platform).simple_compile_backend == platform_backend  # never touched
 
 
 def test_bad_plugin_options_are_integration_errors(vllm):

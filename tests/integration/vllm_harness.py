@@ -86,12 +86,25 @@ class Engine:
             return self.model.compute_logits(hidden)
 
 
-def build(hf: transformers.LlamaForCausalLM, path: str, compilation: dict | None) -> Engine:
+def build(hf: transformers.LlamaForCausalLM, path: str, compilation: dict | None, piecewise: bool = False) -> Engine:
     """Construct the real vLLM Llama (eager when ``compilation`` is None), load ``hf``'s weights and swap the
-    attention kernel for the fake one."""
+    attention kernel for the fake one.
+
+    ``piecewise=True`` forces vLLM's piecewise mode (VLLM_COMPILE) after config post-init: vLLM's CPU platform
+    rewrites mode 3 to mode 2, so on CPU this is the only way to reach VllmBackend's splitting and the
+    piecewise backend; the Inductor-only fusion passes (undefined without CUDA) are switched off."""
     mc = ModelConfig(model=path, dtype="float32", skip_tokenizer_init=True, enforce_eager=compilation is None)
     cc = CompilationConfig(**(compilation or {"mode": 0}), custom_ops=["none"])
     vc = VllmConfig(model_config=mc, compilation_config=cc)
+    if piecewise:
+        cc = vc.compilation_config
+        cc.mode = 3
+        cc.backend = "inductor"  # the name vLLM accepts in mode 3; dynaflow's make_compiler wrapper takes over
+        cc.splitting_ops = ["vllm::unified_attention_with_output", "vllm::unified_kv_cache_update"]
+        cc.compile_sizes = cc.compile_sizes or []
+        for name, value in list(vars(cc.pass_config).items()):
+            if name.startswith(("fuse", "enable_")) and isinstance(value, bool):
+                setattr(cc.pass_config, name, False)
     with set_current_vllm_config(vc):
         if not model_parallel_is_initialized():
             init_distributed_environment(world_size=1, rank=0, distributed_init_method=f"file://{path}/dist",
