@@ -87,6 +87,9 @@ def test_parse_options():
         parse_options("{nano", "ENV")
     with pytest.raises(IntegrationError, match=r"ENV: min_rows=0 must be an int >= 1"):
         parse_options({"min_rows": 0}, "ENV")
+    assert parse_options({"piecewise": True}, "X") == {"piecewise": True, "min_rows": 1}
+    with pytest.raises(IntegrationError, match=r"ENV: piecewise='yes' must be true or false"):
+        parse_options({"piecewise": "yes"}, "ENV")
     with pytest.raises(IntegrationError, match=r"ENV: Unknown dynaflow option 'strategi'.*Did you mean 'strategy'"):
         parse_options({"strategi": "nanoflow"}, "ENV")
     assert issubclass(IntegrationError, dynaflow.DynaflowError)
