@@ -20,6 +20,7 @@ import torch
 
 from dynaflow import knobs
 from dynaflow.errors import BackendError
+from dynaflow.nanocontext import NanoContext, current_nano_context, launch_context
 from dynaflow.registry import Registry
 from dynaflow.segmented import OutRef
 from dynaflow.timeline import Timeline, TimelineEvent
@@ -68,9 +69,16 @@ class Executor:
         return build(program.output_tree)
 
 
-def run_launch(launch: Launch, env: list[Any], lock: threading.Lock, batch: int) -> None:
-    """Fetch arguments, call the segment, store outputs, and write merged outputs into their buffers."""
-    out = launch.fn(*[fetch(a, env) for a in launch.args])
+def run_launch(launch: Launch, env: list[Any], lock: threading.Lock, batch: int,
+               nano_ctx: NanoContext | None = None, split: Any = None) -> None:
+    """Fetch arguments, call the segment, store outputs, and write merged outputs into their buffers.
+
+    A segment with the ``nano-context`` hint runs inside ``nano_ctx`` (see :mod:`dynaflow.nanocontext`)."""
+    if nano_ctx is not None and split is not None:
+        with launch_context(nano_ctx, launch.segment, launch.op.nano, split):
+            out = launch.fn(*[fetch(a, env) for a in launch.args])
+    else:
+        out = launch.fn(*[fetch(a, env) for a in launch.args])
     outs = out if launch.returns_tuple else (out,)
     for slot, value in zip(launch.out_slots, outs):
         env[slot] = value
@@ -101,9 +109,10 @@ class SerialExecutor(Executor):
         clock = time.perf_counter
         t_start = clock()
         B = program.batch_size
+        nano_ctx = current_nano_context()
         for launch, frees in zip(program.serial_order, program.serial_frees):
             t0 = clock()
-            run_launch(launch, env, lock, B)
+            run_launch(launch, env, lock, B, nano_ctx, program.split)
             for slot in frees:
                 env[slot] = None
             if record:
@@ -142,6 +151,7 @@ class _Step:
         self.lock = threading.Lock()
         self.failed: BaseException | None = None
         self.timeout = timeout
+        self.nano_ctx = current_nano_context()  # read on the caller's thread; lanes use this one
         self.left = dict(readers[0]) if readers else {}
         self.touched = readers[1] if readers else {}
 
@@ -236,7 +246,7 @@ class ThreadExecutor(Executor):
                             )
                         continue
                     t0 = clock()
-                    run_launch(ins, step.env, step.lock, B)
+                    run_launch(ins, step.env, step.lock, B, step.nano_ctx, program.split)
                     if record:
                         out.append(TimelineEvent(lane, repr(ins.op), t0 - t_start, clock() - t_start,
                                                  ins.segment.resource.value))

@@ -35,9 +35,11 @@ __all__ = [
 ALL = -1
 """The nano-batch index of an op that runs once on the whole batch (barriers, batch-free segments)."""
 
-HINTS = frozenset({"no-inductor", "no-cudagraph", "barrier", "batch-local"})
+HINTS = frozenset({"no-inductor", "no-cudagraph", "barrier", "batch-local", "nano-context"})
 """Segment hints. ``barrier`` forces a whole-batch segment; ``batch-local`` asserts (and trusts) that a
-segment the analysis flags as coupled is in fact row-separable (e.g. MoE token permutations)."""
+segment the analysis flags as coupled is in fact row-separable (e.g. MoE token permutations);
+``nano-context`` marks a segment that reads per-step host state (an engine's attention metadata), so
+executors run each nano-batch launch of it inside the active :func:`dynaflow.nanocontext.nano_context`."""
 
 
 class Resource(str, enum.Enum):

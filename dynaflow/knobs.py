@@ -13,6 +13,10 @@ variable                     meaning                                            
 ``DYNAFLOW_TIMELINE``        record a Timeline on every call                         1
 ``DYNAFLOW_CACHE_DIR``       where autotune winners and profiles are kept             ~/.cache/dynaflow
 ``DYNAFLOW_PROGRESS``        autotune progress bar: 1 on, 0 off, unset = on a tty     unset
+``DYNAFLOW_VLLM``            the vLLM plugin turns dynaflow on (compile backend)     0
+``DYNAFLOW_VLLM_OPTIONS``    JSON dynaflow options for the vLLM integration          unset
+``DYNAFLOW_SGLANG``          the SGLang plugin routes torch.compile via dynaflow     0
+``DYNAFLOW_SGLANG_OPTIONS``  JSON dynaflow options for the SGLang integration        unset
 ===========================  ======================================================  =========
 """
 
@@ -23,7 +27,8 @@ import os
 from typing import Iterator
 
 __all__ = [
-    "debug_level", "verify", "wait_timeout", "forced_executor", "record_timeline", "cache_dir", "progress", "scope",
+    "debug_level", "verify", "wait_timeout", "forced_executor", "record_timeline", "cache_dir", "progress",
+    "integration_enabled", "integration_options", "scope",
 ]
 
 _overrides: dict[str, str] = {}
@@ -74,6 +79,18 @@ def progress() -> bool | None:
     if value == "":
         return None
     return value not in ("0", "false", "False")
+
+
+def integration_enabled(host: str) -> bool:
+    """``DYNAFLOW_VLLM`` / ``DYNAFLOW_SGLANG``: the host's plugin entry point turns dynaflow on (off by default,
+    so installing dynaflow never changes an engine's behaviour by itself)."""
+    return _get(f"DYNAFLOW_{host.upper()}", "0") not in ("", "0", "false", "False")
+
+
+def integration_options(host: str) -> str:
+    """``DYNAFLOW_VLLM_OPTIONS`` / ``DYNAFLOW_SGLANG_OPTIONS``: a JSON object of dynaflow options (the keys of
+    ``DynaflowConfig`` plus ``min_rows``); env vars reach the engines' worker processes, Python objects do not."""
+    return _get(f"DYNAFLOW_{host.upper()}_OPTIONS", "")
 
 
 @contextlib.contextmanager

@@ -1,0 +1,98 @@
+"""SGLang integration: route SGLang's torch.compile paths through dynaflow, switched on by a flag.
+
+* ``--enable-torch-compile``: SGLang compiles the model inside
+  ``sglang.srt.compilation.torch_compile_decoration.patch_model`` with Inductor; the plugin wraps that
+  function (SGLang ``HookRegistry`` AROUND hook) so the forward it yields is dynaflow's :func:`compile`.
+* the piecewise path: ``sglang.srt.compilation.compile.install_torch_compiled(..., backend_factory=None)``
+  gets dynaflow's backend as its ``backend_factory`` when the caller gave none.
+* :func:`compile` is also usable directly (offline engine, tests): ``fast = compile(model.forward)``.
+
+Per nano-batch, attention runs with its own ``ForwardBatch`` (the nano-batch's requests) and its own
+attention backend copy whose ``init_forward_metadata`` saw that batch, installed as SGLang's forward context
+(:mod:`dynaflow.nanocontext`); cuts fall on request boundaries. SGLang models break into several Dynamo
+graphs (Llama: 7); each is planned on its own. The ``sglang.srt.plugins`` entry point :func:`register`
+does nothing unless ``DYNAFLOW_SGLANG=1``. SGLang is imported only in the private ``_sglang`` module.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Callable, Mapping
+
+from dynaflow import knobs
+from dynaflow.integrations._common import IntegrationError, parse_options
+
+__all__ = ["is_available", "enable", "register", "compile", "backend", "register_host_op", "SUPPORTED",
+           "HOST_OP_PATTERNS"]
+
+SUPPORTED = ">=0.5.20,<0.5.24"
+"""SGLang versions whose internals the integration was written and tested against."""
+
+HOST_OP_PATTERNS: list[str] = [r"^sglang\.(unified_|.*attention)"]
+"""Regexes (``re.search`` on dynaflow's op name) of opaque ops that read SGLang's global attention backend;
+they run per nano-batch under that nano-batch's forward context. Extend with :func:`register_host_op`."""
+
+_OPTIONS: dict[str, Any] | None = None
+
+
+def is_available() -> bool:
+    """True when SGLang is importable (without importing it)."""
+    return importlib.util.find_spec("sglang") is not None
+
+
+def options() -> dict[str, Any]:
+    """The active options: those given to :func:`enable`, else ``DYNAFLOW_SGLANG_OPTIONS``."""
+    if _OPTIONS is not None:
+        return dict(_OPTIONS)
+    return parse_options(knobs.integration_options("sglang"), "DYNAFLOW_SGLANG_OPTIONS")
+
+
+def register_host_op(pattern: str) -> None:
+    """Declare ops matching ``pattern`` as readers of SGLang's attention backend (see HOST_OP_PATTERNS)."""
+    import re
+
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError) as exc:
+        raise IntegrationError(f"register_host_op({pattern!r}): not a valid regex ({exc}).") from None
+    if pattern not in HOST_OP_PATTERNS:
+        HOST_OP_PATTERNS.append(pattern)
+
+
+def enable(options: Mapping[str, Any] | None = None, *, apply_hooks: bool = True) -> None:
+    """Turn the integration on in this process: remember ``options`` and register the SGLang hooks
+    (``patch_model`` and ``install_torch_compiled``); with ``apply_hooks`` also apply them now (the plugin
+    loader applies them itself). Idempotent. Worker processes need ``DYNAFLOW_SGLANG=1`` in the environment."""
+    global _OPTIONS
+    if not is_available():
+        raise IntegrationError("dynaflow.integrations.sglang.enable(): SGLang is not installed; `pip install sglang` "
+                               f"(tested: sglang{SUPPORTED}).")
+    parsed = parse_options(dict(options) if options is not None else knobs.integration_options("sglang"),
+                           "dynaflow.integrations.sglang.enable(options)")
+    from dynaflow.integrations.sglang import _sglang
+
+    _sglang.check_version()
+    _OPTIONS = parsed
+    _sglang.register_hooks(apply=apply_hooks)
+
+
+def register() -> None:
+    """The ``sglang.srt.plugins`` entry point: :func:`enable` when ``DYNAFLOW_SGLANG=1``, else nothing."""
+    if not knobs.integration_enabled("sglang"):
+        return
+    enable(apply_hooks=False)  # load_plugins() applies every registered hook after running the plugins
+
+
+def compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """dynaflow-compile an SGLang forward ``fn(input_ids, positions, forward_batch, ...)``; call it inside
+    SGLang's forward context, as the model runner does."""
+    from dynaflow.integrations.sglang import _sglang
+
+    return _sglang.SglangStep(fn, options())
+
+
+def backend(gm: Any, example_inputs: list[Any]) -> Any:
+    """A torch.compile backend / SGLang ``backend_factory`` planning one (of possibly several) graphs."""
+    from dynaflow.integrations.sglang import _sglang
+
+    return _sglang.make_graph(gm, example_inputs, options())

@@ -1,0 +1,234 @@
+"""Everything that imports SGLang (private: loaded on first use by ``dynaflow.integrations.sglang``).
+
+The symbols used here are pinned by ``tests/integration/test_sglang.py`` (contract section).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import re
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.fx
+
+import sglang
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.model_executor import forward_context as sgl_fc
+
+from dynaflow.api import CompiledGraph
+from dynaflow.frontend.rules import Where, default_rules, op_name
+from dynaflow.integrations import sglang as pkg
+from dynaflow.integrations._common import (HOST_STATE_META, IntegrationError, make_strategy, matching_rules,
+                                           thread_mutations)
+from dynaflow.nanocontext import nano_context
+from dynaflow.requests import requests
+from dynaflow.strategies import get as get_strategy
+
+log = logging.getLogger("dynaflow.integrations.sglang")
+
+PATCH_MODEL = "sglang.srt.compilation.torch_compile_decoration.patch_model"
+INSTALL_COMPILED = "sglang.srt.compilation.compile.install_torch_compiled"
+
+TOKEN_FIELDS = ("input_ids", "positions", "out_cache_loc", "out_cache_loc_virtual")
+"""ForwardBatch fields indexed by token: sliced by the nano-batch's token range."""
+REQUEST_FIELDS = ("req_pool_indices", "seq_lens", "seq_lens_cpu", "extend_seq_lens", "extend_prefix_lens",
+                  "extend_prefix_lens_cpu", "extend_seq_lens_cpu", "extend_logprob_start_lens_cpu", "lora_ids",
+                  "rids", "orig_seq_lens")
+"""ForwardBatch fields indexed by request: sliced by the nano-batch's request range."""
+
+
+def check_version() -> None:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    if Version(sglang.__version__) not in SpecifierSet(pkg.SUPPORTED):
+        raise IntegrationError(
+            f"dynaflow's SGLang integration supports sglang{pkg.SUPPORTED}; found sglang {sglang.__version__}. Install "
+            "a supported version, or run the contract tests (pytest -m integration) against it and widen SUPPORTED."
+        )
+
+
+# -- hooks ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _patch_model_hook(original: Callable[..., Any], model: torch.nn.Module, enable_compile: bool, *args: Any,
+                      **kwargs: Any):
+    """AROUND ``patch_model``: keep SGLang's side effects (custom ops to torch-native, comm backup), but
+    yield dynaflow's compiled forward instead of Inductor's."""
+    with original(model, enable_compile, *args, **kwargs) as forward:
+        if not enable_compile:
+            yield forward
+            return
+        yield SglangStep(torch.no_grad()(model.forward), pkg.options())
+
+
+def _install_compiled_hook(original: Callable[..., Any], module: torch.nn.Module, *args: Any, **kwargs: Any):
+    """AROUND ``install_torch_compiled``: dynaflow's backend when the caller chose no backend_factory."""
+    if kwargs.get("backend_factory") is None:
+        kwargs["backend_factory"] = pkg.backend
+    return original(module, *args, **kwargs)
+
+
+_REGISTERED = False
+
+
+def register_hooks(apply: bool) -> None:
+    global _REGISTERED
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if not _REGISTERED:
+        HookRegistry.register(PATCH_MODEL, _patch_model_hook, HookType.AROUND)
+        HookRegistry.register(INSTALL_COMPILED, _install_compiled_hook, HookType.AROUND)
+        _REGISTERED = True
+    if apply:
+        HookRegistry.apply_hooks()
+
+
+# -- planning -------------------------------------------------------------------------------------------
+def is_host_op(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and any(re.search(p, op_name(node)) for p in pkg.HOST_OP_PATTERNS)
+
+
+def _reads_host_state(node: torch.fx.Node) -> bool:
+    return bool(node.meta.get(HOST_STATE_META))
+
+
+ATTENTION_RULE = Where(_reads_host_state, name="attention", tags=("memory", "nano-context", "batch-local"))
+
+
+def make_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Mapping[str, Any],
+               label: str = "sglang") -> CompiledGraph:
+    """Plan one Dynamo graph of an SGLang model. A graph whose batch dim is static (a fragment between graph
+    breaks that holds no token-indexed tensor) runs as one nano-batch."""
+    thread_mutations(gm, is_host_op)
+    cfg, strategy = make_strategy(opts)
+    base = cfg.rules if cfg.rules is not None else (strategy.rules() or default_rules())
+    cfg = cfg.replace(rules=matching_rules(gm, [ATTENTION_RULE, *base]))
+    graph = CompiledGraph(gm, cfg, strategy, label=label).prepare()
+    if graph.segmented is not None and graph.segmented.batch_symbol is None:
+        graph.strategy = get_strategy("sequential", nano_batches=1)
+    return graph
+
+
+class SglangStep:
+    """A dynaflow-compiled SGLang forward: every call reads the ``ForwardBatch`` argument for the request
+    layout and installs per-nano-batch forward contexts; each Dynamo graph (graph breaks) is planned apart."""
+
+    def __init__(self, fn: Callable[..., Any], opts: Mapping[str, Any]):
+        self.fn = fn
+        self.opts = dict(opts)
+        self.graphs: list[CompiledGraph] = []
+        self._batch = 0
+        self._compiled = torch.compile(fn, backend=self._backend, dynamic=None)
+
+    def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> CompiledGraph:
+        graph = make_graph(gm, example_inputs, self.opts, label=f"sglang{len(self.graphs)}")
+        graph.batch_hint = lambda: self._batch
+        self.graphs.append(graph)
+        return graph
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        fb = next((a for a in (*args, *kwargs.values()) if isinstance(a, ForwardBatch)), None)
+        if fb is None:
+            raise IntegrationError(
+                f"dynaflow.integrations.sglang.compile: no ForwardBatch among the arguments of {self.fn!r}; it compiles "
+                "SGLang forwards fn(input_ids, positions, forward_batch, ...)."
+            )
+        for name in ("input_ids", "positions"):
+            t = getattr(fb, name, None)
+            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(a, 0)
+        state = StepState.from_batch(fb)
+        self._batch = state.num_tokens
+        with requests(state.lengths, state.phases), nano_context(state.enter, name="sglang forward batch"):
+            return self._compiled(*args, **kwargs)
+
+    def explain(self) -> str:
+        return "\n\n".join(g.explain() for g in self.graphs) or "(not captured yet)"
+
+    def __repr__(self) -> str:
+        return f"SglangStep({getattr(self.fn, '__qualname__', self.fn)!r}, graphs={len(self.graphs)})"
+
+
+@dataclasses.dataclass
+class StepState:
+    """One step's ForwardBatch and request layout; builds (and caches) nano-batch forward contexts."""
+
+    batch: Any
+    starts: list[int]
+    lengths: tuple[int, ...]
+    phases: tuple[str, ...]
+    num_tokens: int
+    cache: dict[tuple[int, int], Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_batch(cls, fb: Any) -> "StepState":
+        num_tokens = int(fb.input_ids.shape[0])
+        if fb.forward_mode.is_decode():
+            lengths = [1] * int(fb.batch_size)
+            phases = ["decode"] * len(lengths)
+        else:
+            lengths = [int(n) for n in (fb.extend_seq_lens_cpu if fb.extend_seq_lens_cpu is not None
+                                        else fb.extend_seq_lens.tolist())]
+            prefix = fb.extend_prefix_lens_cpu or [0] * len(lengths)
+            phases = ["decode" if n == 1 and p > 0 else "prefill" for n, p in zip(lengths, prefix)]
+        if sum(lengths) > num_tokens or not lengths:
+            raise IntegrationError(
+                f"ForwardBatch declares {sum(lengths)} tokens over {len(lengths)} requests but input_ids has "
+                f"{num_tokens} rows; dynaflow cannot map nano-batches to requests."
+            )
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        lengths[-1] += num_tokens - sum(lengths)  # padding rides with the last request
+        return cls(fb, starts, tuple(lengths), tuple(phases), num_tokens)
+
+    def enter(self, nano: int, rows: tuple[int, int]) -> Any:
+        ctx = self.cache.get(rows)
+        if ctx is None:
+            ctx = self.cache[rows] = self._context(*rows)
+        return sgl_fc.forward_context(ctx)
+
+    def _context(self, start: int, stop: int) -> Any:
+        starts = self.starts
+        if start not in starts or (stop < starts[-1] and stop not in starts):
+            raise IntegrationError(
+                f"nano-batch rows {start}:{stop} cut a request (request starts {starts}); the split must fall on "
+                "request boundaries. Use the integration's strategy wrapper (RequestAligned) or nano_batches=1."
+            )
+        r0, r1 = starts.index(start), (starts.index(stop) if stop < starts[-1] else len(starts) - 1)
+        child = split_forward_batch(self.batch, slice(r0, r1), slice(start, stop))
+        parent = sgl_fc.get_forward_context()
+        backend = copy.copy(parent.attn_backend)  # shares pools and caches, gets its own forward_metadata
+        backend.init_forward_metadata(child)
+        return dataclasses.replace(parent, attn_backend=backend)
+
+
+def split_forward_batch(fb: Any, reqs: slice, tokens: slice) -> Any:
+    """A shallow copy of ``fb`` holding only requests ``reqs`` (tokens ``tokens``): token- and request-indexed
+    fields sliced, counts and ``extend_start_loc`` recomputed, everything else shared with ``fb``."""
+    child = copy.copy(fb)
+    for name in TOKEN_FIELDS:
+        v = getattr(fb, name, None)
+        if v is not None:
+            setattr(child, name, v[tokens])
+    for name in REQUEST_FIELDS:
+        v = getattr(fb, name, None)
+        if v is not None and not isinstance(v, (int, float)):
+            setattr(child, name, v[reqs])
+    child.batch_size = reqs.stop - reqs.start
+    if getattr(child, "seq_lens_cpu", None) is not None:
+        child.seq_lens_sum = int(child.seq_lens_cpu.sum())
+    elif getattr(child, "seq_lens", None) is not None:
+        child.seq_lens_sum = int(child.seq_lens.sum())
+    if getattr(child, "extend_seq_lens", None) is not None:
+        lens = child.extend_seq_lens
+        child.extend_start_loc = torch.cumsum(lens, 0) - lens
+        child.extend_num_tokens = int(tokens.stop - tokens.start)
+    return child

@@ -1,0 +1,264 @@
+"""Everything that imports vLLM (private: loaded on first use by ``dynaflow.integrations.vllm``).
+
+The symbols used here are pinned by ``tests/integration/test_vllm_contract.py``; a vLLM release that moves
+one fails that test by name.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.fx
+
+import vllm
+import vllm.forward_context as vllm_fc
+from vllm.compilation.compiler_interface import CompilerInterface
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.worker.ubatch_utils import UBatchSlice, split_attn_metadata
+
+from dynaflow.api import CompiledGraph
+from dynaflow.frontend.rules import Where, default_rules, op_name
+from dynaflow.integrations._common import (HOST_STATE_META, IntegrationError, make_strategy, matching_rules,
+                                           thread_mutations)
+from dynaflow.integrations.vllm import SUPPORTED
+from dynaflow.nanocontext import nano_context
+from dynaflow.requests import requests
+
+log = logging.getLogger("dynaflow.integrations.vllm")
+
+HOST_OPS = ("vllm.unified_attention", "vllm.unified_mla_attention", "vllm.unified_kv_cache_update",
+            "vllm.unified_mla_kv_cache_update")
+"""Op-name prefixes of vLLM's opaque ops that read the forward context (metadata, slot mapping by layer)."""
+
+Slicer = Callable[[Any, slice, slice], Any]
+
+
+def _slice_common(meta: CommonAttentionMetadata, requests_: slice, tokens: slice) -> CommonAttentionMetadata:
+    return split_attn_metadata([UBatchSlice(requests_, tokens)], meta)[0]
+
+
+SLICERS: dict[type, Slicer] = {CommonAttentionMetadata: _slice_common}
+"""How to cut attention metadata per nano-batch, by type (MRO lookup); extend with register_metadata_slicer."""
+
+
+def check_version() -> None:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    if Version(vllm.__version__) not in SpecifierSet(SUPPORTED):
+        raise IntegrationError(
+            f"dynaflow's vLLM integration supports vllm{SUPPORTED}; found vllm {vllm.__version__}. Install a "
+            "supported version, or run the integration contract tests (pytest -m integration) against this one "
+            "and widen SUPPORTED if they pass."
+        )
+
+
+def install_piecewise_compiler() -> None:
+    """vLLM piecewise mode (``CompilationMode.VLLM_COMPILE``): vLLM keeps splitting the graph at attention and
+    its piecewise machinery, and each dense piece is compiled by :class:`DynaflowCompiler` instead of Inductor.
+
+    vLLM 0.32 accepts only ``eager`` / ``inductor`` as a mode-3 backend and resolves the compiler with the
+    module function ``vllm.compilation.backends.make_compiler``; that function is wrapped (idempotently).
+    The platform's ``simple_compile_backend`` is deliberately left alone: in whole-graph mode vLLM uses it
+    as the torch.compile backend for ``"inductor"``."""
+    import vllm.compilation.backends as backends
+
+    if getattr(backends.make_compiler, "_dynaflow", False):
+        return
+    original = backends.make_compiler
+
+    def make_compiler(compilation_config: Any, *args: Any, **kwargs: Any) -> CompilerInterface:
+        return DynaflowCompiler()
+
+    make_compiler._dynaflow = True  # type: ignore[attr-defined]
+    make_compiler.__wrapped__ = original  # type: ignore[attr-defined]
+    backends.make_compiler = make_compiler
+    log.info("vLLM piecewise mode: dense pieces compile with dynaflow (make_compiler wrapped)")
+
+
+def is_host_op(node: torch.fx.Node) -> bool:
+    """Does ``node`` call one of vLLM's forward-context-reading attention ops?"""
+    return node.op == "call_function" and op_name(node).startswith(HOST_OPS)
+
+
+def _reads_host_state(node: torch.fx.Node) -> bool:
+    return bool(node.meta.get(HOST_STATE_META))
+
+
+ATTENTION_RULE = Where(_reads_host_state, name="attention", tags=("memory", "nano-context", "batch-local"))
+"""vLLM's attention ops (and the aliases of the buffers they fill) as their own nano-context segments."""
+
+
+def make_step(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Mapping[str, Any]) -> "VllmStep":
+    """Partition vLLM's whole Dynamo graph (attention ops in their own nano-context segments)."""
+    thread_mutations(gm, is_host_op)
+    if not any(_reads_host_state(n) for n in gm.graph.nodes):
+        log.info("vLLM graph has no forward-context op; it is planned like any model")
+    cfg, strategy = make_strategy(opts)
+    base = cfg.rules if cfg.rules is not None else (strategy.rules() or default_rules())
+    cfg = cfg.replace(rules=matching_rules(gm, [ATTENTION_RULE, *base]))
+    graph = CompiledGraph(gm, cfg, strategy, label=f"vllm{len(STEPS)}").prepare()
+    step = VllmStep(graph)
+    STEPS.append(step)
+    return step
+
+
+STEPS: list["VllmStep"] = []
+"""Every step callable made in this process, oldest first (for explain() and tests)."""
+
+
+class VllmStep:
+    """The callable vLLM runs each step: derive the request layout and per-nano-batch forward contexts from
+    the active forward context, then run dynaflow's program."""
+
+    def __init__(self, graph: CompiledGraph):
+        self.graph = graph
+
+    def __call__(self, *args: Any) -> Any:
+        ctx = vllm_fc._forward_context if vllm_fc.is_forward_context_available() else None
+        batch = self.graph.batch_size(args)
+        plan = StepState.from_context(ctx, batch)
+        if plan is None:
+            with requests([batch]):  # no attention metadata (e.g. a profiling run): one nano-batch
+                return self.graph(*args)
+        with requests(plan.lengths, plan.phases), nano_context(plan.enter, name="vllm forward context"):
+            return self.graph(*args)
+
+    def __repr__(self) -> str:
+        return f"VllmStep({self.graph.label}, strategy={self.graph.strategy!r})"
+
+
+@dataclasses.dataclass
+class StepState:
+    """One step's forward context and its request layout; builds (and caches) nano-batch contexts."""
+
+    ctx: Any
+    qsl: list[int]
+    lengths: tuple[int, ...]
+    phases: tuple[str, ...]
+    batch: int
+    cache: dict[tuple[int, int], Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_context(cls, ctx: Any, batch: int) -> "StepState | None":
+        if ctx is None:
+            return None
+        meta = _first_metadata(ctx.attn_metadata)
+        if meta is None:
+            return None
+        qsl_t = getattr(meta, "query_start_loc_cpu", None)
+        if qsl_t is None:
+            qsl_t = getattr(meta, "query_start_loc", None)
+        if qsl_t is None:
+            raise IntegrationError(
+                f"vLLM attention metadata {type(meta).__name__} has no query_start_loc(_cpu); dynaflow cannot find "
+                "request boundaries. Register a slicer (register_metadata_slicer) for a metadata type that has them, "
+                "or set nano_batches=1."
+            )
+        qsl = [int(v) for v in qsl_t.tolist()]
+        lengths: list[int] = []
+        for a, b in zip(qsl, qsl[1:]):
+            if b > a:
+                lengths.append(b - a)
+        if qsl[-1] > batch or not lengths:
+            raise IntegrationError(
+                f"vLLM forward context covers {qsl[-1]} tokens but the model got {batch} (input_ids rows); the "
+                "forward context does not belong to this call."
+            )
+        lengths[-1] += batch - qsl[-1]  # CUDA-graph padding rides with the last request
+        phases = tuple("decode" if n == 1 else "prefill" for n in lengths)
+        return cls(ctx, qsl, tuple(lengths), phases, batch)
+
+    def enter(self, nano: int, rows: tuple[int, int]) -> Any:
+        key = rows
+        sub = self.cache.get(key)
+        if sub is None:
+            sub = self.cache[key] = self._slice(*rows)
+        return vllm_fc.override_forward_context(sub)
+
+    def _slice(self, start: int, stop: int) -> Any:
+        qsl, n_req = self.qsl, len(self.qsl) - 1
+        r0 = bisect.bisect_right(qsl, start) - 1  # the last request starting at or before `start`
+        r1 = n_req if stop >= qsl[-1] else bisect.bisect_left(qsl, stop)
+        if qsl[r0] != start or (stop < qsl[-1] and qsl[r1] != stop):
+            raise IntegrationError(
+                f"nano-batch rows {start}:{stop} cut a request (request starts {qsl}); the split must fall on request "
+                "boundaries. Use the integration's strategy wrapper (RequestAligned) or nano_batches=1."
+            )
+        requests_, tokens = slice(r0, r1), slice(start, stop)
+        memo: dict[int, Any] = {}
+
+        def cut(layer: str, meta: Any) -> Any:
+            if meta is None:
+                return None
+            if id(meta) not in memo:
+                memo[id(meta)] = _slicer_for(meta, layer)(meta, requests_, tokens)
+            return memo[id(meta)]
+
+        attn = self.ctx.attn_metadata
+        if isinstance(attn, dict):
+            new_attn: Any = {k: cut(k, m) for k, m in attn.items()}
+        elif isinstance(attn, list):
+            new_attn = [{k: cut(k, m) for k, m in d.items()} for d in attn]
+        else:
+            new_attn = cut("<all layers>", attn)
+        slots = self.ctx.slot_mapping
+        if isinstance(slots, dict):
+            slots = {k: (v[tokens] if isinstance(v, torch.Tensor) else v) for k, v in slots.items()}
+        elif isinstance(slots, list):
+            slots = [{k: (v[tokens] if isinstance(v, torch.Tensor) else v) for k, v in d.items()} for d in slots]
+        return dataclasses.replace(self.ctx, attn_metadata=new_attn, slot_mapping=slots, ubatch_slices=None)
+
+
+def _first_metadata(attn: Any) -> Any:
+    if isinstance(attn, list):
+        attn = attn[0] if attn else None
+    if isinstance(attn, dict):
+        return next((m for m in attn.values() if m is not None), None)
+    return attn
+
+
+def _slicer_for(meta: Any, layer: str) -> Slicer:
+    for cls in type(meta).__mro__:
+        fn = SLICERS.get(cls)
+        if fn is not None:
+            return fn
+    raise IntegrationError(
+        f"vLLM attention metadata of type {type(meta).__module__}.{type(meta).__qualname__} (layer {layer!r}) has no "
+        "nano-batch slicer. Register one with dynaflow.integrations.vllm.register_metadata_slicer(type, "
+        "fn(metadata, request_slice, token_slice)), or run with nano_batches=1 (no attention split)."
+    )
+
+
+class DynaflowCompiler(CompilerInterface):
+    """vLLM piecewise mode: compile each dense piece (between vLLM's attention splits) with dynaflow.
+
+    Pieces hold no forward-context op, so they are split into nano-batches anywhere along the token dim."""
+
+    name = "dynaflow"
+
+    def compute_hash(self, vllm_config: Any) -> str:
+        from dynaflow.integrations.vllm import options
+
+        return f"dynaflow-{sorted(options().items())!r}"
+
+    def compile(self, graph: torch.fx.GraphModule, example_inputs: list[Any], compiler_config: dict[str, Any],
+                compile_range: Any, key: str | None = None) -> tuple[Callable[..., Any] | None, Any | None]:
+        from dynaflow.integrations.vllm import options
+
+        cfg, strategy = make_strategy(options())
+        compiled = CompiledGraph(graph, cfg, strategy, label=f"vllm-piece-{key or 'x'}")
+        traced = any("val" in n.meta or "example_value" in n.meta for n in graph.graph.nodes if n.op == "placeholder")
+        # vLLM's pieces keep Dynamo's fake values (token dim symbolic): partition them as they are; a plain
+        # GraphModule (tests, other callers) gets a symbolic batch from its example inputs first
+        compiled.prepare(example_inputs, from_fx=not traced)
+        PIECES.append(compiled)
+        return compiled, None
+
+
+PIECES: list[CompiledGraph] = []
+"""Every piece DynaflowCompiler compiled in this process (for explain() and tests)."""

@@ -1,0 +1,171 @@
+"""Contract: every vLLM symbol dynaflow patches or calls exists with the signature it expects, and the
+``vllm.general_plugins`` entry point loads. A vLLM release that moves one fails here, by name."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+
+import pytest
+
+from integ_util import require
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def vllm():
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    return require("vllm")
+
+
+def _params(fn) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def test_version_is_supported(vllm):
+    from dynaflow.integrations.vllm import _vllm
+
+    _vllm.check_version()
+
+
+# (module, attribute, the leading parameters dynaflow relies on)
+SIGNATURES = [
+    ("vllm.forward_context", "override_forward_context", ["forward_context"]),
+    ("vllm.forward_context", "set_forward_context", ["attn_metadata", "vllm_config", "num_tokens"]),
+    ("vllm.forward_context", "is_forward_context_available", []),
+    ("vllm.v1.worker.ubatch_utils", "split_attn_metadata", ["ubatch_slices", "common_attn_metadata"]),
+    ("vllm.v1.worker.ubatch_utils", "UBatchSlice", ["request_slice", "token_slice"]),
+    ("vllm.compilation.compiler_interface", "CompilerInterface.compile",
+     ["self", "graph", "example_inputs", "compiler_config", "compile_range", "key"]),
+    ("vllm.compilation.backends", "make_compiler", ["compilation_config"]),
+    ("vllm.compilation.backends", "CompilerManager.__init__", ["self", "compilation_config"]),
+    ("vllm.plugins", "load_general_plugins", []),
+]
+
+
+@pytest.mark.parametrize("module,attr,expected", SIGNATURES, ids=[f"{m}.{a}" for m, a, _ in SIGNATURES])
+def test_called_symbols_have_the_expected_signature(vllm, module, attr, expected):
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        assert hasattr(obj, part), f"{module}.{attr} is gone in vllm {vllm.__version__}"
+        obj = getattr(obj, part)
+    assert _params(obj)[:len(expected)] == expected, f"{module}.{attr}{inspect.signature(obj)} moved"
+
+
+def test_forward_context_fields_and_metadata_fields(vllm):
+    import dataclasses
+
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    ctx_fields = {f.name for f in dataclasses.fields(ForwardContext)}
+    assert {"attn_metadata", "slot_mapping", "no_compile_layers", "ubatch_slices"} <= ctx_fields
+    meta_fields = {f.name for f in dataclasses.fields(CommonAttentionMetadata)}
+    assert {"query_start_loc", "query_start_loc_cpu", "seq_lens", "num_reqs", "block_table_tensor",
+            "slot_mapping"} <= meta_fields
+    import vllm.forward_context as fc
+
+    assert hasattr(fc, "_forward_context"), "the module global the attention ops read moved"
+
+
+def test_attention_ops_and_compile_modes(vllm):
+    import torch
+    from vllm.config import CompilationConfig
+    from vllm.config.compilation import CompilationMode
+
+    import vllm.model_executor.layers.attention.attention  # noqa: F401  registers the ops
+
+    for name in ("unified_attention_with_output", "unified_kv_cache_update"):
+        op = getattr(torch.ops.vllm, name)
+        schema = op.default._schema
+        assert schema.name == f"vllm::{name}"
+    out_arg = torch.ops.vllm.unified_attention_with_output.default._schema.arguments[3]
+    assert out_arg.name == "output" and out_arg.alias_info is not None and out_arg.alias_info.is_write
+    assert CompilationMode.DYNAMO_TRACE_ONCE == 2 and CompilationMode.VLLM_COMPILE == 3
+    fields = set(CompilationConfig.__dataclass_fields__)
+    assert {"mode", "backend", "custom_ops", "splitting_ops"} <= fields
+
+
+def test_piecewise_mode_rejects_custom_backend_names(vllm):
+    """Why the plugin wraps make_compiler: vLLM 0.32 accepts only eager/inductor as a mode-3 backend."""
+    from vllm.config import CompilationConfig
+
+    with pytest.raises(Exception, match="Invalid backend for piecewise compilation"):
+        CompilationConfig(mode=3, backend="dynaflow")
+
+
+def test_entry_point_is_registered_and_loads(vllm):
+    from importlib.metadata import entry_points
+
+    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "dynaflow"]
+    assert len(eps) == 1 and eps[0].value == "dynaflow.integrations.vllm:register"
+    assert eps[0].load() is importlib.import_module("dynaflow.integrations.vllm").register
+
+
+def test_plugin_is_a_no_op_unless_enabled_and_wraps_make_compiler_for_piecewise(vllm, monkeypatch):
+    import dynaflow.integrations.vllm as dv
+    import vllm.compilation.backends as backends
+    import vllm.plugins
+    from dynaflow import knobs
+    from vllm.compilation.compiler_interface import CompilerInterface
+    from vllm.platforms import current_platform
+
+    original = backends.make_compiler
+    monkeypatch.setattr(backends, "make_compiler", original)
+    monkeypatch.setattr(dv, "_OPTIONS", None)
+    platform_backend = type(current_platform).simple_compile_backend
+    monkeypatch.setattr(vllm.plugins, "plugins_loaded", False)
+    with knobs.scope(DYNAFLOW_VLLM=0):
+        vllm.plugins.load_general_plugins()  # runs dynaflow's entry point (and vLLM's own)
+    assert backends.make_compiler is original and dv._OPTIONS is None
+    monkeypatch.setattr(vllm.plugins, "plugins_loaded", False)
+    with knobs.scope(DYNAFLOW_VLLM=1, DYNAFLOW_VLLM_OPTIONS='{"nano_batches": 2, "min_rows": 4}'):
+        vllm.plugins.load_general_plugins()
+        assert dv.options() == {"nano_batches": 2, "min_rows": 4}
+    assert backends.make_compiler is original  # whole-graph mode only: nothing patched
+    monkeypatch.setattr(vllm.plugins, "plugins_loaded", False)
+    with knobs.scope(DYNAFLOW_VLLM=1, DYNAFLOW_VLLM_OPTIONS='{"piecewise": true}'):
+        vllm.plugins.load_general_plugins()
+        vllm.plugins.load_general_plugins()  # re-entrant
+        dv.register()
+    wrapped = backends.make_compiler
+    assert wrapped is not original and wrapped.__wrapped__ is original
+    compiler = wrapped(object())
+    assert isinstance(compiler, CompilerInterface) and compiler.name == "dynaflow"
+    assert type(current_platform).simple_compile_backend == platform_backend  # never touched
+
+
+def test_bad_plugin_options_are_integration_errors(vllm):
+    import dynaflow.integrations.vllm as dv
+    from dynaflow import knobs
+    from dynaflow.integrations._common import IntegrationError
+
+    with knobs.scope(DYNAFLOW_VLLM=1, DYNAFLOW_VLLM_OPTIONS='{"nano_batchez": 2}'):
+        with pytest.raises(IntegrationError, match=r"DYNAFLOW_VLLM_OPTIONS.*nano_batchez.*Did you mean 'nano_batches'"):
+            dv.options()
+
+
+def test_piecewise_compiler_compiles_a_dense_piece(vllm):
+    """vLLM's piecewise mode hands DynaflowCompiler fx pieces between attention ops; one such piece."""
+    import torch
+    from dynaflow.integrations.vllm import _vllm
+
+    class Piece(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = torch.nn.Linear(8, 16)
+            self.down = torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            return (self.down(torch.relu(self.up(x))) + x,)
+
+    piece = Piece().eval()
+    gm = torch.fx.symbolic_trace(piece)
+    x = torch.randn(6, 8)
+    fn, handle = _vllm.DynaflowCompiler().compile(gm, [x], {}, None, key="p0")
+    assert handle is None
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x)[0], piece(x)[0])
+        torch.testing.assert_close(fn(torch.randn(9, 8) * 0 + x[:1])[0], piece(x[:1].expand(9, 8))[0])
