@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("DIST_PG_TIMEOUT", "60")))
-STRATEGIES = ("sequential", "round_robin", "nanoflow")
+STRATEGIES = ("sequential", "round_robin", "nanoflow", "two_batch_overlap")
 NANOS = (1, 2, 3)
 
 

@@ -145,7 +145,8 @@ def test_eager_sglang_llama_with_the_fake_backend_matches_transformers(sgl):
 
 @pytest.mark.parametrize("executor", ["serial", "thread"])
 @pytest.mark.parametrize("nano", [2, 3])
-@pytest.mark.parametrize("strategy", ["sequential", "round_robin", "nanoflow"])
+@pytest.mark.parametrize("strategy", ["sequential", "round_robin", "nanoflow", "two_batch_overlap", "auto",
+                                      "prefill_decode"])
 def test_dynaflow_compiled_sglang_llama_matches(sgl, strategy, nano, executor, monkeypatch):
     import dynaflow.integrations.sglang as ds
 
@@ -163,7 +164,8 @@ def test_dynaflow_compiled_sglang_llama_matches(sgl, strategy, nano, executor, m
     split_attention = [g for g in step.graphs
                        if any("nano-context" in s.hints and not s.whole for s in g.segmented.segments)
                        and any(p.split.num > 1 for p in g._by_split.values())]
-    assert split_attention, "attention never ran per nano-batch"
+    if strategy not in ("auto", "prefill_decode"):  # those two choose their own count (possibly one)
+        assert split_attention, "attention never ran per nano-batch"
     for g in step.graphs:
         for p in g._by_split.values():
             assert p.split.sizes in {(12,), (8,), (4,), (5, 3, 4), (5, 7), (2, 6), (2, 1, 1), (2, 2), (1, 1, 1, 1)} \

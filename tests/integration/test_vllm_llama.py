@@ -51,7 +51,7 @@ def _strategies():
 
 @pytest.mark.parametrize("executor", ["serial", "thread"])
 @pytest.mark.parametrize("nano", [2, 3])
-@pytest.mark.parametrize("strategy", ["sequential", "round_robin", "nanoflow"])
+@pytest.mark.parametrize("strategy", ["sequential", "round_robin", "nanoflow", "two_batch_overlap"])
 def test_dynaflow_backend_matches_eager(hv, strategy, nano, executor):
     h, hf, path = hv
     import dynaflow.integrations.vllm as dv
@@ -72,6 +72,23 @@ def test_dynaflow_backend_matches_eager(hv, strategy, nano, executor):
     # prefill 12 tokens [5|3|4] and mixed 8 tokens [1|1|6]: cuts only at request boundaries
     expected = {2: {(5, 7), (2, 6)}, 3: {(5, 3, 4), (2, 6)}}[nano]  # 8 tokens: cuts 3, 6 both snap to 2
     assert splits == expected
+
+
+@pytest.mark.parametrize("strategy", ["auto", "prefill_decode"])
+def test_strategies_that_choose_their_own_split_match_eager(hv, strategy):
+    """auto and prefill_decode pick their own nano-batch count; outputs still equal eager and every cut
+    falls on a request boundary (prefill step: requests of 5, 3, 4 tokens; mixed step: 1, 1, 6)."""
+    h, hf, path = hv
+    import dynaflow.integrations.vllm as dv
+    from dynaflow.integrations.vllm import _vllm
+
+    engine = h.build(hf, path, dv.compilation_config(nano_batches=2, strategy=strategy, executor="thread"))
+    for got, ref in _run_two_steps(h, hf, engine):
+        torch.testing.assert_close(got, ref, **TOL)
+    graph = _vllm.STEPS[-1].graph
+    for split in graph._by_split:
+        cuts = {b for _, b in split.boundaries}
+        assert cuts <= {5, 8, 12} or cuts <= {1, 2, 8}, split
 
 
 @pytest.mark.parametrize("strategy", ["round_robin", "nanoflow"])
