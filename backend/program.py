@@ -125,8 +125,8 @@ class Program:
 def lower(seg: SegmentedModule, graph: NanoGraph, schedule: Schedule) -> Program:
     """Lower a verified schedule into a Program (see the module docstring)."""
     split = graph.split
-    bounds = split.boundaries
     B = split.batch_size
+    bounds_of = {s.name: graph.split_of(s).boundaries for s in graph.segments if not s.whole}
     slots: dict[tuple[str, int], int] = {}
     for name, v in seg.values.items():
         if v.source == "input":
@@ -144,15 +144,20 @@ def lower(seg: SegmentedModule, graph: NanoGraph, schedule: Schedule) -> Program
     for c in seg.calls:
         if c.segment.whole:
             needs_buffer.update(a for a in c.args if _split_batch(seg, a, producer_whole))
+        elif split.stages:  # a split consumer whose split differs from its producer's re-slices a merged value
+            mine = bounds_of[c.segment.name]
+            needs_buffer.update(a for a in c.args if _split_batch(seg, a, producer_whole)
+                                and bounds_of[seg.values[a].source] != mine)
     out_names = [leaf.name for leaf in _leaves(seg.output_tree)]
     needs_buffer.update(n for n in out_names if _split_batch(seg, n, producer_whole))
-    single = split.num == 1
+    single = split.num == 1 and not split.stages
     buffers: dict[str, int] = {n: new_slot() for n in sorted(needs_buffer)}
 
-    def arg_for(name: str, nano: int) -> Arg:
+    def arg_for(name: str, nano: int, consumer: str) -> Arg:
         v = seg.values[name]
         if v.source == "const":
             return Arg(CONST, value=seg.constants[name])
+        bounds = bounds_of.get(consumer, ())
         if v.source == "input":
             if nano == ALL or v.kind is ValueKind.FREE:
                 return Arg(SLOT, v.index)
@@ -169,6 +174,9 @@ def lower(seg: SegmentedModule, graph: NanoGraph, schedule: Schedule) -> Program
             if v.kind is ValueKind.BATCH:
                 return Arg(SLOT, buffers[name])
             return Arg(SLOT, slots[(name, 0)])
+        if bounds_of[v.source] != bounds and v.kind is ValueKind.BATCH:  # re-split: a view of the merged value
+            start, stop = bounds[nano]
+            return Arg(VIEW, buffers[name], v.batch_dim or 0, start, stop, batch=B)
         return Arg(SLOT, slots[(name, nano)])
 
     launches: dict[NanoOp, Launch] = {}
@@ -187,13 +195,13 @@ def lower(seg: SegmentedModule, graph: NanoGraph, schedule: Schedule) -> Program
             slots[(name, op.nano)] = s
             out_slots.append(s)
             if name in buffers and op.nano != ALL:
-                start, stop = bounds[op.nano]
+                start, stop = bounds_of[op.segment][op.nano]
                 merges.append((j, buffers[name], seg.values[name].batch_dim or 0, start, stop))
         if single:
             for name in call.outputs:
                 if name in buffers:
                     slots[(name, op.nano)] = buffers[name]
-        launches[op] = Launch(op, call.segment, call.fn, tuple(arg_for(a, op.nano) for a in call.args),
+        launches[op] = Launch(op, call.segment, call.fn, tuple(arg_for(a, op.nano, op.segment) for a in call.args),
                               tuple(out_slots), call.returns_tuple, tuple(merges), event_of.get(op),
                               schedule.lanes[lane_of[op]].name)
     streams = []

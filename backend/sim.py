@@ -35,7 +35,7 @@ def launch_rows(program: Program, launch: Launch) -> int:
     """Rows a launch processes: its nano-batch's size, or the whole batch for a whole op."""
     if launch.op.nano == ALL:
         return program.batch_size
-    return program.split.sizes[launch.op.nano]
+    return program.split.for_segment(launch.segment).sizes[launch.op.nano]
 
 
 def lane_shares(program: Program, num_sms: int | None) -> list[float]:

@@ -116,10 +116,24 @@ class SplitConfig:
     sizes: tuple[int, ...]
     labels: tuple[str, ...] | None = None
     """Optional name per nano-batch (e.g. ``("prefill", "decode")``) for strategies that treat them apart."""
+    stages: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """Per-resource re-splits, NanoFlow style: ``(("memory", (2, 2, 2, 2)),)`` runs memory-bound segments in
+    four nano-batches while the others use ``sizes``. Where the split changes between a producer and a
+    consumer, the value is merged into a full-batch buffer and re-sliced (views, no copies beyond the merge)."""
 
     def __post_init__(self) -> None:
         sizes = tuple(int(s) for s in self.sizes)
         object.__setattr__(self, "sizes", sizes)
+        if self.stages:
+            stages = tuple(sorted((str(r), tuple(int(x) for x in sz)) for r, sz in dict(self.stages).items()))
+            object.__setattr__(self, "stages", stages)
+            for r, sz in stages:
+                if r not in {x.value for x in Resource}:
+                    raise ConfigError(f"SplitConfig stages name {r!r}; stages are keyed by resource: "
+                                      f"{[x.value for x in Resource]}.")
+                if not sz or any(x < 1 for x in sz) or sum(sz) != sum(sizes):
+                    raise ConfigError(f"SplitConfig stage {r!r} sizes {sz} must be >= 1 and sum to the batch "
+                                      f"{sum(sizes)}, like the main sizes {sizes}.")
         if self.labels is not None:
             object.__setattr__(self, "labels", tuple(self.labels))
             if len(self.labels) != len(sizes):
@@ -164,9 +178,31 @@ class SplitConfig:
             start += s
         return tuple(out)
 
+    def for_resource(self, resource: "Resource | str") -> "SplitConfig":
+        """The split segments of ``resource`` use: its stage sizes if it has some, else the main sizes.
+
+        Example: ``SplitConfig((4, 4), stages=(("memory", (2, 2, 2, 2)),)).for_resource("memory").sizes``
+        is ``(2, 2, 2, 2)``; ``.for_resource("compute").sizes`` is ``(4, 4)``.
+        """
+        key = resource.value if isinstance(resource, Resource) else str(resource)
+        for r, sizes in self.stages:
+            if r == key:
+                return SplitConfig(sizes)
+        return SplitConfig(self.sizes, self.labels) if self.stages else self
+
+    def for_segment(self, segment: "Segment") -> "SplitConfig":
+        """The split ``segment`` runs with (see :meth:`for_resource`)."""
+        return self.for_resource(segment.resource) if self.stages else self
+
+    @property
+    def max_num(self) -> int:
+        """The largest nano-batch count over the main split and its stages."""
+        return max([self.num] + [len(sz) for _, sz in self.stages])
+
     def __repr__(self) -> str:
         labels = f" {'/'.join(self.labels)}" if self.labels else ""
-        return f"SplitConfig({self.batch_size} → {'/'.join(map(str, self.sizes))}{labels})"
+        stages = "".join(f", {r} {'/'.join(map(str, sz))}" for r, sz in self.stages)
+        return f"SplitConfig({self.batch_size} → {'/'.join(map(str, self.sizes))}{labels}{stages})"
 
 
 @dataclass(frozen=True)
@@ -268,15 +304,33 @@ class NanoGraph:
         for prod, cons in self.segment_deps:
             self._connect(self._by_name[prod], self._by_name[cons])
 
+    def split_of(self, seg: Segment | NanoOp | str) -> SplitConfig:
+        """The split a segment runs with: the main sizes, or its resource's stage sizes."""
+        return self.split.for_segment(seg if isinstance(seg, Segment) else self.segment(seg))
+
+    def rows(self, op: NanoOp) -> tuple[int, int]:
+        """The ``(start, stop)`` batch rows ``op`` processes (the whole batch for a whole op)."""
+        if op.nano == ALL:
+            return (0, self.split.batch_size)
+        return self.split_of(op).boundaries[op.nano]
+
     def _ops_of(self, seg: Segment) -> list[NanoOp]:
         if seg.whole:
             return [NanoOp(seg.name, ALL)]
-        return [NanoOp(seg.name, i) for i in range(self.split.num)]
+        return [NanoOp(seg.name, i) for i in range(self.split_of(seg).num)]
 
     def _connect(self, prod: Segment, cons: Segment) -> None:
         if not prod.whole and not cons.whole:
-            for i in range(self.split.num):
-                self.g.add_edge(NanoOp(prod.name, i), NanoOp(cons.name, i))
+            a, b = self.split_of(prod), self.split_of(cons)
+            if a.sizes == b.sizes:
+                for i in range(a.num):
+                    self.g.add_edge(NanoOp(prod.name, i), NanoOp(cons.name, i))
+                return
+            # a re-split: each consumer nano-batch waits for the producer nano-batches its rows overlap
+            for j, (cs, ce) in enumerate(b.boundaries):
+                for i, (ps, pe) in enumerate(a.boundaries):
+                    if ps < ce and cs < pe:
+                        self.g.add_edge(NanoOp(prod.name, i), NanoOp(cons.name, j))
             return
         for p in self._ops_of(prod):
             for c in self._ops_of(cons):
@@ -293,6 +347,11 @@ class NanoGraph:
 
     def users(self, op: NanoOp) -> list[NanoOp]:
         return sorted(self.g.successors(op), key=self.ops.index)
+
+    @property
+    def num_nanos(self) -> int:
+        """Nano-batch indices in use: the largest count over the main split and its stages."""
+        return self.split.max_num
 
     def ops_of_nano(self, nano: int) -> list[NanoOp]:
         """The ops nano-batch ``nano`` runs, in program order (whole ops included)."""

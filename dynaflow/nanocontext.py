@@ -88,6 +88,7 @@ def launch_context(ctx: NanoContext | None, segment: Any, nano: int, split: Spli
     if ctx is None or NANO_CONTEXT_HINT not in segment.hints:
         yield
         return
+    split = split.for_segment(segment)  # a per-resource re-split has its own row ranges
     with LAUNCH_LOCK:
         if nano == ALL or split.num == 1:
             yield  # whole batch: the caller's state is already the right one

@@ -104,6 +104,8 @@ class Auto(Strategy):
                 out += [_cand("nanoflow", weights=w) for w in ((2, 1), (1, 2))]
             for n in counts:
                 out.append(_cand("nanoflow", nano_batches=n))
+                if Resource.MEMORY in resources and 2 * n <= info.batch_size:  # finer attention split
+                    out.append(_cand("nanoflow", nano_batches=n, stage_nano_batches={"memory": 2 * n}))
                 if num_sms and len(resources) > 1 and Resource.COMPUTE in resources:
                     other = next(r for r in (Resource.MEMORY, Resource.NETWORK) if r in resources)
                     for k in range(1, self.sm_steps):

@@ -40,12 +40,12 @@ class ScheduleContext:
         self.split = graph.split
         self.lanes = {lane.name: lane for lane in lanes}
         self._order: dict[str, list[NanoOp]] = {lane.name: [] for lane in lanes}
-        self._queues = {i: list(graph.ops_of_nano(i)) for i in range(graph.split.num)}
+        self._queues = {i: list(graph.ops_of_nano(i)) for i in range(graph.num_nanos)}
         self._taken: set[NanoOp] = set()
 
     @property
     def num_nano_batches(self) -> int:
-        return self.split.num
+        return self.split.max_num
 
     def segment(self, op: NanoOp):  # type: ignore[no-untyped-def]
         return self.graph.segment(op)
@@ -53,7 +53,7 @@ class ScheduleContext:
     def peek(self, nano: int) -> NanoOp | None:
         q = self._queues.get(nano)
         if q is None:
-            raise StrategyError(f"Strategy {self.strategy.name!r}: ctx.pop({nano}) but there are only {self.split.num} nano-batches.")
+            raise StrategyError(f"Strategy {self.strategy.name!r}: ctx.pop({nano}) but there are only {self.split.max_num} nano-batches.")
         while q and q[0] in self._taken:
             q.pop(0)
         return q[0] if q else None
@@ -66,7 +66,7 @@ class ScheduleContext:
         return op
 
     def done(self, nano: int | None = None) -> bool:
-        nanos = range(self.split.num) if nano is None else [nano]
+        nanos = range(self.split.max_num) if nano is None else [nano]
         return all(self.peek(i) is None for i in nanos)
 
     def execute(self, op: NanoOp, lane: str | Lane | None = None) -> _Done:

@@ -22,8 +22,16 @@ class NanoFlow(Strategy):
     default_nano_batches = 2
 
     def __init__(self, nano_batches: int | None = None, sm_counts: Mapping[str, int] | None = None,
-                 weights: Sequence[float] | None = None, min_rows: int = 1) -> None:
+                 weights: Sequence[float] | None = None, min_rows: int = 1,
+                 stage_nano_batches: Mapping[str, int] | None = None) -> None:
         super().__init__(len(weights) if weights and nano_batches is None else nano_batches, min_rows)
+        self.stage_nano_batches = dict(stage_nano_batches or {})
+        for key, n in self.stage_nano_batches.items():
+            if key not in {r.value for r in Resource}:
+                raise StrategyError(f"Strategy 'nanoflow': stage_nano_batches names unknown resource {key!r}; "
+                                    f"resources are {[r.value for r in Resource]}.")
+            if not isinstance(n, int) or n < 1:
+                raise StrategyError(f"Strategy 'nanoflow': stage_nano_batches[{key!r}]={n!r} must be an int >= 1.")
         self.sm_counts = dict(sm_counts or {})
         unknown = [k for k in self.sm_counts if k not in {r.value for r in Resource}]
         if unknown:
@@ -35,7 +43,17 @@ class NanoFlow(Strategy):
 
     def split_config(self, info: InputInfo) -> SplitConfig:
         """Uneven nano-batches in proportion to ``weights`` when given (e.g. NanoFlow's large-then-small
-        split), else the base policy."""
+        split), else the base policy; ``stage_nano_batches`` re-splits one resource's segments (e.g. the
+        memory-bound attention in 4 while the GEMMs run in 2)."""
+        split = self._main_split(info)
+        if not self.stage_nano_batches:
+            return split
+        policy = splits.token_balanced if info.request_lengths is not None else splits.even  # request boundaries
+        stages = tuple((r, policy(info, n).sizes) for r, n in sorted(self.stage_nano_batches.items())
+                       if policy(info, n).sizes != split.sizes)
+        return SplitConfig(split.sizes, split.labels, stages) if stages else split
+
+    def _main_split(self, info: InputInfo) -> SplitConfig:
         if self.weights is None or info.request_lengths is not None:
             return super().split_config(info)
         n = min(len(self.weights), info.batch_size)
@@ -69,4 +87,5 @@ class NanoFlow(Strategy):
         return f"compute / memory / network segments on separate lanes, nano-batches staggered{sms}"
 
     def __repr__(self) -> str:
-        return f"NanoFlow(nano_batches={self.nano_batches}, sm_counts={self.sm_counts}, weights={self.weights})"
+        stages = f", stage_nano_batches={self.stage_nano_batches}" if self.stage_nano_batches else ""
+        return f"NanoFlow(nano_batches={self.nano_batches}, sm_counts={self.sm_counts}, weights={self.weights}{stages})"

@@ -15,7 +15,7 @@ from torch import nn
 import dynaflow
 from dynaflow.cost import TableCost
 from dynaflow.errors import ConfigError, StrategyError
-from dynaflow.ir import ALL, InputInfo, NanoGraph, Resource, Segment, SegmentKind, SplitConfig
+from dynaflow.ir import ALL, InputInfo, NanoGraph, NanoOp, Resource, Segment, SegmentKind, SplitConfig
 from dynaflow.strategies import splits
 from dynaflow.strategies.auto import Auto, Candidate
 from dynaflow.strategies.two_batch_overlap import staggered_slots
@@ -329,6 +329,9 @@ def test_auto_search_space_includes_sm_splits_on_a_gpu_device():
     assert sm and all(v % 8 == 0 and sum(d.values()) == 132 for d in sm for v in [d["memory"]])
     assert any(c.strategy == "prefill_decode" and "decode_sms" in dict(c.options) for c in cands)
     assert {dict(c.options).get("weights") for c in cands if c.strategy == "nanoflow"} >= {(2, 1), (1, 2)}
+    staged = [c for c in cands if "stage_nano_batches" in dict(c.options)]
+    assert staged and dict(dict(staged[0].options)["stage_nano_batches"]) == {"memory": 4}
+    assert staged[0].build().split_config(InputInfo(8)).for_resource("memory").num == 4
     assert Candidate("nanoflow", (("weights", (2, 1)),)).build().split_config(InputInfo(9)).sizes == (6, 3)
     assert {c.strategy for c in cands} >= {"sequential", "round_robin", "nanoflow", "two_batch_overlap", "prefill_decode"}
     assert ALL == -1
@@ -348,15 +351,96 @@ def test_request_aware_strategies_on_transformers_models(family, tmp_path, monke
     with grad_off():
         ref = model(ids, use_cache=False).logits
         cases = [("prefill_decode", "thread"), ("prefill_decode", "sim"), ("two_batch_overlap", "thread"),
-                 ("two_batch_overlap", "sim"), (Auto(max_nano_batches=2, measure_top_k=1, repeats=1), "thread")]
+                 ("two_batch_overlap", "sim"), (Auto(max_nano_batches=2, measure_top_k=1, repeats=1), "thread"),
+                 (dynaflow.strategies.get("nanoflow", nano_batches=2, stage_nano_batches={"memory": 3}), "thread")]
         for strategy, executor in cases:
             torch._dynamo.reset()
             compiled = dynaflow.compile(model, strategy=strategy, executor=executor)
             with dynaflow.requests([2, 1, 2], ["prefill", "decode", "decode"]):
                 out = compiled(ids, use_cache=False).logits
             split = compiled.last_graph.last_plan.split
-            assert {b for _, b in split.boundaries} <= {2, 3, 5}, (strategy, split)
+            for sizes in [split.sizes] + [sz for _, sz in split.stages]:
+                assert {b for _, b in SplitConfig(sizes).boundaries} <= {2, 3, 5}, (strategy, split)
             if strategy == "prefill_decode":
                 assert split.sizes == (2, 3) and split.labels == ("prefill", "decode")
             assert torch.equal(out, ref), (strategy, executor, split)
             assert compiled.last_timeline.executor == executor
+
+
+# -- per-resource re-splits (NanoFlow's different nano sizes per operator class) ----------------------
+def test_stage_splits_validate_and_select_by_resource():
+    split = SplitConfig((4, 4), stages=(("memory", (2, 2, 2, 2)),))
+    assert split.for_resource("memory").sizes == (2, 2, 2, 2) and split.for_resource("compute").sizes == (4, 4)
+    assert split.max_num == 4 and repr(split) == "SplitConfig(8 → 4/4, memory 2/2/2/2)"
+    with pytest.raises(ConfigError, match=r"stage 'memory' sizes \(2, 2\) must be >= 1 and sum to the batch 8"):
+        SplitConfig((4, 4), stages=(("memory", (2, 2)),))
+    with pytest.raises(ConfigError, match=r"stages name 'attention'; stages are keyed by resource"):
+        SplitConfig((4, 4), stages=(("attention", (8,)),))
+    with pytest.raises(StrategyError, match=r"stage_nano_batches names unknown resource 'mem'"):
+        dynaflow.strategies.get("nanoflow", stage_nano_batches={"mem": 4})
+
+
+def test_re_split_edges_follow_overlapping_rows():
+    segs = [Segment("a", 0, Resource.COMPUTE), Segment("b", 1, Resource.MEMORY), Segment("c", 2, Resource.COMPUTE)]
+    graph = NanoGraph(segs, [("a", "b"), ("b", "c")], SplitConfig((5, 3), stages=(("memory", (2, 2, 2, 2)),)))
+    deps = {repr(op): sorted(map(repr, graph.deps(op))) for op in graph.ops if op.segment != "a"}
+    assert deps["b[nb2]"] == ["a[nb0]", "a[nb1]"]  # rows 4:6 straddle the 5-row cut
+    assert deps["b[nb3]"] == ["a[nb1]"]
+    assert deps["c[nb0]"] == ["b[nb0]", "b[nb1]", "b[nb2]"] and deps["c[nb1]"] == ["b[nb2]", "b[nb3]"]
+    assert graph.rows(NanoOp("b", 2)) == (4, 6) and graph.num_nanos == 4
+
+
+@pytest.mark.parametrize("executor", ["serial", "thread", "sim"])
+def test_nanoflow_with_a_finer_memory_split_matches_eager(executor):
+    model = make_transformer()
+    compiled = dynaflow.compile(model, strategy="nanoflow", nano_batches=2, executor=executor,
+                                config={"strategy_options": {"stage_nano_batches": {"memory": 3}}})
+    x = transformer_input(7)
+    with grad_off():
+        out = compiled(x)
+        assert torch.equal(out, torch.cat([model(x[:4]), model(x[4:])]))  # row-local: exact vs the main split
+    split = compiled.last_graph.last_plan.split
+    assert split.sizes == (4, 3) and split.for_resource("memory").sizes == (3, 2, 2)
+    attn = [op for op in compiled.last_graph.last_plan.graph.ops if op.segment.startswith("attention")]
+    assert {op.nano for op in attn} == {0, 1, 2}
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data())
+def test_random_stage_splits_and_schedules_match_eager(data):
+    """Any main split, any memory re-split, planned by any built-in: thread == serial == eager on slices."""
+    batch = data.draw(st.integers(2, 9))
+
+    def draw_sizes(label):
+        n = data.draw(st.integers(1, min(4, batch)), label=f"{label} count")
+        cuts = sorted(data.draw(st.lists(st.integers(1, batch - 1), min_size=n - 1, max_size=n - 1, unique=True),
+                                label=f"{label} cuts"))
+        edges = [0] + cuts + [batch]
+        return tuple(b - a for a, b in zip(edges, edges[1:]))
+
+    main, memory = draw_sizes("main"), draw_sizes("memory")
+    planner = data.draw(st.sampled_from(["nanoflow", "round_robin", "two_batch_overlap", "sequential"]))
+
+    class Fixed(dynaflow.Strategy):
+        name = f"fixed_{planner}"
+
+        def split_config(self, info):
+            return SplitConfig(main, stages=(("memory", memory),) if memory != main else ())
+
+        def lanes(self, graph):
+            return dynaflow.strategies.get(planner).lanes(graph)
+
+        def plan(self, graph, split):
+            return dynaflow.strategies.get(planner).plan(graph, split)
+
+    torch._dynamo.reset()
+    model = make_transformer()
+    x = transformer_input(batch)
+    with grad_off():
+        ref = torch.cat([model(x[a:b]) for a, b in SplitConfig(main).boundaries])
+        outs = {}
+        for executor in ("serial", "thread"):
+            compiled = dynaflow.compile(model, strategy=Fixed(), executor=executor)
+            outs[executor] = compiled(x)
+    assert torch.equal(outs["serial"], outs["thread"])
+    assert torch.equal(outs["serial"], ref), (main, memory, planner)
