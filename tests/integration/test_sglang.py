@@ -168,7 +168,7 @@ def test_dynaflow_compiled_sglang_llama_matches(sgl, strategy, nano, executor, m
         assert split_attention, "attention never ran per nano-batch"
     for g in step.graphs:
         for p in g._by_split.values():
-            assert p.split.sizes in {(12,), (8,), (4,), (5, 3, 4), (5, 7), (2, 6), (1, 1, 6), (2, 1, 1), (2, 2),
+            assert p.split.sizes in {(12,), (8,), (4,), (5, 3, 4), (5, 7), (2, 6), (1, 1, 6), (2, 1, 1), (1, 2, 1), (2, 2),
                                      (1, 1, 1, 1)} \
                 or p.split.num == 1, p.split
 
