@@ -211,13 +211,16 @@ def parse_options(options: Mapping[str, Any] | str | None, source: str) -> dict[
     return {**data, **extra}
 
 
-def make_strategy(opts: Mapping[str, Any]) -> tuple[DynaflowConfig, RequestAligned]:
-    """The DynaflowConfig and the request-aligned strategy for parsed integration options."""
+def make_strategy(opts: Mapping[str, Any]) -> tuple[DynaflowConfig, Strategy]:
+    """The DynaflowConfig and the request-aligned strategy for parsed integration options. ``auto`` is not
+    wrapped: the autotuner plans with its candidates, whose splits already follow request boundaries."""
     data = dict(opts)
     min_rows = data.pop("min_rows", 1)
     data.pop("piecewise", None)
     cfg = DynaflowConfig.from_dict(data)
     inner = get_strategy(cfg.strategy, **dict(cfg.strategy_options))
+    if getattr(inner, "autotune", False):
+        return cfg.replace(nano_batches=None), inner
     if cfg.nano_batches is not None:
         inner.nano_batches = cfg.nano_batches
     return cfg.replace(nano_batches=None), RequestAligned(inner, min_rows)
