@@ -370,17 +370,10 @@ def test_inference_mode_output_has_no_autograd_history(executor):
     torch.testing.assert_close(out, ref, **TOL)
 
 
-def test_serial_executor_keeps_no_grad():
+@pytest.mark.parametrize("executor", ["serial", "thread", "sim"])
+def test_executors_keep_no_grad(executor):
     model = make_mlp()
-    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor="serial")
-    with torch.no_grad():
-        out = compiled(mlp_input(6))
-    assert not out.requires_grad and out.grad_fn is None
-
-
-def test_thread_executor_keeps_no_grad():
-    model = make_mlp()
-    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor="thread")
+    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor=executor)
     with torch.no_grad():
         out = compiled(mlp_input(6))
     assert not out.requires_grad and out.grad_fn is None

@@ -118,40 +118,30 @@ def test_sync_schedule_without_await_is_also_recorded():
     assert list(compiled.schedule.order[0]) == list(compiled.last_graph.last_plan.graph.ops)
 
 
-def test_awaiting_something_else_is_rejected():
-    class Sleeper(dynaflow.Strategy):
-        name = "sleeper"
-
-        async def schedule(self, ctx):
-            await asyncio.sleep(0)
-
-    compiled = dynaflow.compile(make_mlp(), strategy=Sleeper, nano_batches=2)
-    with pytest.raises(StrategyError, match=r"Strategy 'sleeper': schedule\(ctx\) awaited .*only await ctx\.execute"):
-        compiled(mlp_input(4))
+async def _awaits_something_else(self, ctx):
+    await asyncio.sleep(0)
 
 
-def test_imperative_strategy_naming_an_unknown_lane():
-    class Lost(dynaflow.Strategy):
-        name = "lost"
-
-        async def schedule(self, ctx):
-            await ctx.execute(ctx.pop(0), lane="nowhere")
-
-    compiled = dynaflow.compile(make_mlp(), strategy=Lost, nano_batches=2)
-    with pytest.raises(StrategyError, match=r"Strategy 'lost'.*lane='nowhere'.*declared lanes: \['main'\].*lanes\(\)"):
-        compiled(mlp_input(4))
+async def _names_an_unknown_lane(self, ctx):
+    await ctx.execute(ctx.pop(0), lane="nowhere")
 
 
-def test_imperative_strategy_that_forgets_ops_fails_verification():
-    class Lazy(dynaflow.Strategy):
-        name = "lazy"
+async def _forgets_nano_batch_1(self, ctx):
+    while (op := ctx.pop(0)) is not None:  # nano-batch 0 only
+        await ctx.execute(op)
 
-        async def schedule(self, ctx):
-            while (op := ctx.pop(0)) is not None:  # nano-batch 0 only
-                await ctx.execute(op)
 
-    compiled = dynaflow.compile(make_mlp(), strategy=Lazy, nano_batches=2)
-    with pytest.raises(ScheduleError, match=r"Strategy 'lazy'.*never scheduled"):
+@pytest.mark.parametrize("name, body, error, pattern", [
+    ("sleeper", _awaits_something_else, StrategyError,
+     r"Strategy 'sleeper': schedule\(ctx\) awaited .*only await ctx\.execute"),
+    ("lost", _names_an_unknown_lane, StrategyError,
+     r"Strategy 'lost'.*lane='nowhere'.*declared lanes: \['main'\].*lanes\(\)"),
+    ("lazy", _forgets_nano_batch_1, ScheduleError, r"Strategy 'lazy'.*never scheduled"),
+], ids=["awaits-other", "unknown-lane", "forgets-ops"])
+def test_broken_imperative_strategies_are_rejected_with_the_fix(name, body, error, pattern):
+    broken = type(name.title(), (dynaflow.Strategy,), {"name": name, "schedule": body})
+    compiled = dynaflow.compile(make_mlp(), strategy=broken, nano_batches=2)
+    with pytest.raises(error, match=pattern):
         compiled(mlp_input(4))
 
 
