@@ -76,7 +76,8 @@ def _profile_graph(graph: CompiledGraph, inputs: Sequence[Any], sizes: Sequence[
         raise ConfigError(f"profile sizes {bad} are outside 1..{batch} (the batch of the call that was profiled).")
     if seg.batch_symbol is None:
         sizes = [batch]  # a static-batch capture can only run its own batch size
-    ex = executors.resolve(executor)
+    # on the cuda executor launch times come from CUDA events (gpu_timeline), not the host clock
+    ex = executors.resolve(executor, **({"gpu_timeline": True} if executor == "cuda" else {}))
     sync = torch.cuda.synchronize if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else None
     timings: dict[str, dict[int, float]] = {s.name: {} for s in seg.segments}
     with knobs.scope(DYNAFLOW_TIMELINE=1):
