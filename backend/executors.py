@@ -122,21 +122,21 @@ class SerialExecutor(Executor):
         return self.outputs(program, env)
 
 
-def reader_counts(program: Program) -> tuple[dict[int, int], dict[int, tuple[int, ...]]]:
+def reader_counts(program: Program) -> tuple[dict[int, int], dict[int, tuple[tuple[int, ...], tuple[int, ...]]]]:
     """For freeing at last use when lanes run concurrently: how many launches read each intermediate slot,
-    and which freeable slots each launch reads or writes. Inputs and graph outputs are never freed."""
+    and per launch the freeable slots it reads and the ones it only writes. Inputs and graph outputs are
+    never freed. Computed once per program, so a step only counts down."""
     keep = set(range(program.num_inputs)) | set(program.output_slots.values())
     counts: dict[int, int] = {}
-    touched: dict[int, tuple[int, ...]] = {}
+    touched: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     for launch in program.serial_order:
         reads = {a.slot for a in launch.args if a.kind != CONST and a.slot not in keep}
         for slot in reads:
             counts[slot] = counts.get(slot, 0) + 1
-        written = {slot for slot in launch.out_slots if slot not in keep}
-        touched[id(launch)] = tuple(sorted(reads | written))
-    for slots in touched.values():
-        for slot in slots:
+        written = {slot for slot in launch.out_slots if slot not in keep} - reads
+        for slot in written:
             counts.setdefault(slot, 0)
+        touched[id(launch)] = (tuple(sorted(reads)), tuple(sorted(written)))
     return counts, touched
 
 
@@ -145,7 +145,7 @@ class _Step:
     frees each intermediate once its last reader (on whichever lane) has run."""
 
     def __init__(self, program: Program, env: list[Any], timeout: float,
-                 readers: tuple[dict[int, int], dict[int, tuple[int, ...]]] | None = None):
+                 readers: tuple[dict[int, int], dict[int, tuple[tuple[int, ...], tuple[int, ...]]]] | None = None):
         self.env = env
         self.events = [threading.Event() for _ in range(program.num_events)]
         self.lock = threading.Lock()
@@ -157,16 +157,16 @@ class _Step:
 
     def release(self, launch: Launch) -> None:
         """After ``launch`` ran: count down its reads; drop values nobody will read any more."""
-        slots = self.touched.get(id(launch), ())
-        if not slots:
+        reads, written = self.touched.get(id(launch), ((), ()))
+        if not reads and not written:
             return
         with self.lock:
-            for slot in slots:
-                left = self.left[slot]
-                if slot in (a.slot for a in launch.args if a.kind != CONST):
-                    left -= 1
-                    self.left[slot] = left
-                if left <= 0:
+            for slot in reads:
+                self.left[slot] -= 1
+                if self.left[slot] <= 0:
+                    self.env[slot] = None
+            for slot in written:
+                if self.left[slot] <= 0:  # produced but read by nobody
                     self.env[slot] = None
 
     def fail(self, exc: BaseException) -> None:

@@ -29,6 +29,7 @@ from dynaflow.backend.comm import DistributedPlanner
 from dynaflow.config import DynaflowConfig
 from dynaflow.errors import BackendError, CaptureError, ConfigError, DynaflowError, StrategyError
 from dynaflow.frontend.batching import find_batch_source
+from dynaflow.frontend.effects import is_inplace
 from dynaflow.frontend.capture import batch_size_of, check_outputs, flat_io, mark_batch_dynamic, symbolize
 from dynaflow.frontend.partition import partition
 from dynaflow.ir import InputInfo, NanoGraph, Schedule, SplitConfig
@@ -532,22 +533,10 @@ class Compiled:
 
 
 def _mutates_inputs(seg: SegmentedModule) -> bool:
-    """Whether any segment runs an in-place op (conservative: measuring would replay it on real inputs)."""
-    for call in seg.calls:
-        graph = getattr(call.module, "graph", None)
-        if graph is None:
-            return True
-        for node in graph.nodes:
-            target = node.target
-            schema = getattr(target, "_schema", None)
-            if schema is not None and schema.is_mutable:
-                return True
-            if node.op == "call_method" and str(target).endswith("_") and not str(target).startswith("_"):
-                return True
-            if node.op == "call_function" and getattr(target, "__name__", "").endswith("_") and \
-                    not getattr(target, "__name__", "").startswith("_"):
-                return True
-    return False
+    """Whether any segment writes in place (measuring would replay the write on the caller's real inputs);
+    a segment without an fx graph counts as writing, to be safe."""
+    return any(getattr(call.module, "graph", None) is None or any(is_inplace(n) for n in call.module.graph.nodes)
+               for call in seg.calls)
 
 
 def _config(config: DynaflowConfig | dict[str, Any] | None, **options: Any) -> DynaflowConfig:
