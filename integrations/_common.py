@@ -10,21 +10,23 @@ makes every nano-batch's attention independent, so any schedule the strategy pic
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import logging
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx
 
+from dynaflow import knobs
 from dynaflow.config import DynaflowConfig
 from dynaflow.errors import ConfigError, DynaflowError
 from dynaflow.ir import InputInfo, NanoGraph, Schedule, SplitConfig
 from dynaflow.strategies import Strategy, get as get_strategy
 
 __all__ = ["IntegrationError", "request_aligned_split", "RequestAligned", "thread_mutations", "matching_rules",
-           "parse_options", "make_strategy",
+           "parse_options", "make_strategy", "host_available", "active_options",
            "HOST_STATE_META"]
 
 log = logging.getLogger("dynaflow.integrations")
@@ -180,6 +182,19 @@ def matching_rules(gm: torch.fx.GraphModule, rules: Sequence[Any]) -> list[Any]:
             claimed |= hits
             out.append(rule)
     return out
+
+
+def host_available(module: str) -> bool:
+    """True when the host package is importable (found without importing it)."""
+    return importlib.util.find_spec(module) is not None
+
+
+def active_options(given: Mapping[str, Any] | None, host: str) -> dict[str, Any]:
+    """The options an integration runs with: those given to its ``enable()``, else its
+    ``DYNAFLOW_<HOST>_OPTIONS`` environment variable."""
+    if given is not None:
+        return dict(given)
+    return parse_options(knobs.integration_options(host), f"DYNAFLOW_{host.upper()}_OPTIONS")
 
 
 def parse_options(options: Mapping[str, Any] | str | None, source: str) -> dict[str, Any]:

@@ -16,11 +16,10 @@ does nothing unless ``DYNAFLOW_SGLANG=1``. SGLang is imported only in the privat
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any, Callable, Mapping
 
 from dynaflow import knobs
-from dynaflow.integrations._common import IntegrationError, parse_options
+from dynaflow.integrations._common import IntegrationError, active_options, host_available, parse_options
 
 __all__ = ["is_available", "enable", "register", "compile", "backend", "register_host_op", "SUPPORTED",
            "HOST_OP_PATTERNS"]
@@ -37,14 +36,12 @@ _OPTIONS: dict[str, Any] | None = None
 
 def is_available() -> bool:
     """True when SGLang is importable (without importing it)."""
-    return importlib.util.find_spec("sglang") is not None
+    return host_available("sglang")
 
 
 def options() -> dict[str, Any]:
     """The active options: those given to :func:`enable`, else ``DYNAFLOW_SGLANG_OPTIONS``."""
-    if _OPTIONS is not None:
-        return dict(_OPTIONS)
-    return parse_options(knobs.integration_options("sglang"), "DYNAFLOW_SGLANG_OPTIONS")
+    return active_options(_OPTIONS, "sglang")
 
 
 def register_host_op(pattern: str) -> None:

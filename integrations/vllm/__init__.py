@@ -18,11 +18,10 @@ vLLM is imported only in the private ``_vllm`` module, on first use.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any, Mapping
 
 from dynaflow import knobs
-from dynaflow.integrations._common import IntegrationError, parse_options
+from dynaflow.integrations._common import IntegrationError, active_options, host_available, parse_options
 
 __all__ = ["is_available", "enable", "register", "compilation_config", "backend", "DynaflowCompiler",
            "register_metadata_slicer", "BACKEND_QUALNAME", "COMPILER_QUALNAME", "SUPPORTED"]
@@ -37,14 +36,12 @@ _OPTIONS: dict[str, Any] | None = None
 
 def is_available() -> bool:
     """True when vLLM is importable (without importing it)."""
-    return importlib.util.find_spec("vllm") is not None
+    return host_available("vllm")
 
 
 def options() -> dict[str, Any]:
     """The active options: those given to :func:`enable`, else ``DYNAFLOW_VLLM_OPTIONS``."""
-    if _OPTIONS is not None:
-        return dict(_OPTIONS)
-    return parse_options(knobs.integration_options("vllm"), "DYNAFLOW_VLLM_OPTIONS")
+    return active_options(_OPTIONS, "vllm")
 
 
 def enable(options: Mapping[str, Any] | None = None) -> None:
