@@ -122,6 +122,7 @@ def _driver_green(lane: Lane, n: int, device: int) -> tuple[Any, Any, int | None
     """cuda-python driver calls: split one group of ``n`` SMs off the device, make a green context and a
     non-blocking stream on it; the driver reports the SMs it granted."""
     drv = _driver()
+    _check(drv.cuInit(0))  # torch initialised the runtime; the driver API of cuda-python needs its own init
     dev = _check(drv.cuDeviceGet(device))
     res = _check(drv.cuDeviceGetDevResource(dev, drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
     groups, _count, _remaining = _check(drv.cuDevSmResourceSplitByCount(1, res, 0, n))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -134,3 +136,105 @@ def test_lane_streams_fall_back_to_plain_streams_with_a_warning(fake_device, mon
     assert ls.mechanism == "fallback" and ls.granted_sms is None and ls.stream.startswith("stream")
     assert "asked for 64 SMs but green contexts are unavailable" in caplog.text
 
+
+
+# -- the two green-context makers against fakes shaped like the real APIs -----------------------------------
+class _Enum:
+    def __init__(self, **members):
+        self.__dict__.update(members)
+
+
+class _FakeDriver:
+    """cuda-bindings 13's driver module as far as ``_driver_green`` uses it: each call returns
+    ``(CUresult, *outputs)``; ``cuDevSmResourceSplitByCount`` returns (err, groups, nbGroups, remainder)."""
+
+    CUdevResourceType = _Enum(CU_DEV_RESOURCE_TYPE_SM=1)
+    CUgreenCtxCreate_flags = _Enum(CU_GREEN_CTX_DEFAULT_STREAM=1)
+    CUstream_flags = _Enum(CU_STREAM_NON_BLOCKING=1)
+
+    def __init__(self, fail_at: str | None = None, granted: int = 16) -> None:
+        self.calls: list = []
+        self.fail_at = fail_at
+        self.granted = granted
+
+    def _ret(self, name, *out):
+        self.calls.append(name)
+        err = 800 if name == self.fail_at else 0  # CUDA_ERROR_NOT_PERMITTED-ish
+        return (err, *out)
+
+    def cuInit(self, flags):
+        return self._ret("cuInit")
+
+    def cuDeviceGet(self, ordinal):
+        return self._ret("cuDeviceGet", f"dev{ordinal}")
+
+    def cuDeviceGetDevResource(self, dev, kind):
+        return self._ret("cuDeviceGetDevResource", ("sm-resource", dev))
+
+    def cuDevSmResourceSplitByCount(self, nb, res, flags, min_count):
+        group = types.SimpleNamespace(sm=types.SimpleNamespace(smCount=self.granted))
+        self.min_count = min_count
+        return self._ret("cuDevSmResourceSplitByCount", [group], 1, "remainder")
+
+    def cuDevResourceGenerateDesc(self, groups, n):
+        return self._ret("cuDevResourceGenerateDesc", ("desc", n))
+
+    def cuGreenCtxCreate(self, desc, dev, flags):
+        return self._ret("cuGreenCtxCreate", "gctx")
+
+    def cuGreenCtxStreamCreate(self, ctx, flags, priority):
+        return self._ret("cuGreenCtxStreamCreate", 0xBEEF)
+
+
+def test_driver_green_context_call_sequence_and_granted_count(monkeypatch):
+    from dynaflow.backend import streams as st
+    from dynaflow.ir import Lane
+
+    drv = _FakeDriver(granted=24)
+    monkeypatch.setattr(st, "_driver", lambda: drv)
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda ptr, device=None: ("external", ptr, str(device)))
+    ctx, stream, granted = st._driver_green(Lane("compute", sm_count=20), 24, 0)
+    assert drv.calls == ["cuInit", "cuDeviceGet", "cuDeviceGetDevResource", "cuDevSmResourceSplitByCount",
+                         "cuDevResourceGenerateDesc", "cuGreenCtxCreate", "cuGreenCtxStreamCreate"]
+    assert drv.min_count == 24 and granted == 24 and ctx == "gctx"
+    assert stream == ("external", 0xBEEF, "cuda:0")
+
+
+def test_driver_green_context_error_falls_back_and_names_the_lane(fake_device, monkeypatch, caplog):
+    from dynaflow.ir import Lane
+
+    drv = _FakeDriver(fail_at="cuGreenCtxCreate")
+    monkeypatch.setattr(fake_device, "_driver", lambda: drv)
+    monkeypatch.setattr(fake_device, "green_context_support", lambda: "cuda-python")
+    with caplog.at_level("WARNING"):
+        (ls,) = fake_device.make_lane_streams((Lane("attn", sm_count=40),))
+    assert ls.mechanism == "fallback" and drv.calls[-1] == "cuGreenCtxCreate"
+    assert "lane 'attn': green context via cuda-python failed" in caplog.text and "CUDA driver error 800" in caplog.text
+
+
+@pytest.mark.parametrize("api", ["2.11", "2.13"])
+def test_torch_green_context_signatures_of_both_torch_versions(monkeypatch, api):
+    """torch 2.11's ``GreenContext.create(num_sms, device_id=0)`` and 2.13's keyword-only
+    ``create(*, num_sms=None, ..., device_id=None)`` are both called correctly; ``Stream()`` is kept."""
+    import torch.cuda.green_contexts as gc
+    from dynaflow.backend import streams as st
+    from dynaflow.ir import Lane
+
+    seen = {}
+
+    class Ctx:
+        def Stream(self):
+            return "green-stream"
+
+    if api == "2.11":
+        def create(num_sms, device_id=0):
+            seen.update(num_sms=num_sms, device_id=device_id)
+            return Ctx()
+    else:
+        def create(*, num_sms=None, workqueue_scope=None, workqueue_concurrency_limit=None, device_id=None):
+            seen.update(num_sms=num_sms, device_id=device_id)
+            return Ctx()
+
+    monkeypatch.setattr(gc.GreenContext, "create", staticmethod(create))
+    ctx, stream, granted = st._torch_green(Lane("compute", sm_count=60), 64, 0)
+    assert seen == {"num_sms": 64, "device_id": 0} and stream == "green-stream" and granted is None
