@@ -3,14 +3,12 @@ answer under a producer delay, and in torch's CUDA stream sanitizer. The intact 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.cuda
 
@@ -46,12 +44,11 @@ def test_torch_cuda_sanitizer_reports_the_missing_wait():
 
 
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer is not on PATH")
-def test_compute_sanitizer_racecheck_record(tmp_path):
-    """Records what racecheck says about the broken schedule (it checks shared memory, so it may be silent)."""
+def test_compute_sanitizer_racecheck_runs_the_schedule(tmp_path):
+    """racecheck checks shared-memory hazards inside kernels, so it may be silent about a missing event
+    between streams (the sanitizer above is the one built for that); this checks that the schedule runs under
+    it. ``benchmarks/gpu_verify.py --only races`` records its report with the GPU results."""
     proc = _run("--broken", "--delay", "0", prefix=("compute-sanitizer", "--tool", "racecheck"))
-    record = {"returncode": proc.returncode, "tail": (proc.stdout + proc.stderr)[-4000:]}
-    out = os.path.join(ROOT, "benchmarks", "results", "racecheck_gpu.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=2)
-    print(record["tail"])
+    text = proc.stdout + proc.stderr
+    (tmp_path / "racecheck.log").write_text(text)
+    assert "COMPUTE-SANITIZER" in text and '"broken": true' in text, text[-3000:]
