@@ -18,9 +18,10 @@ schedule issue the same sequence; :func:`order_text` describes it for the cross-
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import networkx as nx
 import torch
@@ -177,6 +178,7 @@ class DistributedPlanner:
         self.strategy = strategy
         self._seen: set[int] = set()
         self._fresh = True
+        self._lockstep = False
         self._made: set[tuple[str, str]] = set()
 
     def _group(self) -> Any:
@@ -198,9 +200,27 @@ class DistributedPlanner:
         if not self.agreeing:
             return split
         split = distributed.agree_split(split, self._group(), resplit)
-        self._fresh = split.num not in self._seen
-        self._seen.add(split.num)
+        if not self._lockstep:
+            self._fresh = split.num not in self._seen
+            self._seen.add(split.num)
         return split
+
+    def agree_key(self, key: str, batch: int) -> tuple[bool, int]:
+        """Whether every rank holds ``key`` now, and the smallest batch (see :func:`distributed.agree_key`)."""
+        return distributed.agree_key(key, batch, self._group())
+
+    def max_over_ranks(self, values: Sequence[float]) -> list[float]:
+        return distributed.max_over_ranks(values, self._group())
+
+    @contextlib.contextmanager
+    def lockstep(self) -> Iterator[None]:
+        """Every rank plans the same things in the same order (the autotuner's search): planning may create
+        communicators and compare collective orders for any nano-batch count, seen before or not."""
+        fresh, self._fresh, self._lockstep = self._fresh, True, True
+        try:
+            yield
+        finally:
+            self._fresh, self._lockstep = fresh, False
 
     def finish(self, schedule: Schedule, graph: NanoGraph, program: Program) -> Program:
         """Check the collective order, bind lane communicators, compare orders across ranks (when fresh)."""

@@ -77,6 +77,8 @@ class CompiledGraph:
         """The autotuner's winner per split (``strategy="auto"``); other strategies plan every split themselves."""
         self.tuned: dict[str, Any] = {}
         """``TuneResult`` per bucket key when the strategy is ``auto``."""
+        self._winners: dict[str, Strategy] = {}
+        """The autotuner's winning strategy per bucket key: later batches of a bucket reuse it untuned."""
         self._counts: dict[str, Any] | None = None
         self._record: dict[int, Sequence[Any]] | None = None
         """Set by ``dynaflow.profile``: the next call stores its flat inputs here."""
@@ -128,15 +130,19 @@ class CompiledGraph:
         layout), the schedule and program once per distinct split."""
         batch = self.batch_size(inputs)
         layout = current_requests()
-        key = (batch, layout)
+        tuned = self._lockstep_tune(batch, inputs, layout)
+        key = (batch, layout, id(tuned) if tuned is not None else None)
         cached = self._splits.get(key)
         if cached is None:
             info = self.input_info(batch, inputs, layout)
-            cached = self._splits[key] = (info, self._split(info, inputs))
+            cached = self._splits[key] = (info, self._split(info, inputs, tuned))
         info, split = cached
         if self.distributed is not None and self.distributed.agreeing:  # every rank, every call
-            split = self.distributed.agree(split, lambda n: self.strategy.split_config(
+            chooser = self._strategy_for.get(split, self.strategy)
+            split = self.distributed.agree(split, lambda n: chooser.split_config(
                 dataclasses.replace(info, requested_nano_batches=n)))
+            if chooser is not self.strategy:
+                self._strategy_for.setdefault(split, chooser)
         plan = self._by_split.get(split)
         if plan is None:
             plan = self._by_split[split] = self._plan(info, split)
@@ -156,9 +162,9 @@ class CompiledGraph:
         except ConfigError as exc:
             raise ConfigError(f"{self.label}: dynaflow.requests(...) does not match this call's batch: {exc}") from None
 
-    def _split(self, info: InputInfo, inputs: Sequence[Any] = ()) -> SplitConfig:
-        strategy = self.strategy
-        if getattr(strategy, "autotune", False):
+    def _split(self, info: InputInfo, inputs: Sequence[Any] = (), tuned: Strategy | None = None) -> SplitConfig:
+        strategy = tuned or self.strategy
+        if tuned is None and getattr(strategy, "autotune", False):
             strategy = self._tune(info, inputs)
         split = self._split_with(strategy, info)
         if strategy is not self.strategy:
@@ -268,32 +274,94 @@ class CompiledGraph:
         return self.simulate(plan.program, inputs)
 
     def _tune(self, info: InputInfo, inputs: Sequence[Any]) -> Strategy:
-        from dynaflow.tune import TuneCache, TuneResult, autotune, bucket_key, median_seconds
+        from dynaflow.tune import bucket_key
+
+        assert self.segmented is not None
+        auto = self.strategy
+        bucket = bucket_key(info, getattr(auto, "buckets", "exact"))
+        won = self._winners.get(bucket)
+        if won is not None:
+            try:
+                self._split_with(won, info)  # the bucket's winner must also apply to this batch
+                return won
+            except DynaflowError as exc:
+                log.info("%s: %s's winner %s does not apply to batch %d (%s); tuning this batch on its own",
+                         self.label, bucket, won.describe(), info.batch_size, str(exc).splitlines()[0])
+                bucket = bucket_key(info, "exact")
+        won = self._winners[bucket] = self._search(info, inputs, bucket)
+        return won
+
+    def _lockstep_tune(self, batch: int, inputs: Sequence[Any], layout: RequestLayout | None) -> Strategy | None:
+        """``strategy="auto"`` with ranks agreeing on the split: the strategy for this call, decided with the
+        other ranks (``None`` in every other case: the ordinary per-batch path decides).
+
+        Every call, the ranks compare their tuning buckets (one tiny all_reduce). A bucket that every rank
+        holds and that has no winner yet is searched by all ranks together, in the same order, so that the
+        search's own collectives (planning checks, measured steps) pair up; predicted and measured times
+        are the maximum over ranks. While the ranks' buckets differ, this call runs sequentially (one
+        nano-batch, agreed) rather than tuning alone. Winners therefore stay the same on every rank."""
+        from dynaflow.tune import bucket_key
+
+        auto = self.strategy
+        if not getattr(auto, "autotune", False) or self.distributed is None or not self.distributed.agreeing:
+            return None
+        info = self.input_info(batch, inputs, layout)
+        bucket = bucket_key(info, getattr(auto, "buckets", "exact"))
+        won = self._winners.get(bucket)  # the same table on every rank: it only changes in lockstep
+        usable = True
+        if won is not None:
+            try:
+                self._split_with(won, info)
+            except DynaflowError as exc:
+                log.info("%s: %s's winner does not apply to batch %d (%s)", self.label, bucket, batch, exc)
+                usable = False
+        same, smallest = self.distributed.agree_key(f"{bucket}|{'usable' if usable else 'not usable'}", batch)
+        if not same or not usable:
+            log.info("%s: ranks differ in tuning bucket or in whether its winner applies (this rank: %s); "
+                     "running this step sequentially", self.label, bucket)
+            return auto._fallback  # type: ignore[attr-defined]
+        if won is None:
+            with self.distributed.lockstep():
+                won = self._winners[bucket] = self._search(info, inputs, bucket, lockstep_batch=smallest)
+        return won
+
+    def _search(self, info: InputInfo, inputs: Sequence[Any], bucket: str, lockstep_batch: int | None = None) -> Strategy:
+        """Run (or read from the disk cache) the autotuner's search for ``bucket`` on this batch.
+
+        ``lockstep_batch``: the ranks search together (see :meth:`_lockstep_tune`); candidates come from the
+        smallest batch among them so every rank tries the same list, times are the maximum over ranks, and
+        the disk cache is not used (ranks could disagree about what it holds)."""
+        from dynaflow.tune import TuneCache, TuneResult, autotune, median_seconds
 
         assert self.segmented is not None
         auto = self.strategy
         cost = self.cost_model(inputs)
         num_sms = self.num_sms(inputs)
         spec = device_spec(self.config.cost_device or info.device)
-        bucket = bucket_key(info)
         key = f"{model_hash(self.segmented)}|{bucket}|{spec.name}|{info.dtype}|{self.config.executor}|{auto!r}"
-        cache = TuneCache() if getattr(auto, "cache", False) else None
+        lockstep = lockstep_batch is not None and self.distributed is not None
+        cache = TuneCache() if getattr(auto, "cache", False) and not lockstep else None
         hit = cache.get(key) if cache is not None else None
         if hit is not None:
             cand, reason = hit
             from dynaflow.tune import Trial
 
             trial = Trial(cand, None, None, note="cached")
-            self.tuned[bucket] = TuneResult(bucket, (trial,), trial, reason, from_cache=True)
+            self.tuned[bucket] = TuneResult(bucket, (trial,), trial, reason, from_cache=True, tuned_on=info.batch_size)
             return cand.build()
         resources = {s.resource for s in self.segmented.segments}
-        cands = auto.candidates(info, resources, num_sms, spec.sm_granularity)  # type: ignore[attr-defined]
+        space = _canonical_info(info, lockstep_batch) if lockstep else info
+        cands = auto.candidates(space, resources, num_sms, spec.sm_granularity)  # type: ignore[attr-defined]
         plans: dict[Any, Plan] = {}
 
         def build(cand: Any) -> Plan:
             if cand not in plans:
                 strategy = cand.build()
                 split = self._split_with(strategy, info)
+                if lockstep:
+                    assert self.distributed is not None
+                    split = self.distributed.agree(split, lambda n: strategy.split_config(
+                        dataclasses.replace(info, requested_nano_batches=n)))
                 plans[cand] = self._plan(info, split, strategy)
             return plans[cand]
 
@@ -301,19 +369,41 @@ class CompiledGraph:
             plan = build(cand)
             return plan.split, self.simulate(plan.program, inputs, cost).makespan
 
+        if lockstep:  # predict everything here, then take each candidate's slowest rank
+            assert self.distributed is not None
+            local: dict[Any, tuple[SplitConfig, float] | DynaflowError] = {}
+            for cand in cands:
+                try:
+                    local[cand] = predict(cand)
+                except DynaflowError as exc:
+                    local[cand] = exc
+            slowest = self.distributed.max_over_ranks(
+                [r[1] if isinstance(r, tuple) else float("inf") for r in local.values()])
+            agreed = dict(zip(local, slowest))
+
+            def predict(cand: Any) -> tuple[SplitConfig, float]:  # noqa: F811 - the agreed version
+                mine = local[cand]
+                if isinstance(mine, DynaflowError):
+                    raise mine
+                if agreed[cand] == float("inf"):
+                    raise StrategyError(f"candidate {cand!r} could not be planned on another rank")
+                return mine[0], agreed[cand]
+
         sync = torch.cuda.synchronize if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else None
 
         def measure(cand: Any) -> float:
             plan = build(cand)
             ex = self.executor_for(plan, inputs)
             program = self.program_for(plan, inputs)
-            return median_seconds(lambda: ex.run(program, inputs), auto.repeats, sync)  # type: ignore[attr-defined]
+            seconds = median_seconds(lambda: ex.run(program, inputs), auto.repeats, sync)  # type: ignore[attr-defined]
+            return self.distributed.max_over_ranks([seconds])[0] if lockstep and self.distributed else seconds
 
         measuring = auto.measure_top_k > 0  # type: ignore[attr-defined]
         if measuring and _mutates_inputs(self.segmented):
             log.info("%s: the graph writes into its inputs in place; autotune predicts only (no measuring)", self.label)
             measuring = False
         result = autotune(cands, bucket, predict, measure if measuring else None, auto.measure_top_k)  # type: ignore[attr-defined]
+        result = dataclasses.replace(result, tuned_on=info.batch_size)
         self.tuned[bucket] = result
         if cache is not None:
             cache.put(key, result)
@@ -431,6 +521,16 @@ class CompiledGraph:
             out.append(plan.schedule.table(plan.graph))
             out.append(repr(plan.program))
         return "\n".join(out)
+
+
+def _canonical_info(info: InputInfo, batch: int | None) -> InputInfo:
+    """What the autotuner's candidate list depends on, the same on every rank of a lockstep search: the
+    smallest batch among the ranks and whether prefill and decode requests are mixed."""
+    assert batch is not None
+    mixed = info.request_phases is not None and len(set(info.request_phases)) > 1 and batch >= 2
+    return InputInfo(batch, info.device.split(":")[0], info.dtype, requested_nano_batches=info.requested_nano_batches,
+                     request_lengths=(batch - 1, 1) if mixed else None,
+                     request_phases=("prefill", "decode") if mixed else None)
 
 
 class Compiled:

@@ -34,7 +34,7 @@ from dynaflow.errors import ConfigError, ScheduleError
 from dynaflow.ir import SplitConfig
 
 __all__ = ["available", "initialized", "world_size", "resolve_group", "group_size", "agree_split",
-           "check_same_order", "lane_group", "fingerprint", "clear_lane_groups"]
+           "agree_key", "max_over_ranks", "check_same_order", "lane_group", "fingerprint", "clear_lane_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,36 @@ def agree_split(proposal: SplitConfig, group: Any = None, resplit: Any = None) -
     if split != proposal:
         log.info("dynaflow.distributed: rank %d proposed %s; ranks agreed on %s", dist.get_rank(), proposal, split)
     return dataclasses.replace(split, labels=None) if split.labels and split is not proposal else split
+
+
+def agree_key(key: str, batch: int, group: Any = None) -> tuple[bool, int]:
+    """Whether every rank of ``group`` holds the same ``key`` (e.g. the autotuner's bucket), and the smallest
+    ``batch`` among them. One ``all_reduce(MIN)`` of three ints; ``(True, batch)`` without a group."""
+    if not initialized():
+        return True, batch
+    import torch.distributed as dist
+
+    group = group if group is not None else dist.group.WORLD
+    if group_size(group) <= 1:
+        return True, batch
+    h = _hash63(key)
+    lo, neg_hi, b_min = _all_reduce_min([h, -h, batch], group)
+    return lo == -neg_hi, b_min
+
+
+def max_over_ranks(values: Sequence[float], group: Any = None) -> list[float]:
+    """Element-wise maximum of ``values`` over the ranks of ``group`` (a step is as slow as its slowest
+    rank); ``inf`` stands for "not applicable on this rank". Unchanged without a group."""
+    if not initialized():
+        return [float(v) for v in values]
+    import torch.distributed as dist
+
+    group = group if group is not None else dist.group.WORLD
+    if group_size(group) <= 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_device_for(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [float(v) for v in t.tolist()]
 
 
 def fingerprint(order: Iterable[tuple[str, Sequence[str]]]) -> str:

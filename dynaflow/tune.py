@@ -22,7 +22,7 @@ from dynaflow.errors import DynaflowError
 from dynaflow.ir import InputInfo, SplitConfig
 from dynaflow.strategies.auto import Candidate
 
-__all__ = ["Trial", "TuneResult", "TuneCache", "autotune", "median_seconds"]
+__all__ = ["Trial", "TuneResult", "TuneCache", "autotune", "median_seconds", "bucket_key", "BUCKET_POLICIES"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ class TuneResult:
     winner: Trial
     reason: str
     from_cache: bool = False
+    tuned_on: int | None = None
+    """The batch size the search ran on (later batches of the bucket reuse its winner)."""
 
     def table(self) -> str:
         rows = [("candidate", "split", "predicted ms", "vs seq", "measured ms", "note")]
@@ -68,7 +70,8 @@ class TuneResult:
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        head = f"autotune {self.bucket}: winner {self.winner.candidate!r} — {self.reason}"
+        on = f" (tuned on batch {self.tuned_on})" if self.tuned_on is not None else ""
+        head = f"autotune {self.bucket}{on}: winner {self.winner.candidate!r} — {self.reason}"
         return "\n".join([head + (" (from cache)" if self.from_cache else "")] + lines)
 
     def __repr__(self) -> str:
@@ -196,11 +199,34 @@ class TuneCache:
             log.warning("could not write the autotune cache %s: %s", self.path, exc)
 
 
-def bucket_key(info: InputInfo) -> str:
-    """The cache's notion of an input bucket: batch size, device, dtype and whether requests/phases were given."""
-    extra = ""
+BUCKET_POLICIES = ("pow2", "exact")
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def bucket_key(info: InputInfo, policy: str = "exact") -> str:
+    """Which inputs share one tuning decision.
+
+    ``exact``: every batch size, request count and prefill count is its own bucket. ``pow2``: rows and
+    requests are rounded up to a power of two and the phases reduced to decode / prefill / mixed, so a
+    serving engine whose token count changes every step tunes once per bucket, not once per step. Example:
+    37 rows in 5 decode requests → ``rows<=64,requests<=8,decode``; 40 rows in 7 → the same bucket.
+    """
+    if policy == "exact":
+        extra = ""
+        if info.request_lengths is not None:
+            extra += f",requests={len(info.request_lengths)}"
+        if info.request_phases is not None:
+            extra += f",prefill={info.request_phases.count('prefill')}"
+        return f"batch={info.batch_size}{extra}"
+    if policy != "pow2":
+        raise DynaflowError(f"unknown tuning bucket policy {policy!r}; choose one of {', '.join(BUCKET_POLICIES)}.")
+    key = f"rows<={_pow2_ceil(info.batch_size)}"
     if info.request_lengths is not None:
-        extra += f",requests={len(info.request_lengths)}"
+        key += f",requests<={_pow2_ceil(len(info.request_lengths))}"
     if info.request_phases is not None:
-        extra += f",prefill={info.request_phases.count('prefill')}"
-    return f"batch={info.batch_size}{extra}"
+        phases = set(info.request_phases)
+        key += "," + ("mixed" if len(phases) > 1 else next(iter(phases), "decode"))
+    return key

@@ -72,12 +72,16 @@ class Auto(Strategy):
 
     def __init__(self, max_nano_batches: int = 4, strategies: Sequence[str] | None = None, measure_top_k: int = 2,
                  repeats: int = 5, sm_steps: int = 4, cache: bool = True,
-                 candidates: Sequence[Candidate | dict[str, Any]] | None = None) -> None:
+                 candidates: Sequence[Candidate | dict[str, Any]] | None = None, buckets: str = "pow2") -> None:
         super().__init__(None)
         if not isinstance(max_nano_batches, int) or max_nano_batches < 1:
             raise StrategyError(f"Strategy 'auto': max_nano_batches={max_nano_batches!r} must be an int >= 1.")
         if measure_top_k < 0 or repeats < 1:
             raise StrategyError(f"Strategy 'auto': measure_top_k={measure_top_k} must be >= 0 and repeats={repeats} >= 1.")
+        if buckets not in ("pow2", "exact"):
+            raise StrategyError(f"Strategy 'auto': buckets={buckets!r} must be 'pow2' (tune once per power-of-two "
+                                "bucket of rows and requests, the default) or 'exact' (tune every batch size).")
+        self.buckets = buckets
         self.max_nano_batches = max_nano_batches
         self.strategies = tuple(strategies) if strategies else ("sequential", "round_robin", "nanoflow",
                                                                   "two_batch_overlap", "prefill_decode")
@@ -132,8 +136,8 @@ class Auto(Strategy):
         return self._fallback.plan(graph, split)
 
     def describe(self) -> str:
-        return (f"autotuned per bucket over {', '.join(self.strategies)} (up to {self.max_nano_batches} nano-batches), "
+        return (f"autotuned per {self.buckets} bucket over {', '.join(self.strategies)} (up to {self.max_nano_batches} nano-batches), "
                 f"measuring the best {self.measure_top_k}")
 
     def __repr__(self) -> str:
-        return f"Auto(max_nano_batches={self.max_nano_batches}, measure_top_k={self.measure_top_k})"
+        return f"Auto(max_nano_batches={self.max_nano_batches}, measure_top_k={self.measure_top_k}, buckets={self.buckets!r})"

@@ -237,7 +237,75 @@ def case_checks() -> dict[str, Any]:
     return out
 
 
-CASES: dict[str, Callable[[], dict[str, Any]]] = {"tp": case_tp, "moe": case_moe, "checks": case_checks}
+class GlobalNorm(torch.nn.Module):
+    """Linear, scale by the RMS over every rank's tokens (an all_reduce of a scalar: ranks may hold different
+    batch sizes, as data-parallel replicas do), linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.a = torch.nn.Linear(8, 16)
+        self.b = torch.nn.Linear(16, 8)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed._functional_collectives as fc
+
+        h = torch.relu(self.a(x))
+        total = fc.all_reduce(h.square().sum(), "sum", dist.group.WORLD)
+        return self.b(h / total.sqrt())
+
+
+def case_auto() -> dict[str, Any]:
+    """``strategy="auto"`` across ranks: the search runs in lockstep, winners are the same on every rank, and
+    ranks in different tuning buckets run that step sequentially instead of tuning alone."""
+    import dynaflow
+    from dynaflow.cost import TableCost
+    from dynaflow.strategies.auto import Auto
+
+    ex = _example("tensor_parallel_llama")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out: dict[str, Any] = {"fails": []}
+    fails = out["fails"]
+    auto = lambda k: Auto(max_nano_batches=3, measure_top_k=k, repeats=1, cache=False)  # noqa: E731
+    # costs superlinear in rows: splitting is predicted to pay, so split candidates (with their collectives)
+    # are planned, predicted and measured on both ranks together
+    config = {"cost": TableCost({}, default=lambda rows: 1e-4 * rows ** 2)}
+    with torch.no_grad():
+        model = ex.build(rank, world)
+        torch._dynamo.reset()
+        fast = dynaflow.compile(model, strategy=auto(2), config=config)
+        for batch in (6, 5, 8):
+            x = ex.make_input(batch, seed=batch)
+            d = _close(fast(x), model(x))
+            if d is not None:
+                fails.append(f"auto tp batch {batch}: max diff {d:.3g}")
+        graph = fast.last_graph
+        out["tp_tuned"] = {k: repr(r.winner.candidate) for k, r in graph.tuned.items()}
+        out["tp_measured"] = sorted(repr(t.candidate) for r in graph.tuned.values() for t in r.trials if t.measured)
+        out["tp_splits"] = [repr(p.split) for p in graph.plans.values()]
+
+        torch._dynamo.reset()
+        norm = GlobalNorm().eval()
+        fast = dynaflow.compile(norm, strategy=auto(0), config=config)  # by prediction: a split wins
+        batches = [(6, 3), (6, 7), (7, 6), (5, 8)]  # step 0: buckets rows<=8 vs rows<=4
+        for step, per_rank in enumerate(batches):
+            x = torch.randn(per_rank[rank], 8, generator=torch.Generator().manual_seed(100 * step + rank))
+            d = _close(fast(x), norm(x))
+            if d is not None:
+                fails.append(f"auto global-norm step {step} batch {x.shape[0]}: max diff {d:.3g}")
+            if step == 0 and fast.last_graph.last_plan.split.num != 1:
+                fails.append(f"ranks in different buckets must run sequentially, got {fast.last_graph.last_plan.split}")
+        out["norm_tuned"] = {k: repr(r.winner.candidate) for k, r in fast.last_graph.tuned.items()}
+        out["norm_tuned_on"] = {k: r.tuned_on for k, r in fast.last_graph.tuned.items()}
+        out["norm_last_split"] = fast.last_graph.last_plan.split.num
+    return out
+
+
+CASES: dict[str, Callable[[], dict[str, Any]]] = {"tp": case_tp, "moe": case_moe, "checks": case_checks,
+                                                  "auto": case_auto}
 
 
 def main() -> None:

@@ -45,3 +45,17 @@ def test_order_mismatch_rejected_and_ranks_agree():
         assert "'round_robin' lets collectives on process group '0' run concurrently" in msg
         assert "comm_0[nb0]" in msg and "comm_0[nb1]" in msg and "lane_communicators=True" in msg
         assert r["agreed"] == "SplitConfig(6 → 3/3)"
+
+
+def test_autotune_runs_in_lockstep_and_every_rank_picks_the_same_winner():
+    results = run_ranks("auto", 2, CASE_TIMEOUT)
+    _check(results, 2)
+    r0, r1 = sorted(results, key=lambda r: r["rank"])
+    assert r0["tp_tuned"] == r1["tp_tuned"] and list(r0["tp_tuned"]) == ["rows<=8"]
+    assert r0["tp_splits"] == r1["tp_splits"]
+    assert r0["tp_measured"] == r1["tp_measured"] and len(r0["tp_measured"]) == 3  # the best 2 and sequential
+    # step 0 (buckets differ) tunes nothing; step 1 tunes rows<=8 on both ranks, on each rank's own batch
+    assert r0["norm_tuned"] == r1["norm_tuned"] and list(r0["norm_tuned"]) == ["rows<=8"]
+    assert r0["norm_tuned_on"] == {"rows<=8": 6} and r1["norm_tuned_on"] == {"rows<=8": 7}
+    assert r0["norm_tuned"]["rows<=8"] != "sequential()"  # by prediction a split wins, and later steps run it
+    assert r0["norm_last_split"] == r1["norm_last_split"] > 1

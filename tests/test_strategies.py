@@ -14,7 +14,7 @@ from torch import nn
 
 import dynaflow
 from dynaflow.cost import TableCost
-from dynaflow.errors import ConfigError, StrategyError
+from dynaflow.errors import ConfigError, DynaflowError, StrategyError
 from dynaflow.ir import ALL, InputInfo, NanoGraph, NanoOp, Resource, Segment, SegmentKind, SplitConfig
 from dynaflow.strategies import splits
 from dynaflow.strategies.auto import Auto, Candidate
@@ -249,7 +249,8 @@ def test_autotune_finds_the_brute_force_optimum(costs, tmp_path, monkeypatch):
     x = torch.randn(batch, 4)
     with grad_off():
         assert torch.equal(compiled(x), torch.cat([model(x[s:e]) for s, e in compiled.last_graph.last_plan.split.boundaries]))
-    result = compiled.last_graph.tuned[f"batch={batch}"]
+    result = compiled.last_graph.tuned["rows<=16"]
+    assert result.tuned_on == batch
     predicted = {dict(t.candidate.options).get("nano_batches", 1): t.predicted for t in result.trials}
     for n in counts:  # the simulator reproduces the formula for every candidate
         assert predicted[n] == pytest.approx(expected[n], rel=1e-6, abs=1e-5 * MS), n
@@ -298,7 +299,7 @@ def test_autotune_measures_the_best_and_explains_the_choice(tmp_path, monkeypatc
     assert {t.candidate for t in best_two} <= {t.candidate for t in measured}
     assert result.winner in measured and result.winner.measured == min(t.measured for t in measured)
     text = compiled.explain()
-    assert "autotune batch=6: winner" in text and "predicted ms" in text and "measured ms" in text
+    assert "autotune rows<=8 (tuned on batch 6): winner" in text and "predicted ms" in text and "measured ms" in text
     # the winner is cached on disk and reused by a new compile without searching again
     cache = json.loads((tmp_path / "autotune.json").read_text())
     assert len(cache) == 1 and next(iter(cache.values()))["candidate"] == result.winner.candidate.to_json()
@@ -309,6 +310,52 @@ def test_autotune_measures_the_best_and_explains_the_choice(tmp_path, monkeypatc
     (cached,) = again.last_graph.tuned.values()
     assert cached.from_cache and cached.winner.candidate == result.winner.candidate
     assert "(from cache)" in again.explain()
+
+
+def test_tuning_buckets_worked_examples():
+    from dynaflow.tune import bucket_key
+
+    decode = InputInfo(37, request_lengths=(8, 8, 8, 8, 5), request_phases=("decode",) * 5)
+    assert bucket_key(decode, "pow2") == "rows<=64,requests<=8,decode"
+    assert bucket_key(InputInfo(40, request_lengths=(6,) * 6 + (4,), request_phases=("decode",) * 7), "pow2") == \
+        "rows<=64,requests<=8,decode"
+    mixed = InputInfo(8, request_lengths=(6, 1, 1), request_phases=("prefill", "decode", "decode"))
+    assert bucket_key(mixed, "pow2") == "rows<=8,requests<=4,mixed"
+    assert bucket_key(mixed, "exact") == "batch=8,requests=3,prefill=1"
+    assert [bucket_key(InputInfo(n), "pow2") for n in (1, 2, 3, 4, 5, 64, 65)] == [
+        "rows<=1", "rows<=2", "rows<=4", "rows<=4", "rows<=8", "rows<=64", "rows<=128"]
+    with pytest.raises(DynaflowError, match="unknown tuning bucket policy 'log'"):
+        bucket_key(decode, "log")
+    with pytest.raises(StrategyError, match=r"buckets='tokens' must be 'pow2'"):
+        Auto(buckets="tokens")
+
+
+def test_a_bucket_is_tuned_once_and_its_winner_reused_for_every_batch_in_it(tmp_path, monkeypatch):
+    """A serving engine's batch changes every step: batches 9..16 share one search (pow2 buckets), each
+    still gets its own split from the winner and equals eager; ``buckets="exact"`` searches every batch."""
+    monkeypatch.setenv("DYNAFLOW_CACHE_DIR", str(tmp_path))
+    model = TwoStage().eval()
+    table = TableCost({"A_0": lambda r: r * MS, "B_0": lambda r: r * MS})
+    calls = []
+    real = dynaflow.tune.autotune
+    monkeypatch.setattr(dynaflow.tune, "autotune", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    compiled = dynaflow.compile(model, strategy=Auto(max_nano_batches=3, measure_top_k=0, cache=False),
+                                executor="serial", config={"cost": table})
+    with grad_off():
+        for batch in (12, 9, 16, 13, 5):
+            x = torch.randn(batch, 4)
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-6, rtol=1e-6)
+            assert compiled.last_graph.last_plan.split.batch_size == batch
+    assert calls == ["rows<=16", "rows<=8"]
+    graph = compiled.last_graph
+    assert graph.tuned["rows<=16"].tuned_on == 12 and graph.last_plan.split.num > 1
+    exact = dynaflow.compile(model, strategy=Auto(max_nano_batches=3, measure_top_k=0, cache=False, buckets="exact"),
+                             executor="serial", config={"cost": table})
+    calls.clear()
+    with grad_off():
+        for batch in (12, 9, 12):
+            exact(torch.randn(batch, 4))
+    assert calls == ["batch=12", "batch=9"]
 
 
 def test_auto_outside_a_compiled_model_is_sequential():
