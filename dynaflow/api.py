@@ -273,21 +273,30 @@ class CompiledGraph:
         """The simulated timeline of ``plan`` on this graph's cost model."""
         return self.simulate(plan.program, inputs)
 
+    def _bucket_winner(self, info: InputInfo) -> tuple[str, Strategy | None, bool]:
+        """(tuning bucket of ``info``, its winner so far, whether that winner can split this batch)."""
+        from dynaflow.tune import bucket_key
+
+        bucket = bucket_key(info, getattr(self.strategy, "buckets", "exact"))
+        won = self._winners.get(bucket)
+        if won is None:
+            return bucket, None, True
+        try:
+            self._split_with(won, info)
+            return bucket, won, True
+        except DynaflowError as exc:
+            log.info("%s: %s's winner %s does not apply to batch %d (%s)", self.label, bucket, won.describe(),
+                     info.batch_size, str(exc).splitlines()[0])
+            return bucket, won, False
+
     def _tune(self, info: InputInfo, inputs: Sequence[Any]) -> Strategy:
         from dynaflow.tune import bucket_key
 
-        assert self.segmented is not None
-        auto = self.strategy
-        bucket = bucket_key(info, getattr(auto, "buckets", "exact"))
-        won = self._winners.get(bucket)
-        if won is not None:
-            try:
-                self._split_with(won, info)  # the bucket's winner must also apply to this batch
-                return won
-            except DynaflowError as exc:
-                log.info("%s: %s's winner %s does not apply to batch %d (%s); tuning this batch on its own",
-                         self.label, bucket, won.describe(), info.batch_size, str(exc).splitlines()[0])
-                bucket = bucket_key(info, "exact")
+        bucket, won, usable = self._bucket_winner(info)
+        if won is not None and usable:
+            return won
+        if won is not None:  # the bucket's winner cannot split this batch: tune it on its own
+            bucket = bucket_key(info, "exact")
         won = self._winners[bucket] = self._search(info, inputs, bucket)
         return won
 
@@ -300,21 +309,11 @@ class CompiledGraph:
         search's own collectives (planning checks, measured steps) pair up; predicted and measured times
         are the maximum over ranks. While the ranks' buckets differ, this call runs sequentially (one
         nano-batch, agreed) rather than tuning alone. Winners therefore stay the same on every rank."""
-        from dynaflow.tune import bucket_key
-
         auto = self.strategy
         if not getattr(auto, "autotune", False) or self.distributed is None or not self.distributed.agreeing:
             return None
         info = self.input_info(batch, inputs, layout)
-        bucket = bucket_key(info, getattr(auto, "buckets", "exact"))
-        won = self._winners.get(bucket)  # the same table on every rank: it only changes in lockstep
-        usable = True
-        if won is not None:
-            try:
-                self._split_with(won, info)
-            except DynaflowError as exc:
-                log.info("%s: %s's winner does not apply to batch %d (%s)", self.label, bucket, batch, exc)
-                usable = False
+        bucket, won, usable = self._bucket_winner(info)  # the same winners on every rank: set only in lockstep
         same, smallest = self.distributed.agree_key(f"{bucket}|{'usable' if usable else 'not usable'}", batch)
         if not same or not usable:
             log.info("%s: ranks differ in tuning bucket or in whether its winner applies (this rank: %s); "

@@ -103,6 +103,17 @@ def _device_for(group: Any) -> torch.device:
     return torch.device("cpu")
 
 
+def _multi_rank(group: Any) -> Any:
+    """``group`` (the world when ``None``) if torch.distributed is initialized and it has several ranks, else
+    ``None``: the agreement functions below communicate only then."""
+    if not initialized():
+        return None
+    import torch.distributed as dist
+
+    group = group if group is not None else dist.group.WORLD
+    return group if group_size(group) > 1 else None
+
+
 def _all_reduce_min(values: Sequence[int], group: Any) -> list[int]:
     import torch.distributed as dist
 
@@ -123,13 +134,11 @@ def agree_split(proposal: SplitConfig, group: Any = None, resplit: Any = None) -
     different sizes all take the even split. One ``all_reduce(MIN)`` of six ints; without an initialized
     group (or with one rank) the proposal is returned unchanged.
     """
-    if not initialized():
+    group = _multi_rank(group)
+    if group is None:
         return proposal
     import torch.distributed as dist
 
-    group = group if group is not None else dist.group.WORLD
-    if group_size(group) <= 1:
-        return proposal
     n, batch = proposal.num, proposal.batch_size
     h = _hash63(repr(proposal.sizes))
     n_min, neg_n_max, b_min, neg_b_max, h_min, neg_h_max = _all_reduce_min([n, -n, batch, -batch, h, -h], group)
@@ -152,12 +161,8 @@ def agree_split(proposal: SplitConfig, group: Any = None, resplit: Any = None) -
 def agree_key(key: str, batch: int, group: Any = None) -> tuple[bool, int]:
     """Whether every rank of ``group`` holds the same ``key`` (e.g. the autotuner's bucket), and the smallest
     ``batch`` among them. One ``all_reduce(MIN)`` of three ints; ``(True, batch)`` without a group."""
-    if not initialized():
-        return True, batch
-    import torch.distributed as dist
-
-    group = group if group is not None else dist.group.WORLD
-    if group_size(group) <= 1:
+    group = _multi_rank(group)
+    if group is None:
         return True, batch
     h = _hash63(key)
     lo, neg_hi, b_min = _all_reduce_min([h, -h, batch], group)
@@ -167,13 +172,11 @@ def agree_key(key: str, batch: int, group: Any = None) -> tuple[bool, int]:
 def max_over_ranks(values: Sequence[float], group: Any = None) -> list[float]:
     """Element-wise maximum of ``values`` over the ranks of ``group`` (a step is as slow as its slowest
     rank); ``inf`` stands for "not applicable on this rank". Unchanged without a group."""
-    if not initialized():
+    group = _multi_rank(group)
+    if group is None:
         return [float(v) for v in values]
     import torch.distributed as dist
 
-    group = group if group is not None else dist.group.WORLD
-    if group_size(group) <= 1:
-        return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_device_for(group))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return [float(v) for v in t.tolist()]
@@ -187,13 +190,11 @@ def fingerprint(order: Iterable[tuple[str, Sequence[str]]]) -> str:
 def check_same_order(text: str, group: Any = None, strategy: str = "?") -> None:
     """Raise :class:`ScheduleError` on every rank unless all ranks of ``group`` hold the same ``text``
     (see :func:`fingerprint`). One ``all_reduce(MIN)`` of two ints."""
-    if not initialized():
+    group = _multi_rank(group)
+    if group is None:
         return
     import torch.distributed as dist
 
-    group = group if group is not None else dist.group.WORLD
-    if group_size(group) <= 1:
-        return
     h = _hash63(text)
     lo, neg_hi = _all_reduce_min([h, -h], group)
     if lo != -neg_hi:

@@ -26,7 +26,7 @@ from dynaflow.ir import InputInfo, NanoGraph, Schedule, SplitConfig
 from dynaflow.strategies import Strategy, get as get_strategy
 
 __all__ = ["IntegrationError", "request_aligned_split", "RequestAligned", "thread_mutations", "matching_rules",
-           "parse_options", "make_strategy", "host_available", "active_options",
+           "parse_options", "enable_options", "make_strategy", "host_available", "active_options",
            "HOST_STATE_META"]
 
 log = logging.getLogger("dynaflow.integrations")
@@ -195,6 +195,17 @@ def active_options(given: Mapping[str, Any] | None, host: str) -> dict[str, Any]
     if given is not None:
         return dict(given)
     return parse_options(knobs.integration_options(host), f"DYNAFLOW_{host.upper()}_OPTIONS")
+
+
+def enable_options(options: Mapping[str, Any] | None, host: str, display: str, supported: str,
+                   available: bool) -> dict[str, Any]:
+    """What a host integration's ``enable()`` starts with: the host must be installed, and the options given
+    (or its ``DYNAFLOW_<HOST>_OPTIONS`` environment variable) are parsed and checked."""
+    if not available:
+        raise IntegrationError(f"dynaflow.integrations.{host}.enable(): {display} is not installed; "
+                               f"`pip install {host}` (tested: {host}{supported}).")
+    return parse_options(dict(options) if options is not None else knobs.integration_options(host),
+                         f"dynaflow.integrations.{host}.enable(options)")
 
 
 def parse_options(options: Mapping[str, Any] | str | None, source: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from dynaflow import knobs
-from dynaflow.integrations._common import IntegrationError, active_options, host_available, parse_options
+from dynaflow.integrations._common import IntegrationError, active_options, enable_options, host_available
 
 __all__ = ["is_available", "enable", "register", "compile", "backend", "register_host_op", "SUPPORTED",
            "HOST_OP_PATTERNS"]
@@ -61,11 +61,7 @@ def enable(options: Mapping[str, Any] | None = None, *, apply_hooks: bool = True
     (``patch_model`` and ``install_torch_compiled``); with ``apply_hooks`` also apply them now (the plugin
     loader applies them itself). Idempotent. Worker processes need ``DYNAFLOW_SGLANG=1`` in the environment."""
     global _OPTIONS
-    if not is_available():
-        raise IntegrationError("dynaflow.integrations.sglang.enable(): SGLang is not installed; `pip install sglang` "
-                               f"(tested: sglang{SUPPORTED}).")
-    parsed = parse_options(dict(options) if options is not None else knobs.integration_options("sglang"),
-                           "dynaflow.integrations.sglang.enable(options)")
+    parsed = enable_options(options, "sglang", "SGLang", SUPPORTED, is_available())
     from dynaflow.integrations.sglang import _sglang
 
     _sglang.check_version()

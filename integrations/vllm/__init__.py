@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from dynaflow import knobs
-from dynaflow.integrations._common import IntegrationError, active_options, host_available, parse_options
+from dynaflow.integrations._common import active_options, enable_options, host_available, parse_options
 
 __all__ = ["is_available", "enable", "register", "compilation_config", "backend", "DynaflowCompiler",
            "register_metadata_slicer", "BACKEND_QUALNAME", "COMPILER_QUALNAME", "SUPPORTED"]
@@ -51,11 +51,7 @@ def enable(options: Mapping[str, Any] | None = None) -> None:
     Idempotent. Worker processes do not inherit Python state: set ``DYNAFLOW_VLLM=1`` (and
     ``DYNAFLOW_VLLM_OPTIONS``) in the environment so the plugin calls this in every process."""
     global _OPTIONS
-    if not is_available():
-        raise IntegrationError("dynaflow.integrations.vllm.enable(): vLLM is not installed; `pip install vllm` "
-                               f"(tested: vllm{SUPPORTED}).")
-    parsed = parse_options(dict(options) if options is not None else knobs.integration_options("vllm"),
-                           "dynaflow.integrations.vllm.enable(options)")
+    parsed = enable_options(options, "vllm", "vLLM", SUPPORTED, is_available())
     from dynaflow.integrations.vllm import _vllm
 
     _vllm.check_version()
