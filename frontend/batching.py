@@ -1,20 +1,19 @@
 """Batch analysis: which values carry the batch dimension, and which nodes couple rows of the batch.
 
+Default deny: a node is row-local only when every ATen op it dispatches has a rule in
+:mod:`.aten_rules` that proves running it on row slices and concatenating equals running it whole, for
+the batch dims involved. Anything else couples, and the segment holding it becomes a barrier (or an
+error under ``strict=True``). A missing rule costs speed, never correctness.
+
 A tensor carries the batch at dim ``d`` when its symbolic size there is ``k·B`` (``B`` the batch symbol,
-``k`` free of ``B``) and at no other dim. A node *couples* the batch when running it on row slices could
-change its result: it reduces over the batch (its output loses ``B``), works along the batch dim
-(``cumsum``, ``sort``, ``cat``, ``softmax`` over dim 0, ...), changes the rows-per-item factor ``k`` (``repeat``,
-``cat``), regroups a flattened batch dim, gathers rows by a tensor index, creates batch-position values
-(``arange(B)``), draws random numbers, writes batch data into a batch-free tensor, or updates batch-free
-state in place (``length.add_(n)`` on a graph input or buffer: once per nano-batch it would apply the update
-several times). A segment holding such a node becomes a barrier (or an error under ``strict=True``).
+``k`` free of ``B``) and at no other dim. Around the rules, the analysis also couples: a value with the
+batch in two dims or not a whole multiple of it, the batch size used as a value (arithmetic, a fill
+value, a tensor made from it) rather than as a shape, random draws on batch data, writes of batch data
+into a batch-free tensor, and in-place updates of batch-free state (a step counter: once per nano-batch
+it would run several times).
 
-An in-place write into a tensor that carries the batch at a batch-aligned dim (a static KV cache
-``keys[B, heads, max_len, dim].index_copy_(2, pos, k)``) is batch-local: each nano-batch writes its own rows
-through a view of the cache. The order of writes against reads of the same storage is kept by
-:mod:`.effects`.
-
-Worked example: in ``h - h.mean(0)`` the ``mean`` node couples (``(B, 16) → (16,)``); the ``sub`` does not.
+Worked example: in ``h - h.mean(0)`` the ``mean`` node lowers to ``aten.mean.dim(h, [0])``, whose rule
+says it reduces along the batch dim: it couples; ``aten.sub.Tensor`` is pointwise and does not.
 """
 
 from __future__ import annotations
@@ -26,35 +25,14 @@ import sympy
 import torch
 import torch.fx
 
+from dynaflow.frontend.aten_rules import RANDOM_AWARE, AtenCall, rule_for
+from dynaflow.frontend.aten_trace import Dispatched, bind, fake_mode_of, lower_node
 from dynaflow.frontend.effects import is_inplace, storage_root, write_target
-from dynaflow.frontend.collectives import rows_across_ranks
 from dynaflow.frontend.rules import op_short_name
 
 __all__ = ["meta_val", "find_batch_symbol", "find_batch_source", "BatchAnalysis", "analyze"]
 
 SYM = "sym"  # marker for an int value that depends on the batch size
-
-_RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "multinomial",
-           "normal", "uniform_", "normal_", "bernoulli_", "random_", "exponential_", "randperm"}
-# op -> (positional index of the dim argument, keyword names, default dim or None when required)
-_ALONG_DIM: dict[str, tuple[int, tuple[str, ...], Any]] = {
-    "cumsum": (1, ("dim",), None), "cumprod": (1, ("dim",), None), "cummax": (1, ("dim",), None),
-    "cummin": (1, ("dim",), None), "logcumsumexp": (1, ("dim",), None),
-    "softmax": (1, ("dim",), None), "log_softmax": (1, ("dim",), None), "_softmax": (1, ("dim",), None),
-    "sort": (1, ("dim",), -1), "argsort": (1, ("dim",), -1), "msort": (1, (), 0),
-    "flip": (1, ("dims",), None), "roll": (2, ("dims",), "all"), "diff": (2, ("dim",), -1),
-    "topk": (2, ("dim",), -1), "kthvalue": (2, ("dim",), -1), "cat": (1, ("dim",), 0), "concat": (1, ("dim",), 0),
-    "concatenate": (1, ("dim", "axis"), 0), "narrow": (1, ("dim",), None), "index_select": (1, ("dim",), None),
-    "gather": (1, ("dim",), None), "scatter": (1, ("dim",), None), "scatter_add": (1, ("dim",), None),
-    "scatter_reduce": (1, ("dim",), None), "index_add": (1, ("dim",), None), "index_copy": (1, ("dim",), None),
-    "index_fill": (1, ("dim",), None), "take_along_dim": (2, ("dim",), "all"), "unique": (99, ("dim",), "all"),
-    "unique_consecutive": (99, ("dim",), "all"), "nonzero": (99, (), "all"), "histc": (99, (), "all"),
-    "bincount": (99, (), "all"), "unbind": (1, ("dim",), 0), "select": (1, ("dim",), None),
-    "split": (2, ("dim",), 0), "chunk": (2, ("dim",), 0), "tensor_split": (2, ("dim",), 0),
-    "split_with_sizes": (2, ("dim",), 0), "movedim": (99, (), None),
-}
-_RESHAPE = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "_unsafe_view", "ravel"}
-
 
 def meta_val(node: torch.fx.Node) -> Any:
     """The fake/example value fx recorded for ``node`` (Dynamo: ``example_value``; export/FakeTensorProp: ``val``)."""
@@ -90,7 +68,7 @@ def _short(node: torch.fx.Node) -> str:
 
 class BatchAnalysis:
     """Per-node batch facts: ``dims[node]`` is the batch dim of its value (``None`` when batch-free, ``SYM``
-    for a batch-dependent int, a tuple for multi-output nodes); ``coupling[node]`` says why it couples."""
+    for a batch-dependent number, a tuple for multi-output nodes); ``coupling[node]`` says why it couples."""
 
     def __init__(self, gm: torch.fx.GraphModule, batch: sympy.Symbol | None):
         self.gm = gm
@@ -98,11 +76,14 @@ class BatchAnalysis:
         self.dims: dict[torch.fx.Node, Any] = {}
         self.coupling: dict[torch.fx.Node, str] = {}
         self.touches: set[torch.fx.Node] = set()
-        self.positional: set[torch.fx.Node] = set()
+        self.bad: dict[torch.fx.Node, str] = {}
+        """Nodes whose value holds the batch but not as one whole dim (two dims, not a multiple)."""
+        self._mode: Any = None
+        self._cache: dict[Any, str | None] = {}
 
     # -- classification of values -------------------------------------------------------------------
     def classify(self, val: Any) -> tuple[Any, str | None]:
-        """(batch dim or None or SYM or tuple, problem) for one fake value."""
+        """(batch dim or None or SYM or tuple, problem) for one fake value, from its symbolic shape."""
         B = self.batch
         if B is None:
             return None, None
@@ -110,7 +91,7 @@ class BatchAnalysis:
             parts = [self.classify(v) for v in val]
             problem = next((p for _, p in parts if p), None)
             return tuple(d for d, _ in parts), problem
-        if isinstance(val, torch.SymInt):
+        if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             return (SYM if B in val.node.expr.free_symbols else None), None
         if not isinstance(val, torch.Tensor):
             return None, None
@@ -121,39 +102,175 @@ class BatchAnalysis:
             return None, f"its output {tuple(val.shape)} has the batch size in dims {hits}"
         d = hits[0]
         k = sympy.simplify(_expr(val.shape[d]) / B)
-        if B in k.free_symbols:
+        if B in k.free_symbols or not k.is_integer:
             return None, f"its output size {val.shape[d]} at dim {d} is not a multiple k·{B} of the batch"
         return d, None
-
-    def multiplier(self, val: torch.Tensor, dim: int) -> sympy.Expr:
-        return sympy.simplify(_expr(val.shape[dim]) / self.batch)
 
     def of(self, a: Any) -> Any:
         return self.dims.get(a) if isinstance(a, torch.fx.Node) else None
 
     # -- the analysis -------------------------------------------------------------------------------
     def run(self) -> "BatchAnalysis":
+        if self.batch is not None:
+            self._mode = fake_mode_of([meta_val(n) for n in self.gm.graph.find_nodes(op="placeholder")])
         for node in self.gm.graph.nodes:
             if node.op == "output":
                 continue
-            dims, problem = self.classify(meta_val(node))
-            if node.op == "call_function" and node.target is operator.getitem and isinstance(self.of(node.args[0]), tuple):
-                idx = node.args[1]
-                parent = self.of(node.args[0])
-                dims = parent[idx] if isinstance(idx, int) and idx < len(parent) else dims
+            val = meta_val(node)
+            dims, problem = self.classify(val)
             self.dims[node] = dims
-            if node.op in ("placeholder", "get_attr"):
+            if problem:
+                self.bad[node] = problem
+            if node.op in ("placeholder", "get_attr") or self.batch is None:
                 continue
-            reason = problem or self._coupling(node, dims) or self._positional(node)
-            if self._touches(node, dims):
-                self.touches.add(node)
-            if reason and self._touches(node, dims):
+            reason = self._node_reason(node, val, problem)
+            if reason:
                 self.coupling[node] = reason
             elif node not in self.coupling:
                 state = self._state_update(node)
                 if state:
                     self.coupling[node] = state
         return self
+
+    def _node_reason(self, node: torch.fx.Node, val: Any, problem: str | None) -> str | None:
+        """Why ``node`` couples the batch, or None when it is row-local (or touches no batch data)."""
+        ins = self._inputs(node)
+        bad_in = next((a for a in ins if a in self.bad), None)
+        batch_in = any(self._carries(self.of(a)) for a in ins)
+        sym_in = any(self.of(a) == SYM for a in ins) or any(
+            _is_batch_sym(x, self.batch) for x in _flat_consts(node))
+        out_batch = self._carries(self.dims[node]) or problem is not None
+        if not (batch_in or sym_in or out_batch or bad_in is not None):
+            return None
+        self.touches.add(node)
+        if bad_in is not None:
+            return f"it uses {bad_in.name!r}, whose value holds the batch but not as one dim ({self.bad[bad_in]})"
+        if problem:
+            return problem
+        if self.dims[node] == SYM or (not out_batch and not batch_in and _is_number(val)):
+            return None  # size arithmetic: its users decide whether the batch size is used as a shape
+        if _is_marker(node):
+            return None
+        return self._lowered(node, sym_in)
+
+    def _lowered(self, node: torch.fx.Node, sym_in: bool) -> str | None:
+        """Lower ``node`` to ATen ops and check each against its batch rule."""
+        key = self._key(node)
+        if key is not None and key in self._cache:
+            return self._cache[key]
+        reason = self._check_lowered(node, sym_in)
+        if key is not None:
+            self._cache[key] = reason
+        return reason
+
+    def _check_lowered(self, node: torch.fx.Node, sym_in: bool) -> str | None:
+        short = _short(node)
+        if short in _META_INPLACE:
+            return f"it changes a tensor's shape or strides in place ({short})"
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), meta_val)
+        seed: dict[int, Any] = {}
+        for a in self._inputs(node):
+            v = meta_val(a)
+            if isinstance(v, torch.Tensor):
+                seed[id(v)] = self.dims.get(a)
+        if isinstance(node.target, torch._ops.OpOverload):  # already ATen (export, collectives, custom ops)
+            calls = [Dispatched(node.target, tuple(args), dict(kwargs), meta_val(node))]
+        else:
+            mode = self._mode or fake_mode_of((args, kwargs))
+            if mode is None:
+                return "dynaflow cannot lower it to ATen ops (no fake values were recorded)"
+            try:
+                calls, _ = lower_node(self.gm, node, args, kwargs, mode)
+            except Exception as exc:  # noqa: BLE001 - anything we cannot analyse couples
+                return f"dynaflow cannot lower it to ATen ops ({type(exc).__name__}: {str(exc)[:120]})"
+        place = _Placements(seed, self.batch)
+        used_sym = False
+        for call in calls:
+            reason, saw_sym = self._check_call(call, place)
+            used_sym |= saw_sym
+            if reason:
+                return f"{reason} [{call.op}]"
+        if sym_in and not used_sym:
+            return "it uses the batch size as a value (dynaflow cannot follow it into a shape)"
+        return None
+
+    def _check_call(self, call: Dispatched, place: "_Placements") -> tuple[str | None, bool]:
+        """(why one dispatched ATen op couples or None, whether a batch-size argument reached it)."""
+        op = call.op
+        if op in _IGNORED or op.namespace == "prim":
+            return None, False
+        bound = bind(op, call.args, call.kwargs)
+        syms = [name for name, v in bound.items() if _holds_batch_sym(v, self.batch)]
+        tensors = [t for t in torch.utils._pytree.tree_leaves(bound) if isinstance(t, torch.Tensor)]
+        for t in tensors:
+            if place.unknown(t):
+                return "it reads a tensor that holds the batch but not as one dim", bool(syms)
+        batch_in = any(place(t) is not None for t in tensors)
+        outs = [t for t in torch.utils._pytree.tree_leaves(call.out) if isinstance(t, torch.Tensor)]
+        out_dims = [place.learn(t) for t in outs]
+        if any(d is _BAD for d in out_dims):
+            return "its result holds the batch in more than one dim (or not as a whole multiple)", bool(syms)
+        out_batch = any(d is not None for d in out_dims)
+        if not (batch_in or syms or out_batch):
+            return None, False
+        entry = rule_for(op)
+        if entry is None:
+            return f"dynaflow has no batch rule for {op}", bool(syms)
+        stray = [n for n in syms if n not in entry.sizes]
+        if stray:
+            if op._schema.name == "aten::arange":
+                return "it creates batch-position values (arange over the batch size)", True
+            return f"it uses the batch size as a value (argument {stray[0]!r})", True
+        if torch.Tag.nondeterministic_seeded in op.tags and op._schema.name not in RANDOM_AWARE:
+            return "it draws random numbers, so a nano-batch would see a different random stream", bool(syms)
+        if out_batch and not batch_in and not entry.makes_batch:
+            return "it lays a batch-free tensor out as batch rows", bool(syms)
+        reason = entry.rule(AtenCall(op, bound, place, self.batch, call.out))
+        if reason:
+            return reason, bool(syms)
+        for arg in op._schema.arguments:
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                target = bound.get(arg.name)
+                if isinstance(target, torch.Tensor) and place(target) is None and (batch_in or out_batch):
+                    return "it writes batch data into a batch-free tensor in place", bool(syms)
+        return None, bool(syms)
+
+    def _key(self, node: torch.fx.Node) -> Any:
+        """A cache key that is equal for nodes doing the same thing to values of the same shapes and batch
+        dims (the layers of a deep model); ``None`` when an argument cannot be keyed."""
+        parts: list[Any] = [node.op, node.target if node.op != "call_module" else None]
+        if node.op == "call_module":
+            return None
+        ok = True
+
+        def key_of(a: Any) -> Any:
+            nonlocal ok
+            if isinstance(a, torch.fx.Node):
+                v = meta_val(a)
+                if isinstance(v, torch.Tensor):
+                    return ("T", self.dims.get(a), str(tuple(v.shape)), str(v.stride()), v.dtype, v.device.type,
+                            a in self.bad)
+                if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                    return ("S", str(v.node.expr))
+                if isinstance(v, (int, float, bool, str, type(None))):
+                    return ("V", v)
+                ok = False
+                return None
+            if isinstance(a, (list, tuple)):
+                return tuple(key_of(x) for x in a)
+            if isinstance(a, dict):
+                return tuple((k, key_of(x)) for k, x in a.items())
+            if isinstance(a, (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
+                              torch.memory_format)):
+                return a
+            if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                return ("S", str(a.node.expr))
+            ok = False
+            return None
+
+        parts.append(key_of(node.args))
+        parts.append(key_of(node.kwargs))
+        return tuple(parts) if ok else None
 
     def _state_update(self, node: torch.fx.Node) -> str | None:
         """An in-place write into a batch-free graph input or buffer (a step counter): it must run once per step.
@@ -172,23 +289,6 @@ class BatchAnalysis:
         return (f"it updates {root.name!r}, a batch-free graph input or buffer, in place; it must run once per step, "
                 "not once per nano-batch")
 
-    def _positional(self, node: torch.fx.Node) -> str | None:
-        """Track values derived from batch positions (``arange(B)``): they mean different rows per nano-batch.
-
-        Using such a value as an *index* does not propagate it (the result holds the indexed data).
-        """
-        if node in self.coupling:
-            return None
-        short = _short(node)
-        ins = self._inputs(node)
-        if short in ("getitem", "index_select", "gather", "take", "take_along_dim", "index") and len(ins) > 1:
-            ins = [ins[0]] if isinstance(node.args[0], torch.fx.Node) else ins
-        src = next((a for a in ins if a in self.positional), None)
-        if src is None:
-            return None
-        self.positional.add(node)
-        return f"it uses batch-position values computed by {src.name!r}"
-
     def _inputs(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         out: list[torch.fx.Node] = []
         torch.fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n) or n)
@@ -200,91 +300,73 @@ class BatchAnalysis:
             return any(BatchAnalysis._carries(x) for x in d)
         return isinstance(d, int) and not isinstance(d, bool)
 
-    def _touches(self, node: torch.fx.Node, dims: Any) -> bool:
-        ins = [self.of(a) for a in self._inputs(node)]
-        return self._carries(dims) or any(self._carries(d) or d == SYM for d in ins) or dims == SYM
-
-    def _coupling(self, node: torch.fx.Node, dims: Any) -> str | None:
-        if self.batch is None:
-            return None
-        short = _short(node)
-        inputs = self._inputs(node)
-        batch_ins = [a for a in inputs if isinstance(self.of(a), int) and not isinstance(self.of(a), bool)]
-        sym_in = any(self.of(a) == SYM for a in inputs) or any(
-            isinstance(x, torch.SymInt) and self.batch in x.node.expr.free_symbols for x in _flat_consts(node))
-        if not (batch_ins or sym_in or self._carries(dims)):
-            return None
-        val = meta_val(node)
-        if short in _RANDOM or (short in ("dropout", "dropout_", "feature_dropout") and _dropout_training(node)):
-            return "it draws random numbers, so a nano-batch would see a different random stream"
-        if short == "arange" and sym_in:
-            self.positional.add(node)
-            return "it creates batch-position values (arange over the batch size)"
-        if _is_inplace(node, short):
-            target = node.args[0] if node.args else None
-            if isinstance(target, torch.fx.Node) and not self._carries(self.of(target)):
-                return "it writes batch data into a batch-free tensor in place"
-        if batch_ins and not self._carries(dims) and _has_tensor(val):
-            shape = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
-            return f"it reduces over the batch: its output {shape} has no batch dim"
-        src = node.args[0] if node.args else None
-        src_dim = self.of(src) if isinstance(src, torch.fx.Node) else None
-        if short in ("cat", "concat", "concatenate", "stack") and isinstance(src, (list, tuple)):
-            carriers = [self.of(a) for a in src if isinstance(a, torch.fx.Node) and isinstance(self.of(a), int)]
-            src_dim = carriers[0] if carriers else None
-        if src_dim == 0 and rows_across_ranks(node):
-            return (f"it exchanges rows of the batch dim (dim 0) between ranks ({short}): a nano-batch slice would "
-                    "send different rows to each rank; put the batch in another dim (e.g. [world, batch, ...])")
-        if short in _ALONG_DIM and isinstance(src_dim, int):
-            reason = self._along_dim(node, short, src_dim, src)
-            if reason:
-                return reason
-        if short in ("getitem", "__getitem__", "index", "index_put", "index_put_", "setitem") and isinstance(src_dim, int):
-            idx = node.args[1] if len(node.args) > 1 else None
-            if _has_tensor_index(idx):
-                return "it indexes rows with a tensor index (a gather/scatter across the batch)"
-        if short in _RESHAPE and isinstance(src_dim, int) and isinstance(dims, int):
-            if not self._prefix_ok(meta_val(src), src_dim, val, dims):
-                return (f"it regroups the batch dim: {tuple(meta_val(src).shape)} -> {tuple(val.shape)} does not keep "
-                        f"the batch as the outermost factor")
-        elif isinstance(src, torch.fx.Node) and isinstance(src_dim, int) and isinstance(dims, int) and isinstance(val, torch.Tensor):
-            src_val = meta_val(src)
-            if isinstance(src_val, torch.Tensor) and src_val.dim() == val.dim() and src_dim == dims:
-                if sympy.simplify(self.multiplier(src_val, src_dim) - self.multiplier(val, dims)) != 0:
-                    return (f"it changes the rows per batch item along the batch dim "
-                            f"({src_val.shape[src_dim]} -> {val.shape[dims]})")
-        return None
-
-    def _along_dim(self, node: torch.fx.Node, short: str, src_dim: int, src: Any) -> str | None:
-        pos, names, default = _ALONG_DIM[short]
-        dim: Any = default
-        for n in names:
-            if n in node.kwargs:
-                dim = node.kwargs[n]
-        if len(node.args) > pos:
-            dim = node.args[pos]
-        if dim == "all" or dim is None:
-            return f"it works on the whole tensor including the batch dim ({short})"
-        ref = meta_val(src[0] if isinstance(src, (list, tuple)) else src)
-        ndim = ref.dim() if isinstance(ref, torch.Tensor) else 0
-        dims = dim if isinstance(dim, (list, tuple)) else [dim]
-        try:
-            norm = {int(d) % max(ndim, 1) for d in dims}
-        except (TypeError, ValueError):
-            return f"it works along a dim dynaflow cannot read ({dim!r}) in {short}"
-        if src_dim in norm:
-            return f"it works along the batch dim (dim={src_dim}) in {short}"
-        return None
-
-    def _prefix_ok(self, src: Any, src_dim: int, out: Any, out_dim: int) -> bool:
-        if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
-            return False
-        pre_in = sympy.Mul(*[_expr(s) for s in src.shape[:src_dim]])
-        pre_out = sympy.Mul(*[_expr(s) for s in out.shape[:out_dim]])
-        return sympy.simplify(pre_in - pre_out) == 0
-
     def reasons(self, nodes: Iterable[torch.fx.Node]) -> list[tuple[torch.fx.Node, str]]:
         return [(n, self.coupling[n]) for n in nodes if n in self.coupling]
+
+
+_BAD = object()
+"""Placement of a tensor that holds the batch but not as one whole dim."""
+
+
+class _Placements:
+    """Batch dims of the fake tensors one node's ATen ops pass around, by identity; results are placed
+    by their symbolic shape (the one dim holding the batch symbol)."""
+
+    def __init__(self, seed: dict[int, Any], batch: sympy.Symbol):
+        self.known = dict(seed)
+        self.batch = batch
+
+    def __call__(self, t: Any) -> int | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        d = self.known[id(t)] if id(t) in self.known else self.learn(t)
+        return d if isinstance(d, int) and not isinstance(d, bool) else None
+
+    def unknown(self, t: torch.Tensor) -> bool:
+        """A tensor whose shape holds the batch but has no valid batch dim (bad, or a stray shape)."""
+        d = self.known.get(id(t), "missing")
+        if d == "missing":
+            d = self.learn(t)
+        return d is _BAD
+
+    def learn(self, t: torch.Tensor) -> Any:
+        hits = [i for i, s in enumerate(t.shape) if self.batch in _expr(s).free_symbols]
+        if not hits:
+            d: Any = None
+        elif len(hits) > 1:
+            d = _BAD
+        else:
+            k = sympy.simplify(_expr(t.shape[hits[0]]) / self.batch)
+            d = hits[0] if self.batch not in k.free_symbols and k.is_integer else _BAD
+        self.known[id(t)] = d
+        return d
+
+
+_META_INPLACE = {"t_", "transpose_", "squeeze_", "unsqueeze_", "resize_", "resize_as_", "as_strided_", "set_",
+                 "swapdims_", "swapaxes_"}
+_IGNORED = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default,
+            torch.ops.aten.sym_storage_offset.default, torch.ops.aten.is_contiguous.default,
+            torch.ops.aten.is_same_size.default, torch.ops.aten._assert_tensor_metadata.default}
+
+
+def _is_batch_sym(x: Any, batch: sympy.Symbol) -> bool:
+    return isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) and batch in x.node.expr.free_symbols
+
+
+def _holds_batch_sym(v: Any, batch: sympy.Symbol) -> bool:
+    if isinstance(v, (list, tuple)):
+        return any(_holds_batch_sym(x, batch) for x in v)
+    return _is_batch_sym(v, batch)
+
+
+def _is_number(val: Any) -> bool:
+    return isinstance(val, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool, torch.Size))
+
+
+def _is_marker(node: torch.fx.Node) -> bool:
+    from dynaflow.frontend.markers import is_marker
+
+    return is_marker(node)
 
 
 def analyze(gm: torch.fx.GraphModule, batch: sympy.Symbol | None) -> BatchAnalysis:
@@ -308,27 +390,3 @@ def _flat_consts(node: torch.fx.Node) -> list[Any]:
     return out
 
 
-def _has_tensor(val: Any) -> bool:
-    if isinstance(val, torch.Tensor):
-        return True
-    if isinstance(val, (list, tuple)):
-        return any(_has_tensor(v) for v in val)
-    return False
-
-
-def _has_tensor_index(idx: Any) -> bool:
-    if isinstance(idx, torch.fx.Node):
-        return isinstance(meta_val(idx), torch.Tensor)
-    if isinstance(idx, (list, tuple)):
-        return any(_has_tensor_index(i) for i in idx)
-    return False
-
-
-def _dropout_training(node: torch.fx.Node) -> bool:
-    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
-    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-    return bool(training) and p != 0
-
-
-def _is_inplace(node: torch.fx.Node, short: str) -> bool:
-    return is_inplace(node)

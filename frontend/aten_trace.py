@@ -1,0 +1,96 @@
+"""Lower one captured fx node to the ATen ops it dispatches, on the fake values Dynamo recorded.
+
+The batch analysis keys its rules on ATen overloads, a finite set, rather than on the open-ended
+torch-level call forms of a Dynamo graph (``F.layer_norm(h.t(), ...)``, ``x[0] = 0``, ``torch.rot90``).
+Running the node's target on its recorded fake inputs under a dispatch mode yields exactly those ops,
+after composite ops have decomposed. Guards the run would add to Dynamo's shape environment are
+suppressed, so the analysis never specializes the captured graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.fx
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["Dispatched", "lower_node", "fake_mode_of", "bind"]
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """One ATen op the node ran: overload, positional and keyword args, result (fake tensors)."""
+
+    op: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    out: Any
+
+    def __repr__(self) -> str:
+        return f"Dispatched({self.op})"
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[Dispatched] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.calls.append(Dispatched(func, tuple(args), dict(kwargs), out))
+        return out
+
+
+def fake_mode_of(values: Any) -> Any:
+    """The FakeTensorMode of the first fake tensor in ``values`` (nested lists/tuples/dicts), or None."""
+    for v in torch.utils._pytree.tree_leaves(values):
+        mode = getattr(v, "fake_mode", None)
+        if mode is not None:
+            return mode
+    return None
+
+
+@contextlib.contextmanager
+def _quiet(mode: Any) -> Iterator[None]:
+    env = getattr(mode, "shape_env", None)
+    allow = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True  # parameters of a call_module node are real tensors
+    try:
+        with (env.suppress_guards() if env is not None else contextlib.nullcontext()), mode:
+            yield
+    finally:
+        mode.allow_non_fake_inputs = allow
+
+
+def lower_node(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any],
+               mode: Any) -> tuple[list[Dispatched], Any]:
+    """Run ``node`` on fake ``args``/``kwargs`` under ``mode``; the ATen ops it dispatched and its result."""
+    rec = _Recorder()
+    with _quiet(mode), torch.no_grad(), rec:
+        if node.op == "call_method":
+            out = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        elif node.op == "call_module":
+            out = gm.get_submodule(str(node.target))(*args, **kwargs)
+        else:
+            out = node.target(*args, **kwargs)
+    return rec.calls, out
+
+
+_SCHEMA_NAMES: dict[Any, tuple[tuple[str, Any], ...]] = {}
+
+
+def bind(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Arguments of an ATen call by schema name, defaults filled in."""
+    names = _SCHEMA_NAMES.get(op)
+    if names is None:
+        names = _SCHEMA_NAMES[op] = tuple(
+            (a.name, a.default_value if a.has_default_value() else None) for a in op._schema.arguments)
+    bound = {name: default for name, default in names}
+    for (name, _), value in zip(names, args):
+        bound[name] = value
+    bound.update(kwargs)
+    return bound
