@@ -31,6 +31,7 @@ from dynaflow.errors import BackendError, CaptureError, ConfigError, DynaflowErr
 from dynaflow.frontend.batching import find_batch_source
 from dynaflow.frontend.effects import is_inplace
 from dynaflow.frontend.capture import batch_size_of, check_outputs, flat_io, mark_batch_dynamic, symbolize
+from dynaflow.frontend.differential import check_split_equals_whole, mutated_inputs, overlapping_writes
 from dynaflow.frontend.partition import partition
 from dynaflow.ir import InputInfo, NanoGraph, Schedule, SplitConfig
 from dynaflow.requests import RequestLayout, current_requests
@@ -97,6 +98,9 @@ class CompiledGraph:
         """With ``cuda_graphs=True``: how the latest call was bucketed (capture size, graph or eager)."""
         self.distributed: DistributedPlanner | None = None
         """Split agreement, collective ordering and lane communicators (set by ``prepare``)."""
+        self._written_inputs: tuple[int, ...] = ()
+        """Inputs the graph writes in place: overlapping views of them run the graph unsplit."""
+        self._differential_done = False
 
     def prepare(self, example_inputs: Sequence[Any] | None = None, *, from_fx: bool = False) -> "CompiledGraph":
         """Partition the graph (for a plain GraphModule, first make its batch dim symbolic)."""
@@ -109,6 +113,7 @@ class CompiledGraph:
         src = find_batch_source(gm, self.config.batch_dim)
         self._batch_source = (src[1], src[2]) if src else None
         rules = self.config.rules if self.config.rules is not None else self.strategy.rules()
+        self._written_inputs = mutated_inputs(gm)
         self.segmented = partition(gm, batch_dim=self.config.batch_dim, rules=rules, strict=self.config.strict)
         self.distributed = DistributedPlanner(self.segmented.segments, self.config.distributed_agree,
                                               self.config.lane_communicators, getattr(self.strategy, "name", "?"))
@@ -129,6 +134,10 @@ class CompiledGraph:
         """The plan for these inputs: the split comes from the strategy (once per batch size and request
         layout), the schedule and program once per distinct split."""
         batch = self.batch_size(inputs)
+        if not self._differential_done and batch >= 2 and (self.config.verify or knobs.verify()):
+            assert self.segmented is not None
+            check_split_equals_whole(self.segmented, inputs, batch)
+            self._differential_done = True
         layout = current_requests()
         tuned = self._lockstep_tune(batch, inputs, layout)
         key = (batch, layout, id(tuned) if tuned is not None else None)
@@ -477,6 +486,18 @@ class CompiledGraph:
         self._ran(plan, ex)
         return unpad_outputs(out, self.segmented, batch, choice.size)
 
+    def _unsplit_plan(self, inputs: Sequence[Any]) -> Plan:
+        """One nano-batch for a call whose inputs overlap a view the graph writes (``a = t[0:6]; b = t[3:9]``):
+        split, a write through one view would land in rows of the other at the wrong time."""
+        batch = self.batch_size(inputs)
+        split = SplitConfig.even(batch, 1)
+        plan = self._by_split.get(split)
+        if plan is None:
+            plan = self._by_split[split] = self._plan(self.input_info(batch, inputs), split, get_strategy("sequential"))
+        log.info("%s: inputs %s overlap in memory and one is written in place: running unsplit", self.label,
+                 overlapping_writes(inputs, self._written_inputs))
+        return plan
+
     def _ran(self, plan: Plan, ex: Any) -> None:
         self.last_plan = plan
         self.last_timeline = ex.last_timeline
@@ -488,7 +509,8 @@ class CompiledGraph:
             self._record[id(self)] = inputs
         if self.config.cuda_graphs:
             return self.run_bucketed(inputs)
-        plan = self.plan_for(inputs)
+        plan = self._unsplit_plan(inputs) if self._written_inputs and overlapping_writes(
+            inputs, self._written_inputs) else self.plan_for(inputs)
         ex = self.executor_for(plan, inputs)
         out = ex.run(self.program_for(plan, inputs), inputs)
         self.last_plan = plan

@@ -590,7 +590,15 @@ register_batch_rule([_A + "avg_pool3d", _A + "max_pool3d_with_indices", _A + "_a
 # collectives (Dynamo's functional collectives): elementwise across ranks, or moving rows of dim 0
 for _name in ("all_reduce", "all_reduce_", "broadcast", "broadcast_", "wait_tensor"):
     register_batch_rule("_c10d_functional::" + _name, pointwise)
+def _rows_across_ranks(name: str) -> BatchRule:
+    def rule(call: AtenCall) -> str | None:
+        if call.dim("input") != 0:
+            return None
+        return (f"it exchanges rows of the batch dim (dim 0) between ranks ({name}): a nano-batch slice would send "
+                "different rows to each rank; put the batch in another dim (e.g. [world, batch, ...])")
+
+    return rule
+
+
 for _name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single"):
-    register_batch_rule("_c10d_functional::" + _name, lambda c: (
-        "it exchanges rows of the batch dim (dim 0) between ranks: a nano-batch slice would send different rows "
-        "to each rank; put the batch in another dim (e.g. [world, batch, ...])") if c.dim("input") == 0 else None)
+    register_batch_rule("_c10d_functional::" + _name, _rows_across_ranks(_name))

@@ -173,7 +173,8 @@ class BatchAnalysis:
             v = meta_val(a)
             if isinstance(v, torch.Tensor):
                 seed[id(v)] = self.dims.get(a)
-        if isinstance(node.target, torch._ops.OpOverload):  # already ATen (export, collectives, custom ops)
+        if isinstance(node.target, torch._ops.OpOverload) and rule_for(node.target) is not None:
+            # already an ATen op with a rule (export graphs, collectives); composite ones are lowered below
             calls = [Dispatched(node.target, tuple(args), dict(kwargs), meta_val(node))]
         else:
             mode = self._mode or fake_mode_of((args, kwargs))

@@ -3,7 +3,10 @@
 * every test starts from a clean Dynamo state (``torch._dynamo.reset()``) and a fixed torch seed, so
   Dynamo's per-code-object recompile limit is never hit across tests and the results do not depend on
   the test order;
-* hypothesis runs the ``ci`` profile (no deadline: the first example of a test may compile a model).
+* hypothesis runs the ``ci`` profile (no deadline: the first example of a test may compile a model);
+  ``HYPOTHESIS_PROFILE=large`` runs 20x the examples;
+* ``DYNAFLOW_VERIFY=1`` unless the caller set it: every plan is verified, and every split segment is run
+  whole and on two halves on the first call (the batch analysis's differential safety net).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                            HealthCheck.data_too_large],
 )
+settings.register_profile("large", parent=settings.get_profile("ci"), max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+os.environ.setdefault("DYNAFLOW_VERIFY", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -4,13 +4,12 @@ Tolerances (measured on the 2-core x86 CPU dev box, torch 2.13 CPU):
 
 * one nano-batch: the program runs the captured ops on the very same tensors, so the output is
   bitwise equal to eager (``torch.equal``);
-* the hand-written transformer and the transformers Llama / Mixtral models (3-D inputs, so every
-  nano-batch still feeds >= seq_len rows into each matmul): bitwise equal to eager for every case here;
-* the 2-D models (MLP, batch-coupled model): a nano-batch with few rows can take a different GEMM
-  kernel than the full batch (observed: up to 6e-8 abs. difference, e.g. a 1-row nano-batch, or
-  sizes 3/2 for a 16x16 Linear). Those cases are compared with ``assert_close(atol=1e-5, rtol=1e-5)``
-  against eager on the full batch, *and* bitwise against eager run on the same row slices — which is
-  exactly what a correct split/merge must reproduce.
+* several nano-batches: a nano-batch with fewer rows can take a different GEMM kernel (blocking) than
+  the full batch, so the last bits depend on the CPU (observed: up to 6e-8 abs. difference for the 2-D
+  MLP, 2.4e-7 for the hand-written transformer on an AVX-512 machine; bitwise equal on others). Those
+  cases are compared with ``assert_close(atol=1e-5, rtol=1e-5)`` against eager on the full batch, *and*
+  bitwise against eager run on the same row slices — which is exactly what a correct split/merge must
+  reproduce, on every CPU.
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ def _assert_equivalent(out, ref, split, *, exact, sliced=None):
 HAND_WRITTEN = {
     # name: (factory, input factory, bitwise vs full eager, row-separable -> compare with eager on slices)
     "mlp": (make_mlp, mlp_input, False, True),
-    "transformer": (make_transformer, transformer_input, True, True),
+    "transformer": (make_transformer, transformer_input, False, True),
     "coupled": (make_coupled, mlp_input, False, False),
 }
 
@@ -129,7 +128,8 @@ def test_thread_executor_really_uses_several_lanes():
     compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=4, executor="thread")
     x = transformer_input(7)
     with grad_off():
-        assert torch.equal(compiled(x), model(x))
+        split = dynaflow.SplitConfig.even(7, 4)
+        _assert_equivalent(compiled(x), model(x), split, exact=False, sliced=_eager_on_slices(model, x, split))
     tl = compiled.last_timeline
     assert set(tl.lanes) == {"lane0", "lane1"}
     # nano-batches 0 and 2 on lane0, 1 and 3 on lane1
@@ -418,7 +418,9 @@ def test_exported_graph_module_matches_eager(nano):
     with grad_off():
         for batch in BATCHES:
             x = transformer_input(batch)
-            _assert_equivalent(compiled(x), model(x), compiled.last_graph.last_plan.split, exact=True)
+            out = compiled(x)
+            split = compiled.last_graph.last_plan.split
+            _assert_equivalent(out, model(x), split, exact=False, sliced=_eager_on_slices(model, x, split))
     names = [s.name for s in compiled.last_graph.segmented.segments]
     assert "attention_0" in names and "mlp_1" in names
 

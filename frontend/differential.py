@@ -1,0 +1,192 @@
+"""A differential safety net under the batch analysis: run each split segment whole and on row slices.
+
+The analysis proves row-locality from rules; this check tests the proof on real inputs. At plan time
+(``verify=True``, ``DYNAFLOW_VERIFY=1``, and in the test suite by default) every segment the analysis
+judged row-local runs once on the whole batch and once per half, on copies of what it writes in place;
+the halves, concatenated along each output's batch dim, must equal the whole within the dtype's
+tolerance. A difference raises :class:`BatchCouplingError` naming the first node whose result differs,
+so a wrong rule is caught at plan time instead of as a silently wrong answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+
+from dynaflow.errors import BatchCouplingError, node_context
+from dynaflow.frontend.effects import is_inplace, storage_root, write_target
+from dynaflow.ir import SegmentKind
+from dynaflow.segmented import SegmentCall, SegmentedModule, Value, ValueKind
+
+__all__ = ["check_split_equals_whole", "mutated_inputs", "overlapping_writes"]
+
+log = logging.getLogger(__name__)
+
+
+def _written_args(module: torch.fx.GraphModule | None) -> set[int]:
+    """Positions of the placeholders a segment writes in place (through any view)."""
+    if module is None:
+        return set()
+    placeholders = list(module.graph.find_nodes(op="placeholder"))
+    out = set()
+    for node in module.graph.nodes:
+        if is_inplace(node) and write_target(node) is not None:
+            root = storage_root(write_target(node))
+            if root in placeholders:
+                out.add(placeholders.index(root))
+    return out
+
+
+def _rows(v: Value, x: Any, batch: int, lo: int, hi: int) -> Any:
+    if v.kind is ValueKind.BATCH_SIZE:
+        return hi - lo
+    if v.kind is not ValueKind.BATCH or not isinstance(x, torch.Tensor):
+        return x
+    k = x.shape[v.batch_dim] // batch
+    return x.narrow(v.batch_dim, lo * k, (hi - lo) * k)
+
+
+def _copies(args: list[Any], written: set[int]) -> list[Any]:
+    return [a.clone() if i in written and isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+
+
+def _close(a: Any, b: Any) -> bool:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return True if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) else False
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point() and not a.is_complex():
+        return torch.equal(a, b)
+    try:
+        rtol, atol = torch.testing._comparison.default_tolerances(a)
+        torch.testing.assert_close(a, b, rtol=4 * rtol, atol=4 * atol, equal_nan=True)
+        return True
+    except AssertionError:
+        return False
+
+
+def _merge(parts: Sequence[Any], like: Any) -> Any:
+    """Concatenate nano results along the one dim where they differ from the whole result."""
+    if not all(isinstance(p, torch.Tensor) for p in parts) or not isinstance(like, torch.Tensor):
+        return None
+    for d in range(like.dim()):
+        if sum(p.shape[d] for p in parts) == like.shape[d] and all(
+                p.shape[:d] + p.shape[d + 1:] == like.shape[:d] + like.shape[d + 1:] for p in parts):
+            return torch.cat(list(parts), dim=d)
+    return parts[0] if all(p.shape == like.shape for p in parts) else None
+
+
+def _first_differing_node(module: torch.fx.GraphModule, whole: list[Any], halves: list[list[Any]]) -> torch.fx.Node | None:
+    def trace(args: list[Any]) -> dict[torch.fx.Node, Any]:
+        seen: dict[torch.fx.Node, Any] = {}
+
+        class _Rec(torch.fx.Interpreter):
+            def run_node(self, n: torch.fx.Node) -> Any:
+                out = super().run_node(n)
+                seen[n] = out
+                return out
+
+        _Rec(module).run(*args)
+        return seen
+
+    ref = trace(whole)
+    parts = [trace(h) for h in halves]
+    for node in module.graph.nodes:
+        if node.op in ("placeholder", "output") or not isinstance(ref.get(node), torch.Tensor):
+            continue
+        merged = _merge([p.get(node) for p in parts], ref[node])
+        if merged is not None and not _close(merged, ref[node]):
+            return node
+    return None
+
+
+def _check_call(call: SegmentCall, seg: SegmentedModule, env: dict[str, Any], batch: int) -> None:
+    values = [seg.values[a] for a in call.args]
+    args = [env[a] for a in call.args]
+    written = _written_args(call.module)
+    whole = call.fn(*_copies(args, written))
+    whole = list(whole) if call.returns_tuple else [whole]
+    cuts = [(0, batch // 2), (batch // 2, batch)]
+    halves_args = [[_rows(v, x, batch, lo, hi) for v, x in zip(values, args)] for lo, hi in cuts]
+    halves = []
+    for h in halves_args:
+        out = call.fn(*_copies(h, written))
+        halves.append(list(out) if call.returns_tuple else [out])
+    for j, name in enumerate(call.outputs):
+        v = seg.values[name]
+        if v.kind is ValueKind.BATCH_SIZE or not isinstance(whole[j], torch.Tensor):
+            continue
+        merged = _merge([h[j] for h in halves], whole[j]) if v.kind is ValueKind.BATCH else None
+        candidates = [merged] if v.kind is ValueKind.BATCH else [h[j] for h in halves]
+        if any(c is None or not _close(c, whole[j]) for c in candidates):
+            _raise(call, name, [_copies(a, written) for a in [args, *halves_args]])
+
+
+def _raise(call: SegmentCall, output: str, runs: list[list[Any]]) -> None:
+    node = _first_differing_node(call.module, runs[0], runs[1:]) if call.module is not None else None
+    where = f"node {node.name!r}\n{node_context(node)}" if node is not None else f"output {output!r}"
+    raise BatchCouplingError(
+        f"Segment {call.segment.name!r} was judged row-local by the batch analysis, but running it on two halves "
+        f"of the batch and concatenating differs from running it whole, first at {where}\n"
+        "This is a missing or wrong batch rule in dynaflow (please report it). Fix now: tag the segment "
+        "'barrier' (dynaflow.Op(..., tags=('barrier',))) or register a batch rule for the op "
+        "(dynaflow.frontend.aten_rules.register_batch_rule)."
+    )
+
+
+def check_split_equals_whole(seg: SegmentedModule, inputs: Sequence[Any], batch: int) -> int:
+    """Run every split segment whole and on two halves of ``batch`` (in program order, feeding each the
+    whole results of the previous ones); raise :class:`BatchCouplingError` on a difference. Returns the
+    number of segments checked."""
+    if batch < 2:
+        return 0
+    env: dict[str, Any] = {name: v for name, v in seg.constants.items()}
+    for name, v in seg.values.items():
+        if v.source == "input":
+            env[name] = inputs[v.index]
+    checked = 0
+    for call in seg.calls:
+        if call.segment.kind is SegmentKind.SPLIT and any(seg.values[a].kind is ValueKind.BATCH for a in call.args):
+            _check_call(call, seg, env, batch)
+            checked += 1
+        args = [env[a] for a in call.args]
+        written = _written_args(call.module)
+        out = call.fn(*_copies(args, written))  # the real run happens in the program; keep inputs untouched
+        for name, o in zip(call.outputs, list(out) if call.returns_tuple else [out]):
+            env[name] = o
+    log.debug("differential check: %d split segments equal whole", checked)
+    return checked
+
+
+def mutated_inputs(gm: torch.fx.GraphModule) -> tuple[int, ...]:
+    """Positions of the graph inputs the graph writes in place (through any view)."""
+    return tuple(sorted(_written_args(gm)))
+
+
+def _span(t: torch.Tensor) -> tuple[int, int, int]:
+    """(storage pointer, first byte, one past the last byte) of a tensor's elements."""
+    if t.numel() == 0:
+        return t.untyped_storage().data_ptr(), 0, 0
+    extent = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+    start = t.storage_offset() * t.element_size()
+    return t.untyped_storage().data_ptr(), start, start + extent * t.element_size()
+
+
+def overlapping_writes(inputs: Sequence[Any], written: Sequence[int]) -> tuple[int, int] | None:
+    """A pair (written input, other input) whose memory overlaps, or None. Split into nano-batches, a write
+    through one view would land in rows the other view's nano-batches have already read (or not yet)."""
+    for i in written:
+        a = inputs[i] if i < len(inputs) else None
+        if not isinstance(a, torch.Tensor) or a.device.type == "meta":
+            continue
+        pa, sa, ea = _span(a)
+        for j, b in enumerate(inputs):
+            if j == i or not isinstance(b, torch.Tensor) or b.device.type == "meta":
+                continue
+            pb, sb, eb = _span(b)
+            if pa == pb and sa < eb and sb < ea:
+                return i, j
+    return None
