@@ -134,7 +134,7 @@ class CompiledGraph:
         """The plan for these inputs: the split comes from the strategy (once per batch size and request
         layout), the schedule and program once per distinct split."""
         batch = self.batch_size(inputs)
-        if not self._differential_done and batch >= 2 and (self.config.verify or knobs.verify()):
+        if not self._differential_done and batch >= 2 and (self.config.verify or knobs.verify_splits()):
             assert self.segmented is not None
             check_split_equals_whole(self.segmented, inputs, batch)
             self._differential_done = True

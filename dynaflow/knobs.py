@@ -8,6 +8,8 @@ variable                     meaning                                            
 ``DYNAFLOW_DEBUG``           0 quiet; 1 split config per bucket; 2 segments + tags;  0
                              3 schedule tables; 4 per-launch trace
 ``DYNAFLOW_VERIFY``          verify graphs and schedules on every plan               0
+``DYNAFLOW_VERIFY_SPLITS``   run split segments whole and on halves on the first     DYNAFLOW_VERIFY
+                             call (the batch analysis's differential check)
 ``DYNAFLOW_WAIT_TIMEOUT``    seconds a lane waits on an event before failing         60
 ``DYNAFLOW_EXECUTOR``        force an executor ("serial", "thread", ...)             unset
 ``DYNAFLOW_TIMELINE``        record a Timeline on every call                         1
@@ -27,7 +29,7 @@ import os
 from typing import Iterator
 
 __all__ = [
-    "debug_level", "verify", "wait_timeout", "forced_executor", "record_timeline", "cache_dir", "progress",
+    "debug_level", "verify", "verify_splits", "wait_timeout", "forced_executor", "record_timeline", "cache_dir", "progress",
     "integration_enabled", "integration_options", "scope",
 ]
 
@@ -51,6 +53,11 @@ def debug_level() -> int:
 def verify() -> bool:
     """``DYNAFLOW_VERIFY``: verify every graph and schedule at plan time."""
     return _get("DYNAFLOW_VERIFY", "0") not in ("", "0", "false", "False")
+
+
+def verify_splits() -> bool:
+    """``DYNAFLOW_VERIFY_SPLITS``: the differential split-vs-whole check (defaults to ``DYNAFLOW_VERIFY``)."""
+    return _get("DYNAFLOW_VERIFY_SPLITS", "1" if verify() else "0") not in ("", "0", "false", "False")
 
 
 def wait_timeout() -> float:

@@ -70,7 +70,7 @@ class BatchAnalysis:
     """Per-node batch facts: ``dims[node]`` is the batch dim of its value (``None`` when batch-free, ``SYM``
     for a batch-dependent number, a tuple for multi-output nodes); ``coupling[node]`` says why it couples."""
 
-    def __init__(self, gm: torch.fx.GraphModule, batch: sympy.Symbol | None):
+    def __init__(self, gm: torch.fx.GraphModule, batch: sympy.Symbol | None, cache: dict[Any, Any] | None = None):
         self.gm = gm
         self.batch = batch
         self.dims: dict[torch.fx.Node, Any] = {}
@@ -79,7 +79,8 @@ class BatchAnalysis:
         self.bad: dict[torch.fx.Node, str] = {}
         """Nodes whose value holds the batch but not as one whole dim (two dims, not a multiple)."""
         self._mode: Any = None
-        self._cache: dict[Any, str | None] = {}
+        self._cache: dict[Any, str | None] = cache if cache is not None else {}
+        """Verdicts per (target, argument shapes and batch dims): shared by the analyses of one graph."""
 
     # -- classification of values -------------------------------------------------------------------
     def classify(self, val: Any) -> tuple[Any, str | None]:
@@ -370,8 +371,9 @@ def _is_marker(node: torch.fx.Node) -> bool:
     return is_marker(node)
 
 
-def analyze(gm: torch.fx.GraphModule, batch: sympy.Symbol | None) -> BatchAnalysis:
-    return BatchAnalysis(gm, batch).run()
+def analyze(gm: torch.fx.GraphModule, batch: sympy.Symbol | None, cache: dict[Any, Any] | None = None) -> BatchAnalysis:
+    """Run the batch analysis on ``gm``; ``cache`` carries verdicts between analyses of the same graph."""
+    return BatchAnalysis(gm, batch, cache).run()
 
 
 def _flat_consts(node: torch.fx.Node) -> list[Any]:

@@ -5,7 +5,9 @@ The analysis proves row-locality from rules; this check tests the proof on real 
 judged row-local runs once on the whole batch and once per half, on copies of what it writes in place;
 the halves, concatenated along each output's batch dim, must equal the whole within the dtype's
 tolerance. A difference raises :class:`BatchCouplingError` naming the first node whose result differs,
-so a wrong rule is caught at plan time instead of as a silently wrong answer.
+so a wrong rule is caught at plan time instead of as a silently wrong answer. Segments tagged
+``batch-local`` (the user's word) or ``nano-context`` (they read per-nano-batch engine state that only the
+executor provides) are not run.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.fx
 
 from dynaflow.errors import BatchCouplingError, node_context
 from dynaflow.frontend.effects import is_inplace, storage_root, write_target
+from dynaflow.frontend.rules import op_short_name
 from dynaflow.ir import SegmentKind
 from dynaflow.segmented import SegmentCall, SegmentedModule, Value, ValueKind
 
@@ -40,6 +43,23 @@ def _written_args(module: torch.fx.GraphModule | None) -> set[int]:
     return out
 
 
+_UNINITIALIZED = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "empty_permuted"}
+
+
+def _uninitialized(module: torch.fx.GraphModule | None) -> set[int]:
+    """Positions of a segment's outputs that are fresh uninitialized buffers (``torch.empty_like``): their
+    contents are whatever memory held, so they are not compared."""
+    if module is None:
+        return set()
+    outs = module.graph.output_node().args[0]
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    return {i for i, o in enumerate(outs) if isinstance(o, torch.fx.Node) and _is_empty(o)}
+
+
+def _is_empty(node: torch.fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and op_short_name(node) in _UNINITIALIZED
+
+
 def _rows(v: Value, x: Any, batch: int, lo: int, hi: int) -> Any:
     if v.kind is ValueKind.BATCH_SIZE:
         return hi - lo
@@ -50,7 +70,9 @@ def _rows(v: Value, x: Any, batch: int, lo: int, hi: int) -> Any:
 
 
 def _copies(args: list[Any], written: set[int]) -> list[Any]:
-    return [a.clone() if i in written and isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+    """Copies of the tensor arguments: a segment may update state inside an op that is not marked in place
+    (``F.batch_norm`` updates its running statistics), and the check must leave no trace."""
+    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
 
 
 def _close(a: Any, b: Any) -> bool:
@@ -95,7 +117,7 @@ def _first_differing_node(module: torch.fx.GraphModule, whole: list[Any], halves
     ref = trace(whole)
     parts = [trace(h) for h in halves]
     for node in module.graph.nodes:
-        if node.op in ("placeholder", "output") or not isinstance(ref.get(node), torch.Tensor):
+        if node.op in ("placeholder", "output") or not isinstance(ref.get(node), torch.Tensor) or _is_empty(node):
             continue
         merged = _merge([p.get(node) for p in parts], ref[node])
         if merged is not None and not _close(merged, ref[node]):
@@ -115,9 +137,10 @@ def _check_call(call: SegmentCall, seg: SegmentedModule, env: dict[str, Any], ba
     for h in halves_args:
         out = call.fn(*_copies(h, written))
         halves.append(list(out) if call.returns_tuple else [out])
+    fresh = _uninitialized(call.module)
     for j, name in enumerate(call.outputs):
         v = seg.values[name]
-        if v.kind is ValueKind.BATCH_SIZE or not isinstance(whole[j], torch.Tensor):
+        if v.kind is ValueKind.BATCH_SIZE or not isinstance(whole[j], torch.Tensor) or j in fresh:
             continue
         merged = _merge([h[j] for h in halves], whole[j]) if v.kind is ValueKind.BATCH else None
         candidates = [merged] if v.kind is ValueKind.BATCH else [h[j] for h in halves]
@@ -149,7 +172,10 @@ def check_split_equals_whole(seg: SegmentedModule, inputs: Sequence[Any], batch:
             env[name] = inputs[v.index]
     checked = 0
     for call in seg.calls:
-        if call.segment.kind is SegmentKind.SPLIT and any(seg.values[a].kind is ValueKind.BATCH for a in call.args):
+        trusted = call.segment.hints & {"batch-local", "nano-context"}  # the user's word / per-nano engine state
+        sizes_in = any(isinstance(env[a], (tuple, list)) for a in call.args)  # a torch.Size: per-nano value unknown
+        if call.segment.kind is SegmentKind.SPLIT and not trusted and not sizes_in and any(
+                seg.values[a].kind is ValueKind.BATCH for a in call.args):
             _check_call(call, seg, env, batch)
             checked += 1
         args = [env[a] for a in call.args]

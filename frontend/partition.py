@@ -263,9 +263,10 @@ def partition(
     regions, matches = assign_regions(gm, active)
     _check_rules(user_rules, matches, gm)
     batch = find_batch_symbol(gm, batch_dim)
-    regions = isolate_barriers(regions, analyze(gm, batch))
+    verdicts: dict[Any, Any] = {}
+    regions = isolate_barriers(regions, analyze(gm, batch, verdicts))
     rematerialize_sizes(gm, regions)
-    ba = analyze(gm, batch)
+    ba = analyze(gm, batch, verdicts)
     segments = []
     for i, region in enumerate(regions):
         resource, hints = _tags(region)

@@ -5,8 +5,8 @@
   the test order;
 * hypothesis runs the ``ci`` profile (no deadline: the first example of a test may compile a model);
   ``HYPOTHESIS_PROFILE=large`` runs 20x the examples;
-* ``DYNAFLOW_VERIFY=1`` unless the caller set it: every plan is verified, and every split segment is run
-  whole and on two halves on the first call (the batch analysis's differential safety net).
+* ``DYNAFLOW_VERIFY_SPLITS=1`` unless the caller set it: every split segment is run whole and on two
+  halves on the first call (the batch analysis's differential safety net).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ settings.register_profile(
 )
 settings.register_profile("large", parent=settings.get_profile("ci"), max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-os.environ.setdefault("DYNAFLOW_VERIFY", "1")
+os.environ.setdefault("DYNAFLOW_VERIFY_SPLITS", "1")
 
 
 @pytest.fixture(autouse=True)
