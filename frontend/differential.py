@@ -135,7 +135,12 @@ def _check_call(call: SegmentCall, seg: SegmentedModule, env: dict[str, Any], ba
     halves_args = [[_rows(v, x, batch, lo, hi) for v, x in zip(values, args)] for lo, hi in cuts]
     halves = []
     for h in halves_args:
-        out = call.fn(*_copies(h, written))
+        try:
+            out = call.fn(*_copies(h, written))
+        except Exception as exc:  # noqa: BLE001 - e.g. engine state sized for the whole step: cannot check
+            log.warning("differential check: segment %r does not run on half a batch on its own (%s: %s); "
+                        "not checked", call.segment.name, type(exc).__name__, str(exc)[:160])
+            return
         halves.append(list(out) if call.returns_tuple else [out])
     fresh = _uninitialized(call.module)
     for j, name in enumerate(call.outputs):
