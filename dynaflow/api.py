@@ -13,6 +13,8 @@ import functools
 import itertools
 import logging
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TextIO
 
@@ -97,6 +99,8 @@ class CompiledGraph:
         """With ``cuda_graphs=True``: how the latest call was bucketed (capture size, graph or eager)."""
         self.distributed: DistributedPlanner | None = None
         """Split agreement, collective ordering and lane communicators (set by ``prepare``)."""
+        self._lock = threading.RLock()
+        """Planning and executor creation are serialised; running is not (concurrent callers run in parallel)."""
 
     def prepare(self, example_inputs: Sequence[Any] | None = None, *, from_fx: bool = False) -> "CompiledGraph":
         """Partition the graph (for a plain GraphModule, first make its batch dim symbolic)."""
@@ -128,6 +132,10 @@ class CompiledGraph:
     def plan_for(self, inputs: Sequence[Any]) -> Plan:
         """The plan for these inputs: the split comes from the strategy (once per batch size and request
         layout), the schedule and program once per distinct split."""
+        with self._lock:
+            return self._plan_for(inputs)
+
+    def _plan_for(self, inputs: Sequence[Any]) -> Plan:
         batch = self.batch_size(inputs)
         layout = current_requests()
         tuned = self._lockstep_tune(batch, inputs, layout)
@@ -412,6 +420,25 @@ class CompiledGraph:
 
     # -- running --------------------------------------------------------------------------------------
     def executor_for(self, plan: Plan, inputs: Sequence[Any]) -> Any:
+        with self._lock:
+            return self._executor_for(plan, inputs)
+
+    def release(self) -> None:
+        """Close this graph's executors and forget its plans (its model was dropped; Dynamo may keep the graph
+        itself alive until ``torch._dynamo.reset()``, but not its lane threads or programs)."""
+        with self._lock:
+            for ex in self._executors.values():
+                try:
+                    ex.close()
+                except Exception as exc:  # noqa: BLE001 - releasing must not raise from a finalizer
+                    log.debug("closing executor %r failed: %s", ex, exc)
+            self._executors.clear()
+            self.plans.clear()
+            self._by_split.clear()
+            self._splits.clear()
+            self.last_plan = None
+
+    def _executor_for(self, plan: Plan, inputs: Sequence[Any]) -> Any:
         name = knobs.forced_executor() or self.config.executor
         if name == "auto":
             on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
@@ -541,28 +568,42 @@ class Compiled:
         self.strategy: Strategy = get_strategy(config.strategy, **dict(config.strategy_options))
         self.graphs: list[CompiledGraph] = []
         self._checked = False
-        self._batch = 0
+        self._lock = threading.Lock()
+        self._by_entry: dict[_GraphEntry, CompiledGraph] = {}
+        self._local = threading.local()
+        """The batch size of the call in flight on each Python thread (read by static captures)."""
+        weakref.finalize(self, _release_graphs, self.graphs)
         self._fx = isinstance(model, torch.fx.GraphModule)
         if self._fx:
             self._flatten, self._unflatten = flat_io(model)
         else:
-            self._compiled = torch.compile(model, backend=self._backend, dynamic=None)
+            self._compiled = torch.compile(model, backend=_BACKEND, dynamic=None)
         try:
             functools.update_wrapper(self, model, updated=())
         except (AttributeError, TypeError):
             pass
 
-    def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> CompiledGraph:
-        graph = CompiledGraph(gm, self.config, self.strategy, label=f"graph{len(self.graphs)}").prepare()
-        graph.batch_hint = lambda: self._batch
-        self.graphs.append(graph)
-        return graph
+    def _graph_for(self, entry: "_GraphEntry") -> CompiledGraph:
+        """This model's CompiledGraph for a graph Dynamo captured (made on first use, from a private copy of
+        the captured graph: partitioning rewrites it, and other Compiled objects may share the capture)."""
+        with self._lock:
+            graph = self._by_entry.get(entry)
+            if graph is None:
+                gm = torch.fx.GraphModule(entry.gm, copy.deepcopy(entry.gm.graph))
+                graph = CompiledGraph(gm, self.config, self.strategy, label=f"graph{len(self.graphs)}").prepare()
+                me = weakref.ref(self)
+                graph.batch_hint = lambda: getattr(getattr(me(), "_local", None), "batch", 0)
+                self._by_entry[entry] = graph
+                self.graphs.append(graph)
+            return graph
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._fx:
             return self._call_fx(args, kwargs)
-        self._batch = mark_batch_dynamic(args, kwargs, self.config.batch_dim)
+        self._local.batch = mark_batch_dynamic(args, kwargs, self.config.batch_dim)
         before = sum(g.calls for g in self.graphs)
+        _OWNERS.stack = stack = getattr(_OWNERS, "stack", [])
+        stack.append(self)
         try:
             out = self._compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
@@ -570,6 +611,8 @@ class Compiled:
             if isinstance(inner, DynaflowError):
                 raise inner.with_traceback(None) from None
             raise
+        finally:
+            stack.pop()
         if not self._checked:
             check_outputs(out)
             self._checked = True
@@ -629,6 +672,43 @@ class Compiled:
 
     def __repr__(self) -> str:
         return f"dynaflow.Compiled({type(self.model).__name__}, strategy={self.strategy.name!r}, graphs={len(self.graphs)})"
+
+
+def _release_graphs(graphs: list[CompiledGraph]) -> None:
+    for g in graphs:
+        g.release()
+
+
+_OWNERS = threading.local()
+"""``stack``: the Compiled objects whose call is in flight on this Python thread (innermost last)."""
+
+
+class _GraphEntry:
+    """What Dynamo caches for one captured graph. One backend object serves every :class:`Compiled`, so models
+    of one class share Dynamo's cache entries (no recompile limit after many compiles, and the cache holds
+    no model); each call runs the calling Compiled's own :class:`CompiledGraph` for this capture."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+
+    def __call__(self, *inputs: Any) -> Any:
+        stack = getattr(_OWNERS, "stack", None)
+        if not stack:
+            raise CaptureError(
+                "A graph captured for dynaflow.compile ran outside a dynaflow.Compiled call (Dynamo reused its cache "
+                "entry for another torch.compile wrapper). Call the model through the object dynaflow.compile returns."
+            )
+        return stack[-1]._graph_for(self)(*inputs)
+
+
+class _SharedBackend:
+    """The Dynamo backend of every :class:`Compiled`: wraps each captured graph in a :class:`_GraphEntry`."""
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> _GraphEntry:
+        return _GraphEntry(gm)
+
+
+_BACKEND = _SharedBackend()
 
 
 def _mutates_inputs(seg: SegmentedModule) -> bool:
