@@ -349,13 +349,14 @@ class CompiledGraph:
         lockstep = lockstep_batch is not None and self.distributed is not None
         cache = TuneCache() if getattr(auto, "cache", False) and not lockstep else None
         hit = cache.get(key) if cache is not None else None
-        if hit is not None:
+        cached = cache.build(key, hit[0]) if cache is not None and hit is not None else None
+        if hit is not None and cached is not None:
             cand, reason = hit
             from dynaflow.tune import Trial
 
             trial = Trial(cand, None, None, note="cached")
             self.tuned[bucket] = TuneResult(bucket, (trial,), trial, reason, from_cache=True, tuned_on=info.batch_size)
-            return cand.build()
+            return cached
         resources = {s.resource for s in self.segmented.segments}
         space = _canonical_info(info, lockstep_batch) if lockstep else info
         cands = auto.candidates(space, resources, num_sms, spec.sm_granularity)  # type: ignore[attr-defined]
