@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence, TextIO
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
 from dynaflow import knobs
 from dynaflow.backend import Program, executors, lower
@@ -29,7 +30,7 @@ from dynaflow.backend.checks import check_program
 from dynaflow.backend.compiled_segments import InductorSegments
 from dynaflow.backend.comm import DistributedPlanner
 from dynaflow.config import DynaflowConfig
-from dynaflow.errors import BackendError, CaptureError, ConfigError, DynaflowError, StrategyError
+from dynaflow.errors import BackendError, CaptureError, ConfigError, DynaflowError, PartitionError, StrategyError
 from dynaflow.frontend.batching import find_batch_source
 from dynaflow.frontend.effects import is_inplace
 from dynaflow.frontend.capture import batch_size_of, check_outputs, flat_io, mark_batch_dynamic, symbolize
@@ -182,7 +183,15 @@ class CompiledGraph:
     def _split_with(self, strategy: Strategy, info: InputInfo) -> SplitConfig:
         name = getattr(strategy, "name", type(strategy).__name__)
         batch = info.batch_size
-        split = strategy.split_config(info)
+        try:
+            split = strategy.split_config(info)
+        except DynaflowError:
+            raise
+        except Exception as exc:
+            raise StrategyError(
+                f"Strategy {name!r}.split_config({info}) raised {type(exc).__name__}: {exc}. A strategy's "
+                "split_config must return a SplitConfig for every batch size (or raise a DynaflowError)."
+            ) from exc
         if not isinstance(split, SplitConfig) or split.batch_size != batch:
             raise StrategyError(
                 f"Strategy {name!r}.split_config({info}) returned {split!r}; it must return a SplitConfig whose "
@@ -591,7 +600,17 @@ class Compiled:
             graph = self._by_entry.get(entry)
             if graph is None:
                 gm = torch.fx.GraphModule(entry.gm, copy.deepcopy(entry.gm.graph))
-                graph = CompiledGraph(gm, self.config, self.strategy, label=f"graph{len(self.graphs)}").prepare()
+                label = f"graph{len(self.graphs)}"
+                try:
+                    graph = CompiledGraph(gm, self.config, self.strategy, label=label).prepare()
+                except DynaflowError:
+                    raise
+                except Exception as exc:  # a user rule (a Where predicate) or a strategy's rules() raised
+                    raise PartitionError(
+                        f"{label}: partitioning the captured graph failed with {type(exc).__name__}: {exc}. A split "
+                        "rule raised (a Where(...) predicate or a bare callable in rules= must return True/False for "
+                        "every fx node, e.g. check node.op and node.target before reading node.args)."
+                    ) from exc
                 me = weakref.ref(self)
                 graph.batch_hint = lambda: getattr(getattr(me(), "_local", None), "batch", 0)
                 self._by_entry[entry] = graph
@@ -602,6 +621,8 @@ class Compiled:
         if self._fx:
             return self._call_fx(args, kwargs)
         self._local.batch = mark_batch_dynamic(args, kwargs, self.config.batch_dim)
+        if self._local.batch == 0:  # no rows: nothing to split or overlap
+            return self.model(*args, **kwargs)
         before = sum(g.calls for g in self.graphs)
         _OWNERS.stack = stack = getattr(_OWNERS, "stack", [])
         stack.append(self)
@@ -611,13 +632,32 @@ class Compiled:
             inner = getattr(exc, "inner_exception", None) or exc.__cause__
             if isinstance(inner, DynaflowError):
                 raise inner.with_traceback(None) from None
-            raise
+            raise CaptureError(f"torch.compile failed while dynaflow compiled the captured graph: {exc}") from exc
+        except ConstraintViolationError as exc:
+            raise CaptureError(
+                f"{type(self.model).__name__} fixes the batch size: Dynamo proved that dim {self.config.batch_dim} of "
+                f"the inputs (size {self._local.batch}) must be a constant, so the batch cannot be split "
+                f"({str(exc).splitlines()[0]}). Typical cause: a literal batch in .view(6, 8), .reshape(6, -1), "
+                ".expand(6, 8) or torch.zeros(6, ...). Use -1 or x.shape[0] for the batch dim instead "
+                "(x.view(-1, 8), x.expand(x.shape[0], 8))."
+            ) from None
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            raise CaptureError(f"Dynamo could not capture {type(self.model).__name__} for dynaflow: "
+                               f"{type(exc).__name__}: {exc}") from exc
         finally:
             stack.pop()
         if not self._checked:
             check_outputs(out)
             self._checked = True
         if sum(g.calls for g in self.graphs) == before:
+            rnns = _rnn_modules(self.model)
+            if rnns:
+                raise CaptureError(
+                    f"{type(self.model).__name__} contains {', '.join(rnns)}: Dynamo does not trace nn.LSTM / nn.GRU / "
+                    "nn.RNN modules (it runs them eagerly), so there was no graph for dynaflow to split. Compile the "
+                    "layers around the RNN instead (dynaflow.compile on the submodules before and after it), or write "
+                    "the recurrence with nn.LSTMCell / nn.GRUCell in a Python loop."
+                )
             raise CaptureError(
                 "torch.compile ran the model without handing any graph to dynaflow (Dynamo fell back to eager, e.g. "
                 "its recompile limit was hit after many compiles of the same model class). Call "
@@ -629,6 +669,8 @@ class Compiled:
         if kwargs and type(self.model.graph._codegen) is torch.fx.graph.CodeGen:
             raise CaptureError(f"This GraphModule takes positional inputs only; got keyword arguments {sorted(kwargs)}.")
         flat = list(self._flatten(*args, **kwargs)) if kwargs else list(self._flatten(*args))
+        if batch_size_of(flat, self.config.batch_dim) == 0:  # no rows: nothing to split or overlap
+            return self.model(*args, **kwargs)
         if not self.graphs:
             graph = CompiledGraph(self.model, self.config, self.strategy).prepare(flat, from_fx=True)
             self.graphs.append(graph)
@@ -673,6 +715,14 @@ class Compiled:
 
     def __repr__(self) -> str:
         return f"dynaflow.Compiled({type(self.model).__name__}, strategy={self.strategy.name!r}, graphs={len(self.graphs)})"
+
+
+def _rnn_modules(model: Any) -> list[str]:
+    """``"name (LSTM)"`` for every RNN module in ``model`` (Dynamo skips them; the reason to name in an error)."""
+    if not isinstance(model, torch.nn.Module):
+        return []
+    return [f"{name or 'the model'} ({type(m).__name__})" for name, m in model.named_modules()
+            if isinstance(m, torch.nn.RNNBase)]
 
 
 def _release_graphs(graphs: list[CompiledGraph]) -> None:
