@@ -100,6 +100,7 @@ class CompiledGraph:
         """With ``cuda_graphs=True``: how the latest call was bucketed (capture size, graph or eager)."""
         self.distributed: DistributedPlanner | None = None
         """Split agreement, collective ordering and lane communicators (set by ``prepare``)."""
+        self._warned_static = False
         self._lock = threading.RLock()
         """Planning and executor creation are serialised; running is not (concurrent callers run in parallel)."""
 
@@ -197,6 +198,14 @@ class CompiledGraph:
                 f"Strategy {name!r}.split_config({info}) returned {split!r}; it must return a SplitConfig whose "
                 f"sizes sum to the batch size {batch}."
             )
+        if self.segmented is not None and self.segmented.batch_symbol is None and split.num > 1 and not self.config.strict:
+            if not self._warned_static:
+                self._warned_static = True
+                log.warning(
+                    "%s: the captured graph has a static batch dim (size %d), so it runs whole instead of in %d "
+                    "nano-batches. Use dynaflow.compile (it marks the batch dynamic) or torch.compile(..., "
+                    "dynamic=True) to split it; strict=True makes this an error.", self.label, batch, split.num)
+            return SplitConfig.whole(batch)
         if self.segmented is not None and self.segmented.batch_symbol is None and split.num > 1:
             raise CaptureError(
                 f"{self.label}: the captured graph has a static batch dim, so it cannot be split into {split.num} "
