@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Sequence
 
 import torch
@@ -177,25 +178,48 @@ class _Step:
             ev.set()
 
 
+class _Crew:
+    """Worker threads checked out by one run at a time: every lane of a run gets its own thread, so lanes that
+    wait on each other never queue behind another caller's lanes (which would deadlock concurrent calls)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="dynaflow-lane")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+
+
 class ThreadExecutor(Executor):
-    """One worker thread per lane (lane 0 on the calling thread); events are real synchronisation."""
+    """One worker thread per lane (lane 0 on the calling thread); events are real synchronisation.
+
+    Concurrent calls from several Python threads each check out their own crew of lane workers; idle crews
+    are kept for reuse (at most :attr:`max_idle_crews`) and shut down by :meth:`close`."""
 
     name = "thread"
+    max_idle_crews = 2
 
     def __init__(self, wait_timeout: float | None = None) -> None:
         super().__init__()
         self.wait_timeout = wait_timeout
-        self._pool: ThreadPoolExecutor | None = None
-        self._workers = 0
+        self._idle: list[_Crew] = []
+        self._crew_lock = threading.Lock()
+        self._closed = False
         self._readers: dict[int, tuple[Program, Any]] = {}
 
-    def _ensure_pool(self, n: int) -> ThreadPoolExecutor:
-        if self._pool is None or self._workers < n:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-            self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="dynaflow-lane")
-            self._workers = n
-        return self._pool
+    def _checkout(self, n: int) -> _Crew:
+        with self._crew_lock:
+            for i, crew in enumerate(self._idle):
+                if crew.size >= n:
+                    return self._idle.pop(i)
+        return _Crew(n)
+
+    def _checkin(self, crew: _Crew) -> None:
+        with self._crew_lock:
+            if not self._closed and len(self._idle) < self.max_idle_crews:
+                self._idle.append(crew)
+                return
+        crew.close()
 
     def run(self, program: Program, inputs: Sequence[Any]) -> Any:
         env = self.new_env(program, inputs)
@@ -208,14 +232,25 @@ class ThreadExecutor(Executor):
         per_lane: list[list[TimelineEvent]] = [[] for _ in program.lanes]
         t_start = time.perf_counter()
         futures = []
-        if len(program.lanes) > 1:
-            pool = self._ensure_pool(len(program.lanes) - 1)
-            grad = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-            for li in range(1, len(program.lanes)):
-                futures.append(pool.submit(self._lane, program, li, step, per_lane[li], t_start, record, grad))
-        self._lane(program, 0, step, per_lane[0], t_start, record, (torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
-        for f in futures:
-            f.result(timeout=timeout * max(1, program.num_launches))
+        grad = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        crew = self._checkout(len(program.lanes) - 1) if len(program.lanes) > 1 else None
+        try:
+            if crew is not None:
+                for li in range(1, len(program.lanes)):
+                    futures.append(crew.pool.submit(self._lane, program, li, step, per_lane[li], t_start, record, grad))
+            self._lane(program, 0, step, per_lane[0], t_start, record, grad)
+            for f in futures:
+                f.result(timeout=timeout * max(1, program.num_launches))
+        except FutureTimeout:
+            step.fail(BackendError(f"A lane of the thread executor did not finish within {timeout:.1f}s per launch; "
+                                   "the program deadlocked or an op hung. Raise DYNAFLOW_WAIT_TIMEOUT if an op is "
+                                   "legitimately slow."))
+            if crew is not None:  # a worker may still be busy: never hand this crew to another call
+                crew.close()
+                crew = None
+        finally:
+            if crew is not None:
+                self._checkin(crew)
         if step.failed is not None:
             if isinstance(step.failed, BackendError):
                 raise step.failed
@@ -257,9 +292,11 @@ class ThreadExecutor(Executor):
             step.fail(exc)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
+        with self._crew_lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for crew in idle:
+            crew.close()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:

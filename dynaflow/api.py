@@ -13,11 +13,14 @@ import functools
 import itertools
 import logging
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TextIO
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
 from dynaflow import knobs
 from dynaflow.backend import Program, executors, lower
@@ -27,7 +30,7 @@ from dynaflow.backend.checks import check_program
 from dynaflow.backend.compiled_segments import InductorSegments
 from dynaflow.backend.comm import DistributedPlanner
 from dynaflow.config import DynaflowConfig
-from dynaflow.errors import BackendError, CaptureError, ConfigError, DynaflowError, StrategyError
+from dynaflow.errors import BackendError, CaptureError, ConfigError, DynaflowError, PartitionError, StrategyError
 from dynaflow.frontend.batching import find_batch_source
 from dynaflow.frontend.effects import is_inplace
 from dynaflow.frontend.capture import batch_size_of, check_outputs, flat_io, mark_batch_dynamic, symbolize
@@ -101,6 +104,9 @@ class CompiledGraph:
         self._written_inputs: tuple[int, ...] = ()
         """Inputs the graph writes in place: overlapping views of them run the graph unsplit."""
         self._differential_done = False
+        self._warned_static = False
+        self._lock = threading.RLock()
+        """Planning and executor creation are serialised; running is not (concurrent callers run in parallel)."""
 
     def prepare(self, example_inputs: Sequence[Any] | None = None, *, from_fx: bool = False) -> "CompiledGraph":
         """Partition the graph (for a plain GraphModule, first make its batch dim symbolic)."""
@@ -133,6 +139,10 @@ class CompiledGraph:
     def plan_for(self, inputs: Sequence[Any]) -> Plan:
         """The plan for these inputs: the split comes from the strategy (once per batch size and request
         layout), the schedule and program once per distinct split."""
+        with self._lock:
+            return self._plan_for(inputs)
+
+    def _plan_for(self, inputs: Sequence[Any]) -> Plan:
         batch = self.batch_size(inputs)
         if not self._differential_done and batch >= 2 and (self.config.verify or knobs.verify_splits()):
             assert self.segmented is not None
@@ -183,12 +193,28 @@ class CompiledGraph:
     def _split_with(self, strategy: Strategy, info: InputInfo) -> SplitConfig:
         name = getattr(strategy, "name", type(strategy).__name__)
         batch = info.batch_size
-        split = strategy.split_config(info)
+        try:
+            split = strategy.split_config(info)
+        except DynaflowError:
+            raise
+        except Exception as exc:
+            raise StrategyError(
+                f"Strategy {name!r}.split_config({info}) raised {type(exc).__name__}: {exc}. A strategy's "
+                "split_config must return a SplitConfig for every batch size (or raise a DynaflowError)."
+            ) from exc
         if not isinstance(split, SplitConfig) or split.batch_size != batch:
             raise StrategyError(
                 f"Strategy {name!r}.split_config({info}) returned {split!r}; it must return a SplitConfig whose "
                 f"sizes sum to the batch size {batch}."
             )
+        if self.segmented is not None and self.segmented.batch_symbol is None and split.num > 1 and not self.config.strict:
+            if not self._warned_static:
+                self._warned_static = True
+                log.warning(
+                    "%s: the captured graph has a static batch dim (size %d), so it runs whole instead of in %d "
+                    "nano-batches. Use dynaflow.compile (it marks the batch dynamic) or torch.compile(..., "
+                    "dynamic=True) to split it; strict=True makes this an error.", self.label, batch, split.num)
+            return SplitConfig.whole(batch)
         if self.segmented is not None and self.segmented.batch_symbol is None and split.num > 1:
             raise CaptureError(
                 f"{self.label}: the captured graph has a static batch dim, so it cannot be split into {split.num} "
@@ -350,13 +376,14 @@ class CompiledGraph:
         lockstep = lockstep_batch is not None and self.distributed is not None
         cache = TuneCache() if getattr(auto, "cache", False) and not lockstep else None
         hit = cache.get(key) if cache is not None else None
-        if hit is not None:
+        cached = cache.build(key, hit[0]) if cache is not None and hit is not None else None
+        if hit is not None and cached is not None:
             cand, reason = hit
             from dynaflow.tune import Trial
 
             trial = Trial(cand, None, None, note="cached")
             self.tuned[bucket] = TuneResult(bucket, (trial,), trial, reason, from_cache=True, tuned_on=info.batch_size)
-            return cand.build()
+            return cached
         resources = {s.resource for s in self.segmented.segments}
         space = _canonical_info(info, lockstep_batch) if lockstep else info
         cands = auto.candidates(space, resources, num_sms, spec.sm_granularity)  # type: ignore[attr-defined]
@@ -421,6 +448,25 @@ class CompiledGraph:
 
     # -- running --------------------------------------------------------------------------------------
     def executor_for(self, plan: Plan, inputs: Sequence[Any]) -> Any:
+        with self._lock:
+            return self._executor_for(plan, inputs)
+
+    def release(self) -> None:
+        """Close this graph's executors and forget its plans (its model was dropped; Dynamo may keep the graph
+        itself alive until ``torch._dynamo.reset()``, but not its lane threads or programs)."""
+        with self._lock:
+            for ex in self._executors.values():
+                try:
+                    ex.close()
+                except Exception as exc:  # noqa: BLE001 - releasing must not raise from a finalizer
+                    log.debug("closing executor %r failed: %s", ex, exc)
+            self._executors.clear()
+            self.plans.clear()
+            self._by_split.clear()
+            self._splits.clear()
+            self.last_plan = None
+
+    def _executor_for(self, plan: Plan, inputs: Sequence[Any]) -> Any:
         name = knobs.forced_executor() or self.config.executor
         if name == "auto":
             on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
@@ -491,9 +537,11 @@ class CompiledGraph:
         split, a write through one view would land in rows of the other at the wrong time."""
         batch = self.batch_size(inputs)
         split = SplitConfig.even(batch, 1)
-        plan = self._by_split.get(split)
-        if plan is None:
-            plan = self._by_split[split] = self._plan(self.input_info(batch, inputs), split, get_strategy("sequential"))
+        with self._lock:
+            plan = self._by_split.get(split)
+            if plan is None:
+                plan = self._by_split[split] = self._plan(self.input_info(batch, inputs), split,
+                                                          get_strategy("sequential"))
         log.info("%s: inputs %s overlap in memory and one is written in place: running unsplit", self.label,
                  overlapping_writes(inputs, self._written_inputs))
         return plan
@@ -563,39 +611,86 @@ class Compiled:
         self.strategy: Strategy = get_strategy(config.strategy, **dict(config.strategy_options))
         self.graphs: list[CompiledGraph] = []
         self._checked = False
-        self._batch = 0
+        self._lock = threading.Lock()
+        self._by_entry: dict[_GraphEntry, CompiledGraph] = {}
+        self._local = threading.local()
+        """The batch size of the call in flight on each Python thread (read by static captures)."""
+        weakref.finalize(self, _release_graphs, self.graphs)
         self._fx = isinstance(model, torch.fx.GraphModule)
         if self._fx:
             self._flatten, self._unflatten = flat_io(model)
         else:
-            self._compiled = torch.compile(model, backend=self._backend, dynamic=None)
+            self._compiled = torch.compile(model, backend=_BACKEND, dynamic=None)
         try:
             functools.update_wrapper(self, model, updated=())
         except (AttributeError, TypeError):
             pass
 
-    def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> CompiledGraph:
-        graph = CompiledGraph(gm, self.config, self.strategy, label=f"graph{len(self.graphs)}").prepare()
-        graph.batch_hint = lambda: self._batch
-        self.graphs.append(graph)
-        return graph
+    def _graph_for(self, entry: "_GraphEntry") -> CompiledGraph:
+        """This model's CompiledGraph for a graph Dynamo captured (made on first use, from a private copy of
+        the captured graph: partitioning rewrites it, and other Compiled objects may share the capture)."""
+        with self._lock:
+            graph = self._by_entry.get(entry)
+            if graph is None:
+                gm = torch.fx.GraphModule(entry.gm, copy.deepcopy(entry.gm.graph))
+                label = f"graph{len(self.graphs)}"
+                try:
+                    graph = CompiledGraph(gm, self.config, self.strategy, label=label).prepare()
+                except DynaflowError:
+                    raise
+                except Exception as exc:  # a user rule (a Where predicate) or a strategy's rules() raised
+                    raise PartitionError(
+                        f"{label}: partitioning the captured graph failed with {type(exc).__name__}: {exc}. A split "
+                        "rule raised (a Where(...) predicate or a bare callable in rules= must return True/False for "
+                        "every fx node, e.g. check node.op and node.target before reading node.args)."
+                    ) from exc
+                me = weakref.ref(self)
+                graph.batch_hint = lambda: getattr(getattr(me(), "_local", None), "batch", 0)
+                self._by_entry[entry] = graph
+                self.graphs.append(graph)
+            return graph
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._fx:
             return self._call_fx(args, kwargs)
-        self._batch = mark_batch_dynamic(args, kwargs, self.config.batch_dim)
+        self._local.batch = mark_batch_dynamic(args, kwargs, self.config.batch_dim)
+        if self._local.batch == 0:  # no rows: nothing to split or overlap
+            return self.model(*args, **kwargs)
         before = sum(g.calls for g in self.graphs)
+        _OWNERS.stack = stack = getattr(_OWNERS, "stack", [])
+        stack.append(self)
         try:
             out = self._compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             inner = getattr(exc, "inner_exception", None) or exc.__cause__
             if isinstance(inner, DynaflowError):
                 raise inner.with_traceback(None) from None
-            raise
+            raise CaptureError(f"torch.compile failed while dynaflow compiled the captured graph: {exc}") from exc
+        except ConstraintViolationError as exc:
+            raise CaptureError(
+                f"{type(self.model).__name__} fixes the batch size: Dynamo proved that dim {self.config.batch_dim} of "
+                f"the inputs (size {self._local.batch}) must be a constant, so the batch cannot be split "
+                f"({str(exc).splitlines()[0]}). Typical cause: a literal batch in .view(6, 8), .reshape(6, -1), "
+                ".expand(6, 8) or torch.zeros(6, ...). Use -1 or x.shape[0] for the batch dim instead "
+                "(x.view(-1, 8), x.expand(x.shape[0], 8))."
+            ) from None
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            raise CaptureError(f"Dynamo could not capture {type(self.model).__name__} for dynaflow: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            stack.pop()
         if not self._checked:
             check_outputs(out)
             self._checked = True
         if sum(g.calls for g in self.graphs) == before:
+            rnns = _rnn_modules(self.model)
+            if rnns:
+                raise CaptureError(
+                    f"{type(self.model).__name__} contains {', '.join(rnns)}: Dynamo does not trace nn.LSTM / nn.GRU / "
+                    "nn.RNN modules (it runs them eagerly), so there was no graph for dynaflow to split. Compile the "
+                    "layers around the RNN instead (dynaflow.compile on the submodules before and after it), or write "
+                    "the recurrence with nn.LSTMCell / nn.GRUCell in a Python loop."
+                )
             raise CaptureError(
                 "torch.compile ran the model without handing any graph to dynaflow (Dynamo fell back to eager, e.g. "
                 "its recompile limit was hit after many compiles of the same model class). Call "
@@ -607,6 +702,8 @@ class Compiled:
         if kwargs and type(self.model.graph._codegen) is torch.fx.graph.CodeGen:
             raise CaptureError(f"This GraphModule takes positional inputs only; got keyword arguments {sorted(kwargs)}.")
         flat = list(self._flatten(*args, **kwargs)) if kwargs else list(self._flatten(*args))
+        if batch_size_of(flat, self.config.batch_dim) == 0:  # no rows: nothing to split or overlap
+            return self.model(*args, **kwargs)
         if not self.graphs:
             graph = CompiledGraph(self.model, self.config, self.strategy).prepare(flat, from_fx=True)
             self.graphs.append(graph)
@@ -651,6 +748,51 @@ class Compiled:
 
     def __repr__(self) -> str:
         return f"dynaflow.Compiled({type(self.model).__name__}, strategy={self.strategy.name!r}, graphs={len(self.graphs)})"
+
+
+def _rnn_modules(model: Any) -> list[str]:
+    """``"name (LSTM)"`` for every RNN module in ``model`` (Dynamo skips them; the reason to name in an error)."""
+    if not isinstance(model, torch.nn.Module):
+        return []
+    return [f"{name or 'the model'} ({type(m).__name__})" for name, m in model.named_modules()
+            if isinstance(m, torch.nn.RNNBase)]
+
+
+def _release_graphs(graphs: list[CompiledGraph]) -> None:
+    for g in graphs:
+        g.release()
+
+
+_OWNERS = threading.local()
+"""``stack``: the Compiled objects whose call is in flight on this Python thread (innermost last)."""
+
+
+class _GraphEntry:
+    """What Dynamo caches for one captured graph. One backend object serves every :class:`Compiled`, so models
+    of one class share Dynamo's cache entries (no recompile limit after many compiles, and the cache holds
+    no model); each call runs the calling Compiled's own :class:`CompiledGraph` for this capture."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+
+    def __call__(self, *inputs: Any) -> Any:
+        stack = getattr(_OWNERS, "stack", None)
+        if not stack:
+            raise CaptureError(
+                "A graph captured for dynaflow.compile ran outside a dynaflow.Compiled call (Dynamo reused its cache "
+                "entry for another torch.compile wrapper). Call the model through the object dynaflow.compile returns."
+            )
+        return stack[-1]._graph_for(self)(*inputs)
+
+
+class _SharedBackend:
+    """The Dynamo backend of every :class:`Compiled`: wraps each captured graph in a :class:`_GraphEntry`."""
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> _GraphEntry:
+        return _GraphEntry(gm)
+
+
+_BACKEND = _SharedBackend()
 
 
 def _mutates_inputs(seg: SegmentedModule) -> bool:

@@ -94,6 +94,10 @@ class DynaflowConfig:
             raise ConfigError(f"distributed_agree={self.distributed_agree!r} must be True, False or None (auto).")
         if not isinstance(self.lane_communicators, bool):
             raise ConfigError(f"lane_communicators={self.lane_communicators!r} must be True or False.")
+        if self.wait_timeout is not None and (isinstance(self.wait_timeout, bool)
+                                              or not isinstance(self.wait_timeout, (int, float))):
+            raise ConfigError(f"wait_timeout={self.wait_timeout!r} must be a number of seconds > 0 (e.g. 60), "
+                              f"not {type(self.wait_timeout).__name__}; or None to use DYNAFLOW_WAIT_TIMEOUT.")
         if self.wait_timeout is not None and self.wait_timeout <= 0:
             raise ConfigError(f"wait_timeout={self.wait_timeout!r} must be > 0 seconds.")
         self._check_cuda_options()

@@ -62,7 +62,17 @@ def verify_splits() -> bool:
 
 def wait_timeout() -> float:
     """``DYNAFLOW_WAIT_TIMEOUT`` in seconds: how long a lane waits on an event."""
-    return float(_get("DYNAFLOW_WAIT_TIMEOUT", "60"))
+    raw = _get("DYNAFLOW_WAIT_TIMEOUT", "60")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:  # also NaN
+        from dynaflow.errors import ConfigError
+
+        raise ConfigError(f"DYNAFLOW_WAIT_TIMEOUT={raw!r} is not a number of seconds > 0; set it to e.g. 60 "
+                          "(or unset it for the default of 60 s).")
+    return value
 
 
 def forced_executor() -> str | None:

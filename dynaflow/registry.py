@@ -3,6 +3,11 @@
 A registry maps names to factories (usually classes). :meth:`Registry.resolve` accepts a registered
 name (case-insensitive), a class, an instance, or a ``"pkg.module:Class"`` string, and discovers
 plugins published under an entry-point group. Unknown names raise an error listing what exists.
+
+Nothing named by a string is called unless it is registered (in code or by an entry point) or is a
+subclass of the registry's base class, checked *before* the call: a ``"module:attr"`` string naming any
+other callable (``"os:system"``) is refused. :meth:`Registry.load` is the entry for specs read from data
+files (YAML strategy files, the autotune cache): the same rules, and errors name the file.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import importlib
 import inspect
 import logging
 from importlib import metadata
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Mapping, TypeVar
 
 from dynaflow.errors import DynaflowError, did_you_mean
 
@@ -43,6 +48,28 @@ class Registry(Generic[T]):
         self._load_entry_points()
         return sorted(self._factories)
 
+    def load(self, spec: object, options: Mapping[str, object], *, source: str) -> T:
+        """Resolve ``spec`` read from the data file ``source``: a registered name or ``"module:Class"`` naming
+        a subclass of the base class (strings only: a data file cannot hold objects). Errors name ``source``."""
+        if not isinstance(spec, str):
+            raise self.error(f"{source}: a {self.kind} must be named by a string (a registered name or "
+                             f"'pkg.module:Class'); got {type(spec).__name__} {spec!r}.")
+        if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+            raise self.error(f"{source}: the options of {self.kind} {spec!r} must be a mapping of option names "
+                             f"to values; got {type(options).__name__}.")
+        try:
+            return self.resolve(spec, **options)
+        except self.error as exc:
+            raise self.error(f"{source}: {exc}") from None
+
+    def load_class(self, spec: str, *, source: str) -> type:
+        """The class a data file's ``"module:Class"`` names, checked to subclass the base class without calling
+        anything it names; errors name ``source``."""
+        try:
+            return self._import_class(spec)
+        except self.error as exc:
+            raise self.error(f"{source}: {exc}") from None
+
     def resolve(self, spec: object, **kwargs: object) -> T:
         """Turn ``spec`` (name, class, instance or ``"module:Class"``) into an instance of ``T``."""
         if isinstance(spec, self.base):
@@ -53,7 +80,7 @@ class Registry(Generic[T]):
             return self._make(spec, spec.__name__, kwargs)
         if isinstance(spec, str):
             if ":" in spec:
-                return self._make(self._import(spec), spec, kwargs)
+                return self._make(self._import_class(spec), spec, kwargs)
             self._load_entry_points()
             factory = self._factories.get(spec.lower())
             if factory is None:
@@ -87,6 +114,19 @@ class Registry(Generic[T]):
             raise self.error(f"{self.kind} {label!r} produced {obj!r}, which is not a {self.base.__name__}.")
         return obj
 
+    def _import_class(self, spec: str) -> type:
+        """The class ``spec`` (``"module:Class"``) names, refused unless it subclasses the base class: nothing
+        it names is called before this check (a data file naming ``"os:system"`` must run nothing)."""
+        obj = self._import(spec)
+        if not (isinstance(obj, type) and issubclass(obj, self.base)):
+            what = f"the class {obj.__qualname__}" if isinstance(obj, type) else f"{type(obj).__name__} {obj!r}"
+            raise self.error(
+                f"{self.kind} {spec!r} names {what}, which is not a {self.base.__name__} subclass; refused without "
+                f"calling it. Name a {self.base.__name__} subclass ('pkg.module:Class') or a registered "
+                f"{self.kind} ({', '.join(self.available())})."
+            )
+        return obj
+
     def _import(self, spec: str) -> Callable[..., T]:
         module, _, attr = spec.partition(":")
         try:
@@ -117,7 +157,7 @@ class Registry(Generic[T]):
         """Keyword options the named factory accepts (for config validation and docs)."""
         if isinstance(spec, str):
             self._load_entry_points()
-            factory = self._import(spec) if ":" in spec else self._factories.get(spec.lower())
+            factory = self._import_class(spec) if ":" in spec else self._factories.get(spec.lower())
         else:
             factory = spec if isinstance(spec, type) else type(spec)
         return _option_names(factory) if factory is not None else []

@@ -49,8 +49,8 @@ def register_strategy(name_or_cls: Any = None, *, replace: bool = False) -> Any:
 
 
 def load_strategy(path: str | os.PathLike[str]) -> Strategy:
-    """A strategy from a YAML (or JSON) file: ``name`` (a registered name or ``"pkg.module:Class"``) plus
-    its options, e.g. ``{name: nanoflow, nano_batches: 3, sm_counts: {compute: 96, memory: 36}}``.
+    """A strategy from a YAML (or JSON) file: ``name`` (a registered name or ``"pkg.module:Class"`` naming a
+    Strategy subclass; nothing else named in the file is ever called) plus its options, e.g. ``{name: nanoflow, nano_batches: 3, sm_counts: {compute: 96, memory: 36}}``.
     Unknown keys are rejected with the nearest valid option name."""
     import yaml
 
@@ -64,7 +64,4 @@ def load_strategy(path: str | os.PathLike[str]) -> Strategy:
         raise StrategyError(f"Strategy file {path!r} must be a mapping with a 'name' key (and the strategy's options); "
                             f"got {type(data).__name__}{' without name' if isinstance(data, dict) else ''}.")
     options = {k: v for k, v in data.items() if k != "name"}
-    try:
-        return get(data["name"], **options)
-    except StrategyError as exc:
-        raise StrategyError(f"{path}: {exc}") from None
+    return registry.load(data["name"], options, source=path)

@@ -26,18 +26,29 @@ class Candidate:
     strategy: str
     options: tuple[tuple[str, Any], ...] = ()
 
-    def build(self) -> Strategy:
-        from dynaflow.strategies import get
+    def build(self, source: str = "an autotune candidate") -> Strategy:
+        """The strategy this candidate names. Candidates come from data (the autotune cache, YAML files), so
+        only registered names and Strategy subclasses are accepted; errors name ``source``."""
+        from dynaflow.strategies import registry
 
-        return get(self.strategy, **{k: (dict(v) if isinstance(v, tuple) and v and isinstance(v[0], tuple) else v)
-                                     for k, v in self.options})
+        return registry.load(self.strategy, {k: (dict(v) if isinstance(v, tuple) and v and isinstance(v[0], tuple)
+                                                 else v) for k, v in self.options}, source=source)
 
     def to_json(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "options": {k: _plain(v) for k, v in self.options}}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Candidate":
-        return cls(data["strategy"], tuple(sorted((k, _frozen(v)) for k, v in data.get("options", {}).items())))
+    def from_json(cls, data: Any, source: str = "an autotune candidate") -> "Candidate":
+        """Parse ``{"strategy": name, "options": {...}}``; anything else raises a StrategyError naming ``source``."""
+        options = data.get("options", {}) if isinstance(data, dict) else None
+        if (not isinstance(data, dict) or not isinstance(data.get("strategy"), str) or not isinstance(options, dict)
+                or not all(isinstance(k, str) for k in options)):
+            raise StrategyError(f"{source}: a candidate must be {{'strategy': <registered name>, 'options': "
+                                f"{{<option>: <value>}}}}; got {data!r:.200}.")
+        try:
+            return cls(data["strategy"], tuple(sorted((k, _frozen(v)) for k, v in options.items())))
+        except TypeError as exc:  # an unhashable option value (a list of dicts, ...)
+            raise StrategyError(f"{source}: candidate {data!r:.200} has an option value dynaflow cannot use: {exc}") from None
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={_plain(v)}" for k, v in self.options)
@@ -89,7 +100,13 @@ class Auto(Strategy):
         self.repeats = repeats
         self.sm_steps = sm_steps
         self.cache = cache
-        self.fixed = tuple(c if isinstance(c, Candidate) else Candidate.from_json(c) for c in candidates) if candidates else None
+        self.fixed = tuple(c if isinstance(c, Candidate) else Candidate.from_json(c, source="Strategy 'auto' candidates")
+                           for c in candidates) if candidates else None
+        for c in self.fixed or ():  # refuse a "module:attr" that is not a Strategy class now, before any search
+            if ":" in c.strategy:
+                from dynaflow.strategies import registry
+
+                registry.load_class(c.strategy, source="Strategy 'auto' candidates")
         self._fallback = Sequential()
 
     def candidates(self, info: InputInfo, resources: set[Resource], num_sms: int | None = None,

@@ -3,6 +3,8 @@ option / value / node / strategy and says how to fix it."""
 
 from __future__ import annotations
 
+import logging
+
 import re
 
 import pytest
@@ -293,9 +295,27 @@ def test_model_returning_only_a_string_names_the_problem():
     _raises(CaptureError, lambda: compiled(mlp_input(4)), "non-tensor values", "str")
 
 
-def test_static_batch_capture_cannot_be_split():
+def test_static_batch_capture_runs_whole_with_one_warning(caplog):
     model = make_mlp()
     compiled = torch.compile(model, backend="dynaflow", options={"nano_batches": 2}, dynamic=False)
+    x = mlp_input(4, seed=123)
+    with grad_off(), caplog.at_level(logging.WARNING, logger="dynaflow"):
+        torch.testing.assert_close(compiled(x), model(x))
+        torch.testing.assert_close(compiled(x), model(x))
+    warned = [r for r in caplog.records if "static batch dim" in r.getMessage()]
+    assert len(warned) == 1 and "dynamic=True" in warned[0].getMessage()
+
+
+def test_the_most_natural_torch_compile_call_returns_the_eager_answer():
+    model = make_mlp()
+    x = mlp_input(6, seed=5)
+    with grad_off():
+        torch.testing.assert_close(torch.compile(model, backend="dynaflow")(x), model(x))
+
+
+def test_static_batch_capture_cannot_be_split_when_strict():
+    model = make_mlp()
+    compiled = torch.compile(model, backend="dynaflow", options={"nano_batches": 2, "strict": True}, dynamic=False)
     with pytest.raises(CaptureError, match=r"static batch dim.*cannot be split into 2 nano-batches") as info:
         compiled(mlp_input(4, seed=123))  # a fresh tensor: not marked dynamic by an earlier call
     assert "mark_dynamic" in str(info.value) and "dynamic=True" in str(info.value)

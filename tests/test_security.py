@@ -1,0 +1,162 @@
+"""Data files never run code, and the autotune cache survives corruption and concurrent writers (issue 15,
+items 1 and 2)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import dynaflow
+from dynaflow.errors import StrategyError
+from dynaflow.strategies import Auto, Candidate, load_strategy, registry
+from dynaflow.tune import CACHE_SCHEMA, Trial, TuneCache, TuneResult
+from models import grad_off, make_mlp, mlp_input
+
+PWN = "PWNED"
+
+
+def _system_entry(tmp_path) -> dict:
+    return {"strategy": "os:system", "options": {"command": f"touch {tmp_path / PWN}"}}
+
+
+def test_a_yaml_strategy_file_naming_a_function_runs_nothing(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"name: 'os:system'\ncommand: 'touch {tmp_path / PWN}'\n")
+    with pytest.raises(StrategyError) as info:
+        load_strategy(path)
+    msg = str(info.value)
+    assert str(path) in msg and "'os:system'" in msg and "not a Strategy subclass" in msg and "refused" in msg
+    assert not (tmp_path / PWN).exists()
+
+
+def test_a_yaml_auto_candidate_naming_a_function_runs_nothing(tmp_path):
+    path = tmp_path / "auto.yaml"
+    path.write_text(json.dumps({"name": "auto", "measure_top_k": 0, "cache": False,
+                                "candidates": [_system_entry(tmp_path)]}))
+    with pytest.raises(StrategyError) as info:
+        load_strategy(path)
+    assert str(path) in str(info.value) and "os:system" in str(info.value)
+    assert not (tmp_path / PWN).exists()
+
+
+def test_a_string_in_code_naming_a_non_strategy_callable_is_refused_before_the_call(tmp_path):
+    with pytest.raises(StrategyError, match="refused without calling it"):
+        registry.resolve("os:system", command=f"touch {tmp_path / PWN}")
+    assert not (tmp_path / PWN).exists()
+    # classes named in code and data still load
+    assert type(registry.resolve("dynaflow.strategies:RoundRobin", nano_batches=2)).__name__ == "RoundRobin"
+    assert registry.load("round_robin", {"nano_batches": 2}, source="x.yaml").name == "round_robin"
+
+
+def _seed_cache(tmp_path, monkeypatch, entry) -> tuple[str, str]:
+    """Compile once with caching on to learn the key, then overwrite that entry with ``entry``."""
+    monkeypatch.setenv("DYNAFLOW_CACHE_DIR", str(tmp_path))
+    compiled = dynaflow.compile(make_mlp(), strategy=Auto(measure_top_k=0), executor="serial")
+    with grad_off():
+        compiled(mlp_input(4))
+    path = str(tmp_path / "autotune.json")
+    data = json.loads(open(path).read())
+    (key,) = data
+    data[key] = entry
+    with open(path, "w") as f:
+        json.dump(data, f)
+    torch._dynamo.reset()
+    return path, key
+
+
+def _run_auto():
+    model = make_mlp()
+    compiled = dynaflow.compile(model, strategy=Auto(measure_top_k=0), executor="serial")
+    with grad_off():
+        torch.testing.assert_close(compiled(mlp_input(4)), model(mlp_input(4)))
+    return compiled
+
+
+def test_a_cache_entry_naming_os_system_is_refused_and_names_the_file(tmp_path, monkeypatch):
+    path, _ = _seed_cache(tmp_path, monkeypatch, {"schema": CACHE_SCHEMA, "candidate": _system_entry(tmp_path)})
+    with pytest.raises(StrategyError) as info:
+        _run_auto()
+    assert path in str(info.value) and "os:system" in str(info.value)
+    assert not (tmp_path / PWN).exists()
+
+
+@pytest.mark.parametrize("entry", [
+    {"schema": CACHE_SCHEMA, "candidate": {"strategy": "nanoflow", "options": [1, 2]}},
+    {"schema": CACHE_SCHEMA, "candidate": {"strategy": "no_such_strategy", "options": {}}},
+    {"schema": CACHE_SCHEMA, "candidate": {"strategy": "nanoflow", "options": {"bogus": 1}}},
+    {"schema": CACHE_SCHEMA, "candidate": "nanoflow"},
+    {"candidate": {"strategy": "nanoflow", "options": {}}},  # an entry of an older schema
+    ["not", "a", "dict"],
+], ids=["options-list", "unknown-strategy", "unknown-option", "candidate-str", "no-schema", "entry-list"])
+def test_a_malformed_cache_entry_warns_naming_the_file_and_tunes_again(tmp_path, monkeypatch, caplog, entry):
+    path, key = _seed_cache(tmp_path, monkeypatch, entry)
+    with caplog.at_level(logging.WARNING):
+        compiled = _run_auto()
+    assert any(path in r.getMessage() for r in caplog.records)
+    (result,) = compiled.last_graph.tuned.values()
+    assert not result.from_cache
+    assert json.loads(open(path).read())[key]["schema"] == CACHE_SCHEMA  # the entry was rewritten
+
+
+@pytest.mark.parametrize("content", [b"\x80\x81\xff\xfe binary", b'{"truncated": ', b"[1, 2, 3]"],
+                         ids=["binary", "truncated", "list"])
+def test_a_corrupt_cache_file_is_moved_aside_and_tuning_runs_again(tmp_path, monkeypatch, caplog, content):
+    monkeypatch.setenv("DYNAFLOW_CACHE_DIR", str(tmp_path))
+    path = tmp_path / "autotune.json"
+    path.write_bytes(content)
+    with caplog.at_level(logging.WARNING):
+        compiled = _run_auto()
+    assert any(str(path) in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
+    aside = [p for p in os.listdir(tmp_path) if p.startswith("autotune.json.corrupt-")]
+    assert len(aside) == 1 and (tmp_path / aside[0]).read_bytes() == content
+    assert not next(iter(compiled.last_graph.tuned.values())).from_cache
+    assert len(json.loads(path.read_text())) == 1
+
+
+def _result(i: int) -> TuneResult:
+    trial = Trial(Candidate("nanoflow", (("nano_batches", 1 + i % 4),)), None, None)
+    return TuneResult(f"b{i}", (trial,), trial, "test")
+
+
+def test_concurrent_threads_lose_no_cache_entries(tmp_path):
+    cache = TuneCache(str(tmp_path / "autotune.json"))
+
+    def write(t: int) -> None:
+        for i in range(200):
+            cache.put(f"t{t}-{i}", _result(i))
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    data = json.loads((tmp_path / "autotune.json").read_text())
+    assert len(data) == 800 and all(e["schema"] == CACHE_SCHEMA for e in data.values())
+    assert cache.get("t3-199") == (Candidate("nanoflow", (("nano_batches", 4),)), "test")
+
+
+_WRITER = """
+import sys
+from dynaflow.strategies import Candidate
+from dynaflow.tune import Trial, TuneCache, TuneResult
+cache = TuneCache(sys.argv[1])
+for i in range(200):
+    t = Trial(Candidate("nanoflow", (("nano_batches", 2),)), None, None)
+    cache.put(f"p{sys.argv[2]}-{i}", TuneResult("b", (t,), t, "test"))
+"""
+
+
+def test_concurrent_processes_lose_no_cache_entries(tmp_path):
+    path = str(tmp_path / "autotune.json")
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, path, str(p)]) for p in range(4)]
+    assert [p.wait() for p in procs] == [0, 0, 0, 0]
+    data = json.loads(open(path).read())
+    assert len(data) == 800
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
