@@ -70,7 +70,8 @@ def lower_node(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple[Any, .
                mode: Any) -> tuple[list[Dispatched], Any]:
     """Run ``node`` on fake ``args``/``kwargs`` under ``mode``; the ATen ops it dispatched and its result."""
     rec = _Recorder()
-    with _quiet(mode), torch.no_grad(), rec:
+    # outside inference mode: there, composite ops (aten.linear) reach the mode whole instead of decomposed
+    with _quiet(mode), torch.inference_mode(False), torch.no_grad(), rec:
         if node.op == "call_method":
             out = getattr(args[0], str(node.target))(*args[1:], **kwargs)
         elif node.op == "call_module":
