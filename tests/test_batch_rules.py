@@ -168,8 +168,24 @@ def test_overlapping_input_views_run_unsplit():
     t = torch.arange(12.0).reshape(12, 1)
     ref_t = t.clone()
     ref = f(ref_t[0:6], ref_t[3:9])
-    out = dynaflow.compile(f, **RR)(t[0:6], t[3:9])
+    compiled = dynaflow.compile(f, **RR)
+    out = compiled(t[0:6], t[3:9])
     assert torch.equal(out, ref) and torch.equal(t, ref_t)
+    assert compiled.last_graph.last_plan.split.num == 1  # overlapping views of a written input: unsplit
+    disjoint = torch.arange(12.0).reshape(12, 1)
+    compiled(disjoint[0:6], disjoint[6:12])
+    assert compiled.last_graph.last_plan.split.num == 2
+
+
+def test_overlap_detection_uses_storage_and_byte_ranges():
+    from dynaflow.frontend.differential import overlapping_writes
+
+    t = torch.zeros(10, 4)
+    assert overlapping_writes([t[0:5], t[4:9]], [0]) == (0, 1)
+    assert overlapping_writes([t[0:5], t[5:10]], [0]) is None
+    assert overlapping_writes([t[:, 0:2], t[:, 2:4]], [0]) == (0, 1)  # interleaved columns share a byte range
+    assert overlapping_writes([t[0:5], torch.zeros(5, 4)], [0]) is None
+    assert overlapping_writes([t[0:5], t[0:5]], [1]) == (1, 0)
 
 
 def test_explain_names_barrier_nodes_and_why():

@@ -246,6 +246,7 @@ def test_predicted_ordering_matches_the_thread_executor(tmp_path, monkeypatch):
     clock = _Clock()
     _CLOCK.append(clock)
     monkeypatch.setattr(time, "perf_counter", clock)
+    monkeypatch.setenv("DYNAFLOW_VERIFY_SPLITS", "0")  # its extra runs of the busy op would advance the clock
     try:
         model = Sleepy(["compute", "memory", "compute", "memory"], fixed=20 * MS, per_row=5 * MS)
         x = torch.zeros(8, 4)
