@@ -27,7 +27,7 @@ from dynaflow.backend.checks import check_program
 from dynaflow.backend.compiled_segments import InductorSegments
 from dynaflow.backend.comm import DistributedPlanner
 from dynaflow.config import DynaflowConfig
-from dynaflow.errors import BackendError, CaptureError, ConfigError, DynaflowError, StrategyError
+from dynaflow.errors import BackendError, BatchCouplingError, CaptureError, ConfigError, DynaflowError, StrategyError
 from dynaflow.frontend.batching import find_batch_source
 from dynaflow.frontend.effects import is_inplace
 from dynaflow.frontend.capture import batch_size_of, check_outputs, flat_io, mark_batch_dynamic, symbolize
@@ -97,6 +97,11 @@ class CompiledGraph:
         """With ``cuda_graphs=True``: how the latest call was bucketed (capture size, graph or eager)."""
         self.distributed: DistributedPlanner | None = None
         """Split agreement, collective ordering and lane communicators (set by ``prepare``)."""
+        self.batch_marked = False
+        """Set by ``dynaflow.compile``: the batch was marked dynamic, so a static batch here means Dynamo
+        specialised it (code that couples the batch, e.g. a loss over ``labels``): the graph is a barrier."""
+        self.whole_batch = False
+        """Whether this graph runs once on the whole batch because its batch dim was specialised."""
 
     def prepare(self, example_inputs: Sequence[Any] | None = None, *, from_fx: bool = False) -> "CompiledGraph":
         """Partition the graph (for a plain GraphModule, first make its batch dim symbolic)."""
@@ -181,12 +186,28 @@ class CompiledGraph:
                 f"sizes sum to the batch size {batch}."
             )
         if self.segmented is not None and self.segmented.batch_symbol is None and split.num > 1:
+            if self.batch_marked:
+                return self._whole_batch(split)
             raise CaptureError(
                 f"{self.label}: the captured graph has a static batch dim, so it cannot be split into {split.num} "
                 "nano-batches. Use dynaflow.compile (it marks the batch dynamic), or torch.compile(..., dynamic=True), "
                 "or call torch._dynamo.mark_dynamic(x, batch_dim) on the inputs; a batch of 1 cannot be split."
             )
         return split
+
+    def _whole_batch(self, split: SplitConfig) -> SplitConfig:
+        """A graph whose batch Dynamo specialised runs as a barrier: once, on the whole batch (``strict``: an error)."""
+        if self.config.strict:
+            raise BatchCouplingError(
+                f"{self.label}: Dynamo specialised the batch dim of this graph (its code couples the rows of the "
+                "batch, e.g. a loss that is a mean over rows), and strict=True forbids running it as a barrier. "
+                "Drop strict=True, or compute the loss outside the compiled model."
+            )
+        if not self.whole_batch:
+            self.whole_batch = True
+            log.info("%s: Dynamo specialised the batch dim (the graph couples the batch, e.g. a loss over rows); "
+                     "it runs once on the whole batch, as a barrier", self.label)
+        return SplitConfig((split.batch_size,))
 
     def _plan(self, info: InputInfo, split: SplitConfig, strategy: Strategy | None = None) -> Plan:
         assert self.segmented is not None
@@ -509,6 +530,8 @@ class CompiledGraph:
 
     def explain(self) -> str:
         out = [f"{self.label}: {self.segmented} (batch symbol {self.segmented.batch_symbol if self.segmented else '?'})"]
+        if self.whole_batch:
+            out.append("  batch specialised by Dynamo: the whole graph is a barrier (runs once on the whole batch)")
         if self.segmented is not None:
             out.append(self.segments_table())
         for bucket, result in self.tuned.items():
@@ -555,6 +578,7 @@ class Compiled:
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> CompiledGraph:
         graph = CompiledGraph(gm, self.config, self.strategy, label=f"graph{len(self.graphs)}").prepare()
         graph.batch_hint = lambda: self._batch
+        graph.batch_marked = self._batch >= 2
         self.graphs.append(graph)
         return graph
 
@@ -582,9 +606,7 @@ class Compiled:
         return out
 
     def _call_fx(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if kwargs and type(self.model.graph._codegen) is torch.fx.graph.CodeGen:
-            raise CaptureError(f"This GraphModule takes positional inputs only; got keyword arguments {sorted(kwargs)}.")
-        flat = list(self._flatten(*args, **kwargs)) if kwargs else list(self._flatten(*args))
+        flat = self._flatten(*args, **kwargs)
         if not self.graphs:
             graph = CompiledGraph(self.model, self.config, self.strategy).prepare(flat, from_fx=True)
             self.graphs.append(graph)
