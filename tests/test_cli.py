@@ -21,24 +21,30 @@ def _cli(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dynaflow", *argv], capture_output=True, text=True, timeout=120)
 
 
-def test_help_lists_every_command_with_a_line_and_bare_dynaflow_prints_it():
-    helped, bare = _cli("--help"), _cli()
-    assert helped.returncode == 0 and bare.returncode == 0
-    assert bare.stdout == helped.stdout
+def test_help_lists_every_command_with_a_line_and_bare_dynaflow_prints_it(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    helped = capsys.readouterr().out
+    assert exit_.value.code == 0
     for name in ("demo", "explain", "bench"):
         assert name in COMMANDS
-        line = next(x for x in helped.stdout.splitlines() if x.strip().startswith(name + " "))
+        line = next(x for x in helped.splitlines() if x.strip().startswith(name + " "))
         assert len(line.split()) > 3, line  # the command and its one-line summary
+    bare = _cli()  # the real entry point: python -m dynaflow
+    assert bare.returncode == 0 and bare.stdout == helped
 
 
-def test_version_names_dynaflow_and_torch():
-    out = _cli("--version")
-    assert out.returncode == 0 and out.stdout.startswith(f"dynaflow {dynaflow.__version__} (torch ")
+def test_version_names_dynaflow_and_torch(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f"dynaflow {dynaflow.__version__} (torch ")
 
 
-def test_unknown_command_exits_2_with_the_choices():
-    out = _cli("frobnicate")
-    assert out.returncode == 2 and "demo" in out.stderr and "explain" in out.stderr
+def test_unknown_command_exits_2_with_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["frobnicate"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "demo" in err and "explain" in err
 
 
 def test_explain_and_bench_run_a_model_file(capsys):

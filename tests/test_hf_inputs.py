@@ -26,7 +26,7 @@ def token_ids(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("strategy", ["nanoflow", "round_robin"])
+@pytest.mark.parametrize("strategy", ["nanoflow", pytest.param("round_robin", marks=pytest.mark.slow)])
 def test_gpt2_with_labels_equals_eager_with_the_loss_as_a_barrier(strategy):
     model, ids = tiny_gpt2(), token_ids()
     with torch.no_grad():
