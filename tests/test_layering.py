@@ -188,7 +188,7 @@ def test_layering_rules_hold():
     assert not problems, "layering violations (see docs/ARCHITECTURE.md):\n  " + "\n  ".join(problems)
 
 
-@pytest.mark.slow  # a fresh interpreter; the no-optional-dependency import above covers it in the default tier
+@pytest.mark.slow  # a fresh interpreter; the no-optional-dependency import below covers it in the default tier
 def test_import_dynaflow_without_transformers():
     code = "import sys; sys.modules['transformers'] = None; import dynaflow; print(len(dynaflow.__all__))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
