@@ -1,4 +1,4 @@
-"""``python -m dynaflow demo``."""
+"""``python -m dynaflow``: the same as the ``dynaflow`` command."""
 
 from dynaflow.cli import main
 

@@ -30,7 +30,8 @@ from dynaflow.backend.checks import check_program
 from dynaflow.backend.compiled_segments import InductorSegments
 from dynaflow.backend.comm import DistributedPlanner
 from dynaflow.config import DynaflowConfig
-from dynaflow.errors import BackendError, CaptureError, ConfigError, DynaflowError, PartitionError, StrategyError
+from dynaflow.errors import (BackendError, BatchCouplingError, CaptureError, ConfigError, DynaflowError, PartitionError,
+                             StrategyError)
 from dynaflow.frontend.batching import find_batch_source
 from dynaflow.frontend.effects import is_inplace
 from dynaflow.frontend.capture import batch_size_of, check_outputs, flat_io, mark_batch_dynamic, symbolize
@@ -107,6 +108,11 @@ class CompiledGraph:
         self._warned_static = False
         self._lock = threading.RLock()
         """Planning and executor creation are serialised; running is not (concurrent callers run in parallel)."""
+        self.batch_marked = False
+        """Set by ``dynaflow.compile``: the batch was marked dynamic, so a static batch here means Dynamo
+        specialised it (code that couples the batch, e.g. a loss over ``labels``): the graph is a barrier."""
+        self.whole_batch = False
+        """Whether this graph runs once on the whole batch because its batch dim was specialised."""
 
     def prepare(self, example_inputs: Sequence[Any] | None = None, *, from_fx: bool = False) -> "CompiledGraph":
         """Partition the graph (for a plain GraphModule, first make its batch dim symbolic)."""
@@ -207,7 +213,15 @@ class CompiledGraph:
                 f"Strategy {name!r}.split_config({info}) returned {split!r}; it must return a SplitConfig whose "
                 f"sizes sum to the batch size {batch}."
             )
-        if self.segmented is not None and self.segmented.batch_symbol is None and split.num > 1 and not self.config.strict:
+        if self.segmented is not None and self.segmented.batch_symbol is None and split.num > 1:
+            if self.batch_marked:  # dynaflow.compile marked the batch dynamic and Dynamo specialised it
+                return self._whole_batch(split)
+            if self.config.strict:
+                raise CaptureError(
+                    f"{self.label}: the captured graph has a static batch dim, so it cannot be split into {split.num} "
+                    "nano-batches. Use dynaflow.compile (it marks the batch dynamic), or torch.compile(..., "
+                    "dynamic=True), or call torch._dynamo.mark_dynamic(x, batch_dim) on the inputs; a batch of 1 "
+                    "cannot be split.")
             if not self._warned_static:
                 self._warned_static = True
                 log.warning(
@@ -215,13 +229,21 @@ class CompiledGraph:
                     "nano-batches. Use dynaflow.compile (it marks the batch dynamic) or torch.compile(..., "
                     "dynamic=True) to split it; strict=True makes this an error.", self.label, batch, split.num)
             return SplitConfig.whole(batch)
-        if self.segmented is not None and self.segmented.batch_symbol is None and split.num > 1:
-            raise CaptureError(
-                f"{self.label}: the captured graph has a static batch dim, so it cannot be split into {split.num} "
-                "nano-batches. Use dynaflow.compile (it marks the batch dynamic), or torch.compile(..., dynamic=True), "
-                "or call torch._dynamo.mark_dynamic(x, batch_dim) on the inputs; a batch of 1 cannot be split."
-            )
         return split
+
+    def _whole_batch(self, split: SplitConfig) -> SplitConfig:
+        """A graph whose batch Dynamo specialised runs as a barrier: once, on the whole batch (``strict``: an error)."""
+        if self.config.strict:
+            raise BatchCouplingError(
+                f"{self.label}: Dynamo specialised the batch dim of this graph (its code couples the rows of the "
+                "batch, e.g. a loss that is a mean over rows), and strict=True forbids running it as a barrier. "
+                "Drop strict=True, or compute the loss outside the compiled model."
+            )
+        if not self.whole_batch:
+            self.whole_batch = True
+            log.info("%s: Dynamo specialised the batch dim (the graph couples the batch, e.g. a loss over rows); "
+                     "it runs once on the whole batch, as a barrier", self.label)
+        return SplitConfig((split.batch_size,))
 
     def _plan(self, info: InputInfo, split: SplitConfig, strategy: Strategy | None = None) -> Plan:
         assert self.segmented is not None
@@ -579,6 +601,8 @@ class CompiledGraph:
 
     def explain(self) -> str:
         out = [f"{self.label}: {self.segmented} (batch symbol {self.segmented.batch_symbol if self.segmented else '?'})"]
+        if self.whole_batch:
+            out.append("  batch specialised by Dynamo: the whole graph is a barrier (runs once on the whole batch)")
         if self.segmented is not None:
             out.append(self.segments_table())
         for bucket, result in self.tuned.items():
@@ -646,6 +670,7 @@ class Compiled:
                     ) from exc
                 me = weakref.ref(self)
                 graph.batch_hint = lambda: getattr(getattr(me(), "_local", None), "batch", 0)
+                graph.batch_marked = getattr(self._local, "batch", 0) >= 2
                 self._by_entry[entry] = graph
                 self.graphs.append(graph)
             return graph
@@ -699,9 +724,7 @@ class Compiled:
         return out
 
     def _call_fx(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if kwargs and type(self.model.graph._codegen) is torch.fx.graph.CodeGen:
-            raise CaptureError(f"This GraphModule takes positional inputs only; got keyword arguments {sorted(kwargs)}.")
-        flat = list(self._flatten(*args, **kwargs)) if kwargs else list(self._flatten(*args))
+        flat = list(self._flatten(*args, **kwargs))
         if batch_size_of(flat, self.config.batch_dim) == 0:  # no rows: nothing to split or overlap
             return self.model(*args, **kwargs)
         if not self.graphs:

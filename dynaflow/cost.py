@@ -62,7 +62,7 @@ class DeviceSpec:
 _GPU_DTYPES = {"bfloat16": 1.0, "float16": 1.0, "float32": 0.068, "float8_e4m3fn": 2.0}
 
 DEVICES: dict[str, DeviceSpec] = {
-    # Achievable rates: ~80% of the data-sheet dense bf16 peak (790 of 989 TFLOP/s measured on an H200 here)
+    # Achievable rates, assumed: ~80% of the data-sheet dense bf16 peak (790 of 989 TFLOP/s)
     # and ~90% of HBM bandwidth. float32 without TF32 runs on the CUDA cores (67 TFLOP/s on H100/H200).
     "h200": DeviceSpec("NVIDIA H200", 790e12, 4.3e12, 132, 8, 4e-6, 0.4, 450e9, 3e-6, _GPU_DTYPES, 2e-6),
     "h100": DeviceSpec("NVIDIA H100 SXM", 790e12, 3.0e12, 132, 8, 4e-6, 0.4, 450e9, 3e-6, _GPU_DTYPES, 2e-6),

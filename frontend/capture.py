@@ -3,6 +3,7 @@ and check that a model's outputs are tensors (or tuples / dicts of them)."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 import torch
@@ -38,7 +39,7 @@ def mark_batch_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any], batch_dim:
     if batch >= 2:
         for t in leaves:
             if isinstance(t, torch.Tensor) and t.dim() > batch_dim and t.shape[batch_dim] == batch:
-                torch._dynamo.mark_dynamic(t, batch_dim)
+                torch._dynamo.maybe_mark_dynamic(t, batch_dim)
     return batch
 
 
@@ -75,9 +76,25 @@ def symbolize(gm: torch.fx.GraphModule, inputs: Sequence[Any], batch_dim: int) -
 
 
 def flat_io(gm: torch.fx.GraphModule) -> tuple[Any, Any]:
-    """``(flatten(args, kwargs) -> list, unflatten(outputs) -> tree)`` honouring a pytree codegen (export)."""
+    """``(flatten(*args, **kwargs) -> list, unflatten(outputs) -> tree)`` honouring a pytree codegen (export).
+
+    Keyword arguments are bound to ``gm.forward``'s signature first, as calling the GraphModule would do, so an
+    exported ``forward(self, x, *, scale)`` takes ``scale=`` (the codegen's ``process_inputs`` is positional only).
+    """
     codegen = gm.graph._codegen
-    return codegen.process_inputs, codegen.process_outputs
+    signature = inspect.signature(gm.forward)
+
+    def flatten(*args: Any, **kwargs: Any) -> list[Any]:
+        if kwargs:
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise CaptureError(f"The GraphModule's forward{signature} does not accept these inputs: {exc}.") from None
+            bound.apply_defaults()
+            args = bound.args + tuple(bound.kwargs.values())
+        return list(codegen.process_inputs(*args))
+
+    return flatten, codegen.process_outputs
 
 
 def check_outputs(out: Any, who: str = "The model") -> None:

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import gpu_verify  # noqa: E402
 
@@ -56,6 +58,7 @@ def test_expected_outcomes():
     assert ok({"step": "overlap", "rc": 0, "log_tail": ""}) and not ok({"step": "sim", "rc": 1, "log_tail": ""})
 
 
+@pytest.mark.slow  # runs pytest in a subprocess
 def test_dry_run_of_the_tests_step_writes_a_summary(tmp_path):
     assert gpu_verify.main(["--dry-run", "--only", "tests", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "gpu_verify.json").read_text())

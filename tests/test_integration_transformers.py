@@ -93,9 +93,12 @@ CASES = {
     # Mixtral (slow to capture): every strategy once, both executors and both batch sizes among them
     "mixtral": [("nanoflow", "thread", 3), ("round_robin", "serial", 4), ("sequential", "thread", 4)],
 }
+DEFAULT_TIER = {("llama", "nanoflow", "thread", 3), ("llama", "nanoflow", "serial", 4), ("mixtral", "nanoflow", "thread", 3)}
+"""The cases in the default tier (both models, both executors, both batch sizes); the rest run in ``-m slow``."""
 
 
-@pytest.mark.parametrize("name,strategy,executor,batch", [(m, *c) for m, cs in CASES.items() for c in cs])
+@pytest.mark.parametrize("name,strategy,executor,batch", [
+    pytest.param(m, *c, marks=() if (m, *c) in DEFAULT_TIER else pytest.mark.slow) for m, cs in CASES.items() for c in cs])
 def test_generate_matches_eager(hf_models, name, strategy, executor, batch):
     model, refs = hf_models(name)
     out, hook = _generate(model, batch, strategy=strategy, executor=executor)
@@ -113,7 +116,7 @@ def test_generate_matches_eager(hf_models, name, strategy, executor, batch):
             assert len(g.last_plan.program.buffers) == 1
 
 
-@pytest.mark.parametrize("name", sorted(HF_FACTORIES))
+@pytest.mark.parametrize("name", ["llama", pytest.param("mixtral", marks=pytest.mark.slow)])
 def test_user_static_cache_is_written_in_place(hf_models, name):
     model, _ = hf_models(name)
     ids, mask = prompts(4)
@@ -222,6 +225,7 @@ def test_enable_refuses_non_transformers_models():
         df_hf.enable(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.slow  # a fresh interpreter; tests/test_layering.py covers the import boundary in the default tier
 def test_package_imports_without_transformers():
     code = ("import sys; sys.modules['transformers'] = None; import dynaflow; "
             "from dynaflow.integrations import transformers as df_hf; assert not df_hf.is_available(); "

@@ -10,7 +10,7 @@ Layers and what each may import (besides itself):
 
 =============  ========================================================================================
 core           ``dynaflow/*.py`` except the facade modules; only stdlib, torch, networkx, sympy, yaml
-facade         ``dynaflow/{__init__,api,cli,__main__,models,tune,profiling}.py``; core, frontend, strategies, backend
+facade         ``dynaflow/{__init__,api,cli,cli_demo,cli_model,__main__,models,tune,profiling}.py``; core, frontend, strategies, backend
 frontend       core
 strategies     core, and the rule types of ``dynaflow.frontend.rules``; never backend
 backend        core; never strategies or frontend
@@ -40,7 +40,7 @@ FOLDERS = {
     "backend": ("dynaflow.backend", "backend"),
     "integrations": ("dynaflow.integrations", "integrations"),
 }
-FACADE = {"__init__", "api", "cli", "__main__", "models", "tune", "profiling"}
+FACADE = {"__init__", "api", "cli", "cli_demo", "cli_model", "__main__", "models", "tune", "profiling"}
 """Modules of ``dynaflow/`` that wire the layers together (the public API); everything else there is core."""
 
 SUBPACKAGE_LAYER = {
@@ -188,6 +188,7 @@ def test_layering_rules_hold():
     assert not problems, "layering violations (see docs/ARCHITECTURE.md):\n  " + "\n  ".join(problems)
 
 
+@pytest.mark.slow  # a fresh interpreter; the no-optional-dependency import below covers it in the default tier
 def test_import_dynaflow_without_transformers():
     code = "import sys; sys.modules['transformers'] = None; import dynaflow; print(len(dynaflow.__all__))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)

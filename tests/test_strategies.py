@@ -385,7 +385,7 @@ def test_auto_search_space_includes_sm_splits_on_a_gpu_device():
 
 
 # -- the new strategies and executors on transformers models ------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("mixtral", marks=pytest.mark.slow)])
 def test_request_aware_strategies_on_transformers_models(family, tmp_path, monkeypatch):
     """prefill_decode (with a request layout), two_batch_overlap and auto equal eager bit for bit on the
     thread and sim executors (the rows are whole sequences here, so a request is a run of rows)."""
@@ -452,6 +452,7 @@ def test_nanoflow_with_a_finer_memory_split_matches_eager(executor):
     assert {op.nano for op in attn} == {0, 1, 2}
 
 
+@pytest.mark.slow  # 20 random models and schedules on two executors; the fixed cases above run by default
 @settings(max_examples=20, deadline=None)
 @given(data=st.data())
 def test_random_stage_splits_and_schedules_match_eager(data):

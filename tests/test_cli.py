@@ -1,0 +1,82 @@
+"""The ``dynaflow`` command: help lists every command, ``--version``, bare ``dynaflow``, model files, the demo's
+interleaved timing output, and :mod:`dynaflow.timing`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import dynaflow
+from dynaflow.cli import COMMANDS, main
+from dynaflow.timing import interleave, spread
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_FILE = ROOT / "examples" / "04_model_file.py"
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dynaflow", *argv], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_command_with_a_line_and_bare_dynaflow_prints_it(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    helped = capsys.readouterr().out
+    assert exit_.value.code == 0
+    for name in ("demo", "explain", "bench"):
+        assert name in COMMANDS
+        line = next(x for x in helped.splitlines() if x.strip().startswith(name + " "))
+        assert len(line.split()) > 3, line  # the command and its one-line summary
+    bare = _cli()  # the real entry point: python -m dynaflow
+    assert bare.returncode == 0 and bare.stdout == helped
+
+
+def test_version_names_dynaflow_and_torch(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f"dynaflow {dynaflow.__version__} (torch ")
+
+
+def test_unknown_command_exits_2_with_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["frobnicate"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "demo" in err and "explain" in err
+
+
+def test_explain_and_bench_run_a_model_file(capsys):
+    assert main(["explain", str(MODEL_FILE), "--strategy", "round_robin", "--executor", "serial"]) == 0
+    out = capsys.readouterr().out
+    assert "Schedule('round_robin'" in out and "outputs match eager: yes" in out
+    assert main(["bench", str(MODEL_FILE), "--strategy", "sequential", "--nano-batches", "1", "--repeats", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "3 interleaved calls each" in out and "ratio" in out
+
+
+def test_a_model_file_without_example_names_the_contract(tmp_path):
+    bad = tmp_path / "m.py"
+    bad.write_text("x = 1\n")
+    with pytest.raises(dynaflow.ConfigError, match=r"defines no function example\(\)"):
+        main(["explain", str(bad)])
+
+
+def test_demo_prints_interleaved_medians_with_spread_and_capture_alone(capsys, tmp_path):
+    rc = main(["demo", "--model", "builtin", "--layers", "1", "--hidden", "32", "--batch", "4", "--seq", "8",
+               "--strategy", "sequential", "--nano-batches", "1", "--repeats", "4", "--trace", str(tmp_path / "t.json")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "capture + plan (dynaflow's first call, timed alone)" in out
+    assert "4 interleaved calls each, median [25th–75th percentile]" in out
+    assert "ratio dynaflow / eager (per pair)" in out and "–" in out.split("ratio dynaflow / eager")[1]
+
+
+def test_spread_and_interleave():
+    s = spread([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert (s.median, s.low, s.high) == (3.0, 2.0, 4.0) and s.format(" ms", 1) == "3.0 ms [2.0–4.0]"
+    assert s.overlaps(spread([3.0, 4.0, 5.0])) and not s.overlaps(spread([5.0, 6.0, 7.0]))
+    order: list[str] = []
+    result = interleave(lambda: order.append("a"), lambda: order.append("b"), pairs=3, warmup=1)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"] and result.pairs == 3
