@@ -235,9 +235,11 @@ class CompiledGraph:
         """A graph whose batch Dynamo specialised runs as a barrier: once, on the whole batch (``strict``: an error)."""
         if self.config.strict:
             raise BatchCouplingError(
-                f"{self.label}: Dynamo specialised the batch dim of this graph (its code couples the rows of the "
-                "batch, e.g. a loss that is a mean over rows), and strict=True forbids running it as a barrier. "
-                "Drop strict=True, or compute the loss outside the compiled model."
+                f"{self.label}: Dynamo specialised the batch dim of this graph to size {split.batch_size} (its code "
+                "fixes the batch size, e.g. .view(6, 8) or expand(6, 8), or couples the rows of the batch, e.g. a "
+                "loss that is a mean over rows), and strict=True forbids running it as a barrier. Fix: write -1 or "
+                "x.shape[0] instead of a fixed batch size, compute the loss outside the compiled model, or drop "
+                "strict=True."
             )
         if not self.whole_batch:
             self.whole_batch = True

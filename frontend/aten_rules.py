@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import sympy
 import torch
 
-__all__ = ["AtenCall", "BatchRule", "register_batch_rule", "rule_for", "has_rule", "along_dims", "ruled_ops",
+__all__ = ["AtenCall", "BatchRule", "register_batch_rule", "rule_for", "has_rule", "along_dims", "pointwise", "ruled_ops",
            "RANDOM_AWARE"]
 
 Placement = int | None

@@ -10,7 +10,7 @@ from torch import nn
 
 import dynaflow
 from dynaflow import knobs
-from dynaflow.errors import CaptureError, ConfigError, PartitionError, StrategyError
+from dynaflow.errors import BatchCouplingError, CaptureError, ConfigError, PartitionError, StrategyError
 from dynaflow.frontend.rules import Where
 from dynaflow.strategies import Sequential
 from models import grad_off, make_mlp, mlp_input
@@ -53,9 +53,15 @@ class _Expand(nn.Module):
 
 
 @pytest.mark.parametrize("cls", [_View, _Expand])
-def test_a_model_that_fixes_the_batch_size_gets_a_capture_error(cls):
-    with grad_off(), pytest.raises(CaptureError) as info:
-        dynaflow.compile(cls())(torch.randn(6, 8))
+def test_a_model_that_fixes_the_batch_size_runs_whole_or_names_the_fix_under_strict(cls):
+    model, x = cls(), torch.randn(6, 8)
+    with grad_off():
+        compiled = dynaflow.compile(model, nano_batches=2)
+        torch.testing.assert_close(compiled(x), model(x))
+    assert "batch specialised by Dynamo" in compiled.explain()
+    torch._dynamo.reset()
+    with grad_off(), pytest.raises(BatchCouplingError) as info:
+        dynaflow.compile(cls(), nano_batches=2, strict=True)(x)
     msg = str(info.value)
     assert "fixes the batch size" in msg and "size 6" in msg and "x.shape[0]" in msg
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import dynaflow
+from dynaflow.frontend.aten_rules import pointwise, register_batch_rule
 from dynaflow.backend.program import Launch, Program, Wait
 from dynaflow.backend.sim import simulate
 from dynaflow.cost import TableCost
@@ -214,6 +215,10 @@ def _busy(x, fixed_s, per_row_s):
 @torch.library.register_fake("dynaflow_test::busy")
 def _busy_fake(x, fixed_s, per_row_s):
     return torch.empty_like(x)
+
+
+# a user kernel needs a batch rule to split (without one it is a barrier): ``busy`` is elementwise in its rows
+register_batch_rule("dynaflow_test::busy", pointwise)
 
 
 class Sleepy(nn.Module):
