@@ -17,6 +17,7 @@ row-local along every dim but the ones it names, ``register_batch_rule("mylib::o
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -209,13 +210,6 @@ def _free(call: AtenCall) -> str | None:
     return None
 
 
-def _first_batch(call: AtenCall, *names: str) -> tuple[str, int] | None:
-    for n in names:
-        d = call.dim(n)
-        if d is not None:
-            return n, d
-    return None
-
 
 # -- shapes: views and reshapes ----------------------------------------------------------------------------
 def _expr(x: Any) -> sympy.Expr:
@@ -262,12 +256,12 @@ def _slice(call: AtenCall) -> str | None:
     d = call.dim("self")
     if d is None:
         return None
-    self = call.args["self"]
-    if _norm(call.args.get("dim", 0), self.dim()) != d:
+    src = call.args["self"]
+    if _norm(call.args.get("dim", 0), src.dim()) != d:
         return None
     start, end, step = call.args.get("start"), call.args.get("end"), call.args.get("step", 1)
     whole = (start in (None, 0) and step == 1 and
-             (end is None or (isinstance(end, int) and end >= _BIG) or _expr(end) == _expr(self.shape[d])))
+             (end is None or (isinstance(end, int) and end >= _BIG) or _expr(end) == _expr(src.shape[d])))
     return None if whole else "it takes a slice of the rows along the batch dim"
 
 
@@ -340,21 +334,13 @@ def _index_put(call: AtenCall) -> str | None:
         return "it writes rows picked by a tensor index along the batch dim"
     if any(call.dims(t) is not None for t in indices if isinstance(t, torch.Tensor)):
         return "it writes with batch-carrying indices"
-    self = call.args["self"]
-    with self.fake_mode if hasattr(self, "fake_mode") else _nullcontext():
-        picked = torch.ops.aten.index.Tensor(self, indices)
+    dest = call.args["self"]
+    with getattr(dest, "fake_mode", None) or contextlib.nullcontext():
+        picked = torch.ops.aten.index.Tensor(dest, indices)
     hits = [i for i, s in enumerate(picked.shape) if call.batch in _expr(s).free_symbols]
     if len(hits) != 1:
         return "it writes a region whose batch dim dynaflow cannot locate"
     return _aligned(call, [picked, values], picked.dim()) if call.dims(values) is not None or values.dim() else None
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _cat(call: AtenCall) -> str | None:
@@ -477,13 +463,6 @@ def _dropout(call: AtenCall) -> str | None:
     if call.args.get("train") is False or float(call.args.get("p", 0.0)) == 0.0:
         return None
     return "it draws random numbers, so a nano-batch would see a different random stream"
-
-
-def _no_batch(what: str) -> BatchRule:
-    def rule(call: AtenCall) -> str | None:
-        return f"it {what}" if any(call.dims(t) is not None for t in call.tensors()) else None
-
-    return rule
 
 
 def _embedding(call: AtenCall) -> str | None:

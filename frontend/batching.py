@@ -18,7 +18,6 @@ says it reduces along the batch dim: it couples; ``aten.sub.Tensor`` is pointwis
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Iterable
 
 import sympy
@@ -46,14 +45,31 @@ def _expr(x: Any) -> sympy.Expr:
 
 
 def find_batch_source(gm: torch.fx.GraphModule, batch_dim: int) -> tuple[sympy.Symbol, int, int] | None:
-    """``(symbol, input index, dim)``: the first graph input whose size at ``batch_dim`` is a plain symbol."""
+    """``(symbol, input index, dim)``: the batch symbol and the first graph input that carries it.
+
+    Candidates are the plain symbols at ``batch_dim`` of the graph inputs. Dynamo gives inputs whose sizes
+    never meet different symbols (``input_ids`` and an ``attention_mask`` that only feeds the mask
+    construction), so the batch is the candidate most values of the graph carry: the one the model body
+    works on. Inputs with another symbol are batch-free to the analysis (they run whole), which is safe.
+    """
+    first: dict[sympy.Symbol, int] = {}
     for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
         val = meta_val(node)
         if isinstance(val, torch.Tensor) and val.dim() > batch_dim:
             e = _expr(val.shape[batch_dim])
             if isinstance(e, sympy.Symbol):
-                return e, i, batch_dim
-    return None
+                first.setdefault(e, i)
+    if len(first) <= 1:
+        return next(((sym, i, batch_dim) for sym, i in first.items()), None)
+    carried = {sym: 0 for sym in first}
+    for node in gm.graph.nodes:
+        val = meta_val(node)
+        if isinstance(val, torch.Tensor):
+            syms = set().union(*(_expr(s).free_symbols for s in val.shape)) if val.dim() else set()
+            for sym in carried.keys() & syms:
+                carried[sym] += 1
+    best = max(first, key=lambda sym: (carried[sym], -first[sym]))
+    return best, first[best], batch_dim
 
 
 def find_batch_symbol(gm: torch.fx.GraphModule, batch_dim: int) -> sympy.Symbol | None:
@@ -230,6 +246,8 @@ class BatchAnalysis:
         reason = entry.rule(AtenCall(op, bound, place, self.batch, call.out))
         if reason:
             return reason, bool(syms)
+        if batch_in and outs and not out_batch and not entry.makes_batch:
+            return "its result has no batch dim: it reduces over or picks from the rows of the batch", bool(syms)
         for arg in op._schema.arguments:
             if arg.alias_info is not None and arg.alias_info.is_write:
                 target = bound.get(arg.name)

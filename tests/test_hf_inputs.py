@@ -99,3 +99,24 @@ def test_exported_gpt2_takes_keyword_arguments():
     with torch.no_grad():
         ref = model(input_ids=ids).logits
         torch.testing.assert_close(fast(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gpt_neox_with_an_attention_mask_is_split():
+    """``input_ids`` and ``attention_mask`` get different size symbols from Dynamo; the batch is the one the
+    layers carry (not the first input's), so the layers split instead of running whole as ``shared``."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=128, vocab_size=128)).eval()
+    ids = torch.randint(0, 128, (4, 8))
+    mask = torch.ones(4, 8, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=2)
+    with torch.no_grad():
+        out = compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    kinds = [s.kind.value for s in compiled.last_graph.segmented.segments]
+    layer_kinds = [s.kind.value for s in compiled.last_graph.segmented.segments if s.name.startswith(("attention", "mlp"))]
+    assert layer_kinds and set(layer_kinds) == {"split"}, kinds
