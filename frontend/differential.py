@@ -57,7 +57,9 @@ def _uninitialized(module: torch.fx.GraphModule | None) -> set[int]:
 
 
 def _is_empty(node: torch.fx.Node) -> bool:
-    return node.op in ("call_function", "call_method") and op_short_name(node) in _UNINITIALIZED
+    """A fresh uninitialized buffer, or a view of one (``torch.empty(...).view(-1, heads, dim)``)."""
+    root = storage_root(node)
+    return root.op in ("call_function", "call_method") and op_short_name(root) in _UNINITIALIZED
 
 
 def _rows(v: Value, x: Any, batch: int, lo: int, hi: int) -> Any:
