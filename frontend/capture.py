@@ -51,7 +51,6 @@ def symbolize(gm: torch.fx.GraphModule, inputs: Sequence[Any], batch_dim: int) -
     from torch._dynamo.source import ConstantSource
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     batch = batch_size_of(inputs, batch_dim)
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
@@ -66,7 +65,7 @@ def symbolize(gm: torch.fx.GraphModule, inputs: Sequence[Any], batch_dim: int) -
             fakes.append(t)
     try:
         with mode:
-            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+            _RecordValues(gm, mode).run(*fakes)
     except Exception as exc:
         raise CaptureError(
             f"Could not propagate a symbolic batch dim through the GraphModule ({type(exc).__name__}: {exc}). "
@@ -107,3 +106,20 @@ def check_outputs(out: Any, who: str = "The model") -> None:
             "needs a tensor or tuples/lists/dicts of tensors, because every output is split and merged along the "
             "batch. Return tensors only (for transformers models pass use_cache=False, or return_dict with tensors)."
         )
+
+
+class _RecordValues(torch.fx.Interpreter):
+    """Run a graph on fake inputs and keep every node's value in ``node.meta["val"]`` — sizes and ints too
+    (torch 2.11's FakeTensorProp keeps a ``torch.Size`` as a tuple with ``None`` for its static entries and
+    no value for the ints taken from it; the batch analysis reads both)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, mode: Any):
+        super().__init__(gm)
+        self.mode = mode
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.op == "get_attr" and isinstance(out, torch.Tensor):
+            out = self.mode.from_tensor(out)  # weights as fake tensors, like every other value
+        n.meta["val"] = out
+        return out
