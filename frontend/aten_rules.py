@@ -537,6 +537,17 @@ register_batch_rule(_A + "repeat", _repeat)
 register_batch_rule([_A + "tril", _A + "triu", _A + "tril_", _A + "triu_"], _last_dims(2))
 
 # matmuls and attention
+def _linear(call: AtenCall) -> str | None:
+    """``x @ W.T + b`` over the last dim of ``x``: row-local unless the batch is that dim or in W / b."""
+    d = call.dim("input")
+    if call.dim("weight") is not None or call.dim("bias") is not None:
+        return "its weight or bias holds the batch"
+    if d is not None and d == call.ndim("input") - 1:
+        return "it contracts along the batch dim (the batch is the feature dim)"
+    return None
+
+
+register_batch_rule(_A + "linear", _linear)
 register_batch_rule(_A + "mm", _matmul("self", "mat2"))
 register_batch_rule(_A + "addmm", _matmul("mat1", "mat2", bias="self"))
 register_batch_rule(_A + "_addmm_activation", _matmul("mat1", "mat2", bias="self"))

@@ -190,9 +190,11 @@ class BatchAnalysis:
             v = meta_val(a)
             if isinstance(v, torch.Tensor):
                 seed[id(v)] = self.dims.get(a)
-        if isinstance(node.target, torch._ops.OpOverload) and rule_for(node.target) is not None:
-            # already an ATen op with a rule (export graphs, collectives); composite ones are lowered below
-            calls = [Dispatched(node.target, tuple(args), dict(kwargs), meta_val(node))]
+        target = _ATEN_OF.get(node.target, node.target) if node.op == "call_function" else None
+        if isinstance(target, torch._ops.OpOverload) and rule_for(target) is not None:
+            # already an ATen op with a rule (export graphs, collectives), or a torch function that is one
+            # (linear: its decomposition's views depend on the torch version); composite ones are lowered below
+            calls = [Dispatched(target, tuple(args), dict(kwargs), meta_val(node))]
         else:
             mode = self._mode or fake_mode_of((args, kwargs))
             if mode is None:
@@ -215,7 +217,7 @@ class BatchAnalysis:
     def _check_call(self, call: Dispatched, place: "_Placements") -> tuple[str | None, bool]:
         """(why one dispatched ATen op couples or None, whether a batch-size argument reached it)."""
         op = call.op
-        if op in _IGNORED or op.namespace == "prim":
+        if op.namespace == "prim" or op._schema.name in _IGNORED_NAMES:
             return None, False
         bound = bind(op, call.args, call.kwargs)
         syms = [name for name, v in bound.items() if _holds_batch_sym(v, self.batch)]
@@ -364,9 +366,14 @@ class _Placements:
 
 _META_INPLACE = {"t_", "transpose_", "squeeze_", "unsqueeze_", "resize_", "resize_as_", "as_strided_", "set_",
                  "swapdims_", "swapaxes_"}
-_IGNORED = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default,
-            torch.ops.aten.sym_storage_offset.default, torch.ops.aten.is_contiguous.default,
-            torch.ops.aten.is_same_size.default, torch.ops.aten._assert_tensor_metadata.default}
+_ATEN_OF = {torch._C._nn.linear: torch.ops.aten.linear.default,
+            torch.nn.functional.linear: torch.ops.aten.linear.default}
+"""Torch functions that are exactly one ATen op with a rule: checked as that op, without lowering."""
+_IGNORED_NAMES = frozenset({"aten::sym_size", "aten::sym_stride", "aten::sym_numel", "aten::sym_storage_offset",
+                            "aten::size", "aten::stride", "aten::numel", "aten::dim", "aten::storage_offset",
+                            "aten::is_contiguous", "aten::is_same_size", "aten::_assert_tensor_metadata",
+                            "aten::is_non_overlapping_and_dense"})
+"""Metadata queries (some torch versions dispatch ``aten.size`` inside ``linear``): they never read data."""
 
 
 def _is_batch_sym(x: Any, batch: sympy.Symbol) -> bool:

@@ -238,7 +238,7 @@ def _op_fns(draw):
         "unary", "binary", "sum", "mean", "amax", "var", "softmax", "log_softmax", "cumsum", "sort", "topk", "flip",
         "roll", "transpose", "permute", "unsqueeze", "select", "slice", "split", "unbind", "index_select", "gather",
         "cat", "pad", "repeat", "tril", "mm_right", "mm_left", "bmm", "layer_norm", "view_merge", "view_split",
-        "expand", "diagonal", "argmax", "logsumexp", "native_group_norm", "constant_fill", "index", "embedding", "sdpa", "gather_row0",
+        "expand", "diagonal", "argmax", "logsumexp", "native_group_norm", "constant_fill", "index", "embedding", "sdpa", "gather_row0", "linear",
     ]))
     if family == "unary":
         op = draw(st.sampled_from([aten.exp.default, aten.relu.default, aten.neg.default, aten.sigmoid.default]))
@@ -288,6 +288,8 @@ def _op_fns(draw):
         return family, lambda x: aten.index_select.default(x, d, torch.tensor([1, 0])), ndim, None
     if family == "gather":
         return family, lambda x: aten.gather.default(x, d, torch.zeros_like(x, dtype=torch.long)), ndim, None
+    if family == "linear":
+        return family, lambda x: aten.linear.default(x, torch.ones(3, SHAPE[-2]) / 3, torch.ones(3)), ndim, None
     if family == "gather_row0":  # an index that is size 1 along the batch: it reads row 0 only
         return family, lambda x: aten.gather.default(x, (SHAPE[-1] + 1) % len(SHAPE[:-1]), torch.zeros(
             [1 if i == SHAPE[-1] else 1 for i in range(len(SHAPE) - 1)], dtype=torch.long)), ndim, None
