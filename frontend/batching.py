@@ -280,6 +280,10 @@ class BatchAnalysis:
                 return None
             if isinstance(a, (list, tuple)):
                 return tuple(key_of(x) for x in a)
+            if isinstance(a, slice):
+                return ("slice", key_of(a.start), key_of(a.stop), key_of(a.step))
+            if a is Ellipsis:
+                return "..."
             if isinstance(a, dict):
                 return tuple((k, key_of(x)) for k, x in a.items())
             if isinstance(a, (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
