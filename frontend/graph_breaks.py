@@ -1,0 +1,45 @@
+"""Graph breaks: the reasons Dynamo gave for cutting a model into several graphs, for ``explain()``.
+
+Each graph Dynamo hands over is planned on its own (split where its batch is symbolic, whole where it is
+not); a user who sees more graphs than expected needs the reason, which Dynamo records in its global
+counters (``graph_break``, and ``unimplemented`` for data-dependent control flow). :func:`recording`
+collects the reasons that appear while a model is being captured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+__all__ = ["recording"]
+
+_KINDS = ("graph_break", "unimplemented")
+
+
+def _snapshot() -> dict[tuple[str, str], int]:
+    from torch._dynamo.utils import counters
+
+    return {(kind, reason): n for kind in _KINDS for reason, n in counters[kind].items()}
+
+
+@contextlib.contextmanager
+def recording(into: list[str]) -> Iterator[None]:
+    """Append to ``into`` the first line of every graph-break reason Dynamo counts inside the block."""
+    before = _snapshot()
+    try:
+        yield
+    finally:
+        for key, n in _snapshot().items():
+            if n > before.get(key, 0):
+                line = _summary(key[1])
+                if line not in into:
+                    into.append(line)
+
+
+def _summary(reason: str) -> str:
+    """The headline of a Dynamo graph-break reason, with its debug context (the op or call it stopped at)."""
+    lines = [ln.strip() for ln in reason.strip().splitlines() if ln.strip()]
+    if not lines:
+        return reason
+    context = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Developer debug context:")), "")
+    return f"{lines[0]} ({context})" if context and context not in lines[0] else lines[0]

@@ -1,0 +1,57 @@
+"""Graph breaks: every graph Dynamo hands over is planned on its own and the model equals eager;
+``explain()`` lists the breaks and Dynamo's reasons."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dynaflow
+
+
+def _break(h):
+    torch._dynamo.graph_break()
+    return h
+
+
+def _item(h):
+    return h * (h.sum().item() > 0)
+
+
+def _branch(h):
+    return h + 1 if h.sum() > 0 else h - 1
+
+
+def _nonzero(h):
+    return h + h.nonzero().shape[0]
+
+
+def _masked_select(h):
+    return h + h.masked_select(h > 0).sum()
+
+
+class Breaking(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.a, self.b, self.fn = nn.Linear(8, 8), nn.Linear(8, 8), fn
+
+    def forward(self, x):
+        return self.b(self.fn(self.a(x)).relu())
+
+
+@pytest.mark.parametrize("fn, reason", [(_break, "graph_break"), (_item, "item"), (_branch, "data-dependent"),
+                                        (_nonzero, "nonzero"), (_masked_select, "masked_select")],
+                         ids=["graph_break", "item", "branch", "nonzero", "masked_select"])
+def test_each_graph_is_planned_on_its_own_and_explain_lists_the_breaks(fn, reason):
+    torch.manual_seed(0)
+    model = Breaking(fn).eval()
+    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=2)
+    with torch.no_grad():
+        for batch in (6, 5, 7):
+            x = torch.randn(batch, 8)
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    assert len(compiled.graphs) >= 2
+    text = compiled.explain()
+    assert "graph breaks" in text and reason.lower() in text.lower(), text
+    assert any(s.kind.value == "split" for g in compiled.graphs if g.segmented for s in g.segmented.segments)
