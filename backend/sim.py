@@ -13,7 +13,6 @@ different resources therefore overlap perfectly (makespan = the longer lane), an
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -22,7 +21,7 @@ from dynaflow.errors import BackendError
 from dynaflow.ir import ALL
 from dynaflow.timeline import Timeline, TimelineEvent
 from dynaflow.backend.program import Launch, Program, Wait
-from dynaflow.backend.executors import Executor, executors, run_launch
+from dynaflow.backend.launch import Executor, ExecutorContext, run_serial
 
 __all__ = ["simulate", "SimExecutor", "launch_rows", "lane_shares"]
 
@@ -169,7 +168,13 @@ class SimExecutor(Executor):
         self.num_sms = num_sms
         self.contention = contention
         self.compute = compute
-        self._lock = threading.Lock()
+
+    @classmethod
+    def from_context(cls, ctx: ExecutorContext) -> "SimExecutor":
+        spec = ctx.device() if ctx.device is not None else None
+        return cls(cost=ctx.cost_model() if ctx.cost_model is not None else None,
+                   num_sms=spec.num_sms if spec is not None and spec.num_sms > 1 else None,
+                   wait_latency=spec.wait_latency if spec is not None else 0.0)
 
     def predict(self, program: Program) -> Timeline:
         if self.cost is None:
@@ -178,19 +183,12 @@ class SimExecutor(Executor):
         return simulate(program, self.cost, num_sms=self.num_sms, contention=self.contention,
                         wait_latency=self.wait_latency)
 
-    def run(self, program: Program, inputs: Sequence[Any]) -> Any:
+    def run(self, program: Program, inputs: Sequence[Any], *, capture: bool = False) -> Any:
         timeline = self.predict(program)
         out = None
         if self.compute:
-            env = self.new_env(program, inputs)
-            B = program.batch_size
-            for launch, frees in zip(program.serial_order, program.serial_frees):
-                run_launch(launch, env, self._lock, B)
-                for slot in frees:
-                    env[slot] = None
-            out = self.outputs(program, env)
+            step = self.begin_step(program, inputs, record=False)
+            run_serial(step)
+            out = self.outputs(program, step.env)
         self.last_timeline = timeline
         return out
-
-
-executors.register("sim", SimExecutor)

@@ -23,7 +23,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
 from dynaflow import knobs
-from dynaflow.backend import Program, executors, lower
+from dynaflow.backend import ExecutorContext, Program, check_executor_name, executors, lower, make_executor
 from dynaflow.backend.buckets import (BucketChoice, Mode, barrier_names, choose_bucket, input_specs, pad_inputs,
                                       unpad_outputs)
 from dynaflow.backend.checks import check_program
@@ -70,6 +70,7 @@ class CompiledGraph:
 
     def __init__(self, gm: torch.fx.GraphModule, config: DynaflowConfig, strategy: Strategy, label: str = "graph0"):
         self.gm = gm
+        check_executor_name(config.executor)
         self.config = config
         self.strategy = strategy
         self.label = label
@@ -478,15 +479,8 @@ class CompiledGraph:
                     f"executor={name!r} is not available in this build (available: {', '.join(executors.available())}). "
                     "The CUDA executor needs a CUDA build of torch and a GPU; use 'serial', 'thread' or 'sim' on CPU."
                 )
-            options: dict[str, Any] = {}
-            if name == "thread":
-                options["wait_timeout"] = self.config.wait_timeout
-            elif name == "sim":
-                options.update(cost=self.cost_model(inputs), num_sms=self.num_sms(inputs),
-                               wait_latency=self.device(inputs).wait_latency)
-            elif name == "cuda":
-                options["config"] = self.config
-            ex = executors.resolve(name, **options)
+            ex = make_executor(name, ExecutorContext(self.config, lambda: self.cost_model(inputs),
+                                                     lambda: self.device(inputs)))
             self._executors[name] = ex
         return ex
 
@@ -524,10 +518,7 @@ class CompiledGraph:
                 f"{getattr(ex, 'name', ex)!r} executor was chosen. Set cuda_graphs=False for CPU runs."
             )
         program = self.program_for(plan, padded)
-        if getattr(ex, "name", "") == "cuda":
-            out = ex.run(program, padded, capture=choice.mode is Mode.GRAPH)
-        else:
-            out = ex.run(program, padded)
+        out = ex.run(program, padded, capture=choice.mode is Mode.GRAPH)
         self.last_bucket = choice
         self._ran(plan, ex)
         return unpad_outputs(out, self.segmented, batch, choice.size)
@@ -606,6 +597,7 @@ class Compiled:
     """A model compiled by dynaflow: call it like the model; inspect it with ``explain()``."""
 
     def __init__(self, model: Callable[..., Any], config: DynaflowConfig):
+        check_executor_name(config.executor)
         self.model = model
         self.config = config
         self.strategy: Strategy = get_strategy(config.strategy, **dict(config.strategy_options))
