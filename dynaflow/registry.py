@@ -56,6 +56,17 @@ class Registry(Generic[T]):
             factory = self._factories[name.lower()] = self._import_class(factory)
         return factory
 
+    def classes(self) -> list[tuple[str, type]]:
+        """(name, class) of every registered class, in registration order (entry points last); a lazily
+        registered ``"module:Class"`` is imported now."""
+        self._load_entry_points()
+        out = []
+        for name in list(self._factories):
+            factory = self.factory(name)
+            if isinstance(factory, type):
+                out.append((name, factory))
+        return out
+
     def available(self) -> list[str]:
         self._load_entry_points()
         return sorted(self._factories)

@@ -10,13 +10,14 @@ input bucket into a static Schedule; it never runs per step.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 from dynaflow.errors import StrategyError
-from dynaflow.ir import ALL, InputInfo, Lane, NanoGraph, NanoOp, Schedule, SplitConfig
+from dynaflow.ir import ALL, InputInfo, Lane, NanoGraph, NanoOp, Resource, Schedule, SplitConfig
 from dynaflow.strategies import splits
 
-__all__ = ["Strategy", "ScheduleContext"]
+__all__ = ["Strategy", "ScheduleContext", "SearchSpace", "SearchSpec"]
 
 
 class _Done:
@@ -86,6 +87,49 @@ class ScheduleContext:
         return Schedule.from_lanes(self.strategy.name, self.split, {self.lanes[n]: ops for n, ops in self._order.items()}, notes)
 
 
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a search bucket offers a strategy's :meth:`Strategy.candidates`: the batch's facts, the segments'
+    resources, the device's SMs and their granularity, and the search's limits."""
+
+    info: InputInfo
+    resources: frozenset[Resource]
+    num_sms: int | None = None
+    granularity: int = 8
+    max_nano_batches: int = 4
+    sm_steps: int = 4
+
+    @property
+    def nano_counts(self) -> range:
+        """Nano-batch counts worth trying: 2 .. min(max_nano_batches, batch)."""
+        return range(2, max(1, min(self.max_nano_batches, self.info.batch_size)) + 1)
+
+    def sm_splits(self) -> list[int]:
+        """SM counts for the smaller partition, multiples of the granularity, below the device's total."""
+        if not self.num_sms:
+            return []
+        out = []
+        for k in range(1, self.sm_steps):
+            sm = max(self.granularity, int(self.num_sms * k / self.sm_steps) // self.granularity * self.granularity)
+            if sm < self.num_sms:
+                out.append(sm)
+        return out
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """How a strategy wants to be autotuned (returned by :meth:`Strategy.search`): where the candidates come
+    from, the tuning-bucket policy, how many predictions to measure and how often, the disk cache, and the
+    strategy to run while ranks disagree."""
+
+    candidates: Callable[[InputInfo, set[Resource], int | None, int], list[Any]]
+    buckets: str = "pow2"
+    measure_top_k: int = 2
+    repeats: int = 5
+    cache: bool = True
+    fallback: "Strategy | None" = None
+
+
 class Strategy:
     """Base strategy: one nano-batch, program order, one lane — i.e. sequential execution."""
 
@@ -126,6 +170,17 @@ class Strategy:
         if _overrides(self, "schedule"):
             return self.record(graph)
         return Schedule.from_lanes(self.name, split, {self.lanes(graph)[0]: list(graph.ops)})
+
+    def search(self) -> SearchSpec | None:
+        """The autotuner's search this strategy asks for (``auto`` returns one); ``None``: plan directly."""
+        return None
+
+    @classmethod
+    def search_candidates(cls, space: SearchSpace) -> list[dict[str, Any]]:
+        """Points of the autotuner's search space for this strategy: option dicts for ``cls(**options)``.
+        The default tries nothing; ``auto`` asks every registered strategy, so a strategy registered from
+        outside the package is searched once it declares its points here."""
+        return []
 
     # -- imperative recording ------------------------------------------------------------------------
     def record(self, graph: NanoGraph) -> Schedule:
