@@ -16,6 +16,7 @@ the arena's slot-size probe and the Inductor warm-up — so what one launch mean
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,9 @@ from dynaflow.segmented import OutRef
 from dynaflow.timeline import Timeline, TimelineEvent
 from dynaflow.backend.program import Launch, Program, Wait, fetch
 
-__all__ = ["Executor", "ExecutorContext", "StepContext", "run_launch", "step_loop", "NOLOCK"]
+__all__ = ["Executor", "ExecutorContext", "StepContext", "run_launch", "step_loop", "run_serial", "NOLOCK"]
+
+log = logging.getLogger(__name__)
 
 
 class _NoLock:
@@ -63,6 +66,8 @@ class StepContext:
     t_start: float = 0.0
     failed: BaseException | None = None
     """Set by a lane that failed: the other lanes stop at their next instruction."""
+    trace: bool = False
+    """``DYNAFLOW_DEBUG>=4``: every launch is logged as it finishes."""
 
     @property
     def batch(self) -> int:
@@ -120,6 +125,7 @@ def step_loop(step: StepContext, instructions: Iterable[Launch | Wait], *,
     env = step.env
     clock = time.perf_counter
     t_start = step.t_start
+    trace = step.trace
     for i, ins in enumerate(instructions):
         if step.failed is not None:
             return
@@ -136,6 +142,8 @@ def step_loop(step: StepContext, instructions: Iterable[Launch | Wait], *,
         if timeline is not None:
             timeline.append(TimelineEvent(ins.lane, repr(ins.op), t0 - t_start, clock() - t_start,
                                           ins.segment.resource.value))
+        if trace:
+            log.info("launch %s on %s (%.1f ms into the step)", ins.op, ins.lane, (clock() - t_start) * 1e3)
         if after is not None:
             after(ins)
         if frees is not None:
@@ -182,7 +190,8 @@ class Executor:
         nano-batch context provider, and a timeline list when ``record`` (default: the timeline knob)."""
         record = knobs.record_timeline() if record is None else record
         return StepContext(program, self.new_env(program, inputs), current_nano_context(),
-                           threading.Lock() if lock is None else lock, [] if record else None, time.perf_counter())
+                           threading.Lock() if lock is None else lock, [] if record else None, time.perf_counter(),
+                           trace=knobs.debug_level() >= 4)
 
     @staticmethod
     def new_env(program: Program, inputs: Sequence[Any]) -> list[Any]:
