@@ -1,4 +1,4 @@
-"""Buffer plan: liveness of a Program's values and their offsets in one arena per input bucket.
+"""Buffer plan: liveness of a Program's values and their offsets in one arena per program (batch size).
 
 Two questions, both answered from a Program and the byte size of each slot (measured by one probe run,
 or made up in tests):
@@ -168,7 +168,7 @@ def plan_arena(program: Program, sizes: Mapping[int, int]) -> ArenaPlan:
 def probe_slot_sizes(program: Program, inputs: Sequence[Any], run_launch: Any = None) -> dict[int, SlotSize]:
     """Run ``program`` once in serial order on real inputs and record every produced slot's size.
 
-    The run keeps every value (it is a measurement, not a step), so use small or real-bucket inputs.
+    The run keeps every value (it is a measurement, not a step), so use small or real-size inputs.
     ``run_launch(launch, step)`` replaces the launch body (tests spy on it)."""
     from dynaflow.backend.launch import Executor, StepContext, step_loop
 

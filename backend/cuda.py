@@ -9,7 +9,7 @@ wait for nothing — and joins back (the caller's stream waits on every lane). C
 compiled callable is stream-correct for its caller like any torch op.
 
 **Memory.** Nano-batch inputs are views (``narrow``). Merge buffers (full-batch values written slice by
-slice by nano launches) are carved out of one preallocated byte arena per program (input bucket). The
+slice by nano launches) are carved out of one preallocated byte arena per program (batch size). The
 first step of a program is a *probe*: it runs every launch on the caller's stream alone (correct, not
 overlapped), which measures the merge buffers without any lane writing into memory freshly taken from
 another stream's pool; from the second step on the lanes run concurrently and no merge buffer is
@@ -22,11 +22,11 @@ captured as one graph per program and input signature: the capture stream forks 
 capture begins and joins before it ends, so the lane streams and events become graph edges. Segments
 tagged ``no-cudagraph`` cut the step into pieces (:mod:`dynaflow.backend.graphs`) that run eagerly
 between graphs. Every segment is warmed by two eager steps before capture (Inductor compiles happen
-even earlier, in :class:`~dynaflow.backend.compiled_segments.InductorSegments`). Inputs are copied into
+even earlier, in :class:`~dynaflow.backend.inductor.InductorSegments`). Inputs are copied into
 static buffers (a parameter is captured in place, never copied); outputs are returned as clones
 (``copy_outputs=True``) or as the static output tensors that the next replay overwrites. In eager mode
 only outputs living in the merge-buffer arena are cloned (other outputs are fresh tensors anyway).
-Padding batches up to capture sizes happens above the executor (:mod:`dynaflow.backend.buckets`).
+Padding batches up to capture sizes happens above the executor (:mod:`dynaflow.backend.capture_sizes`).
 
 **Timeline** (``gpu_timeline=True``): a pair of timing events around every launch; the executor
 synchronises once at the end of the step to read them (so it is off by default). Under CUDA Graphs

@@ -20,10 +20,10 @@ import torch.fx
 
 from dynaflow import knobs
 from dynaflow.backend import ExecutorContext, Program, check_executor_name, executors, make_executor
-from dynaflow.backend.buckets import (BucketChoice, Mode, barrier_names, choose_bucket, input_specs, pad_inputs,
+from dynaflow.backend.capture_sizes import (CaptureChoice, Mode, barrier_names, choose_capture_size, input_specs, pad_inputs,
                                       unpad_outputs)
 from dynaflow.backend.comm import DistributedPlanner
-from dynaflow.backend.compiled_segments import InductorSegments
+from dynaflow.backend.inductor import InductorSegments
 from dynaflow.config import DynaflowConfig
 from dynaflow.cost import CostModel
 from dynaflow.errors import BackendError
@@ -74,7 +74,7 @@ class CompiledGraph:
         """For a static capture: where the caller learnt the batch size (Dynamo inputs start with weights)."""
         self._executors: dict[str, Any] = {}
         self._inductor: InductorSegments | None = None
-        self.last_bucket: BucketChoice | None = None
+        self.last_capture: CaptureChoice | None = None
         """With ``cuda_graphs=True``: how the latest call was padded to a capture size (graph or eager)."""
         self.distributed: DistributedPlanner | None = None
         """Split agreement, collective ordering and lane communicators (set by ``prepare``)."""
@@ -275,7 +275,7 @@ class CompiledGraph:
             self._inductor = InductorSegments()
         return self._inductor.program_for(plan.program, inputs)
 
-    def bucket_for(self, batch: int) -> BucketChoice:
+    def capture_for(self, batch: int) -> CaptureChoice:
         """Which capture size a batch runs at (``cuda_graphs=True``), padding up when that is safe."""
         assert self.segmented is not None
         unsafe = [f"barrier segment {n!r} sees the whole batch" for n in barrier_names(self.segmented)]
@@ -283,14 +283,14 @@ class CompiledGraph:
             unsafe.append("the batch size is not read from an input tensor")
         if current_requests() is not None:
             unsafe.append("a dynaflow.requests(...) layout is active")
-        return choose_bucket(batch, self.config.capture_sizes, self.config.over_capture, unsafe)
+        return choose_capture_size(batch, self.config.capture_sizes, self.config.over_capture, unsafe)
 
-    def run_bucketed(self, inputs: Sequence[Any], executor: Any = None) -> Any:
+    def run_captured(self, inputs: Sequence[Any], executor: Any = None) -> Any:
         """One call under ``cuda_graphs=True``: pad to the capture size, plan and run at that size (captured
         on the cuda executor), and narrow the outputs back. ``executor`` overrides the resolved one (tests)."""
         assert self.segmented is not None
         batch = self.batch_size(inputs)
-        choice = self.bucket_for(batch)
+        choice = self.capture_for(batch)
         padded = pad_inputs(inputs, input_specs(self.segmented), batch, choice.size) if choice.padded else list(inputs)
         plan = self.plan_for(padded)
         ex = executor if executor is not None else self.executor_for(plan, padded)
@@ -300,7 +300,7 @@ class CompiledGraph:
                 f"{getattr(ex, 'name', ex)!r} executor was chosen. Set cuda_graphs=False for CPU runs."
             )
         out = ex.run(self.program_for(plan, padded), padded, capture=choice.mode is Mode.GRAPH)
-        self.last_bucket = choice
+        self.last_capture = choice
         self._ran(plan, ex)
         return unpad_outputs(out, self.segmented, batch, choice.size)
 
@@ -328,7 +328,7 @@ class CompiledGraph:
         if self._record is not None:
             self._record[id(self)] = inputs
         if self.config.cuda_graphs:
-            return self.run_bucketed(inputs)
+            return self.run_captured(inputs)
         plan = self._unsplit_plan(inputs) if self._written_inputs and overlapping_writes(
             inputs, self._written_inputs) else self.plan_for(inputs)
         ex = self.executor_for(plan, inputs)

@@ -207,7 +207,7 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class InputInfo:
-    """What a strategy knows about one input bucket when it picks a split config.
+    """What a strategy knows about one batch (size, device, requests) when it picks a split config.
 
     ``request_lengths`` gives the rows (tokens) each request occupies along the batch dim, in batch order,
     and ``request_phases`` each request's phase (``"prefill"`` or ``"decode"``); callers set them per step

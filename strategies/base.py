@@ -1,10 +1,10 @@
 """The ``Strategy`` base class: every hook has a working default; override one to change one behaviour.
 
-A strategy decides (1) the split rules (``rules()``), (2) the nano-batch split for an input bucket
+A strategy decides (1) the split rules (``rules()``), (2) the nano-batch split for a batch size
 (``split_config(info)``), and (3) the schedule: either declaratively (``plan(graph, split)`` returns a
 :class:`Schedule`) or imperatively, DynaFlow style, with ``async def schedule(self, ctx)`` calling
 ``ctx.pop(nano)`` and ``ctx.execute(op, lane=...)``. The imperative program is *recorded* once per
-input bucket into a static Schedule; it never runs per step.
+batch size into a static Schedule; it never runs per step.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class ScheduleContext:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """What a search bucket offers a strategy's :meth:`Strategy.candidates`: the batch's facts, the segments'
+    """What a tuning bucket offers a strategy's :meth:`Strategy.search_candidates`: the batch's facts, the segments'
     resources, the device's SMs and their granularity, and the search's limits."""
 
     info: InputInfo
@@ -150,7 +150,7 @@ class Strategy:
         return None
 
     def split_config(self, info: InputInfo) -> SplitConfig:
-        """Nano-batch sizes for this input bucket: the requested or default count, cut at request boundaries
+        """Nano-batch sizes for this batch: the requested or default count, cut at request boundaries
         when the caller declared requests (else evenly), merged up to ``min_rows`` rows per nano-batch."""
         n = info.requested_nano_batches or self.nano_batches or self.default_nano_batches
         if info.request_lengths is not None:

@@ -226,7 +226,7 @@ def test_cuda_graphs_bucketed_calls_pad_capture_once_per_bucket_and_replay(fake_
         for batch, bucket, seed in [(5, 8, 1), (6, 8, 2), (3, 4, 3), (8, 8, 4), (5, 8, 5)]:
             x = transformer_input(batch, seed=seed)
             out = c(x)
-            assert c.graphs[0].last_bucket.size == bucket
+            assert c.graphs[0].last_capture.size == bucket
             torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
         ex = c.graphs[0]._executors["cuda"]
         states = [st for st in ex._states.values() if st.graphed]
