@@ -89,14 +89,7 @@ def simulate(program: Program, cost: CostModel, *, num_sms: int | None = None, c
                     if wait_latency > 0 and resume > now:  # the lane blocked: pay the hand-off
                         busy[li] = _Running(li, None, now, resume - now, {})
                     continue
-                est = cost.estimate(ins.segment, launch_rows(program, ins), shares[li])
-                if est is None:
-                    raise BackendError(
-                        f"The cost model {cost!r} has no estimate for segment {ins.segment.name!r} "
-                        f"({launch_rows(program, ins)} rows); profile the model with dynaflow.profile(...) or use a "
-                        "cost model that covers every segment."
-                    )
-                busy[li] = _Running(li, ins, now, max(est.seconds + launch_overhead, 0.0), _demand(est))
+                busy[li] = _start(program, cost, ins, li, now, shares[li], launch_overhead)
                 pc[li] += 1
                 started += 1
         return started
@@ -124,6 +117,19 @@ def simulate(program: Program, cost: CostModel, *, num_sms: int | None = None, c
         done += start_ready()
     events.sort(key=lambda e: (e.start, e.lane))
     return Timeline(tuple(events), "sim")
+
+
+def _start(program: Program, cost: CostModel, ins: Launch, li: int, now: float, share: float,
+           launch_overhead: float) -> _Running:
+    """A launch starting on lane ``li`` at ``now``: its solo time and resource demand from the cost model."""
+    est = cost.estimate(ins.segment, launch_rows(program, ins), share)
+    if est is None:
+        raise BackendError(
+            f"The cost model {cost!r} has no estimate for segment {ins.segment.name!r} "
+            f"({launch_rows(program, ins)} rows); profile the model with dynaflow.profile(...) or use a "
+            "cost model that covers every segment."
+        )
+    return _Running(li, ins, now, max(est.seconds + launch_overhead, 0.0), _demand(est))
 
 
 def _demand(est: Estimate) -> dict[str, float]:
