@@ -105,6 +105,7 @@ class CudaExecutor(Executor):
     """Runs a Program on CUDA streams (see the module docstring)."""
 
     name = "cuda"
+    captures_graphs = True
 
     def __init__(self, config: DynaflowConfig | None = None, **options: Any) -> None:
         why = cuda_unavailable_reason()

@@ -168,6 +168,8 @@ class Executor:
     is registered with one line: ``dynaflow.backend.executors.register("name", MyExecutor)``."""
 
     name = "base"
+    captures_graphs = False
+    """Whether ``run(..., capture=True)`` replays a CUDA graph (``cuda_graphs=True`` needs such an executor)."""
 
     def __init__(self) -> None:
         self.last_timeline: Timeline | None = None

@@ -294,7 +294,7 @@ class CompiledGraph:
         padded = pad_inputs(inputs, input_specs(self.segmented), batch, choice.size) if choice.padded else list(inputs)
         plan = self.plan_for(padded)
         ex = executor if executor is not None else self.executor_for(plan, padded)
-        if executor is None and getattr(ex, "name", "") != "cuda":
+        if executor is None and not getattr(ex, "captures_graphs", False):
             raise BackendError(
                 f"{self.label}: cuda_graphs=True needs the cuda executor (inputs on a CUDA device), but the "
                 f"{getattr(ex, 'name', ex)!r} executor was chosen. Set cuda_graphs=False for CPU runs."

@@ -1,5 +1,7 @@
-"""Capture helpers: mark the batch dim dynamic for Dynamo, make a plain GraphModule's batch symbolic,
-and check that a model's outputs are tensors (or tuples / dicts of them)."""
+"""Capture: mark the batch dim dynamic for Dynamo, make a plain GraphModule's batch symbolic, check that a
+model's outputs are tensors (or tuples / dicts of them), and the Dynamo hook — one shared backend whose
+captured graphs are answered by the owner whose call is in flight (:func:`run_dynamo`), with Dynamo's
+exceptions turned into dynaflow errors."""
 
 from __future__ import annotations
 
