@@ -107,9 +107,8 @@ class GraphEntry:
     one class share Dynamo's cache entries (no recompile limit after many compiles, and the cache holds no
     model); each call runs the calling owner's ``graph_for(entry)`` for this capture."""
 
-    def __init__(self, gm: torch.fx.GraphModule, example_inputs: list[Any] | None = None):
-        self.gm = gm
-        self.example_inputs = example_inputs
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm  # never the example inputs: Dynamo keeps this entry, and they hold the model's weights
 
     def __call__(self, *inputs: Any) -> Any:
         stack = getattr(_OWNERS, "stack", None)
@@ -125,7 +124,7 @@ class SharedBackend:
     """A Dynamo backend that wraps each captured graph in a :class:`GraphEntry`."""
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> GraphEntry:
-        return GraphEntry(gm, example_inputs)
+        return GraphEntry(gm)
 
 
 SHARED_BACKEND = SharedBackend()
