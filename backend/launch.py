@@ -50,7 +50,7 @@ class _NoLock:
 NOLOCK: Any = _NoLock()
 
 
-@dataclass
+@dataclass(slots=True)
 class StepContext:
     """What one step of a program shares between its launches, made once by :meth:`Executor.begin_step`."""
 
@@ -123,9 +123,16 @@ def step_loop(step: StepContext, instructions: Iterable[Launch | Wait], *,
     ``after``: called after each launch (record its event, count down readers); ``timeline``: wall-clock
     events are appended here. A lane stops early once ``step.failed`` is set."""
     env = step.env
+    trace = step.trace
+    if around is None and after is None and wait is None and timeline is None and not trace and frees is not None:
+        # the plain serial walk (serial and sim executors, probes): the same launches, nothing around them
+        for ins, free in zip(instructions, frees):
+            run_launch(ins, step)  # type: ignore[arg-type]  # a serial order holds launches only
+            for slot in free:
+                env[slot] = None
+        return
     clock = time.perf_counter
     t_start = step.t_start
-    trace = step.trace
     for i, ins in enumerate(instructions):
         if step.failed is not None:
             return
