@@ -124,15 +124,21 @@ def step_loop(step: StepContext, instructions: Iterable[Launch | Wait], *,
     events are appended here. A lane stops early once ``step.failed`` is set."""
     env = step.env
     trace = step.trace
-    if around is None and after is None and wait is None and timeline is None and not trace and frees is not None:
+    clock = time.perf_counter
+    t_start = step.t_start
+    if around is None and after is None and wait is None and not trace and frees is not None:
         # the plain serial walk (serial and sim executors, probes): the same launches, nothing around them
-        for ins, free in zip(instructions, frees):
-            run_launch(ins, step)  # type: ignore[arg-type]  # a serial order holds launches only
+        for ins, free in zip(instructions, frees):  # a serial order holds launches only
+            if timeline is None:
+                run_launch(ins, step)  # type: ignore[arg-type]
+            else:
+                t0 = clock()
+                run_launch(ins, step)  # type: ignore[arg-type]
+                timeline.append(TimelineEvent(ins.lane, repr(ins.op), t0 - t_start, clock() - t_start,  # type: ignore[union-attr]
+                                              ins.segment.resource.value))  # type: ignore[union-attr]
             for slot in free:
                 env[slot] = None
         return
-    clock = time.perf_counter
-    t_start = step.t_start
     for i, ins in enumerate(instructions):
         if step.failed is not None:
             return
