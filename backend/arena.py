@@ -1,4 +1,4 @@
-"""Buffer plan: liveness of a Program's values and their offsets in one arena per input bucket.
+"""Buffer plan: liveness of a Program's values and their offsets in one arena per program (batch size).
 
 Two questions, both answered from a Program and the byte size of each slot (measured by one probe run,
 or made up in tests):
@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from dynaflow.errors import BackendError
-from dynaflow.backend.program import CONST, Launch, Program, Wait
+from dynaflow.backend.program import CONST, Program, Wait
 
 __all__ = ["SlotSize", "ArenaPlan", "happens_before", "serial_peak", "plan_arena", "probe_slot_sizes", "ALIGN"]
 
@@ -168,24 +168,19 @@ def plan_arena(program: Program, sizes: Mapping[int, int]) -> ArenaPlan:
 def probe_slot_sizes(program: Program, inputs: Sequence[Any], run_launch: Any = None) -> dict[int, SlotSize]:
     """Run ``program`` once in serial order on real inputs and record every produced slot's size.
 
-    The run keeps every value (it is a measurement, not a step), so use small or real-bucket inputs.
-    """
-    from dynaflow.backend.executors import Executor, run_launch as default_run
-    import threading
+    The run keeps every value (it is a measurement, not a step), so use small or real-size inputs.
+    ``run_launch(launch, step)`` replaces the launch body (tests spy on it)."""
+    from dynaflow.backend.launch import Executor, StepContext, step_loop
 
-    run = run_launch or default_run
-    env = Executor.new_env(program, inputs)
-    lock = threading.Lock()
-    for launch in program.serial_order:
-        run(launch, env, lock, program.batch_size)
+    step = StepContext(program, Executor.new_env(program, inputs))
+    if run_launch is None:
+        step_loop(step, program.serial_order)
+    else:
+        for launch in program.serial_order:
+            run_launch(launch, step)
     out: dict[int, SlotSize] = {}
     for s in range(program.num_inputs, program.num_slots):
-        v = env[s]
+        v = step.env[s]
         if isinstance(v, torch.Tensor):
             out[s] = SlotSize(tuple(v.shape), v.dtype, v.numel() * v.element_size())
     return out
-
-
-def launch_reads(launch: Launch) -> tuple[int, ...]:
-    """Slots a launch reads."""
-    return tuple(a.slot for a in launch.args if a.kind != CONST)

@@ -9,7 +9,7 @@ wait for nothing — and joins back (the caller's stream waits on every lane). C
 compiled callable is stream-correct for its caller like any torch op.
 
 **Memory.** Nano-batch inputs are views (``narrow``). Merge buffers (full-batch values written slice by
-slice by nano launches) are carved out of one preallocated byte arena per program (input bucket). The
+slice by nano launches) are carved out of one preallocated byte arena per program (batch size). The
 first step of a program is a *probe*: it runs every launch on the caller's stream alone (correct, not
 overlapped), which measures the merge buffers without any lane writing into memory freshly taken from
 another stream's pool; from the second step on the lanes run concurrently and no merge buffer is
@@ -22,11 +22,11 @@ captured as one graph per program and input signature: the capture stream forks 
 capture begins and joins before it ends, so the lane streams and events become graph edges. Segments
 tagged ``no-cudagraph`` cut the step into pieces (:mod:`dynaflow.backend.graphs`) that run eagerly
 between graphs. Every segment is warmed by two eager steps before capture (Inductor compiles happen
-even earlier, in :class:`~dynaflow.backend.compiled_segments.InductorSegments`). Inputs are copied into
+even earlier, in :class:`~dynaflow.backend.inductor.InductorSegments`). Inputs are copied into
 static buffers (a parameter is captured in place, never copied); outputs are returned as clones
 (``copy_outputs=True``) or as the static output tensors that the next replay overwrites. In eager mode
 only outputs living in the merge-buffer arena are cloned (other outputs are fresh tensors anyway).
-Padding batches up to capture sizes happens above the executor (:mod:`dynaflow.backend.buckets`).
+Padding batches up to capture sizes happens above the executor (:mod:`dynaflow.backend.capture_sizes`).
 
 **Timeline** (``gpu_timeline=True``): a pair of timing events around every launch; the executor
 synchronises once at the end of the step to read them (so it is off by default). Under CUDA Graphs
@@ -35,19 +35,21 @@ each piece is timed as one event on the caller's lane.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from dynaflow.config import DynaflowConfig
 from dynaflow.errors import BackendError
 from dynaflow.ir import Lane
+from dynaflow.nanocontext import current_nano_context
 from dynaflow.timeline import Timeline, TimelineEvent
 from dynaflow.backend.arena import ALIGN
-from dynaflow.backend.executors import Executor, run_launch
+from dynaflow.backend.launch import NOLOCK, Executor, ExecutorContext, StepContext, step_loop
 from dynaflow.backend.graphs import CapturePlan, Piece, capture_plan, waits_before
 from dynaflow.backend.program import CONST, Program, Wait
 from dynaflow.backend.streams import LaneStream, make_lane_streams
@@ -103,6 +105,7 @@ class CudaExecutor(Executor):
     """Runs a Program on CUDA streams (see the module docstring)."""
 
     name = "cuda"
+    captures_graphs = True
 
     def __init__(self, config: DynaflowConfig | None = None, **options: Any) -> None:
         why = cuda_unavailable_reason()
@@ -118,6 +121,10 @@ class CudaExecutor(Executor):
         self._capture_stream: Any = None
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_context(cls, ctx: ExecutorContext) -> "CudaExecutor":
+        return cls(config=ctx.config)
+
     # -- public ---------------------------------------------------------------------------------------
     def lane_streams(self, program: Program) -> tuple[LaneStream, ...]:
         """The streams (and granted SM partitions) the program's lanes run on."""
@@ -129,7 +136,7 @@ class CudaExecutor(Executor):
         graphs = self.config.cuda_graphs if capture is None else capture
         if graphs:
             return self._run_graphed(state, inputs)
-        env = self.new_env(program, inputs)
+        step = self.begin_step(program, inputs, lock=NOLOCK, record=False)
         timing: list[tuple[str, str, str, Any, Any]] | None = [] if self.config.gpu_timeline else None
         caller = torch.cuda.current_stream()
         start = _timing_event(caller) if timing is not None else None
@@ -137,27 +144,28 @@ class CudaExecutor(Executor):
             # First step of this program: run it on the caller's stream alone. It measures the merge
             # buffers (allocated here on one stream, so no lane can race with the allocator's earlier
             # users of that memory) and warms every kernel; then the arena replaces them.
-            self._probe(state, env, timing)
-            self._make_arena(state, env)
+            self._probe(state, step, timing)
+            self._make_arena(state, step.env)
         else:
-            self._prefill_buffers(state, env)
-            self._issue(state, state.eager_piece, env, caller, frees=True, timing=timing)
+            self._prefill_buffers(state, step.env)
+            self._issue(state, state.eager_piece, step, caller, frees=True, timing=timing)
         state.steps += 1
         self._finish_timeline(start, timing)
-        return self._outputs(program, env, set(state.buffers or ()))
+        return self._outputs(program, step.env, set(state.buffers or ()))
 
-    def _probe(self, state: _State, env: list[Any], timing: list[tuple[str, str, str, Any, Any]] | None) -> None:
-        program = state.program
+    def _probe(self, state: _State, step: StepContext, timing: list[tuple[str, str, str, Any, Any]] | None) -> None:
         caller = torch.cuda.current_stream()
-        buffers = set(program.buffers)
-        for launch, frees in zip(program.serial_order, program.serial_frees):
-            t0 = _timing_event(caller) if timing is not None else None
-            run_launch(launch, env, _NOLOCK, program.batch_size)
-            if timing is not None:
-                timing.append((launch.lane, repr(launch.op), launch.segment.resource.value, t0, _timing_event(caller)))
-            for slot in frees:
-                if slot not in buffers:  # merge buffers are measured after the step
-                    env[slot] = None
+
+        @contextlib.contextmanager
+        def timed(launch: Any) -> Iterator[None]:
+            t0 = _timing_event(caller)
+            yield
+            timing.append((launch.lane, repr(launch.op), launch.segment.resource.value, t0,  # type: ignore[union-attr]
+                           _timing_event(caller)))
+
+        buffers = set(state.program.buffers)  # merge buffers are measured after the step: never freed here
+        frees = [[s for s in f if s not in buffers] for f in state.program.serial_frees]
+        step_loop(step, state.program.serial_order, frees=frees, around=timed if timing is not None else None)
 
     def close(self) -> None:
         self._states.clear()
@@ -219,33 +227,37 @@ class CudaExecutor(Executor):
         log.debug("merge-buffer arena: %d buffers, %d bytes", len(specs), total)
 
     # -- issuing --------------------------------------------------------------------------------------
-    def _issue(self, state: _State, piece: Piece, env: list[Any], caller: Any, *, frees: bool,
+    def _issue(self, state: _State, piece: Piece, step: StepContext, caller: Any, *, frees: bool,
                timing: list[tuple[str, str, str, Any, Any]] | None = None, only: set[int] | None = None) -> None:
-        """Fork ``caller`` into the lanes, issue the piece's launches in serial order, join back.
+        """Fork ``caller`` into the lanes, issue the piece's launches in serial order through the step loop,
+        join back.
 
         ``frees``: drop each value after its last use; ``only``: drop only these slots (inside a capture,
         the values the piece itself allocated from the graph's pool — never a tensor allocated outside the
         capture, whose memory the allocator could hand out again while replays still read it)."""
-        program = state.program
+        env = step.env
         streams = [ls.stream for ls in state.lanes]
         used = sorted({state.lane_of[id(l)] for l in piece.order})
         for li in used:
             streams[li].wait_stream(caller)
         free_at = state.free_at if frees else {}
         recorded = {l.event for l in piece.order if l.event is not None}
-        for launch in piece.order:
-            li = state.lane_of[id(launch)]
-            s = streams[li]
+
+        @contextlib.contextmanager
+        def on_lane(launch: Any) -> Iterator[None]:
+            s = streams[state.lane_of[id(launch)]]
             for w in state.waits[id(launch)]:
                 if w.event in recorded:  # events of earlier pieces are covered by their join
                     s.wait_event(state.events[w.event])
             with torch.cuda.stream(s):
                 t0 = _timing_event(s) if timing is not None else None
-                run_launch(launch, env, _NOLOCK, program.batch_size)
+                yield
                 if timing is not None:
                     timing.append((launch.lane, repr(launch.op), launch.segment.resource.value, t0, _timing_event(s)))
                 if launch.event is not None:
                     state.events[launch.event].record(s)
+
+        def free(launch: Any) -> None:
             for slot in free_at.get(id(launch), ()):
                 if only is not None and slot not in only:
                     continue
@@ -254,6 +266,8 @@ class CudaExecutor(Executor):
                     for r in state.cross_readers.get(slot, ()):
                         v.record_stream(streams[r])
                 env[slot] = None
+
+        step_loop(step, piece.order, around=on_lane, after=free if free_at else None)
         for li in used:
             caller.wait_stream(streams[li])
 
@@ -269,6 +283,7 @@ class CudaExecutor(Executor):
             for static, x in zip(g.static_inputs, inputs):
                 if isinstance(x, torch.Tensor) and x.data_ptr() != static.data_ptr():
                     static.copy_(x)
+        step = StepContext(program, g.env, current_nano_context(), NOLOCK)
         timing: list[tuple[str, str, str, Any, Any]] | None = [] if self.config.gpu_timeline else None
         start = _timing_event(caller) if timing is not None else None
         for piece in g.plan.pieces:
@@ -276,7 +291,7 @@ class CudaExecutor(Executor):
             if piece.graph:
                 g.graphs[piece.index].replay()
             else:
-                self._replay_eager(state, piece, g.env, caller)
+                self._replay_eager(state, piece, step, caller)
             if timing is not None:
                 timing.append(("graph", f"piece{piece.index}" + ("" if piece.graph else " (eager)"), "", t0,
                                _timing_event(caller)))
@@ -292,7 +307,8 @@ class CudaExecutor(Executor):
         if self._capture_stream is None:
             self._capture_stream = torch.cuda.Stream()
         cap = self._capture_stream
-        env = self.new_env(program, static)
+        step = self.begin_step(program, static, lock=NOLOCK, record=False)
+        env = step.env
         self._prefill_buffers(state, env)
         graphs: dict[int, Any] = {}
         caller = torch.cuda.current_stream()
@@ -303,7 +319,7 @@ class CudaExecutor(Executor):
                 own = {s for launch in piece.order for s in launch.out_slots}
                 try:
                     with torch.cuda.graph(graph, stream=cap):
-                        self._issue(state, piece, env, cap, frees=True, only=own)
+                        self._issue(state, piece, step, cap, frees=True, only=own)
                 except Exception as exc:
                     segs = sorted({launch.segment.name for launch in piece.order})
                     raise BackendError(
@@ -315,17 +331,18 @@ class CudaExecutor(Executor):
                 graphs[piece.index] = graph
             else:
                 with torch.cuda.stream(cap):
-                    self._issue(state, piece, env, cap, frees=False)
+                    self._issue(state, piece, step, cap, frees=False)
         caller.wait_stream(cap)
         log.info("captured %s for %r", plan, program)
         # capture recorded the work without running it; the caller replays right away, which makes the
         # static outputs valid
         return _Graphed(plan, graphs, static, env)
 
-    def _replay_eager(self, state: _State, piece: Piece, env: list[Any], caller: Any) -> None:
+    def _replay_eager(self, state: _State, piece: Piece, step: StepContext, caller: Any) -> None:
         """Run an uncapturable piece and copy its outputs into the tensors later graphs read (fixed addresses)."""
+        env = step.env
         scratch = list(env)
-        self._issue(state, piece, scratch, caller, frees=False)
+        self._issue(state, piece, step.with_env(scratch), caller, frees=False)
         for launch in piece.order:
             for slot in launch.out_slots:
                 old, new = env[slot], scratch[slot]
@@ -353,19 +370,6 @@ class CudaExecutor(Executor):
             t1.synchronize()
             events.append(TimelineEvent(lane, op, start.elapsed_time(t0) / 1e3, start.elapsed_time(t1) / 1e3, res))
         self.last_timeline = Timeline(tuple(sorted(events, key=lambda e: e.start)), self.name)
-
-
-class _NoLock:
-    """Launches are issued from one host thread, so the merge-buffer allocation needs no lock."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-_NOLOCK: Any = _NoLock()
 
 
 def _timing_event(stream: Any) -> Any:

@@ -122,42 +122,49 @@ class Program:
                 f"{len(self.buffers)} merge buffers)")
 
 
-def lower(seg: SegmentedModule, graph: NanoGraph, schedule: Schedule) -> Program:
-    """Lower a verified schedule into a Program (see the module docstring)."""
-    split = graph.split
-    B = split.batch_size
-    bounds_of = {s.name: graph.split_of(s).boundaries for s in graph.segments if not s.whole}
-    slots: dict[tuple[str, int], int] = {}
-    for name, v in seg.values.items():
-        if v.source == "input":
-            slots[(name, ALL)] = v.index
-    next_slot = [seg.num_inputs]
+class _Lowering:
+    """What the phases of :func:`lower` share: a slot per (value, nano-batch), the merge buffers, the row
+    ranges of every split segment."""
 
-    def new_slot() -> int:
-        next_slot[0] += 1
-        return next_slot[0] - 1
+    def __init__(self, seg: SegmentedModule, graph: NanoGraph):
+        self.seg = seg
+        self.split = split = graph.split
+        self.B = split.batch_size
+        self.bounds_of = {s.name: graph.split_of(s).boundaries for s in graph.segments if not s.whole}
+        self.slots: dict[tuple[str, int], int] = {(name, ALL): v.index for name, v in seg.values.items()
+                                                  if v.source == "input"}
+        self.num_slots = seg.num_inputs
+        self.producer_whole = {c.segment.name: c.segment.whole for c in seg.calls}
+        self.calls = {c.segment.name: c for c in seg.calls}
+        self.out_names = [leaf.name for leaf in _leaves(seg.output_tree)]
+        self.single = split.num == 1 and not split.stages
+        self.buffers: dict[str, int] = {n: self.new_slot() for n in sorted(self._needs_buffer())}
 
-    producer_whole = {c.segment.name: c.segment.whole for c in seg.calls}
-    calls = {c.segment.name: c for c in seg.calls}
-    # Which split-produced batch values are needed whole: by a whole consumer, or as a graph output.
-    needs_buffer: set[str] = set()
-    for c in seg.calls:
-        if c.segment.whole:
-            needs_buffer.update(a for a in c.args if _split_batch(seg, a, producer_whole))
-        elif split.stages:  # a split consumer whose split differs from its producer's re-slices a merged value
-            mine = bounds_of[c.segment.name]
-            needs_buffer.update(a for a in c.args if _split_batch(seg, a, producer_whole)
-                                and bounds_of[seg.values[a].source] != mine)
-    out_names = [leaf.name for leaf in _leaves(seg.output_tree)]
-    needs_buffer.update(n for n in out_names if _split_batch(seg, n, producer_whole))
-    single = split.num == 1 and not split.stages
-    buffers: dict[str, int] = {n: new_slot() for n in sorted(needs_buffer)}
+    def new_slot(self) -> int:
+        self.num_slots += 1
+        return self.num_slots - 1
 
-    def arg_for(name: str, nano: int, consumer: str) -> Arg:
-        v = seg.values[name]
+    def _needs_buffer(self) -> set[str]:
+        """Phase 1: which split-produced batch values are needed whole: by a whole consumer, by a split consumer
+        whose split differs from its producer's (it re-slices a merged value), or as a graph output."""
+        seg, whole = self.seg, self.producer_whole
+        needs: set[str] = set()
+        for c in seg.calls:
+            if c.segment.whole:
+                needs.update(a for a in c.args if _split_batch(seg, a, whole))
+            elif self.split.stages:
+                mine = self.bounds_of[c.segment.name]
+                needs.update(a for a in c.args if _split_batch(seg, a, whole)
+                             and self.bounds_of[seg.values[a].source] != mine)
+        needs.update(n for n in self.out_names if _split_batch(seg, n, whole))
+        return needs
+
+    def arg_for(self, name: str, nano: int, consumer: str) -> Arg:
+        """Phase 2: how a launch of ``consumer`` on nano-batch ``nano`` reads value ``name``."""
+        v = self.seg.values[name]
         if v.source == "const":
-            return Arg(CONST, value=seg.constants[name])
-        bounds = bounds_of.get(consumer, ())
+            return Arg(CONST, value=self.seg.constants[name])
+        bounds, B, slots = self.bounds_of.get(consumer, ()), self.B, self.slots
         if v.source == "input":
             if nano == ALL or v.kind is ValueKind.FREE:
                 return Arg(SLOT, v.index)
@@ -165,45 +172,58 @@ def lower(seg: SegmentedModule, graph: NanoGraph, schedule: Schedule) -> Program
                 return Arg(CONST, value=bounds[nano][1] - bounds[nano][0])
             start, stop = bounds[nano]
             return Arg(VIEW, v.index, v.batch_dim or 0, start, stop, batch=B)
-        if producer_whole[v.source]:
+        if self.producer_whole[v.source]:
             if nano != ALL and v.kind is ValueKind.BATCH:
                 start, stop = bounds[nano]
                 return Arg(VIEW, slots[(name, ALL)], v.batch_dim or 0, start, stop, batch=B)
             return Arg(SLOT, slots[(name, ALL)])
         if nano == ALL:
-            if v.kind is ValueKind.BATCH:
-                return Arg(SLOT, buffers[name])
-            return Arg(SLOT, slots[(name, 0)])
-        if bounds_of[v.source] != bounds and v.kind is ValueKind.BATCH:  # re-split: a view of the merged value
+            return Arg(SLOT, self.buffers[name] if v.kind is ValueKind.BATCH else slots[(name, 0)])
+        if self.bounds_of[v.source] != bounds and v.kind is ValueKind.BATCH:  # re-split: a view of the merged value
             start, stop = bounds[nano]
-            return Arg(VIEW, buffers[name], v.batch_dim or 0, start, stop, batch=B)
+            return Arg(VIEW, self.buffers[name], v.batch_dim or 0, start, stop, batch=B)
         return Arg(SLOT, slots[(name, nano)])
 
-    launches: dict[NanoOp, Launch] = {}
-    lane_of = {op: li for li, ops in enumerate(schedule.order) for op in ops}
-    cross = {op for op in graph.ops if any(lane_of[u] != lane_of[op] for u in graph.users(op))}
-    event_of = {op: i for i, op in enumerate(sorted(cross, key=graph.ops.index))}
-    for op in graph.ops:  # program order: producers get slots before consumers read them
-        call = calls[op.segment]
-        out_slots = []
-        merges = []
+    def launch(self, op: NanoOp, lane: str, event: int | None) -> Launch:
+        """Phase 3: one op's launch — output slots, merges into full-batch buffers, arguments."""
+        call = self.calls[op.segment]
+        out_slots, merges = [], []
         for j, name in enumerate(call.outputs):
-            if single and name in buffers:
-                out_slots.append(buffers[name])  # one nano-batch: its output *is* the full value
+            if self.single and name in self.buffers:
+                out_slots.append(self.buffers[name])  # one nano-batch: its output *is* the full value
                 continue
-            s = new_slot()
-            slots[(name, op.nano)] = s
+            s = self.new_slot()
+            self.slots[(name, op.nano)] = s
             out_slots.append(s)
-            if name in buffers and op.nano != ALL:
-                start, stop = bounds_of[op.segment][op.nano]
-                merges.append((j, buffers[name], seg.values[name].batch_dim or 0, start, stop))
-        if single:
+            if name in self.buffers and op.nano != ALL:
+                start, stop = self.bounds_of[op.segment][op.nano]
+                merges.append((j, self.buffers[name], self.seg.values[name].batch_dim or 0, start, stop))
+        if self.single:
             for name in call.outputs:
-                if name in buffers:
-                    slots[(name, op.nano)] = buffers[name]
-        launches[op] = Launch(op, call.segment, call.fn, tuple(arg_for(a, op.nano, op.segment) for a in call.args),
-                              tuple(out_slots), call.returns_tuple, tuple(merges), event_of.get(op),
-                              schedule.lanes[lane_of[op]].name)
+                if name in self.buffers:
+                    self.slots[(name, op.nano)] = self.buffers[name]
+        return Launch(op, call.segment, call.fn, tuple(self.arg_for(a, op.nano, op.segment) for a in call.args),
+                      tuple(out_slots), call.returns_tuple, tuple(merges), event, lane)
+
+    def output_slots(self) -> dict[str, int]:
+        """Phase 5: the slot each graph output is read from."""
+        out = {}
+        for name in self.out_names:
+            v = self.seg.values[name]
+            if v.source == "const":
+                raise BackendError(f"graph output {name!r} is a constant attribute; return a tensor computed from inputs")
+            if v.source == "input":
+                out[name] = v.index
+            elif name in self.buffers:
+                out[name] = self.buffers[name]
+            else:
+                out[name] = self.slots[(name, ALL if self.producer_whole[v.source] else 0)]
+        return out
+
+
+def _lane_streams(graph: NanoGraph, schedule: Schedule, launches: dict[NanoOp, Launch], lane_of: dict[NanoOp, int],
+                  event_of: dict[NanoOp, int]) -> tuple[tuple[Instr, ...], ...]:
+    """Phase 4: each lane's instructions — a Wait per cross-lane dependency not covered by an earlier wait."""
     streams = []
     for li, ops in enumerate(schedule.order):
         instrs: list[Instr] = []
@@ -220,24 +240,27 @@ def lower(seg: SegmentedModule, graph: NanoGraph, schedule: Schedule) -> Program
                 instrs.append(Wait(event_of[dep], dep))
             instrs.append(launches[op])
         streams.append(tuple(instrs))
-    output_slots = {}
-    for name in out_names:
-        v = seg.values[name]
-        if v.source == "const":
-            raise BackendError(f"graph output {name!r} is a constant attribute; return a tensor computed from inputs")
-        if v.source == "input":
-            output_slots[name] = v.index
-        elif name in buffers:
-            output_slots[name] = buffers[name]
-        else:
-            output_slots[name] = slots[(name, ALL if producer_whole[v.source] else 0)]
-    serial = _serial_order(tuple(streams))
+    return tuple(streams)
+
+
+def lower(seg: SegmentedModule, graph: NanoGraph, schedule: Schedule) -> Program:
+    """Lower a verified schedule into a Program (see the module docstring), in phases: merge buffers, argument
+    views, launches in program order, per-lane waits, output slots, and the serial order with its frees."""
+    low = _Lowering(seg, graph)
+    lane_of = {op: li for li, ops in enumerate(schedule.order) for op in ops}
+    cross = {op for op in graph.ops if any(lane_of[u] != lane_of[op] for u in graph.users(op))}
+    event_of = {op: i for i, op in enumerate(sorted(cross, key=graph.ops.index))}
+    launches = {op: low.launch(op, schedule.lanes[lane_of[op]].name, event_of.get(op))  # producers before consumers
+                for op in graph.ops}
+    streams = _lane_streams(graph, schedule, launches, lane_of, event_of)
+    output_slots = low.output_slots()
+    serial = _serial_order(streams)
     return Program(
-        lanes=schedule.lanes, streams=tuple(streams), num_inputs=seg.num_inputs, num_slots=next_slot[0],
-        buffers=tuple(sorted(set(buffers.values()))) if not single else (), num_events=len(event_of),
+        lanes=schedule.lanes, streams=streams, num_inputs=seg.num_inputs, num_slots=low.num_slots,
+        buffers=tuple(sorted(set(low.buffers.values()))) if not low.single else (), num_events=len(event_of),
         serial_order=serial, serial_frees=_last_uses(serial, seg.num_inputs, set(output_slots.values())),
         output_tree=seg.output_tree, output_slots=output_slots,
-        batch_size=B, split=split, schedule=schedule,
+        batch_size=low.B, split=graph.split, schedule=schedule,
     )
 
 

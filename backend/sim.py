@@ -13,7 +13,6 @@ different resources therefore overlap perfectly (makespan = the longer lane), an
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -22,7 +21,7 @@ from dynaflow.errors import BackendError
 from dynaflow.ir import ALL
 from dynaflow.timeline import Timeline, TimelineEvent
 from dynaflow.backend.program import Launch, Program, Wait
-from dynaflow.backend.executors import Executor, executors, run_launch
+from dynaflow.backend.launch import Executor, ExecutorContext, run_serial
 
 __all__ = ["simulate", "SimExecutor", "launch_rows", "lane_shares"]
 
@@ -90,14 +89,7 @@ def simulate(program: Program, cost: CostModel, *, num_sms: int | None = None, c
                     if wait_latency > 0 and resume > now:  # the lane blocked: pay the hand-off
                         busy[li] = _Running(li, None, now, resume - now, {})
                     continue
-                est = cost.estimate(ins.segment, launch_rows(program, ins), shares[li])
-                if est is None:
-                    raise BackendError(
-                        f"The cost model {cost!r} has no estimate for segment {ins.segment.name!r} "
-                        f"({launch_rows(program, ins)} rows); profile the model with dynaflow.profile(...) or use a "
-                        "cost model that covers every segment."
-                    )
-                busy[li] = _Running(li, ins, now, max(est.seconds + launch_overhead, 0.0), _demand(est))
+                busy[li] = _start(program, cost, ins, li, now, shares[li], launch_overhead)
                 pc[li] += 1
                 started += 1
         return started
@@ -125,6 +117,19 @@ def simulate(program: Program, cost: CostModel, *, num_sms: int | None = None, c
         done += start_ready()
     events.sort(key=lambda e: (e.start, e.lane))
     return Timeline(tuple(events), "sim")
+
+
+def _start(program: Program, cost: CostModel, ins: Launch, li: int, now: float, share: float,
+           launch_overhead: float) -> _Running:
+    """A launch starting on lane ``li`` at ``now``: its solo time and resource demand from the cost model."""
+    est = cost.estimate(ins.segment, launch_rows(program, ins), share)
+    if est is None:
+        raise BackendError(
+            f"The cost model {cost!r} has no estimate for segment {ins.segment.name!r} "
+            f"({launch_rows(program, ins)} rows); profile the model with dynaflow.profile(...) or use a "
+            "cost model that covers every segment."
+        )
+    return _Running(li, ins, now, max(est.seconds + launch_overhead, 0.0), _demand(est))
 
 
 def _demand(est: Estimate) -> dict[str, float]:
@@ -169,7 +174,13 @@ class SimExecutor(Executor):
         self.num_sms = num_sms
         self.contention = contention
         self.compute = compute
-        self._lock = threading.Lock()
+
+    @classmethod
+    def from_context(cls, ctx: ExecutorContext) -> "SimExecutor":
+        spec = ctx.device() if ctx.device is not None else None
+        return cls(cost=ctx.cost_model() if ctx.cost_model is not None else None,
+                   num_sms=spec.num_sms if spec is not None and spec.num_sms > 1 else None,
+                   wait_latency=spec.wait_latency if spec is not None else 0.0)
 
     def predict(self, program: Program) -> Timeline:
         if self.cost is None:
@@ -178,19 +189,12 @@ class SimExecutor(Executor):
         return simulate(program, self.cost, num_sms=self.num_sms, contention=self.contention,
                         wait_latency=self.wait_latency)
 
-    def run(self, program: Program, inputs: Sequence[Any]) -> Any:
+    def run(self, program: Program, inputs: Sequence[Any], *, capture: bool = False) -> Any:
         timeline = self.predict(program)
         out = None
         if self.compute:
-            env = self.new_env(program, inputs)
-            B = program.batch_size
-            for launch, frees in zip(program.serial_order, program.serial_frees):
-                run_launch(launch, env, self._lock, B)
-                for slot in frees:
-                    env[slot] = None
-            out = self.outputs(program, env)
+            step = self.begin_step(program, inputs, record=False)
+            run_serial(step)
+            out = self.outputs(program, step.env)
         self.last_timeline = timeline
         return out
-
-
-executors.register("sim", SimExecutor)

@@ -72,10 +72,8 @@ class DynaflowConfig:
     per group, and collectives on several lanes must be ordered by dependencies (else ScheduleError)."""
 
     def __post_init__(self) -> None:
-        if self.executor not in EXECUTORS:
-            raise ConfigError(
-                f"executor={self.executor!r} is not one of {EXECUTORS}.{did_you_mean(str(self.executor), EXECUTORS)}"
-            )
+        if not isinstance(self.executor, str) or not self.executor:
+            raise ConfigError(f"executor={self.executor!r} must be a registered executor name (built in: {EXECUTORS}).")
         if self.nano_batches is not None and (not isinstance(self.nano_batches, int) or self.nano_batches < 1):
             raise ConfigError(
                 f"nano_batches={self.nano_batches!r} must be an int >= 1 (or None to let the strategy choose)."

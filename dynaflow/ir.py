@@ -207,7 +207,7 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class InputInfo:
-    """What a strategy knows about one input bucket when it picks a split config.
+    """What a strategy knows about one batch (size, device, requests) when it picks a split config.
 
     ``request_lengths`` gives the rows (tokens) each request occupies along the batch dim, in batch order,
     and ``request_phases`` each request's phase (``"prefill"`` or ``"decode"``); callers set them per step
@@ -366,11 +366,6 @@ class NanoGraph:
     def __len__(self) -> int:
         return len(self.ops)
 
-    def verify(self) -> None:
-        from dynaflow.verify import verify_graph
-
-        verify_graph(self)
-
     def __repr__(self) -> str:
         return (
             f"NanoGraph({len(self.segments)} segments × {self.split}, "
@@ -479,11 +474,6 @@ class Schedule:
                                             else "".ljust(width) for li in range(len(self.lanes)))
             )
         return "\n".join(line.rstrip() for line in out)
-
-    def verify(self, graph: NanoGraph) -> None:
-        from dynaflow.verify import verify_schedule
-
-        verify_schedule(self, graph)
 
     def __str__(self) -> str:
         return self.table()

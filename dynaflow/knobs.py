@@ -5,8 +5,9 @@ Nothing else in the package reads ``os.environ``. Tests scope a knob with :func:
 ===========================  ======================================================  =========
 variable                     meaning                                                 default
 ===========================  ======================================================  =========
-``DYNAFLOW_DEBUG``           0 quiet; 1 split config per bucket; 2 segments + tags;  0
-                             3 schedule tables; 4 per-launch trace
+``DYNAFLOW_DEBUG``           on stderr: 0 quiet; 1 split per batch size and tuning    0
+                             tables; 2 segments + tags, plan-stage timings;
+                             3 schedule tables + program listings; 4 every launch
 ``DYNAFLOW_VERIFY``          verify graphs and schedules on every plan               0
 ``DYNAFLOW_VERIFY_SPLITS``   run split segments whole and on halves on the first     DYNAFLOW_VERIFY
                              call (the batch analysis's differential check)
@@ -25,7 +26,9 @@ variable                     meaning                                            
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sys
 from typing import Iterator
 
 __all__ = [
@@ -43,11 +46,28 @@ def _get(name: str, default: str) -> str:
 
 
 def debug_level() -> int:
-    """``DYNAFLOW_DEBUG`` as an int (0 when unset or malformed)."""
+    """``DYNAFLOW_DEBUG`` as an int (0 when unset or malformed). Above 0 the ``dynaflow`` logger gets one
+    stderr handler at INFO, so the levels print without any logging setup."""
     try:
-        return int(_get("DYNAFLOW_DEBUG", "0"))
+        level = int(_get("DYNAFLOW_DEBUG", "0"))
     except ValueError:
         return 0
+    if level > 0 and _STDERR[0] is None:
+        _attach_stderr()
+    return level
+
+
+_STDERR: list[logging.Handler | None] = [None]
+
+
+def _attach_stderr() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logger = logging.getLogger("dynaflow")
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    _STDERR[0] = handler
 
 
 def verify() -> bool:

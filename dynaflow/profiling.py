@@ -18,11 +18,12 @@ import torch
 
 from dynaflow import knobs
 from dynaflow.api import Compiled, CompiledGraph, compile as df_compile
-from dynaflow.backend import executors, lower
+from dynaflow.backend import executors
 from dynaflow.cost import device_spec
 from dynaflow.errors import ConfigError
 from dynaflow.flops import narrow_inputs
-from dynaflow.ir import NanoGraph, SplitConfig
+from dynaflow.ir import InputInfo, SplitConfig
+from dynaflow.planning import describe_inputs, make_plan
 from dynaflow.profiles import Profile, model_hash, save_profiles
 from dynaflow.strategies import Sequential
 
@@ -78,14 +79,13 @@ def _profile_graph(graph: CompiledGraph, inputs: Sequence[Any], sizes: Sequence[
         sizes = [batch]  # a static-batch capture can only run its own batch size
     # on the cuda executor launch times come from CUDA events (gpu_timeline), not the host clock
     ex = executors.resolve(executor, **({"gpu_timeline": True} if executor == "cuda" else {}))
-    sync = torch.cuda.synchronize if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else None
+    facts = describe_inputs(inputs, batch)
+    sync = torch.cuda.synchronize if facts.on_cuda else None
     timings: dict[str, dict[int, float]] = {s.name: {} for s in seg.segments}
     with knobs.scope(DYNAFLOW_TIMELINE=1):
         for rows in sizes:
             flat = narrow_inputs(seg, inputs, batch, rows)
-            split = SplitConfig.whole(rows)
-            nano = NanoGraph(seg.segments, seg.segment_deps(), split)
-            program = lower(seg, nano, Sequential().plan(nano, split))
+            program = make_plan(seg, Sequential(), InputInfo(rows), SplitConfig.whole(rows), label=graph.label).program
             samples: dict[str, list[float]] = {s.name: [] for s in seg.segments}
             for i in range(repeats + 1):
                 ex.run(program, flat)
@@ -98,10 +98,7 @@ def _profile_graph(graph: CompiledGraph, inputs: Sequence[Any], sizes: Sequence[
             for name, values in samples.items():
                 if values:
                     timings[name][rows] = statistics.median(values)
-    first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
-    device = device_spec(str(first.device) if first is not None else "cpu").name
-    dtype = str(first.dtype).replace("torch.", "") if first is not None else "float32"
-    return Profile(model_hash(seg), device, dtype, timings,
+    return Profile(model_hash(seg), device_spec(facts.device).name, facts.dtype, timings,
                    {"graph": graph.label, "batch": batch, "sizes": sizes, "repeats": repeats, "executor": executor})
 
 

@@ -34,15 +34,38 @@ class Registry(Generic[T]):
         self.base = base
         self.error = error
         self.group = entry_point_group
-        self._factories: dict[str, Callable[..., T]] = {}
+        self._factories: dict[str, Callable[..., T] | str] = {}
         self._entry_points_loaded = False
 
-    def register(self, name: str, factory: Callable[..., T], *, replace: bool = False) -> Callable[..., T]:
+    def register(self, name: str, factory: Callable[..., T] | str, *, replace: bool = False) -> Callable[..., T] | str:
+        """Register ``factory`` under ``name``; a ``"pkg.module:Class"`` string is imported on first use."""
         key = name.lower()
         if key in self._factories and not replace and self._factories[key] is not factory:
             raise self.error(f"{self.kind} {name!r} is already registered; pass replace=True to override it.")
         self._factories[key] = factory
         return factory
+
+    def factory(self, name: str) -> Callable[..., T]:
+        """The factory registered as ``name`` (imported now if it was registered as a string)."""
+        self._load_entry_points()
+        factory = self._factories.get(name.lower())
+        if factory is None:
+            raise self.error(f"Unknown {self.kind} {name!r}.{did_you_mean(name.lower(), self._factories)} "
+                             f"Available {self.kind} names: {', '.join(self.available())}.")
+        if isinstance(factory, str):
+            factory = self._factories[name.lower()] = self._import_class(factory)
+        return factory
+
+    def classes(self) -> list[tuple[str, type]]:
+        """(name, class) of every registered class, in registration order (entry points last); a lazily
+        registered ``"module:Class"`` is imported now."""
+        self._load_entry_points()
+        out = []
+        for name in list(self._factories):
+            factory = self.factory(name)
+            if isinstance(factory, type):
+                out.append((name, factory))
+        return out
 
     def available(self) -> list[str]:
         self._load_entry_points()
@@ -89,6 +112,8 @@ class Registry(Generic[T]):
                     f"Available {self.kind} names: {', '.join(self.available())}. A custom one can be passed as a "
                     f"class, an instance, or a 'pkg.module:Class' string."
                 )
+            if isinstance(factory, str):
+                factory = self._factories[spec.lower()] = self._import_class(factory)
             return self._make(factory, spec, kwargs)
         raise self.error(
             f"Cannot use {spec!r} as a {self.kind}: pass a name ({', '.join(self.available())}), "
@@ -152,15 +177,6 @@ class Registry(Generic[T]):
                 self._factories[ep.name.lower()] = ep.load()
             except Exception as exc:  # a broken plugin must not break dynaflow
                 log.warning("could not load %s plugin %r from entry point %s: %s", self.kind, ep.name, ep.value, exc)
-
-    def options(self, spec: object) -> list[str]:
-        """Keyword options the named factory accepts (for config validation and docs)."""
-        if isinstance(spec, str):
-            self._load_entry_points()
-            factory = self._import_class(spec) if ":" in spec else self._factories.get(spec.lower())
-        else:
-            factory = spec if isinstance(spec, type) else type(spec)
-        return _option_names(factory) if factory is not None else []
 
     def __repr__(self) -> str:
         return f"Registry({self.kind}: {', '.join(sorted(self._factories))})"

@@ -17,8 +17,8 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 try:
     import fcntl
@@ -30,7 +30,7 @@ from dynaflow.errors import DynaflowError, StrategyError
 from dynaflow.ir import InputInfo, SplitConfig
 from dynaflow.strategies.auto import Candidate
 
-__all__ = ["Trial", "TuneResult", "TuneCache", "CACHE_SCHEMA", "autotune", "median_seconds", "bucket_key", "BUCKET_POLICIES"]
+__all__ = ["Tuner", "TuneSetup", "Planner", "Trial", "TuneResult", "TuneCache", "CACHE_SCHEMA", "autotune", "median_seconds", "bucket_key", "BUCKET_POLICIES"]
 
 log = logging.getLogger(__name__)
 
@@ -327,3 +327,187 @@ def bucket_key(info: InputInfo, policy: str = "exact") -> str:
         phases = set(info.request_phases)
         key += "," + ("mixed" if len(phases) > 1 else next(iter(phases), "decode"))
     return key
+
+
+class Planner(Protocol):
+    """What the :class:`Tuner` needs from a compiled graph: plan a strategy, predict a plan, measure it."""
+
+    label: str
+
+    def split_with(self, strategy: Any, info: InputInfo) -> SplitConfig: ...
+
+    def plan_split(self, info: InputInfo, split: SplitConfig, strategy: Any) -> Any: ...
+
+    def predictor(self, inputs: Sequence[Any]) -> Callable[[Any], float]: ...
+
+    def measure(self, plan: Any, inputs: Sequence[Any], repeats: int) -> float: ...
+
+
+@dataclass(frozen=True)
+class TuneSetup:
+    """The graph-side facts of a search: the model hash, segment resources, SMs, whether it writes its inputs,
+    the key suffix (device, dtype, executor) of the disk cache, and the distributed planner (or None)."""
+
+    model: str
+    resources: frozenset[Any]
+    num_sms: int | None
+    granularity: int
+    device: str
+    executor: str
+    mutates_inputs: bool
+    distributed: Any = None
+
+
+class Tuner:
+    """Runs a strategy's :class:`~dynaflow.strategies.base.SearchSpec` for one compiled graph: one winner per
+    tuning bucket, found by :func:`autotune` (or read from the disk cache), reused by later batches."""
+
+    def __init__(self, planner: Planner, spec: Any, strategy: Any):
+        self.planner = planner
+        self.spec = spec
+        self.strategy = strategy
+        self.results: dict[str, TuneResult] = {}
+        """``TuneResult`` per bucket key."""
+        self.winners: dict[str, Any] = {}
+        """The winning strategy per bucket key: later batches of a bucket reuse it untuned."""
+
+    def bucket_winner(self, info: InputInfo) -> tuple[str, Any, bool]:
+        """(tuning bucket of ``info``, its winner so far, whether that winner can split this batch)."""
+        bucket = bucket_key(info, self.spec.buckets)
+        won = self.winners.get(bucket)
+        if won is None:
+            return bucket, None, True
+        try:
+            self.planner.split_with(won, info)
+            return bucket, won, True
+        except DynaflowError as exc:
+            log.info("%s: %s's winner %s does not apply to batch %d (%s)", self.planner.label, bucket, won.describe(),
+                     info.batch_size, str(exc).splitlines()[0])
+            return bucket, won, False
+
+    def tune(self, info: InputInfo, inputs: Sequence[Any], setup: Callable[[], TuneSetup]) -> Any:
+        bucket, won, usable = self.bucket_winner(info)
+        if won is not None and usable:
+            return won
+        if won is not None:  # the bucket's winner cannot split this batch: tune it on its own
+            bucket = bucket_key(info, "exact")
+        won = self.winners[bucket] = self.search(info, inputs, bucket, setup())
+        return won
+
+    def lockstep(self, info: InputInfo, inputs: Sequence[Any], setup: Callable[[], TuneSetup], distributed: Any) -> Any:
+        """With ranks agreeing on the split: the strategy for this call, decided with the other ranks.
+
+        Every call, the ranks compare their tuning buckets (one tiny all_reduce). A bucket that every rank
+        holds and that has no winner yet is searched by all ranks together, in the same order, so that the
+        search's own collectives (planning checks, measured steps) pair up; predicted and measured times
+        are the maximum over ranks. While the ranks' buckets differ, this call runs sequentially (one
+        nano-batch, agreed) rather than tuning alone. Winners therefore stay the same on every rank."""
+        bucket, won, usable = self.bucket_winner(info)  # the same winners on every rank: set only in lockstep
+        same, smallest = distributed.agree_key(f"{bucket}|{'usable' if usable else 'not usable'}", info.batch_size)
+        if not same or not usable:
+            log.info("%s: ranks differ in tuning bucket or in whether its winner applies (this rank: %s); "
+                     "running this step sequentially", self.planner.label, bucket)
+            return self.spec.fallback
+        if won is None:
+            with distributed.lockstep():
+                won = self.winners[bucket] = self.search(info, inputs, bucket, setup(), lockstep_batch=smallest)
+        return won
+
+    def search(self, info: InputInfo, inputs: Sequence[Any], bucket: str, setup: TuneSetup,
+               lockstep_batch: int | None = None) -> Any:
+        """Run (or read from the disk cache) the search for ``bucket`` on this batch.
+
+        ``lockstep_batch``: the ranks search together; candidates come from the smallest batch among them so
+        every rank tries the same list, times are the maximum over ranks, and the disk cache is not used
+        (ranks could disagree about what it holds)."""
+        key = f"{setup.model}|{bucket}|{setup.device}|{info.dtype}|{setup.executor}|{self.strategy!r}"
+        dist = setup.distributed if lockstep_batch is not None else None
+        cache = TuneCache() if self.spec.cache and dist is None else None
+        cached = self._from_cache(cache, key, bucket, info)
+        if cached is not None:
+            return cached
+        space = _canonical_info(info, lockstep_batch) if dist is not None else info
+        cands = self.spec.candidates(space, set(setup.resources), setup.num_sms, setup.granularity)
+        predict, measure = self._callables(info, inputs, dist)
+        measuring = self.spec.measure_top_k > 0
+        if measuring and setup.mutates_inputs:
+            log.info("%s: the graph writes into its inputs in place; autotune predicts only (no measuring)",
+                     self.planner.label)
+            measuring = False
+        if dist is not None:
+            predict = _agreed(cands, predict, dist)
+        result = autotune(cands, bucket, predict, measure if measuring else None, self.spec.measure_top_k)
+        result = replace(result, tuned_on=info.batch_size)
+        self.results[bucket] = result
+        if cache is not None:
+            cache.put(key, result)
+        if knobs.debug_level() >= 1:
+            log.info("%s\n%s", self.planner.label, result.table())
+        return result.winner.candidate.build()
+
+    def _from_cache(self, cache: "TuneCache | None", key: str, bucket: str, info: InputInfo) -> Any:
+        hit = cache.get(key) if cache is not None else None
+        built = cache.build(key, hit[0]) if cache is not None and hit is not None else None
+        if hit is None or built is None:
+            return None
+        trial = Trial(hit[0], None, None, note="cached")
+        self.results[bucket] = TuneResult(bucket, (trial,), trial, hit[1], from_cache=True, tuned_on=info.batch_size)
+        return built
+
+    def _callables(self, info: InputInfo, inputs: Sequence[Any], dist: Any) -> tuple[Callable[[Candidate], Any], Callable[[Candidate], float]]:
+        """``predict`` and ``measure`` of every candidate, planning each once."""
+        planner = self.planner
+        plans: dict[Any, Any] = {}
+        seconds_of = planner.predictor(inputs)
+
+        def build(cand: Candidate) -> Any:
+            if cand not in plans:
+                strategy = cand.build()
+                split = planner.split_with(strategy, info)
+                if dist is not None:
+                    split = dist.agree(split, lambda n: strategy.split_config(replace(info, requested_nano_batches=n)))
+                plans[cand] = planner.plan_split(info, split, strategy)
+            return plans[cand]
+
+        def predict(cand: Candidate) -> tuple[SplitConfig, float]:
+            plan = build(cand)
+            return plan.split, seconds_of(plan)
+
+        def measure(cand: Candidate) -> float:
+            seconds = planner.measure(build(cand), inputs, self.spec.repeats)
+            return dist.max_over_ranks([seconds])[0] if dist is not None else seconds
+
+        return predict, measure
+
+
+def _agreed(cands: Sequence[Candidate], predict: Callable[[Candidate], tuple[SplitConfig, float]],
+            dist: Any) -> Callable[[Candidate], tuple[SplitConfig, float]]:
+    """Predict every candidate here, then take each candidate's slowest rank."""
+    local: dict[Any, tuple[SplitConfig, float] | DynaflowError] = {}
+    for cand in cands:
+        try:
+            local[cand] = predict(cand)
+        except DynaflowError as exc:
+            local[cand] = exc
+    slowest = dist.max_over_ranks([r[1] if isinstance(r, tuple) else float("inf") for r in local.values()])
+    agreed = dict(zip(local, slowest))
+
+    def agreed_predict(cand: Candidate) -> tuple[SplitConfig, float]:
+        mine = local[cand]
+        if isinstance(mine, DynaflowError):
+            raise mine
+        if agreed[cand] == float("inf"):
+            raise StrategyError(f"candidate {cand!r} could not be planned on another rank")
+        return mine[0], agreed[cand]
+
+    return agreed_predict
+
+
+def _canonical_info(info: InputInfo, batch: int | None) -> InputInfo:
+    """What the autotuner's candidate list depends on, the same on every rank of a lockstep search: the
+    smallest batch among the ranks and whether prefill and decode requests are mixed."""
+    assert batch is not None
+    mixed = info.request_phases is not None and len(set(info.request_phases)) > 1 and batch >= 2
+    return InputInfo(batch, info.device.split(":")[0], info.dtype, requested_nano_batches=info.requested_nano_batches,
+                     request_lengths=(batch - 1, 1) if mixed else None,
+                     request_phases=("prefill", "decode") if mixed else None)

@@ -1,18 +1,23 @@
-"""Capture helpers: mark the batch dim dynamic for Dynamo, make a plain GraphModule's batch symbolic,
-and check that a model's outputs are tensors (or tuples / dicts of them)."""
+"""Capture: mark the batch dim dynamic for Dynamo, make a plain GraphModule's batch symbolic, check that a
+model's outputs are tensors (or tuples / dicts of them), and the Dynamo hook — one shared backend whose
+captured graphs are answered by the owner whose call is in flight (:func:`run_dynamo`), with Dynamo's
+exceptions turned into dynaflow errors."""
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+import threading
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
+from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
-from dynaflow.errors import CaptureError, ConfigError
+from dynaflow.errors import CaptureError, ConfigError, DynaflowError
 
-__all__ = ["batch_size_of", "mark_batch_dynamic", "symbolize", "check_outputs", "flat_io"]
+__all__ = ["batch_size_of", "mark_batch_dynamic", "symbolize", "check_outputs", "flat_io", "GraphEntry",
+           "SharedBackend", "SHARED_BACKEND", "run_dynamo", "no_graph_error"]
 
 
 def batch_size_of(tensors: Sequence[Any], batch_dim: int, where: str = "inputs") -> int:
@@ -123,3 +128,84 @@ class _RecordValues(torch.fx.Interpreter):
             out = self.mode.from_tensor(out)  # weights as fake tensors, like every other value
         n.meta["val"] = out
         return out
+
+
+# -- the Dynamo hook ---------------------------------------------------------------------------------
+_OWNERS = threading.local()
+"""``stack``: the owners (compiled models) whose call is in flight on this Python thread (innermost last)."""
+
+
+class GraphEntry:
+    """What Dynamo caches for one captured graph. One :class:`SharedBackend` serves every owner, so models of
+    one class share Dynamo's cache entries (no recompile limit after many compiles, and the cache holds no
+    model); each call runs the calling owner's ``graph_for(entry)`` for this capture."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm  # never the example inputs: Dynamo keeps this entry, and they hold the model's weights
+
+    def __call__(self, *inputs: Any) -> Any:
+        stack = getattr(_OWNERS, "stack", None)
+        if not stack:
+            raise CaptureError(
+                "A graph captured for dynaflow.compile ran outside a dynaflow.Compiled call (Dynamo reused its cache "
+                "entry for another torch.compile wrapper). Call the model through the object dynaflow.compile returns."
+            )
+        return stack[-1].graph_for(self)(*inputs)
+
+
+class SharedBackend:
+    """A Dynamo backend that wraps each captured graph in a :class:`GraphEntry`."""
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> GraphEntry:
+        return GraphEntry(gm)
+
+
+SHARED_BACKEND = SharedBackend()
+
+
+def run_dynamo(owner: Any, compiled: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+               model: Any, batch_dim: int, batch: int) -> Any:
+    """Call ``compiled`` (a ``torch.compile`` of ``model`` on :data:`SHARED_BACKEND`) with ``owner`` answering
+    the captured graphs; Dynamo's exceptions become dynaflow errors that say what to change."""
+    _OWNERS.stack = stack = getattr(_OWNERS, "stack", [])
+    stack.append(owner)
+    try:
+        return compiled(*args, **kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as exc:
+        inner = getattr(exc, "inner_exception", None) or exc.__cause__
+        if isinstance(inner, DynaflowError):
+            raise inner.with_traceback(None) from None
+        raise CaptureError(f"torch.compile failed while dynaflow compiled the captured graph: {exc}") from exc
+    except ConstraintViolationError as exc:
+        raise CaptureError(
+            f"{type(model).__name__} fixes the batch size: Dynamo proved that dim {batch_dim} of "
+            f"the inputs (size {batch}) must be a constant, so the batch cannot be split "
+            f"({str(exc).splitlines()[0]}). Typical cause: a literal batch in .view(6, 8), .reshape(6, -1), "
+            ".expand(6, 8) or torch.zeros(6, ...). Use -1 or x.shape[0] for the batch dim instead "
+            "(x.view(-1, 8), x.expand(x.shape[0], 8))."
+        ) from None
+    except torch._dynamo.exc.TorchDynamoException as exc:
+        raise CaptureError(f"Dynamo could not capture {type(model).__name__} for dynaflow: "
+                           f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        stack.pop()
+
+
+def no_graph_error(model: Any) -> CaptureError:
+    """Why torch.compile ran ``model`` without handing dynaflow a graph, and what to do."""
+    rnns = []
+    if isinstance(model, torch.nn.Module):
+        rnns = [f"{name or 'the model'} ({type(m).__name__})" for name, m in model.named_modules()
+                if isinstance(m, torch.nn.RNNBase)]
+    if rnns:
+        return CaptureError(
+            f"{type(model).__name__} contains {', '.join(rnns)}: Dynamo does not trace nn.LSTM / nn.GRU / "
+            "nn.RNN modules (it runs them eagerly), so there was no graph for dynaflow to split. Compile the "
+            "layers around the RNN instead (dynaflow.compile on the submodules before and after it), or write "
+            "the recurrence with nn.LSTMCell / nn.GRUCell in a Python loop."
+        )
+    return CaptureError(
+        "torch.compile ran the model without handing any graph to dynaflow (Dynamo fell back to eager, e.g. "
+        "its recompile limit was hit after many compiles of the same model class). Call "
+        "torch._dynamo.reset() between compiles or raise torch._dynamo.config.recompile_limit."
+    )

@@ -245,7 +245,7 @@ def make_strategy(opts: Mapping[str, Any]) -> tuple[DynaflowConfig, Strategy]:
     data.pop("piecewise", None)
     cfg = DynaflowConfig.from_dict(data)
     inner = get_strategy(cfg.strategy, **dict(cfg.strategy_options))
-    if getattr(inner, "autotune", False):
+    if inner.search() is not None:
         return cfg.replace(nano_batches=None), inner
     if cfg.nano_batches is not None:
         inner.nano_batches = cfg.nano_batches

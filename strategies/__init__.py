@@ -6,20 +6,19 @@ import os
 from typing import Any
 
 from dynaflow.errors import StrategyError
-from dynaflow.registry import Registry
 from dynaflow.strategies import splits
 from dynaflow.strategies.auto import Auto, Candidate
-from dynaflow.strategies.base import ScheduleContext, Strategy
+from dynaflow.strategies.base import ScheduleContext, SearchSpace, SearchSpec, Strategy
+from dynaflow.strategies.registry import registry
 from dynaflow.strategies.nanoflow import NanoFlow
 from dynaflow.strategies.prefill_decode import PrefillDecode
 from dynaflow.strategies.round_robin import RoundRobin
 from dynaflow.strategies.sequential import Sequential
 from dynaflow.strategies.two_batch_overlap import TwoBatchOverlap
 
-__all__ = ["Strategy", "ScheduleContext", "Sequential", "RoundRobin", "NanoFlow", "TwoBatchOverlap", "PrefillDecode",
+__all__ = ["Strategy", "ScheduleContext", "SearchSpace", "SearchSpec", "Sequential", "RoundRobin", "NanoFlow", "TwoBatchOverlap", "PrefillDecode",
            "Auto", "Candidate", "splits", "registry", "get", "available", "register_strategy", "load_strategy"]
 
-registry: Registry[Strategy] = Registry("strategy", Strategy, StrategyError, entry_point_group="dynaflow.strategies")
 for _cls in (Sequential, RoundRobin, NanoFlow, TwoBatchOverlap, PrefillDecode, Auto):
     registry.register(_cls.name, _cls)
 

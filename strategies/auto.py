@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from dynaflow.errors import StrategyError
 from dynaflow.ir import InputInfo, NanoGraph, Resource, Schedule, SplitConfig
-from dynaflow.strategies.base import Strategy
+from dynaflow.strategies.base import SearchSpace, SearchSpec, Strategy
 from dynaflow.strategies.sequential import Sequential
 
 __all__ = ["Auto", "Candidate"]
@@ -29,7 +29,7 @@ class Candidate:
     def build(self, source: str = "an autotune candidate") -> Strategy:
         """The strategy this candidate names. Candidates come from data (the autotune cache, YAML files), so
         only registered names and Strategy subclasses are accepted; errors name ``source``."""
-        from dynaflow.strategies import registry
+        from dynaflow.strategies.registry import registry
 
         return registry.load(self.strategy, {k: (dict(v) if isinstance(v, tuple) and v and isinstance(v[0], tuple)
                                                  else v) for k, v in self.options}, source=source)
@@ -79,7 +79,6 @@ class Auto(Strategy):
     """Search strategies × nano-batch counts × SM splits × staggers; simulate all, measure the best few."""
 
     name = "auto"
-    autotune = True
 
     def __init__(self, max_nano_batches: int = 4, strategies: Sequence[str] | None = None, measure_top_k: int = 2,
                  repeats: int = 5, sm_steps: int = 4, cache: bool = True,
@@ -94,8 +93,8 @@ class Auto(Strategy):
                                 "bucket of rows and requests, the default) or 'exact' (tune every batch size).")
         self.buckets = buckets
         self.max_nano_batches = max_nano_batches
-        self.strategies = tuple(strategies) if strategies else ("sequential", "round_robin", "nanoflow",
-                                                                  "two_batch_overlap", "prefill_decode")
+        self.strategies = tuple(strategies) if strategies else None
+        """Registered names to search; ``None``: every registered strategy (a user's registered one too)."""
         self.measure_top_k = measure_top_k
         self.repeats = repeats
         self.sm_steps = sm_steps
@@ -104,46 +103,30 @@ class Auto(Strategy):
                            for c in candidates) if candidates else None
         for c in self.fixed or ():  # refuse a "module:attr" that is not a Strategy class now, before any search
             if ":" in c.strategy:
-                from dynaflow.strategies import registry
+                from dynaflow.strategies.registry import registry
 
                 registry.load_class(c.strategy, source="Strategy 'auto' candidates")
         self._fallback = Sequential()
 
     def candidates(self, info: InputInfo, resources: set[Resource], num_sms: int | None = None,
                    granularity: int = 8) -> list[Candidate]:
-        """The search space for one bucket. Sequential with one nano-batch is always first: the baseline
-        no winner may be predicted slower than."""
+        """The search space for one bucket: every registered strategy's :meth:`~Strategy.search_candidates`,
+        in registration order. Sequential with one nano-batch is always first: the baseline no winner may be
+        predicted slower than."""
         if self.fixed is not None:
             return [_cand("sequential")] + [c for c in self.fixed if c != _cand("sequential")]
+        from dynaflow.strategies.registry import registry
+
+        space = SearchSpace(info, frozenset(resources), num_sms, granularity, self.max_nano_batches, self.sm_steps)
         out = [_cand("sequential")]
-        top = max(1, min(self.max_nano_batches, info.batch_size))
-        counts = range(2, top + 1)
-        if "round_robin" in self.strategies:
-            out += [_cand("round_robin", nano_batches=n, lanes=min(n, 2)) for n in counts]
-        if "nanoflow" in self.strategies:
-            if info.batch_size >= 3:  # uneven halves: NanoFlow-style large/small nano-batches
-                out += [_cand("nanoflow", weights=w) for w in ((2, 1), (1, 2))]
-            for n in counts:
-                out.append(_cand("nanoflow", nano_batches=n))
-                if Resource.MEMORY in resources and 2 * n <= info.batch_size:  # finer attention split
-                    out.append(_cand("nanoflow", nano_batches=n, stage_nano_batches={"memory": 2 * n}))
-                if num_sms and len(resources) > 1 and Resource.COMPUTE in resources:
-                    other = next(r for r in (Resource.MEMORY, Resource.NETWORK) if r in resources)
-                    for k in range(1, self.sm_steps):
-                        sm = max(granularity, int(num_sms * k / self.sm_steps) // granularity * granularity)
-                        if sm < num_sms:
-                            out.append(_cand("nanoflow", nano_batches=n,
-                                             sm_counts={"compute": num_sms - sm, other.value: sm}))
-        if "two_batch_overlap" in self.strategies and info.batch_size >= 2:
-            out += [_cand("two_batch_overlap", stagger=s) for s in (0, 1)]
-        if "prefill_decode" in self.strategies and info.request_phases and len(set(info.request_phases)) > 1:
-            out.append(_cand("prefill_decode"))
-            if num_sms:
-                for k in range(1, self.sm_steps):
-                    sm = max(granularity, int(num_sms * k / self.sm_steps) // granularity * granularity)
-                    if sm < num_sms:
-                        out.append(_cand("prefill_decode", prefill_sms=num_sms - sm, decode_sms=sm))
+        for name, cls in registry.classes():
+            if self.strategies is not None and name not in self.strategies:
+                continue
+            out += [_cand(name, **options) for options in cls.search_candidates(space)]
         return list(dict.fromkeys(out))
+
+    def search(self) -> SearchSpec:
+        return SearchSpec(self.candidates, self.buckets, self.measure_top_k, self.repeats, self.cache, self._fallback)
 
     # Used as-is (outside a compiled model's tuner) Auto behaves like sequential execution.
     def split_config(self, info: InputInfo) -> SplitConfig:
@@ -153,7 +136,7 @@ class Auto(Strategy):
         return self._fallback.plan(graph, split)
 
     def describe(self) -> str:
-        return (f"autotuned per {self.buckets} bucket over {', '.join(self.strategies)} (up to {self.max_nano_batches} nano-batches), "
+        return (f"autotuned per {self.buckets} bucket over {', '.join(self.strategies or ['every registered strategy'])} (up to {self.max_nano_batches} nano-batches), "
                 f"measuring the best {self.measure_top_k}")
 
     def __repr__(self) -> str:

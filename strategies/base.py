@@ -1,22 +1,23 @@
 """The ``Strategy`` base class: every hook has a working default; override one to change one behaviour.
 
-A strategy decides (1) the split rules (``rules()``), (2) the nano-batch split for an input bucket
+A strategy decides (1) the split rules (``rules()``), (2) the nano-batch split for a batch size
 (``split_config(info)``), and (3) the schedule: either declaratively (``plan(graph, split)`` returns a
 :class:`Schedule`) or imperatively, DynaFlow style, with ``async def schedule(self, ctx)`` calling
 ``ctx.pop(nano)`` and ``ctx.execute(op, lane=...)``. The imperative program is *recorded* once per
-input bucket into a static Schedule; it never runs per step.
+batch size into a static Schedule; it never runs per step.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 from dynaflow.errors import StrategyError
-from dynaflow.ir import ALL, InputInfo, Lane, NanoGraph, NanoOp, Schedule, SplitConfig
+from dynaflow.ir import ALL, InputInfo, Lane, NanoGraph, NanoOp, Resource, Schedule, SplitConfig
 from dynaflow.strategies import splits
 
-__all__ = ["Strategy", "ScheduleContext"]
+__all__ = ["Strategy", "ScheduleContext", "SearchSpace", "SearchSpec"]
 
 
 class _Done:
@@ -86,6 +87,49 @@ class ScheduleContext:
         return Schedule.from_lanes(self.strategy.name, self.split, {self.lanes[n]: ops for n, ops in self._order.items()}, notes)
 
 
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a tuning bucket offers a strategy's :meth:`Strategy.search_candidates`: the batch's facts, the segments'
+    resources, the device's SMs and their granularity, and the search's limits."""
+
+    info: InputInfo
+    resources: frozenset[Resource]
+    num_sms: int | None = None
+    granularity: int = 8
+    max_nano_batches: int = 4
+    sm_steps: int = 4
+
+    @property
+    def nano_counts(self) -> range:
+        """Nano-batch counts worth trying: 2 .. min(max_nano_batches, batch)."""
+        return range(2, max(1, min(self.max_nano_batches, self.info.batch_size)) + 1)
+
+    def sm_splits(self) -> list[int]:
+        """SM counts for the smaller partition, multiples of the granularity, below the device's total."""
+        if not self.num_sms:
+            return []
+        out = []
+        for k in range(1, self.sm_steps):
+            sm = max(self.granularity, int(self.num_sms * k / self.sm_steps) // self.granularity * self.granularity)
+            if sm < self.num_sms:
+                out.append(sm)
+        return out
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """How a strategy wants to be autotuned (returned by :meth:`Strategy.search`): where the candidates come
+    from, the tuning-bucket policy, how many predictions to measure and how often, the disk cache, and the
+    strategy to run while ranks disagree."""
+
+    candidates: Callable[[InputInfo, set[Resource], int | None, int], list[Any]]
+    buckets: str = "pow2"
+    measure_top_k: int = 2
+    repeats: int = 5
+    cache: bool = True
+    fallback: "Strategy | None" = None
+
+
 class Strategy:
     """Base strategy: one nano-batch, program order, one lane — i.e. sequential execution."""
 
@@ -106,7 +150,7 @@ class Strategy:
         return None
 
     def split_config(self, info: InputInfo) -> SplitConfig:
-        """Nano-batch sizes for this input bucket: the requested or default count, cut at request boundaries
+        """Nano-batch sizes for this batch: the requested or default count, cut at request boundaries
         when the caller declared requests (else evenly), merged up to ``min_rows`` rows per nano-batch."""
         n = info.requested_nano_batches or self.nano_batches or self.default_nano_batches
         if info.request_lengths is not None:
@@ -126,6 +170,17 @@ class Strategy:
         if _overrides(self, "schedule"):
             return self.record(graph)
         return Schedule.from_lanes(self.name, split, {self.lanes(graph)[0]: list(graph.ops)})
+
+    def search(self) -> SearchSpec | None:
+        """The autotuner's search this strategy asks for (``auto`` returns one); ``None``: plan directly."""
+        return None
+
+    @classmethod
+    def search_candidates(cls, space: SearchSpace) -> list[dict[str, Any]]:
+        """Points of the autotuner's search space for this strategy: option dicts for ``cls(**options)``.
+        The default tries nothing; ``auto`` asks every registered strategy, so a strategy registered from
+        outside the package is searched once it declares its points here."""
+        return []
 
     # -- imperative recording ------------------------------------------------------------------------
     def record(self, graph: NanoGraph) -> Schedule:

@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 from dynaflow.errors import StrategyError
 from dynaflow.ir import InputInfo, Lane, NanoGraph, Resource, Schedule, SplitConfig
 from dynaflow.strategies import splits
-from dynaflow.strategies.base import Strategy, program_order_key
+from dynaflow.strategies.base import SearchSpace, Strategy, program_order_key
 
 __all__ = ["NanoFlow"]
 
@@ -19,6 +19,22 @@ class NanoFlow(Strategy):
     """One lane per resource (compute / memory / network); nano-batches staggered so resources overlap."""
 
     name = "nanoflow"
+
+    @classmethod
+    def search_candidates(cls, space: SearchSpace) -> list[dict]:
+        """Uneven halves (NanoFlow's large/small nano-batches), then per count: even, a finer attention
+        split, and SM partitions between compute and the other resource."""
+        info, resources = space.info, space.resources
+        out: list[dict] = [{"weights": w} for w in ((2, 1), (1, 2))] if info.batch_size >= 3 else []
+        for n in space.nano_counts:
+            out.append({"nano_batches": n})
+            if Resource.MEMORY in resources and 2 * n <= info.batch_size:  # finer attention split
+                out.append({"nano_batches": n, "stage_nano_batches": {"memory": 2 * n}})
+            if space.num_sms and len(resources) > 1 and Resource.COMPUTE in resources:
+                other = next(r for r in (Resource.MEMORY, Resource.NETWORK) if r in resources)
+                out += [{"nano_batches": n, "sm_counts": {"compute": space.num_sms - sm, other.value: sm}}
+                        for sm in space.sm_splits()]
+        return out
     default_nano_batches = 2
 
     def __init__(self, nano_batches: int | None = None, sm_counts: Mapping[str, int] | None = None,

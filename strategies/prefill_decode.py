@@ -10,7 +10,7 @@ import logging
 from dynaflow.errors import StrategyError
 from dynaflow.ir import ALL, InputInfo, Lane, NanoGraph, NanoOp, Schedule, SplitConfig
 from dynaflow.strategies import splits
-from dynaflow.strategies.base import Strategy, program_order_key
+from dynaflow.strategies.base import SearchSpace, Strategy, program_order_key
 
 __all__ = ["PrefillDecode"]
 
@@ -21,6 +21,15 @@ class PrefillDecode(Strategy):
     """Prefill rows on one lane, decode rows on another, each with an optional SM count."""
 
     name = "prefill_decode"
+
+    @classmethod
+    def search_candidates(cls, space: SearchSpace) -> list[dict]:
+        """Only for a batch that mixes prefill and decode requests; with SMs, partitions between the two."""
+        phases = space.info.request_phases
+        if not phases or len(set(phases)) < 2:
+            return []
+        return [{}] + [{"prefill_sms": space.num_sms - sm, "decode_sms": sm} for sm in space.sm_splits()
+                       if space.num_sms]
 
     def __init__(self, prefill_sms: int | None = None, decode_sms: int | None = None) -> None:
         super().__init__(None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dynaflow.errors import StrategyError
 from dynaflow.ir import ALL, Lane, NanoGraph, Schedule, SplitConfig
-from dynaflow.strategies.base import Strategy, program_order_key
+from dynaflow.strategies.base import SearchSpace, Strategy, program_order_key
 
 __all__ = ["RoundRobin"]
 
@@ -13,6 +13,10 @@ class RoundRobin(Strategy):
     """Interleave nano-batches over K lanes (whole-batch ops on lane 0), each lane in program order."""
 
     name = "round_robin"
+
+    @classmethod
+    def search_candidates(cls, space: SearchSpace) -> list[dict]:
+        return [{"nano_batches": n, "lanes": min(n, 2)} for n in space.nano_counts]
     default_nano_batches = 2
 
     def __init__(self, nano_batches: int | None = None, lanes: int = 2) -> None:

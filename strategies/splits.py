@@ -6,13 +6,12 @@ Every policy returns a :class:`~dynaflow.ir.SplitConfig` whose sizes sum to the 
 
 from __future__ import annotations
 
-import bisect
-from typing import Sequence
+
 
 from dynaflow.errors import ConfigError
 from dynaflow.ir import InputInfo, SplitConfig
 
-__all__ = ["even", "token_balanced", "with_min_rows", "by_phase", "pad_to_bucket", "round_to_multiple"]
+__all__ = ["even", "token_balanced", "with_min_rows", "by_phase", "round_to_multiple"]
 
 
 def even(info: InputInfo, n: int) -> SplitConfig:
@@ -86,21 +85,6 @@ def by_phase(info: InputInfo) -> SplitConfig:
             sizes.append(length)
             labels.append(phase)
     return SplitConfig(tuple(sizes), tuple(labels))
-
-
-def pad_to_bucket(batch: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket size that holds ``batch`` rows (CUDA-graph capture sizes, like vLLM's).
-
-    Example: ``pad_to_bucket(5, (1, 2, 4, 8))`` → 8. A batch above the largest bucket is an error.
-    """
-    ordered = sorted(set(int(b) for b in buckets))
-    if not ordered or ordered[0] < 1:
-        raise ConfigError(f"bucket sizes must be positive ints; got {tuple(buckets)}.")
-    i = bisect.bisect_left(ordered, batch)
-    if i == len(ordered):
-        raise ConfigError(f"batch of {batch} rows is larger than the largest bucket {ordered[-1]}; add a bucket >= "
-                          f"{batch} or split the batch before calling.")
-    return ordered[i]
 
 
 def round_to_multiple(split: SplitConfig, multiple: int) -> SplitConfig:

@@ -9,7 +9,7 @@ from typing import Sequence
 
 from dynaflow.errors import StrategyError
 from dynaflow.ir import ALL, Lane, NanoGraph, NanoOp, Resource, Schedule, SplitConfig
-from dynaflow.strategies.base import Strategy
+from dynaflow.strategies.base import SearchSpace, Strategy
 
 __all__ = ["TwoBatchOverlap", "staggered_slots"]
 
@@ -37,6 +37,10 @@ class TwoBatchOverlap(Strategy):
     """Two token-balanced halves, the second ``stagger`` stages behind; overlap-resource stages on a second lane."""
 
     name = "two_batch_overlap"
+
+    @classmethod
+    def search_candidates(cls, space: SearchSpace) -> list[dict]:
+        return [{"stagger": s} for s in (0, 1)] if space.info.batch_size >= 2 else []
     default_nano_batches = 2
 
     def __init__(self, stagger: int = 1, overlap: Sequence[str] = ("network", "memory"), min_rows: int = 1,

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from dynaflow.backend.arena import ALIGN, happens_before, plan_arena, probe_slot_sizes, serial_peak
-from dynaflow.backend.executors import run_launch
+from dynaflow.backend.launch import run_launch
 from dynaflow.backend.program import Wait
 from dynaflow.errors import BackendError
 from models import make_transformer, transformer_input
@@ -140,8 +140,9 @@ def test_probe_measures_every_tensor_slot():
     p, inputs, _ = program_of(make_transformer(), transformer_input(8, seq=32), "nanoflow", 2)
     seen: dict = {}
 
-    def spy(launch, env, lock, batch):
-        run_launch(launch, env, lock, batch)
+    def spy(launch, step):
+        run_launch(launch, step)
+        env = step.env
         for s in [*launch.out_slots, *p.buffers]:
             if env[s] is not None:
                 seen[s] = env[s]

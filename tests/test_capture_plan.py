@@ -150,10 +150,10 @@ def map_launches_replace(launch, fn):
 
 
 def test_verify_option_checks_lowered_programs(monkeypatch):
-    import dynaflow.api as api
+    import dynaflow.planning as planning
 
     seen = []
-    monkeypatch.setattr(api, "check_program", lambda p: seen.append(p))
+    monkeypatch.setattr(planning, "check_program", lambda p: seen.append(p))
     c = dynaflow.compile(make_transformer(), strategy="nanoflow", nano_batches=2, executor="serial", verify=True)
     with torch.no_grad():
         c(transformer_input(4))

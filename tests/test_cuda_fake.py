@@ -14,6 +14,7 @@ import torch
 import dynaflow
 from dynaflow.backend import SerialExecutor
 from dynaflow.backend import cuda as cuda_mod
+from dynaflow.backend import launch as launch_mod
 from dynaflow.backend.streams import LaneStream
 from models import make_transformer, transformer_input
 from programs import program_of
@@ -68,16 +69,15 @@ class FakeGraph:
     def replay(self):
         self.replays += 1
         scratch = list(self.env)
-        for launch, batch in self.recorded:
-            REAL_RUN_LAUNCH(launch, scratch, NOLOCK, batch)
+        for launch, step in self.recorded:
+            REAL_RUN_LAUNCH(launch, step.with_env(scratch))
             for s in launch.out_slots:
                 old = self.env[s]
                 if isinstance(old, torch.Tensor) and old is not scratch[s]:
                     old.copy_(scratch[s])
 
 
-REAL_RUN_LAUNCH = cuda_mod.run_launch
-NOLOCK = cuda_mod._NOLOCK
+REAL_RUN_LAUNCH = launch_mod.run_launch
 
 
 @pytest.fixture
@@ -117,18 +117,18 @@ def fake_cuda(monkeypatch):
             current.pop()
             FakeGraph.active = None
 
-    def run_launch(launch, env, lock, batch):
+    def run_launch(launch, step):
         g = FakeGraph.active
         if g is not None:
-            assert g.env is None or g.env is env, "one env per captured piece"
-            g.env = env
-            g.recorded.append((launch, batch))
-        return REAL_RUN_LAUNCH(launch, env, lock, batch)
+            assert g.env is None or g.env is step.env, "one env per captured piece"
+            g.env = step.env
+            g.recorded.append((launch, step))
+        return REAL_RUN_LAUNCH(launch, step)
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", graph)
     monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: FakeStream("capture", journal))
-    monkeypatch.setattr(cuda_mod, "run_launch", run_launch)
+    monkeypatch.setattr(launch_mod, "run_launch", run_launch)
     return type("Fake", (), {"journal": journal, "caller": caller, "frees": frees})
 
 
@@ -226,7 +226,7 @@ def test_cuda_graphs_bucketed_calls_pad_capture_once_per_bucket_and_replay(fake_
         for batch, bucket, seed in [(5, 8, 1), (6, 8, 2), (3, 4, 3), (8, 8, 4), (5, 8, 5)]:
             x = transformer_input(batch, seed=seed)
             out = c(x)
-            assert c.graphs[0].last_bucket.size == bucket
+            assert c.graphs[0].last_capture.size == bucket
             torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
         ex = c.graphs[0]._executors["cuda"]
         states = [st for st in ex._states.values() if st.graphed]
@@ -263,3 +263,22 @@ def test_no_cudagraph_segments_run_eagerly_between_graph_pieces(fake_cuda):
     (g,) = ex._state(q).graphed.values()
     assert g.plan.num_graphs >= 2 and not g.plan.whole
     assert all(graph.replays == 3 for graph in g.graphs.values())
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_cuda_executor_runs_nano_context_launches_inside_the_engine_state(fake_cuda, cuda_graphs):
+    """The CUDA executor shares the step loop: each nano-batch launch of a ``nano-context`` segment sees its
+    own rows of the engine state, eagerly and while a graph piece is captured."""
+    from dynaflow.nanocontext import nano_context
+    from test_nanocontext import RULES, StatefulModel, _provider, _reference, engine_state
+
+    torch.manual_seed(0)
+    model = StatefulModel().eval()
+    x = torch.randn(6, 8)
+    scale = torch.arange(1, 7, dtype=torch.float32)
+    ref = _reference(model, x, scale)
+    fast = dynaflow.compile(model, strategy="round_robin", nano_batches=2, rules=RULES, executor="cuda",
+                            config={"cuda_graphs": cuda_graphs, "capture_sizes": [6]} if cuda_graphs else None)
+    with torch.no_grad(), engine_state(scale), nano_context(_provider(scale)):
+        for _ in range(3):
+            torch.testing.assert_close(fast(x), ref)

@@ -115,7 +115,7 @@ def _compile(strategy: str, nano: int, executor: str):
     return run, graphs
 
 
-CASES = [pytest.param("cpu", ex, id=f"cpu-{ex}") for ex in ("serial", "thread")] + [
+CASES = [pytest.param("cpu", ex, id=f"cpu-{ex}") for ex in ("serial", "thread", "sim")] + [
     pytest.param("cuda", "cuda", id="cuda-cuda", marks=[
         pytest.mark.cuda,
         pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to torch)"),

@@ -1,4 +1,4 @@
-"""Inductor per segment (backend/compiled_segments.py): ``inductor=True`` on the CPU executors.
+"""Inductor per segment (backend/inductor.py): ``inductor=True`` on the CPU executors.
 
 Inductor's fused kernels round differently from eager (observed here up to ~6e-8 absolute on the MLP),
 so results are compared with ``assert_close(atol=1e-5, rtol=1e-5)``.
@@ -11,7 +11,7 @@ import torch
 
 import dynaflow
 from dynaflow.backend import SerialExecutor
-from dynaflow.backend.compiled_segments import InductorSegments, signature
+from dynaflow.backend.inductor import InductorSegments, signature
 from dynaflow.errors import BackendError
 from models import make_mlp, mlp_input
 from programs import program_of, retag

@@ -185,7 +185,7 @@ def test_nanograph_edges():
     assert g.users(a[0]) == [b, c[0]]
     assert g.users(e[2]) == []
     assert repr(g) == "NanoGraph(5 segments × SplitConfig(7 → 3/2/2), 11 ops, 15 edges)"
-    g.verify()  # a well-formed graph passes
+    verify_graph(g)  # a well-formed graph passes
 
 
 def test_nanograph_segment_lookup_and_ops_of_nano():
@@ -244,7 +244,7 @@ def test_schedule_from_lanes_basics():
     assert s.notes == ("two lanes",)
     # notes do not take part in equality
     assert s == Schedule.from_lanes("mine", g.split, dict(zip(s.lanes, s.order)))
-    s.verify(g)
+    verify_schedule(s, g)
 
 
 def test_schedule_table_without_graph_is_lane_by_step():

@@ -10,7 +10,8 @@ Layers and what each may import (besides itself):
 
 =============  ========================================================================================
 core           ``dynaflow/*.py`` except the facade modules; only stdlib, torch, networkx, sympy, yaml
-facade         ``dynaflow/{__init__,api,cli,cli_demo,cli_model,__main__,models,tune,profiling}.py``; core, frontend, strategies, backend
+facade         ``dynaflow/{__init__,api,compiled_graph,planning,tune,profiling,cli,cli_demo,cli_model,__main__,
+               models}.py``; core, frontend, strategies, backend
 frontend       core
 strategies     core, and the rule types of ``dynaflow.frontend.rules``; never backend
 backend        core; never strategies or frontend
@@ -18,6 +19,8 @@ integrations   everything
 =============  ========================================================================================
 
 Nothing but integrations imports ``dynaflow.integrations``; no layer imports the facade except the facade.
+And no module imports itself back through others: the import graph (lazy imports included) has no cycle;
+a cycle fails with its path (``a.py -> b.py -> a.py``).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ FOLDERS = {
     "backend": ("dynaflow.backend", "backend"),
     "integrations": ("dynaflow.integrations", "integrations"),
 }
-FACADE = {"__init__", "api", "cli", "cli_demo", "cli_model", "__main__", "models", "tune", "profiling"}
+FACADE = {"__init__", "api", "cli", "cli_demo", "cli_model", "__main__", "models", "tune", "profiling", "planning",
+          "compiled_graph"}
 """Modules of ``dynaflow/`` that wire the layers together (the public API); everything else there is core."""
 
 SUBPACKAGE_LAYER = {
@@ -175,6 +179,43 @@ def violations(root: Path = ROOT) -> list[str]:
     return problems
 
 
+GUARDED_HOST_MODULES = {"dynaflow.integrations.sglang._sglang", "dynaflow.integrations.vllm._vllm"}
+"""An integration's private host module (the only place its host framework is imported) reads its package's
+settings; the package loads it lazily, on first use. That back-edge is the guard pattern, not a cycle."""
+
+
+def import_cycles(root: Path = ROOT) -> list[list[str]]:
+    """Every cycle of the module import graph (lazy imports included), each as the list of modules on it,
+    first module repeated at the end. An import of a package's attribute counts as an import of the package
+    (its ``__init__``); the implicit import of a parent package by its submodules does not."""
+    known = _known_modules(root)
+    graph: dict[str, set[str]] = {}
+    for path in source_files(root):
+        mod = module_of(path, root)
+        parent = mod.rpartition(".")[0] if mod in GUARDED_HOST_MODULES else None
+        graph.setdefault(mod, set()).update(i.target for i in imports_of(path, root, known)
+                                            if i.target in known and i.target not in (mod, parent))
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(mod: str) -> None:
+        state[mod] = 1
+        path.append(mod)
+        for nxt in sorted(graph.get(mod, ())):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[mod] = 2
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod)
+    return cycles
+
+
 # --------------------------------------------------------------------------------------------------------
 # the package itself
 # --------------------------------------------------------------------------------------------------------
@@ -186,6 +227,12 @@ def test_every_layer_has_files():
 def test_layering_rules_hold():
     problems = violations()
     assert not problems, "layering violations (see docs/ARCHITECTURE.md):\n  " + "\n  ".join(problems)
+
+
+def test_no_import_cycles():
+    cycles = import_cycles()
+    assert not cycles, "import cycles (break them; see docs/ARCHITECTURE.md):\n  " + "\n  ".join(
+        " -> ".join(c) for c in cycles)
 
 
 @pytest.mark.slow  # a fresh interpreter; the no-optional-dependency import below covers it in the default tier
@@ -277,6 +324,16 @@ def test_checker_catches_violations(tmp_path, rel, text, expected):
     root = _tree(tmp_path, files)
     found = violations(root)
     assert any(expected in v for v in found), found
+
+
+def test_checker_finds_a_cycle_with_its_path(tmp_path):
+    root = _tree(tmp_path, {
+        "dynaflow/ir.py": "def f():\n    from dynaflow.verify import verify\n",
+        "dynaflow/verify.py": "from dynaflow.ir import NanoGraph\n",
+        "backend/arena.py": "from dynaflow.backend.program import Program\n",
+        "backend/program.py": "",
+    })
+    assert import_cycles(root) == [["dynaflow.ir", "dynaflow.verify", "dynaflow.ir"]]
 
 
 def test_checker_allows_the_rules(tmp_path):

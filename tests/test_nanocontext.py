@@ -3,7 +3,8 @@
 A tiny fake "engine" keeps per-step state in a module global (as vLLM's forward context does): a per-row
 scale vector. An opaque custom op reads it, so running the op on a nano-batch slice under the whole-batch
 state would fail (shape mismatch) or, with a compatible shape, compute the wrong rows. The hook must make
-each nano-batch launch see its own rows, on the serial and on the thread executor, for every strategy.
+each nano-batch launch see its own rows, on every CPU executor (serial, thread, sim), for every strategy; tests/test_cuda_fake.py runs it on
+the CUDA executor's host path.
 """
 
 from __future__ import annotations
@@ -83,7 +84,11 @@ def _reference(model, x, scale):
         return model(x)
 
 
-@pytest.mark.parametrize("executor", ["serial", "thread"])
+CPU_EXECUTORS = [name for name in dynaflow.backend.executors.available() if name != "cuda"]
+"""Every registered executor that runs on CPU (serial, thread, sim): all share the step loop."""
+
+
+@pytest.mark.parametrize("executor", CPU_EXECUTORS)
 @pytest.mark.parametrize("strategy", dynaflow.strategies.available())
 @pytest.mark.parametrize("nano", [1, 2, 3])
 def test_each_nano_batch_launch_sees_its_own_state(executor, strategy, nano):

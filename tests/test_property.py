@@ -20,7 +20,7 @@ import dynaflow
 from dynaflow import ALL, ConfigError, Lane, NanoGraph, NanoOp, Schedule, ScheduleError, SplitConfig
 from dynaflow.backend import SerialExecutor, ThreadExecutor, lower
 from dynaflow.frontend.capture import flat_io
-from dynaflow.verify import verify_schedule
+from dynaflow.verify import verify_graph, verify_schedule
 from models import grad_off, make_coupled, make_mlp, make_transformer, mlp_input, split_strategies, transformer_input
 
 BATCH = 7
@@ -133,7 +133,7 @@ def test_random_valid_schedule_matches_eager(targets, name, data):
     t = targets[name]
     split = data.draw(splits(), label="split")
     graph = t.graph(split)
-    graph.verify()
+    verify_graph(graph)
     schedule = draw_schedule(data, graph)
     verify_schedule(schedule, graph)  # every lane assignment of a linear extension is valid
     oracle = t.run(graph, _sequential(graph), SerialExecutor())

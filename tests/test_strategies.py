@@ -38,14 +38,7 @@ def test_split_policy_examples():
                                                                                     "decode")))
     assert by.sizes == (7, 2) and by.labels == ("prefill", "decode")
     assert splits.by_phase(InputInfo(9)).sizes == (9,)
-    assert splits.pad_to_bucket(5, (1, 2, 4, 8)) == 8
-    assert splits.pad_to_bucket(4, (8, 4)) == 4
     assert splits.round_to_multiple(SplitConfig((5, 5, 5)), 4).sizes == (8, 7)
-
-
-def test_pad_to_bucket_over_the_largest_names_the_fix():
-    with pytest.raises(ConfigError, match=r"batch of 9 rows is larger than the largest bucket 8; add a bucket >= 9"):
-        splits.pad_to_bucket(9, (1, 2, 4, 8))
 
 
 @st.composite

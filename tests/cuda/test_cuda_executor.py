@@ -116,7 +116,7 @@ def test_cuda_graph_buckets_pad_recapture_and_reject_oversize():
         for batch, bucket in [(5, 8), (3, 4), (8, 8), (2, 4)]:  # (a batch of 1 is captured static by Dynamo)
             x = _x(batch, torch.float32)
             out = c(x)
-            assert c.graphs[0].last_bucket.size == bucket
+            assert c.graphs[0].last_capture.size == bucket
             assert_matches(out, model(x), torch.float32, f"batch {batch}")
         assert set(c.graphs[0].plans) == {4, 8}  # planned and captured at the bucket sizes only
         with pytest.raises(BackendError, match="larger than the largest CUDA-graph capture size 8"):
@@ -126,7 +126,7 @@ def test_cuda_graph_buckets_pad_recapture_and_reject_oversize():
     with torch.no_grad():
         x = _x(9, torch.float32)
         assert_matches(c2(x), model(x), torch.float32, "over capture, eager")
-        assert c2.graphs[0].last_bucket.mode.value == "eager"
+        assert c2.graphs[0].last_capture.mode.value == "eager"
 
 
 def test_static_outputs_as_views_are_overwritten_by_the_next_replay():

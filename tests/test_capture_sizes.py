@@ -1,4 +1,4 @@
-"""Capture sizes, padding a batch up to a bucket and back (backend/buckets.py), and the bucketed call path."""
+"""Capture sizes, padding a batch up to a capture size and back (backend/capture_sizes.py), and the captured call path."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 import dynaflow
 from dynaflow.backend import SerialExecutor
-from dynaflow.backend.buckets import (InputSpec, Mode, choose_bucket, copy_into_static, input_specs, pad_inputs,
+from dynaflow.backend.capture_sizes import (InputSpec, Mode, choose_capture_size, copy_into_static, input_specs, pad_inputs,
                                       unpad_outputs)
 from dynaflow.errors import BackendError, DynaflowError
 from dynaflow.segmented import ValueKind
@@ -15,20 +15,20 @@ from models import make_coupled, make_transformer, mlp_input, transformer_input
 
 
 def test_no_capture_sizes_captures_each_batch_exactly():
-    c = choose_bucket(5, None)
+    c = choose_capture_size(5, None)
     assert (c.size, c.mode, c.padded) == (5, Mode.GRAPH, False)
 
 
 @pytest.mark.parametrize("batch,size", [(1, 2), (2, 2), (3, 4), (4, 4), (5, 8), (8, 8)])
 def test_batch_pads_up_to_next_capture_size(batch, size):
-    c = choose_bucket(batch, (8, 2, 4))
+    c = choose_capture_size(batch, (8, 2, 4))
     assert c.size == size and c.mode is Mode.GRAPH and c.padded == (batch != size)
-    assert repr(c).startswith(f"Bucket({size}")
+    assert repr(c).startswith(f"Capture({size}")
 
 
 def test_over_largest_is_a_clear_error_by_default():
     with pytest.raises(BackendError) as e:
-        choose_bucket(9, (2, 4, 8))
+        choose_capture_size(9, (2, 4, 8))
     msg = str(e.value)
     assert "batch size 9" in msg and "largest CUDA-graph capture size 8" in msg
     assert "capture_sizes" in msg and "over_capture='eager'" in msg
@@ -36,21 +36,21 @@ def test_over_largest_is_a_clear_error_by_default():
 
 
 def test_over_largest_runs_eager_when_configured():
-    c = choose_bucket(9, (2, 4, 8), "eager")
+    c = choose_capture_size(9, (2, 4, 8), "eager")
     assert c.mode is Mode.EAGER and c.size == 9 and "largest" in c.reason
 
 
 def test_unsafe_padding_errors_or_goes_eager_but_exact_sizes_still_capture():
     why = ["barrier segment 'glue_1' sees the whole batch"]
     with pytest.raises(BackendError, match=r"padded to capture size 4.*glue_1.*Add 3 to capture_sizes"):
-        choose_bucket(3, (4, 8), "error", why)
-    assert choose_bucket(3, (4, 8), "eager", why).mode is Mode.EAGER
-    assert choose_bucket(4, (4, 8), "error", why).mode is Mode.GRAPH
+        choose_capture_size(3, (4, 8), "error", why)
+    assert choose_capture_size(3, (4, 8), "eager", why).mode is Mode.EAGER
+    assert choose_capture_size(4, (4, 8), "error", why).mode is Mode.GRAPH
 
 
 def test_zero_batch_is_rejected():
     with pytest.raises(BackendError, match="at least one row"):
-        choose_bucket(0, (4,))
+        choose_capture_size(0, (4,))
 
 
 def test_pad_repeats_last_item_and_handles_flattened_batch_dims_and_batch_size_ints():
@@ -89,34 +89,34 @@ def _fx_graph(model, x, **config):
     return c, c.graphs[0]
 
 
-def test_bucketed_call_pads_plans_at_the_bucket_and_narrows_outputs_on_cpu():
+def test_captured_call_pads_plans_at_the_capture_size_and_narrows_outputs_on_cpu():
     model = make_transformer()
     c, g = _fx_graph(model, transformer_input(4))
     assert input_specs(g.segmented)[0] == InputSpec(ValueKind.BATCH, 0)
     g.config = g.config.replace(capture_sizes=(4, 8))
     x = transformer_input(5, seed=7)
     with torch.no_grad():
-        out = g.run_bucketed([x], executor=SerialExecutor())
+        out = g.run_captured([x], executor=SerialExecutor())
         ref = model(x)
     (out,) = out if isinstance(out, tuple) else (out,)
-    assert g.last_bucket.size == 8 and g.last_bucket.padded
+    assert g.last_capture.size == 8 and g.last_capture.padded
     assert g.last_plan.program.batch_size == 8
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_bucketed_call_refuses_to_pad_through_a_barrier():
+def test_captured_call_refuses_to_pad_through_a_barrier():
     model = make_coupled()
     c, g = _fx_graph(model, mlp_input(4))
     g.config = g.config.replace(capture_sizes=(4, 8))
     with pytest.raises(BackendError, match="barrier segment"):
-        g.run_bucketed([mlp_input(5)], executor=SerialExecutor())
+        g.run_captured([mlp_input(5)], executor=SerialExecutor())
     g.config = g.config.replace(over_capture="eager")
     with torch.no_grad():
-        out = g.run_bucketed([mlp_input(5)], executor=SerialExecutor())
+        out = g.run_captured([mlp_input(5)], executor=SerialExecutor())
         ref = model(mlp_input(5))
     (out,) = out if isinstance(out, tuple) else (out,)
-    assert g.last_bucket.mode is Mode.EAGER and g.last_bucket.size == 5
+    assert g.last_capture.mode is Mode.EAGER and g.last_capture.size == 5
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.fx
 
 from dynaflow.errors import BackendError
+from dynaflow.nanocontext import current_nano_context
 from dynaflow.backend.program import Launch, Program, fetch
 
 __all__ = ["InductorSegments", "signature", "replace_fns", "NO_INDUCTOR"]
@@ -82,14 +83,14 @@ class InductorSegments:
         return compiled
 
     def _compile(self, program: Program, inputs: Sequence[Any]) -> Program:
-        from dynaflow.backend.executors import Executor, run_launch
+        from dynaflow.backend.launch import Executor, StepContext, run_launch
 
-        env = Executor.new_env(program, inputs)
-        lock = threading.Lock()
+        step = StepContext(program, Executor.new_env(program, inputs), current_nano_context())
+        env = step.env
         fns: dict[int, Callable[..., Any]] = {}
         for launch, frees in zip(program.serial_order, program.serial_frees):
             if NO_INDUCTOR in launch.segment.hints:
-                run_launch(launch, env, lock, program.batch_size)
+                run_launch(launch, step)
             else:
                 args = [fetch(a, env) for a in launch.args]
                 key = (launch.segment.name, signature(args))
@@ -98,7 +99,7 @@ class InductorSegments:
                     fn = self._compiled[key] = self._compile_one(launch, args)
                 fns[id(launch)] = fn
                 try:
-                    run_launch(dataclasses.replace(launch, fn=fn), env, lock, program.batch_size)  # compiles + warms
+                    run_launch(dataclasses.replace(launch, fn=fn), step)  # compiles + warms
                 except Exception as exc:
                     shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
                     raise BackendError(

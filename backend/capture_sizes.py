@@ -1,10 +1,10 @@
-"""Input buckets for CUDA-graph capture: capture sizes, padding a batch up to one, and undoing it.
+"""Capture sizes for CUDA graphs: choosing one for a batch, padding the batch up to it, and undoing it.
 
-A CUDA graph has fixed shapes, so a step is captured once per *bucket* (a batch size from
-``capture_sizes``) and a smaller batch is padded up to the next bucket, as vLLM does. Padding is only
+A CUDA graph has fixed shapes, so a step is captured once per *capture size* (a batch size from
+``capture_sizes``) and a smaller batch is padded up to the next capture size, as vLLM does. Padding is only
 correct when every row of the batch is computed independently of the others: a barrier segment that
-reduces over the batch (``h.mean(0)``) would see the padding rows. :func:`choose_bucket` therefore
-refuses to pad a graph with barriers (unless the batch hits a bucket exactly) and says how to fix it.
+reduces over the batch (``h.mean(0)``) would see the padding rows. :func:`choose_capture_size` therefore
+refuses to pad a graph with barriers (unless the batch hits a capture size exactly) and says how to fix it.
 
 Everything here is pure logic on sizes and tensors, testable on CPU.
 """
@@ -20,7 +20,7 @@ import torch
 from dynaflow.errors import BackendError
 from dynaflow.segmented import OutRef, SegmentedModule, ValueKind
 
-__all__ = ["BucketChoice", "Mode", "InputSpec", "barrier_names", "choose_bucket", "input_specs", "pad_inputs", "unpad_outputs",
+__all__ = ["CaptureChoice", "Mode", "InputSpec", "barrier_names", "choose_capture_size", "input_specs", "pad_inputs", "unpad_outputs",
            "copy_into_static"]
 
 
@@ -33,7 +33,7 @@ class Mode(str, enum.Enum):
 
 
 @dataclass(frozen=True)
-class BucketChoice:
+class CaptureChoice:
     """How one call runs: ``batch`` real rows, planned and captured at ``size`` rows, in ``mode``."""
 
     batch: int
@@ -48,11 +48,11 @@ class BucketChoice:
     def __repr__(self) -> str:
         pad = f" (padded from {self.batch})" if self.padded else ""
         why = f": {self.reason}" if self.reason else ""
-        return f"Bucket({self.size}{pad}, {self.mode.value}{why})"
+        return f"Capture({self.size}{pad}, {self.mode.value}{why})"
 
 
-def choose_bucket(batch: int, capture_sizes: Sequence[int] | None, over_capture: str = "error",
-                  unsafe_pad: Sequence[str] = ()) -> BucketChoice:
+def choose_capture_size(batch: int, capture_sizes: Sequence[int] | None, over_capture: str = "error",
+                  unsafe_pad: Sequence[str] = ()) -> CaptureChoice:
     """Pick the capture size for ``batch``.
 
     ``capture_sizes=None`` captures every batch size as it comes (no padding). A batch above the largest
@@ -63,12 +63,12 @@ def choose_bucket(batch: int, capture_sizes: Sequence[int] | None, over_capture:
     if batch < 1:
         raise BackendError(f"batch size {batch} cannot be captured; a CUDA graph needs at least one row.")
     if not capture_sizes:
-        return BucketChoice(batch, batch, Mode.GRAPH)
+        return CaptureChoice(batch, batch, Mode.GRAPH)
     sizes = sorted(set(int(s) for s in capture_sizes))
     fit = next((s for s in sizes if s >= batch), None)
     if fit is None:
         if over_capture == "eager":
-            return BucketChoice(batch, batch, Mode.EAGER, f"batch {batch} > largest capture size {sizes[-1]}")
+            return CaptureChoice(batch, batch, Mode.EAGER, f"batch {batch} > largest capture size {sizes[-1]}")
         raise BackendError(
             f"batch size {batch} is larger than the largest CUDA-graph capture size {sizes[-1]} "
             f"(capture_sizes={tuple(sizes)}). Add a larger size to capture_sizes, or set over_capture='eager' "
@@ -77,13 +77,13 @@ def choose_bucket(batch: int, capture_sizes: Sequence[int] | None, over_capture:
     if fit != batch and unsafe_pad:
         names = "; ".join(unsafe_pad[:3]) + (" ..." if len(unsafe_pad) > 3 else "")
         if over_capture == "eager":
-            return BucketChoice(batch, batch, Mode.EAGER, f"padding {batch}->{fit} is unsafe: {names}")
+            return CaptureChoice(batch, batch, Mode.EAGER, f"padding {batch}->{fit} is unsafe: {names}")
         raise BackendError(
             f"batch size {batch} would be padded to capture size {fit}, but padding is unsafe here ({names}): padding "
             f"rows could change the result. Add {batch} to capture_sizes, or set over_capture='eager' to run such "
             "batches without a graph."
         )
-    return BucketChoice(batch, fit, Mode.GRAPH)
+    return CaptureChoice(batch, fit, Mode.GRAPH)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,240 @@
+"""The one seam every executor shares: the :class:`Executor` base, the per-step :class:`StepContext`, the
+launch body :func:`run_launch` and the step loop :func:`step_loop`.
+
+Every way dynaflow runs a lowered :class:`Program` goes through here — the serial, thread and sim executors,
+the CUDA executor (eager steps, the first-step probe, CUDA-graph captures and eager pieces between graphs),
+the arena's slot-size probe and the Inductor warm-up — so what one launch means cannot drift between them:
+
+* :meth:`Executor.begin_step` makes the step's context once, on the calling thread: the value slots
+  (``env``), the batch and split, and the engine's per-nano-batch context provider
+  (:mod:`dynaflow.nanocontext`), which lanes on other threads or streams then share;
+* :func:`run_launch` fetches a launch's arguments, calls the segment (inside the engine context for a
+  ``nano-context`` segment), stores its outputs and writes merged outputs into their full-batch buffers;
+* :func:`step_loop` walks an instruction list (launches and waits), with the executor's hooks for a wait,
+  for what surrounds a launch (a CUDA stream) and for what follows it (events, frees).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, ContextManager, Iterable, Sequence
+
+import torch
+
+from dynaflow import knobs
+from dynaflow.errors import BackendError
+from dynaflow.ir import SplitConfig
+from dynaflow.nanocontext import NanoContext, current_nano_context, launch_context
+from dynaflow.segmented import OutRef
+from dynaflow.timeline import Timeline, TimelineEvent
+from dynaflow.backend.program import Launch, Program, Wait, fetch
+
+__all__ = ["Executor", "ExecutorContext", "StepContext", "run_launch", "step_loop", "run_serial", "NOLOCK"]
+
+log = logging.getLogger(__name__)
+
+
+class _NoLock:
+    """For launches issued from one host thread: the merge-buffer allocation needs no lock."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+NOLOCK: Any = _NoLock()
+
+
+@dataclass(slots=True)
+class StepContext:
+    """What one step of a program shares between its launches, made once by :meth:`Executor.begin_step`."""
+
+    program: Program
+    env: list[Any]
+    """The step's value slots: graph inputs first, then one slot per (value, nano-batch), then merge buffers."""
+    nano_ctx: NanoContext | None = None
+    """The engine's per-nano-batch context provider, read on the calling thread when the step began."""
+    lock: Any = field(default_factory=threading.Lock)
+    """Taken by the first nano-batch that allocates a merge buffer (lanes on threads race for it)."""
+    timeline: list[TimelineEvent] | None = None
+    """Wall-clock events of the launches, when the timeline is recorded."""
+    t_start: float = 0.0
+    failed: BaseException | None = None
+    """Set by a lane that failed: the other lanes stop at their next instruction."""
+    trace: bool = False
+    """``DYNAFLOW_DEBUG>=4``: every launch is logged as it finishes."""
+
+    @property
+    def batch(self) -> int:
+        return self.program.batch_size
+
+    @property
+    def split(self) -> SplitConfig:
+        return self.program.split
+
+    def with_env(self, env: list[Any]) -> "StepContext":
+        """The same step on other value slots (a CUDA-graph replay's scratch copy)."""
+        return replace(self, env=env, timeline=None)
+
+
+def run_launch(launch: Launch, step: StepContext) -> None:
+    """Fetch arguments, call the segment, store outputs, and write merged outputs into their buffers.
+
+    A segment with the ``nano-context`` hint runs inside the step's engine context
+    (see :mod:`dynaflow.nanocontext`)."""
+    env = step.env
+    if step.nano_ctx is not None:
+        with launch_context(step.nano_ctx, launch.segment, launch.op.nano, step.program.split):
+            out = launch.fn(*[fetch(a, env) for a in launch.args])
+    else:
+        out = launch.fn(*[fetch(a, env) for a in launch.args])
+    outs = out if launch.returns_tuple else (out,)
+    for slot, value in zip(launch.out_slots, outs):
+        env[slot] = value
+    for j, buf_slot, dim, start, stop in launch.merges:
+        value = outs[j]
+        k = value.size(dim) // (stop - start)
+        buf = env[buf_slot]
+        if buf is None:
+            with step.lock:  # the first nano-batch to finish allocates the full-batch buffer once
+                buf = env[buf_slot]
+                if buf is None:
+                    shape = list(value.shape)
+                    shape[dim] = k * step.program.batch_size
+                    buf = env[buf_slot] = torch.empty(shape, dtype=value.dtype, device=value.device)
+        buf.narrow(dim, start * k, (stop - start) * k).copy_(value)
+
+
+def step_loop(step: StepContext, instructions: Iterable[Launch | Wait], *,
+              frees: Sequence[Sequence[int]] | None = None,
+              wait: Callable[[Wait], None] | None = None,
+              around: Callable[[Launch], ContextManager[Any]] | None = None,
+              after: Callable[[Launch], None] | None = None,
+              timeline: list[TimelineEvent] | None = None) -> None:
+    """The step loop: run ``instructions`` in order through :func:`run_launch`.
+
+    ``frees[i]``: slots to drop after the i-th instruction (the serial order's free-at-last-use);
+    ``wait``: how a :class:`Wait` blocks; ``around``: a context entered around each launch (a stream);
+    ``after``: called after each launch (record its event, count down readers); ``timeline``: wall-clock
+    events are appended here. A lane stops early once ``step.failed`` is set."""
+    env = step.env
+    trace = step.trace
+    clock = time.perf_counter
+    t_start = step.t_start
+    if around is None and after is None and wait is None and not trace and frees is not None:
+        # the plain serial walk (serial and sim executors, probes): the same launches, nothing around them
+        for ins, free in zip(instructions, frees):  # a serial order holds launches only
+            if timeline is None:
+                run_launch(ins, step)  # type: ignore[arg-type]
+            else:
+                t0 = clock()
+                run_launch(ins, step)  # type: ignore[arg-type]
+                timeline.append(TimelineEvent(ins.lane, repr(ins.op), t0 - t_start, clock() - t_start,  # type: ignore[union-attr]
+                                              ins.segment.resource.value))  # type: ignore[union-attr]
+            for slot in free:
+                env[slot] = None
+        return
+    for i, ins in enumerate(instructions):
+        if step.failed is not None:
+            return
+        if isinstance(ins, Wait):
+            if wait is not None:
+                wait(ins)
+            continue
+        t0 = clock() if timeline is not None else 0.0
+        if around is None:
+            run_launch(ins, step)
+        else:
+            with around(ins):
+                run_launch(ins, step)
+        if timeline is not None:
+            timeline.append(TimelineEvent(ins.lane, repr(ins.op), t0 - t_start, clock() - t_start,
+                                          ins.segment.resource.value))
+        if trace:
+            log.info("launch %s on %s (%.1f ms into the step)", ins.op, ins.lane, (clock() - t_start) * 1e3)
+        if after is not None:
+            after(ins)
+        if frees is not None:
+            for slot in frees[i]:
+                env[slot] = None
+
+
+@dataclass(frozen=True)
+class ExecutorContext:
+    """What an executor may need from the compiled graph that asks for it: the config, a lazy cost model
+    and the device's spec (both computed only when an executor asks, e.g. the simulator)."""
+
+    config: Any = None
+    cost_model: Callable[[], Any] | None = None
+    device: Callable[[], Any] | None = None
+
+
+class Executor:
+    """Runs a Program on a list of flat inputs and returns the graph's outputs.
+
+    A new executor subclasses this, implements :meth:`run` with :meth:`begin_step` and :func:`step_loop`, and
+    is registered with one line: ``dynaflow.backend.executors.register("name", MyExecutor)``."""
+
+    name = "base"
+    captures_graphs = False
+    """Whether ``run(..., capture=True)`` replays a CUDA graph (``cuda_graphs=True`` needs such an executor)."""
+
+    def __init__(self) -> None:
+        self.last_timeline: Timeline | None = None
+
+    @classmethod
+    def from_context(cls, ctx: ExecutorContext) -> "Executor":
+        """The executor for a compiled graph (override to read the config, cost model or device)."""
+        return cls()
+
+    def run(self, program: Program, inputs: Sequence[Any], *, capture: bool = False) -> Any:  # pragma: no cover
+        """One step; ``capture``: replay it as a CUDA graph (executors without graphs ignore it)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release threads/streams; the executor may not be used afterwards."""
+
+    def begin_step(self, program: Program, inputs: Sequence[Any], *, lock: Any = None,
+                   record: bool | None = None) -> StepContext:
+        """The step's context, made on the calling thread: fresh value slots holding the inputs, the engine's
+        nano-batch context provider, and a timeline list when ``record`` (default: the timeline knob)."""
+        record = knobs.record_timeline() if record is None else record
+        return StepContext(program, self.new_env(program, inputs), current_nano_context(),
+                           threading.Lock() if lock is None else lock, [] if record else None, time.perf_counter(),
+                           trace=knobs.debug_level() >= 4)
+
+    @staticmethod
+    def new_env(program: Program, inputs: Sequence[Any]) -> list[Any]:
+        if len(inputs) != program.num_inputs:
+            raise BackendError(f"Program expects {program.num_inputs} inputs, got {len(inputs)}.")
+        env: list[Any] = list(inputs)
+        env.extend([None] * (program.num_slots - len(env)))
+        return env
+
+    @staticmethod
+    def outputs(program: Program, env: list[Any]) -> Any:
+        def build(t: Any) -> Any:
+            if isinstance(t, OutRef):
+                return env[program.output_slots[t.name]]
+            if isinstance(t, tuple):
+                return tuple(build(x) for x in t)
+            if isinstance(t, list):
+                return [build(x) for x in t]
+            if isinstance(t, dict):
+                return {k: build(v) for k, v in t.items()}
+            return t
+
+        return build(program.output_tree)
+
+
+def run_serial(step: StepContext, *, keep: frozenset[int] | set[int] = frozenset()) -> None:
+    """The program's global serial order through :func:`step_loop`, freeing each value at its last use
+    (except the slots in ``keep``): the serial and sim executors, the CUDA probe, the Inductor warm-up."""
+    program = step.program
+    frees = program.serial_frees if not keep else [[s for s in f if s not in keep] for f in program.serial_frees]
+    step_loop(step, program.serial_order, frees=frees, timeline=step.timeline)

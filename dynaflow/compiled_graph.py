@@ -1,0 +1,392 @@
+"""One captured fx graph, from partition to run: :class:`CompiledGraph`.
+
+It keeps what a captured graph is — ``prepare`` (partition once), ``plan_for`` (the plan passes of
+:mod:`dynaflow.planning`, once per batch size and split; the autotuner of :mod:`dynaflow.tune` when the
+strategy asks for a search), ``__call__`` (an executor of :mod:`dynaflow.backend` runs the Program) and
+``explain``. It is the autotuner's :class:`~dynaflow.tune.Planner`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import logging
+import threading
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+
+from dynaflow import knobs
+from dynaflow.backend import ExecutorContext, Program, check_executor_name, executors, make_executor
+from dynaflow.backend.capture_sizes import (CaptureChoice, Mode, barrier_names, choose_capture_size, input_specs, pad_inputs,
+                                      unpad_outputs)
+from dynaflow.backend.comm import DistributedPlanner
+from dynaflow.backend.inductor import InductorSegments
+from dynaflow.config import DynaflowConfig
+from dynaflow.cost import CostModel
+from dynaflow.errors import BackendError, BatchCouplingError
+from dynaflow.frontend.batching import find_batch_source
+from dynaflow.frontend.capture import batch_size_of, symbolize
+from dynaflow.frontend.differential import check_split_equals_whole, mutated_inputs, overlapping_writes
+from dynaflow.frontend.effects import is_inplace
+from dynaflow.frontend.partition import partition
+from dynaflow.ir import InputInfo, SplitConfig
+from dynaflow.planning import CostContext, Plan, describe_inputs, make_plan, split_with, strategy_name
+from dynaflow.profiles import model_hash
+from dynaflow.requests import RequestLayout, current_requests
+from dynaflow.segmented import SegmentedModule
+from dynaflow.strategies import Strategy, get as get_strategy
+from dynaflow.timeline import Timeline
+from dynaflow.tune import Tuner, TuneSetup, median_seconds
+
+__all__ = ["CompiledGraph", "Plan"]
+
+log = logging.getLogger(__name__)
+_CALL_SEQ = itertools.count()
+
+
+class CompiledGraph:
+    """One captured fx graph: partitioned once, planned per batch size, run by an executor."""
+
+    def __init__(self, gm: torch.fx.GraphModule, config: DynaflowConfig, strategy: Strategy, label: str = "graph0"):
+        check_executor_name(config.executor)
+        self.gm, self.config, self.strategy, self.label = gm, config, strategy, label
+        self.segmented: SegmentedModule | None = None
+        self.plans: dict[int, Plan] = {}
+        """The latest plan per batch size."""
+        self._by_split: dict[SplitConfig, Plan] = {}
+        self._strategy_for: dict[SplitConfig, Strategy] = {}
+        """The autotuner's winner per split (``strategy="auto"``); other strategies plan every split themselves."""
+        self._splits: dict[tuple[Any, ...], tuple[InputInfo, SplitConfig]] = {}
+        self._tuner: tuple[Strategy, Tuner] | None = None
+        self.costs: CostContext | None = None
+        self._record: dict[int, Sequence[Any]] | None = None
+        """Set by ``dynaflow.profile``: the next call stores its flat inputs here."""
+        self.last_plan: Plan | None = None
+        self.last_timeline: Timeline | None = None
+        self.calls = 0
+        self.last_call_seq = -1
+        """Global call counter value of this graph's latest run (the most recent graph wins in inspection)."""
+        self._batch_source: tuple[int, int] | None = None
+        self.batch_hint: Callable[[], int] | None = None
+        """For a static capture: where the caller learnt the batch size (Dynamo inputs start with weights)."""
+        self._executors: dict[str, Any] = {}
+        self._inductor: InductorSegments | None = None
+        self.last_capture: CaptureChoice | None = None
+        """With ``cuda_graphs=True``: how the latest call was padded to a capture size (graph or eager)."""
+        self.distributed: DistributedPlanner | None = None
+        """Split agreement, collective ordering and lane communicators (set by ``prepare``)."""
+        self._written_inputs: tuple[int, ...] = ()
+        """Inputs the graph writes in place: overlapping views of them run the graph unsplit."""
+        self._differential_done = False
+        self._warned_static = False
+        self.batch_marked = False
+        """Set by ``dynaflow.compile``: the batch was marked dynamic, so a static batch here means Dynamo
+        specialised it (code that couples the batch, e.g. a loss over ``labels``): the graph is a barrier."""
+        self.whole_batch = False
+        """Whether this graph runs once on the whole batch because its batch dim was specialised."""
+        self._lock = threading.RLock()
+        """Planning and executor creation are serialised; running is not (concurrent callers run in parallel)."""
+
+    def prepare(self, example_inputs: Sequence[Any] | None = None, *, from_fx: bool = False) -> "CompiledGraph":
+        """Partition the graph (for a plain GraphModule, first make its batch dim symbolic)."""
+        if self.segmented is not None:
+            return self
+        gm = self.gm
+        if from_fx:
+            gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+            symbolize(gm, list(example_inputs or ()), self.config.batch_dim)
+        src = find_batch_source(gm, self.config.batch_dim)
+        self._batch_source = (src[1], src[2]) if src else None
+        rules = self.config.rules if self.config.rules is not None else self.strategy.rules()
+        self._written_inputs = mutated_inputs(gm)
+        self.segmented = partition(gm, batch_dim=self.config.batch_dim, rules=rules, strict=self.config.strict)
+        self.costs = CostContext(self.segmented, self.config, self.label)
+        self.distributed = DistributedPlanner(self.segmented.segments, self.config.distributed_agree,
+                                              self.config.lane_communicators, strategy_name(self.strategy))
+        if knobs.debug_level() >= 2:
+            log.info("%s: %s\n%s", self.label, self.segmented, self.segments_table())
+        return self
+
+    # -- planning -------------------------------------------------------------------------------------
+    def batch_size(self, inputs: Sequence[Any]) -> int:
+        if self._batch_source is not None:
+            i, d = self._batch_source
+            return int(inputs[i].shape[d])
+        if self.batch_hint is not None:
+            return self.batch_hint()
+        return batch_size_of(inputs, self.config.batch_dim)
+
+    def plan_for(self, inputs: Sequence[Any]) -> Plan:
+        """The plan for these inputs: the split comes from the strategy (once per batch size and request
+        layout), the schedule and program once per distinct split."""
+        with self._lock:
+            return self._plan_for(inputs)
+
+    def _plan_for(self, inputs: Sequence[Any]) -> Plan:
+        batch = self.batch_size(inputs)
+        if not self._differential_done and batch >= 2 and (self.config.verify or knobs.verify_splits()):
+            assert self.segmented is not None
+            check_split_equals_whole(self.segmented, inputs, batch)
+            self._differential_done = True
+        layout = current_requests()
+        tuned = self._lockstep_tune(batch, inputs, layout)
+        key = (batch, layout, id(tuned) if tuned is not None else None)
+        cached = self._splits.get(key)
+        if cached is None:
+            info = self.input_info(batch, inputs, layout)
+            cached = self._splits[key] = (info, self._split(info, inputs, tuned))
+        info, split = cached
+        if self.distributed is not None and self.distributed.agreeing:  # every rank, every call
+            chooser = self._strategy_for.get(split, self.strategy)
+            split = self.distributed.agree(split, lambda n: chooser.split_config(
+                dataclasses.replace(info, requested_nano_batches=n)))
+            if chooser is not self.strategy:
+                self._strategy_for.setdefault(split, chooser)
+        plan = self._by_split.get(split)
+        if plan is None:
+            plan = self._by_split[split] = self._plan(info, split)
+        self.plans[batch] = plan
+        return plan
+
+    def input_info(self, batch: int, inputs: Sequence[Any], layout: RequestLayout | None = None) -> InputInfo:
+        return describe_inputs(inputs, batch, layout).info(self.config.nano_batches, self.label)
+
+    def _split(self, info: InputInfo, inputs: Sequence[Any] = (), tuned: Strategy | None = None) -> SplitConfig:
+        strategy = tuned or self.strategy
+        tuner = self.tuner
+        if tuned is None and tuner is not None:
+            strategy = tuner.tune(info, inputs, lambda: self._tune_setup(inputs))
+        split = self.split_with(strategy, info)
+        if strategy is not self.strategy:
+            self._strategy_for[split] = strategy
+        return split
+
+    def _plan(self, info: InputInfo, split: SplitConfig, strategy: Strategy | None = None) -> Plan:
+        assert self.segmented is not None
+        return make_plan(self.segmented, strategy or self._strategy_for.get(split, self.strategy), info, split,
+                         distributed=self.distributed, checks=self.config.verify or knobs.verify(), label=self.label)
+
+    # -- the autotuner's planner (dynaflow.tune.Planner) --------------------------------------------------
+    @property
+    def tuner(self) -> Tuner | None:
+        """The autotuner of a strategy that asks for a search (``auto``), else ``None``."""
+        spec = self.strategy.search()
+        if spec is None:
+            return None
+        if self._tuner is None or self._tuner[0] is not self.strategy:
+            self._tuner = (self.strategy, Tuner(self, spec, self.strategy))
+        return self._tuner[1]
+
+    @property
+    def tuned(self) -> dict[str, Any]:
+        """``TuneResult`` per tuning bucket when the strategy is ``auto``."""
+        return self._tuner[1].results if self._tuner is not None else {}
+
+    def split_with(self, strategy: Strategy, info: InputInfo) -> SplitConfig:
+        return split_with(strategy, info, self.segmented, strict=self.config.strict, label=self.label,
+                          warn_static=self._warn_static, specialised=self._whole_batch if self.batch_marked else None)
+
+    def plan_split(self, info: InputInfo, split: SplitConfig, strategy: Strategy) -> Plan:
+        return self._plan(info, split, strategy)
+
+    def predictor(self, inputs: Sequence[Any]) -> Callable[[Plan], float]:
+        assert self.costs is not None
+        costs, facts, cost = self.costs, describe_inputs(inputs, self.batch_size(inputs)), self.cost_model(inputs)
+        return lambda plan: costs.simulate(plan.program, facts, cost).makespan
+
+    def measure(self, plan: Plan, inputs: Sequence[Any], repeats: int) -> float:
+        ex, program = self.executor_for(plan, inputs), self.program_for(plan, inputs)
+        sync = torch.cuda.synchronize if describe_inputs(inputs, 0).on_cuda else None
+        return median_seconds(lambda: ex.run(program, inputs), repeats, sync)
+
+    def _tune_setup(self, inputs: Sequence[Any]) -> TuneSetup:
+        assert self.segmented is not None and self.costs is not None
+        facts = describe_inputs(inputs, self.batch_size(inputs))
+        spec = self.costs.device(facts)
+        return TuneSetup(model_hash(self.segmented), frozenset(s.resource for s in self.segmented.segments),
+                         self.costs.num_sms(facts), spec.sm_granularity, spec.name, self.config.executor,
+                         _mutates_inputs(self.segmented), self.distributed)
+
+    def _lockstep_tune(self, batch: int, inputs: Sequence[Any], layout: RequestLayout | None) -> Strategy | None:
+        """``strategy="auto"`` with ranks agreeing on the split: the strategy for this call, decided with the
+        other ranks (``None`` in every other case: the ordinary per-batch path decides)."""
+        tuner = self.tuner
+        if tuner is None or self.distributed is None or not self.distributed.agreeing:
+            return None
+        return tuner.lockstep(self.input_info(batch, inputs, layout), inputs, lambda: self._tune_setup(inputs),
+                              self.distributed)
+
+    def _whole_batch(self, split: SplitConfig) -> SplitConfig:
+        """A graph whose batch Dynamo specialised runs as a barrier: once, on the whole batch (``strict``: an error)."""
+        if self.config.strict:
+            raise BatchCouplingError(
+                f"{self.label}: Dynamo specialised the batch dim of this graph to size {split.batch_size} (its code "
+                "fixes the batch size, e.g. .view(6, 8) or expand(6, 8), or couples the rows of the batch, e.g. a "
+                "loss that is a mean over rows), and strict=True forbids running it as a barrier. Fix: write -1 or "
+                "x.shape[0] instead of a fixed batch size, compute the loss outside the compiled model, or drop "
+                "strict=True."
+            )
+        if not self.whole_batch:
+            self.whole_batch = True
+            log.info("%s: Dynamo specialised the batch dim (the graph couples the batch, e.g. a loss over rows, or "
+                     "follows a graph break); it runs once on the whole batch, as a barrier", self.label)
+        return SplitConfig((split.batch_size,))
+
+    def _warn_static(self, batch: int, num: int) -> None:
+        if not self._warned_static:
+            self._warned_static = True
+            log.warning(
+                "%s: the captured graph has a static batch dim (size %d), so it runs whole instead of in %d "
+                "nano-batches. Use dynaflow.compile (it marks the batch dynamic) or torch.compile(..., "
+                "dynamic=True) to split it; strict=True makes this an error.", self.label, batch, num)
+
+    def cost_model(self, inputs: Sequence[Any]) -> CostModel:
+        """Measured timings from ``config.profile`` where they match this graph, else the roofline."""
+        assert self.costs is not None
+        return self.costs.cost_model(inputs, self.batch_size(inputs))
+
+    @property
+    def _counts(self) -> dict[str, Any] | None:
+        return self.costs.counts if self.costs is not None else None
+
+    # -- running --------------------------------------------------------------------------------------
+    def executor_for(self, plan: Plan, inputs: Sequence[Any]) -> Any:
+        with self._lock:
+            name = knobs.forced_executor() or self.config.executor
+            if name == "auto":
+                on_cuda = describe_inputs(inputs, 0).on_cuda
+                name = "cuda" if on_cuda else ("thread" if len(plan.program.lanes) > 1 else "serial")
+            ex = self._executors.get(name)
+            if ex is None:
+                if name not in executors.available():
+                    raise BackendError(
+                        f"executor={name!r} is not available in this build (available: "
+                        f"{', '.join(executors.available())}). The CUDA executor needs a CUDA build of torch and a "
+                        "GPU; use 'serial', 'thread' or 'sim' on CPU.")
+                assert self.costs is not None
+                facts = describe_inputs(inputs, self.batch_size(inputs))
+                ex = self._executors[name] = make_executor(name, ExecutorContext(
+                    self.config, lambda: self.cost_model(inputs), lambda: self.costs.device(facts)))  # type: ignore[union-attr]
+            return ex
+
+    def release(self) -> None:
+        """Close this graph's executors and forget its plans (its model was dropped; Dynamo may keep the graph
+        itself alive until ``torch._dynamo.reset()``, but not its lane threads or programs)."""
+        with self._lock:
+            for ex in self._executors.values():
+                try:
+                    ex.close()
+                except Exception as exc:  # noqa: BLE001 - releasing must not raise from a finalizer
+                    log.debug("closing executor %r failed: %s", ex, exc)
+            self._executors.clear()
+            self.plans.clear()
+            self._by_split.clear()
+            self._splits.clear()
+            self.last_plan = None
+
+    def program_for(self, plan: Plan, inputs: Sequence[Any]) -> Program:
+        """The program to run: the planned one, or (``inductor=True``) its copy with every segment compiled by
+        Inductor for its nano-batch shapes and warmed on these inputs."""
+        if not self.config.inductor:
+            return plan.program
+        if self._inductor is None:
+            self._inductor = InductorSegments()
+        return self._inductor.program_for(plan.program, inputs)
+
+    def capture_for(self, batch: int) -> CaptureChoice:
+        """Which capture size a batch runs at (``cuda_graphs=True``), padding up when that is safe."""
+        assert self.segmented is not None
+        unsafe = [f"barrier segment {n!r} sees the whole batch" for n in barrier_names(self.segmented)]
+        if self._batch_source is None:
+            unsafe.append("the batch size is not read from an input tensor")
+        if current_requests() is not None:
+            unsafe.append("a dynaflow.requests(...) layout is active")
+        return choose_capture_size(batch, self.config.capture_sizes, self.config.over_capture, unsafe)
+
+    def run_captured(self, inputs: Sequence[Any], executor: Any = None) -> Any:
+        """One call under ``cuda_graphs=True``: pad to the capture size, plan and run at that size (captured
+        on the cuda executor), and narrow the outputs back. ``executor`` overrides the resolved one (tests)."""
+        assert self.segmented is not None
+        batch = self.batch_size(inputs)
+        choice = self.capture_for(batch)
+        padded = pad_inputs(inputs, input_specs(self.segmented), batch, choice.size) if choice.padded else list(inputs)
+        plan = self.plan_for(padded)
+        ex = executor if executor is not None else self.executor_for(plan, padded)
+        if executor is None and not getattr(ex, "captures_graphs", False):
+            raise BackendError(
+                f"{self.label}: cuda_graphs=True needs the cuda executor (inputs on a CUDA device), but the "
+                f"{getattr(ex, 'name', ex)!r} executor was chosen. Set cuda_graphs=False for CPU runs."
+            )
+        out = ex.run(self.program_for(plan, padded), padded, capture=choice.mode is Mode.GRAPH)
+        self.last_capture = choice
+        self._ran(plan, ex)
+        return unpad_outputs(out, self.segmented, batch, choice.size)
+
+    def _unsplit_plan(self, inputs: Sequence[Any]) -> Plan:
+        """One nano-batch for a call whose inputs overlap a view the graph writes (``a = t[0:6]; b = t[3:9]``):
+        split, a write through one view would land in rows of the other at the wrong time."""
+        batch = self.batch_size(inputs)
+        split = SplitConfig.even(batch, 1)
+        with self._lock:
+            plan = self._by_split.get(split)
+            if plan is None:
+                plan = self._by_split[split] = self._plan(self.input_info(batch, inputs), split,
+                                                          get_strategy("sequential"))
+        log.info("%s: inputs %s overlap in memory and one is written in place: running unsplit", self.label,
+                 overlapping_writes(inputs, self._written_inputs))
+        return plan
+
+    def _ran(self, plan: Plan, ex: Any) -> None:
+        self.last_plan = plan
+        self.last_timeline = ex.last_timeline
+        self.calls += 1
+        self.last_call_seq = next(_CALL_SEQ)
+
+    def __call__(self, *inputs: Any) -> Any:
+        if self._record is not None:
+            self._record[id(self)] = inputs
+        if self.config.cuda_graphs:
+            return self.run_captured(inputs)
+        plan = self._unsplit_plan(inputs) if self._written_inputs and overlapping_writes(
+            inputs, self._written_inputs) else self.plan_for(inputs)
+        ex = self.executor_for(plan, inputs)
+        out = ex.run(self.program_for(plan, inputs), inputs)
+        self._ran(plan, ex)
+        return out
+
+    # -- inspection -----------------------------------------------------------------------------------
+    def segments_table(self) -> str:
+        assert self.segmented is not None
+        rows = [("#", "segment", "kind", "resource", "hints", "nodes", "why")]
+        for s in self.segmented.segments:
+            rows.append((str(s.index), s.name, s.kind.value, s.resource.value, ",".join(sorted(s.hints)) or "-",
+                         str(s.num_nodes), s.reason if s.whole else s.rule))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
+
+    def explain(self) -> str:
+        out = [f"{self.label}: {self.segmented} (batch symbol {self.segmented.batch_symbol if self.segmented else '?'})"]
+        if self.whole_batch:
+            out.append("  batch specialised by Dynamo: the whole graph is a barrier (runs once on the whole batch)")
+        if self.segmented is not None:
+            out.append(self.segments_table())
+        for result in self.tuned.values():
+            out.append("\n" + result.table())
+        if self.distributed is not None and self.distributed.groups:
+            out.append(self.distributed.describe())
+        for split, plan in sorted(self._by_split.items(), key=lambda kv: (kv[0].batch_size, kv[0].sizes)):
+            out.append(f"\nbatch={split.batch_size}: {plan.split} -> {plan.graph}")
+            out.append(plan.schedule.table(plan.graph))
+            out.append(repr(plan.program))
+        return "\n".join(out)
+
+
+
+def _mutates_inputs(seg: SegmentedModule) -> bool:
+    """Whether any segment writes in place (measuring would replay the write on the caller's real inputs);
+    a segment without an fx graph counts as writing, to be safe."""
+    return any(getattr(call.module, "graph", None) is None or any(is_inplace(n) for n in call.module.graph.nodes)
+               for call in seg.calls)
