@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import sympy
 import torch
 
-__all__ = ["AtenCall", "BatchRule", "register_batch_rule", "rule_for", "has_rule", "along_dims", "pointwise", "ruled_ops",
-           "RANDOM_AWARE"]
+__all__ = ["AtenCall", "BatchRule", "register_batch_rule", "rule_for", "has_rule", "along_dims", "rows", "pointwise",
+           "ruled_ops", "RANDOM_AWARE"]
 
 Placement = int | None
 
@@ -156,6 +156,34 @@ def along_dims(*arg_names: str, default: Any = None, input: str = "self") -> Bat
             work |= dims
         if d in work:
             return f"it works along the batch dim (dim {d})"
+        return None
+
+    return rule
+
+
+def rows(**row_dims: int) -> BatchRule:
+    """Rule for a kernel that treats each row of the named tensors on its own (vLLM's ``rms_norm(out, input,
+    weight, eps)``: ``rows(out=0, input=0)``): every named tensor present holds the batch at its given dim, or
+    none does; every other tensor argument (weights, tables) must be batch-free."""
+    def rule(call: AtenCall) -> str | None:
+        carried = {}
+        for name, t in call.args.items():
+            tensors = t if isinstance(t, (list, tuple)) else [t]
+            for x in tensors:
+                if not isinstance(x, torch.Tensor):
+                    continue
+                d = call.dims(x)
+                if name not in row_dims:
+                    if d is not None:
+                        return f"its argument {name!r} holds the batch (dim {d}), but only {sorted(row_dims)} may"
+                    continue
+                want = _norm(row_dims[name], x.dim())
+                carried[name] = d == want
+                if d is not None and d != want:
+                    return f"its argument {name!r} holds the batch at dim {d}, not at dim {want}"
+        if carried and len(set(carried.values())) > 1:
+            free = sorted(n for n, c in carried.items() if not c)
+            return f"its row arguments {free} are batch-free while the others hold the batch"
         return None
 
     return rule

@@ -26,7 +26,7 @@ import torch.fx
 
 from dynaflow.frontend.aten_rules import RANDOM_AWARE, AtenCall, rule_for
 from dynaflow.frontend.aten_trace import Dispatched, bind, fake_mode_of, lower_node
-from dynaflow.frontend.effects import is_inplace, storage_root, write_target
+from dynaflow.frontend.effects import storage_root, write_targets
 from dynaflow.frontend.rules import op_short_name
 
 __all__ = ["meta_val", "find_batch_symbol", "find_batch_source", "BatchAnalysis", "analyze"]
@@ -304,16 +304,16 @@ class BatchAnalysis:
         Run per nano-batch it would apply the update once per nano-batch (``n.add_(1)`` twice for two), so it is
         coupling even though no batch data flows into it.
         """
-        if self.batch is None or not is_inplace(node):
+        if self.batch is None:
             return None
-        target = write_target(node)
-        if target is None or self._carries(self.of(target)):
-            return None
-        root = storage_root(target)
-        if root.op not in ("placeholder", "get_attr"):
-            return None
-        return (f"it updates {root.name!r}, a batch-free graph input or buffer, in place; it must run once per step, "
-                "not once per nano-batch")
+        for target in write_targets(node):
+            if self._carries(self.of(target)):
+                continue
+            root = storage_root(target)
+            if root.op in ("placeholder", "get_attr"):
+                return (f"it updates {root.name!r}, a batch-free graph input or buffer, in place; it must run once "
+                        "per step, not once per nano-batch")
+        return None
 
     def _inputs(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         out: list[torch.fx.Node] = []

@@ -19,7 +19,7 @@ import torch
 import torch.fx
 
 from dynaflow.errors import BatchCouplingError, node_context
-from dynaflow.frontend.effects import is_inplace, storage_root, write_target
+from dynaflow.frontend.effects import storage_root, write_targets
 from dynaflow.frontend.rules import op_short_name
 from dynaflow.ir import SegmentKind
 from dynaflow.segmented import SegmentCall, SegmentedModule, Value, ValueKind
@@ -36,8 +36,8 @@ def _written_args(module: torch.fx.GraphModule | None) -> set[int]:
     placeholders = list(module.graph.find_nodes(op="placeholder"))
     out = set()
     for node in module.graph.nodes:
-        if is_inplace(node) and write_target(node) is not None:
-            root = storage_root(write_target(node))
+        for target in write_targets(node):
+            root = storage_root(target)
             if root in placeholders:
                 out.add(placeholders.index(root))
     return out

@@ -21,7 +21,7 @@ import torch.fx
 
 from dynaflow.frontend.rules import op_short_name
 
-__all__ = ["is_inplace", "write_target", "storage_root", "effect_pairs"]
+__all__ = ["is_inplace", "write_target", "write_targets", "storage_root", "effect_pairs"]
 
 _VIEW_OPS = {
     "getitem", "view", "view_as", "reshape", "reshape_as", "_unsafe_view", "narrow", "select", "slice",
@@ -37,10 +37,45 @@ _AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv, op
 """``x += y`` and friends: Dynamo records them as ``operator.iadd(x, y)``; on a tensor they write ``x``."""
 
 
-def is_inplace(node: torch.fx.Node) -> bool:
-    """Whether ``node`` writes into one of its inputs (``x.add_(1)``, ``x += 1``, ``x[i] = v``, ``out=`` variants)."""
+def _schema_writes(target: object) -> set[object]:
+    """Positions and names of the arguments an op's schema marks written (``Tensor(a!)``). Dynamo graphs call
+    the overload packet (``torch.ops._C.rotary_embedding``); its overloads are unioned (an extra write is safe)."""
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        schemas = [getattr(target, name)._schema for name in target.overloads()]
+    elif isinstance(target, torch._ops.OpOverload):
+        schemas = [target._schema]
+    else:
+        return set()
+    out: set[object] = set()
+    for schema in schemas:
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                out.update((arg.name, i) if not arg.kwarg_only else (arg.name,))
+    return out
+
+
+def write_targets(node: torch.fx.Node) -> tuple[torch.fx.Node, ...]:
+    """The input nodes ``node`` writes in place: every argument its op schema marks written (vLLM's
+    ``onednn_mm(out, x, ...)``, ``rotary_embedding(positions, q, k, ...)``), else ``out=``, else the first
+    argument of ``x.add_(1)``, ``x += 1``, ``x[i] = v``."""
     if node.op not in ("call_function", "call_method"):
-        return False
+        return ()
+    writes = _schema_writes(node.target) if node.op == "call_function" else set()
+    if writes:
+        found: list[torch.fx.Node] = []
+        values = [*((i, a) for i, a in enumerate(node.args)), *node.kwargs.items()]
+        for key, value in values:
+            if key in writes:
+                found.extend(v for v in (value if isinstance(value, (list, tuple)) else (value,))
+                             if isinstance(v, torch.fx.Node))
+        return tuple(dict.fromkeys(found))
+    if not _writes_first_argument(node):
+        return ()
+    target = node.kwargs.get("out", node.args[0] if node.args else None)
+    return (target,) if isinstance(target, torch.fx.Node) else ()
+
+
+def _writes_first_argument(node: torch.fx.Node) -> bool:
     short = op_short_name(node)
     if short in ("setitem", "__setitem__") or node.target is operator.setitem:
         return True
@@ -55,10 +90,16 @@ def is_inplace(node: torch.fx.Node) -> bool:
     return short.endswith("_") and not short.endswith("__")
 
 
+def is_inplace(node: torch.fx.Node) -> bool:
+    """Whether ``node`` writes into one of its inputs (``x.add_(1)``, ``x += 1``, ``x[i] = v``, ``out=`` variants,
+    custom ops whose schema marks an argument written)."""
+    return bool(write_targets(node))
+
+
 def write_target(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The input node an in-place ``node`` writes into (``out=`` if given, else its first argument)."""
-    target = node.kwargs.get("out", node.args[0] if node.args else None)
-    return target if isinstance(target, torch.fx.Node) else None
+    """The first input node an in-place ``node`` writes into (:func:`write_targets` has them all)."""
+    targets = write_targets(node)
+    return targets[0] if targets else None
 
 
 def _is_view(node: torch.fx.Node) -> bool:
@@ -82,7 +123,7 @@ def _aliases(root: torch.fx.Node) -> set[torch.fx.Node]:
         for user in n.users:
             if user in seen:
                 continue
-            if (_is_view(user) and user.args[0] is n) or (is_inplace(user) and write_target(user) is n):
+            if (_is_view(user) and user.args[0] is n) or n in write_targets(user):
                 seen.add(user)
                 todo.append(user)
     return seen
@@ -100,18 +141,14 @@ def effect_pairs(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx
     pairs: set[tuple[torch.fx.Node, torch.fx.Node]] = set()
     alias_cache: dict[torch.fx.Node, set[torch.fx.Node]] = {}
     for w in gm.graph.nodes:
-        if not is_inplace(w):
-            continue
-        target = write_target(w)
-        if target is None:
-            continue
-        root = storage_root(target)
-        aliases = alias_cache.get(root)
-        if aliases is None:
-            aliases = alias_cache[root] = _aliases(root)
-        for a in aliases:
-            for user in list(a.users) + ([a] if a.op != "placeholder" else []):
-                if user is w or user.op == "output" or _reads_metadata_only(user):
-                    continue
-                pairs.add((user, w) if order[user] < order[w] else (w, user))
+        for target in write_targets(w):
+            root = storage_root(target)
+            aliases = alias_cache.get(root)
+            if aliases is None:
+                aliases = alias_cache[root] = _aliases(root)
+            for a in aliases:
+                for user in list(a.users) + ([a] if a.op != "placeholder" else []):
+                    if user is w or user.op == "output" or _reads_metadata_only(user):
+                        continue
+                    pairs.add((user, w) if order[user] < order[w] else (w, user))
     return sorted(pairs, key=lambda p: (order[p[0]], order[p[1]]))

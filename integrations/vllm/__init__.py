@@ -21,17 +21,11 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from dynaflow import knobs
-from dynaflow.integrations._common import active_options, enable_options, host_available, parse_options
+from dynaflow.integrations._common import enable_options, host_available, parse_options
+from dynaflow.integrations.vllm._settings import BACKEND_QUALNAME, COMPILER_QUALNAME, SUPPORTED, options, set_options
 
 __all__ = ["is_available", "enable", "register", "compilation_config", "backend", "DynaflowCompiler",
-           "register_metadata_slicer", "BACKEND_QUALNAME", "COMPILER_QUALNAME", "SUPPORTED"]
-
-SUPPORTED = ">=0.32,<0.34"
-"""vLLM versions whose internals the integration was written and tested against (contract tests pin them)."""
-BACKEND_QUALNAME = "dynaflow.integrations.vllm.backend"
-COMPILER_QUALNAME = "dynaflow.integrations.vllm.DynaflowCompiler"
-
-_OPTIONS: dict[str, Any] | None = None
+           "register_metadata_slicer", "step_stats", "options", "BACKEND_QUALNAME", "COMPILER_QUALNAME", "SUPPORTED"]
 
 
 def is_available() -> bool:
@@ -39,25 +33,20 @@ def is_available() -> bool:
     return host_available("vllm")
 
 
-def options() -> dict[str, Any]:
-    """The active options: those given to :func:`enable`, else ``DYNAFLOW_VLLM_OPTIONS``."""
-    return active_options(_OPTIONS, "vllm")
-
-
 def enable(options: Mapping[str, Any] | None = None) -> None:
     """Turn the integration on in this process: remember ``options`` (dynaflow options such as
     ``nano_batches``, ``strategy``, ``executor`` plus ``min_rows``, the fewest tokens per nano-batch, and
-    ``piecewise``: make vLLM's mode 3 compile its dense pieces with :class:`DynaflowCompiler`).
-    Idempotent. Worker processes do not inherit Python state: set ``DYNAFLOW_VLLM=1`` (and
-    ``DYNAFLOW_VLLM_OPTIONS``) in the environment so the plugin calls this in every process."""
-    global _OPTIONS
+    ``piecewise``: make vLLM's mode 3 compile its dense pieces with :class:`DynaflowCompiler`), and prepare the
+    engine: one attention-metadata builder per nano-batch, ``VLLM_USE_AOT_COMPILE=0`` unless set.
+    Call it before the engine starts. Idempotent. Worker processes do not inherit Python state: set
+    ``DYNAFLOW_VLLM=1`` (and ``DYNAFLOW_VLLM_OPTIONS``) in the environment so the plugin calls this in every
+    process."""
     parsed = enable_options(options, "vllm", "vLLM", SUPPORTED, is_available())
     from dynaflow.integrations.vllm import _vllm
 
     _vllm.check_version()
-    _OPTIONS = parsed
-    if parsed.get("piecewise"):
-        _vllm.install_piecewise_compiler()
+    set_options(parsed)
+    _vllm.setup_engine(parsed)
 
 
 def register() -> None:
@@ -74,9 +63,8 @@ def compilation_config(**dynaflow_options: Any) -> dict[str, Any]:
     ``LLM(model, compilation_config=compilation_config(nano_batches=2))``. Options given here are stored for
     this process (as :func:`enable` does); use ``DYNAFLOW_VLLM_OPTIONS`` for multi-process engines.
     """
-    global _OPTIONS
     if dynaflow_options:
-        _OPTIONS = parse_options(dynaflow_options, "dynaflow.integrations.vllm.compilation_config(...)")
+        set_options(parse_options(dynaflow_options, "dynaflow.integrations.vllm.compilation_config(...)"))
     return {"mode": 2, "backend": BACKEND_QUALNAME}
 
 
@@ -90,9 +78,17 @@ def backend(gm: Any, example_inputs: list[Any]) -> Any:
 def register_metadata_slicer(cls: type, fn: Any) -> None:
     """Teach the integration to cut attention metadata of type ``cls``:
     ``fn(metadata, request_slice, token_slice) -> metadata`` for the requests/tokens of one nano-batch."""
+    from dynaflow.integrations.vllm import _metadata
+
+    _metadata.SLICERS[cls] = fn
+
+
+def step_stats(*_: Any) -> dict[int, int]:
+    """Steps this process ran, by the number of nano-batches their attention ran in (``{1: 40, 2: 12}``).
+    Pass it to ``LLM.collective_rpc`` to ask the engine's workers."""
     from dynaflow.integrations.vllm import _vllm
 
-    _vllm.SLICERS[cls] = fn
+    return _vllm.step_stats()
 
 
 def __getattr__(name: str) -> Any:

@@ -7,24 +7,26 @@ one fails that test by name.
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import logging
+import os
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.fx
 
 import vllm
+import vllm.envs as vllm_envs
 import vllm.forward_context as vllm_fc
 from vllm.compilation.compiler_interface import CompilerInterface
-from vllm.v1.attention.backend import CommonAttentionMetadata
-from vllm.v1.worker.ubatch_utils import UBatchSlice, split_attn_metadata
 
 from dynaflow.api import CompiledGraph
 from dynaflow.frontend.rules import Where, default_rules, op_name
 from dynaflow.integrations._common import (HOST_STATE_META, IntegrationError, make_strategy, matching_rules,
                                            thread_mutations)
-from dynaflow.integrations.vllm import SUPPORTED
+from dynaflow.integrations.vllm import _layout, _metadata
+from dynaflow.integrations.vllm._settings import BACKEND_QUALNAME, SUPPORTED, max_nano_batches, options
 from dynaflow.nanocontext import nano_context
 from dynaflow.requests import requests
 
@@ -33,17 +35,6 @@ log = logging.getLogger("dynaflow.integrations.vllm")
 HOST_OPS = ("vllm.unified_attention", "vllm.unified_mla_attention", "vllm.unified_kv_cache_update",
             "vllm.unified_mla_kv_cache_update")
 """Op-name prefixes of vLLM's opaque ops that read the forward context (metadata, slot mapping by layer)."""
-
-Slicer = Callable[[Any, slice, slice], Any]
-
-
-def _slice_common(meta: CommonAttentionMetadata, requests_: slice, tokens: slice) -> CommonAttentionMetadata:
-    return split_attn_metadata([UBatchSlice(requests_, tokens)], meta)[0]
-
-
-SLICERS: dict[type, Slicer] = {CommonAttentionMetadata: _slice_common}
-"""How to cut attention metadata per nano-batch, by type (MRO lookup); extend with register_metadata_slicer."""
-
 
 def check_version() -> None:
     from packaging.specifiers import SpecifierSet
@@ -93,8 +84,39 @@ ATTENTION_RULE = Where(_reads_host_state, name="attention", tags=("memory", "nan
 """vLLM's attention ops (and the aliases of the buffers they fill) as their own nano-context segments."""
 
 
+def setup_engine(opts: Mapping[str, Any]) -> None:
+    """What must be in place before vLLM builds its engine in this process: per-nano-batch metadata builders,
+    AOT compile off unless the user turned it on (then the backend refuses by name), the piecewise route only
+    where the platform honours it."""
+    _metadata.install(max_nano_batches(opts))
+    if "VLLM_USE_AOT_COMPILE" not in os.environ:
+        os.environ["VLLM_USE_AOT_COMPILE"] = "0"
+        log.info("VLLM_USE_AOT_COMPILE=0: dynaflow's step holds a live plan and cannot be serialised")
+    if opts.get("piecewise"):
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            raise IntegrationError(
+                "dynaflow option piecewise=true: vLLM's CPU platform rewrites piecewise compilation (mode 3) to "
+                "whole-graph mode with Inductor, so dynaflow would never run. On CPU use whole-graph mode: "
+                f"compilation_config={{'mode': 2, 'backend': '{BACKEND_QUALNAME}'}} without piecewise.")
+        install_piecewise_compiler()
+
+
+def check_aot_compile() -> None:
+    """vLLM's ahead-of-time compile serialises what the backend returns; dynaflow's step holds a live plan
+    and cannot be serialised, so that mode is refused by name."""
+    if vllm_envs.VLLM_USE_AOT_COMPILE:
+        raise IntegrationError(
+            "vLLM's ahead-of-time compile is on (VLLM_USE_AOT_COMPILE=1) and would serialise dynaflow's step, which "
+            "holds a live plan. Set VLLM_USE_AOT_COMPILE=0 (enable() does so when the variable is unset).")
+
+
 def make_step(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Mapping[str, Any]) -> "VllmStep":
     """Partition vLLM's whole Dynamo graph (attention ops in their own nano-context segments)."""
+    check_aot_compile()
+    _layout.register_kernel_rules()
+    unified = _layout.unify_token_dims(gm)
     thread_mutations(gm, is_host_op)
     if not any(_reads_host_state(n) for n in gm.graph.nodes):
         log.info("vLLM graph has no forward-context op; it is planned like any model")
@@ -102,9 +124,18 @@ def make_step(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Mapping
     base = cfg.rules if cfg.rules is not None else (strategy.rules() or default_rules())
     cfg = cfg.replace(rules=matching_rules(gm, [ATTENTION_RULE, *base]))
     graph = CompiledGraph(gm, cfg, strategy, label=f"vllm{len(STEPS)}").prepare()
-    step = VllmStep(graph)
+    step = VllmStep(graph, _token_positions(gm, unified))
     STEPS.append(step)
     return step
+
+
+def _token_positions(gm: torch.fx.GraphModule, unified: list[str]) -> tuple[tuple[int, int], ...]:
+    """(argument index, token dim) of each unified token input: checked to agree on every call."""
+    out = []
+    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
+        if node.name in unified:
+            out.append((i, _layout.TOKEN_INPUTS[_layout.input_name(node) or ""]))
+    return tuple(out)
 
 
 STEPS: list["VllmStep"] = []
@@ -113,23 +144,44 @@ STEPS: list["VllmStep"] = []
 
 class VllmStep:
     """The callable vLLM runs each step: derive the request layout and per-nano-batch forward contexts from
-    the active forward context, then run dynaflow's program."""
+    the active forward context, then run dynaflow's program. ``nano_counts`` counts steps by the number of
+    nano-batches their attention ran in (``{1: 40, 2: 12}``)."""
 
-    def __init__(self, graph: CompiledGraph):
+    def __init__(self, graph: CompiledGraph, token_inputs: tuple[tuple[int, int], ...] = ()):
         self.graph = graph
+        self.token_inputs = token_inputs
+        self.nano_counts: collections.Counter[int] = collections.Counter()
 
     def __call__(self, *args: Any) -> Any:
         ctx = vllm_fc._forward_context if vllm_fc.is_forward_context_available() else None
         batch = self.graph.batch_size(args)
+        for i, d in self.token_inputs:
+            if args[i].shape[d] != batch:
+                raise IntegrationError(
+                    f"vLLM step input {i} has {args[i].shape[d]} rows at dim {d} but the step has {batch} tokens: the "
+                    "token inputs disagree, so dynaflow cannot cut them into nano-batches. Run with nano_batches=1.")
         plan = StepState.from_context(ctx, batch)
         if plan is None:
             with requests([batch]):  # no attention metadata (e.g. a profiling run): one nano-batch
-                return self.graph(*args)
+                out = self.graph(*args)
+            self.nano_counts[1] += 1
+            return out
         with requests(plan.lengths, plan.phases), nano_context(plan.enter, name="vllm forward context"):
-            return self.graph(*args)
+            out = self.graph(*args)
+        self.nano_counts[max(len(plan.cache), 1)] += 1
+        return out
 
     def __repr__(self) -> str:
         return f"VllmStep({self.graph.label}, strategy={self.graph.strategy!r})"
+
+
+def step_stats(*_: Any) -> dict[int, int]:
+    """Steps run in this process by nano-batch count, over every step callable (``LLM.collective_rpc`` target:
+    vLLM passes the worker as the first argument)."""
+    total: collections.Counter[int] = collections.Counter()
+    for step in STEPS:
+        total.update(step.nano_counts)
+    return dict(total)
 
 
 @dataclasses.dataclass
@@ -150,9 +202,11 @@ class StepState:
         meta = _first_metadata(ctx.attn_metadata)
         if meta is None:
             return None
-        qsl_t = getattr(meta, "query_start_loc_cpu", None)
+        common = _metadata.common_of(meta)
+        source = common if common is not None else meta
+        qsl_t = getattr(source, "query_start_loc_cpu", None)
         if qsl_t is None:
-            qsl_t = getattr(meta, "query_start_loc", None)
+            qsl_t = getattr(source, "query_start_loc", None)
         if qsl_t is None:
             raise IntegrationError(
                 f"vLLM attention metadata {type(meta).__name__} has no query_start_loc(_cpu); dynaflow cannot find "
@@ -174,13 +228,12 @@ class StepState:
         return cls(ctx, qsl, tuple(lengths), phases, batch)
 
     def enter(self, nano: int, rows: tuple[int, int]) -> Any:
-        key = rows
-        sub = self.cache.get(key)
+        sub = self.cache.get(rows)
         if sub is None:
-            sub = self.cache[key] = self._slice(*rows)
+            sub = self.cache[rows] = self._slice(nano, *rows)
         return vllm_fc.override_forward_context(sub)
 
-    def _slice(self, start: int, stop: int) -> Any:
+    def _slice(self, nano: int, start: int, stop: int) -> Any:
         qsl, n_req = self.qsl, len(self.qsl) - 1
         r0 = bisect.bisect_right(qsl, start) - 1  # the last request starting at or before `start`
         r1 = n_req if stop >= qsl[-1] else bisect.bisect_left(qsl, stop)
@@ -196,7 +249,7 @@ class StepState:
             if meta is None:
                 return None
             if id(meta) not in memo:
-                memo[id(meta)] = _slicer_for(meta, layer)(meta, requests_, tokens)
+                memo[id(meta)] = _metadata.for_nano_batch(meta, layer, nano, requests_, tokens)
             return memo[id(meta)]
 
         attn = self.ctx.attn_metadata
@@ -222,18 +275,6 @@ def _first_metadata(attn: Any) -> Any:
     return attn
 
 
-def _slicer_for(meta: Any, layer: str) -> Slicer:
-    for cls in type(meta).__mro__:
-        fn = SLICERS.get(cls)
-        if fn is not None:
-            return fn
-    raise IntegrationError(
-        f"vLLM attention metadata of type {type(meta).__module__}.{type(meta).__qualname__} (layer {layer!r}) has no "
-        "nano-batch slicer. Register one with dynaflow.integrations.vllm.register_metadata_slicer(type, "
-        "fn(metadata, request_slice, token_slice)), or run with nano_batches=1 (no attention split)."
-    )
-
-
 class DynaflowCompiler(CompilerInterface):
     """vLLM piecewise mode: compile each dense piece (between vLLM's attention splits) with dynaflow.
 
@@ -242,14 +283,10 @@ class DynaflowCompiler(CompilerInterface):
     name = "dynaflow"
 
     def compute_hash(self, vllm_config: Any) -> str:
-        from dynaflow.integrations.vllm import options
-
         return f"dynaflow-{sorted(options().items())!r}"
 
     def compile(self, graph: torch.fx.GraphModule, example_inputs: list[Any], compiler_config: dict[str, Any],
                 compile_range: Any, key: str | None = None) -> tuple[Callable[..., Any] | None, Any | None]:
-        from dynaflow.integrations.vllm import options
-
         cfg, strategy = make_strategy(options())
         compiled = CompiledGraph(graph, cfg, strategy, label=f"vllm-piece-{key or 'x'}")
         traced = any("val" in n.meta or "example_value" in n.meta for n in graph.graph.nodes if n.op == "placeholder")
