@@ -22,6 +22,7 @@ import torch.fx
 from dynaflow import knobs
 from dynaflow.config import DynaflowConfig
 from dynaflow.errors import ConfigError, DynaflowError
+from dynaflow.frontend.effects import write_targets
 from dynaflow.ir import InputInfo, NanoGraph, Schedule, SplitConfig
 from dynaflow.strategies import Strategy, get as get_strategy
 
@@ -110,25 +111,6 @@ class RequestAligned(Strategy):
         return f"RequestAligned({self.inner!r}, min_rows={self.min_rows})"
 
 
-def _writes(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The fx arguments ``node`` writes in place, read from the op schema (``Tensor(a!)``)."""
-    target = node.target
-    if isinstance(target, torch._ops.OpOverloadPacket):  # Dynamo graphs call the packet: use its overload
-        names = target.overloads()
-        target = getattr(target, "default" if "default" in names else names[0]) if names else target
-    schema = getattr(target, "_schema", None)
-    if node.op != "call_function" or schema is None:
-        return []
-    out = []
-    for i, arg in enumerate(schema.arguments):
-        if arg.alias_info is None or not arg.alias_info.is_write:
-            continue
-        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-        if isinstance(value, torch.fx.Node):
-            out.append(value)
-    return out
-
-
 def thread_mutations(gm: torch.fx.GraphModule, mark: Any = None) -> int:
     """Make in-place writes visible as data flow: after each op that writes an argument ``x`` in place
     (e.g. vLLM's ``unified_attention_with_output(q, k, v, output, ...)``, which returns nothing), insert
@@ -143,7 +125,7 @@ def thread_mutations(gm: torch.fx.GraphModule, mark: Any = None) -> int:
         host = bool(mark(node)) if mark is not None else False
         if host:
             node.meta[HOST_STATE_META] = True
-        written = _writes(node)
+        written = write_targets(node)
         anchor = node
         for x in written:
             later = [u for u in x.users if u is not node and order.get(u, -1) > order[node]]

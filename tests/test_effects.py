@@ -177,3 +177,90 @@ def test_augmented_assignment_on_ints_is_not_a_write():
     with grad_off():
         torch.testing.assert_close(compiled(x), model(x))
     assert all(s.kind is not dynaflow.SegmentKind.BARRIER for s in compiled.last_graph.segmented.segments)
+
+
+# -- kernels that write their outputs in place (vLLM's ``onednn_mm(out, x, ...)``, ``rotary(pos, q, k)``) ---------
+@torch.library.custom_op("dftest::mm_into", mutates_args=("out",))
+def mm_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """``out[:] = x @ w`` into a preallocated buffer, returning nothing (a GEMM kernel's calling convention)."""
+    out.copy_(x @ w)
+
+
+@mm_into.register_fake
+def _(out, x, w):
+    return None
+
+
+@torch.library.custom_op("dftest::rotate", mutates_args=("q", "k"))
+def rotate(pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+    """Rotary-style: rewrites rows of ``q`` and ``k`` in place from each row's position (arguments 1 and 2)."""
+    q.mul_(torch.cos(pos.float())[:, None])
+    k.add_(torch.sin(pos.float())[:, None])
+
+
+@rotate.register_fake
+def _(pos, q, k):
+    return None
+
+
+class OutKernels(nn.Module):
+    """Layers whose GEMMs and rotary write preallocated outputs: only the op schemas order the writes."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.w1 = nn.Parameter(torch.randn(HID, 3 * HID, generator=g) / HID, requires_grad=False)
+        self.w2 = nn.Parameter(torch.randn(HID, HID, generator=g) / HID, requires_grad=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        pos = pos + x[:, 0].long() * 0  # one batch symbol for x and pos (their rows meet here)
+        for _ in range(2):
+            qkv = x.new_empty((x.shape[0], 3 * HID))
+            torch.ops.dftest.mm_into(qkv, x, self.w1)
+            q, k, v = qkv.split(HID, dim=-1)
+            torch.ops.dftest.rotate(pos, q, k)
+            h = torch.relu(q * k + v)
+            out = x.new_empty((x.shape[0], HID))
+            torch.ops.dftest.mm_into(out, h, self.w2)
+            x = x + out
+        return x
+
+
+def test_write_targets_read_every_schema_written_argument():
+    gm = torch.fx.symbolic_trace(OutKernels())
+    from dynaflow.frontend.effects import write_targets
+
+    writes = {n.name: write_targets(n) for n in gm.graph.nodes if write_targets(n)}
+    assert [t.name for t in writes["mm_into"]] == ["new_empty"], writes
+    assert [(t.args[0].target, t.args[1]) for t in writes["rotate"]] == [("split", 0), ("split", 1)], writes
+    assert not any(t.name == "pos" for t in writes["rotate"])
+    assert not write_targets(next(n for n in gm.graph.nodes if n.name == "relu"))
+
+
+@pytest.mark.parametrize("ruled", [False, True])
+@pytest.mark.parametrize("nano", [1, 2, 3])
+@pytest.mark.parametrize("strategy", split_strategies())
+def test_out_argument_kernels_equal_eager_on_every_strategy(strategy, nano, ruled):
+    """Regression: the readers of a buffer a kernel fills in place ran before the kernel on multi-lane
+    schedules (nanoflow at one nano-batch gave different tokens in a vLLM engine)."""
+    from dynaflow.frontend import aten_rules
+
+    saved = dict(aten_rules._RULES)
+    if ruled:  # row-local: the kernels split; unruled they are barriers, and the answer must not change
+        aten_rules.register_batch_rule("dftest::mm_into", aten_rules.rows(out=0, x=0))
+        aten_rules.register_batch_rule("dftest::rotate", aten_rules.rows(pos=0, q=0, k=0))
+    try:
+        model = OutKernels().eval()
+        compiled = dynaflow.compile(model, strategy=strategy, nano_batches=nano)
+        for batch in (7, 9):
+            g = torch.Generator().manual_seed(batch)
+            x, pos = torch.randn(batch, HID, generator=g), torch.randint(0, 50, (batch,), generator=g)
+            with grad_off():
+                # one nano-batch runs the same kernels on the same rows: bit-exact; a split GEMM may round differently
+                tol = dict(rtol=0, atol=0) if nano == 1 else dict(rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(compiled(x, pos), model(x, pos), **tol)
+        kinds = {s.kind for s in compiled.last_graph.segmented.segments}
+        assert (dynaflow.SegmentKind.BARRIER in kinds) is (not ruled)
+    finally:
+        aten_rules._RULES.clear()
+        aten_rules._RULES.update(saved)

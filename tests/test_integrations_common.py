@@ -130,11 +130,11 @@ def test_integration_knobs():
         assert knobs.integration_options("vllm") == '{"nano_batches": 3}'
         import dynaflow.integrations.vllm as dv
 
-        saved, dv._OPTIONS = dv._OPTIONS, None
+        saved, dv._settings._OPTIONS = dv._settings._OPTIONS, None
         try:
             assert dv.options() == {"nano_batches": 3, "min_rows": 1}
         finally:
-            dv._OPTIONS = saved
+            dv._settings._OPTIONS = saved
 
 
 def test_integration_tier_fails_instead_of_skipping_when_required(monkeypatch):

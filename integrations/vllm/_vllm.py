@@ -93,14 +93,35 @@ def setup_engine(opts: Mapping[str, Any]) -> None:
         os.environ["VLLM_USE_AOT_COMPILE"] = "0"
         log.info("VLLM_USE_AOT_COMPILE=0: dynaflow's step holds a live plan and cannot be serialised")
     if opts.get("piecewise"):
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
-            raise IntegrationError(
-                "dynaflow option piecewise=true: vLLM's CPU platform rewrites piecewise compilation (mode 3) to "
-                "whole-graph mode with Inductor, so dynaflow would never run. On CPU use whole-graph mode: "
-                f"compilation_config={{'mode': 2, 'backend': '{BACKEND_QUALNAME}'}} without piecewise.")
         install_piecewise_compiler()
+        refuse_platform_rewrite()
+
+
+def refuse_platform_rewrite() -> None:
+    """With ``piecewise`` on, fail engine start when the platform rewrites mode 3 away (vLLM's CPU platform
+    turns it into whole-graph mode with Inductor), instead of silently never running dynaflow. Wraps the
+    platform's ``check_and_update_config`` (idempotent)."""
+    from vllm.config import CompilationMode
+    from vllm.platforms import current_platform
+
+    cls = type(current_platform)
+    original = cls.check_and_update_config
+    if getattr(original, "_dynaflow", False):
+        return
+
+    def check_and_update_config(platform: type, vllm_config: Any) -> None:
+        before = vllm_config.compilation_config.mode
+        original.__func__(platform, vllm_config)
+        after = vllm_config.compilation_config.mode
+        if before == CompilationMode.VLLM_COMPILE and after != before and options().get("piecewise"):
+            raise IntegrationError(
+                f"dynaflow option piecewise=true: vLLM's {platform.__name__} rewrote piecewise compilation (mode 3) "
+                f"to {CompilationMode(after).name} with backend {vllm_config.compilation_config.backend!r}, so "
+                "dynaflow would never run. Use whole-graph mode instead: "
+                f"compilation_config={{'mode': 2, 'backend': '{BACKEND_QUALNAME}'}} without piecewise.")
+
+    check_and_update_config._dynaflow = True  # type: ignore[attr-defined]
+    cls.check_and_update_config = classmethod(check_and_update_config)  # type: ignore[method-assign]
 
 
 def check_aot_compile() -> None:

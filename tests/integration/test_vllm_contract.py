@@ -42,7 +42,19 @@ SIGNATURES = [
     ("vllm.compilation.backends", "make_compiler", ["compilation_config"]),
     ("vllm.compilation.backends", "CompilerManager.__init__", ["self", "compilation_config"]),
     ("vllm.plugins", "load_general_plugins", []),
+    ("vllm.v1.worker.utils", "AttentionGroup.create_metadata_builders",
+     ["self", "vllm_config", "device", "kernel_block_size", "num_metadata_builders"]),
+    ("vllm.v1.worker.utils", "AttentionGroup.build_metadata",
+     ["self", "common_attn_metadata", "ubatch_idx", "common_prefix_len"]),
+    ("vllm.v1.worker.utils", "AttentionGroup.get_metadata_builder", ["self", "ubatch_id"]),
+    ("vllm.platforms.interface", "Platform.check_and_update_config", ["vllm_config"]),
 ]
+
+
+def test_aot_compile_switch_is_an_env_var(vllm):
+    import vllm.envs as envs
+
+    assert "VLLM_USE_AOT_COMPILE" in envs.environment_variables
 
 
 @pytest.mark.parametrize("module,attr,expected", SIGNATURES, ids=[f"{m}.{a}" for m, a, _ in SIGNATURES])
@@ -114,12 +126,12 @@ def test_plugin_is_a_no_op_unless_enabled_and_wraps_make_compiler_for_piecewise(
 
     original = backends.make_compiler
     monkeypatch.setattr(backends, "make_compiler", original)
-    monkeypatch.setattr(dv, "_OPTIONS", None)
+    monkeypatch.setattr(dv._settings, "_OPTIONS", None)
     platform_backend = type(current_platform).simple_compile_backend
     monkeypatch.setattr(vllm.plugins, "plugins_loaded", False)
     with knobs.scope(DYNAFLOW_VLLM=0):
         vllm.plugins.load_general_plugins()  # runs dynaflow's entry point (and vLLM's own)
-    assert backends.make_compiler is original and dv._OPTIONS is None
+    assert backends.make_compiler is original and dv._settings._OPTIONS is None
     monkeypatch.setattr(vllm.plugins, "plugins_loaded", False)
     with knobs.scope(DYNAFLOW_VLLM=1, DYNAFLOW_VLLM_OPTIONS='{"nano_batches": 2, "min_rows": 4}'):
         vllm.plugins.load_general_plugins()

