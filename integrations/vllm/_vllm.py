@@ -133,9 +133,27 @@ def check_aot_compile() -> None:
             "holds a live plan. Set VLLM_USE_AOT_COMPILE=0 (enable() does so when the variable is unset).")
 
 
+def check_cuda_graphs(vllm_config: Any = None) -> None:
+    """dynaflow's step does not run inside vLLM's full CUDA-graph capture: the thread executor starts threads
+    and nano-batch metadata is built per step on the host, neither of which a captured graph replays. On a
+    CUDA platform with full CUDA graphs on, the backend refuses by name (piecewise graphs never wrap it)."""
+    from vllm.config import get_current_vllm_config
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda_alike():
+        return
+    mode = (vllm_config or get_current_vllm_config()).compilation_config.cudagraph_mode
+    if mode is not None and mode.has_full_cudagraphs():
+        raise IntegrationError(
+            f"vLLM compilation_config.cudagraph_mode={mode.name} would capture dynaflow's step in a full CUDA graph, "
+            "which does not replay its per-step nano-batch metadata or executor threads. Add \"cudagraph_mode\": "
+            f"\"NONE\" to compilation_config (with mode 2 and backend {BACKEND_QUALNAME!r}), or use nano_batches=1.")
+
+
 def make_step(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Mapping[str, Any]) -> "VllmStep":
     """Partition vLLM's whole Dynamo graph (attention ops in their own nano-context segments)."""
     check_aot_compile()
+    check_cuda_graphs()
     _layout.register_kernel_rules()
     unified = _layout.unify_token_dims(gm)
     thread_mutations(gm, is_host_op)

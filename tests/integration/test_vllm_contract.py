@@ -181,3 +181,25 @@ def test_piecewise_compiler_compiles_a_dense_piece(vllm):
     with torch.no_grad():
         torch.testing.assert_close(fn(x)[0], piece(x)[0])
         torch.testing.assert_close(fn(torch.randn(9, 8) * 0 + x[:1])[0], piece(x[:1].expand(9, 8))[0])
+
+
+def test_full_cuda_graphs_around_the_step_are_refused_on_cuda(vllm, monkeypatch):
+    """vLLM on a GPU: dynaflow's step is not captured by vLLM's full CUDA graphs (docs/integrations/vllm.md)."""
+    from types import SimpleNamespace
+
+    from vllm.config import CUDAGraphMode
+    from vllm.platforms import current_platform
+
+    from dynaflow.integrations._common import IntegrationError
+    from dynaflow.integrations.vllm import _vllm
+
+    def config(mode):
+        return SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mode=mode))
+
+    _vllm.check_cuda_graphs(config(CUDAGraphMode.FULL))  # the CPU platform: no CUDA graphs at all
+    monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self: True)
+    for ok in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
+        _vllm.check_cuda_graphs(config(ok))
+    for bad in (CUDAGraphMode.FULL, CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.FULL_DECODE_ONLY):
+        with pytest.raises(IntegrationError, match=rf"cudagraph_mode={bad.name}.*\"cudagraph_mode\": \"NONE\""):
+            _vllm.check_cuda_graphs(config(bad))
