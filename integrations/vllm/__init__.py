@@ -13,7 +13,9 @@ Two ways in (docs/integrations/vllm.md has the details and a copy-paste example)
   ``vllm.compilation.backends.make_compiler``).
 
 The ``vllm.general_plugins`` entry point :func:`register` does nothing unless ``DYNAFLOW_VLLM=1``.
-vLLM is imported only in the private ``_vllm`` module, on first use.
+vLLM is imported only in the private underscore modules, on first use: ``_setup`` (engine preparation and
+refusals), ``_vllm`` (the step), ``_metadata`` (per-nano-batch attention metadata), ``_piecewise`` (mode 3);
+``_layout`` and ``_settings`` import no vLLM.
 """
 
 from __future__ import annotations
@@ -42,11 +44,11 @@ def enable(options: Mapping[str, Any] | None = None) -> None:
     ``DYNAFLOW_VLLM=1`` (and ``DYNAFLOW_VLLM_OPTIONS``) in the environment so the plugin calls this in every
     process."""
     parsed = enable_options(options, "vllm", "vLLM", SUPPORTED, is_available())
-    from dynaflow.integrations.vllm import _vllm
+    from dynaflow.integrations.vllm import _setup
 
-    _vllm.check_version()
+    _setup.check_version()
     set_options(parsed)
-    _vllm.setup_engine(parsed)
+    _setup.setup_engine(parsed)
 
 
 def register() -> None:
@@ -93,7 +95,7 @@ def step_stats(*_: Any) -> dict[int, int]:
 
 def __getattr__(name: str) -> Any:
     if name == "DynaflowCompiler":  # a vLLM CompilerInterface subclass: defined where vLLM is imported
-        from dynaflow.integrations.vllm import _vllm
+        from dynaflow.integrations.vllm import _piecewise
 
-        return _vllm.DynaflowCompiler
+        return _piecewise.DynaflowCompiler
     raise AttributeError(f"module 'dynaflow.integrations.vllm' has no attribute {name!r}")

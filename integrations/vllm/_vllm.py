@@ -1,7 +1,8 @@
-"""Everything that imports vLLM (private: loaded on first use by ``dynaflow.integrations.vllm``).
+"""The step vLLM runs in whole-graph mode: vLLM's Dynamo graph planned by dynaflow, and per step the request
+layout and per-nano-batch forward contexts read from vLLM's forward context.
 
-The symbols used here are pinned by ``tests/integration/test_vllm_contract.py``; a vLLM release that moves
-one fails that test by name.
+Private, loaded on first use (vLLM is imported only in this package's underscore modules). The vLLM symbols
+used are pinned by ``tests/integration/test_vllm_contract.py``; a release that moves one fails there by name.
 """
 
 from __future__ import annotations
@@ -10,23 +11,17 @@ import bisect
 import collections
 import dataclasses
 import logging
-import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.fx
-
-import vllm
-import vllm.envs as vllm_envs
 import vllm.forward_context as vllm_fc
-from vllm.compilation.compiler_interface import CompilerInterface
 
 from dynaflow.api import CompiledGraph
 from dynaflow.frontend.rules import Where, default_rules, op_name
 from dynaflow.integrations._common import (HOST_STATE_META, IntegrationError, make_strategy, matching_rules,
                                            thread_mutations)
-from dynaflow.integrations.vllm import _layout, _metadata
-from dynaflow.integrations.vllm._settings import BACKEND_QUALNAME, SUPPORTED, max_nano_batches, options
+from dynaflow.integrations.vllm import _layout, _metadata, _setup
 from dynaflow.nanocontext import nano_context
 from dynaflow.requests import requests
 
@@ -35,40 +30,6 @@ log = logging.getLogger("dynaflow.integrations.vllm")
 HOST_OPS = ("vllm.unified_attention", "vllm.unified_mla_attention", "vllm.unified_kv_cache_update",
             "vllm.unified_mla_kv_cache_update")
 """Op-name prefixes of vLLM's opaque ops that read the forward context (metadata, slot mapping by layer)."""
-
-def check_version() -> None:
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
-
-    if Version(vllm.__version__) not in SpecifierSet(SUPPORTED):
-        raise IntegrationError(
-            f"dynaflow's vLLM integration supports vllm{SUPPORTED}; found vllm {vllm.__version__}. Install a "
-            "supported version, or run the integration contract tests (pytest -m integration) against this one "
-            "and widen SUPPORTED if they pass."
-        )
-
-
-def install_piecewise_compiler() -> None:
-    """vLLM piecewise mode (``CompilationMode.VLLM_COMPILE``): vLLM keeps splitting the graph at attention and
-    its piecewise machinery, and each dense piece is compiled by :class:`DynaflowCompiler` instead of Inductor.
-
-    vLLM 0.32 accepts only ``eager`` / ``inductor`` as a mode-3 backend and resolves the compiler with the
-    module function ``vllm.compilation.backends.make_compiler``; that function is wrapped (idempotently).
-    The platform's ``simple_compile_backend`` is deliberately left alone: in whole-graph mode vLLM uses it
-    as the torch.compile backend for ``"inductor"``."""
-    import vllm.compilation.backends as backends
-
-    if getattr(backends.make_compiler, "_dynaflow", False):
-        return
-    original = backends.make_compiler
-
-    def make_compiler(compilation_config: Any, *args: Any, **kwargs: Any) -> CompilerInterface:
-        return DynaflowCompiler()
-
-    make_compiler._dynaflow = True  # type: ignore[attr-defined]
-    make_compiler.__wrapped__ = original  # type: ignore[attr-defined]
-    backends.make_compiler = make_compiler
-    log.info("vLLM piecewise mode: dense pieces compile with dynaflow (make_compiler wrapped)")
 
 
 def is_host_op(node: torch.fx.Node) -> bool:
@@ -84,76 +45,10 @@ ATTENTION_RULE = Where(_reads_host_state, name="attention", tags=("memory", "nan
 """vLLM's attention ops (and the aliases of the buffers they fill) as their own nano-context segments."""
 
 
-def setup_engine(opts: Mapping[str, Any]) -> None:
-    """What must be in place before vLLM builds its engine in this process: per-nano-batch metadata builders,
-    AOT compile off unless the user turned it on (then the backend refuses by name), the piecewise route only
-    where the platform honours it."""
-    _metadata.install(max_nano_batches(opts))
-    if "VLLM_USE_AOT_COMPILE" not in os.environ:
-        os.environ["VLLM_USE_AOT_COMPILE"] = "0"
-        log.info("VLLM_USE_AOT_COMPILE=0: dynaflow's step holds a live plan and cannot be serialised")
-    if opts.get("piecewise"):
-        install_piecewise_compiler()
-        refuse_platform_rewrite()
-
-
-def refuse_platform_rewrite() -> None:
-    """With ``piecewise`` on, fail engine start when the platform rewrites mode 3 away (vLLM's CPU platform
-    turns it into whole-graph mode with Inductor), instead of silently never running dynaflow. Wraps the
-    platform's ``check_and_update_config`` (idempotent)."""
-    from vllm.config import CompilationMode
-    from vllm.platforms import current_platform
-
-    cls = type(current_platform)
-    original = cls.check_and_update_config
-    if getattr(original, "_dynaflow", False):
-        return
-
-    def check_and_update_config(platform: type, vllm_config: Any) -> None:
-        before = vllm_config.compilation_config.mode
-        original.__func__(platform, vllm_config)
-        after = vllm_config.compilation_config.mode
-        if before == CompilationMode.VLLM_COMPILE and after != before and options().get("piecewise"):
-            raise IntegrationError(
-                f"dynaflow option piecewise=true: vLLM's {platform.__name__} rewrote piecewise compilation (mode 3) "
-                f"to {CompilationMode(after).name} with backend {vllm_config.compilation_config.backend!r}, so "
-                "dynaflow would never run. Use whole-graph mode instead: "
-                f"compilation_config={{'mode': 2, 'backend': '{BACKEND_QUALNAME}'}} without piecewise.")
-
-    check_and_update_config._dynaflow = True  # type: ignore[attr-defined]
-    cls.check_and_update_config = classmethod(check_and_update_config)  # type: ignore[method-assign]
-
-
-def check_aot_compile() -> None:
-    """vLLM's ahead-of-time compile serialises what the backend returns; dynaflow's step holds a live plan
-    and cannot be serialised, so that mode is refused by name."""
-    if vllm_envs.VLLM_USE_AOT_COMPILE:
-        raise IntegrationError(
-            "vLLM's ahead-of-time compile is on (VLLM_USE_AOT_COMPILE=1) and would serialise dynaflow's step, which "
-            "holds a live plan. Set VLLM_USE_AOT_COMPILE=0 (enable() does so when the variable is unset).")
-
-
-def check_cuda_graphs(vllm_config: Any = None) -> None:
-    """dynaflow's step does not run inside vLLM's full CUDA-graph capture: the thread executor starts threads
-    and nano-batch metadata is built per step on the host, neither of which a captured graph replays. On a
-    CUDA platform with full CUDA graphs on, the backend refuses by name (piecewise graphs never wrap it)."""
-    from vllm.config import get_current_vllm_config
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cuda_alike():
-        return
-    mode = (vllm_config or get_current_vllm_config()).compilation_config.cudagraph_mode
-    if mode is not None and mode.has_full_cudagraphs():
-        raise IntegrationError(
-            f"vLLM compilation_config.cudagraph_mode={mode.name} would capture dynaflow's step in a full CUDA graph, "
-            "which does not replay its per-step nano-batch metadata or executor threads. Add \"cudagraph_mode\": "
-            f"\"NONE\" to compilation_config (with mode 2 and backend {BACKEND_QUALNAME!r}), or use nano_batches=1.")
-
-
 def make_step(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Mapping[str, Any]) -> "VllmStep":
     """Partition vLLM's whole Dynamo graph (attention ops in their own nano-context segments)."""
-    check_aot_compile()
-    check_cuda_graphs()
+    _setup.check_aot_compile()
+    _setup.check_cuda_graphs()
     _layout.register_kernel_rules()
     unified = _layout.unify_token_dims(gm)
     thread_mutations(gm, is_host_op)
@@ -312,29 +207,3 @@ def _first_metadata(attn: Any) -> Any:
     if isinstance(attn, dict):
         return next((m for m in attn.values() if m is not None), None)
     return attn
-
-
-class DynaflowCompiler(CompilerInterface):
-    """vLLM piecewise mode: compile each dense piece (between vLLM's attention splits) with dynaflow.
-
-    Pieces hold no forward-context op, so they are split into nano-batches anywhere along the token dim."""
-
-    name = "dynaflow"
-
-    def compute_hash(self, vllm_config: Any) -> str:
-        return f"dynaflow-{sorted(options().items())!r}"
-
-    def compile(self, graph: torch.fx.GraphModule, example_inputs: list[Any], compiler_config: dict[str, Any],
-                compile_range: Any, key: str | None = None) -> tuple[Callable[..., Any] | None, Any | None]:
-        cfg, strategy = make_strategy(options())
-        compiled = CompiledGraph(graph, cfg, strategy, label=f"vllm-piece-{key or 'x'}")
-        traced = any("val" in n.meta or "example_value" in n.meta for n in graph.graph.nodes if n.op == "placeholder")
-        # vLLM's pieces keep Dynamo's fake values (token dim symbolic): partition them as they are; a plain
-        # GraphModule (tests, other callers) gets a symbolic batch from its example inputs first
-        compiled.prepare(example_inputs, from_fx=not traced)
-        PIECES.append(compiled)
-        return compiled, None
-
-
-PIECES: list[CompiledGraph] = []
-"""Every piece DynaflowCompiler compiled in this process (for explain() and tests)."""

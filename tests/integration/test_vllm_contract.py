@@ -25,9 +25,9 @@ def _params(fn) -> list[str]:
 
 
 def test_version_is_supported(vllm):
-    from dynaflow.integrations.vllm import _vllm
+    from dynaflow.integrations.vllm import _setup
 
-    _vllm.check_version()
+    _setup.check_version()
 
 
 # (module, attribute, the leading parameters dynaflow relies on)
@@ -162,7 +162,7 @@ def test_bad_plugin_options_are_integration_errors(vllm):
 def test_piecewise_compiler_compiles_a_dense_piece(vllm):
     """vLLM's piecewise mode hands DynaflowCompiler fx pieces between attention ops; one such piece."""
     import torch
-    from dynaflow.integrations.vllm import _vllm
+    from dynaflow.integrations.vllm import _piecewise
 
     class Piece(torch.nn.Module):
         def __init__(self):
@@ -176,7 +176,7 @@ def test_piecewise_compiler_compiles_a_dense_piece(vllm):
     piece = Piece().eval()
     gm = torch.fx.symbolic_trace(piece)
     x = torch.randn(6, 8)
-    fn, handle = _vllm.DynaflowCompiler().compile(gm, [x], {}, None, key="p0")
+    fn, handle = _piecewise.DynaflowCompiler().compile(gm, [x], {}, None, key="p0")
     assert handle is None
     with torch.no_grad():
         torch.testing.assert_close(fn(x)[0], piece(x)[0])
@@ -191,15 +191,15 @@ def test_full_cuda_graphs_around_the_step_are_refused_on_cuda(vllm, monkeypatch)
     from vllm.platforms import current_platform
 
     from dynaflow.integrations._common import IntegrationError
-    from dynaflow.integrations.vllm import _vllm
+    from dynaflow.integrations.vllm import _setup
 
     def config(mode):
         return SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mode=mode))
 
-    _vllm.check_cuda_graphs(config(CUDAGraphMode.FULL))  # the CPU platform: no CUDA graphs at all
+    _setup.check_cuda_graphs(config(CUDAGraphMode.FULL))  # the CPU platform: no CUDA graphs at all
     monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self: True)
     for ok in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
-        _vllm.check_cuda_graphs(config(ok))
+        _setup.check_cuda_graphs(config(ok))
     for bad in (CUDAGraphMode.FULL, CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.FULL_DECODE_ONLY):
         with pytest.raises(IntegrationError, match=rf"cudagraph_mode={bad.name}.*\"cudagraph_mode\": \"NONE\""):
-            _vllm.check_cuda_graphs(config(bad))
+            _setup.check_cuda_graphs(config(bad))

@@ -101,17 +101,17 @@ def test_piecewise_mode_compiles_the_dense_pieces_with_dynaflow(hv, strategy, mo
     import vllm.compilation.backends as backends
 
     import dynaflow.integrations.vllm as dv
-    from dynaflow.integrations.vllm import _vllm
+    from dynaflow.integrations.vllm import _piecewise
 
     monkeypatch.setattr(backends, "make_compiler", backends.make_compiler)  # undo the wrapper afterwards
     monkeypatch.setattr(dv._settings, "_OPTIONS", None)
     dv.enable({"nano_batches": 2, "strategy": strategy, "executor": "thread", "piecewise": True})
     assert getattr(backends.make_compiler, "_dynaflow", False)
-    before = len(_vllm.PIECES)
+    before = len(_piecewise.PIECES)
     engine = h.build(hf, path, {"mode": 2}, piecewise=True)
     for got, ref in _run_two_steps(h, hf, engine):
         torch.testing.assert_close(got, ref, **TOL)
-    pieces = _vllm.PIECES[before:]
+    pieces = _piecewise.PIECES[before:]
     assert len(pieces) == 3  # 2 layers: the dense code before, between and after the attention ops
     assert all(not any("nano-context" in s.hints for s in p.segmented.segments) for p in pieces)
     assert any(plan.split.num == 2 for p in pieces for plan in p._by_split.values())
