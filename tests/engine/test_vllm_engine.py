@@ -65,7 +65,8 @@ def test_vllm_engine_tokens_equal_eager_with_nano_batches(engine_ref, tmp_path, 
     model, expected = engine_ref
     out = tmp_path / "dynaflow.json"
     opts = json.dumps({"nano_batches": nano, "executor": executor})
-    proc = _run(model, "dynaflow", out, DYNAFLOW_VLLM="1", DYNAFLOW_VLLM_OPTIONS=opts,
+    # DYNAFLOW_VERIFY: the first call of each shape also runs every split segment whole and checks the halves
+    proc = _run(model, "dynaflow", out, DYNAFLOW_VLLM="1", DYNAFLOW_VLLM_OPTIONS=opts, DYNAFLOW_VERIFY="1",
                 VLLM_ENABLE_V1_MULTIPROCESSING=multiprocess)
     _ok(proc, f"dynaflow nano_batches={nano} executor={executor}")
     got = json.loads(out.read_text())
