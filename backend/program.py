@@ -11,6 +11,7 @@ lane is dropped. Every executor (serial, thread, later cuda and sim) runs the sa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Sequence
 
 import torch
@@ -61,6 +62,24 @@ class Launch:
     merges: tuple[tuple[int, int, int, int, int], ...] = ()
     event: int | None = None
     lane: str = ""
+
+    @cached_property
+    def slot_args(self) -> tuple[int, ...] | None:
+        """The argument slots when every argument is a whole ``SLOT`` (most launches), else ``None``: the step
+        loop then indexes the value slots directly instead of calling :func:`fetch` per argument."""
+        if all(a.kind == SLOT for a in self.args):
+            return tuple(a.slot for a in self.args)
+        return None
+
+    @cached_property
+    def timeline_op(self) -> str:
+        """The op's name in a :class:`~dynaflow.timeline.TimelineEvent` (made once, not on every launch)."""
+        return repr(self.op)
+
+    @cached_property
+    def resource_name(self) -> str:
+        """The segment's resource in a :class:`~dynaflow.timeline.TimelineEvent` (made once)."""
+        return self.segment.resource.value
 
     def __repr__(self) -> str:
         merges = "".join(f" ; out{o}→%{b}[{s}:{e}]@{d}" for o, b, d, s, e in self.merges)
