@@ -11,7 +11,6 @@ lane is dropped. Every executor (serial, thread, later cuda and sim) runs the sa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Callable, Sequence
 
 import torch
@@ -63,23 +62,22 @@ class Launch:
     event: int | None = None
     lane: str = ""
 
-    @cached_property
-    def slot_args(self) -> tuple[int, ...] | None:
-        """The argument slots when every argument is a whole ``SLOT`` (most launches), else ``None``: the step
-        loop then indexes the value slots directly instead of calling :func:`fetch` per argument."""
-        if all(a.kind == SLOT for a in self.args):
-            return tuple(a.slot for a in self.args)
-        return None
+    slot_args: tuple[int, ...] | None = field(init=False, repr=False, compare=False)
+    """The argument slots when every argument is a whole ``SLOT`` (most launches), else ``None``: a launch then
+    indexes the value slots directly instead of calling :func:`fetch` per argument."""
+    timeline_op: str = field(init=False, repr=False, compare=False)
+    """The op's name in a :class:`~dynaflow.timeline.TimelineEvent` (made once, not on every launch)."""
+    resource_name: str = field(init=False, repr=False, compare=False)
+    """The segment's resource in a :class:`~dynaflow.timeline.TimelineEvent` (made once)."""
 
-    @cached_property
-    def timeline_op(self) -> str:
-        """The op's name in a :class:`~dynaflow.timeline.TimelineEvent` (made once, not on every launch)."""
-        return repr(self.op)
-
-    @cached_property
-    def resource_name(self) -> str:
-        """The segment's resource in a :class:`~dynaflow.timeline.TimelineEvent` (made once)."""
-        return self.segment.resource.value
+    def __post_init__(self) -> None:
+        # plain instance attributes set at construction (not cached properties), so the step loop's attribute
+        # reads stay on CPython's fast path
+        slots = tuple(a.slot for a in self.args) if all(a.kind == SLOT for a in self.args) else None
+        object.__setattr__(self, "slot_args", slots)
+        object.__setattr__(self, "timeline_op", repr(self.op))
+        resource = getattr(self.segment, "resource", None)
+        object.__setattr__(self, "resource_name", getattr(resource, "value", ""))
 
     def __repr__(self) -> str:
         merges = "".join(f" ; out{o}→%{b}[{s}:{e}]@{d}" for o, b, d, s, e in self.merges)
