@@ -10,8 +10,10 @@ the arena's slot-size probe and the Inductor warm-up — so what one launch mean
   (:mod:`dynaflow.nanocontext`), which lanes on other threads or streams then share;
 * :func:`run_launch` fetches a launch's arguments, calls the segment (inside the engine context for a
   ``nano-context`` segment), stores its outputs and writes merged outputs into their full-batch buffers;
-* :func:`step_loop` walks an instruction list (launches and waits), with the executor's hooks for a wait,
-  for what surrounds a launch (a CUDA stream) and for what follows it (events, frees).
+* :func:`step_loop` walks an instruction list (launches and waits): host events set and waited on, values
+  freed, and the executor's hooks for what surrounds a launch (a CUDA stream) and what follows it (a reader
+  countdown), all made once per step: the per-launch path makes no closures, and allocates only the
+  argument list (and the timeline event when recording).
 """
 
 from __future__ import annotations
