@@ -23,7 +23,7 @@ from dynaflow import knobs
 from dynaflow.errors import BackendError
 from dynaflow.timeline import Timeline, TimelineEvent
 from dynaflow.backend.launch import Executor, ExecutorContext, StepContext, run_launch, run_serial, step_loop
-from dynaflow.backend.program import CONST, Launch, Program, Wait
+from dynaflow.backend.program import CONST, Launch, Program
 
 __all__ = ["Executor", "SerialExecutor", "ThreadExecutor", "run_launch", "reader_counts"]
 
@@ -187,26 +187,12 @@ class ThreadExecutor(Executor):
 
     def _lane(self, program: Program, li: int, step: _Step, out: list[TimelineEvent] | None,
               grad: tuple[bool, bool]) -> None:
-        lane = program.lanes[li].name
-
-        def wait(ins: Wait) -> None:
-            if not step.events[ins.event].wait(step.timeout):
-                raise BackendError(
-                    f"Lane {lane!r} waited {step.timeout:.1f}s for {ins.op} (event e{ins.event}) and it never "
-                    "finished: the program deadlocked or a producer hung. Raise DYNAFLOW_WAIT_TIMEOUT if the op is "
-                    "legitimately slow."
-                )
-
-        def after(ins: Launch) -> None:
-            if ins.event is not None:
-                step.events[ins.event].set()
-            step.release(ins)
-
         try:
             # autograd and inference modes are thread-local: workers take the caller's
             # (inference_mode(False) would re-enable grad, so it is only entered when the caller is in it)
             with torch.set_grad_enabled(grad[0]), (torch.inference_mode() if grad[1] else contextlib.nullcontext()):
-                step_loop(step.ctx, program.streams[li], wait=wait, after=after, timeline=out)
+                step_loop(step.ctx, program.streams[li], events=step.events, wait_timeout=step.timeout,
+                          lane=program.lanes[li].name, after=step.release, timeline=out)
         except BaseException as exc:  # noqa: BLE001 - every failure must wake the other lanes
             step.fail(exc)
 

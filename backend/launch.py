@@ -10,8 +10,10 @@ the arena's slot-size probe and the Inductor warm-up — so what one launch mean
   (:mod:`dynaflow.nanocontext`), which lanes on other threads or streams then share;
 * :func:`run_launch` fetches a launch's arguments, calls the segment (inside the engine context for a
   ``nano-context`` segment), stores its outputs and writes merged outputs into their full-batch buffers;
-* :func:`step_loop` walks an instruction list (launches and waits), with the executor's hooks for a wait,
-  for what surrounds a launch (a CUDA stream) and for what follows it (events, frees).
+* :func:`step_loop` walks an instruction list (launches and waits): host events set and waited on, values
+  freed, and the executor's hooks for what surrounds a launch (a CUDA stream) and what follows it (a reader
+  countdown), all made once per step: the per-launch path makes no closures, and allocates only the
+  argument list (and the timeline event when recording).
 """
 
 from __future__ import annotations
@@ -88,11 +90,13 @@ def run_launch(launch: Launch, step: StepContext) -> None:
     A segment with the ``nano-context`` hint runs inside the step's engine context
     (see :mod:`dynaflow.nanocontext`)."""
     env = step.env
+    slots = launch.slot_args
+    args = [env[s] for s in slots] if slots is not None else [fetch(a, env) for a in launch.args]
     if step.nano_ctx is not None:
         with launch_context(step.nano_ctx, launch.segment, launch.op.nano, step.program.split):
-            out = launch.fn(*[fetch(a, env) for a in launch.args])
+            out = launch.fn(*args)
     else:
-        out = launch.fn(*[fetch(a, env) for a in launch.args])
+        out = launch.fn(*args)
     outs = out if launch.returns_tuple else (out,)
     for slot, value in zip(launch.out_slots, outs):
         env[slot] = value
@@ -112,56 +116,82 @@ def run_launch(launch: Launch, step: StepContext) -> None:
 
 def step_loop(step: StepContext, instructions: Iterable[Launch | Wait], *,
               frees: Sequence[Sequence[int]] | None = None,
-              wait: Callable[[Wait], None] | None = None,
+              events: Sequence[Any] | None = None,
+              wait_timeout: float = 60.0,
+              lane: str = "",
               around: Callable[[Launch], ContextManager[Any]] | None = None,
               after: Callable[[Launch], None] | None = None,
               timeline: list[TimelineEvent] | None = None) -> None:
     """The step loop: run ``instructions`` in order through :func:`run_launch`.
 
     ``frees[i]``: slots to drop after the i-th instruction (the serial order's free-at-last-use);
-    ``wait``: how a :class:`Wait` blocks; ``around``: a context entered around each launch (a stream);
-    ``after``: called after each launch (record its event, count down readers); ``timeline``: wall-clock
-    events are appended here. A lane stops early once ``step.failed`` is set."""
+    ``events``: host events of the step (``threading.Event``): a launch that records one sets it, a
+    :class:`Wait` blocks on it for at most ``wait_timeout`` seconds (``lane`` names the waiting lane in the
+    error); ``around``: a context entered around each launch (a CUDA stream); ``after``: called after each
+    launch (a bound method, e.g. a reader countdown); ``timeline``: wall-clock events are appended here. A
+    lane stops early once ``step.failed`` is set. The per-launch path makes no closures: the hooks are made
+    once per step, and the timeline's op and resource names once per launch object."""
+    if around is None and after is None and events is None and not step.trace and frees is not None:
+        _serial_walk(step, instructions, frees, timeline)  # serial and sim executors, probes
+        return
     env = step.env
     trace = step.trace
     clock = time.perf_counter
     t_start = step.t_start
-    if around is None and after is None and wait is None and not trace and frees is not None:
-        # the plain serial walk (serial and sim executors, probes): the same launches, nothing around them
-        for ins, free in zip(instructions, frees):  # a serial order holds launches only
-            if timeline is None:
-                run_launch(ins, step)  # type: ignore[arg-type]
-            else:
-                t0 = clock()
-                run_launch(ins, step)  # type: ignore[arg-type]
-                timeline.append(TimelineEvent(ins.lane, repr(ins.op), t0 - t_start, clock() - t_start,  # type: ignore[union-attr]
-                                              ins.segment.resource.value))  # type: ignore[union-attr]
-            for slot in free:
-                env[slot] = None
-        return
+    t0 = 0.0
     for i, ins in enumerate(instructions):
         if step.failed is not None:
             return
-        if isinstance(ins, Wait):
-            if wait is not None:
-                wait(ins)
+        if ins.__class__ is Wait:
+            if events is not None and not events[ins.event].wait(wait_timeout):
+                raise BackendError(
+                    f"Lane {lane!r} waited {wait_timeout:.1f}s for {ins.op} (event e{ins.event}) and it never "
+                    "finished: the program deadlocked or a producer hung. Raise DYNAFLOW_WAIT_TIMEOUT if the op is "
+                    "legitimately slow."
+                )
             continue
-        t0 = clock() if timeline is not None else 0.0
-        if around is None:
-            run_launch(ins, step)
-        else:
-            with around(ins):
-                run_launch(ins, step)
         if timeline is not None:
-            timeline.append(TimelineEvent(ins.lane, repr(ins.op), t0 - t_start, clock() - t_start,
-                                          ins.segment.resource.value))
+            t0 = clock()
+        if around is None:
+            run_launch(ins, step)  # type: ignore[arg-type]
+        else:
+            with around(ins):  # type: ignore[arg-type]
+                run_launch(ins, step)  # type: ignore[arg-type]
+        if timeline is not None:
+            timeline.append(TimelineEvent(ins.lane, ins.timeline_op, t0 - t_start, clock() - t_start,  # type: ignore[union-attr]
+                                          ins.resource_name))  # type: ignore[union-attr]
         if trace:
-            log.info("launch %s on %s (%.1f ms into the step)", ins.op, ins.lane, (clock() - t_start) * 1e3)
+            log.info("launch %s on %s (%.1f ms into the step)", ins.op, ins.lane, (clock() - t_start) * 1e3)  # type: ignore[union-attr]
+        if events is not None and ins.event is not None:  # type: ignore[union-attr]
+            events[ins.event].set()  # type: ignore[union-attr]
         if after is not None:
-            after(ins)
+            after(ins)  # type: ignore[arg-type]
         if frees is not None:
             for slot in frees[i]:
                 env[slot] = None
+
+
+def _serial_walk(step: StepContext, order: Iterable[Launch | Wait], frees: Sequence[Sequence[int]],
+                 timeline: list[TimelineEvent] | None) -> None:
+    """The plain serial walk: a serial order (launches only), each value dropped after its last use; one loop
+    with the timeline and one without, so neither tests for it per launch."""
+    env = step.env
+    if timeline is None:
+        for ins, free in zip(order, frees):
+            run_launch(ins, step)  # type: ignore[arg-type]
+            for slot in free:
+                env[slot] = None
+        return
+    clock = time.perf_counter
+    t_start = step.t_start
+    append = timeline.append
+    for ins, free in zip(order, frees):
+        t0 = clock()
+        run_launch(ins, step)  # type: ignore[arg-type]
+        append(TimelineEvent(ins.lane, ins.timeline_op, t0 - t_start, clock() - t_start,  # type: ignore[union-attr]
+                             ins.resource_name))  # type: ignore[union-attr]
+        for slot in free:
+            env[slot] = None
 
 
 @dataclass(frozen=True)

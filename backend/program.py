@@ -62,6 +62,23 @@ class Launch:
     event: int | None = None
     lane: str = ""
 
+    slot_args: tuple[int, ...] | None = field(init=False, repr=False, compare=False)
+    """The argument slots when every argument is a whole ``SLOT`` (most launches), else ``None``: a launch then
+    indexes the value slots directly instead of calling :func:`fetch` per argument."""
+    timeline_op: str = field(init=False, repr=False, compare=False)
+    """The op's name in a :class:`~dynaflow.timeline.TimelineEvent` (made once, not on every launch)."""
+    resource_name: str = field(init=False, repr=False, compare=False)
+    """The segment's resource in a :class:`~dynaflow.timeline.TimelineEvent` (made once)."""
+
+    def __post_init__(self) -> None:
+        # plain instance attributes set at construction (not cached properties), so the step loop's attribute
+        # reads stay on CPython's fast path
+        slots = tuple(a.slot for a in self.args) if all(a.kind == SLOT for a in self.args) else None
+        object.__setattr__(self, "slot_args", slots)
+        object.__setattr__(self, "timeline_op", repr(self.op))
+        resource = getattr(self.segment, "resource", None)
+        object.__setattr__(self, "resource_name", getattr(resource, "value", ""))
+
     def __repr__(self) -> str:
         merges = "".join(f" ; out{o}→%{b}[{s}:{e}]@{d}" for o, b, d, s, e in self.merges)
         ev = f" ; record e{self.event}" if self.event is not None else ""

@@ -8,7 +8,6 @@ once, planned once per batch size by the strategy (the passes are in ``dynaflow.
 
 from __future__ import annotations
 
-import copy
 import functools
 import threading
 import weakref
@@ -66,10 +65,9 @@ class Compiled:
         with self._lock:
             graph = self._by_entry.get(entry)
             if graph is None:
-                gm = torch.fx.GraphModule(entry.gm, copy.deepcopy(entry.gm.graph))
                 label = f"graph{len(self.graphs)}"
                 try:
-                    graph = CompiledGraph(gm, self.config, self.strategy, label=label).prepare()
+                    graph = CompiledGraph(entry.copy_gm(), self.config, self.strategy, label=label).prepare()
                 except DynaflowError:
                     raise
                 except Exception as exc:  # a user rule (a Where predicate) or a strategy's rules() raised

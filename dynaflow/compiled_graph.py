@@ -3,7 +3,7 @@
 It keeps what a captured graph is — ``prepare`` (partition once), ``plan_for`` (the plan passes of
 :mod:`dynaflow.planning`, once per batch size and split; the autotuner of :mod:`dynaflow.tune` when the
 strategy asks for a search), ``__call__`` (an executor of :mod:`dynaflow.backend` runs the Program) and
-``explain``. It is the autotuner's :class:`~dynaflow.tune.Planner`.
+``explain``. The autotuner reaches it through :class:`~dynaflow.tuning_planner.GraphPlanner`.
 """
 
 from __future__ import annotations
@@ -30,16 +30,15 @@ from dynaflow.errors import BackendError, BatchCouplingError
 from dynaflow.frontend.batching import find_batch_source
 from dynaflow.frontend.capture import batch_size_of, symbolize
 from dynaflow.frontend.differential import check_split_equals_whole, mutated_inputs, overlapping_writes
-from dynaflow.frontend.effects import is_inplace
 from dynaflow.frontend.partition import partition
 from dynaflow.ir import InputInfo, SplitConfig
 from dynaflow.planning import CostContext, Plan, describe_inputs, make_plan, split_with, strategy_name
-from dynaflow.profiles import model_hash
 from dynaflow.requests import RequestLayout, current_requests
 from dynaflow.segmented import SegmentedModule
 from dynaflow.strategies import Strategy, get as get_strategy
 from dynaflow.timeline import Timeline
-from dynaflow.tune import Tuner, TuneSetup, median_seconds
+from dynaflow.tune import Tuner
+from dynaflow.tuning_planner import GraphPlanner
 
 __all__ = ["CompiledGraph", "Plan"]
 
@@ -61,6 +60,8 @@ class CompiledGraph:
         """The autotuner's winner per split (``strategy="auto"``); other strategies plan every split themselves."""
         self._splits: dict[tuple[Any, ...], tuple[InputInfo, SplitConfig]] = {}
         self._tuner: tuple[Strategy, Tuner] | None = None
+        self._planner = GraphPlanner(self)
+        """What the autotuner plans, predicts and measures through (``dynaflow.tune.Planner``)."""
         self.costs: CostContext | None = None
         self._record: dict[int, Sequence[Any]] | None = None
         """Set by ``dynaflow.profile``: the next call stores its flat inputs here."""
@@ -147,7 +148,7 @@ class CompiledGraph:
                 self._strategy_for.setdefault(split, chooser)
         plan = self._by_split.get(split)
         if plan is None:
-            plan = self._by_split[split] = self._plan(info, split)
+            plan = self._by_split[split] = self.plan_split(info, split)
         self.plans[batch] = plan
         return plan
 
@@ -158,18 +159,19 @@ class CompiledGraph:
         strategy = tuned or self.strategy
         tuner = self.tuner
         if tuned is None and tuner is not None:
-            strategy = tuner.tune(info, inputs, lambda: self._tune_setup(inputs))
+            strategy = tuner.tune(info, inputs, lambda: self._planner.setup(inputs))
         split = self.split_with(strategy, info)
         if strategy is not self.strategy:
             self._strategy_for[split] = strategy
         return split
 
-    def _plan(self, info: InputInfo, split: SplitConfig, strategy: Strategy | None = None) -> Plan:
+    def plan_split(self, info: InputInfo, split: SplitConfig, strategy: Strategy | None = None) -> Plan:
+        """The plan of ``split`` by ``strategy`` (default: the autotuner's winner for it, else the graph's)."""
         assert self.segmented is not None
         return make_plan(self.segmented, strategy or self._strategy_for.get(split, self.strategy), info, split,
                          distributed=self.distributed, checks=self.config.verify or knobs.verify(), label=self.label)
 
-    # -- the autotuner's planner (dynaflow.tune.Planner) --------------------------------------------------
+    # -- autotuning (the Tuner plans through a GraphPlanner of this graph) -------------------------------
     @property
     def tuner(self) -> Tuner | None:
         """The autotuner of a strategy that asks for a search (``auto``), else ``None``."""
@@ -177,7 +179,7 @@ class CompiledGraph:
         if spec is None:
             return None
         if self._tuner is None or self._tuner[0] is not self.strategy:
-            self._tuner = (self.strategy, Tuner(self, spec, self.strategy))
+            self._tuner = (self.strategy, Tuner(self._planner, spec, self.strategy))
         return self._tuner[1]
 
     @property
@@ -186,29 +188,9 @@ class CompiledGraph:
         return self._tuner[1].results if self._tuner is not None else {}
 
     def split_with(self, strategy: Strategy, info: InputInfo) -> SplitConfig:
+        """The split ``strategy`` picks for ``info`` here (a batch Dynamo specialised runs whole)."""
         return split_with(strategy, info, self.segmented, strict=self.config.strict, label=self.label,
                           warn_static=self._warn_static, specialised=self._whole_batch if self.batch_marked else None)
-
-    def plan_split(self, info: InputInfo, split: SplitConfig, strategy: Strategy) -> Plan:
-        return self._plan(info, split, strategy)
-
-    def predictor(self, inputs: Sequence[Any]) -> Callable[[Plan], float]:
-        assert self.costs is not None
-        costs, facts, cost = self.costs, describe_inputs(inputs, self.batch_size(inputs)), self.cost_model(inputs)
-        return lambda plan: costs.simulate(plan.program, facts, cost).makespan
-
-    def measure(self, plan: Plan, inputs: Sequence[Any], repeats: int) -> float:
-        ex, program = self.executor_for(plan, inputs), self.program_for(plan, inputs)
-        sync = torch.cuda.synchronize if describe_inputs(inputs, 0).on_cuda else None
-        return median_seconds(lambda: ex.run(program, inputs), repeats, sync)
-
-    def _tune_setup(self, inputs: Sequence[Any]) -> TuneSetup:
-        assert self.segmented is not None and self.costs is not None
-        facts = describe_inputs(inputs, self.batch_size(inputs))
-        spec = self.costs.device(facts)
-        return TuneSetup(model_hash(self.segmented), frozenset(s.resource for s in self.segmented.segments),
-                         self.costs.num_sms(facts), spec.sm_granularity, spec.name, self.config.executor,
-                         _mutates_inputs(self.segmented), self.distributed)
 
     def _lockstep_tune(self, batch: int, inputs: Sequence[Any], layout: RequestLayout | None) -> Strategy | None:
         """``strategy="auto"`` with ranks agreeing on the split: the strategy for this call, decided with the
@@ -216,7 +198,7 @@ class CompiledGraph:
         tuner = self.tuner
         if tuner is None or self.distributed is None or not self.distributed.agreeing:
             return None
-        return tuner.lockstep(self.input_info(batch, inputs, layout), inputs, lambda: self._tune_setup(inputs),
+        return tuner.lockstep(self.input_info(batch, inputs, layout), inputs, lambda: self._planner.setup(inputs),
                               self.distributed)
 
     def _whole_batch(self, split: SplitConfig) -> SplitConfig:
@@ -333,7 +315,7 @@ class CompiledGraph:
         with self._lock:
             plan = self._by_split.get(split)
             if plan is None:
-                plan = self._by_split[split] = self._plan(self.input_info(batch, inputs), split,
+                plan = self._by_split[split] = self.plan_split(self.input_info(batch, inputs), split,
                                                           get_strategy("sequential"))
         log.info("%s: inputs %s overlap in memory and one is written in place: running unsplit", self.label,
                  overlapping_writes(inputs, self._written_inputs))
@@ -382,11 +364,3 @@ class CompiledGraph:
             out.append(plan.schedule.table(plan.graph))
             out.append(repr(plan.program))
         return "\n".join(out)
-
-
-
-def _mutates_inputs(seg: SegmentedModule) -> bool:
-    """Whether any segment writes in place (measuring would replay the write on the caller's real inputs);
-    a segment without an fx graph counts as writing, to be safe."""
-    return any(getattr(call.module, "graph", None) is None or any(is_inplace(n) for n in call.module.graph.nodes)
-               for call in seg.calls)

@@ -5,6 +5,7 @@ exceptions turned into dynaflow errors."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import threading
 from typing import Any, Callable, Sequence
@@ -142,6 +143,11 @@ class GraphEntry:
 
     def __init__(self, gm: torch.fx.GraphModule):
         self.gm = gm  # never the example inputs: Dynamo keeps this entry, and they hold the model's weights
+
+    def copy_gm(self) -> torch.fx.GraphModule:
+        """A private copy of the captured graph for one owner: partitioning rewrites it, and other owners may
+        share this capture."""
+        return torch.fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
 
     def __call__(self, *inputs: Any) -> Any:
         stack = getattr(_OWNERS, "stack", None)

@@ -19,29 +19,17 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from dynaflow import knobs
-from dynaflow.integrations._common import IntegrationError, active_options, enable_options, host_available
+from dynaflow.integrations._common import IntegrationError, enable_options, host_available
+from dynaflow.integrations.sglang import _settings
+from dynaflow.integrations.sglang._settings import HOST_OP_PATTERNS, SUPPORTED, options
 
 __all__ = ["is_available", "enable", "register", "compile", "backend", "register_host_op", "SUPPORTED",
            "HOST_OP_PATTERNS"]
-
-SUPPORTED = ">=0.5.20,<0.5.24"
-"""SGLang versions whose internals the integration was written and tested against."""
-
-HOST_OP_PATTERNS: list[str] = [r"^sglang\.(unified_|.*attention)"]
-"""Regexes (``re.search`` on dynaflow's op name) of opaque ops that read SGLang's global attention backend;
-they run per nano-batch under that nano-batch's forward context. Extend with :func:`register_host_op`."""
-
-_OPTIONS: dict[str, Any] | None = None
 
 
 def is_available() -> bool:
     """True when SGLang is importable (without importing it)."""
     return host_available("sglang")
-
-
-def options() -> dict[str, Any]:
-    """The active options: those given to :func:`enable`, else ``DYNAFLOW_SGLANG_OPTIONS``."""
-    return active_options(_OPTIONS, "sglang")
 
 
 def register_host_op(pattern: str) -> None:
@@ -60,12 +48,11 @@ def enable(options: Mapping[str, Any] | None = None, *, apply_hooks: bool = True
     """Turn the integration on in this process: remember ``options`` and register the SGLang hooks
     (``patch_model`` and ``install_torch_compiled``); with ``apply_hooks`` also apply them now (the plugin
     loader applies them itself). Idempotent. Worker processes need ``DYNAFLOW_SGLANG=1`` in the environment."""
-    global _OPTIONS
     parsed = enable_options(options, "sglang", "SGLang", SUPPORTED, is_available())
     from dynaflow.integrations.sglang import _sglang
 
     _sglang.check_version()
-    _OPTIONS = parsed
+    _settings.set_options(parsed)
     _sglang.register_hooks(apply=apply_hooks)
 
 
@@ -88,4 +75,4 @@ def backend(gm: Any, example_inputs: list[Any]) -> Any:
     """A torch.compile backend / SGLang ``backend_factory`` planning one (of possibly several) graphs."""
     from dynaflow.integrations.sglang import _sglang
 
-    return _sglang.make_graph(gm, example_inputs, options())
+    return _sglang.backend(gm, example_inputs)

@@ -20,10 +20,11 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.model_executor import forward_context as sgl_fc
 
 from dynaflow.api import CompiledGraph
+from dynaflow.frontend.capture import SHARED_BACKEND, GraphEntry, mark_batch_dynamic, run_dynamo
 from dynaflow.frontend.rules import Where, default_rules, op_name
-from dynaflow.integrations import sglang as pkg
 from dynaflow.integrations._common import (HOST_STATE_META, IntegrationError, make_strategy, matching_rules,
                                            thread_mutations)
+from dynaflow.integrations.sglang._settings import HOST_OP_PATTERNS, SUPPORTED, options
 from dynaflow.nanocontext import nano_context
 from dynaflow.requests import requests
 from dynaflow.strategies import get as get_strategy
@@ -42,12 +43,13 @@ REQUEST_FIELDS = ("req_pool_indices", "seq_lens", "seq_lens_cpu", "extend_seq_le
 
 
 def check_version() -> None:
+    """Raise :class:`IntegrationError` unless the installed SGLang is in :data:`SUPPORTED`."""
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
 
-    if Version(sglang.__version__) not in SpecifierSet(pkg.SUPPORTED):
+    if Version(sglang.__version__) not in SpecifierSet(SUPPORTED):
         raise IntegrationError(
-            f"dynaflow's SGLang integration supports sglang{pkg.SUPPORTED}; found sglang {sglang.__version__}. Install "
+            f"dynaflow's SGLang integration supports sglang{SUPPORTED}; found sglang {sglang.__version__}. Install "
             "a supported version, or run the contract tests (pytest -m integration) against it and widen SUPPORTED."
         )
 
@@ -62,13 +64,13 @@ def _patch_model_hook(original: Callable[..., Any], model: torch.nn.Module, enab
         if not enable_compile:
             yield forward
             return
-        yield SglangStep(torch.no_grad()(model.forward), pkg.options())
+        yield SglangStep(torch.no_grad()(model.forward), options())
 
 
 def _install_compiled_hook(original: Callable[..., Any], module: torch.nn.Module, *args: Any, **kwargs: Any):
     """AROUND ``install_torch_compiled``: dynaflow's backend when the caller chose no backend_factory."""
     if kwargs.get("backend_factory") is None:
-        kwargs["backend_factory"] = pkg.backend
+        kwargs["backend_factory"] = backend
     return original(module, *args, **kwargs)
 
 
@@ -89,7 +91,7 @@ def register_hooks(apply: bool) -> None:
 
 # -- planning -------------------------------------------------------------------------------------------
 def is_host_op(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and any(re.search(p, op_name(node)) for p in pkg.HOST_OP_PATTERNS)
+    return node.op == "call_function" and any(re.search(p, op_name(node)) for p in HOST_OP_PATTERNS)
 
 
 def _reads_host_state(node: torch.fx.Node) -> bool:
@@ -113,6 +115,12 @@ def make_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Mappin
     return graph
 
 
+def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> CompiledGraph:
+    """The ``backend_factory`` the ``install_torch_compiled`` hook injects: plans one graph with the active
+    options (the package's public ``backend`` calls this)."""
+    return make_graph(gm, example_inputs, options())
+
+
 class SglangStep:
     """A dynaflow-compiled SGLang forward: every call reads the ``ForwardBatch`` argument for the request
     layout and installs per-nano-batch forward contexts; each Dynamo graph (graph breaks) is planned apart."""
@@ -121,13 +129,19 @@ class SglangStep:
         self.fn = fn
         self.opts = dict(opts)
         self.graphs: list[CompiledGraph] = []
+        self._by_entry: dict[GraphEntry, CompiledGraph] = {}
         self._batch = 0
-        self._compiled = torch.compile(fn, backend=self._backend, dynamic=None)
+        self._compiled = torch.compile(fn, backend=SHARED_BACKEND, dynamic=None)
 
-    def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> CompiledGraph:
-        graph = make_graph(gm, example_inputs, self.opts, label=f"sglang{len(self.graphs)}")
-        graph.batch_hint = lambda: self._batch
-        self.graphs.append(graph)
+    def graph_for(self, entry: GraphEntry) -> CompiledGraph:
+        """This step's CompiledGraph for a graph Dynamo captured (the frontend's shared Dynamo hook asks the
+        owner whose call is in flight); planned on first use from a private copy of the capture."""
+        graph = self._by_entry.get(entry)
+        if graph is None:
+            graph = make_graph(entry.copy_gm(), [], self.opts, label=f"sglang{len(self.graphs)}")
+            graph.batch_hint = lambda: self._batch
+            self._by_entry[entry] = graph
+            self.graphs.append(graph)
         return graph
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -137,17 +151,13 @@ class SglangStep:
                 f"dynaflow.integrations.sglang.compile: no ForwardBatch among the arguments of {self.fn!r}; it compiles "
                 "SGLang forwards fn(input_ids, positions, forward_batch, ...)."
             )
-        for name in ("input_ids", "positions"):
-            t = getattr(fb, name, None)
-            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] > 1:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-        for a in args:
-            if isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] > 1:
-                torch._dynamo.maybe_mark_dynamic(a, 0)
         state = StepState.from_batch(fb)
         self._batch = state.num_tokens
+        tokens = (fb.input_ids, getattr(fb, "positions", None))  # token-indexed, whether passed or not
+        mark_batch_dynamic((*tokens, *args), kwargs, 0)
         with requests(state.lengths, state.phases), nano_context(state.enter, name="sglang forward batch"):
-            return self._compiled(*args, **kwargs)
+            return run_dynamo(self, self._compiled, args, kwargs, getattr(self.fn, "__self__", self.fn), 0,
+                              state.num_tokens)
 
     def explain(self) -> str:
         return "\n\n".join(g.explain() for g in self.graphs) or "(not captured yet)"

@@ -117,7 +117,6 @@ def test_entry_point_loads_and_plugin_is_gated(sgl, monkeypatch):
 
 
 def test_install_compiled_hook_injects_dynaflow_backend_only_when_none_given(sgl):
-    import dynaflow.integrations.sglang as ds
     from dynaflow.integrations.sglang import _sglang
 
     seen = {}
@@ -126,7 +125,7 @@ def test_install_compiled_hook_injects_dynaflow_backend_only_when_none_given(sgl
         seen.update(kwargs)
 
     _sglang._install_compiled_hook(original, object(), backend_factory=None, fullgraph=True)
-    assert seen["backend_factory"] is ds.backend
+    assert seen["backend_factory"] is _sglang.backend  # what ds.backend calls (the host module cannot import ds)
     mine = object()
     _sglang._install_compiled_hook(original, object(), backend_factory=mine)
     assert seen["backend_factory"] is mine
@@ -149,8 +148,9 @@ def test_eager_sglang_llama_with_the_fake_backend_matches_transformers(sgl):
                                       "prefill_decode"])
 def test_dynaflow_compiled_sglang_llama_matches(sgl, strategy, nano, executor, monkeypatch):
     import dynaflow.integrations.sglang as ds
+    from dynaflow.integrations.sglang import _settings
 
-    monkeypatch.setattr(ds, "_OPTIONS", {"nano_batches": nano, "strategy": strategy, "executor": executor,
+    monkeypatch.setattr(_settings, "_OPTIONS", {"nano_batches": nano, "strategy": strategy, "executor": executor,
                                          "min_rows": 1})
     model = sgl.build()
     step = ds.compile(model.model)
