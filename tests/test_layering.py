@@ -179,12 +179,6 @@ def violations(root: Path = ROOT) -> list[str]:
     return problems
 
 
-GUARDED_HOST_MODULES = {"dynaflow.integrations.vllm._vllm"}
-"""The one remaining exemption, to be removed: vLLM's private host module still reads its package's settings
-while the package loads it lazily. SGLang shows the fix (settings in a leaf ``_settings`` module that the
-package and ``_sglang`` both import); vLLM's is being done with its rewrite."""
-
-
 def import_cycles(root: Path = ROOT) -> list[list[str]]:
     """Every cycle of the module import graph (lazy imports included), each as the list of modules on it,
     first module repeated at the end. An import of a package's attribute counts as an import of the package
@@ -193,9 +187,8 @@ def import_cycles(root: Path = ROOT) -> list[list[str]]:
     graph: dict[str, set[str]] = {}
     for path in source_files(root):
         mod = module_of(path, root)
-        parent = mod.rpartition(".")[0] if mod in GUARDED_HOST_MODULES else None
         graph.setdefault(mod, set()).update(i.target for i in imports_of(path, root, known)
-                                            if i.target in known and i.target not in (mod, parent))
+                                            if i.target in known and i.target != mod)
     cycles: list[list[str]] = []
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     path: list[str] = []
