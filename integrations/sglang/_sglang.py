@@ -10,7 +10,7 @@ import copy
 import dataclasses
 import logging
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.fx
@@ -18,6 +18,7 @@ import torch.fx
 import sglang
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.model_executor import forward_context as sgl_fc
+from sglang.srt.model_executor.runner_backend_utils.tc_piecewise_cuda_graph import context_manager as sgl_tc
 
 from dynaflow.api import CompiledGraph
 from dynaflow.frontend.capture import SHARED_BACKEND, GraphEntry, mark_batch_dynamic, run_dynamo
@@ -121,6 +122,13 @@ def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> CompiledGrap
     return make_graph(gm, example_inputs, options())
 
 
+def capturing() -> bool:
+    """Is a CUDA graph being captured on this stream (SGLang's decode/prefill CUDA-graph runners)? Then the
+    step runs as one nano-batch: the captured kernels would replay whatever per-nano-batch metadata existed at
+    capture, while SGLang refreshes only its own buffers before each replay."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class SglangStep:
     """A dynaflow-compiled SGLang forward: every call reads the ``ForwardBatch`` argument for the request
     layout and installs per-nano-batch forward contexts; each Dynamo graph (graph breaks) is planned apart."""
@@ -155,9 +163,12 @@ class SglangStep:
         self._batch = state.num_tokens
         tokens = (fb.input_ids, getattr(fb, "positions", None))  # token-indexed, whether passed or not
         mark_batch_dynamic((*tokens, *args), kwargs, 0)
+        owner = getattr(self.fn, "__self__", self.fn)
+        if capturing():  # SGLang's CUDA-graph runner: nano-batch metadata built now would replay stale
+            with requests([state.num_tokens]):
+                return run_dynamo(self, self._compiled, args, kwargs, owner, 0, state.num_tokens)
         with requests(state.lengths, state.phases), nano_context(state.enter, name="sglang forward batch"):
-            return run_dynamo(self, self._compiled, args, kwargs, getattr(self.fn, "__self__", self.fn), 0,
-                              state.num_tokens)
+            return run_dynamo(self, self._compiled, args, kwargs, owner, 0, state.num_tokens)
 
     def explain(self) -> str:
         return "\n\n".join(g.explain() for g in self.graphs) or "(not captured yet)"
@@ -203,7 +214,7 @@ class StepState:
         ctx = self.cache.get(rows)
         if ctx is None:
             ctx = self.cache[rows] = self._context(*rows)
-        return sgl_fc.forward_context(ctx)
+        return _entered(*ctx)
 
     def _context(self, start: int, stop: int) -> Any:
         starts = self.starts
@@ -217,7 +228,29 @@ class StepState:
         parent = sgl_fc.get_forward_context()
         backend = copy.copy(parent.attn_backend)  # shares pools and caches, gets its own forward_metadata
         backend.init_forward_metadata(child)
-        return dataclasses.replace(parent, attn_backend=backend)
+        piecewise = sgl_tc.get_tc_piecewise_forward_context()  # the piecewise attention op reads this one
+        if piecewise is not None:
+            real = child.global_num_token_non_padded_cpu
+            piecewise = dataclasses.replace(piecewise, forward_batch=child, num_tokens=stop - start,
+                                            raw_num_tokens=real if real is not None else stop - start)
+        return dataclasses.replace(parent, attn_backend=backend), piecewise
+
+
+@contextlib.contextmanager
+def _entered(ctx: Any, piecewise: Any) -> Iterator[None]:
+    """Install one nano-batch's contexts: SGLang's forward context (its attention backend) and, when the step
+    runs under one, the piecewise forward context that ``sglang.unified_attention_with_output`` reads. Both are
+    module globals; the executor serializes nano-context launches, so save/restore is safe on any lane."""
+    with sgl_fc.forward_context(ctx):
+        if piecewise is None:
+            yield
+            return
+        saved = sgl_tc._tc_piecewise_forward_context
+        sgl_tc._tc_piecewise_forward_context = piecewise
+        try:
+            yield
+        finally:
+            sgl_tc._tc_piecewise_forward_context = saved
 
 
 def split_forward_batch(fb: Any, reqs: slice, tokens: slice) -> Any:
@@ -237,6 +270,9 @@ def split_forward_batch(fb: Any, reqs: slice, tokens: slice) -> Any:
         child.seq_lens_sum = int(child.seq_lens_cpu.sum())
     elif getattr(child, "seq_lens", None) is not None:
         child.seq_lens_sum = int(child.seq_lens.sum())
+    real = getattr(fb, "global_num_token_non_padded_cpu", None)
+    if isinstance(real, int):  # host count of real (unpadded) tokens: the part of the real ones in this slice
+        child.global_num_token_non_padded_cpu = max(0, min(tokens.stop, real) - tokens.start)
     if getattr(child, "extend_seq_lens", None) is not None:
         lens = child.extend_seq_lens
         child.extend_start_loc = torch.cumsum(lens, 0) - lens

@@ -13,6 +13,7 @@ sets up SGLang's process state once (runtime config, a world-size-1 gloo group).
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 
 import sglang_shim
@@ -26,6 +27,8 @@ from sglang.srt import runtime_context  # noqa: E402
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend  # noqa: E402
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode  # noqa: E402
 from sglang.srt.model_executor.forward_context import ForwardContext, forward_context, get_attn_backend  # noqa: E402
+from sglang.srt.model_executor.runner_backend_utils.tc_piecewise_cuda_graph import (  # noqa: E402
+    set_tc_piecewise_forward_context)
 from sglang.srt.server_args import ServerArgs  # noqa: E402
 from sglang.test.layer_ut_utils import init_single_process_dist  # noqa: E402
 
@@ -40,6 +43,24 @@ runtime_context.publish(ServerArgs(model_path=_PATH, device="cpu", skip_tokenize
 init_single_process_dist()
 
 from sglang.srt.models.llama import LlamaForCausalLM  # noqa: E402  (needs the published config)
+from sglang.srt.layers import radix_attention  # noqa: E402
+from sglang.srt.utils.common import sglang_lib  # noqa: E402
+
+
+def _unified_attention_with_output_cpu(query, key, value, output, save_kv_cache, layer_id, *,
+                                       use_mha_companion=False, key_value_num_tokens=None, q_rope=None, k_rope=None,
+                                       sinks=None, attn_sink=None, cos_sin_cache=None, is_neox=None,
+                                       llama_4_scaling=None, topk_indices=None):
+    """SGLang's ``sglang::unified_attention_with_output`` for the CPU dispatch key. The wheel registers the op for
+    CUDA only; its registered function is exactly this forward to SGLang's own ``_unified_attention_with_output_impl``
+    (context lookup, token narrowing, backend call, output copy), so the op under test is SGLang's."""
+    radix_attention._unified_attention_with_output_impl(
+        query, key, value, output, save_kv_cache, layer_id, use_mha_companion, False,
+        key_value_num_tokens=key_value_num_tokens, q_rope=q_rope, k_rope=k_rope, sinks=sinks, attn_sink=attn_sink,
+        cos_sin_cache=cos_sin_cache, is_neox=is_neox, llama_4_scaling=llama_4_scaling, topk_indices=topk_indices)
+
+
+sglang_lib.impl("unified_attention_with_output", _unified_attention_with_output_cpu, "CPU")
 
 
 @torch.library.custom_op("dftest_sgl::attention", mutates_args=())
@@ -87,6 +108,10 @@ class FakeBackend(AttentionBackend):
                                  "reqs": fb.req_pool_indices.tolist(), "out_cache_loc": fb.out_cache_loc}
 
     def _attention(self, q, k, v, layer, fb, save_kv_cache=True, **kwargs):
+        # like a real backend, which writes K/V at ``fb.out_cache_loc``: the batch handed in must be this call's
+        if not torch.compiler.is_compiling() and fb.out_cache_loc.shape[0] != q.shape[0]:
+            raise RuntimeError(f"forward_batch has {fb.out_cache_loc.shape[0]} cache slots for {q.shape[0]} query "
+                               "rows: attention got another batch's ForwardBatch")
         return torch.ops.dftest_sgl.attention(q, k, v, layer.layer_id, layer.tp_q_head_num, layer.tp_k_head_num,
                                               layer.head_dim, layer.scaling)
 
@@ -136,23 +161,38 @@ class Conversation:
             out_cache_loc=torch.tensor(out_loc), seq_lens_sum=sum(seqs), seq_lens_cpu=torch.tensor(seqs),
             positions=torch.tensor(pos), extend_seq_lens=qlens_t, extend_prefix_lens=torch.tensor(prefix),
             extend_start_loc=torch.cumsum(qlens_t, 0) - qlens_t, extend_seq_lens_cpu=qlens,
-            extend_prefix_lens_cpu=prefix, extend_num_tokens=len(ids))
+            extend_prefix_lens_cpu=prefix, extend_num_tokens=len(ids), global_num_token_non_padded_cpu=len(ids))
 
     def reference(self, new: dict[int, int]) -> torch.Tensor:
         with torch.no_grad():
             return torch.cat([HF(torch.tensor(self.tokens[r])[None]).logits[0, -n:] for r, n in new.items()])
 
 
-def run(model_fn, steps: list[dict[int, int]], seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def run(model_fn, steps: list[dict[int, int]], seed: int = 1,
+        piecewise_layers: list | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Run ``model_fn(input_ids, positions, forward_batch)`` over ``steps`` as SGLang's model runner would
-    (metadata init, forward context); returns (logits, HF reference) per step."""
+    (metadata init, forward context); returns (logits, HF reference) per step.
+
+    ``piecewise_layers`` (the model's ``RadixAttention`` layers by layer id): extend steps run under SGLang's
+    piecewise forward context, as its piecewise CUDA-graph runner sets it, so attention goes through SGLang's own
+    opaque op ``sglang.unified_attention_with_output``, which finds its layer and batch in that context."""
     backend = FakeBackend()
     conv = Conversation(backend, seed)
     outs = []
     for new in steps:
         fb = conv.batch(new)
         backend.init_forward_metadata(fb)
-        with torch.no_grad(), forward_context(ForwardContext(attn_backend=backend)):
+        piecewise = contextlib.nullcontext()
+        if piecewise_layers is not None and fb.forward_mode.is_extend():
+            n = int(fb.input_ids.shape[0])
+            piecewise = set_tc_piecewise_forward_context(fb, piecewise_layers, None, [], [], num_tokens=n,
+                                                         raw_num_tokens=n)
+        with torch.no_grad(), forward_context(ForwardContext(attn_backend=backend)), piecewise:
             logits = model_fn(fb.input_ids, fb.positions, fb)
         outs.append((logits, conv.reference(new)))
     return outs
+
+
+def attention_layers(model: LlamaForCausalLM) -> list:
+    """The model's ``RadixAttention`` layers, indexed by layer id (what SGLang's runner puts in the context)."""
+    return [layer.self_attn.attn for layer in model.model.layers]

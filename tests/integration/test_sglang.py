@@ -180,3 +180,59 @@ def test_missing_forward_batch_is_an_integration_error(sgl):
     step = ds.compile(lambda x: x + 1)
     with pytest.raises(IntegrationError, match="no ForwardBatch among the arguments"):
         step(torch.ones(3))
+
+
+def _compiled_llama(sgl, monkeypatch, **opts):
+    import dynaflow.integrations.sglang as ds
+    from dynaflow.integrations.sglang import _settings
+
+    monkeypatch.setattr(_settings, "_OPTIONS", {"min_rows": 1, **opts})
+    model = sgl.build()
+    step = ds.compile(model.model)
+    return model, step, lambda ids, pos, fb: torch.nn.functional.linear(step(ids, pos, fb), model.lm_head.weight)
+
+
+def _host_ops(step) -> set[str]:
+    from dynaflow.frontend.rules import op_name
+
+    return {op_name(n) for g in step.graphs for n in g.gm.graph.nodes
+            if n.op == "call_function" and op_name(n).startswith("sglang.")}
+
+
+def test_eager_llama_through_sglangs_piecewise_attention_op_matches_transformers(sgl):
+    model = sgl.build()
+
+    def fn(ids, pos, fb):
+        return torch.nn.functional.linear(model.model(ids, pos, fb), model.lm_head.weight)
+
+    for got, ref in sgl.run(fn, STEPS, piecewise_layers=sgl.attention_layers(model)):
+        torch.testing.assert_close(got, ref, **TOL)
+
+
+@pytest.mark.parametrize("executor", ["serial", "thread"])
+@pytest.mark.parametrize("nano", [2, 3])
+def test_sglangs_piecewise_attention_op_runs_per_nano_batch(sgl, nano, executor, monkeypatch):
+    """SGLang's real ``unified_attention_with_output`` reads its batch and layer from the piecewise forward
+    context: dynaflow installs a per-nano-batch copy (child ForwardBatch, its token counts) beside the
+    attention backend's."""
+    model, step, fn = _compiled_llama(sgl, monkeypatch, nano_batches=nano, strategy="round_robin",
+                                      executor=executor)
+    for got, ref in sgl.run(fn, STEPS, piecewise_layers=sgl.attention_layers(model)):
+        torch.testing.assert_close(got, ref, **TOL)
+    assert "sglang.unified_attention_with_output.default" in _host_ops(step) or any(
+        o.startswith("sglang.unified_attention_with_output") for o in _host_ops(step)), _host_ops(step)
+    assert any(p.split.num > 1 for g in step.graphs for p in g._by_split.values()
+               if any("nano-context" in s.hints for s in g.segmented.segments))
+
+
+def test_under_cuda_graph_capture_the_step_runs_as_one_nano_batch(sgl, monkeypatch):
+    """Inside SGLang's CUDA-graph runner dynaflow does not cut the batch: per-nano-batch metadata built at
+    capture would be replayed stale (docs/integrations/sglang.md)."""
+    from dynaflow.integrations.sglang import _sglang
+
+    monkeypatch.setattr(_sglang, "capturing", lambda: True)
+    _, step, fn = _compiled_llama(sgl, monkeypatch, nano_batches=2, strategy="round_robin")
+    for got, ref in sgl.run(fn, STEPS):
+        torch.testing.assert_close(got, ref, **TOL)
+    plans = [p for g in step.graphs for p in g._by_split.values()]
+    assert plans and all(p.split.num == 1 for p in plans)
