@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx
+import torch.fx.experimental._config as fx_config
 
 from dynaflow.api import CompiledGraph
 from dynaflow.frontend.rules import Where, default_rules, op_name
@@ -120,11 +121,14 @@ def make_backend(options: Mapping[str, Any], steps: list[ToyStep] | None = None)
 
 def compile_step(model: torch.nn.Module, options: Mapping[str, Any], steps: list[ToyStep] | None = None) -> Any:
     """The model's step compiled through dynaflow, with each token input marked dynamic on its own."""
-    compiled = torch.compile(model, backend=make_backend(options, steps), fullgraph=True, dynamic=False)
+    compiled = torch.compile(model, backend=make_backend(options, steps), fullgraph=True)
 
     def forward(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        torch._dynamo.maybe_mark_dynamic(input_ids, 0)
-        torch._dynamo.maybe_mark_dynamic(positions, 0)
-        return compiled(input_ids, positions)
+        torch._dynamo.mark_dynamic(input_ids, 0)
+        torch._dynamo.mark_dynamic(positions, 0)
+        # size-oblivious sizes: a 1-token step reuses the graph instead of recompiling a static one (vLLM
+        # compiles one graph for every token count too)
+        with fx_config.patch(backed_size_oblivious=True):
+            return compiled(input_ids, positions)
 
     return forward

@@ -104,4 +104,4 @@ class ToyLlama(nn.Module):
             cos, sin = src.rotary_emb(m.cos_sin[None], pos)
             half = head_dim // 2
             m.cos_sin.copy_(torch.cat([cos[0, :, :half], sin[0, :, :half]], dim=-1))
-        return m.eval()
+        return m.eval().requires_grad_(False)
