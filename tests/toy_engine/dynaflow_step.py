@@ -20,6 +20,7 @@ re-derives the nano-batch metadata from the refreshed step buffers.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -50,9 +51,11 @@ def _input_name(node: torch.fx.Node) -> str:
     source = getattr(node.meta.get("grapharg"), "source", None)
     name = getattr(source, "name", "")
     name = str(name() if callable(name) else name)
-    if name.startswith("L['"):
-        return name[3:name.index("'", 3)]
-    return node.name[2:-1] if node.name.startswith("L_") and node.name.endswith("_") else node.name
+    m = re.fullmatch(r"L\['(\w+)'\]", name)  # the argument itself, not its size (L['input_ids'].size()[0])
+    if m:
+        return m.group(1)
+    target = str(node.target)  # Dynamo's placeholder target: L_input_ids_
+    return target[2:-1] if target.startswith("L_") and target.endswith("_") else node.name
 
 
 def unify_token_dims(gm: torch.fx.GraphModule, names: Sequence[str] = TOKEN_INPUTS) -> list[str]:
