@@ -118,6 +118,9 @@ class CompiledGraph:
             return int(inputs[i].shape[d])
         if self.batch_hint is not None:
             return self.batch_hint()
+        layout = current_requests()  # a graph with a static batch has no symbol to find its rows by: an
+        if layout is not None:       # engine's declared layout says how many there are (not a weight's rows)
+            return sum(layout.lengths)
         return batch_size_of(inputs, self.config.batch_dim)
 
     def plan_for(self, inputs: Sequence[Any]) -> Plan:

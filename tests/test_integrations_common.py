@@ -149,3 +149,25 @@ def test_integration_tier_fails_instead_of_skipping_when_required(monkeypatch):
     monkeypatch.setenv("DYNAFLOW_REQUIRE_INTEGRATION", "1")
     with pytest.raises(pytest.fail.Exception, match=r"not importable.*DYNAFLOW_REQUIRE_INTEGRATION=1"):
         require("dynaflow_no_such_host")
+
+
+def test_a_static_graph_takes_its_rows_from_the_declared_request_layout():
+    """A graph Dynamo specialised to one size (an engine's 1-token step) has no batch symbol; its rows are the
+    engine's declared tokens, not the first input's rows (a 128-row weight lifted ahead of the tokens)."""
+    import dynaflow
+    from dynaflow.compiled_graph import CompiledGraph
+    from dynaflow.config import DynaflowConfig
+
+    seen = []
+
+    def step(w, x):
+        return x @ w.t()
+
+    torch._dynamo.reset()
+    w, x = torch.randn(128, 8), torch.randn(1, 8)
+    torch.compile(step, backend=lambda gm, _: seen.append(gm) or gm.forward, dynamic=False)(w, x)
+    graph = CompiledGraph(seen[0], DynaflowConfig(nano_batches=2), dynaflow.strategies.get("round_robin")).prepare()
+    assert graph.segmented.batch_symbol is None
+    with dynaflow.requests([1]):
+        assert graph.batch_size([w, x]) == 1
+        torch.testing.assert_close(graph(w, x)[0], step(w, x))

@@ -50,7 +50,7 @@ def make_step(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Mapping
     _setup.check_aot_compile()
     _setup.check_cuda_graphs()
     _layout.register_kernel_rules()
-    unified = _layout.unify_token_dims(gm)
+    _layout.unify_token_dims(gm)
     thread_mutations(gm, is_host_op)
     if not any(_reads_host_state(n) for n in gm.graph.nodes):
         log.info("vLLM graph has no forward-context op; it is planned like any model")
@@ -58,17 +58,20 @@ def make_step(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Mapping
     base = cfg.rules if cfg.rules is not None else (strategy.rules() or default_rules())
     cfg = cfg.replace(rules=matching_rules(gm, [ATTENTION_RULE, *base]))
     graph = CompiledGraph(gm, cfg, strategy, label=f"vllm{len(STEPS)}").prepare()
-    step = VllmStep(graph, _token_positions(gm, unified))
+    step = VllmStep(graph, _token_positions(gm))
     STEPS.append(step)
     return step
 
 
-def _token_positions(gm: torch.fx.GraphModule, unified: list[str]) -> tuple[tuple[int, int], ...]:
-    """(argument index, token dim) of each unified token input: checked to agree on every call."""
+def _token_positions(gm: torch.fx.GraphModule) -> tuple[tuple[int, int], ...]:
+    """(argument index, token dim) of each declared token input, dynamic or not: the step's token count is read
+    from them (a graph with a static size has no batch symbol to find it by), and they must agree every call."""
     out = []
     for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
-        if node.name in unified:
-            out.append((i, _layout.TOKEN_INPUTS[_layout.input_name(node) or ""]))
+        name = _layout.input_name(node)
+        val = node.meta.get("example_value", node.meta.get("val"))
+        if name in _layout.TOKEN_INPUTS and isinstance(val, torch.Tensor) and val.dim() > 0:
+            out.append((i, _layout.TOKEN_INPUTS[name] % val.dim()))
     return tuple(out)
 
 
@@ -88,7 +91,8 @@ class VllmStep:
 
     def __call__(self, *args: Any) -> Any:
         ctx = vllm_fc._forward_context if vllm_fc.is_forward_context_available() else None
-        batch = self.graph.batch_size(args)
+        first = self.token_inputs[0] if self.token_inputs else None
+        batch = int(args[first[0]].shape[first[1]]) if first else self.graph.batch_size(args)
         for i, d in self.token_inputs:
             if args[i].shape[d] != batch:
                 raise IntegrationError(
