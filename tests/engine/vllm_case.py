@@ -37,6 +37,14 @@ def prompts() -> list[list[int]]:
     return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
 
 
+def barriers(*_: object) -> list[str]:
+    """The segments of the engine's dynaflow graphs that run whole, with why (run in the worker process)."""
+    from dynaflow.integrations.vllm import _vllm
+
+    return [f"{s.name}: {s.reason}" for step in _vllm.STEPS for s in step.graph.segmented.segments
+            if s.kind.value == "barrier"]
+
+
 def run(path: str, mode: str) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -59,6 +67,7 @@ def run(path: str, mode: str) -> dict:
 
         per_worker = llm.collective_rpc(step_stats)
         result["steps_by_nano_batches"] = {str(k): v for k, v in per_worker[0].items()}
+        result["barriers"] = llm.collective_rpc(barriers)[0]
     return result
 
 
