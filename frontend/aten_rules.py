@@ -12,20 +12,21 @@ the batch size appears in a non-tensor argument only where the rule lists the ar
 batch dim of each output is the one dim of its shape that holds the batch symbol.
 
 Rules for user ops (custom kernels): ``register_batch_rule("mylib::op", rule)`` or, for an op that is
-row-local along every dim but the ones it names, ``register_batch_rule("mylib::op", along_dims(...))``.
+row-local along every dim but the ones it names, ``register_batch_rule("mylib::op", along_dims(...))``; for a
+kernel that treats each row of some arguments on its own, ``rows(out=0, input=0)``. ATen's own ops are
+registered by :mod:`.aten_table`.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import sympy
 import torch
 
-__all__ = ["AtenCall", "BatchRule", "register_batch_rule", "rule_for", "has_rule", "along_dims", "rows", "pointwise",
-           "ruled_ops", "RANDOM_AWARE"]
+__all__ = ["AtenCall", "BatchRule", "register_batch_rule", "rule_for", "has_rule", "along_dims", "last_dims", "rows",
+           "pointwise", "ruled_ops", "RANDOM_AWARE"]
 
 Placement = int | None
 
@@ -126,7 +127,7 @@ def ruled_ops() -> list[str]:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
-def _norm(d: int, ndim: int) -> int:
+def norm_dim(d: int, ndim: int) -> int:
     return d % max(ndim, 1)
 
 
@@ -137,7 +138,7 @@ def _dims(value: Any, ndim: int) -> set[int] | None:
     seq = list(value) if isinstance(value, (list, tuple)) else [value]
     if not seq:
         return None
-    return {_norm(int(d), ndim) for d in seq}
+    return {norm_dim(int(d), ndim) for d in seq}
 
 
 def along_dims(*arg_names: str, default: Any = None, input: str = "self") -> BatchRule:
@@ -177,7 +178,7 @@ def rows(**row_dims: int) -> BatchRule:
                     if d is not None:
                         return f"its argument {name!r} holds the batch (dim {d}), but only {sorted(row_dims)} may"
                     continue
-                want = _norm(row_dims[name], x.dim())
+                want = norm_dim(row_dims[name], x.dim())
                 carried[name] = d == want
                 if d is not None and d != want:
                     return f"its argument {name!r} holds the batch at dim {d}, not at dim {want}"
@@ -189,7 +190,7 @@ def rows(**row_dims: int) -> BatchRule:
     return rule
 
 
-def _last_dims(n_name: str | int, input: str = "self") -> BatchRule:
+def last_dims(n_name: str | int, input: str = "self") -> BatchRule:
     """Rule for an op that works on the last ``n`` dims (an int, or the length of argument ``n_name``)."""
     def rule(call: AtenCall) -> str | None:
         d = call.dim(input)
@@ -203,7 +204,7 @@ def _last_dims(n_name: str | int, input: str = "self") -> BatchRule:
     return rule
 
 
-def _aligned(call: AtenCall, tensors: Sequence[torch.Tensor], out_ndim: int) -> str | None:
+def aligned(call: AtenCall, tensors: Sequence[torch.Tensor], out_ndim: int) -> str | None:
     """Broadcast check: every batch input lands on the same output dim; batch-free inputs are size 1 there."""
     targets = {call.dims(t) + out_ndim - t.dim() for t in tensors if call.dims(t) is not None}
     if len(targets) > 1:
@@ -220,403 +221,14 @@ def _aligned(call: AtenCall, tensors: Sequence[torch.Tensor], out_ndim: int) -> 
     return None
 
 
-def _out_ndim(tensors: Sequence[torch.Tensor]) -> int:
+def out_ndim(tensors: Sequence[torch.Tensor]) -> int:
     return max((t.dim() for t in tensors), default=0)
 
 
 def pointwise(call: AtenCall) -> str | None:
     """Elementwise with broadcasting (ATen's ``pointwise`` tag): row-local when the batch dims line up."""
     tensors = call.tensors()
-    return _aligned(call, tensors, _out_ndim(tensors))
+    return aligned(call, tensors, out_ndim(tensors))
 
 
 _POINTWISE = _Entry(pointwise, frozenset(), False)
-
-
-def _free(call: AtenCall) -> str | None:
-    """Views and copies that keep every dim whole (``t``, ``permute``, ``clone``...): always row-local."""
-    return None
-
-
-
-# -- shapes: views and reshapes ----------------------------------------------------------------------------
-def _expr(x: Any) -> sympy.Expr:
-    return x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(int(x))
-
-
-def _prod(xs: Iterable[Any]) -> sympy.Expr:
-    return sympy.expand(sympy.Mul(*[_expr(x) for x in xs]))
-
-
-def reshape_keeps_rows(src: torch.Tensor, d: int, out: torch.Tensor, batch: sympy.Symbol) -> str | None:
-    """Whether viewing ``src`` (batch at ``d``) as ``out`` keeps each batch item's elements together.
-
-    It does when the dims before the batch dim hold the same number of elements before and after, and the
-    output's batch dim is a whole multiple of the batch: item ``i`` then stays in a contiguous range of
-    that dim (``(B, S, H) -> (B*S, H)`` and back), never interleaved with other items.
-    """
-    hits = [i for i, s in enumerate(out.shape) if batch in _expr(s).free_symbols]
-    if len(hits) != 1:
-        return f"it views {tuple(src.shape)} as {tuple(out.shape)}, which loses or splits the batch dim"
-    k = sympy.simplify(_expr(out.shape[hits[0]]) / batch)
-    if batch in k.free_symbols or not k.is_integer:
-        return f"it views {tuple(src.shape)} as {tuple(out.shape)}: the batch is not the outer factor of dim {hits[0]}"
-    if sympy.expand(_prod(src.shape[:d]) - _prod(out.shape[:hits[0]])) != 0:
-        return f"it regroups the batch dim: {tuple(src.shape)} -> {tuple(out.shape)} interleaves batch items"
-    return None
-
-
-def _view(call: AtenCall, out_shape: Callable[[AtenCall], torch.Tensor | None]) -> str | None:
-    d = call.dim("self")
-    if d is None:
-        return None  # a batch-free view with the batch size in its shape is caught by the caller (sizes)
-    out = out_shape(call)
-    if out is None:
-        return "dynaflow could not determine the view's output shape"
-    return reshape_keeps_rows(call.args["self"], d, out, call.batch)
-
-
-# -- slicing and indexing -----------------------------------------------------------------------------------
-_BIG = 2 ** 62
-
-
-def _slice(call: AtenCall) -> str | None:
-    d = call.dim("self")
-    if d is None:
-        return None
-    src = call.args["self"]
-    if _norm(call.args.get("dim", 0), src.dim()) != d:
-        return None
-    start, end, step = call.args.get("start"), call.args.get("end"), call.args.get("step", 1)
-    whole = (start in (None, 0) and step == 1 and
-             (end is None or (isinstance(end, int) and end >= _BIG) or _expr(end) == _expr(src.shape[d])))
-    return None if whole else "it takes a slice of the rows along the batch dim"
-
-
-def _along_arg(dim_name: str, what: str, input: str = "self") -> BatchRule:
-    """Rule for ops that pick or split along the dim in argument ``dim_name`` (select, split, index_select...)."""
-    def rule(call: AtenCall) -> str | None:
-        d = call.dim(input)
-        if d is not None and _norm(call.args.get(dim_name, 0), call.ndim(input)) == d:
-            return f"it {what} along the batch dim (dim {d})"
-        return None
-
-    return rule
-
-
-def _index_rows(dim_name: str, index: str, sources: Sequence[str], what: str) -> BatchRule:
-    """index_select / gather / scatter / index_copy: the indexed dim is not the batch dim, the index is
-    batch-free unless it and every data tensor hold the batch at the same dim (gather, scatter)."""
-    def rule(call: AtenCall) -> str | None:
-        data = [n for n in ("self", *sources) if n in call.args]
-        dims = {call.dim(n) for n in data if isinstance(call.args.get(n), torch.Tensor)}
-        d_index = call.dim(index)
-        if d_index is None and dims == {None}:
-            return None
-        batch_dims = {x for x in dims | {d_index} if x is not None}
-        ndim = call.ndim("self")
-        if len(batch_dims) != 1 or _norm(call.args.get(dim_name, 0), max(ndim, 1)) in batch_dims:
-            return f"it {what} rows across the batch"
-        if d_index is not None and None in dims and call.dim("self") is not None:
-            return f"it {what} with a batch index into a batch-free tensor"
-        if d_index is None and any(call.dim(n) is None for n in data if isinstance(call.args.get(n), torch.Tensor)):
-            return f"it {what} between batch rows and a batch-free tensor"
-        return None
-
-    return rule
-
-
-def _index_select(call: AtenCall) -> str | None:
-    d, d_index = call.dim("self"), call.dim("index")
-    if d is not None and d_index is not None:
-        return "it selects rows of a batch tensor with a batch index"
-    if d is not None and _norm(call.args["dim"], call.ndim("self")) == d:
-        return "it selects along the batch dim"
-    return None
-
-
-def _index(call: AtenCall) -> str | None:
-    """``self[indices]`` (advanced indexing): the batch dim of ``self`` is not indexed and the indices are
-    batch-free; or ``self`` is batch-free and the batch-carrying indices line up (an embedding lookup)."""
-    indices = list(call.args["indices"])
-    d = call.dim("self")
-    idx = [t for t in indices if isinstance(t, torch.Tensor)]
-    if d is not None:
-        if d < len(indices) and indices[d] is not None:
-            return "it indexes the batch dim with a tensor (a gather across the batch)"
-        if any(call.dims(t) is not None for t in idx):
-            return "it indexes a batch tensor with batch-carrying indices"
-        return None
-    return _aligned(call, idx, _out_ndim(idx))
-
-
-def _index_put(call: AtenCall) -> str | None:
-    """``self[indices] = values``: a batch ``self`` not indexed along its batch dim, batch-free indices, and
-    values that hold the batch where ``self[indices]`` does (or broadcast there)."""
-    indices = list(call.args["indices"])
-    d = call.dim("self")
-    values = call.args["values"]
-    if d is None:
-        return "it writes into a batch-free tensor" if call.dims(values) is not None else None
-    if d < len(indices) and indices[d] is not None:
-        return "it writes rows picked by a tensor index along the batch dim"
-    if any(call.dims(t) is not None for t in indices if isinstance(t, torch.Tensor)):
-        return "it writes with batch-carrying indices"
-    dest = call.args["self"]
-    with getattr(dest, "fake_mode", None) or contextlib.nullcontext():
-        picked = torch.ops.aten.index.Tensor(dest, indices)
-    hits = [i for i, s in enumerate(picked.shape) if call.batch in _expr(s).free_symbols]
-    if len(hits) != 1:
-        return "it writes a region whose batch dim dynaflow cannot locate"
-    return _aligned(call, [picked, values], picked.dim()) if call.dims(values) is not None or values.dim() else None
-
-
-def _cat(call: AtenCall) -> str | None:
-    tensors = [t for t in call.args["tensors"] if isinstance(t, torch.Tensor) and not (t.dim() == 1 and t.shape[0] == 0)]
-    dims = {call.dims(t) for t in tensors}
-    if dims == {None}:
-        return None
-    if len(dims) != 1:
-        return "it concatenates batch and batch-free tensors (or batch tensors with the batch at different dims)"
-    (d,) = dims
-    if _norm(call.args.get("dim", 0), tensors[0].dim()) == d:
-        return "it concatenates along the batch dim"
-    return None
-
-
-def _pad(call: AtenCall) -> str | None:
-    d = call.dim("self")
-    if d is None:
-        return None
-    pad, ndim = list(call.args["pad"]), call.ndim("self")
-    pos = ndim - 1 - d  # pad pairs run from the last dim backwards
-    if 2 * pos + 1 < len(pad) and (pad[2 * pos] != 0 or pad[2 * pos + 1] != 0):
-        return "it pads along the batch dim"
-    return None
-
-
-def _repeat(call: AtenCall) -> str | None:
-    d = call.dim("self")
-    if d is None:
-        return None
-    repeats = list(call.args["repeats"])
-    at = d + len(repeats) - call.ndim("self")
-    return None if repeats[at] == 1 else "it repeats the batch dim (changes the rows per item)"
-
-
-# -- matmuls, attention, norms, convolutions ------------------------------------------------------------------
-def _matmul(a: str, b: str, bias: str | None = None, batched: bool = False) -> BatchRule:
-    """``a @ b`` (mm / addmm / bmm / baddbmm): the batch rides the rows of ``a``, the columns of ``b`` or
-    (bmm) the shared leading dim of both; it never sits on the contracted dim."""
-    lead = 1 if batched else 0
-
-    def rule(call: AtenCall) -> str | None:
-        da, db = call.dim(a), call.dim(b)
-        ok = {(lead, None): lead, (None, lead + 1): lead + 1}
-        if batched:
-            ok[(0, 0)] = 0
-        if (da, db) == (None, None):
-            out = None
-        elif (da, db) in ok:
-            out = ok[(da, db)]
-        else:
-            return f"it contracts or pairs rows across the batch (batch dims {da} and {db} of its operands)"
-        if bias is not None and isinstance(call.args.get(bias), torch.Tensor):
-            t = call.args[bias]
-            nd = 3 if batched else 2
-            db_ = call.dims(t)
-            if db_ is not None and (out is None or db_ + nd - t.dim() != out):
-                return "its bias holds the batch on another dim than the product"
-            if db_ is None and out is not None:
-                at = out - (nd - t.dim())
-                if at >= 0 and t.shape[at] != 1:
-                    return "its batch-free bias is not broadcast along the batch dim"
-        return None
-
-    return rule
-
-
-def _attention(q: str, k: str, v: str, mask: str | None, dropout: str = "dropout_p") -> BatchRule:
-    """Fused scaled-dot-product attention: the batch sits on a leading (batch or head) dim of q, k and v alike,
-    never on the sequence or feature dims; a mask holds it at the same dim or broadcasts there."""
-    def rule(call: AtenCall) -> str | None:
-        dims = {call.dim(q), call.dim(k), call.dim(v)}
-        if dims == {None}:
-            return None
-        if len(dims) != 1:
-            return "its query, key and value hold the batch at different dims"
-        (d,) = dims
-        ndim = call.ndim(q)
-        if d >= ndim - 2:
-            return (f"it attends along the batch dim (dim {d} of a {ndim}-d query is a sequence or feature dim); "
-                    "if the inputs are sequence-first (batch_first=False), compile with batch_dim=1")
-        if float(call.args.get(dropout, 0.0) or 0.0) != 0.0:
-            return "it draws random numbers (attention dropout)"
-        m = call.args.get(mask) if mask else None
-        if isinstance(m, torch.Tensor):
-            return _aligned(call, [call.args[q], m], ndim)
-        return None
-
-    return rule
-
-
-def _batch_norm(training_arg: str | bool) -> BatchRule:
-    """Batch norm: per-channel statistics of the whole batch in training mode (couples); stored running
-    statistics in eval mode (``training_arg=False``, or the argument is false), row-local off dim 1."""
-    def rule(call: AtenCall) -> str | None:
-        d = call.dim("input")
-        if d is None:
-            return None
-        if training_arg is not False and call.args.get(training_arg, True):
-            return "it normalizes with statistics over the batch (batch norm in training mode)"
-        return "batch norm normalizes per channel (dim 1), which holds the batch" if d == 1 else None
-
-    return rule
-
-
-def _first_dim_only(input: str, what: str) -> BatchRule:
-    def rule(call: AtenCall) -> str | None:
-        d = call.dim(input)
-        return None if d in (None, 0) else f"it {what}, and the batch sits on dim {d}, not dim 0"
-
-    return rule
-
-
-def _spatial(n: int, input: str = "self") -> BatchRule:
-    """Pooling over the last ``n`` dims: independent along the leading (batch, channel) dims."""
-    return _last_dims(n, input)
-
-
-def _dropout(call: AtenCall) -> str | None:
-    if call.args.get("train") is False or float(call.args.get("p", 0.0)) == 0.0:
-        return None
-    return "it draws random numbers, so a nano-batch would see a different random stream"
-
-
-def _embedding(call: AtenCall) -> str | None:
-    return "it looks rows up in a batch-carrying table" if call.dim("weight") is not None else None
-
-
-def _factory(call: AtenCall) -> str | None:
-    return None
-
-
-# -- the table ------------------------------------------------------------------------------------------------
-_A = "aten::"
-for _name in ("t", "transpose", "permute", "unsqueeze", "squeeze", "alias", "detach", "detach_", "clone", "_to_copy",
-              "lift_fresh", "lift_fresh_copy", "view_as_real", "view_as_complex", "_conj", "resolve_conj",
-              "resolve_neg", "contiguous", "_assert_tensor_metadata", "to", "expand_copy", "permute_copy",
-              "transpose_copy", "unsqueeze_copy", "squeeze_copy", "t_copy", "alias_copy", "clone_", "positive"):
-    register_batch_rule(_A + _name, _free)
-register_batch_rule(_A + "expand", _free, sizes=("size",), makes_batch=True)
-register_batch_rule([_A + "view", _A + "_unsafe_view", _A + "reshape", _A + "view_copy"],
-                    lambda c: _view(c, lambda c2: c2.out), sizes=("size", "shape"))
-for _name in ("empty", "empty_strided", "zeros", "ones", "full", "new_empty", "new_empty_strided", "new_zeros",
-              "new_ones", "new_full", "empty_like", "zeros_like", "ones_like", "full_like", "scalar_tensor",
-              "empty_permuted"):
-    register_batch_rule(_A + _name, _factory, sizes=("size", "stride", "physical_layout"), makes_batch=True)
-register_batch_rule(_A + "arange", _factory)  # any batch-size argument couples (it makes batch positions)
-register_batch_rule([_A + "copy_", _A + "copy", _A + "fill_", _A + "fill", _A + "zero_", _A + "zero",
-                     _A + "masked_fill", _A + "masked_fill_", _A + "where", _A + "_to_copy", _A + "type_as",
-                     _A + "clamp", _A + "clamp_", _A + "lerp", _A + "lerp_", _A + "_conj_physical"], pointwise)
-register_batch_rule(_A + "native_dropout", _dropout)
-
-# reductions and scans along dims
-for _name, _args, _default in (
-        ("sum", ("dim",), None), ("mean", ("dim",), None), ("amax", ("dim",), ()), ("amin", ("dim",), ()),
-        ("aminmax", ("dim",), None), ("prod", ("dim",), None), ("var", ("dim",), None), ("std", ("dim",), None),
-        ("var_mean", ("dim",), None), ("std_mean", ("dim",), None), ("any", ("dim",), None),
-        ("all", ("dim",), None), ("argmax", ("dim",), None), ("argmin", ("dim",), None), ("max", ("dim",), None),
-        ("min", ("dim",), None), ("logsumexp", ("dim",), None), ("linalg_vector_norm", ("dim",), None),
-        ("norm", ("dim",), None), ("nansum", ("dim",), None), ("count_nonzero", ("dim",), None),
-        ("median", ("dim",), None), ("nanmedian", ("dim",), None), ("mode", ("dim",), -1),
-        ("kthvalue", ("dim",), -1), ("topk", ("dim",), -1), ("sort", ("dim",), -1), ("argsort", ("dim",), -1),
-        ("cumsum", ("dim",), None), ("cumsum_", ("dim",), None), ("cumprod", ("dim",), None),
-        ("cummax", ("dim",), None), ("cummin", ("dim",), None), ("logcumsumexp", ("dim",), None),
-        ("_softmax", ("dim",), None), ("_log_softmax", ("dim",), None), ("_safe_softmax", ("dim",), None),
-        ("softmax", ("dim",), None), ("log_softmax", ("dim",), None), ("flip", ("dims",), None),
-        ("roll", ("dims",), None), ("_fft_r2c", ("dim",), None), ("_fft_c2c", ("dim",), None),
-        ("_fft_c2r", ("dim",), None), ("glu", ("dim",), -1)):
-    register_batch_rule(_A + _name, along_dims(*_args, default=_default))
-register_batch_rule(_A + "renorm", lambda c: None if c.dim("self") in (None, _norm(c.args["dim"], c.ndim("self")))
-                    else "it renormalizes slices that span the batch")
-
-# slicing, splitting, indexing
-register_batch_rule(_A + "select", _along_arg("dim", "picks one row"))
-register_batch_rule(_A + "slice", _slice, sizes=("end",))
-register_batch_rule([_A + "split", _A + "split_with_sizes", _A + "unsafe_split", _A + "unbind",
-                     _A + "split_copy", _A + "unbind_copy"], _along_arg("dim", "splits"))
-register_batch_rule(_A + "diagonal", lambda c: "it takes a diagonal through the batch dim"
-                    if c.dim("self") is not None and c.dim("self") in
-                    {_norm(c.args.get("dim1", 0), c.ndim("self")), _norm(c.args.get("dim2", 1), c.ndim("self"))}
-                    else None)
-register_batch_rule(_A + "index_select", _index_select)
-register_batch_rule(_A + "gather", _index_rows("dim", "index", (), "gathers"))
-register_batch_rule([_A + "scatter", _A + "scatter_", _A + "scatter_add", _A + "scatter_add_", _A + "scatter_reduce",
-                     _A + "scatter_reduce_"], _index_rows("dim", "index", ("src",), "scatters"))
-register_batch_rule([_A + "index_copy", _A + "index_copy_", _A + "index_add", _A + "index_add_", _A + "index_fill",
-                     _A + "index_fill_"], _index_rows("dim", "index", ("source",), "writes"))
-register_batch_rule(_A + "index.Tensor", _index)
-register_batch_rule([_A + "index_put", _A + "index_put_", _A + "_index_put_impl_", _A + "_unsafe_index_put"], _index_put)
-register_batch_rule(_A + "embedding", _embedding)
-register_batch_rule(_A + "cat", _cat)
-register_batch_rule(_A + "constant_pad_nd", _pad)
-register_batch_rule(_A + "repeat", _repeat)
-register_batch_rule([_A + "tril", _A + "triu", _A + "tril_", _A + "triu_"], _last_dims(2))
-
-# matmuls and attention
-def _linear(call: AtenCall) -> str | None:
-    """``x @ W.T + b`` over the last dim of ``x``: row-local unless the batch is that dim or in W / b."""
-    d = call.dim("input")
-    if call.dim("weight") is not None or call.dim("bias") is not None:
-        return "its weight or bias holds the batch"
-    if d is not None and d == call.ndim("input") - 1:
-        return "it contracts along the batch dim (the batch is the feature dim)"
-    return None
-
-
-register_batch_rule(_A + "linear", _linear)
-register_batch_rule(_A + "mm", _matmul("self", "mat2"))
-register_batch_rule(_A + "addmm", _matmul("mat1", "mat2", bias="self"))
-register_batch_rule(_A + "_addmm_activation", _matmul("mat1", "mat2", bias="self"))
-register_batch_rule(_A + "bmm", _matmul("self", "mat2", batched=True))
-register_batch_rule(_A + "baddbmm", _matmul("batch1", "batch2", bias="self", batched=True))
-register_batch_rule(_A + "mv", lambda c: "it contracts along the batch dim" if c.dim("vec") is not None or
-                    c.dim("self") not in (None, 0) else None)
-register_batch_rule(_A + "_scaled_dot_product_flash_attention_for_cpu", _attention("query", "key", "value", "attn_mask"))
-register_batch_rule(_A + "_scaled_dot_product_flash_attention", _attention("query", "key", "value", None))
-register_batch_rule(_A + "_scaled_dot_product_efficient_attention", _attention("query", "key", "value", "attn_bias"))
-register_batch_rule(_A + "_scaled_dot_product_cudnn_attention", _attention("query", "key", "value", "attn_bias"))
-register_batch_rule(_A + "_scaled_dot_product_fused_attention_overrideable",
-                    _attention("query", "key", "value", "attn_bias"))
-
-# normalization, convolution, pooling
-register_batch_rule([_A + "native_layer_norm", _A + "_fused_rms_norm"], _last_dims("normalized_shape", "input"),
-                    sizes=("normalized_shape",))
-register_batch_rule(_A + "native_group_norm", _first_dim_only("input", "normalizes each sample of dim 0"),
-                    sizes=("N", "HxW"))
-register_batch_rule(_A + "native_batch_norm", _batch_norm("training"))
-register_batch_rule(_A + "_native_batch_norm_legit_no_training", _batch_norm(False))
-register_batch_rule([_A + "_native_batch_norm_legit", _A + "_native_batch_norm_legit_functional"], _batch_norm("training"))
-register_batch_rule([_A + "convolution", _A + "_convolution"],
-                    _first_dim_only("input", "convolves over channels and spatial dims"))
-register_batch_rule([_A + "avg_pool2d", _A + "max_pool2d_with_indices", _A + "_adaptive_avg_pool2d",
-                     _A + "adaptive_max_pool2d", _A + "_upsample_nearest_exact2d", _A + "upsample_nearest2d"],
-                    _spatial(2))
-register_batch_rule([_A + "avg_pool3d", _A + "max_pool3d_with_indices", _A + "_adaptive_avg_pool3d"], _spatial(3))
-
-# collectives (Dynamo's functional collectives): elementwise across ranks, or moving rows of dim 0
-for _name in ("all_reduce", "all_reduce_", "broadcast", "broadcast_", "wait_tensor"):
-    register_batch_rule("_c10d_functional::" + _name, pointwise)
-def _rows_across_ranks(name: str) -> BatchRule:
-    def rule(call: AtenCall) -> str | None:
-        if call.dim("input") != 0:
-            return None
-        return (f"it exchanges rows of the batch dim (dim 0) between ranks ({name}): a nano-batch slice would send "
-                "different rows to each rank; put the batch in another dim (e.g. [world, batch, ...])")
-
-    return rule
-
-
-for _name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single"):
-    register_batch_rule("_c10d_functional::" + _name, _rows_across_ranks(_name))
