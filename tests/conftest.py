@@ -39,3 +39,19 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     torch.manual_seed(0)
     yield
+
+
+OPT_IN_TIERS = ("integration", "engine")
+"""Markers whose tests need their own venv (.ci/integration, .ci/engine): *deselected* (not skipped) unless the
+``-m`` expression names the marker, so ``pytest -q`` neither runs nor counts them."""
+
+
+def pytest_collection_modifyitems(config, items):
+    expr = config.option.markexpr or ""
+    off = [m for m in OPT_IN_TIERS if m not in expr]
+    keep, drop = [], []
+    for item in items:
+        (drop if any(item.get_closest_marker(m) for m in off) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
