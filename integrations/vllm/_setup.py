@@ -70,6 +70,24 @@ def refuse_platform_rewrite() -> None:
     cls.check_and_update_config = classmethod(check_and_update_config)  # type: ignore[method-assign]
 
 
+def cpu_executor(executor: str, c_kernels: bool) -> str:
+    """The executor a step may use on vLLM's CPU platform: ``serial``. vLLM's CPU kernels are not safe to call
+    from two threads at once (a stress run of ``_C.onednn_mm`` on three threads gave wrong products with
+    different handlers and aborted with heap corruption on one shared handler), and the thread executor runs
+    different segments on different threads. ``auto`` (which picks ``thread`` for multi-lane programs) becomes
+    ``serial``; an explicit ``thread`` is refused by name. ``c_kernels``: the graph calls vLLM's ``_C`` ops."""
+    from vllm.platforms import current_platform
+
+    if not (c_kernels and current_platform.is_cpu()):
+        return executor
+    if executor == "thread":
+        raise IntegrationError(
+            "dynaflow option executor='thread' on vLLM's CPU platform: vLLM's CPU kernels (_C.onednn_mm and "
+            "friends) are not thread-safe, so running segments on several threads gives wrong answers or heap "
+            "corruption. Use executor='serial' (or 'auto', which is serial here).")
+    return "serial" if executor == "auto" else executor
+
+
 def check_aot_compile() -> None:
     """vLLM's ahead-of-time compile serialises what the backend returns; dynaflow's step holds a live plan
     and cannot be serialised, so that mode is refused by name."""

@@ -55,6 +55,8 @@ def make_step(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Mapping
     if not any(_reads_host_state(n) for n in gm.graph.nodes):
         log.info("vLLM graph has no forward-context op; it is planned like any model")
     cfg, strategy = make_strategy(opts)
+    c_kernels = any(n.op == "call_function" and op_name(n).startswith("_C.") for n in gm.graph.nodes)
+    cfg = cfg.replace(executor=_setup.cpu_executor(cfg.executor, c_kernels))
     base = cfg.rules if cfg.rules is not None else (strategy.rules() or default_rules())
     cfg = cfg.replace(rules=matching_rules(gm, [ATTENTION_RULE, *base]))
     graph = CompiledGraph(gm, cfg, strategy, label=f"vllm{len(STEPS)}").prepare()

