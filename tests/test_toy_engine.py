@@ -19,7 +19,8 @@ from dynaflow.backend.capture_sizes import barrier_names
 
 transformers = pytest.importorskip("transformers")
 
-from toy_engine.dynaflow_step import _input_name, compile_step, unify_token_dims  # noqa: E402
+from dynaflow.integrations._tokens import input_name  # noqa: E402
+from toy_engine.dynaflow_step import compile_step, unify_token_dims  # noqa: E402
 from toy_engine.engine import ToyEngine  # noqa: E402
 from toy_engine.model import ToyLlama  # noqa: E402
 
@@ -97,8 +98,8 @@ def test_token_inputs_are_unified_into_one_symbol(reference):
 
     def backend(gm, example_inputs):
         def syms():
-            return {_input_name(n): n.meta["example_value"].shape[0].node.expr
-                    for n in gm.graph.find_nodes(op="placeholder") if _input_name(n) in ("input_ids", "positions")}
+            return {input_name(n): n.meta["example_value"].shape[0].node.expr
+                    for n in gm.graph.find_nodes(op="placeholder") if input_name(n) in ("input_ids", "positions")}
         seen["before"] = syms()
         seen["unified"] = unify_token_dims(gm)
         seen["after"] = syms()

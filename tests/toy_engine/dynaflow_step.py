@@ -20,8 +20,7 @@ re-derives the nano-batch metadata from the refreshed step buffers.
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 import torch.fx
@@ -29,6 +28,7 @@ import torch.fx.experimental._config as fx_config
 
 from dynaflow.api import CompiledGraph
 from dynaflow.frontend.rules import Where, default_rules, op_name
+from dynaflow.integrations import _tokens
 from dynaflow.integrations._common import HOST_STATE_META, make_strategy, matching_rules, thread_mutations
 from dynaflow.nanocontext import nano_context
 from dynaflow.requests import requests
@@ -37,7 +37,7 @@ from .context import get_forward_context, set_forward_context
 from .ops import register_batch_rules
 
 HOST_OPS = ("toyengine.write_kv", "toyengine.paged_attention")
-TOKEN_INPUTS = ("input_ids", "positions")
+TOKEN_INPUTS = {"input_ids": 0, "positions": 0}
 
 ATTENTION_RULE = Where(lambda n: bool(n.meta.get(HOST_STATE_META)), name="attention",
                        tags=("memory", "nano-context", "batch-local"))
@@ -47,35 +47,10 @@ def is_host_op(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and op_name(node).startswith(HOST_OPS)
 
 
-def _input_name(node: torch.fx.Node) -> str:
-    source = getattr(node.meta.get("grapharg"), "source", None)
-    name = getattr(source, "name", "")
-    name = str(name() if callable(name) else name)
-    m = re.fullmatch(r"L\['(\w+)'\]", name)  # the argument itself, not its size (L['input_ids'].size()[0])
-    if m:
-        return m.group(1)
-    target = str(node.target)  # Dynamo's placeholder target: L_input_ids_
-    return target[2:-1] if target.startswith("L_") and target.endswith("_") else node.name
-
-
-def unify_token_dims(gm: torch.fx.GraphModule, names: Sequence[str] = TOKEN_INPUTS) -> list[str]:
-    """Tell the graph's shape environment that dim 0 of every input in ``names`` is one size (the step's
-    token count), with ``torch._check`` on the fake values; refuse sizes that differ at capture."""
-    first: tuple[str, Any] | None = None
-    unified = []
-    for node in gm.graph.find_nodes(op="placeholder"):
-        val = node.meta.get("example_value", node.meta.get("val"))
-        if _input_name(node) not in names or not isinstance(val, torch.Tensor):
-            continue
-        size = val.shape[0]
-        if first is None:
-            first = (node.name, size)
-        elif isinstance(size, torch.SymInt) and isinstance(first[1], torch.SymInt):
-            if size.node.hint != first[1].node.hint:
-                raise ValueError(f"toy engine: {node.name} has {size.node.hint} rows, {first[0]} {first[1].node.hint}")
-            torch._check(size == first[1])
-        unified.append(node.name)
-    return unified
+def unify_token_dims(gm: torch.fx.GraphModule) -> list[str]:
+    """``input_ids`` and ``positions`` (dim 0 each) as one batch symbol, as the vLLM integration does for vLLM's
+    token inputs (the shared :func:`dynaflow.integrations._tokens.unify_token_dims`)."""
+    return _tokens.unify_token_dims(gm, TOKEN_INPUTS, "toy engine")
 
 
 class ToyStep:
