@@ -21,12 +21,17 @@ its memory to a new tensor while another lane still reads it.
 captured as one graph per program and input signature: the capture stream forks into the lanes after
 capture begins and joins before it ends, so the lane streams and events become graph edges. Segments
 tagged ``no-cudagraph`` cut the step into pieces (:mod:`dynaflow.backend.graphs`) that run eagerly
-between graphs. Every segment is warmed by two eager steps before capture (Inductor compiles happen
-even earlier, in :class:`~dynaflow.backend.inductor.InductorSegments`). Inputs are copied into
-static buffers (a parameter is captured in place, never copied); outputs are returned as clones
-(``copy_outputs=True``) or as the static output tensors that the next replay overwrites. In eager mode
-only outputs living in the merge-buffer arena are cloned (other outputs are fresh tensors anyway).
-Padding batches up to capture sizes happens above the executor (:mod:`dynaflow.backend.capture_sizes`).
+between graphs. Which inputs a capture reads in place and which it copies — and when a step is captured
+again — is :class:`~dynaflow.backend.graph_steps.GraphSteps`' policy: parameters, declared
+``static_inputs`` and inputs whose storage stayed the same during the warm-up steps are read in place (no
+copy per step); the others are copied in, and copied back when the graph writes them. Each new signature
+first runs two real eager steps (Inductor compiles happen even earlier, in
+:class:`~dynaflow.backend.inductor.InductorSegments`). Outputs are returned as clones
+(``copy_outputs=True``, the default: safe to keep across steps) or as the static output tensors that the
+next replay overwrites (``copy_outputs=False``: no copy, for a caller that consumes each step's outputs
+before the next). In eager mode only outputs living in the merge-buffer arena are cloned (other outputs
+are fresh tensors anyway). Padding batches up to capture sizes happens above the executor
+(:mod:`dynaflow.backend.capture_sizes`); a padded input is a fresh tensor each step, so it is copied.
 
 **Timeline** (``gpu_timeline=True``): a pair of timing events around every launch; the executor
 synchronises once at the end of the step to read them (so it is off by default). Under CUDA Graphs
@@ -38,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -50,6 +55,7 @@ from dynaflow.nanocontext import current_nano_context
 from dynaflow.timeline import Timeline, TimelineEvent
 from dynaflow.backend.arena import ALIGN
 from dynaflow.backend.launch import NOLOCK, Executor, ExecutorContext, StepContext, step_loop
+from dynaflow.backend.graph_steps import GraphSteps
 from dynaflow.backend.graphs import CapturePlan, Piece, capture_plan, waits_before
 from dynaflow.backend.program import CONST, Program, Wait
 from dynaflow.backend.streams import LaneStream, make_lane_streams
@@ -72,11 +78,10 @@ def cuda_unavailable_reason() -> str | None:
 
 @dataclass
 class _Graphed:
-    """One captured step for one input signature."""
+    """One captured step for one input signature: its pieces, their graphs and the captured value slots."""
 
     plan: CapturePlan
     graphs: dict[int, Any]
-    static_inputs: list[Any]
     env: list[Any]
 
 
@@ -98,7 +103,6 @@ class _State:
     buffers: dict[int, torch.Tensor] | None = None
     arena: torch.Tensor | None = None
     steps: int = 0
-    graphed: dict[tuple[Any, ...], _Graphed] = field(default_factory=dict)
 
 
 class CudaExecutor(Executor):
@@ -120,6 +124,8 @@ class CudaExecutor(Executor):
         self._lane_streams: dict[tuple[Lane, ...], tuple[LaneStream, ...]] = {}
         self._capture_stream: Any = None
         self._lock = threading.Lock()
+        self.graphs = GraphSteps(self, warmups=WARMUP_STEPS)
+        """Captures per program and input signature, bound to the inputs without needless copies."""
 
     @classmethod
     def from_context(cls, ctx: ExecutorContext) -> "CudaExecutor":
@@ -135,7 +141,7 @@ class CudaExecutor(Executor):
         state = self._state(program)
         graphs = self.config.cuda_graphs if capture is None else capture
         if graphs:
-            return self._run_graphed(state, inputs)
+            return self.graphs.run(program, inputs)
         step = self.begin_step(program, inputs, lock=NOLOCK, record=False)
         timing: list[tuple[str, str, str, Any, Any]] | None = [] if self.config.gpu_timeline else None
         caller = torch.cuda.current_stream()
@@ -168,6 +174,7 @@ class CudaExecutor(Executor):
         step_loop(step, state.program.serial_order, frees=frees, around=timed if timing is not None else None)
 
     def close(self) -> None:
+        self.graphs.clear()
         self._states.clear()
         self._lane_streams.clear()
 
@@ -271,18 +278,60 @@ class CudaExecutor(Executor):
         for li in used:
             caller.wait_stream(streams[li])
 
-    # -- CUDA graphs ----------------------------------------------------------------------------------
-    def _run_graphed(self, state: _State, inputs: Sequence[Any]) -> Any:
-        program = state.program
-        key = _signature(inputs)
-        g = state.graphed.get(key)
+    # -- CUDA graphs (the Capturer of GraphSteps) ----------------------------------------------------
+    def eager(self, program: Program, inputs: Sequence[Any]) -> Any:
+        """A real uncaptured step (a signature's warm-up before capture)."""
+        return self.run(program, inputs, capture=False)
+
+    def capture(self, program: Program, inputs: Sequence[Any]) -> _Graphed:
+        """Record one step over the bound ``inputs`` as CUDA graphs (pieces around ``no-cudagraph`` segments)."""
+        state = self._state(program)
+        plan = capture_plan(program, graphs=True)
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream()
+        cap = self._capture_stream
+        step = self.begin_step(program, inputs, lock=NOLOCK, record=False)
+        env = step.env
+        self._prefill_buffers(state, env)
+        graphs: dict[int, Any] = {}
         caller = torch.cuda.current_stream()
-        if g is None:
-            g = state.graphed[key] = self._capture(state, inputs)
-        else:
-            for static, x in zip(g.static_inputs, inputs):
-                if isinstance(x, torch.Tensor) and x.data_ptr() != static.data_ptr():
-                    static.copy_(x)
+        cap.wait_stream(caller)
+        # pieces that cannot be captured run for real during capture; what they write into inputs is undone
+        # after it, so the step's writes happen once, on replay
+        saved = [(env[i], env[i].clone()) for i in sorted(program.inputs.written)
+                 if not plan.whole and isinstance(env[i], torch.Tensor)]
+        for piece in plan.pieces:
+            if piece.graph:
+                graphs[piece.index] = self._capture_piece(state, piece, step, cap)
+            else:
+                with torch.cuda.stream(cap):
+                    self._issue(state, piece, step, cap, frees=False)
+        caller.wait_stream(cap)
+        for t, before in saved:
+            t.copy_(before)
+        log.info("captured %s for %r", plan, program)
+        return _Graphed(plan, graphs, env)
+
+    def _capture_piece(self, state: _State, piece: Piece, step: StepContext, cap: Any) -> Any:
+        graph = torch.cuda.CUDAGraph()
+        own = {s for launch in piece.order for s in launch.out_slots}
+        try:
+            with torch.cuda.graph(graph, stream=cap):
+                self._issue(state, piece, step, cap, frees=True, only=own)
+        except Exception as exc:
+            segs = sorted({launch.segment.name for launch in piece.order})
+            raise BackendError(
+                f"CUDA-graph capture of {piece!r} (segments {', '.join(segs[:6])}{' ...' if len(segs) > 6 else ''}) "
+                f"failed: {type(exc).__name__}: {exc}. A segment that synchronises with the host or allocates "
+                "outside the graph pool cannot be captured: tag it 'no-cudagraph' (it then runs eagerly "
+                "between graph pieces), or set cuda_graphs=False."
+            ) from exc
+        return graph
+
+    def replay(self, program: Program, g: _Graphed) -> None:
+        """Replay every piece in order (uncapturable pieces run eagerly into the captured tensors)."""
+        state = self._state(program)
+        caller = torch.cuda.current_stream()
         step = StepContext(program, g.env, current_nano_context(), NOLOCK)
         timing: list[tuple[str, str, str, Any, Any]] | None = [] if self.config.gpu_timeline else None
         start = _timing_event(caller) if timing is not None else None
@@ -296,47 +345,9 @@ class CudaExecutor(Executor):
                 timing.append(("graph", f"piece{piece.index}" + ("" if piece.graph else " (eager)"), "", t0,
                                _timing_event(caller)))
         self._finish_timeline(start, timing)
-        return self._outputs(program, g.env)
 
-    def _capture(self, state: _State, inputs: Sequence[Any]) -> _Graphed:
-        program = state.program
-        static = [x.clone() if isinstance(x, torch.Tensor) and not _is_persistent(x) else x for x in inputs]
-        for _ in range(max(WARMUP_STEPS - state.steps, 1)):  # warm every kernel, size the arena
-            self.run(program, static, capture=False)
-        plan = capture_plan(program, graphs=True)
-        if self._capture_stream is None:
-            self._capture_stream = torch.cuda.Stream()
-        cap = self._capture_stream
-        step = self.begin_step(program, static, lock=NOLOCK, record=False)
-        env = step.env
-        self._prefill_buffers(state, env)
-        graphs: dict[int, Any] = {}
-        caller = torch.cuda.current_stream()
-        cap.wait_stream(caller)
-        for piece in plan.pieces:
-            if piece.graph:
-                graph = torch.cuda.CUDAGraph()
-                own = {s for launch in piece.order for s in launch.out_slots}
-                try:
-                    with torch.cuda.graph(graph, stream=cap):
-                        self._issue(state, piece, step, cap, frees=True, only=own)
-                except Exception as exc:
-                    segs = sorted({launch.segment.name for launch in piece.order})
-                    raise BackendError(
-                        f"CUDA-graph capture of {piece!r} (segments {', '.join(segs[:6])}{' ...' if len(segs) > 6 else ''}) "
-                        f"failed: {type(exc).__name__}: {exc}. A segment that synchronises with the host or allocates "
-                        "outside the graph pool cannot be captured: tag it 'no-cudagraph' (it then runs eagerly "
-                        "between graph pieces), or set cuda_graphs=False."
-                    ) from exc
-                graphs[piece.index] = graph
-            else:
-                with torch.cuda.stream(cap):
-                    self._issue(state, piece, step, cap, frees=False)
-        caller.wait_stream(cap)
-        log.info("captured %s for %r", plan, program)
-        # capture recorded the work without running it; the caller replays right away, which makes the
-        # static outputs valid
-        return _Graphed(plan, graphs, static, env)
+    def results(self, program: Program, g: _Graphed) -> Any:
+        return self._outputs(program, g.env)
 
     def _replay_eager(self, state: _State, piece: Piece, step: StepContext, caller: Any) -> None:
         """Run an uncapturable piece and copy its outputs into the tensors later graphs read (fixed addresses)."""
@@ -380,15 +391,3 @@ def _timing_event(stream: Any) -> Any:
 
 def _free_table(program: Program) -> dict[int, tuple[int, ...]]:
     return {id(l): f for l, f in zip(program.serial_order, program.serial_frees) if f}
-
-
-def _is_persistent(x: torch.Tensor) -> bool:
-    """Parameters and buffers keep their storage across calls: capture them in place, never copy them."""
-    return isinstance(x, torch.nn.Parameter) or getattr(x, "_dynamo_static_input_type", None) is not None
-
-
-def _signature(inputs: Sequence[Any]) -> tuple[Any, ...]:
-    return tuple((tuple(x.shape), x.dtype, str(x.device)) if isinstance(x, torch.Tensor) else ("V", repr(x))
-                 for x in inputs)
-
-

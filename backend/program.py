@@ -17,7 +17,7 @@ import torch
 
 from dynaflow.errors import BackendError
 from dynaflow.ir import ALL, Lane, NanoGraph, NanoOp, Schedule, Segment, SplitConfig
-from dynaflow.segmented import OutRef, SegmentedModule, ValueKind
+from dynaflow.segmented import InputRoles, OutRef, SegmentedModule, ValueKind
 
 __all__ = ["Arg", "Launch", "Wait", "Program", "lower"]
 
@@ -120,6 +120,8 @@ class Program:
     batch_size: int
     split: SplitConfig
     schedule: Schedule
+    inputs: InputRoles = InputRoles()
+    """The inputs' names and roles (written in place, declared static): what a CUDA-graph replay binds."""
 
     @property
     def num_launches(self) -> int:
@@ -277,7 +279,7 @@ def lower(seg: SegmentedModule, graph: NanoGraph, schedule: Schedule) -> Program
         buffers=tuple(sorted(set(low.buffers.values()))) if not low.single else (), num_events=len(event_of),
         serial_order=serial, serial_frees=_last_uses(serial, seg.num_inputs, set(output_slots.values())),
         output_tree=seg.output_tree, output_slots=output_slots,
-        batch_size=low.B, split=graph.split, schedule=schedule,
+        batch_size=low.B, split=graph.split, schedule=schedule, inputs=seg.inputs,
     )
 
 

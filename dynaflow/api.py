@@ -9,6 +9,7 @@ once, planned once per batch size by the strategy (the passes are in ``dynaflow.
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 import weakref
 from typing import Any, Callable, Sequence, TextIO
@@ -19,7 +20,7 @@ import torch.fx
 from dynaflow.backend import Program, check_executor_name
 from dynaflow.compiled_graph import CompiledGraph
 from dynaflow.config import DynaflowConfig
-from dynaflow.errors import CaptureError, DynaflowError, PartitionError
+from dynaflow.errors import CaptureError, ConfigError, DynaflowError, PartitionError
 from dynaflow.frontend import graph_breaks
 from dynaflow.frontend.capture import (SHARED_BACKEND, GraphEntry, batch_size_of, check_outputs, flat_io,
                                        mark_batch_dynamic, no_graph_error, run_dynamo)
@@ -38,7 +39,7 @@ class Compiled:
     def __init__(self, model: Callable[..., Any], config: DynaflowConfig):
         check_executor_name(config.executor)
         self.model = model
-        self.config = config
+        self.config = config = _named_static_inputs(model, config)
         self.strategy: Strategy = get_strategy(config.strategy, **dict(config.strategy_options))
         self.graphs: list[CompiledGraph] = []
         self._checked = False
@@ -150,6 +151,23 @@ class Compiled:
 
     def __repr__(self) -> str:
         return f"dynaflow.Compiled({type(self.model).__name__}, strategy={self.strategy.name!r}, graphs={len(self.graphs)})"
+
+
+def _named_static_inputs(model: Callable[..., Any], config: DynaflowConfig) -> DynaflowConfig:
+    """``static_inputs`` positions of the model's forward arguments, as names (Dynamo orders a graph's inputs
+    by first use, not by the signature); a GraphModule's positions are its placeholders' and stay as they are."""
+    if isinstance(model, torch.fx.GraphModule) or not any(isinstance(e, int) for e in config.static_inputs):
+        return config
+    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    params = [p.name for p in inspect.signature(fn).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = []
+    for e in config.static_inputs:
+        if isinstance(e, int) and not 0 <= e < len(params):
+            raise ConfigError(f"static_inputs: position {e} is not a positional argument of {getattr(fn, '__qualname__', fn)} "
+                              f"({', '.join(params) or 'none'}). Name the argument instead.")
+        names.append(params[e] if isinstance(e, int) else e)
+    return config.replace(static_inputs=tuple(names))
 
 
 def _release_graphs(graphs: list[CompiledGraph]) -> None:

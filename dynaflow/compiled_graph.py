@@ -29,7 +29,8 @@ from dynaflow.cost import CostModel
 from dynaflow.errors import BackendError, BatchCouplingError
 from dynaflow.frontend.batching import find_batch_source
 from dynaflow.frontend.capture import batch_size_of, symbolize
-from dynaflow.frontend.differential import check_split_equals_whole, mutated_inputs, overlapping_writes
+from dynaflow.frontend.differential import check_split_equals_whole, overlapping_writes
+from dynaflow.frontend.graph_inputs import input_roles
 from dynaflow.frontend.partition import partition
 from dynaflow.ir import InputInfo, SplitConfig
 from dynaflow.planning import CostContext, Plan, describe_inputs, make_plan, split_with, strategy_name
@@ -102,8 +103,10 @@ class CompiledGraph:
         src = find_batch_source(gm, self.config.batch_dim)
         self._batch_source = (src[1], src[2]) if src else None
         rules = self.config.rules if self.config.rules is not None else self.strategy.rules()
-        self._written_inputs = mutated_inputs(gm)
-        self.segmented = partition(gm, batch_dim=self.config.batch_dim, rules=rules, strict=self.config.strict)
+        roles = input_roles(gm, self.config.static_inputs)
+        self._written_inputs = tuple(sorted(roles.written))
+        self.segmented = dataclasses.replace(
+            partition(gm, batch_dim=self.config.batch_dim, rules=rules, strict=self.config.strict), inputs=roles)
         self.costs = CostContext(self.segmented, self.config, self.label)
         self.distributed = DistributedPlanner(self.segmented.segments, self.config.distributed_agree,
                                               self.config.lane_communicators, strategy_name(self.strategy))

@@ -64,6 +64,11 @@ class DynaflowConfig:
     copy_outputs: bool = True
     """On the cuda executor: return fresh output tensors (``False``: views of static buffers that the next
     step overwrites)."""
+    static_inputs: Sequence[Any] = ()
+    """With ``cuda_graphs=True``: inputs the caller keeps in the same storage every step (a serving engine's
+    KV cache), by forward-argument name (``"kv_caches"`` covers each tensor in it), module attribute path or
+    position; a capture reads them in place and a call that passes them moved raises instead of copying.
+    Undeclared inputs whose storage stays the same are found by observation and read in place too."""
     distributed_agree: bool | None = None
     """Ranks agree on the nano-batch count on every call (one small all_reduce); ``None``: on when
     torch.distributed is initialized and the captured graph has collectives. See docs/distributed.md."""
@@ -104,6 +109,13 @@ class DynaflowConfig:
         for name in ("inductor", "cuda_graphs", "gpu_timeline", "copy_outputs"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False.")
+        entries = self.static_inputs
+        if isinstance(entries, (str, int)) and not isinstance(entries, bool):
+            entries = self.static_inputs = (entries,)
+        if not isinstance(entries, Sequence) or any(isinstance(e, bool) or not isinstance(e, (str, int)) for e in entries):
+            raise ConfigError(f"static_inputs={entries!r} must be a sequence of input names or positions, "
+                              "e.g. static_inputs=['kv_caches'].")
+        self.static_inputs = tuple(entries)
         if self.over_capture not in OVER_CAPTURE:
             raise ConfigError(
                 f"over_capture={self.over_capture!r} is not one of {OVER_CAPTURE}."

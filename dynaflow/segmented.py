@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from dynaflow.ir import Segment
 
-__all__ = ["ValueKind", "Value", "OutRef", "SegmentCall", "SegmentedModule"]
+__all__ = ["ValueKind", "Value", "OutRef", "SegmentCall", "InputRoles", "SegmentedModule"]
 
 
 class ValueKind(str, enum.Enum):
@@ -66,6 +66,26 @@ class SegmentCall:
 
 
 @dataclass(frozen=True)
+class InputRoles:
+    """What the graph's flat inputs are to a CUDA-graph replay: their names, the ones the graph writes in place
+    (a copied one must be copied back to the caller's tensor), and the ones the caller declared persistent
+    (``static_inputs``: read in place, and an error if they move)."""
+
+    names: tuple[str, ...] = ()
+    written: frozenset[int] = frozenset()
+    declared: frozenset[int] = frozenset()
+
+    def name(self, i: int) -> str:
+        return self.names[i] if i < len(self.names) else f"input {i}"
+
+    def __repr__(self) -> str:
+        def listed(idx: frozenset[int]) -> str:
+            return ", ".join(self.name(i) for i in sorted(idx)) or "none"
+
+        return f"InputRoles({len(self.names)} inputs; written: {listed(self.written)}; static: {listed(self.declared)})"
+
+
+@dataclass(frozen=True)
 class SegmentedModule:
     """A captured graph cut into segments, in program order, with its boundary values."""
 
@@ -82,6 +102,8 @@ class SegmentedModule:
     effect_deps: tuple[tuple[str, str], ...] = ()
     """(earlier, later) segment pairs ordered by an in-place write, not by a value (a KV-cache write before
     the attention that reads the cache placeholder)."""
+    inputs: InputRoles = InputRoles()
+    """The inputs' names and roles (set by the compiled graph after partitioning)."""
 
     @property
     def segments(self) -> tuple[Segment, ...]:

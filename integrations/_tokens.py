@@ -8,7 +8,6 @@ the way Dynamo itself unifies sizes it sees meet. What the declared layout does 
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping
 
 import sympy
@@ -16,26 +15,10 @@ import torch
 import torch.fx
 
 from dynaflow.frontend.batching import meta_val
+from dynaflow.frontend.graph_inputs import input_name
 from dynaflow.integrations._common import IntegrationError
 
 __all__ = ["input_name", "unify_token_dims"]
-
-_SOURCE = re.compile(r"L\['(\w+)'\](?:\.tensors\[.*\])?")  # the argument (or a tensor of it), not its size
-_TARGET = re.compile(r"L_(\w+?)_(?:tensors_\w*)?")
-
-
-def input_name(node: torch.fx.Node) -> str | None:
-    """The forward argument a Dynamo placeholder came from (``L['positions']`` -> ``positions``)."""
-    arg = node.meta.get("grapharg")
-    source = getattr(arg, "source", None)
-    if source is not None:
-        name = source.name() if callable(getattr(source, "name", None)) else getattr(source, "name", "")
-        m = _SOURCE.fullmatch(str(name))
-        if m:
-            return m.group(1)
-    m = _TARGET.fullmatch(node.target) if isinstance(node.target, str) else None  # Dynamo's target: L_input_ids_
-    return m.group(1) if m else None
-
 
 def _symbol(size: Any) -> sympy.Symbol | None:
     if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):

@@ -1,0 +1,256 @@
+"""Graph-replayed steps without input copies: which inputs a captured step reads in place, and when to copy.
+
+A CUDA graph reads its inputs at the addresses it was captured with. Copying every input into static
+buffers before each replay is always correct but can cost more than the step (a serving engine's KV cache
+is gigabytes). So each input is *bound* one of two ways when a step is captured:
+
+* **in place** — the graph reads the caller's own tensor: parameters and buffers, inputs the caller declared
+  persistent (``static_inputs``), and inputs whose storage (data pointer, shape, strides, dtype, device)
+  stayed the same for the last few calls (an engine's KV cache, a static-cache decode's buffers). A replay
+  checks the storage is still the captured one; an observed-stable input or a parameter that moved makes the
+  step be captured again (the input is then copied until it is stable again); a declared input that moved
+  is an error (:class:`StaticInputError`), never a silent copy.
+* **copied** — the graph reads a private buffer: the caller's tensor is copied in before a replay, and, if
+  the graph writes that input in place, copied back after it. A copied input that becomes stable is moved
+  in place by capturing again; recaptures per signature are bounded (:attr:`GraphSteps.max_captures`).
+
+Each signature (shapes, dtypes, devices, non-tensor values) first runs ``warmups`` real eager steps — they
+warm kernels and show which inputs keep their storage — and is captured on the next call, which then replays.
+:class:`GraphSteps` holds that policy; the executor supplies the mechanism (:class:`Capturer`), so the same
+logic runs with CUDA graphs on a GPU and with a fake capturer in the CPU tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from dynaflow.errors import BackendError
+from dynaflow.segmented import InputRoles
+from dynaflow.backend.program import Program
+
+__all__ = ["Capturer", "GraphSteps", "InputPlan", "StaticInputError", "fingerprint", "plan_inputs", "signature",
+           "is_persistent"]
+
+log = logging.getLogger(__name__)
+
+Fingerprint = tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype, str]
+
+
+class StaticInputError(BackendError):
+    """A declared static input (``static_inputs``) was passed with storage other than the captured one."""
+
+
+def fingerprint(x: Any) -> Fingerprint | None:
+    """The storage a captured graph would read: (data pointer, shape, strides, dtype, device); ``None`` for
+    a non-tensor."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device))
+
+
+def signature(inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """What one capture is valid for: every tensor's shape, dtype and device, every other value itself."""
+    return tuple((tuple(x.shape), x.dtype, str(x.device)) if isinstance(x, torch.Tensor) else ("V", repr(x))
+                 for x in inputs)
+
+
+def is_persistent(x: Any) -> bool:
+    """Parameters and buffers keep their storage across calls: captured in place, never copied."""
+    return isinstance(x, torch.nn.Parameter) or getattr(x, "_dynamo_static_input_type", None) is not None
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """How a capture binds each tensor input: read ``in_place`` (and why) or ``copied`` (and copied back after
+    the replay when the graph writes it)."""
+
+    in_place: dict[int, str]
+    """Input index -> why: ``parameter``, ``declared`` or ``stable``."""
+    copied: frozenset[int]
+    copied_back: frozenset[int]
+    roles: InputRoles = InputRoles()
+
+    def __repr__(self) -> str:
+        def names(idx: Any) -> str:
+            return ", ".join(self.roles.name(i) for i in sorted(idx)) or "none"
+
+        kinds = {k: [i for i, why in self.in_place.items() if why == k] for k in ("parameter", "declared", "stable")}
+        placed = "; ".join(f"{k} {names(v)}" for k, v in kinds.items() if v) or "none"
+        back = f" (copied back: {names(self.copied_back)})" if self.copied_back else ""
+        return f"InputPlan(in place: {placed}; copied: {names(self.copied)}{back})"
+
+
+def plan_inputs(inputs: Sequence[Any], stable: frozenset[int] | set[int], roles: InputRoles) -> InputPlan:
+    """Bind each tensor input for a capture of ``inputs``: in place if it is a parameter, declared, or in
+    ``stable`` (its storage was the same for the last few calls), else copied."""
+    in_place: dict[int, str] = {}
+    copied: set[int] = set()
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor):
+            continue
+        if i in roles.declared:
+            in_place[i] = "declared"
+        elif is_persistent(x):
+            in_place[i] = "parameter"
+        elif i in stable:
+            in_place[i] = "stable"
+        else:
+            copied.add(i)
+    return InputPlan(in_place, frozenset(copied), frozenset(copied & roles.written), roles)
+
+
+class Capturer(Protocol):
+    """The mechanism behind :class:`GraphSteps`: eager steps, capture, replay, and the step's outputs."""
+
+    def eager(self, program: Program, inputs: Sequence[Any]) -> Any:
+        """One real, uncaptured step."""
+
+    def capture(self, program: Program, inputs: Sequence[Any]) -> Any:
+        """Record a step reading ``inputs`` (the bound tensors) without running it; returns the capture."""
+
+    def replay(self, program: Program, captured: Any) -> None:
+        """Run the captured step once."""
+
+    def results(self, program: Program, captured: Any) -> Any:
+        """The outputs of the latest replay (cloned or not, as the executor's ``copy_outputs`` says)."""
+
+
+@dataclass
+class _Entry:
+    """One (program, signature): each input's latest storage and how many calls in a row it kept it, the
+    calls run so far, and the capture with its bound inputs."""
+
+    last: list[Fingerprint | None] = field(default_factory=list)
+    streak: list[int] = field(default_factory=list)
+    calls: int = 0
+    plan: InputPlan | None = None
+    bound: list[Any] = field(default_factory=list)
+    bound_fp: list[Fingerprint | None] = field(default_factory=list)
+    captured: Any = None
+    captures: int = 0
+
+    def observe(self, inputs: Sequence[Any]) -> None:
+        fps = [fingerprint(x) for x in inputs]
+        if len(self.last) != len(fps):
+            self.last, self.streak = [None] * len(fps), [0] * len(fps)
+        for i, fp in enumerate(fps):
+            self.streak[i] = self.streak[i] + 1 if fp is not None and fp == self.last[i] else 1
+            self.last[i] = fp
+        self.calls += 1
+
+
+class GraphSteps:
+    """Captured steps per (program, signature), bound to their inputs without needless copies (module docstring).
+
+    An input is *stable* once it kept its storage for ``warmups + 1`` calls in a row: the capture (after the
+    warm-ups) reads stable inputs in place, a copied input that becomes stable is moved in place by capturing
+    again, and an in-place input that moves is copied by capturing again. After ``max_captures`` captures of
+    one signature its plan is frozen with every input that ever moved copied, so a caller whose inputs keep
+    alternating costs copies, not captures. ``copies`` counts the input copies (in and back) of the latest step,
+    ``last_plan`` is its input plan; ``recaptures`` counts captures redone."""
+
+    max_captures = 6
+
+    def __init__(self, capturer: Capturer, warmups: int = 1) -> None:
+        self.capturer = capturer
+        self.warmups = max(1, warmups)
+        self._entries: dict[tuple[int, tuple[Any, ...]], tuple[Program, _Entry]] = {}
+        self.copies = 0
+        self.recaptures = 0
+        self.last_plan: InputPlan | None = None
+        """The input plan of the latest replayed step (``None`` while the latest step was a warm-up)."""
+
+    def captured(self, program: Program) -> list[Any]:
+        """The captures of ``program``, one per input signature captured so far."""
+        return [e.captured for p, e in self._entries.values() if p is program and e.captured is not None]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def run(self, program: Program, inputs: Sequence[Any]) -> Any:
+        """One step: an eager warm-up while the signature is new, else a (captured, then) replayed step."""
+        key = (id(program), signature(inputs))
+        hit = self._entries.get(key)
+        if hit is None or hit[0] is not program:
+            hit = self._entries[key] = (program, _Entry())
+        entry = hit[1]
+        self.copies = 0
+        self.last_plan = None
+        entry.observe(inputs)
+        if entry.captured is None and entry.calls <= self.warmups:
+            return self.capturer.eager(program, inputs)
+        if entry.captured is None or not self._bind(program, entry, inputs):
+            self._capture(program, entry, inputs)
+        self.capturer.replay(program, entry.captured)
+        self._copy_back(entry, inputs)
+        self.last_plan = entry.plan
+        return self.capturer.results(program, entry.captured)
+
+    def _stable(self, entry: _Entry) -> frozenset[int]:
+        if entry.captures >= self.max_captures - 1:  # the last capture: only what never moved stays in place
+            return frozenset(i for i, n in enumerate(entry.streak) if n == entry.calls)
+        return frozenset(i for i, n in enumerate(entry.streak) if n > self.warmups)
+
+    def _capture(self, program: Program, entry: _Entry, inputs: Sequence[Any]) -> None:
+        plan = plan_inputs(inputs, self._stable(entry), program.inputs)
+        bound = [x.clone() if i in plan.copied else x for i, x in enumerate(inputs)]
+        entry.captured = None  # drop the old capture (and its hold on moved inputs) before recording anew
+        entry.captured = self.capturer.capture(program, bound)
+        entry.plan, entry.bound = plan, bound
+        entry.bound_fp = [fingerprint(x) for x in bound]
+        entry.captures += 1
+        if entry.captures > 1:
+            self.recaptures += 1
+        if entry.captures == self.max_captures:
+            log.warning("%r: captured %d times for one input signature because inputs keep changing storage; its "
+                        "input plan is now fixed: %r", program, entry.captures, plan)
+        else:
+            log.info("captured %r with %r", program, plan)
+
+    def _bind(self, program: Program, entry: _Entry, inputs: Sequence[Any]) -> bool:
+        """Point the capture at this call's inputs, copying into the copied ones; ``False`` when the step must be
+        captured again (an in-place input moved, or a copied one became stable)."""
+        plan = entry.plan
+        assert plan is not None
+        moved = []
+        for i, why in plan.in_place.items():
+            if entry.last[i] == entry.bound_fp[i]:
+                continue
+            if why == "declared":
+                raise StaticInputError(_moved_message(program.inputs, i, entry.bound[i], inputs[i]))
+            moved.append(program.inputs.name(i))
+        settled = [program.inputs.name(i) for i in plan.copied if entry.streak[i] > self.warmups]
+        if moved or (settled and entry.captures < self.max_captures):
+            log.info("%r: capturing again (%s)", program, "; ".join(
+                ([f"moved: {', '.join(moved)}"] if moved else []) + ([f"now stable: {', '.join(settled)}"] if settled else [])))
+            return False
+        copies = 0
+        for i in plan.copied:
+            x, buf = inputs[i], entry.bound[i]
+            if x is not buf:
+                buf.copy_(x)
+                copies += 1
+        self.copies = copies
+        return True
+
+    def _copy_back(self, entry: _Entry, inputs: Sequence[Any]) -> None:
+        plan = entry.plan
+        assert plan is not None
+        for i in plan.copied_back:
+            x, buf = inputs[i], entry.bound[i]
+            if x is not buf:
+                x.copy_(buf)
+                self.copies += 1
+
+
+def _moved_message(roles: InputRoles, i: int, captured: torch.Tensor, now: Any) -> str:
+    got = (f"a tensor at {now.data_ptr():#x} with strides {tuple(now.stride())}" if isinstance(now, torch.Tensor)
+           else f"{type(now).__name__} {now!r:.60}")
+    return (f"static_inputs: {roles.name(i)!r} (graph input {i}, shape {tuple(captured.shape)}, {captured.dtype}) was "
+            f"captured at {captured.data_ptr():#x} with strides {tuple(captured.stride())}, but this call passes {got}. "
+            "A declared static input is read in place by the captured graph, so it must keep its storage: write new "
+            "contents into the same tensor (x.copy_(new)), or drop it from static_inputs to have it copied each step.")

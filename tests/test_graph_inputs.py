@@ -1,0 +1,222 @@
+"""CUDA-graph steps bind their inputs without needless copies (``backend/graph_steps.py``), checked on CPU with
+the fake CUDA harness of ``test_cuda_fake`` (a fake graph replays its launches on the tensors it captured,
+as a real one reads fixed addresses): stable inputs are read in place with no copy, moved inputs are copied
+(and copied back when the graph writes them), an observed-stable input that moves is captured again, a
+declared ``static_inputs`` entry that moves is an error. Every output and every written input equals eager.
+The same count on a GPU, with the profiler's memcpy kernels, is ``tests/cuda/test_graph_inputs_cuda.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import dynaflow
+from dynaflow.backend.graph_steps import StaticInputError, plan_inputs
+from dynaflow.errors import ConfigError
+from dynaflow.segmented import InputRoles
+from test_cuda_fake import fake_cuda  # noqa: F401 - the fixture
+
+D, L = 8, 5
+WARMUPS = 2
+
+
+class Reads(nn.Module):
+    """Reads a per-request cache (batch rows of ``cache``), like decode attention over a KV cache."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(D, D)
+        self.out = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.lin(x))
+        return self.out(h + cache.mean(1))
+
+
+class Writes(Reads):
+    """Also writes its cache in place, row by row (a KV-cache append)."""
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.lin(x))
+        cache.mul_(0.5).add_(h.unsqueeze(1))
+        return self.out(h + cache.sum(1))
+
+
+def _compile(model: nn.Module, strategy: str = "nanoflow", nano: int = 2, **config: object) -> dynaflow.Compiled:
+    return dynaflow.compile(model, strategy=strategy, nano_batches=nano, executor="cuda",
+                            config={"cuda_graphs": True, **config})
+
+
+def _steps(c: dynaflow.Compiled) -> object:
+    return c.graphs[0]._executors["cuda"].graphs
+
+
+@pytest.fixture
+def copies_from(monkeypatch):
+    """Every ``Tensor.copy_`` source's data pointer, to show no input is copied."""
+    sources: list[int] = []
+    real = torch.Tensor.copy_
+
+    def copy_(self, src, non_blocking=False):
+        sources.append(src.data_ptr())
+        return real(self, src, non_blocking)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    return sources
+
+
+@pytest.mark.parametrize("strategy,nano", [("sequential", 1), ("nanoflow", 2), ("round_robin", 3)])
+def test_stable_inputs_are_read_in_place_and_never_copied(fake_cuda, copies_from, strategy, nano):
+    model = Reads()
+    c = _compile(model, strategy, nano)
+    x, cache = torch.empty(6, D), torch.empty(6, L, D)  # an engine's persistent buffers, refilled each step
+    with torch.no_grad():
+        for step in range(6):
+            x.copy_(torch.randn(6, D))
+            cache.copy_(torch.randn(6, L, D))
+            copies_from.clear()
+            out = c(x, cache)
+            torch.testing.assert_close(out, model(x, cache), atol=1e-5, rtol=1e-5)
+            if step >= WARMUPS:
+                assert not {x.data_ptr(), cache.data_ptr()} & set(copies_from), "an input was copied"
+                assert _steps(c).copies == 0
+    plan = _steps(c).last_plan
+    assert plan is not None and not plan.copied and set(plan.in_place.values()) <= {"stable", "parameter"}
+
+
+def test_fresh_inputs_are_copied_in_every_step(fake_cuda):
+    model = Reads()
+    c = _compile(model)
+    with torch.no_grad():
+        alive = []
+        for step in range(5):
+            x, cache = torch.randn(6, D), torch.randn(6, L, D)
+            alive.append((x, cache))
+            torch.testing.assert_close(c(x, cache), model(x, cache), atol=1e-5, rtol=1e-5)
+            if step > WARMUPS:
+                assert _steps(c).copies == 2
+    plan = _steps(c).last_plan
+    assert plan is not None and {plan.roles.name(i) for i in plan.copied} == {"x", "cache"}
+
+
+def test_a_stable_input_that_moves_is_captured_again_then_copied(fake_cuda):
+    model = Reads()
+    c = _compile(model)
+    x, cache = torch.randn(6, D), torch.randn(6, L, D)
+    with torch.no_grad():
+        for _ in range(WARMUPS + 2):
+            c(x, cache)
+        assert _steps(c).recaptures == 0
+        alive = []  # every cache stays alive: a new one never reuses an old one's address
+        for step in range(3):
+            cache = torch.randn(6, L, D)  # the caller swaps its cache tensor
+            alive.append(cache)
+            torch.testing.assert_close(c(x, cache), model(x, cache), atol=1e-5, rtol=1e-5)
+            assert _steps(c).recaptures == 1  # once, on the first move
+            assert _steps(c).copies == (0 if step == 0 else 1)  # x stays in place; cache is copied from then on
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_written_inputs_end_as_eager_leaves_them(fake_cuda, fresh):
+    """A cache the graph writes: in place when stable; copied in and back when the caller passes new tensors."""
+    model = Writes()
+    c = _compile(model)
+    x = torch.randn(6, D)
+    cache = torch.randn(6, L, D)
+    ref_cache = cache.clone()
+    alive = []
+    with torch.no_grad():
+        for step in range(6):
+            if fresh:
+                cache = cache.clone()
+                ref_cache = ref_cache.clone()
+                alive.append(cache)  # no address is reused: each one really is a new tensor
+            out = c(x, cache)
+            ref = model(x, ref_cache)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cache, ref_cache, atol=1e-5, rtol=1e-5)
+            if step > WARMUPS:
+                assert _steps(c).copies == (2 if fresh else 0)  # cache in and back; x is stable
+
+
+def test_a_declared_static_input_is_in_place_and_may_not_move(fake_cuda):
+    model = Reads()
+    c = _compile(model, static_inputs=["cache"])
+    x, cache = torch.randn(6, D), torch.randn(6, L, D)
+    with torch.no_grad():
+        for _ in range(WARMUPS + 1):
+            x = torch.randn(6, D)  # x moves: copied; the declared cache stays put
+            torch.testing.assert_close(c(x, cache), model(x, cache), atol=1e-5, rtol=1e-5)
+        plan = _steps(c).last_plan
+        assert plan is not None and plan.in_place[plan.roles.names.index("cache")] == "declared"
+        with pytest.raises(StaticInputError, match=r"static_inputs: 'cache' .*shape \(6, 5, 8\).*same tensor"):
+            c(x, cache.clone())
+
+
+def test_static_inputs_by_position_and_unknown_names(fake_cuda):
+    model = Reads()
+    c = _compile(model, static_inputs=[1])
+    assert c.config.static_inputs == ("cache",)  # a forward position becomes the argument's name
+    with pytest.raises(ConfigError, match="position 2 is not a positional argument"):
+        _compile(model, static_inputs=[2])
+    c = _compile(model, static_inputs=["cash"])
+    with torch.no_grad(), pytest.raises(ConfigError, match=r"'cash' names no input.*Did you mean 'cache'"):
+        c(torch.randn(6, D), torch.randn(6, L, D))
+
+
+def test_plan_inputs_reasons():
+    """The policy itself: parameters and declared inputs in place, stable ones in place, the others copied."""
+    w = nn.Parameter(torch.randn(3))
+    a, b, d = torch.randn(2), torch.randn(2), torch.randn(2)
+    roles = InputRoles(("w", "a", "b", "d", "n"), frozenset({2}), frozenset({3}))
+    plan = plan_inputs([w, a, b, d, 7], {1}, roles)
+    assert plan.in_place == {0: "parameter", 1: "stable", 3: "declared"}
+    assert plan.copied == {2} and plan.copied_back == {2}
+    assert repr(plan) == "InputPlan(in place: parameter w; declared d; stable a; copied: b (copied back: b))"
+    assert plan_inputs([w, a, b, d, 7], set(), roles).copied == {1, 2}
+
+
+def test_a_copied_input_that_settles_moves_in_place(fake_cuda):
+    """Fresh tensors during warm-up and capture, then the same one: captured again with it in place."""
+    model = Reads()
+    c = _compile(model)
+    x = torch.randn(6, D)
+    alive = [torch.randn(6, L, D) for _ in range(WARMUPS + 1)]  # kept alive: no address is reused below
+    with torch.no_grad():
+        for old in alive:
+            c(x, old)
+        assert _steps(c).copies == 0 and _steps(c).last_plan.copied  # captured with the cache copied (a clone)
+        cache = torch.randn(6, L, D)
+        counts = []
+        for _ in range(5):
+            cache.copy_(torch.randn(6, L, D))
+            torch.testing.assert_close(c(x, cache), model(x, cache), atol=1e-5, rtol=1e-5)
+            counts.append(_steps(c).copies)
+    assert counts == [1, 1, 0, 0, 0] and _steps(c).recaptures == 1 and not _steps(c).last_plan.copied
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(strategy=st.sampled_from(["sequential", "nanoflow", "round_robin", "two_batch_overlap"]),
+       nano=st.integers(1, 3), batch=st.integers(3, 7), write=st.booleans(),
+       moves=st.lists(st.tuples(st.booleans(), st.booleans()), min_size=3, max_size=7))
+def test_any_sequence_of_moved_and_stable_inputs_equals_eager(fake_cuda, strategy, nano, batch, write, moves):
+    torch._dynamo.reset()
+    model = Writes() if write else Reads()
+    c = _compile(model, strategy, nano)
+    x, cache = torch.randn(batch, D), torch.randn(batch, L, D)
+    ref_cache = cache.clone()
+    streak = [0, 0]
+    with torch.no_grad():
+        for move_x, move_cache in moves:
+            x = torch.randn(batch, D) if move_x else x.copy_(torch.randn(batch, D))
+            if move_cache:
+                cache, ref_cache = cache.clone(), ref_cache.clone()
+            torch.testing.assert_close(c(x, cache), model(x, ref_cache), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cache, ref_cache, atol=1e-5, rtol=1e-5)
+            streak = [streak[0] + 1 if not move_x else 1, streak[1] + 1 if not move_cache else 1]
+            if min(streak) > WARMUPS:  # both kept their storage for 3 calls: read in place, nothing copied
+                assert _steps(c).copies == 0
