@@ -173,6 +173,10 @@ class CudaExecutor(Executor):
         frees = [[s for s in f if s not in buffers] for f in state.program.serial_frees]
         step_loop(step, state.program.serial_order, frees=frees, around=timed if timing is not None else None)
 
+    def forget(self, program: Program) -> None:
+        self.graphs.forget(program)
+        self._states.pop(id(program), None)
+
     def close(self) -> None:
         self.graphs.clear()
         self._states.clear()

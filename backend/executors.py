@@ -196,6 +196,9 @@ class ThreadExecutor(Executor):
         except BaseException as exc:  # noqa: BLE001 - every failure must wake the other lanes
             step.fail(exc)
 
+    def forget(self, program: Program) -> None:
+        self._readers.pop(id(program), None)
+
     def close(self) -> None:
         with self._crew_lock:
             self._closed = True

@@ -168,6 +168,11 @@ class GraphSteps:
         """The captures of ``program``, one per input signature captured so far."""
         return [e.captured for p, e in self._entries.values() if p is program and e.captured is not None]
 
+    def forget(self, program: Program) -> None:
+        """Drop every capture of ``program``."""
+        for key in [k for k, (p, _) in self._entries.items() if p is program]:
+            del self._entries[key]
+
     def clear(self) -> None:
         self._entries.clear()
 

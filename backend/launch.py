@@ -229,6 +229,10 @@ class Executor:
     def close(self) -> None:
         """Release threads/streams; the executor may not be used afterwards."""
 
+    def forget(self, program: Program) -> None:
+        """Drop what the executor keeps for ``program`` (tables, arenas, CUDA graphs): it will not run again
+        (the autotuner's measured candidates)."""
+
     def begin_step(self, program: Program, inputs: Sequence[Any], *, lock: Any = None,
                    record: bool | None = None) -> StepContext:
         """The step's context, made on the calling thread: fresh value slots holding the inputs, the engine's

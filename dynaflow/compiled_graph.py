@@ -31,6 +31,7 @@ from dynaflow.frontend.batching import find_batch_source
 from dynaflow.frontend.capture import batch_size_of, symbolize
 from dynaflow.frontend.differential import check_split_equals_whole, overlapping_writes
 from dynaflow.frontend.graph_inputs import input_roles
+from dynaflow.segment_timing import halving_sizes, time_segments
 from dynaflow.frontend.partition import partition
 from dynaflow.ir import InputInfo, SplitConfig
 from dynaflow.planning import CostContext, Plan, describe_inputs, make_plan, split_with, strategy_name
@@ -232,9 +233,18 @@ class CompiledGraph:
                 "dynamic=True) to split it; strict=True makes this an error.", self.label, batch, num)
 
     def cost_model(self, inputs: Sequence[Any]) -> CostModel:
-        """Measured timings from ``config.profile`` where they match this graph, else the roofline."""
-        assert self.costs is not None
-        return self.costs.cost_model(inputs, self.batch_size(inputs))
+        """Measured timings from ``config.profile`` where they match this graph, else the roofline; segments
+        neither can price are timed here, on these inputs."""
+        assert self.costs is not None and self.segmented is not None
+        seg, batch = self.segmented, self.batch_size(inputs)
+
+        def measure(names: list[str]) -> dict[str, dict[int, float]]:
+            sizes = halving_sizes(batch, batch // 8) if seg.batch_symbol is not None else [batch]
+            executor = "cuda" if describe_inputs(inputs, batch).on_cuda else "serial"
+            timings = time_segments(seg, inputs, batch, sizes, 3, executor, self.label)
+            return {n: timings[n] for n in names if timings.get(n)}
+
+        return self.costs.cost_model(inputs, batch, measure)
 
     @property
     def _counts(self) -> dict[str, Any] | None:
@@ -340,6 +350,8 @@ class CompiledGraph:
             return self.run_captured(inputs)
         plan = self._unsplit_plan(inputs) if self._written_inputs and overlapping_writes(
             inputs, self._written_inputs) else self.plan_for(inputs)
+        if self._strategy_for.get(plan.split, self.strategy).graphs:  # auto measured this bucket faster as a graph
+            return self.run_captured(inputs)
         ex = self.executor_for(plan, inputs)
         out = ex.run(self.program_for(plan, inputs), inputs)
         self._ran(plan, ex)

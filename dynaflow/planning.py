@@ -197,10 +197,14 @@ class CostContext:
         self.label = label
         self.counts: dict[str, Any] | None = None
         """FLOP/byte counts per segment, counted once with fake tensors."""
+        self.measured: dict[int, dict[str, dict[int, float]]] = {}
+        """Per batch size: timings of the segments no other cost model could price."""
 
-    def cost_model(self, inputs: Sequence[Any], batch: int) -> CostModel:
+    def cost_model(self, inputs: Sequence[Any], batch: int,
+                   measure: Callable[[list[str]], dict[str, dict[int, float]]] | None = None) -> CostModel:
         """Measured timings from ``config.profile`` where they match this graph, else the roofline from
-        FLOP/byte counts."""
+        FLOP/byte counts; a segment neither covers is timed by ``measure(names)`` (``{name: {rows: s}}``),
+        once per batch size, so the simulator never meets a segment it cannot price."""
         facts = describe_inputs(inputs, batch)
         device = self.device(facts)
         if self.counts is None:
@@ -213,6 +217,14 @@ class CostContext:
         if any(seg.collectives for seg in self.segmented.segments) and dist_state.initialized():
             world = dist_state.world_size()
         models.append(RooflineCost(self.counts, device, facts.dtype, world=world, link=self.config.cost_link))
+        known = CombinedCost(*models)
+        missing = [s.name for s in self.segmented.segments if known.estimate(s, batch) is None]
+        if missing and measure is not None:
+            if batch not in self.measured:
+                log.info("%s: no cost estimate for %d segments (%s); timing them on the device", self.label,
+                         len(missing), ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""))
+                self.measured[batch] = measure(missing)
+            models.insert(0, MeasuredCost(self.measured[batch], device))
         return CombinedCost(*models)
 
     def matching_profile(self, device: str, dtype: str) -> Profile | None:

@@ -10,22 +10,17 @@ the saved file) as ``config={"profile": ...}`` and the cost model prefers it to 
 from __future__ import annotations
 
 import logging
-import statistics
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from dynaflow import knobs
 from dynaflow.api import Compiled, CompiledGraph, compile as df_compile
-from dynaflow.backend import executors
 from dynaflow.cost import device_spec
 from dynaflow.errors import ConfigError
-from dynaflow.flops import narrow_inputs
-from dynaflow.ir import InputInfo, SplitConfig
-from dynaflow.planning import describe_inputs, make_plan
+from dynaflow.planning import describe_inputs
 from dynaflow.profiles import Profile, model_hash, save_profiles
-from dynaflow.strategies import Sequential
+from dynaflow.segment_timing import halving_sizes, time_segments
 
 __all__ = ["profile", "ProfileResult"]
 
@@ -56,48 +51,19 @@ class ProfileResult:
         return f"ProfileResult({', '.join(map(repr, self.profiles))})"
 
 
-def _default_sizes(batch: int) -> list[int]:
-    sizes, n = [], batch
-    while n >= 1:
-        sizes.append(n)
-        if n == 1:
-            break
-        n //= 2
-    return sorted(set(sizes))
-
-
 def _profile_graph(graph: CompiledGraph, inputs: Sequence[Any], sizes: Sequence[int] | None, repeats: int,
                    executor: str) -> Profile:
     seg = graph.segmented
     assert seg is not None
     batch = graph.batch_size(inputs)
-    sizes = sorted(set(int(s) for s in (sizes or _default_sizes(batch))))
+    sizes = sorted(set(int(s) for s in (sizes or halving_sizes(batch))))
     bad = [s for s in sizes if s < 1 or s > batch]
     if bad:
         raise ConfigError(f"profile sizes {bad} are outside 1..{batch} (the batch of the call that was profiled).")
     if seg.batch_symbol is None:
         sizes = [batch]  # a static-batch capture can only run its own batch size
-    # on the cuda executor launch times come from CUDA events (gpu_timeline), not the host clock
-    ex = executors.resolve(executor, **({"gpu_timeline": True} if executor == "cuda" else {}))
     facts = describe_inputs(inputs, batch)
-    sync = torch.cuda.synchronize if facts.on_cuda else None
-    timings: dict[str, dict[int, float]] = {s.name: {} for s in seg.segments}
-    with knobs.scope(DYNAFLOW_TIMELINE=1):
-        for rows in sizes:
-            flat = narrow_inputs(seg, inputs, batch, rows)
-            program = make_plan(seg, Sequential(), InputInfo(rows), SplitConfig.whole(rows), label=graph.label).program
-            samples: dict[str, list[float]] = {s.name: [] for s in seg.segments}
-            for i in range(repeats + 1):
-                ex.run(program, flat)
-                if sync:
-                    sync()
-                if i == 0 or ex.last_timeline is None:
-                    continue  # warm-up
-                for e in ex.last_timeline.events:
-                    samples[e.op.split("[")[0]].append(e.duration)
-            for name, values in samples.items():
-                if values:
-                    timings[name][rows] = statistics.median(values)
+    timings = time_segments(seg, inputs, batch, sizes, repeats, executor, graph.label)
     return Profile(model_hash(seg), device_spec(facts.device).name, facts.dtype, timings,
                    {"graph": graph.label, "batch": batch, "sizes": sizes, "repeats": repeats, "executor": executor})
 

@@ -3,7 +3,9 @@ executor, keep the winner per (model, input bucket, device) in an on-disk cache.
 
 The search never returns a candidate predicted slower than sequential execution (one nano-batch, one
 lane): that baseline is always a candidate, and anything predicted slower is dropped before measuring.
-When measuring, the baseline is measured too, and a candidate must beat it on the real executor.
+When measuring, the baseline is measured too, and a candidate must beat it on the real executor; on an
+executor that captures CUDA graphs every measured candidate (the baseline included) is measured both eagerly
+and as a graph, and the fastest measured wins. A graph that writes its inputs is measured on private copies.
 """
 
 from __future__ import annotations
@@ -122,10 +124,13 @@ def autotune(
     predict: Callable[[Candidate], tuple[SplitConfig, float]],
     measure: Callable[[Candidate], float] | None = None,
     top_k: int = 2,
+    graphs: bool = False,
 ) -> TuneResult:
     """Pick the best candidate. ``predict(c)`` returns (split, simulated seconds) or raises a DynaflowError
     (the candidate does not apply); ``measure(c)`` returns real seconds. ``candidates[0]`` is the baseline
     (sequential): nothing predicted slower than it is eligible, and when measuring it is measured too.
+    ``graphs``: every measured candidate is also measured as a CUDA graph (the cost model does not predict
+    graphs), so "whole batch, one lane" is measured both ways and the winner is the fastest measured.
     """
     if not candidates:
         raise DynaflowError("autotune needs at least one candidate (the sequential baseline).")
@@ -152,6 +157,10 @@ def autotune(
     to_measure = ranked[:top_k]
     if base not in to_measure:
         to_measure.append(base)
+    if graphs:
+        variants = [Trial(t.candidate.with_graphs(), t.split, t.predicted, note="CUDA graph") for t in to_measure]
+        trials += variants
+        to_measure += variants
     measured: dict[Candidate, float] = {}
     for t in to_measure:
         measured[t.candidate] = measure(t.candidate)
@@ -163,6 +172,8 @@ def autotune(
     speed = base_t.measured / best.measured if best.measured else 1.0
     if best is base_t:
         reason = f"no candidate beat sequential on the real executor (measured {len(to_measure)} of {len(trials)})"
+    elif best.candidate == base.candidate.with_graphs():
+        reason = f"sequential as one CUDA graph: {speed:.2f}x of sequential measured; no split beat it"
     else:
         reason = (f"fastest measured of the {len(to_measure) - 1} best predictions: {speed:.2f}x of sequential measured, "
                   f"{base.predicted / best.predicted:.2f}x predicted")  # type: ignore[operator]
@@ -340,13 +351,13 @@ class Planner(Protocol):
 
     def predictor(self, inputs: Sequence[Any]) -> Callable[[Any], float]: ...
 
-    def measure(self, plan: Any, inputs: Sequence[Any], repeats: int) -> float: ...
+    def measure(self, plan: Any, inputs: Sequence[Any], repeats: int, graphs: bool = False) -> float: ...
 
 
 @dataclass(frozen=True)
 class TuneSetup:
-    """The graph-side facts of a search: the model hash, segment resources, SMs, whether it writes its inputs,
-    the key suffix (device, dtype, executor) of the disk cache, and the distributed planner (or None)."""
+    """The graph-side facts of a search: the model hash, segment resources, SMs, the key suffix (device, dtype,
+    executor) of the disk cache, whether CUDA-graph variants can be measured, and the distributed planner."""
 
     model: str
     resources: frozenset[Any]
@@ -354,7 +365,8 @@ class TuneSetup:
     granularity: int
     device: str
     executor: str
-    mutates_inputs: bool
+    graphs: bool = False
+    """The executor can run the step as a CUDA graph: measured candidates are also measured that way."""
     distributed: Any = None
 
 
@@ -430,13 +442,10 @@ class Tuner:
         cands = self.spec.candidates(space, set(setup.resources), setup.num_sms, setup.granularity)
         predict, measure = self._callables(info, inputs, dist)
         measuring = self.spec.measure_top_k > 0
-        if measuring and setup.mutates_inputs:
-            log.info("%s: the graph writes into its inputs in place; autotune predicts only (no measuring)",
-                     self.planner.label)
-            measuring = False
         if dist is not None:
             predict = _agreed(cands, predict, dist)
-        result = autotune(cands, bucket, predict, measure if measuring else None, self.spec.measure_top_k)
+        result = autotune(cands, bucket, predict, measure if measuring else None, self.spec.measure_top_k,
+                          graphs=setup.graphs and measuring)
         result = replace(result, tuned_on=info.batch_size)
         self.results[bucket] = result
         if cache is not None:
@@ -461,6 +470,7 @@ class Tuner:
         seconds_of = planner.predictor(inputs)
 
         def build(cand: Candidate) -> Any:
+            cand = replace(cand, graphs=False)  # a CUDA-graph variant runs its candidate's plan
             if cand not in plans:
                 strategy = cand.build()
                 split = planner.split_with(strategy, info)
@@ -474,7 +484,7 @@ class Tuner:
             return plan.split, seconds_of(plan)
 
         def measure(cand: Candidate) -> float:
-            seconds = planner.measure(build(cand), inputs, self.spec.repeats)
+            seconds = planner.measure(build(cand), inputs, self.spec.repeats, graphs=cand.graphs)
             return dist.max_over_ranks([seconds])[0] if dist is not None else seconds
 
         return predict, measure

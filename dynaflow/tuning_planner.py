@@ -11,15 +11,19 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from dynaflow.frontend.effects import is_inplace
+from dynaflow import knobs
+from dynaflow.backend import executors
 from dynaflow.ir import InputInfo, SplitConfig
 from dynaflow.planning import Plan, describe_inputs
 from dynaflow.profiles import model_hash
-from dynaflow.segmented import SegmentedModule
+from dynaflow.segment_timing import private_writes
 from dynaflow.strategies import Strategy
 from dynaflow.tune import TuneSetup, median_seconds
 
 __all__ = ["GraphPlanner"]
+
+WARMUP_CALLS = 3
+"""Calls before a CUDA-graph candidate is timed: the executor's two eager warm-ups and the capture."""
 
 
 class GraphPlanner:
@@ -49,12 +53,22 @@ class GraphPlanner:
         cost = graph.cost_model(inputs)
         return lambda plan: costs.simulate(plan.program, facts, cost).makespan
 
-    def measure(self, plan: Plan, inputs: Sequence[Any], repeats: int) -> float:
-        """The median wall time of ``repeats`` runs of ``plan`` on the graph's executor."""
+    def measure(self, plan: Plan, inputs: Sequence[Any], repeats: int, graphs: bool = False) -> float:
+        """The median wall time of ``repeats`` runs of ``plan`` on the graph's executor (``graphs``: replayed as
+        a CUDA graph, after its warm-up and capture). Inputs the graph writes are private copies, so measuring
+        leaves the caller's data as it was; the measured program's executor state is dropped afterwards."""
         graph = self.graph
         ex, program = graph.executor_for(plan, inputs), graph.program_for(plan, inputs)
         sync = torch.cuda.synchronize if describe_inputs(inputs, 0).on_cuda else None
-        return median_seconds(lambda: ex.run(program, inputs), repeats, sync)
+        flat = private_writes(inputs, graph.segmented.inputs.written)
+        capture = True if graphs else None
+        try:
+            if capture:
+                for _ in range(WARMUP_CALLS):  # eager warm-ups and the capture, not timed
+                    ex.run(program, flat, capture=True)
+            return median_seconds(lambda: ex.run(program, flat, capture=capture), repeats, sync)
+        finally:
+            ex.forget(program)
 
     def setup(self, inputs: Sequence[Any]) -> TuneSetup:
         """The graph-side facts of a search (model hash, resources, SMs, disk-cache key, distributed planner)."""
@@ -62,13 +76,9 @@ class GraphPlanner:
         assert graph.segmented is not None and graph.costs is not None
         facts = describe_inputs(inputs, graph.batch_size(inputs))
         spec = graph.costs.device(facts)
+        name = knobs.forced_executor() or graph.config.executor
+        name = ("cuda" if facts.on_cuda else "serial") if name == "auto" else name
+        graphs = bool(getattr(executors.factory(name), "captures_graphs", False)) and not graph.config.cuda_graphs
         return TuneSetup(model_hash(graph.segmented), frozenset(s.resource for s in graph.segmented.segments),
                          graph.costs.num_sms(facts), spec.sm_granularity, spec.name, graph.config.executor,
-                         _mutates_inputs(graph.segmented), graph.distributed)
-
-
-def _mutates_inputs(seg: SegmentedModule) -> bool:
-    """Whether any segment writes in place (measuring would replay the write on the caller's real inputs);
-    a segment without an fx graph counts as writing, to be safe."""
-    return any(getattr(call.module, "graph", None) is None or any(is_inplace(n) for n in call.module.graph.nodes)
-               for call in seg.calls)
+                         graphs, graph.distributed)

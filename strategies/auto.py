@@ -25,17 +25,27 @@ class Candidate:
 
     strategy: str
     options: tuple[tuple[str, Any], ...] = ()
+    graphs: bool = False
+    """Run the step as a CUDA graph (a variant the autotuner measures on the cuda executor)."""
 
     def build(self, source: str = "an autotune candidate") -> Strategy:
-        """The strategy this candidate names. Candidates come from data (the autotune cache, YAML files), so
-        only registered names and Strategy subclasses are accepted; errors name ``source``."""
+        """The strategy this candidate names (its ``graphs`` attribute set when the step runs as a CUDA graph).
+        Candidates come from data (the autotune cache, YAML files), so only registered names and Strategy
+        subclasses are accepted; errors name ``source``."""
         from dynaflow.strategies.registry import registry
 
-        return registry.load(self.strategy, {k: (dict(v) if isinstance(v, tuple) and v and isinstance(v[0], tuple)
-                                                 else v) for k, v in self.options}, source=source)
+        strategy = registry.load(self.strategy, {k: (dict(v) if isinstance(v, tuple) and v and isinstance(v[0], tuple)
+                                                     else v) for k, v in self.options}, source=source)
+        if self.graphs:
+            strategy.graphs = True
+        return strategy
+
+    def with_graphs(self) -> "Candidate":
+        return Candidate(self.strategy, self.options, graphs=True)
 
     def to_json(self) -> dict[str, Any]:
-        return {"strategy": self.strategy, "options": {k: _plain(v) for k, v in self.options}}
+        out = {"strategy": self.strategy, "options": {k: _plain(v) for k, v in self.options}}
+        return {**out, "graphs": True} if self.graphs else out
 
     @classmethod
     def from_json(cls, data: Any, source: str = "an autotune candidate") -> "Candidate":
@@ -45,14 +55,17 @@ class Candidate:
                 or not all(isinstance(k, str) for k in options)):
             raise StrategyError(f"{source}: a candidate must be {{'strategy': <registered name>, 'options': "
                                 f"{{<option>: <value>}}}}; got {data!r:.200}.")
+        graphs = data.get("graphs", False)
+        if not isinstance(graphs, bool):
+            raise StrategyError(f"{source}: a candidate's 'graphs' must be true or false; got {graphs!r:.60}.")
         try:
-            return cls(data["strategy"], tuple(sorted((k, _frozen(v)) for k, v in options.items())))
+            return cls(data["strategy"], tuple(sorted((k, _frozen(v)) for k, v in options.items())), graphs)
         except TypeError as exc:  # an unhashable option value (a list of dicts, ...)
             raise StrategyError(f"{source}: candidate {data!r:.200} has an option value dynaflow cannot use: {exc}") from None
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={_plain(v)}" for k, v in self.options)
-        return f"{self.strategy}({opts})"
+        return f"{self.strategy}({opts})" + (" +cuda-graph" if self.graphs else "")
 
 
 def _frozen(v: Any) -> Any:

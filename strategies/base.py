@@ -135,6 +135,9 @@ class Strategy:
 
     name: str = "strategy"
     default_nano_batches: int = 1
+    graphs: bool = False
+    """Whether steps planned by this strategy run as CUDA graphs even when ``cuda_graphs`` is off (set by
+    ``auto`` on a winner it measured faster that way)."""
 
     def __init__(self, nano_batches: int | None = None, min_rows: int = 1) -> None:
         if nano_batches is not None and (not isinstance(nano_batches, int) or nano_batches < 1):

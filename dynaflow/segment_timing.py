@@ -1,0 +1,72 @@
+"""Time every segment of a partitioned graph on a real executor, one whole nano-batch of ``rows`` rows at a time.
+
+Used by ``dynaflow.profile`` (a saved profile) and by the cost model when it has no estimate for a segment
+(FLOP counting failed on it): a segment the roofline cannot price is measured, never a crash. Inputs the graph
+writes in place are timed on private copies (:func:`private_writes`), so timing never changes the caller's data.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from typing import Any, Collection, Sequence
+
+import torch
+
+from dynaflow import knobs
+from dynaflow.backend import executors
+from dynaflow.flops import narrow_inputs
+from dynaflow.ir import InputInfo, SplitConfig
+from dynaflow.planning import make_plan
+from dynaflow.segmented import SegmentedModule
+from dynaflow.strategies import Sequential
+
+__all__ = ["time_segments", "private_writes", "halving_sizes"]
+
+log = logging.getLogger(__name__)
+
+
+def halving_sizes(batch: int, smallest: int = 1) -> list[int]:
+    """``batch`` and its halves down to ``smallest`` (at least 1), ascending: the row counts to time."""
+    sizes, n = [], batch
+    while n >= max(1, smallest):
+        sizes.append(n)
+        if n == 1:
+            break
+        n //= 2
+    return sorted(set(sizes))
+
+
+def private_writes(inputs: Sequence[Any], written: Collection[int]) -> list[Any]:
+    """``inputs`` with every input the graph writes in place replaced by a copy (the others shared)."""
+    return [x.clone() if i in written and isinstance(x, torch.Tensor) else x for i, x in enumerate(inputs)]
+
+
+def time_segments(seg: SegmentedModule, inputs: Sequence[Any], batch: int, sizes: Sequence[int], repeats: int,
+                  executor: str, label: str = "graph") -> dict[str, dict[int, float]]:
+    """``{segment: {rows: median seconds}}`` from sequential runs at each size in ``sizes`` (``repeats`` timed
+    runs after one warm-up); on the cuda executor launch times come from CUDA events."""
+    ex = executors.resolve(executor, **({"gpu_timeline": True} if executor == "cuda" else {}))
+    sync = torch.cuda.synchronize if executor == "cuda" else None
+    flat_all = private_writes(inputs, seg.inputs.written)
+    timings: dict[str, dict[int, float]] = {s.name: {} for s in seg.segments}
+    try:
+        with knobs.scope(DYNAFLOW_TIMELINE=1):
+            for rows in sizes:
+                flat = narrow_inputs(seg, flat_all, batch, rows)
+                program = make_plan(seg, Sequential(), InputInfo(rows), SplitConfig.whole(rows), label=label).program
+                samples: dict[str, list[float]] = {s.name: [] for s in seg.segments}
+                for i in range(repeats + 1):
+                    ex.run(program, flat)
+                    if sync:
+                        sync()
+                    if i == 0 or ex.last_timeline is None:
+                        continue  # warm-up
+                    for e in ex.last_timeline.events:
+                        samples[e.op.split("[")[0]].append(e.duration)
+                for name, values in samples.items():
+                    if values:
+                        timings[name][rows] = statistics.median(values)
+    finally:
+        ex.close()
+    return timings
