@@ -314,6 +314,10 @@ class NanoGraph:
             return (0, self.split.batch_size)
         return self.split_of(op).boundaries[op.nano]
 
+    def ops_of(self, seg: Segment) -> list[NanoOp]:
+        """The ops of one segment: one per nano-batch of its split, or one whole op."""
+        return self._ops_of(seg)
+
     def _ops_of(self, seg: Segment) -> list[NanoOp]:
         if seg.whole:
             return [NanoOp(seg.name, ALL)]

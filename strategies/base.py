@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from dynaflow.errors import StrategyError
-from dynaflow.ir import ALL, InputInfo, Lane, NanoGraph, NanoOp, Resource, Schedule, SplitConfig
+from dynaflow.ir import ALL, InputInfo, Lane, NanoGraph, NanoOp, Resource, Schedule, Segment, SplitConfig
 from dynaflow.strategies import splits
 
 __all__ = ["Strategy", "ScheduleContext", "SearchSpace", "SearchSpec"]
@@ -218,3 +218,26 @@ def _overrides(obj: object, method: str) -> bool:
 def program_order_key(graph: NanoGraph):  # type: ignore[no-untyped-def]
     """Sort key (segment index, nano) — any per-lane order sorted by it is deadlock-free."""
     return lambda op: (graph.index(op.segment), op.nano if op.nano != ALL else -1)
+
+
+def pipelined_order_key(graph: NanoGraph, lane_of: Callable[[Segment], Any]):  # type: ignore[no-untyped-def]
+    """Sort key (run, nano, segment index): software pipelining across layers.
+
+    A *run* is a maximal stretch of consecutive segments (program order) on one lane, all split the same way
+    and none whole; inside a run ops go nano-batch-major, so a lane finishes nano-batch 0's whole stretch
+    (``post0(i) pre0(i+1)``) before nano-batch 1's (``post1(i) pre1(i+1)``) and the next lane gets nano-batch
+    0's work early (NanoFlow's pipeline: compute ``pre0 pre1 | post0(i) pre0(i+1) post1(i) pre1(i+1) …``,
+    memory ``attn0(i) attn1(i) …``). A run ends where an op depends on another nano-batch of the same run,
+    so the key is a topological order of the whole graph: per-lane orders sorted by it are deadlock-free."""
+    run_of: dict[str, int] = {}
+    run, members, prev = -1, set(), None  # type: ignore[var-annotated]
+    for seg in graph.segments:
+        split = None if seg.whole else graph.split_of(seg).sizes
+        key = (lane_of(seg), split)
+        cross = any(d.segment in members and d.nano != op.nano for op in graph.ops_of(seg) for d in graph.deps(op))
+        if seg.whole or prev is None or key != prev or cross:
+            run, members = run + 1, set()
+        run_of[seg.name] = run
+        members.add(seg.name)
+        prev = key if not seg.whole else None
+    return lambda op: (run_of[op.segment], op.nano if op.nano != ALL else -1, graph.index(op.segment))

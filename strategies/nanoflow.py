@@ -1,7 +1,12 @@
 """``nanoflow``: resource-aware overlap (NanoFlow). Compute-bound segments run on a compute lane,
-memory- and network-bound ones on their own lanes (each optionally an SM partition); each lane takes its
-ops segment-major, so while the compute lane runs nano-batch i+1's GEMMs the memory lane runs nano-batch
-i's attention and the network lane nano-batch i-1's all-reduce — every resource stays busy."""
+memory- and network-bound ones on their own lanes (each optionally an SM partition), so while the compute
+lane runs nano-batch i+1's GEMMs the memory lane runs nano-batch i's attention and the network lane
+nano-batch i-1's all-reduce — every resource stays busy.
+
+By default each lane is software-pipelined across layers (:func:`~dynaflow.strategies.base.pipelined_order_key`):
+a stretch of compute segments between two attentions runs nano-batch-major — ``post0(i) pre0(i+1) post1(i)
+pre1(i+1)`` — so nano-batch 0's next attention is ready while nano-batch 1's current one still runs.
+``pipeline=False`` takes each lane's ops segment-major instead (``post0 post1 pre0 pre1``)."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from typing import Mapping, Sequence
 from dynaflow.errors import StrategyError
 from dynaflow.ir import InputInfo, Lane, NanoGraph, Resource, Schedule, SplitConfig
 from dynaflow.strategies import splits
-from dynaflow.strategies.base import SearchSpace, Strategy, program_order_key
+from dynaflow.strategies.base import SearchSpace, Strategy, pipelined_order_key, program_order_key
 
 __all__ = ["NanoFlow"]
 
@@ -39,8 +44,12 @@ class NanoFlow(Strategy):
 
     def __init__(self, nano_batches: int | None = None, sm_counts: Mapping[str, int] | None = None,
                  weights: Sequence[float] | None = None, min_rows: int = 1,
-                 stage_nano_batches: Mapping[str, int] | None = None) -> None:
+                 stage_nano_batches: Mapping[str, int] | None = None, pipeline: bool = True) -> None:
         super().__init__(len(weights) if weights and nano_batches is None else nano_batches, min_rows)
+        if not isinstance(pipeline, bool):
+            raise StrategyError(f"Strategy 'nanoflow': pipeline={pipeline!r} must be True (software-pipelined across "
+                                "layers, the default) or False (each lane segment-major).")
+        self.pipeline = pipeline
         self.stage_nano_batches = dict(stage_nano_batches or {})
         for key, n in self.stage_nano_batches.items():
             if key not in {r.value for r in Resource}:
@@ -93,9 +102,11 @@ class NanoFlow(Strategy):
     def plan(self, graph: NanoGraph, split: SplitConfig) -> Schedule:
         lanes = {lane.resource: lane for lane in self.lanes(graph)}
         order = {lane: [] for lane in lanes.values()}
-        for op in sorted(graph.ops, key=program_order_key(graph)):
+        key = pipelined_order_key(graph, lambda seg: seg.resource) if self.pipeline else program_order_key(graph)
+        for op in sorted(graph.ops, key=key):
             order[lanes[graph.segment(op).resource]].append(op)
         notes = [f"{lane.name}: {len(ops)} ops" for lane, ops in order.items()]
+        notes.append("software-pipelined across layers" if self.pipeline else "segment-major")
         return Schedule.from_lanes(self.name, split, order, notes)
 
     def describe(self) -> str:
@@ -104,4 +115,5 @@ class NanoFlow(Strategy):
 
     def __repr__(self) -> str:
         stages = f", stage_nano_batches={self.stage_nano_batches}" if self.stage_nano_batches else ""
-        return f"NanoFlow(nano_batches={self.nano_batches}, sm_counts={self.sm_counts}, weights={self.weights}{stages})"
+        pipe = "" if self.pipeline else ", pipeline=False"
+        return f"NanoFlow(nano_batches={self.nano_batches}, sm_counts={self.sm_counts}, weights={self.weights}{stages}{pipe})"
