@@ -6,11 +6,14 @@ on any refusal). The GPU side is tests/cuda/test_sm_partitions_gpu.py."""
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dynaflow.backend import streams
 from dynaflow.backend.sm_partitions import SmPart, SmPlan, plan_sm_partitions, sm_granularity
 from dynaflow.errors import BackendError
 from dynaflow.ir import Lane
@@ -138,3 +141,188 @@ def test_plan_properties(sms, major, counts):
         assert rest[0].sms >= rest[0].requested
         assert all(abs(p.sms - p.requested) < q for p in groups)
 
+
+# -- the driver sequence, against a fake cuda-python ----------------------------------------------------------
+class _Enum:
+    def __init__(self, **members):
+        self.__dict__.update(members)
+
+
+def _resource(kind, sms, index=None):
+    """A ``CUdevResource`` as far as streams.py reads it: ``.sm.smCount``."""
+    return types.SimpleNamespace(kind=kind, index=index, sm=types.SimpleNamespace(smCount=sms))
+
+
+class FakeDriver:
+    """cuda-bindings' driver module as far as streams.py uses it: each call returns ``(CUresult, *outputs)``;
+    ``cuDevSmResourceSplitByCount(nbGroups, input, useFlags, minCount)`` returns ``(err, groups, nbGroups,
+    remaining)``. ``group_sms`` makes the driver grant other counts than asked; ``made`` fewer groups."""
+
+    CUdevResourceType = _Enum(CU_DEV_RESOURCE_TYPE_SM=1)
+    CUgreenCtxCreate_flags = _Enum(CU_GREEN_CTX_DEFAULT_STREAM=1)
+    CUstream_flags = _Enum(CU_STREAM_NON_BLOCKING=1)
+
+    def __init__(self, sms=H100, fail_at=None, group_sms=None, made=None):
+        self.sms, self.fail_at, self.group_sms, self.made = sms, fail_at, group_sms, made
+        self.calls, self.splits, self.descs, self.ctx_sms, self.destroyed = [], [], [], {}, []
+
+    def _ret(self, name, *out):
+        self.calls.append(name)
+        fail = self.fail_at == name or self.fail_at == f"{name}#{self.calls.count(name)}"
+        return (915 if fail else 0, *out)  # 915: CUDA_ERROR_INVALID_RESOURCE_CONFIGURATION
+
+    def cuInit(self, flags):
+        return self._ret("cuInit")
+
+    def cuDeviceGet(self, ordinal):
+        return self._ret("cuDeviceGet", f"dev{ordinal}")
+
+    def cuDeviceGetDevResource(self, dev, kind):
+        assert kind == 1
+        return self._ret("cuDeviceGetDevResource", _resource("device", self.sms))
+
+    def cuDevSmResourceSplitByCount(self, nb, res, flags, min_count):
+        self.splits.append((nb, res.kind, flags, min_count))
+        size, n = self.group_sms or min_count, nb if self.made is None else self.made
+        groups = [_resource("group", size, i) for i in range(n)]
+        return self._ret("cuDevSmResourceSplitByCount", groups, n, _resource("remainder", res.sm.smCount - n * size))
+
+    def cuDevResourceGenerateDesc(self, resources, n):
+        assert n == len(resources)
+        self.descs.append(list(resources))
+        return self._ret("cuDevResourceGenerateDesc", ("desc", len(self.descs) - 1))
+
+    def cuGreenCtxCreate(self, desc, dev, flags):
+        ctx = f"gctx{desc[1]}"
+        self.ctx_sms[ctx] = sum(r.sm.smCount for r in self.descs[desc[1]])
+        return self._ret("cuGreenCtxCreate", ctx)
+
+    def cuGreenCtxStreamCreate(self, ctx, flags, priority):
+        return self._ret("cuGreenCtxStreamCreate", 0xBEEF00 + self.calls.count("cuGreenCtxCreate"))
+
+    def cuGreenCtxGetDevResource(self, ctx, kind):
+        return self._ret("cuGreenCtxGetDevResource", _resource("ctx", self.ctx_sms[ctx]))
+
+    def cuStreamDestroy(self, raw):
+        self.destroyed.append(("stream", raw))
+        return (0,)
+
+    def cuGreenCtxDestroy(self, ctx):
+        self.destroyed.append(("ctx", ctx))
+        return (0,)
+
+
+class _Props:
+    multi_processor_count, major, minor = H100, 9, 0
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """A fake H100 with cuda-python: ``fake.use(driver)`` installs the driver; plain streams are strings."""
+    plain = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: _Props())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, priority=0: plain.append(1) or f"stream{len(plain)}")
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda ptr, device=None: ("external", ptr, str(device)))
+
+    def use(drv):
+        monkeypatch.setattr(streams, "_driver", lambda: drv)
+        return drv
+
+    return types.SimpleNamespace(use=use)
+
+
+def test_two_lanes_one_split_group_and_remainder_granted_by_the_driver(fake):
+    drv = fake.use(FakeDriver(group_sms=88))  # the driver grants 88 where 80 was asked: its count is reported
+    out = streams.make_lane_streams((Lane("compute", sm_count=80), Lane("memory", sm_count=52), Lane("other")))
+    assert drv.splits == [(1, "device", 0, 80)]  # ONE split of the whole device: nbGroups 1, useFlags 0, minCount 80
+    assert drv.calls.count("cuDevSmResourceSplitByCount") == 1
+    assert [[(r.kind, r.index) for r in d] for d in drv.descs] == [[("group", 0)], [("remainder", None)]]
+    compute, memory, other = out
+    assert (compute.mechanism, compute.requested_sms, compute.granted_sms) == ("cuda-python-green-context", 80, 88)
+    assert (memory.mechanism, memory.requested_sms, memory.granted_sms) == ("cuda-python-green-context", 52, 44)
+    assert memory.part.remainder and compute.part.groups == (0,) and compute.split == memory.split is not None
+    assert compute.stream[:2] == ("external", 0xBEEF01) and compute.stream[2] == "cuda:0"
+    assert (other.mechanism, other.stream, other.part) == ("stream", "stream1", None)
+    assert repr(compute) == ("LaneStream('compute', cuda-python-green-context, sm 80->88 "
+                             f"[group 0 of split {compute.split}])")
+    assert streams.lane_resources(out) == {"compute": 88, "memory": 44, "other": None}
+
+
+def test_three_lanes_one_split_each_descriptor_holds_its_groups(fake):
+    drv = fake.use(FakeDriver())
+    out = streams.make_lane_streams(_lanes(a=48, b=32, c=52))
+    assert drv.splits == [(5, "device", 0, 16)]
+    assert [[(r.kind, r.index) for r in d] for d in drv.descs] == [
+        [("group", 0), ("group", 1), ("group", 2)], [("group", 3), ("group", 4)], [("remainder", None)]]
+    assert [ls.granted_sms for ls in out] == [48, 32, 52] and len({ls.split for ls in out}) == 1
+    assert streams.lane_resources(out) == {"a": 48, "b": 32, "c": 52}
+
+
+def test_each_lane_set_gets_its_own_split(fake):
+    drv = fake.use(FakeDriver())
+    first = streams.make_lane_streams(_lanes(compute=80, memory=52))
+    second = streams.make_lane_streams(_lanes(compute=64, memory=68))
+    assert drv.splits == [(1, "device", 0, 80), (1, "device", 0, 64)]
+    assert first[0].split != second[0].split
+
+
+@pytest.mark.parametrize("call", ["cuInit", "cuDeviceGet", "cuDeviceGetDevResource", "cuDevSmResourceSplitByCount",
+                                  "cuDevResourceGenerateDesc#2", "cuGreenCtxCreate#2", "cuGreenCtxStreamCreate#1"])
+def test_a_refused_driver_call_falls_back_to_plain_streams_with_a_warning(fake, caplog, call):
+    drv = fake.use(FakeDriver(fail_at=call))
+    with caplog.at_level("WARNING"):
+        out = streams.make_lane_streams(_lanes(compute=80, memory=52))
+    assert [(ls.mechanism, ls.granted_sms, ls.stream) for ls in out] == [("fallback", None, "stream1"),
+                                                                         ("fallback", None, "stream2")]
+    name = call.split("#")[0]
+    assert f"{name}: CUDA driver error 915" in caplog.text  # the refusing call is named
+    assert "lanes 'compute' (80 SMs), 'memory' (52 SMs) asked for SM partitions but got none" in caplog.text
+    assert "they run on plain streams sharing all 132 SMs" in caplog.text
+    created = [c for c in drv.calls[:-1] if c == "cuGreenCtxCreate"]  # contexts made before the refusal
+    assert sum(kind == "ctx" for kind, _ in drv.destroyed) == len(created)
+
+
+def test_fewer_groups_than_planned_fall_back(fake, caplog):
+    fake.use(FakeDriver(made=3))
+    with caplog.at_level("WARNING"):
+        out = streams.make_lane_streams(_lanes(a=48, b=32, c=52))
+    assert {ls.mechanism for ls in out} == {"fallback"}
+    assert "cuDevSmResourceSplitByCount made 3 groups of 16 SMs, the plan needs 5" in caplog.text
+
+
+def test_overflow_through_make_lane_streams(fake, caplog):
+    drv = fake.use(FakeDriver())
+    with pytest.raises(BackendError, match="ask for 160 SMs but the device has 132"):
+        streams.make_lane_streams(_lanes(compute=96, memory=64), overflow="error")
+    assert drv.splits == []
+    with caplog.at_level("WARNING"):
+        out = streams.make_lane_streams(_lanes(compute=96, memory=64))
+    assert [ls.granted_sms for ls in out] == [80, 52] and "scaled to compute=79, memory=52" in caplog.text
+
+
+def test_an_impossible_plan_falls_back_without_a_crash(fake, monkeypatch, caplog):
+    class Small(_Props):
+        multi_processor_count = 16
+
+    fake.use(FakeDriver(sms=16))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Small())
+    with caplog.at_level("WARNING"):
+        out = streams.make_lane_streams(_lanes(a=4, b=4, c=4))
+    assert {ls.mechanism for ls in out} == {"fallback"} and "cannot get disjoint partitions" in caplog.text
+
+
+def test_without_any_green_context_mechanism_the_lanes_fall_back(fake, monkeypatch, caplog):
+    fake.use(None)
+    monkeypatch.setattr(streams, "_torch_green_supported", lambda: False)
+    assert streams.green_context_support() is None
+    with caplog.at_level("WARNING"):
+        (ls,) = streams.make_lane_streams(_lanes(compute=64))
+    assert ls.mechanism == "fallback" and "green contexts are unavailable here" in caplog.text
+    assert streams.lane_resources((ls,)) == {"compute": None}
+
+
+def test_cuda_python_is_preferred_over_torch(fake, monkeypatch):
+    fake.use(FakeDriver())
+    monkeypatch.setattr(streams, "_torch_green_supported", lambda: True)
+    assert streams.green_context_support() == "cuda-python"
