@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import types
 
 import pytest
 import torch
@@ -109,17 +108,31 @@ def fake_device(monkeypatch):
     return st
 
 
-def test_lane_streams_green_context_granted_rounded(fake_device, monkeypatch):
+def test_lane_streams_torch_green_context_for_one_partitioned_lane(fake_device, monkeypatch):
+    """torch's API splits the whole device per call: fine for ONE partitioned lane (the others share the
+    device on plain streams); it does not report the granted count."""
     from dynaflow.ir import Lane
 
     calls = []
     monkeypatch.setattr(fake_device, "green_context_support", lambda: "torch")
     monkeypatch.setattr(fake_device, "_torch_green", lambda lane, n, dev: calls.append(n) or ("ctx", f"green{n}", None))
-    out = fake_device.make_lane_streams((Lane("compute", sm_count=100), Lane("memory", sm_count=30), Lane("other")))
-    assert calls == [104, 32]
+    out = fake_device.make_lane_streams((Lane("compute", sm_count=100), Lane("other")))
+    assert calls == [104]
     assert [(ls.requested_sms, ls.granted_sms, ls.mechanism) for ls in out] == [
-        (100, 104, "torch-green-context"), (30, 32, "torch-green-context"), (None, None, "stream")]
-    assert out[0].stream == "green104" and "sm 100->104" in repr(out[0])
+        (100, None, "torch-green-context"), (None, None, "stream")]
+    assert out[0].stream == "green104" and out[0].part.sms == 104 and "sm 100->?" in repr(out[0])
+
+
+def test_lane_streams_torch_only_never_makes_overlapping_partitions(fake_device, monkeypatch, caplog):
+    """Two partitioned lanes with torch's API alone would overlap (pytorch #195378): plain streams + WARNING."""
+    from dynaflow.ir import Lane
+
+    monkeypatch.setattr(fake_device, "green_context_support", lambda: "torch")
+    monkeypatch.setattr(fake_device, "_torch_green", lambda *a: pytest.fail("overlapping torch green contexts"))
+    with caplog.at_level("WARNING"):
+        out = fake_device.make_lane_streams((Lane("compute", sm_count=100), Lane("memory", sm_count=30)))
+    assert [ls.mechanism for ls in out] == ["fallback", "fallback"]
+    assert "the partitions would overlap" in caplog.text and "need cuda-python" in caplog.text
 
 
 def test_lane_streams_fall_back_to_plain_streams_with_a_warning(fake_device, monkeypatch, caplog):
@@ -130,86 +143,15 @@ def test_lane_streams_fall_back_to_plain_streams_with_a_warning(fake_device, mon
 
     monkeypatch.setattr(fake_device, "green_context_support", lambda: "torch")
     monkeypatch.setattr(fake_device, "_torch_green", boom)
-    monkeypatch.setattr(fake_device, "_driver_green", boom)
     with caplog.at_level("WARNING"):
         (ls,) = fake_device.make_lane_streams((Lane("compute", sm_count=64),))
     assert ls.mechanism == "fallback" and ls.granted_sms is None and ls.stream.startswith("stream")
-    assert "asked for 64 SMs but green contexts are unavailable" in caplog.text
+    assert "lane 'compute' asked for 64 SMs but got no SM partition" in caplog.text
+    assert "green contexts not supported by this driver" in caplog.text
 
 
-
-# -- the two green-context makers against fakes shaped like the real APIs -----------------------------------
-class _Enum:
-    def __init__(self, **members):
-        self.__dict__.update(members)
-
-
-class _FakeDriver:
-    """cuda-bindings 13's driver module as far as ``_driver_green`` uses it: each call returns
-    ``(CUresult, *outputs)``; ``cuDevSmResourceSplitByCount`` returns (err, groups, nbGroups, remainder)."""
-
-    CUdevResourceType = _Enum(CU_DEV_RESOURCE_TYPE_SM=1)
-    CUgreenCtxCreate_flags = _Enum(CU_GREEN_CTX_DEFAULT_STREAM=1)
-    CUstream_flags = _Enum(CU_STREAM_NON_BLOCKING=1)
-
-    def __init__(self, fail_at: str | None = None, granted: int = 16) -> None:
-        self.calls: list = []
-        self.fail_at = fail_at
-        self.granted = granted
-
-    def _ret(self, name, *out):
-        self.calls.append(name)
-        err = 800 if name == self.fail_at else 0  # CUDA_ERROR_NOT_PERMITTED-ish
-        return (err, *out)
-
-    def cuInit(self, flags):
-        return self._ret("cuInit")
-
-    def cuDeviceGet(self, ordinal):
-        return self._ret("cuDeviceGet", f"dev{ordinal}")
-
-    def cuDeviceGetDevResource(self, dev, kind):
-        return self._ret("cuDeviceGetDevResource", ("sm-resource", dev))
-
-    def cuDevSmResourceSplitByCount(self, nb, res, flags, min_count):
-        group = types.SimpleNamespace(sm=types.SimpleNamespace(smCount=self.granted))
-        self.min_count = min_count
-        return self._ret("cuDevSmResourceSplitByCount", [group], 1, "remainder")
-
-    def cuDevResourceGenerateDesc(self, groups, n):
-        return self._ret("cuDevResourceGenerateDesc", ("desc", n))
-
-    def cuGreenCtxCreate(self, desc, dev, flags):
-        return self._ret("cuGreenCtxCreate", "gctx")
-
-    def cuGreenCtxStreamCreate(self, ctx, flags, priority):
-        return self._ret("cuGreenCtxStreamCreate", 0xBEEF)
-
-
-def test_driver_green_context_call_sequence_and_granted_count(monkeypatch):
-    from dynaflow.backend import streams as st
-    from dynaflow.ir import Lane
-
-    drv = _FakeDriver(granted=24)
-    monkeypatch.setattr(st, "_driver", lambda: drv)
-    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda ptr, device=None: ("external", ptr, str(device)))
-    ctx, stream, granted = st._driver_green(Lane("compute", sm_count=20), 24, 0)
-    assert drv.calls == ["cuInit", "cuDeviceGet", "cuDeviceGetDevResource", "cuDevSmResourceSplitByCount",
-                         "cuDevResourceGenerateDesc", "cuGreenCtxCreate", "cuGreenCtxStreamCreate"]
-    assert drv.min_count == 24 and granted == 24 and ctx == "gctx"
-    assert stream == ("external", 0xBEEF, "cuda:0")
-
-
-def test_driver_green_context_error_falls_back_and_names_the_lane(fake_device, monkeypatch, caplog):
-    from dynaflow.ir import Lane
-
-    drv = _FakeDriver(fail_at="cuGreenCtxCreate")
-    monkeypatch.setattr(fake_device, "_driver", lambda: drv)
-    monkeypatch.setattr(fake_device, "green_context_support", lambda: "cuda-python")
-    with caplog.at_level("WARNING"):
-        (ls,) = fake_device.make_lane_streams((Lane("attn", sm_count=40),))
-    assert ls.mechanism == "fallback" and drv.calls[-1] == "cuGreenCtxCreate"
-    assert "lane 'attn': green context via cuda-python failed" in caplog.text and "CUDA driver error 800" in caplog.text
+# The cuda-python driver sequence (one split per lane set, the granted count, failures) is tested with a fake
+# driver in tests/test_sm_partitions.py.
 
 
 @pytest.mark.parametrize("api", ["2.11", "2.13"])

@@ -196,12 +196,15 @@ def test_llama_inductor(dtype, graphs):
 
 
 # -- SM partitions ------------------------------------------------------------------------------------------
-SM_COUNTS = {"compute": 100, "memory": 30}  # 100 -> 104 and 30 -> 32 on Hopper (multiples of 8)
+SM_COUNTS = {"compute": 100, "memory": 30}  # one split on a 132-SM Hopper: compute 96 [group], memory 36 [remainder]
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 @pytest.mark.parametrize("model", ["transformer", "llama"])
 def test_sm_partitioned_lanes(model, graphs):
+    from dynaflow.backend.sm_partitions import sm_granularity
+    from dynaflow.backend.streams import lane_resources
+
     dtype = torch.bfloat16
     opts = {"strategy_options": {"sm_counts": SM_COUNTS}, "cuda_graphs": graphs}
     if model == "transformer":
@@ -210,13 +213,17 @@ def test_sm_partitioned_lanes(model, graphs):
         c = _run_llama(_llama(dtype), "nanoflow", dtype, **opts)
     g = c.graphs[0]
     streams = g._executors["cuda"].lane_streams(g.last_plan.program)
-    report = {ls.lane: (ls.requested_sms, ls.granted_sms, ls.mechanism) for ls in streams}
+    report = {ls.lane: (ls.requested_sms, ls.granted_sms, ls.mechanism, repr(ls.part)) for ls in streams}
     print("SM partitions:", report)
+    props = torch.cuda.get_device_properties(0)
+    green = [ls for ls in streams if ls.mechanism == "cuda-python-green-context"]
     for ls in streams:
         assert ls.requested_sms in SM_COUNTS.values()
-        if ls.mechanism.endswith("green-context"):
-            props = torch.cuda.get_device_properties(0)
-            assert ls.granted_sms % (8 if props.major >= 9 else 2) == 0 and ls.granted_sms >= ls.requested_sms
+    if green:  # disjoint: one split, no group in two lanes, the remainder in the last lane only
+        assert len({ls.split for ls in green}) == 1 and [ls.part.remainder for ls in green] == [False, True]
+        assert green[0].granted_sms % sm_granularity(props.major)[1] == 0
+        assert sum(ls.granted_sms for ls in green) <= props.multi_processor_count
+        assert lane_resources(green) == {ls.lane: ls.granted_sms for ls in green}
 
 
 # -- memory -------------------------------------------------------------------------------------------------
