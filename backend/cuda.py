@@ -246,39 +246,16 @@ class CudaExecutor(Executor):
         ``frees``: drop each value after its last use; ``only``: drop only these slots (inside a capture,
         the values the piece itself allocated from the graph's pool — never a tensor allocated outside the
         capture, whose memory the allocator could hand out again while replays still read it)."""
-        env = step.env
         streams = [ls.stream for ls in state.lanes]
         used = sorted({state.lane_of[id(l)] for l in piece.order})
         for li in used:
             streams[li].wait_stream(caller)
-        free_at = state.free_at if frees else {}
-        recorded = {l.event for l in piece.order if l.event is not None}
-
-        @contextlib.contextmanager
-        def on_lane(launch: Any) -> Iterator[None]:
-            s = streams[state.lane_of[id(launch)]]
-            for w in state.waits[id(launch)]:
-                if w.event in recorded:  # events of earlier pieces are covered by their join
-                    s.wait_event(state.events[w.event])
-            with torch.cuda.stream(s):
-                t0 = _timing_event(s) if timing is not None else None
-                yield
-                if timing is not None:
-                    timing.append((launch.lane, repr(launch.op), launch.segment.resource.value, t0, _timing_event(s)))
-                if launch.event is not None:
-                    state.events[launch.event].record(s)
-
-        def free(launch: Any) -> None:
-            for slot in free_at.get(id(launch), ()):
-                if only is not None and slot not in only:
-                    continue
-                v = env[slot]
-                if isinstance(v, torch.Tensor):
-                    for r in state.cross_readers.get(slot, ()):
-                        v.record_stream(streams[r])
-                env[slot] = None
-
-        step_loop(step, piece.order, around=on_lane, after=free if free_at else None)
+        issue = _LaneIssue(state, streams, step.env, caller, timing, only,
+                           {l.event for l in piece.order if l.event is not None})
+        try:
+            step_loop(step, piece.order, around=issue, after=issue.free if frees and state.free_at else None)
+        finally:
+            issue.restore()
         for li in used:
             caller.wait_stream(streams[li])
 
@@ -385,6 +362,61 @@ class CudaExecutor(Executor):
             t1.synchronize()
             events.append(TimelineEvent(lane, op, start.elapsed_time(t0) / 1e3, start.elapsed_time(t1) / 1e3, res))
         self.last_timeline = Timeline(tuple(sorted(events, key=lambda e: e.start)), self.name)
+
+
+class _LaneIssue:
+    """The step loop's hooks for one piece on CUDA streams, made once per step: ``around`` puts a launch on its
+    lane's stream (its waits first, its event after); ``free`` drops values at their last use. The current
+    stream changes only when the lane does (``torch.cuda.set_stream``), and goes back to the caller's after."""
+
+    __slots__ = ("state", "streams", "env", "caller", "timing", "only", "recorded", "current", "launch", "t0")
+
+    def __init__(self, state: _State, streams: list[Any], env: list[Any], caller: Any,
+                 timing: list[tuple[str, str, str, Any, Any]] | None, only: set[int] | None, recorded: set[int]):
+        self.state, self.streams, self.env, self.caller = state, streams, env, caller
+        self.timing, self.only, self.recorded = timing, only, recorded
+        self.current, self.launch, self.t0 = caller, None, None
+
+    def __call__(self, launch: Any) -> "_LaneIssue":
+        self.launch = launch
+        return self
+
+    def __enter__(self) -> None:
+        launch, state = self.launch, self.state
+        s = self.streams[state.lane_of[id(launch)]]
+        for w in state.waits[id(launch)]:
+            if w.event in self.recorded:  # events of earlier pieces are covered by their join
+                s.wait_event(state.events[w.event])
+        if s is not self.current:
+            torch.cuda.set_stream(s)
+            self.current = s
+        if self.timing is not None:
+            self.t0 = _timing_event(s)
+
+    def __exit__(self, exc_type: Any, *_: Any) -> bool:
+        if exc_type is None:
+            launch, s = self.launch, self.current
+            if self.timing is not None:
+                self.timing.append((launch.lane, launch.timeline_op, launch.resource_name, self.t0, _timing_event(s)))
+            if launch.event is not None:
+                self.state.events[launch.event].record(s)
+        return False
+
+    def free(self, launch: Any) -> None:
+        env, only, state = self.env, self.only, self.state
+        for slot in state.free_at.get(id(launch), ()):
+            if only is not None and slot not in only:
+                continue
+            v = env[slot]
+            if isinstance(v, torch.Tensor):
+                for r in state.cross_readers.get(slot, ()):
+                    v.record_stream(self.streams[r])
+            env[slot] = None
+
+    def restore(self) -> None:
+        if self.current is not self.caller:
+            torch.cuda.set_stream(self.caller)
+            self.current = self.caller
 
 
 def _timing_event(stream: Any) -> Any:

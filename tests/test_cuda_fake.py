@@ -102,6 +102,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(cuda_mod, "cuda_unavailable_reason", lambda: None)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
     monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: current.__setitem__(-1, s))
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(cuda_mod, "make_lane_streams", lane_streams)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: frees.append(s.name), raising=False)
@@ -146,6 +147,7 @@ def test_eager_cuda_path_matches_serial_and_follows_the_stream_protocol(fake_cud
             fake_cuda.journal.clear()
             out = ex.run(p, inputs)
             assert torch.equal(out, ref)
+            assert torch.cuda.current_stream() is fake_cuda.caller  # lanes switched streams, then gave it back
             lanes = {l.name for l in p.lanes}
             if step == 0:  # the first step probes buffer shapes on the caller's stream alone
                 assert not fake_cuda.journal
