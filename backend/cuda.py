@@ -43,14 +43,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from dynaflow.config import DynaflowConfig
 from dynaflow.errors import BackendError
-from dynaflow.ir import Lane
+from dynaflow.ir import Lane, Resource
 from dynaflow.nanocontext import current_nano_context
 from dynaflow.timeline import Timeline, TimelineEvent
 from dynaflow.backend.arena import ALIGN
@@ -100,6 +100,8 @@ class _State:
     """The whole program as one eager piece (every wait kept)."""
     free_at: dict[int, tuple[int, ...]]
     """Launch id → slots to drop after it (free at last use)."""
+    carveout_of: dict[int, int] = field(default_factory=dict)
+    """Launch id → SMs cuBLAS must leave free: compute launches on a lane with an SM partition."""
     buffers: dict[int, torch.Tensor] | None = None
     arena: torch.Tensor | None = None
     steps: int = 0
@@ -209,7 +211,7 @@ class CudaExecutor(Executor):
                      if s in producer_lane and r - {producer_lane[s]}}
             st = _State(program, lanes, [torch.cuda.Event() for _ in range(program.num_events)], lane_of,
                         waits_before(program), cross, capture_plan(program, graphs=False).pieces[0],
-                        _free_table(program))
+                        _free_table(program), gemm_carveouts(program, lanes, lane_of))
             self._states[id(program)] = st
         return st
 
@@ -369,13 +371,14 @@ class _LaneIssue:
     lane's stream (its waits first, its event after); ``free`` drops values at their last use. The current
     stream changes only when the lane does (``torch.cuda.set_stream``), and goes back to the caller's after."""
 
-    __slots__ = ("state", "streams", "env", "caller", "timing", "only", "recorded", "current", "launch", "t0")
+    __slots__ = ("state", "streams", "env", "caller", "timing", "only", "recorded", "current", "launch", "t0",
+                 "carveout", "carved")
 
     def __init__(self, state: _State, streams: list[Any], env: list[Any], caller: Any,
                  timing: list[tuple[str, str, str, Any, Any]] | None, only: set[int] | None, recorded: set[int]):
         self.state, self.streams, self.env, self.caller = state, streams, env, caller
         self.timing, self.only, self.recorded = timing, only, recorded
-        self.current, self.launch, self.t0 = caller, None, None
+        self.current, self.launch, self.t0, self.carveout, self.carved = caller, None, None, None, False
 
     def __call__(self, launch: Any) -> "_LaneIssue":
         self.launch = launch
@@ -390,10 +393,17 @@ class _LaneIssue:
         if s is not self.current:
             torch.cuda.set_stream(s)
             self.current = s
+        carveout = state.carveout_of.get(id(launch))
+        if carveout is not None:  # GEMMs sized for the lane's SMs, not the whole device
+            self.carveout, self.carved = torch._C._get_sm_carveout_experimental(), True
+            torch._C._set_sm_carveout_experimental(carveout)
         if self.timing is not None:
             self.t0 = _timing_event(s)
 
     def __exit__(self, exc_type: Any, *_: Any) -> bool:
+        if self.carved:  # the caller's setting back
+            torch._C._set_sm_carveout_experimental(self.carveout)
+            self.carved = False
         if exc_type is None:
             launch, s = self.launch, self.current
             if self.timing is not None:
@@ -417,6 +427,21 @@ class _LaneIssue:
         if self.current is not self.caller:
             torch.cuda.set_stream(self.caller)
             self.current = self.caller
+
+
+def gemm_carveouts(program: Program, lanes: Sequence[LaneStream], lane_of: dict[int, int]) -> dict[int, int]:
+    """For each compute launch on a lane with an SM partition, the SMs cuBLAS should leave unused
+    (``torch._C._set_sm_carveout_experimental``): its persistent GEMMs otherwise size their grid for the whole
+    device and run 1.5-2 waves on the partition. Empty where torch lacks the knob or no lane is partitioned."""
+    if not hasattr(torch._C, "_set_sm_carveout_experimental") or not any(l.granted_sms for l in lanes):
+        return {}
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    out = {}
+    for launch in program.serial_order:
+        granted = lanes[lane_of[id(launch)]].granted_sms
+        if granted and granted < total and launch.segment.resource is Resource.COMPUTE:
+            out[id(launch)] = total - granted
+    return out
 
 
 def _timing_event(stream: Any) -> Any:

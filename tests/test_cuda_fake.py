@@ -291,3 +291,39 @@ def test_cuda_executor_runs_nano_context_launches_inside_the_engine_state(fake_c
     with torch.no_grad(), engine_state(scale), nano_context(_provider(scale)):
         for _ in range(3):
             torch.testing.assert_close(fast(x), ref)
+
+
+def test_compute_launches_on_a_partitioned_lane_limit_cublas_to_its_sms(fake_cuda, monkeypatch):
+    """On a lane with an SM partition, each compute launch runs with cuBLAS's SM carveout set to the SMs the
+    lane does not have, and the caller's setting comes back after it; launches on other lanes are untouched."""
+    from dynaflow.ir import Resource
+
+    granted = {"compute": 96, "memory": 36}
+    monkeypatch.setattr(cuda_mod, "make_lane_streams", lambda lanes, device=None: tuple(
+        LaneStream(l.name, FakeStream(l.name, fake_cuda.journal), l.sm_count, granted.get(l.name), "fake-green")
+        for l in lanes))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"multi_processor_count": 132}))
+    carveout: list = [None]
+    calls: list = []
+    monkeypatch.setattr(torch._C, "_get_sm_carveout_experimental", lambda: carveout[0], raising=False)
+    monkeypatch.setattr(torch._C, "_set_sm_carveout_experimental",
+                        lambda v: (calls.append(v), carveout.__setitem__(0, v)), raising=False)
+    seen: list = []
+    real = launch_mod.run_launch
+
+    def run_launch(launch, step):
+        seen.append((launch.segment.resource, carveout[0]))
+        return real(launch, step)
+
+    monkeypatch.setattr(launch_mod, "run_launch", run_launch)
+    p, inputs, _ = program_of(make_transformer(), transformer_input(6), "nanoflow", 2)
+    ex = cuda_mod.CudaExecutor()
+    with torch.no_grad():
+        ref = SerialExecutor().run(p, inputs)
+        for _ in range(2):
+            seen.clear()
+            assert torch.equal(ex.run(p, inputs), ref)
+    assert {c for r, c in seen if r is Resource.COMPUTE} == {132 - 96}
+    assert {c for r, c in seen if r is not Resource.COMPUTE} == {None}
+    assert carveout[0] is None and calls[-1] is None  # restored after the last launch
