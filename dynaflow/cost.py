@@ -50,6 +50,9 @@ class DeviceSpec:
     dtype_scale: Mapping[str, float] = field(default_factory=lambda: {"float32": 1.0})
     wait_latency: float = 0.0
     """Seconds a lane blocked on another lane's event pays to resume (thread hand-off on CPU)."""
+    host_bandwidth: float = 25e9
+    """Bytes/s of host <-> device copies from pinned memory (PCIe), per direction: what a ``transfer`` segment
+    moves its bytes at, on the copy engines (assumed: ~80% of PCIe 4.0 x16; set per device below)."""
 
     def flops_for(self, dtype: str) -> float:
         return self.peak_flops * self.dtype_scale.get(dtype.replace("torch.", ""), 1.0)
@@ -64,8 +67,9 @@ _GPU_DTYPES = {"bfloat16": 1.0, "float16": 1.0, "float32": 0.068, "float8_e4m3fn
 DEVICES: dict[str, DeviceSpec] = {
     # Achievable rates, assumed: ~80% of the data-sheet dense bf16 peak (790 of 989 TFLOP/s)
     # and ~90% of HBM bandwidth. float32 without TF32 runs on the CUDA cores (67 TFLOP/s on H100/H200).
-    "h200": DeviceSpec("NVIDIA H200", 790e12, 4.3e12, 132, 8, 4e-6, 0.4, 450e9, 3e-6, _GPU_DTYPES, 2e-6),
-    "h100": DeviceSpec("NVIDIA H100 SXM", 790e12, 3.0e12, 132, 8, 4e-6, 0.4, 450e9, 3e-6, _GPU_DTYPES, 2e-6),
+    # host_bandwidth: PCIe 5.0 x16, ~50 GB/s per direction achievable from pinned memory (assumed).
+    "h200": DeviceSpec("NVIDIA H200", 790e12, 4.3e12, 132, 8, 4e-6, 0.4, 450e9, 3e-6, _GPU_DTYPES, 2e-6, 50e9),
+    "h100": DeviceSpec("NVIDIA H100 SXM", 790e12, 3.0e12, 132, 8, 4e-6, 0.4, 450e9, 3e-6, _GPU_DTYPES, 2e-6, 50e9),
     "a100": DeviceSpec("NVIDIA A100 SXM", 250e12, 1.8e12, 108, 2, 5e-6, 0.5, 300e9, 4e-6,
                        {"bfloat16": 1.0, "float16": 1.0, "float32": 0.078}, 2e-6),
     # A generic 2-core VM: numbers are order-of-magnitude; profile for anything that matters.
@@ -144,6 +148,8 @@ class CostModel:
 
 
 def _demand_for(resource: Resource, sm_share: float, bw_frac: float = 1.0) -> tuple[tuple[str, float], ...]:
+    if resource is Resource.TRANSFER:
+        return (("copy", 1.0),)  # the copy engines: no SM, a little HBM
     if resource is Resource.COMPUTE:
         return (("sm", sm_share),)
     if resource is Resource.MEMORY:
@@ -211,6 +217,9 @@ class RooflineCost(CostModel):
         t_compute = c.flops(rows) / (d.flops_for(self.dtype) * share)
         bw = bandwidth_share(share, d.bw_saturation)
         t_memory = c.bytes(rows) / (d.mem_bandwidth * bw)
+        if segment.resource is Resource.TRANSFER:  # host <-> device over PCIe, on the copy engines
+            t_copy = c.bytes(rows) / 2 / max(d.host_bandwidth, 1.0)  # counted bytes are input plus output
+            return Estimate(t_copy + d.launch_overhead, _demand_for(Resource.TRANSFER, share), "transfer")
         if segment.resource is Resource.NETWORK:
             t_net = self._network_seconds(segment, c.bytes(rows))
             if t_net is not None:

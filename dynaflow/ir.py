@@ -48,6 +48,8 @@ class Resource(str, enum.Enum):
     COMPUTE = "compute"
     MEMORY = "memory"
     NETWORK = "network"
+    TRANSFER = "transfer"
+    """Copies between host and device: the copy engines, which no kernel competes with."""
 
     def __repr__(self) -> str:
         return self.value

@@ -95,7 +95,7 @@ def to_perfetto(timeline: Timeline, path: str | os.PathLike[str]) -> str:
     return path
 
 
-_COLOURS = {"compute": "#4C72B0", "memory": "#DD8452", "network": "#55A868", "": "#8C8C8C"}
+_COLOURS = {"compute": "#4C72B0", "memory": "#DD8452", "network": "#55A868", "transfer": "#8172B3", "": "#8C8C8C"}
 
 
 def plot(timeline: Timeline, path: str | os.PathLike[str], title: str | None = None) -> str:

@@ -284,10 +284,32 @@ COLLECTIVE_PATTERN = (
 )
 
 
+_COPY = re.compile(r"(^|\.)(_to_copy|to|copy_|copy|cuda|cpu|_copy_from)(\.|$)")
+
+
+def _device_type(value: Any) -> str | None:
+    device = getattr(value, "device", None)
+    return getattr(device, "type", None)
+
+
+def host_device_copy(node: torch.fx.Node) -> bool:
+    """A copy between host and device memory (``x.to("cuda")``, ``dst.copy_(pinned)``, ``x.cpu()``): its
+    input and output tensors live on different device types (read from the nodes' fake values)."""
+    if node.op not in ("call_function", "call_method") or not _COPY.search(op_name(node)):
+        return False
+    out = node.meta.get("example_value", node.meta.get("val"))
+    args = [a for a in node.all_input_nodes]
+    types = {_device_type(a.meta.get("example_value", a.meta.get("val"))) for a in args} | {_device_type(out)}
+    types.discard(None)
+    return len(types) > 1
+
+
 def default_rules() -> list[Rule]:
-    """Cut around collectives, attention cores and each block's MLP / MoE; everything else is glue."""
+    """Cut around collectives, host <-> device copies, attention cores and each block's MLP / MoE; everything
+    else is glue."""
     return [
         Op(COLLECTIVE_PATTERN, name="comm", tags=("network",)),
+        Where(host_device_copy, name="transfer", tags=("transfer",)),
         Op(r"scaled_dot_product_attention|flash_attn|flex_attention|paged_attention|unified_attention",
            name="attention", tags=("memory",)),
         Mod(r"(?i).*(mlp|moe|feedforward|feed_forward|ffn|experts).*", name="mlp", tags=("compute",)),

@@ -35,9 +35,9 @@ class NanoFlow(Strategy):
             out.append({"nano_batches": n})
             if Resource.MEMORY in resources and 2 * n <= info.batch_size:  # finer attention split
                 out.append({"nano_batches": n, "stage_nano_batches": {"memory": 2 * n}})
-            if space.num_sms and len(resources) > 1 and Resource.COMPUTE in resources:
-                other = next(r for r in (Resource.MEMORY, Resource.NETWORK) if r in resources)
-                out += [{"nano_batches": n, "sm_counts": {"compute": space.num_sms - sm, other.value: sm}}
+            others = [r for r in (Resource.MEMORY, Resource.NETWORK) if r in resources]  # transfers use no SMs
+            if space.num_sms and others and Resource.COMPUTE in resources:
+                out += [{"nano_batches": n, "sm_counts": {"compute": space.num_sms - sm, others[0].value: sm}}
                         for sm in space.sm_splits()]
         return out
     default_nano_batches = 2

@@ -140,9 +140,10 @@ def test_rule_tags_give_resource_and_hints():
 
 def test_default_rules():
     names = [r.name for r in default_rules()]
-    assert names == ["comm", "attention", "mlp"]
+    assert names == ["comm", "transfer", "attention", "mlp"]
     res = {r.name: r.resource for r in default_rules()}
-    assert res == {"comm": Resource.NETWORK, "attention": Resource.MEMORY, "mlp": Resource.COMPUTE}
+    assert res == {"comm": Resource.NETWORK, "transfer": Resource.TRANSFER, "attention": Resource.MEMORY,
+                   "mlp": Resource.COMPUTE}
 
 
 # -- rules on a real model ----------------------------------------------------------------------------
