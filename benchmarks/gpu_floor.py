@@ -33,6 +33,7 @@ import gc
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,7 @@ DEFAULT_OUT = os.path.join(HERE, "results", "gpu_floor.json")
 QUICK_STRATEGIES = ("auto", "sequential", "nanoflow")
 FULL_ROWS_IN_QUICK = ("a-2L", "c-b1")
 """Under --quick, only these instances get reduce-overhead and SM-partition rows (the checks use them)."""
+NO_LIMIT = 1e9
 WEIGHTS = {"a-2L": 1.3, "a-8L": 1.0, "b": 0.8, "c-b1": 1.2, "c-b4": 0.8, "c-b16": 0.8}
 """Share of the time budget per workload instance (others: 1.0)."""
 FAMILY_BASELINES = {
@@ -276,11 +278,12 @@ def run_isolated(name: str, args: argparse.Namespace, allowance: float, tmp: str
     """One workload in a subprocess, killed after ``allowance`` seconds; returns its records (also those of a
     killed run) and what went wrong, if anything."""
     out = os.path.join(tmp, f"{name}.jsonl")
-    reserve = min(20.0, allowance * 0.1)
+    limited = allowance < NO_LIMIT
+    reserve = min(20.0, allowance * 0.1) if limited else 0.0  # time to write the last row and exit
     argv = _worker_argv(args, name, out, max(allowance - reserve, 1.0))
     problem = None
     try:
-        done = subprocess.run(argv, timeout=allowance, capture_output=True, text=True, cwd=os.path.dirname(HERE))
+        done = subprocess.run(argv, timeout=allowance if limited else None, capture_output=True, text=True, cwd=os.path.dirname(HERE))
         if done.returncode != 0:
             problem = f"worker exited {done.returncode}: {(done.stderr or done.stdout)[-1500:]}"
         sys.stderr.write(done.stderr[-20000:])
@@ -317,6 +320,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     args = parse(argv)
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu_floor.py needs a CUDA GPU (use --dry-run on CPU to check the plumbing).")
+    threads = torch.get_num_threads()
+    if args.dry_run:  # tiny ops: one intra-op thread, so that a busy shared CPU cannot stall OpenMP barriers
+        torch.set_num_threads(1)
+    try:
+        return _main(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any] | None:
     os.environ.setdefault("DYNAFLOW_CACHE_DIR", tempfile.mkdtemp(prefix="gpu_floor_cache_"))  # auto measures afresh
     out_dir = os.path.dirname(os.path.abspath(args.out_path))
     os.makedirs(out_dir, exist_ok=True)
@@ -339,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         for name, builder in todo.items():
             left = args.budget_s - (time.perf_counter() - start) if args.budget_s else None
             pending = sum(weights[n] for n in todo if n not in {e["name"] for e in entries})
-            allowance = left * weights[name] / pending if left is not None else 1e9
+            allowance = left * weights[name] / pending if left is not None else NO_LIMIT
             t0 = time.perf_counter()
             log.info("== %s (time limit %s)", name, f"{allowance:.0f} s" if left is not None else "none")
             if left is not None and allowance < args.min_row_s * 2:
@@ -354,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                     problem = f"{type(exc).__name__}: {exc}"
                     log.exception("workload %s", name)
             entries.append(assemble(records, name, problem, time.perf_counter() - t0))
-            _release(not args.dry_run)
+            if not isolate:
+                _release(not args.dry_run)
     for e in entries:
         floor_report.annotate(e)
     try:
@@ -363,7 +377,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         hf_version = transformers.__version__
     except ImportError:
         hf_version = None
-    report = provenance("gpu_floor", dry_run=args.dry_run, quick=args.quick, cuda_runtime=torch.version.cuda,
+    command = shlex.join(["python", os.path.relpath(os.path.abspath(__file__), os.path.dirname(HERE)),
+                          *(sys.argv[1:] if argv is None else argv)])
+    report = provenance("gpu_floor", command=command, dry_run=args.dry_run, quick=args.quick, cuda_runtime=torch.version.cuda,
                         transformers=hf_version, commit=_commit(),
                         settings={"repeats": args.repeats, "warmup": args.warmup, "executor": args.executor,
                                   "budget_s": args.budget_s, "row_limit_s": args.row_limit_s,
