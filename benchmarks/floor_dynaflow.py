@@ -71,7 +71,7 @@ def build(w: Workload, row: DynaflowRow, executor: str, timeline: bool = False) 
     """Compile ``row`` for ``w``; the runner's ``info`` says what dynaflow ran (lanes, what auto picked)."""
     import dynaflow
 
-    nano = row.nano if row.nano is None else min(row.nano, max(w.batch, 1))  # batch 1: one nano-batch
+    nano = row.nano
     torch._dynamo.reset()
     if w.family == "hf_decode":
         from dynaflow.integrations import transformers as df_hf
@@ -107,3 +107,10 @@ def describe(runner: Runner) -> dict[str, Any]:
             info["explain_error"] = f"{type(exc).__name__}: {exc}"
     return info
 
+
+def unhook(w: Workload) -> None:
+    """Give the transformers model its own forward back (a no-op when no dynaflow hook is installed)."""
+    if w.family == "hf_decode":
+        from dynaflow.integrations import transformers as df_hf
+
+        df_hf.disable(w.model)

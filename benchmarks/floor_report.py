@@ -98,6 +98,18 @@ def checks(workloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def best_dynaflow(workloads: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The dynaflow row with the best ratio to eager over all workloads (with its workload's timeline PNG)."""
+    rows = [(w, r) for w in workloads for r in w["rows"]
+            if r.get("kind") == "dynaflow" and r.get("vs_eager") is not None and r.get("equal")]
+    if not rows:
+        return None
+    w, r = max(rows, key=lambda wr: wr[1]["vs_eager"])
+    tl = w.get("timeline") or {}
+    return {"workload": w["name"], "row": r["row"], "vs_eager": r["vs_eager"], "vs_eager_graph": r.get("vs_eager_graph"),
+            "timeline_png": tl.get("png") if tl.get("row") == r["row"] else None}
+
+
 def _fmt(v: float | None, spec: str, unit: str = "") -> str:
     return "-" if v is None else format(v, spec) + unit
 
@@ -127,7 +139,13 @@ def table(workloads: list[dict[str, Any]]) -> str:
 def render(report: dict[str, Any]) -> str:
     """The table, then one line per check."""
     note = " (dry run: CPU timings of tiny models, not evidence of anything)" if report.get("dry_run") else ""
-    out = [table(report["workloads"]), "", f"checks{note}:"]
+    out = [table(report["workloads"])]
+    if report.get("skipped_on_cpu"):
+        out.append(f"not run on the CPU: {report['skipped_on_cpu']}")
+    for w in report["workloads"]:
+        if w.get("status", "complete") != "complete":
+            out.append(f"{w['name']}: {w['status'][:300]}")
+    out += ["", f"checks{note}:"]
     for c in report["checks"]:
         out.append(f"  {c['status']:4}  {c['check']} [{c['workload']}]: {c['detail']}")
     return "\n".join(out)

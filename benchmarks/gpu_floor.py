@@ -18,8 +18,8 @@ Time limits: on a GPU each workload runs in its own subprocess, killed when its 
 is spent (the rows it finished are kept; a CUDA error in one workload cannot poison the next); a row
 that runs past ``--row-limit-s`` is interrupted and recorded as an error; a row not started for want of
 time is recorded as skipped. ``--quick`` keeps the rows the checks need and the most telling others:
-strategies ``auto``, ``sequential``, ``nanoflow``; SM partitions and ``reduce-overhead`` only where the
-checks or the comparison need them (a-2L, c-b1).
+strategies ``auto``, ``sequential``, ``nanoflow``; ``reduce-overhead`` on a-2L and c-b1 (check 3 needs
+it), SM partitions on a-2L only.
 
 Output: one JSON (``--out``, default ``benchmarks/results/gpu_floor.json``) with GPU name, torch version,
 date and command (``_results.provenance``), every row, the checks, and a timeline PNG of each workload's
@@ -59,8 +59,10 @@ log = logging.getLogger("gpu_floor")
 
 DEFAULT_OUT = os.path.join(HERE, "results", "gpu_floor.json")
 QUICK_STRATEGIES = ("auto", "sequential", "nanoflow")
-FULL_ROWS_IN_QUICK = ("a-2L", "c-b1")
-"""Under --quick, only these instances get reduce-overhead and SM-partition rows (the checks use them)."""
+QUICK_REDUCE_OVERHEAD = ("a-2L", "c-b1")
+QUICK_SM = ("a-2L",)
+"""Under --quick, only these instances get the reduce-overhead row (check 3 needs it on c-b1) and the
+SM-partition rows (dense decode is where partitions can pay: GEMMs and attention take equal time)."""
 NO_LIMIT = 1e9
 WEIGHTS = {"a-2L": 1.3, "a-8L": 1.0, "b": 0.8, "c-b1": 1.2, "c-b4": 0.8, "c-b16": 0.8}
 """Share of the time budget per workload instance (others: 1.0)."""
@@ -87,17 +89,20 @@ class Planned:
 def plan(w: Workload, env: Env, args: argparse.Namespace) -> list[Planned]:
     """The rows of ``w`` in the order they run: the rows the checks need first, so that a time limit cuts
     the least telling ones."""
-    full = not args.quick or w.name in FULL_ROWS_IN_QUICK
+    ro = not args.quick or w.name in QUICK_REDUCE_OVERHEAD
+    sm = not args.quick or w.name in QUICK_SM
     rows: list[Planned] = []
     for name in FAMILY_BASELINES[w.family]:
-        if not full and (name == "reduce-overhead" or name.startswith("pipe SM")):
+        if (name == "reduce-overhead" and not ro) or (name.startswith("pipe SM") and not sm):
             continue
         shown = name.replace("pipe SM", f"pipe SM {env.sm_split[0]}+{env.sm_split[1]}") if env.sm_split else name
         rows.append(Planned(len(rows), shown, "baseline", lambda fn=BASELINES[name]: fn(w, env)))
     strategies = args.strategies or (list(QUICK_STRATEGIES) if args.quick else None)
     for row in floor_dynaflow.matrix(strategies, env):
-        if row.sm and not full:
+        if row.sm and not sm:
             continue
+        if row.nano and row.nano > max(w.batch, 1):  # batch 1: one nano-batch (named as it runs)
+            row = floor_dynaflow.DynaflowRow(row.strategy, max(w.batch, 1), row.graphs, row.sm)
         rows.append(Planned(len(rows), row.name, "dynaflow",
                             lambda row=row: floor_dynaflow.build(w, row, args.executor), row))
 
@@ -152,11 +157,12 @@ def measure(w: Workload, name: str, kind: str, make: Callable[[], Runner], ref: 
         rec["raised_in"] = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
         log.warning("%s / %s failed: %s", w.name, name, rec["error"].splitlines()[0][:300])
     finally:
-        if runner is not None:
-            try:
+        try:
+            if runner is not None:
                 runner.close()
-            except Exception as exc:  # pragma: no cover - cleanup must not hide the row
-                log.warning("closing %s: %s", name, exc)
+            floor_dynaflow.unhook(w)  # also when the row was interrupted between enable() and its return
+        except Exception as exc:  # pragma: no cover - cleanup must not hide the row
+            log.warning("closing %s: %s", name, exc)
         del runner
         try:
             _release(cuda)
@@ -245,7 +251,8 @@ def run_workload(name: str, builder: Callable[..., Workload], args: argparse.Nam
                 why = broken or f"workload time limit reached ({left:.0f} s left, a row needs {args.min_row_s:.0f} s)"
                 rec = {"type": "row", "workload": w.name, "row": p.name, "kind": p.kind, "skipped": why}
             else:
-                limit = min(args.row_limit_s, left) if args.row_limit_s else left
+                row_limit = args.row_limit_s * (2 if p.name == "reduce-overhead" else 1)  # Inductor compiles
+                limit = min(row_limit, left) if row_limit else left
                 rec = measure(w, p.name, p.kind, p.make, ref, args, cuda, limit)
                 if "CUDA error" in rec.get("error", "") or "cudaError" in rec.get("error", ""):
                     broken = f"not run: the CUDA context broke in row {p.name!r}"
@@ -390,6 +397,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
                         "run times tiny float32 models on the CPU with the serial executor",
                         seconds=round(time.perf_counter() - start, 1), workloads=entries)
     report["checks"] = floor_report.checks(entries)
+    report["best_dynaflow"] = floor_report.best_dynaflow(entries)
     write(report, args.out_path)
     print(floor_report.render(report), flush=True)
     return report
@@ -417,7 +425,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--executor", default=None, help="dynaflow executor (default cuda; serial on --dry-run)")
     ap.add_argument("--sm-split", default=None, help="compute,memory SMs of the partitioned rows (default ~60%%/40%%)")
     ap.add_argument("--budget-s", type=float, default=None, help="time for all workloads (default 420 --quick, 1500 full, none dry run)")
-    ap.add_argument("--row-limit-s", type=float, default=120.0, help="a row running longer is stopped and recorded")
+    ap.add_argument("--row-limit-s", type=float, default=60.0,
+                    help="a row running longer is stopped and recorded as an error (reduce-overhead: twice that)")
     ap.add_argument("--min-row-s", type=float, default=None, help="a row is not started with less time left")
     ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                     help="one subprocess per workload (default on a GPU)")
