@@ -29,11 +29,13 @@ best dynaflow row (re-run on eager streams with ``gpu_timeline=True``) beside it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -289,15 +291,19 @@ def run_isolated(name: str, args: argparse.Namespace, allowance: float, tmp: str
     reserve = min(20.0, allowance * 0.1) if limited else 0.0  # time to write the last row and exit
     argv = _worker_argv(args, name, out, max(allowance - reserve, 1.0))
     problem = None
+    # its own process group: a worker past its limit is killed with the compile workers Inductor started
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=os.path.dirname(HERE), start_new_session=True)
     try:
-        done = subprocess.run(argv, timeout=allowance if limited else None, capture_output=True, text=True, cwd=os.path.dirname(HERE))
-        if done.returncode != 0:
-            problem = f"worker exited {done.returncode}: {(done.stderr or done.stdout)[-1500:]}"
-        sys.stderr.write(done.stderr[-20000:])
-    except subprocess.TimeoutExpired as exc:
+        text, _ = proc.communicate(timeout=allowance if limited else None)
+        if proc.returncode != 0:
+            problem = f"worker exited {proc.returncode}: {text[-1500:]}"
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        text, _ = proc.communicate()
         problem = f"killed after its time limit of {allowance:.0f} s"
-        tail = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        sys.stderr.write(tail[-5000:])
+    sys.stderr.write((text or "")[-20000:])
     records = []
     if os.path.exists(out):
         with open(out) as f:

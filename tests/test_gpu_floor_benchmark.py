@@ -109,6 +109,25 @@ def test_isolated_worker_runs_one_workload_in_a_subprocess(tmp_path):
         "eager": True, "two-stream": True, "decode|prefill streams": True, "dynaflow sequential nano=1": True}
 
 
+def test_a_worker_past_its_share_of_the_budget_is_killed_and_the_run_goes_on(tmp_path):
+    out = tmp_path / "floor.json"
+    t0 = time.perf_counter()
+    report = gpu_floor.main(["--dry-run", "--workloads", "b", "--isolate", "--budget-s", "2", "--out", str(out)])
+    assert time.perf_counter() - t0 < 30
+    (w,) = report["workloads"]
+    assert w["status"].startswith("killed after its time limit") and json.loads(out.read_text())["checks"]
+
+
+def test_assemble_keeps_the_rows_of_a_killed_worker_in_display_order():
+    records = [{"type": "workload", "name": "b", "family": "mix", "batch": 6},
+               {"type": "row", "workload": "b", "row": "dynaflow auto", "kind": "dynaflow", "ms": 1.0, "order": 5},
+               {"type": "row", "workload": "b", "row": "eager", "kind": "baseline", "ms": 2.0, "order": 0}]
+    entry = gpu_floor.assemble(records, "b", "killed after its time limit of 9 s", 9.0)
+    assert [r["row"] for r in entry["rows"]] == ["eager", "dynaflow auto"] and entry["status"].startswith("killed")
+    floor_report.annotate(entry)
+    assert entry["rows"][1]["vs_eager"] == 2.0 and "order" not in entry["rows"][0]
+
+
 # -- the plan of rows ------------------------------------------------------------------------------------
 def _tiny_dense():
     return workloads.dense_decode(2, tiny=True, device="cpu", dtype=torch.float32)
