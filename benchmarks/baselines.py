@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from floor_measure import Streams, capture_graph
 from workloads import Workload, cache_counters, static_cache
@@ -82,27 +83,39 @@ def eager_graph(w: Workload, env: Env) -> Runner:
     return _graphed(eager(w, env))
 
 
+MARK_PREFIXES = ("_dynamo", "_has_dynamo", "_specialize_on")
+"""The attributes ``torch._dynamo.mark_static_address`` / ``(maybe_)mark_dynamic`` leave on a tensor."""
+
+
+def _marks(t: torch.Tensor) -> dict[str, Any]:
+    return {k: v for k, v in t.__dict__.items() if k.startswith(MARK_PREFIXES)}
+
+
 @contextlib.contextmanager
-def _static_marks(tensors: list[torch.Tensor]) -> Iterator[None]:
-    """Mark the persistent inputs static for cudagraph trees; restore the marks after the row (dynaflow rows
-    must see the tensors as they were)."""
-    saved = [getattr(t, "_dynamo_static_input_type", None) for t in tensors]
-    for t in tensors:
+def _compile_marks(w: Workload) -> Iterator[None]:
+    """For the reduce-overhead row: the persistent inputs marked static for cudagraph trees, and no dynamic
+    dims left over from dynaflow rows (which mark the batch dim of every input), so that the baseline is
+    the plain static-shape compile; every mark is restored after the row."""
+    tensors = {id(t): t for t in [*w.static, *(x for x in tree_leaves((w.inputs, w.kwargs)) if torch.is_tensor(x))]}
+    saved = {k: _marks(t) for k, t in tensors.items()}
+    for t in tensors.values():
+        for m in _marks(t):
+            delattr(t, m)
+    for t in w.static:
         torch._dynamo.mark_static_address(t)
     try:
         yield
     finally:
-        for t, s in zip(tensors, saved):
-            if s is None:
-                with contextlib.suppress(AttributeError):
-                    del t._dynamo_static_input_type
-            else:
-                t._dynamo_static_input_type = s
+        for k, t in tensors.items():
+            for m in _marks(t):
+                delattr(t, m)
+            for m, v in saved[k].items():
+                setattr(t, m, v)
 
 
 def reduce_overhead(w: Workload, env: Env) -> Runner:
     _need_cuda(env, "torch.compile(mode='reduce-overhead') (CUDA graph trees)")
-    marks = _static_marks(w.static)
+    marks = _compile_marks(w)
     marks.__enter__()
     compiled = torch.compile(w.model, mode="reduce-overhead", dynamic=False)
 

@@ -209,17 +209,20 @@ def test_reduce_overhead_baseline_plumbing_on_cpu():
     cudagraph trees skip CPU tensors, so this checks the plumbing only."""
     env = baselines.Env(cuda=True)  # lifts the CUDA guard only
     for w in (_tiny_dense(), workloads.hf_decode(4, tiny=True, device="cpu", dtype=torch.float32)):
+        torch._dynamo.maybe_mark_dynamic(w.static[0], 0)  # as a dynaflow row before it leaves the inputs
         before = [getattr(t, "_dynamo_static_input_type", None) for t in w.static]
         with torch.no_grad():
             ref = w.step()
             runner = baselines.reduce_overhead(w, env)
             assert all(getattr(t, "_dynamo_static_input_type", None) for t in w.static)
+            assert not hasattr(w.static[0], "_dynamo_weak_dynamic_indices")  # a static-shape compile
             for _ in range(2):
                 w.reset and w.reset()
                 out = runner.call()
             runner.close()
         assert floor_measure.rel_err(out, ref) < 1e-4
         assert [getattr(t, "_dynamo_static_input_type", None) for t in w.static] == before
+        assert w.static[0]._dynamo_weak_dynamic_indices == {0}
         torch._dynamo.reset()
 
 
