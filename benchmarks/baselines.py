@@ -14,8 +14,9 @@ reason) where the baseline does not apply. ``gpu_floor.py`` times every runner t
 * ``pipe`` — NanoFlow by hand (dense decode only, whose layers expose ``pre``/``attn``/``post``): GEMMs on
   a compute stream, decode attention on a memory stream, two nano-batches software-pipelined across layers
   (compute: pre0 pre1 | post0(i) pre0(i+1) post1(i) pre1(i+1) ...; memory: attn0(i) attn1(i) ...), chained by
-  events (``../shared/gpu/MEASURED.md`` §3). ``pipe SM c+m``: the same on two *disjoint* SM partitions from
-  one driver split (cuda-python green contexts), the compute lane first.
+  events, so each lane always has the other nano-batch's work to overlap with. ``pipe SM c+m``: the same on
+  two *disjoint* SM partitions from one driver split (cuda-python green contexts), the compute lane first
+  (a green context per lane, each splitting the whole device, gives overlapping partitions).
 """
 
 from __future__ import annotations

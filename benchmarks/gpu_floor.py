@@ -222,7 +222,7 @@ def _env(args: argparse.Namespace) -> Env:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     if args.sm_split:
         c, m = (int(v) for v in args.sm_split.split(","))
-    else:  # ~60% for the GEMM lane, in the multiples of 8 Hopper grants (H100: 80 + 52, MEASURED.md §3)
+    else:  # ~60% for the GEMM lane, in the multiples of 8 Hopper grants (H100, 132 SMs: 80 + 52)
         c = max(8, round(0.6 * sms / 8) * 8)
         m = sms - c
     return Env(cuda=True, num_sms=sms, sm_split=(c, m))
