@@ -115,7 +115,7 @@ def _compile_marks(w: Workload) -> Iterator[None]:
 
 
 def reduce_overhead(w: Workload, env: Env) -> Runner:
-    _need_cuda(env, "torch.compile(mode='reduce-overhead') (CUDA graph trees)")
+    _need_cuda(env, "reduce-overhead (CUDA graph trees)")
     marks = _compile_marks(w)
     marks.__enter__()
     compiled = torch.compile(w.model, mode="reduce-overhead", dynamic=False)
@@ -339,7 +339,7 @@ def disjoint_sm_streams(first: int, device: int = 0) -> tuple[Any, Any, list[Any
 
 
 def pipe_sm(w: Workload, env: Env) -> Runner:
-    _need_cuda(env, "SM partitions (green contexts)")
+    _need_cuda(env, "SM partitions")
     if env.sm_split is None:
         raise Skip("no SM split configured")
     if w.family != "dense_decode":

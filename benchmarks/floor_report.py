@@ -121,9 +121,9 @@ def table(workloads: list[dict[str, Any]]) -> str:
     for w in workloads:
         for r in w["rows"]:
             if r.get("error"):
-                err = "ERROR " + r["error"].splitlines()[0][:70]
+                err = "ERROR " + r["error"].splitlines()[0][:80]
             elif r.get("skipped"):
-                err = "skipped: " + r["skipped"][:70]
+                err = "skipped: " + r["skipped"][:80]
             elif r.get("rel_err") is not None:
                 err = f"{r['rel_err']:.1e}" + ("" if r.get("equal") else " NOT EQUAL")
             else:
