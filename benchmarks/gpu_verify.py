@@ -7,6 +7,8 @@ Steps (each a subprocess with its own time limit, so one hang cannot eat the lea
   ± CUDA graphs, SM lanes), peak memory, and the race tests;
 * ``races``   — ``race_check.py`` intact and with one event wait removed, under torch's CUDA sanitizer,
   and under ``compute-sanitizer --tool racecheck`` where it is on PATH;
+* ``floor``   — ``gpu_floor.py --quick``: dynaflow next to the hand-written baselines on the three workloads
+  of issue 13, with the must-show checks (JSON, timeline PNGs; ≤ 8 minutes on one H100);
 * ``overlap`` — ``overlap_gpu.py``: measured speedups and the ideal bound (JSON + timeline PNG);
 * ``sim``     — ``sim_accuracy.py --device cuda --models llama8b``: predicted vs measured.
 
@@ -15,7 +17,8 @@ Everything lands in ``--out`` (default ``$OUT`` when set, else ``benchmarks/resu
 steps at CPU sizes to check the plumbing (the cuda tests then skip, and say why).
 
     python benchmarks/gpu_verify.py --only tests,races          # one remote call
-    python benchmarks/gpu_verify.py --only overlap,sim          # the next one
+    python benchmarks/gpu_verify.py --only floor                # the next one (≤ 8 minutes)
+    python benchmarks/gpu_verify.py --only overlap,sim          # and the one after
     python benchmarks/gpu_verify.py --dry-run --out /tmp/gv     # on a CPU machine
 """
 
@@ -40,7 +43,11 @@ from _results import provenance, write  # noqa: E402
 
 log = logging.getLogger("bench")
 
-STEPS = ("tests", "races", "overlap", "sim")
+STEPS = ("tests", "races", "floor", "overlap", "sim")
+
+FLOOR_TIMEOUT_S = 480
+"""The floor step's limit: ``gpu_floor.py --quick`` spends a 420 s budget on its workloads (each in a
+subprocess with its own share), plus start-up and the summary."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,9 @@ def steps(names: Sequence[str], out: str, dry_run: bool) -> list[Step]:
             if sanitizer:
                 plan.append(Step("races-compute-sanitizer",
                                  (sanitizer, "--tool", "racecheck", *race, "--broken", "--delay", "0"), 300))
+        elif name == "floor":
+            plan.append(Step(name, (py, bench("gpu_floor.py"), "--quick", "--out", os.path.join(out, "gpu_floor.json"),
+                                    *dry), FLOOR_TIMEOUT_S))
         elif name == "overlap":
             plan.append(Step(name, (py, bench("overlap_gpu.py"), "--out", os.path.join(out, "overlap_gpu.json"),
                                     *dry), 540))
