@@ -2,7 +2,7 @@
 
 :func:`check_program` proves, from the lowered instructions alone, that every value a launch reads was
 produced by a launch that *happens before* it (same lane earlier, or reached through event waits), and
-that every nano write into a merge buffer happens before the launch that reads the buffer. A missing
+that every nano write into a merge buffer happens before a launch that reads those rows of the buffer. A missing
 ``Wait`` shows up here as a :class:`BackendError` naming the reader, the value and the producer — before
 any executor runs the program. :func:`map_launches` and :func:`drop_wait` rewrite programs (tests use
 ``drop_wait`` to build the deliberately broken program that the executors must expose).
@@ -15,7 +15,7 @@ from typing import Callable
 
 from dynaflow.errors import BackendError
 from dynaflow.backend.arena import happens_before
-from dynaflow.backend.program import CONST, Launch, Program, Wait, _last_uses, _serial_order
+from dynaflow.backend.program import CONST, VIEW, Launch, Program, Wait, _last_uses, _serial_order
 
 __all__ = ["check_program", "map_launches", "drop_wait"]
 
@@ -24,18 +24,23 @@ def check_program(program: Program) -> None:
     """Raise :class:`BackendError` if some launch may read a value before its producer ran."""
     hb = happens_before(program)
     producer: dict[int, int] = {}
-    writers: dict[int, list[int]] = {}
+    writers: dict[int, list[tuple[int, int, int]]] = {}
+    """Merge buffer -> (launch, first row, end row) of each nano write into it."""
     for i, launch in enumerate(program.serial_order):
         for s in launch.out_slots:
             producer.setdefault(s, i)
-        for _, buf, *_ in launch.merges:
-            writers.setdefault(buf, []).append(i)
+        for _, buf, _dim, start, stop in launch.merges:
+            writers.setdefault(buf, []).append((i, start, stop))
     order = program.serial_order
     for i, launch in enumerate(order):
         for a in launch.args:
             if a.kind == CONST or a.slot < program.num_inputs:
                 continue
-            sources = writers.get(a.slot) or ([producer[a.slot]] if a.slot in producer else [])
+            if a.slot in writers:  # a merge buffer: the writes of the rows it reads (all of them for a whole read)
+                sources = [p for p, start, stop in writers[a.slot]
+                           if a.kind != VIEW or (start < a.stop and a.start < stop)]
+            else:
+                sources = [producer[a.slot]] if a.slot in producer else []
             for p in sources:
                 if p != i and not (hb[i] >> p) & 1:
                     raise BackendError(

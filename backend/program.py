@@ -198,9 +198,13 @@ class _Lowering:
             return Arg(SLOT, slots[(name, ALL)])
         if nano == ALL:
             return Arg(SLOT, self.buffers[name] if v.kind is ValueKind.BATCH else slots[(name, 0)])
-        if self.bounds_of[v.source] != bounds and v.kind is ValueKind.BATCH:  # re-split: a view of the merged value
+        produced = self.bounds_of[v.source]
+        if produced != bounds and v.kind is ValueKind.BATCH:  # re-split: a view of the merged value
             start, stop = bounds[nano]
             return Arg(VIEW, self.buffers[name], v.batch_dim or 0, start, stop, batch=B)
+        if produced != bounds:  # re-split, batch-free: the copy of a producer nano-batch this one depends on
+            start = bounds[nano][0]
+            return Arg(SLOT, slots[(name, next(j for j, (a, b) in enumerate(produced) if a <= start < b))])
         return Arg(SLOT, slots[(name, nano)])
 
     def launch(self, op: NanoOp, lane: str, event: int | None) -> Launch:

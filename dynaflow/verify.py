@@ -21,15 +21,20 @@ __all__ = ["verify_graph", "verify_schedule"]
 
 
 def verify_graph(graph: "NanoGraph") -> None:
-    """Check that the nano graph is a DAG whose edges only join ops of the same nano-batch or whole ops."""
+    """Check that the nano graph is a DAG whose edges only join ops of the same nano-batch, whole ops, or
+    nano-batches of differently split segments whose rows overlap (a stage re-split)."""
     from dynaflow.ir import ALL
 
     if not nx.is_directed_acyclic_graph(graph.g):
         cycle = nx.find_cycle(graph.g)
         raise ScheduleError(f"NanoGraph has a dependency cycle: {cycle}. This is a bug in partitioning.")
     for a, b in graph.g.edges:
-        if a.nano != b.nano and ALL not in (a.nano, b.nano):
-            raise ScheduleError(f"NanoGraph edge {a} -> {b} crosses nano-batches; only whole ops join them.")
+        if a.nano == b.nano or ALL in (a.nano, b.nano):
+            continue
+        (a0, a1), (b0, b1) = graph.rows(a), graph.rows(b)
+        if graph.split_of(a) == graph.split_of(b) or a1 <= b0 or b1 <= a0:
+            raise ScheduleError(f"NanoGraph edge {a} -> {b} crosses nano-batches; only whole ops, and re-split "
+                                "nano-batches whose rows overlap, join them.")
     for op in graph.ops:
         if graph.ops.index(op) < max((graph.ops.index(d) for d in graph.deps(op)), default=-1):
             raise ScheduleError(f"NanoGraph op {op} comes before one of its dependencies in program order.")
