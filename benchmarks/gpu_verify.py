@@ -10,6 +10,8 @@ Steps (each a subprocess with its own time limit, so one hang cannot eat the lea
 * ``floor``   — ``gpu_floor.py --quick``: dynaflow next to the hand-written baselines on the three workloads
   of issue 13, with the must-show checks (JSON, timeline PNGs; ≤ 8 minutes on one H100);
 * ``overlap`` — ``overlap_gpu.py``: measured speedups and the ideal bound (JSON + timeline PNG);
+* ``offload`` — ``kv_offload.py``: KV-offload decode, the transfer lane next to copy-then-compute and a
+  hand-written double-buffered prefetch (issue 16);
 * ``sim``     — ``sim_accuracy.py --device cuda --models llama8b``: predicted vs measured.
 
 Everything lands in ``--out`` (default ``$OUT`` when set, else ``benchmarks/results/gpu-<date>``) with a
@@ -18,7 +20,7 @@ steps at CPU sizes to check the plumbing (the cuda tests then skip, and say why)
 
     python benchmarks/gpu_verify.py --only tests,races          # one remote call
     python benchmarks/gpu_verify.py --only floor                # the next one (≤ 8 minutes)
-    python benchmarks/gpu_verify.py --only overlap,sim          # and the one after
+    python benchmarks/gpu_verify.py --only overlap,offload,sim  # and the one after
     python benchmarks/gpu_verify.py --dry-run --out /tmp/gv     # on a CPU machine
 """
 
@@ -43,7 +45,7 @@ from _results import provenance, write  # noqa: E402
 
 log = logging.getLogger("bench")
 
-STEPS = ("tests", "races", "floor", "overlap", "sim")
+STEPS = ("tests", "races", "floor", "overlap", "offload", "sim")
 
 FLOOR_TIMEOUT_S = 480
 """The floor step's limit: ``gpu_floor.py --quick`` spends a 420 s budget on its workloads (each in a
@@ -94,6 +96,9 @@ def steps(names: Sequence[str], out: str, dry_run: bool) -> list[Step]:
         elif name == "overlap":
             plan.append(Step(name, (py, bench("overlap_gpu.py"), "--out", os.path.join(out, "overlap_gpu.json"),
                                     *dry), 540))
+        elif name == "offload":
+            plan.append(Step(name, (py, bench("kv_offload.py"), "--out", os.path.join(out, "kv_offload.json"), *dry),
+                             180))
         elif name == "sim":
             device = ("--dry-run",) if dry_run else ("--device", "cuda")
             plan.append(Step(name, (py, bench("sim_accuracy.py"), *device, "--models", "llama8b",
