@@ -81,6 +81,8 @@ class CompiledGraph:
         """With ``cuda_graphs=True``: how the latest call was padded to a capture size (graph or eager)."""
         self.distributed: DistributedPlanner | None = None
         """Split agreement, collective ordering and lane communicators (set by ``prepare``)."""
+        self._original: torch.fx.GraphModule | None = None
+        """The captured graph before partitioning: what the ``eager`` strategy runs."""
         self._written_inputs: tuple[int, ...] = ()
         """Inputs the graph writes in place: overlapping views of them run the graph unsplit."""
         self._differential_done = False
@@ -104,6 +106,7 @@ class CompiledGraph:
         src = find_batch_source(gm, self.config.batch_dim)
         self._batch_source = (src[1], src[2]) if src else None
         rules = self.config.rules if self.config.rules is not None else self.strategy.rules()
+        self._original = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # partitioning rewrites gm
         roles = input_roles(gm, self.config.static_inputs)
         self._written_inputs = tuple(sorted(roles.written))
         self.segmented = dataclasses.replace(
@@ -337,9 +340,16 @@ class CompiledGraph:
                  overlapping_writes(inputs, self._written_inputs))
         return plan
 
+    def run_passthrough(self, inputs: Sequence[Any], plan: Plan | None = None) -> Any:
+        """The captured graph run as Dynamo gave it: no segments, no executor (the ``eager`` strategy)."""
+        out = self._original(*inputs)
+        if plan is not None:
+            self._ran(plan, None)
+        return out
+
     def _ran(self, plan: Plan, ex: Any) -> None:
         self.last_plan = plan
-        self.last_timeline = ex.last_timeline
+        self.last_timeline = ex.last_timeline if ex is not None else None
         self.calls += 1
         self.last_call_seq = next(_CALL_SEQ)
 
@@ -350,7 +360,10 @@ class CompiledGraph:
             return self.run_captured(inputs)
         plan = self._unsplit_plan(inputs) if self._written_inputs and overlapping_writes(
             inputs, self._written_inputs) else self.plan_for(inputs)
-        if self._strategy_for.get(plan.split, self.strategy).graphs:  # auto measured this bucket faster as a graph
+        strategy = self._strategy_for.get(plan.split, self.strategy)
+        if strategy.passthrough:  # the captured graph as is (auto's floor won this bucket)
+            return self.run_passthrough(inputs, plan)
+        if strategy.graphs:  # auto measured this bucket faster as a graph
             return self.run_captured(inputs)
         ex = self.executor_for(plan, inputs)
         out = ex.run(self.program_for(plan, inputs), inputs)

@@ -125,12 +125,14 @@ def autotune(
     measure: Callable[[Candidate], float] | None = None,
     top_k: int = 2,
     graphs: bool = False,
+    always: Sequence[Candidate] = (),
 ) -> TuneResult:
     """Pick the best candidate. ``predict(c)`` returns (split, simulated seconds) or raises a DynaflowError
     (the candidate does not apply); ``measure(c)`` returns real seconds. ``candidates[0]`` is the baseline
     (sequential): nothing predicted slower than it is eligible, and when measuring it is measured too.
     ``graphs``: every measured candidate is also measured as a CUDA graph (the cost model does not predict
     graphs), so "whole batch, one lane" is measured both ways and the winner is the fastest measured.
+    ``always``: candidates measured whatever their prediction (the ``eager`` floor; never as graphs).
     """
     if not candidates:
         raise DynaflowError("autotune needs at least one candidate (the sequential baseline).")
@@ -148,7 +150,7 @@ def autotune(
     trials = [t if t in eligible or t.predicted is None else Trial(t.candidate, t.split, t.predicted,
                                                                    note="predicted slower than sequential")
               for t in trials]
-    ranked = sorted(eligible, key=lambda t: t.predicted)  # type: ignore[arg-type, return-value]
+    ranked = sorted((t for t in eligible if t.candidate not in always), key=lambda t: t.predicted)  # type: ignore[arg-type, return-value]
     if measure is None or top_k <= 0:
         best = ranked[0]
         speed = base.predicted / best.predicted if best.predicted else 1.0
@@ -158,9 +160,11 @@ def autotune(
     if base not in to_measure:
         to_measure.append(base)
     if graphs:
-        variants = [Trial(t.candidate.with_graphs(), t.split, t.predicted, note="CUDA graph") for t in to_measure]
+        variants = [Trial(t.candidate.with_graphs(), t.split, t.predicted, note="CUDA graph") for t in to_measure
+                    if t.candidate not in always]
         trials += variants
         to_measure += variants
+    to_measure += [t for t in trials if t.candidate in always and t not in to_measure and t.predicted is not None]
     measured: dict[Candidate, float] = {}
     for t in to_measure:
         measured[t.candidate] = measure(t.candidate)
@@ -172,6 +176,8 @@ def autotune(
     speed = base_t.measured / best.measured if best.measured else 1.0
     if best is base_t:
         reason = f"no candidate beat sequential on the real executor (measured {len(to_measure)} of {len(trials)})"
+    elif best.candidate in always:
+        reason = f"the captured graph as is ({best.candidate!r}): {speed:.2f}x of sequential measured; nothing beat it"
     elif best.candidate == base.candidate.with_graphs():
         reason = f"sequential as one CUDA graph: {speed:.2f}x of sequential measured; no split beat it"
     else:
@@ -351,7 +357,8 @@ class Planner(Protocol):
 
     def predictor(self, inputs: Sequence[Any]) -> Callable[[Any], float]: ...
 
-    def measure(self, plan: Any, inputs: Sequence[Any], repeats: int, graphs: bool = False) -> float: ...
+    def measure(self, plan: Any, inputs: Sequence[Any], repeats: int, graphs: bool = False,
+                passthrough: bool = False) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -367,6 +374,8 @@ class TuneSetup:
     executor: str
     graphs: bool = False
     """The executor can run the step as a CUDA graph: measured candidates are also measured that way."""
+    passthrough: bool = True
+    """A candidate may run the captured graph as is (not when ``cuda_graphs`` makes every step a graph)."""
     distributed: Any = None
 
 
@@ -440,12 +449,15 @@ class Tuner:
             return cached
         space = _canonical_info(info, lockstep_batch) if dist is not None else info
         cands = self.spec.candidates(space, set(setup.resources), setup.num_sms, setup.granularity)
+        floors = [c for c in cands if _passthrough(c)]
+        if not setup.passthrough:  # every step runs as the config's CUDA graph: no candidate runs the graph as is
+            cands, floors = [c for c in cands if c not in floors], []
         predict, measure = self._callables(info, inputs, dist)
         measuring = self.spec.measure_top_k > 0
         if dist is not None:
             predict = _agreed(cands, predict, dist)
         result = autotune(cands, bucket, predict, measure if measuring else None, self.spec.measure_top_k,
-                          graphs=setup.graphs and measuring)
+                          graphs=setup.graphs and measuring, always=floors)
         result = replace(result, tuned_on=info.batch_size)
         self.results[bucket] = result
         if cache is not None:
@@ -484,10 +496,19 @@ class Tuner:
             return plan.split, seconds_of(plan)
 
         def measure(cand: Candidate) -> float:
-            seconds = planner.measure(build(cand), inputs, self.spec.repeats, graphs=cand.graphs)
+            seconds = planner.measure(build(cand), inputs, self.spec.repeats, graphs=cand.graphs,
+                                      passthrough=_passthrough(cand))
             return dist.max_over_ranks([seconds])[0] if dist is not None else seconds
 
         return predict, measure
+
+
+def _passthrough(cand: Candidate) -> bool:
+    """Whether the candidate runs the captured graph as is (``eager``) rather than a plan."""
+    try:
+        return bool(cand.build().passthrough)
+    except DynaflowError:
+        return False
 
 
 def _agreed(cands: Sequence[Candidate], predict: Callable[[Candidate], tuple[SplitConfig, float]],

@@ -53,14 +53,17 @@ class GraphPlanner:
         cost = graph.cost_model(inputs)
         return lambda plan: costs.simulate(plan.program, facts, cost).makespan
 
-    def measure(self, plan: Plan, inputs: Sequence[Any], repeats: int, graphs: bool = False) -> float:
+    def measure(self, plan: Plan, inputs: Sequence[Any], repeats: int, graphs: bool = False,
+                passthrough: bool = False) -> float:
         """The median wall time of ``repeats`` runs of ``plan`` on the graph's executor (``graphs``: replayed as
         a CUDA graph, after its warm-up and capture). Inputs the graph writes are private copies, so measuring
         leaves the caller's data as it was; the measured program's executor state is dropped afterwards."""
         graph = self.graph
-        ex, program = graph.executor_for(plan, inputs), graph.program_for(plan, inputs)
         sync = torch.cuda.synchronize if describe_inputs(inputs, 0).on_cuda else None
         flat = private_writes(inputs, graph.segmented.inputs.written)
+        if passthrough:  # the captured graph as is: the eager floor
+            return median_seconds(lambda: graph.run_passthrough(flat), repeats, sync)
+        ex, program = graph.executor_for(plan, inputs), graph.program_for(plan, inputs)
         capture = True if graphs else None
         try:
             if capture:
@@ -81,4 +84,4 @@ class GraphPlanner:
         graphs = bool(getattr(executors.factory(name), "captures_graphs", False)) and not graph.config.cuda_graphs
         return TuneSetup(model_hash(graph.segmented), frozenset(s.resource for s in graph.segmented.segments),
                          graph.costs.num_sms(facts), spec.sm_granularity, spec.name, graph.config.executor,
-                         graphs, graph.distributed)
+                         graphs, not graph.config.cuda_graphs, graph.distributed)

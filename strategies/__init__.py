@@ -9,6 +9,7 @@ from dynaflow.errors import StrategyError
 from dynaflow.strategies import splits
 from dynaflow.strategies.auto import Auto, Candidate
 from dynaflow.strategies.base import ScheduleContext, SearchSpace, SearchSpec, Strategy
+from dynaflow.strategies.eager import Eager
 from dynaflow.strategies.registry import registry
 from dynaflow.strategies.nanoflow import NanoFlow
 from dynaflow.strategies.prefill_decode import PrefillDecode
@@ -16,10 +17,10 @@ from dynaflow.strategies.round_robin import RoundRobin
 from dynaflow.strategies.sequential import Sequential
 from dynaflow.strategies.two_batch_overlap import TwoBatchOverlap
 
-__all__ = ["Strategy", "ScheduleContext", "SearchSpace", "SearchSpec", "Sequential", "RoundRobin", "NanoFlow", "TwoBatchOverlap", "PrefillDecode",
+__all__ = ["Strategy", "ScheduleContext", "SearchSpace", "SearchSpec", "Sequential", "Eager", "RoundRobin", "NanoFlow", "TwoBatchOverlap", "PrefillDecode",
            "Auto", "Candidate", "splits", "registry", "get", "available", "register_strategy", "load_strategy"]
 
-for _cls in (Sequential, RoundRobin, NanoFlow, TwoBatchOverlap, PrefillDecode, Auto):
+for _cls in (Sequential, Eager, RoundRobin, NanoFlow, TwoBatchOverlap, PrefillDecode, Auto):
     registry.register(_cls.name, _cls)
 
 

@@ -125,13 +125,14 @@ class Auto(Strategy):
                    granularity: int = 8) -> list[Candidate]:
         """The search space for one bucket: every registered strategy's :meth:`~Strategy.search_candidates`,
         in registration order. Sequential with one nano-batch is always first: the baseline no winner may be
-        predicted slower than."""
+        predicted slower than; ``eager`` (the captured graph as is) always second: the floor always measured."""
+        floors = [_cand("sequential"), _cand("eager")]
         if self.fixed is not None:
-            return [_cand("sequential")] + [c for c in self.fixed if c != _cand("sequential")]
+            return floors + [c for c in self.fixed if c not in floors]
         from dynaflow.strategies.registry import registry
 
         space = SearchSpace(info, frozenset(resources), num_sms, granularity, self.max_nano_batches, self.sm_steps)
-        out = [_cand("sequential")]
+        out = list(floors)
         for name, cls in registry.classes():
             if self.strategies is not None and name not in self.strategies:
                 continue

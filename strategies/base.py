@@ -136,6 +136,8 @@ class Strategy:
     name: str = "strategy"
     default_nano_batches: int = 1
     graphs: bool = False
+    passthrough: bool = False
+    """Whether the compiled graph runs the captured graph as is instead of a plan (the ``eager`` floor)."""
     """Whether steps planned by this strategy run as CUDA graphs even when ``cuda_graphs`` is off (set by
     ``auto`` on a winner it measured faster that way)."""
 

@@ -63,22 +63,24 @@ def test_a_graph_that_writes_its_inputs_is_measured_on_copies(strategy):
     assert result.winner.measured is not None  # it used to predict only when the graph writes its inputs
 
 
-def _fake_clock(monkeypatch, graphed_s: float, eager_s: float) -> list[bool]:
+def _fake_clock(monkeypatch, graphed_s: float, eager_s: float, passthrough_s: float = 1.0) -> list[bool]:
     """Measured time by how the candidate ran: the real executor runs (outputs are checked), the clock is fixed."""
     seen: list[bool] = []
     real = tuning_planner.median_seconds
 
     def median_seconds(fn, repeats, sync=None):
         real(fn, 1, sync)
+        if getattr(median_seconds, "passthrough", False):
+            return passthrough_s
         graphed = bool(getattr(median_seconds, "graphs", False))
         seen.append(graphed)
         return graphed_s if graphed else eager_s
 
     orig_measure = tuning_planner.GraphPlanner.measure
 
-    def measure(self, plan, inputs, repeats, graphs=False):
-        median_seconds.graphs = graphs
-        return orig_measure(self, plan, inputs, repeats, graphs)
+    def measure(self, plan, inputs, repeats, graphs=False, passthrough=False):
+        median_seconds.graphs, median_seconds.passthrough = graphs, passthrough
+        return orig_measure(self, plan, inputs, repeats, graphs, passthrough)
 
     monkeypatch.setattr(tuning_planner, "median_seconds", median_seconds)
     monkeypatch.setattr(tuning_planner.GraphPlanner, "measure", measure)
@@ -100,7 +102,8 @@ def test_on_a_graph_capturing_executor_each_measured_candidate_is_also_measured_
     measured = [t for t in result.trials if t.measured is not None]
     assert Candidate("sequential") in {t.candidate for t in measured}
     assert Candidate("sequential", graphs=True) in {t.candidate for t in measured}  # the floor, both ways
-    assert {t.candidate.with_graphs() for t in measured} == {t.candidate for t in measured if t.candidate.graphs}
+    planned = [t for t in measured if t.candidate != Candidate("eager")]  # the floor runs as is, never as a graph
+    assert {t.candidate.with_graphs() for t in planned} == {t.candidate for t in planned if t.candidate.graphs}
     assert result.winner.candidate.graphs is graph_wins and seen.count(True) == seen.count(False)
     ex = g._executors["cuda"]
     assert bool(ex.graphs.captured(c.program)) is graph_wins  # the winner runs the way it was measured
@@ -113,3 +116,33 @@ def test_a_cached_graph_winner_round_trips():
     assert not Candidate("nanoflow", (("nano_batches", 2),)).build().graphs
     with pytest.raises(dynaflow.DynaflowError, match="'graphs' must be true or false"):
         Candidate.from_json({"strategy": "nanoflow", "options": {}, "graphs": "yes"})
+
+
+def test_the_captured_graph_as_is_is_always_measured_and_wins_when_fastest(fake_cuda, monkeypatch):
+    """The ``eager`` floor: measured in every search; when nothing beats it, the bucket runs the captured graph
+    itself (no executor), so ``auto`` is never slower than what Dynamo alone would run."""
+    _fake_clock(monkeypatch, graphed_s=2e-3, eager_s=2e-3, passthrough_s=1e-3)
+    model = Reads().eval()
+    c = dynaflow.compile(model, strategy=_auto(), executor="cuda")
+    x, cache = torch.randn(6, D), torch.randn(6, L, D)
+    with torch.no_grad():
+        c(x, cache)
+        g = c.graphs[0]
+        ex = g._executors["cuda"]
+        runs = []
+        monkeypatch.setattr(ex, "run", lambda *a, **k: runs.append(a) or pytest.fail("the executor ran"))
+        for _ in range(3):
+            torch.testing.assert_close(c(x, cache), model(x, cache), atol=1e-5, rtol=1e-5)
+    (result,) = g.tuned.values()
+    assert result.winner.candidate == Candidate("eager") and "captured graph as is" in result.reason
+    assert not runs and Candidate("eager", graphs=True) not in {t.candidate for t in result.trials}
+
+
+def test_no_floor_runs_as_is_when_every_step_is_a_configured_cuda_graph(fake_cuda, monkeypatch):
+    _fake_clock(monkeypatch, graphed_s=2e-3, eager_s=2e-3, passthrough_s=1e-3)
+    c = dynaflow.compile(Reads().eval(), strategy=_auto(), executor="cuda", config={"cuda_graphs": True})
+    with torch.no_grad():
+        for _ in range(3):
+            c(torch.randn(6, D), torch.randn(6, L, D))
+    (result,) = c.graphs[0].tuned.values()
+    assert Candidate("eager") not in {t.candidate for t in result.trials}

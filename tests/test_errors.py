@@ -99,7 +99,7 @@ def test_unknown_strategy_lists_available_names():
 
 def test_unknown_strategy_without_close_match():
     msg = _raises(StrategyError, lambda: dynaflow.compile(make_mlp(), strategy="zzz"), "'zzz'",
-                  "auto, nanoflow, prefill_decode, round_robin, sequential, two_batch_overlap")
+                  "auto, eager, nanoflow, prefill_decode, round_robin, sequential, two_batch_overlap")
     assert "Did you mean" not in msg
 
 

@@ -101,4 +101,4 @@ def test_auto_limited_to_named_strategies_skips_the_others(registries):
     dynaflow.register_strategy(Reversed)
     auto = dynaflow.strategies.get("auto", strategies=["round_robin"])
     names = {c.strategy for c in auto.candidates(InputInfo(8), {Resource.COMPUTE})}
-    assert names == {"sequential", "round_robin"}
+    assert names == {"sequential", "eager", "round_robin"}  # the two floors are always searched
