@@ -179,10 +179,12 @@ def measure(w: Workload, name: str, kind: str, make: Callable[[], Runner], ref: 
 
 def timeline(w: Workload, rows: list[dict[str, Any]], planned: dict[str, Planned], args: argparse.Namespace,
              out_dir: str) -> dict[str, Any] | None:
-    """Re-run the fastest dynaflow row on eager streams with ``gpu_timeline=True`` and plot its timeline."""
+    """Re-run the fastest dynaflow row that runs a plan (not ``eager``, the graph as is, nor ``auto``, which may
+    pick it) on eager streams with ``gpu_timeline=True`` and plot its timeline."""
     import overlap_gpu
 
-    done = [r for r in rows if r["kind"] == "dynaflow" and r.get("ms") is not None]
+    done = [r for r in rows if r["kind"] == "dynaflow" and r.get("ms") is not None  # rows that run a plan
+            and planned[r["row"]].dyn is not None and planned[r["row"]].dyn.strategy not in ("eager", "auto")]
     if not done:
         return None
     best = min(done, key=lambda r: r["ms"])

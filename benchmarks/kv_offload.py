@@ -33,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from _results import provenance, write  # noqa: E402
-from overlap_gpu import median_ms  # noqa: E402
+from floor_measure import median_ms  # noqa: E402
 
 log = logging.getLogger("kv_offload")
 
@@ -132,9 +132,9 @@ def _parts_ms(model: Step, inputs: tuple[Any, ...], repeats: int, cuda: bool) ->
     """Fetch alone and compute alone (KV already on the device), for the ideal bound."""
     h, ks, vs = inputs
     dev = h.device
-    fetch = median_ms(lambda: [t.to(dev, non_blocking=True) for t in ks + vs], repeats, 3, cuda)[0]
+    fetch = median_ms(lambda: [t.to(dev, non_blocking=True) for t in ks + vs], repeats=repeats, warmup=3, cuda=cuda)
     kd, vd = [t.to(dev) for t in ks], [t.to(dev) for t in vs]
-    compute = median_ms(lambda: model(h, kd, vd), repeats, 3, cuda)[0]
+    compute = median_ms(lambda: model(h, kd, vd), repeats=repeats, warmup=3, cuda=cuda)
     return {"fetch_ms": fetch, "compute_ms": compute,
             "ideal_speedup": (fetch + compute) / max(fetch, compute, 1e-9)}
 
@@ -152,10 +152,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with torch.no_grad():
         ref = model(*inputs)
-        base, _ = median_ms(lambda: model(*inputs), repeats, 3, cuda)
+        base = median_ms(lambda: model(*inputs), repeats=repeats, warmup=3, cuda=cuda)
         rows.append({"name": "copy-then-compute (eager)", "median_ms": base, "speedup": 1.0})
         if cuda:
-            ms, _ = median_ms(lambda: prefetch_step(model, *inputs), repeats, 3, cuda)
+            ms = median_ms(lambda: prefetch_step(model, *inputs), repeats=repeats, warmup=3, cuda=cuda)
             err = _rel_err(prefetch_step(model, *inputs), ref)
             rows.append({"name": "hand-written prefetch", "median_ms": ms, "speedup": base / ms, "rel_err": err})
         parts = _parts_ms(model, inputs, repeats, cuda)
@@ -174,7 +174,7 @@ def _dynaflow_row(dynaflow: Any, model: Step, inputs: tuple[Any, ...], ref: torc
     try:
         c = dynaflow.compile(model, strategy=strategy, nano_batches=nano, executor="cuda" if cuda else "serial")
         err = _rel_err(c(*inputs), ref)
-        ms, _ = median_ms(lambda: c(*inputs), repeats, 3, cuda)
+        ms = median_ms(lambda: c(*inputs), repeats=repeats, warmup=3, cuda=cuda)
         lanes = sorted({l.name for l in c.program.lanes}) if c.program is not None else []
     except Exception as exc:  # one failing row must not hide the others
         log.exception("%s failed", name)

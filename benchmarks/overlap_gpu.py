@@ -31,11 +31,9 @@ import json
 import logging
 import math
 import os
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +42,9 @@ from torch import nn
 log = logging.getLogger("overlap_gpu")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from floor_measure import median_ms  # noqa: E402
 
 
 # -- the model ---------------------------------------------------------------------------------------------
@@ -156,26 +157,6 @@ def build(s: Shape, device: str, dtype: torch.dtype, seed: int = 0) -> tuple[nn.
 
 
 # -- measuring ----------------------------------------------------------------------------------------------
-def median_ms(fn: Callable[[], Any], repeats: int, warmup: int, cuda: bool) -> tuple[float, list[float]]:
-    """Median wall time of ``fn`` in ms: CUDA events around each call on the GPU, perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times), times
-
-
 def ideal_bound(events: Sequence[Any]) -> dict[str, Any]:
     """From per-segment timings of a sequential run: time per resource, the busiest resource, and the ideal
     speedup (sum over resources / busiest resource). Segments without a resource count as compute."""
@@ -233,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     with torch.no_grad():
         ref = model(*inputs)
-        base_ms, _ = median_ms(lambda: model(*inputs), repeats, args.warmup, cuda)
+        base_ms = median_ms(lambda: model(*inputs), repeats=repeats, warmup=args.warmup, cuda=cuda)
         results.append({"name": "eager sequential", "median_ms": base_ms, "speedup": 1.0})
 
         # per-segment timings from a sequential dynaflow run (one lane, whole batch)
@@ -256,7 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 c = dynaflow.compile(model, strategy=strategy, nano_batches=nano, executor=executor, config=opts)
                 out = c(*inputs)
                 err = max(((o.float() - r.float()).norm() / r.float().norm()).item() for o, r in zip(out, ref))
-                ms, _ = median_ms(lambda: c(*inputs), repeats, args.warmup, cuda)
+                ms = median_ms(lambda: c(*inputs), repeats=repeats, warmup=args.warmup, cuda=cuda)
             except Exception as exc:  # record and go on: one failing configuration must not hide the others
                 log.exception("%s failed", name)
                 results.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
