@@ -184,5 +184,6 @@ def grad_off(mode: str = "no_grad"):
 
 def split_strategies() -> list[str]:
     """Registered strategies that split into exactly the ``nano_batches`` they are given (``auto`` picks its own
-    split and ``prefill_decode`` splits by request phase: tests/test_strategies.py covers those)."""
-    return [s for s in dynaflow.strategies.available() if s not in ("auto", "prefill_decode")]
+    split, ``prefill_decode`` splits by request phase, ``eager`` runs the captured graph as is:
+    tests/test_strategies.py and tests/test_auto_floor.py cover those)."""
+    return [s for s in dynaflow.strategies.available() if s not in ("auto", "prefill_decode", "eager")]

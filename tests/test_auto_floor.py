@@ -146,3 +146,17 @@ def test_no_floor_runs_as_is_when_every_step_is_a_configured_cuda_graph(fake_cud
             c(torch.randn(6, D), torch.randn(6, L, D))
     (result,) = c.graphs[0].tuned.values()
     assert Candidate("eager") not in {t.candidate for t in result.trials}
+
+
+@pytest.mark.parametrize("executor", ["serial", "thread"])
+def test_the_eager_strategy_runs_the_captured_graph_and_equals_eager(executor):
+    model = Writes().eval()
+    c = dynaflow.compile(model, strategy="eager", executor=executor)
+    x, cache = torch.randn(5, D), torch.randn(5, L, D)
+    ref_cache = cache.clone()
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(c(x, cache), model(x, ref_cache), atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(cache, ref_cache, atol=1e-6, rtol=1e-6)
+    g = c.graphs[0]
+    assert g.last_plan.split.num == 1 and not g._executors and c.last_timeline is None  # no executor ran
