@@ -310,7 +310,7 @@ def default_rules() -> list[Rule]:
     return [
         Op(COLLECTIVE_PATTERN, name="comm", tags=("network",)),
         Where(host_device_copy, name="transfer", tags=("transfer",)),
-        Op(r"scaled_dot_product_attention|flash_attn|flex_attention|paged_attention|unified_attention",
+        Op(r"scaled_dot_product_attention|flash_attn|flex_attention|paged_attention|unified_attention|decode_attention",
            name="attention", tags=("memory",)),
         Mod(r"(?i).*(mlp|moe|feedforward|feed_forward|ffn|experts).*", name="mlp", tags=("compute",)),
     ]

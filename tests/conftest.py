@@ -41,8 +41,8 @@ def _fresh_dynamo():
     yield
 
 
-OPT_IN_TIERS = ("integration", "engine")
-"""Markers whose tests need their own venv (.ci/integration, .ci/engine): *deselected* (not skipped) unless the
+OPT_IN_TIERS = ("integration", "engine", "triton")
+"""Markers whose tests need their own venv (.ci/integration, .ci/engine, .ci/kernels): *deselected* (not skipped) unless the
 ``-m`` expression names the marker, so ``pytest -q`` neither runs nor counts them."""
 
 
