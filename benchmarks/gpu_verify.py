@@ -12,6 +12,8 @@ Steps (each a subprocess with its own time limit, so one hang cannot eat the lea
 * ``overlap`` — ``overlap_gpu.py``: measured speedups and the ideal bound (JSON + timeline PNG);
 * ``offload`` — ``kv_offload.py``: KV-offload decode, the transfer lane next to copy-then-compute and a
   hand-written double-buffered prefetch (issue 16);
+* ``attnbw``  — ``decode_attention_bw.py``: the split-KV decode-attention kernel's HBM bandwidth against the
+  SMs it gets, next to the copy bandwidth and SDPA (issue 16);
 * ``sim``     — ``sim_accuracy.py --device cuda --models llama8b``: predicted vs measured.
 
 Everything lands in ``--out`` (default ``$OUT`` when set, else ``benchmarks/results/gpu-<date>``) with a
@@ -20,7 +22,7 @@ steps at CPU sizes to check the plumbing (the cuda tests then skip, and say why)
 
     python benchmarks/gpu_verify.py --only tests,races          # one remote call
     python benchmarks/gpu_verify.py --only floor                # the next one (≤ 8 minutes)
-    python benchmarks/gpu_verify.py --only overlap,offload,sim  # and the one after
+    python benchmarks/gpu_verify.py --only overlap,offload,attnbw,sim  # and the one after
     python benchmarks/gpu_verify.py --dry-run --out /tmp/gv     # on a CPU machine
 """
 
@@ -45,7 +47,7 @@ from _results import provenance, write  # noqa: E402
 
 log = logging.getLogger("bench")
 
-STEPS = ("tests", "races", "floor", "overlap", "offload", "sim")
+STEPS = ("tests", "races", "floor", "overlap", "offload", "attnbw", "sim")
 
 FLOOR_TIMEOUT_S = 480
 """The floor step's limit: ``gpu_floor.py --quick`` spends a 420 s budget on its workloads (each in a
@@ -99,6 +101,9 @@ def steps(names: Sequence[str], out: str, dry_run: bool) -> list[Step]:
         elif name == "offload":
             plan.append(Step(name, (py, bench("kv_offload.py"), "--out", os.path.join(out, "kv_offload.json"), *dry),
                              180))
+        elif name == "attnbw":
+            plan.append(Step(name, (py, bench("decode_attention_bw.py"), "--out",
+                                    os.path.join(out, "decode_attention_bw.json"), *dry), 180))
         elif name == "sim":
             device = ("--dry-run",) if dry_run else ("--device", "cuda")
             plan.append(Step(name, (py, bench("sim_accuracy.py"), *device, "--models", "llama8b",
