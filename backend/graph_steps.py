@@ -23,6 +23,7 @@ logic runs with CUDA graphs on a GPU and with a fake capturer in the CPU tests.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
@@ -163,6 +164,9 @@ class GraphSteps:
         self.recaptures = 0
         self.last_plan: InputPlan | None = None
         """The input plan of the latest replayed step (``None`` while the latest step was a warm-up)."""
+        self._lock = threading.RLock()
+        """One step at a time: a replay reads and writes the capture's fixed buffers (callers on several
+        threads take turns, as they would for any CUDA graph)."""
 
     def captured(self, program: Program) -> list[Any]:
         """The captures of ``program``, one per input signature captured so far."""
@@ -178,6 +182,10 @@ class GraphSteps:
 
     def run(self, program: Program, inputs: Sequence[Any]) -> Any:
         """One step: an eager warm-up while the signature is new, else a (captured, then) replayed step."""
+        with self._lock:
+            return self._run(program, inputs)
+
+    def _run(self, program: Program, inputs: Sequence[Any]) -> Any:
         key = (id(program), signature(inputs))
         hit = self._entries.get(key)
         if hit is None or hit[0] is not program:

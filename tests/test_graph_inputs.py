@@ -220,3 +220,54 @@ def test_any_sequence_of_moved_and_stable_inputs_equals_eager(fake_cuda, strateg
             streak = [streak[0] + 1 if not move_x else 1, streak[1] + 1 if not move_cache else 1]
             if min(streak) > WARMUPS:  # both kept their storage for 3 calls: read in place, nothing copied
                 assert _steps(c).copies == 0
+
+
+class _SlowCapturer:
+    """A pure-Python capturer whose replay notices if another one runs at the same time."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.overlaps = 0
+
+    def eager(self, program, inputs):
+        return sum(float(x.sum()) for x in inputs)
+
+    def capture(self, program, inputs):
+        return list(inputs)
+
+    def replay(self, program, captured):
+        import time
+
+        self.active += 1
+        self.overlaps += self.active > 1
+        time.sleep(0.002)
+        self.active -= 1
+
+    def results(self, program, captured):
+        return sum(float(x.sum()) for x in captured)
+
+
+def test_callers_on_several_threads_take_turns_on_a_capture():
+    import threading
+
+    from dynaflow.backend.graph_steps import GraphSteps
+
+    cap = _SlowCapturer()
+    steps = GraphSteps(cap, warmups=1)
+    program = type("P", (), {"inputs": InputRoles()})()
+    x = torch.ones(3)
+    errors = []
+
+    def worker():
+        try:
+            for _ in range(20):
+                assert steps.run(program, [x]) == 3.0
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and cap.overlaps == 0
