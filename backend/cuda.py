@@ -105,6 +105,10 @@ class _State:
     buffers: dict[int, torch.Tensor] | None = None
     arena: torch.Tensor | None = None
     steps: int = 0
+    turn: Any = field(default_factory=threading.RLock)
+    """Held while a step is issued (a step's eager warm-ups run inside it)."""
+    done: Any = None
+    """Recorded on the caller's stream at the end of every step: the next step starts after it."""
 
 
 class CudaExecutor(Executor):
@@ -139,11 +143,25 @@ class CudaExecutor(Executor):
         return self._state(program).lanes
 
     def run(self, program: Program, inputs: Sequence[Any], *, capture: bool | None = None) -> Any:
-        """One step. ``capture`` overrides ``config.cuda_graphs`` for this call (``False``: eager)."""
+        """One step. ``capture`` overrides ``config.cuda_graphs`` for this call (``False``: eager).
+
+        Steps of one program take turns: the host issues one at a time, and each step's work waits on the
+        device for the previous step's (its ``done`` event), whichever stream called it: they share the
+        merge-buffer arena and the captures' fixed buffers."""
         state = self._state(program)
-        graphs = self.config.cuda_graphs if capture is None else capture
-        if graphs:
-            return self.graphs.run(program, inputs)
+        with state.turn:
+            caller = torch.cuda.current_stream()
+            if state.done is not None:
+                caller.wait_event(state.done)
+            graphs = self.config.cuda_graphs if capture is None else capture
+            out = self.graphs.run(program, inputs) if graphs else self._eager_step(state, inputs)
+            if state.done is None:
+                state.done = torch.cuda.Event()
+            state.done.record(caller)
+            return out
+
+    def _eager_step(self, state: _State, inputs: Sequence[Any]) -> Any:
+        program = state.program
         step = self.begin_step(program, inputs, lock=NOLOCK, record=False)
         timing: list[tuple[str, str, str, Any, Any]] | None = [] if self.config.gpu_timeline else None
         caller = torch.cuda.current_stream()

@@ -327,3 +327,20 @@ def test_compute_launches_on_a_partitioned_lane_limit_cublas_to_its_sms(fake_cud
     assert {c for r, c in seen if r is Resource.COMPUTE} == {132 - 96}
     assert {c for r, c in seen if r is not Resource.COMPUTE} == {None}
     assert carveout[0] is None and calls[-1] is None  # restored after the last launch
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_each_step_starts_after_the_previous_one_of_the_same_program(fake_cuda, cuda_graphs):
+    """Steps share the arena and the captures' buffers: a step's work waits for the previous step's ``done``
+    event on the device, whatever stream calls it."""
+    p, inputs, _ = program_of(make_transformer(), transformer_input(6), "nanoflow", 2)
+    ex = cuda_mod.CudaExecutor(cuda_graphs=cuda_graphs)
+    other = FakeStream("other caller", fake_cuda.journal)
+    with torch.no_grad():
+        ex.run(p, inputs)
+        done = ex._state(p).done
+        assert done is not None and done.recorded and ("record", id(done)) in fake_cuda.caller.log
+        with torch.cuda.stream(other):
+            out = ex.run(p, inputs)
+    assert other.log[0] == ("wait", id(done)) and ("record", id(done)) in other.log
+    assert torch.equal(out, SerialExecutor().run(p, inputs))
