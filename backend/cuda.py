@@ -151,13 +151,17 @@ class CudaExecutor(Executor):
         state = self._state(program)
         with state.turn:
             caller = torch.cuda.current_stream()
-            if state.done is not None:
+            # inside a caller's own CUDA-graph capture (an engine's decode graph) its graph orders the steps,
+            # and an event recorded outside the capture may not be waited on inside it
+            outer = _capturing()
+            if state.done is not None and not outer:
                 caller.wait_event(state.done)
             graphs = self.config.cuda_graphs if capture is None else capture
             out = self.graphs.run(program, inputs) if graphs else self._eager_step(state, inputs)
-            if state.done is None:
-                state.done = torch.cuda.Event()
-            state.done.record(caller)
+            if not outer:
+                if state.done is None:
+                    state.done = torch.cuda.Event()
+                state.done.record(caller)
             return out
 
     def _eager_step(self, state: _State, inputs: Sequence[Any]) -> Any:
@@ -460,6 +464,11 @@ def gemm_carveouts(program: Program, lanes: Sequence[LaneStream], lane_of: dict[
         if granted and granted < total and launch.segment.resource is Resource.COMPUTE:
             out[id(launch)] = total - granted
     return out
+
+
+def _capturing() -> bool:
+    """Whether the caller's stream is being captured into a CUDA graph (not by this executor)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _timing_event(stream: Any) -> Any:
