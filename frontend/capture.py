@@ -40,7 +40,8 @@ def mark_batch_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any], batch_dim:
 
     Returns the batch size. Size-1 batches are left static (Dynamo specialises 0/1 sizes).
     """
-    leaves = pytree.tree_leaves((args, kwargs))
+    flat = not kwargs and all(isinstance(a, torch.Tensor) for a in args)  # the common call: no tree to walk
+    leaves = args if flat else pytree.tree_leaves((args, kwargs))
     batch = batch_size_of(leaves, batch_dim)
     if batch >= 2:
         for t in leaves:
