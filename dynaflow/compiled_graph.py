@@ -31,7 +31,7 @@ from dynaflow.frontend.batching import find_batch_source
 from dynaflow.frontend.capture import batch_size_of, symbolize
 from dynaflow.frontend.differential import check_split_equals_whole, overlapping_writes
 from dynaflow.frontend.graph_inputs import input_roles
-from dynaflow.segment_timing import halving_sizes, time_segments
+from dynaflow.segment_timing import halving_sizes, replayable, time_segments
 from dynaflow.frontend.partition import partition
 from dynaflow.ir import InputInfo, SplitConfig
 from dynaflow.planning import CostContext, Plan, describe_inputs, make_plan, split_with, strategy_name
@@ -242,6 +242,8 @@ class CompiledGraph:
         seg, batch = self.segmented, self.batch_size(inputs)
 
         def measure(names: list[str]) -> dict[str, dict[int, float]]:
+            if not replayable(seg):  # running it again would repeat effects dynaflow cannot see
+                return {}
             sizes = halving_sizes(batch, batch // 8) if seg.batch_symbol is not None else [batch]
             executor = "cuda" if describe_inputs(inputs, batch).on_cuda else "serial"
             timings = time_segments(seg, inputs, batch, sizes, 3, executor, self.label)

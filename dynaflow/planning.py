@@ -32,7 +32,7 @@ from dynaflow import knobs
 from dynaflow.backend import Program, lower, simulate
 from dynaflow.backend.checks import check_program
 from dynaflow.config import DynaflowConfig
-from dynaflow.cost import CombinedCost, CostModel, DeviceSpec, MeasuredCost, RooflineCost, device_spec
+from dynaflow.cost import CombinedCost, CostModel, DeviceSpec, MeasuredCost, RooflineCost, TableCost, device_spec
 from dynaflow.errors import CaptureError, ConfigError, DynaflowError, StrategyError
 from dynaflow.flops import count_segments
 from dynaflow.ir import InputInfo, NanoGraph, Schedule, SplitConfig
@@ -225,6 +225,11 @@ class CostContext:
                          len(missing), ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""))
                 self.measured[batch] = measure(missing)
             models.insert(0, MeasuredCost(self.measured[batch], device))
+        unpriced = [n for n in missing if not self.measured.get(batch, {}).get(n)]
+        if unpriced:  # neither counted nor timed (the step may not be run again): the same for every plan
+            log.warning("%s: segments %s have no cost estimate and could not be timed; the cost model prices them "
+                        "at zero, so plans are compared on the other segments", self.label, ", ".join(unpriced[:6]))
+            models.append(TableCost({n: 0.0 for n in unpriced}))
         return CombinedCost(*models)
 
     def matching_profile(self, device: str, dtype: str) -> Profile | None:

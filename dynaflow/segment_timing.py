@@ -2,7 +2,8 @@
 
 Used by ``dynaflow.profile`` (a saved profile) and by the cost model when it has no estimate for a segment
 (FLOP counting failed on it): a segment the roofline cannot price is measured, never a crash. Inputs the graph
-writes in place are timed on private copies (:func:`private_writes`), so timing never changes the caller's data.
+writes in place are timed on private copies (:func:`private_writes`), so timing never changes the caller's data;
+a graph whose ops may write state that is not an argument is not run again at all (:func:`replayable`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dynaflow.planning import make_plan
 from dynaflow.segmented import SegmentedModule
 from dynaflow.strategies import Sequential
 
-__all__ = ["time_segments", "private_writes", "halving_sizes"]
+__all__ = ["time_segments", "private_writes", "halving_sizes", "replayable"]
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +71,30 @@ def time_segments(seg: SegmentedModule, inputs: Sequence[Any], batch: int, sizes
     finally:
         ex.close()
     return timings
+
+
+_VISIBLE_EFFECTS = {"aten", "prims", "_c10d_functional", "c10d_functional", "dynaflow"}
+"""Op namespaces whose writes are all declared in their schemas (what dynaflow copies before timing a step)."""
+
+
+def replayable(seg: SegmentedModule) -> bool:
+    """Whether timing a step (running it again, on private copies of the inputs it writes) leaves everything as
+    it was: no segment is an opaque callable, and no op comes from a library whose kernels may write state that
+    is not an argument (an engine's KV cache reached through its forward context)."""
+    for call in seg.calls:
+        graph = getattr(call.module, "graph", None)
+        if graph is None:
+            return False
+        for node in graph.nodes:
+            if node.op != "call_function":
+                continue
+            target = node.target
+            if isinstance(target, torch._ops.OpOverload):
+                ns = target.namespace
+            elif isinstance(target, torch._ops.OpOverloadPacket):
+                ns = target._qualified_op_name.split("::")[0]
+            else:
+                continue  # torch functions and Python callables: traced, their effects are in the graph
+            if ns not in _VISIBLE_EFFECTS:
+                return False
+    return True

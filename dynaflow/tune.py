@@ -376,6 +376,8 @@ class TuneSetup:
     """The executor can run the step as a CUDA graph: measured candidates are also measured that way."""
     passthrough: bool = True
     """A candidate may run the captured graph as is (not when ``cuda_graphs`` makes every step a graph)."""
+    replayable: bool = True
+    """Running the step again to time it changes nothing the caller sees (see ``GraphPlanner.setup``)."""
     distributed: Any = None
 
 
@@ -454,6 +456,10 @@ class Tuner:
             cands, floors = [c for c in cands if c not in floors], []
         predict, measure = self._callables(info, inputs, dist)
         measuring = self.spec.measure_top_k > 0
+        if measuring and not setup.replayable:
+            log.info("%s: the graph calls ops whose effects dynaflow cannot see (an engine's kernels); autotune "
+                     "predicts only, it does not run the step again to time it", self.planner.label)
+            measuring = False
         if dist is not None:
             predict = _agreed(cands, predict, dist)
         result = autotune(cands, bucket, predict, measure if measuring else None, self.spec.measure_top_k,

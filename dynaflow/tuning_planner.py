@@ -16,7 +16,7 @@ from dynaflow.backend import executors
 from dynaflow.ir import InputInfo, SplitConfig
 from dynaflow.planning import Plan, describe_inputs
 from dynaflow.profiles import model_hash
-from dynaflow.segment_timing import private_writes
+from dynaflow.segment_timing import private_writes, replayable
 from dynaflow.strategies import Strategy
 from dynaflow.tune import TuneSetup, median_seconds
 
@@ -84,4 +84,5 @@ class GraphPlanner:
         graphs = bool(getattr(executors.factory(name), "captures_graphs", False)) and not graph.config.cuda_graphs
         return TuneSetup(model_hash(graph.segmented), frozenset(s.resource for s in graph.segmented.segments),
                          graph.costs.num_sms(facts), spec.sm_granularity, spec.name, graph.config.executor,
-                         graphs, not graph.config.cuda_graphs, graph.distributed)
+                         graphs, not graph.config.cuda_graphs, replayable(graph.segmented), graph.distributed)
+

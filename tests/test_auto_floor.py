@@ -160,3 +160,34 @@ def test_the_eager_strategy_runs_the_captured_graph_and_equals_eager(executor):
             torch.testing.assert_close(cache, ref_cache, atol=1e-6, rtol=1e-6)
     g = c.graphs[0]
     assert g.last_plan.split.num == 1 and not g._executors and c.last_timeline is None  # no executor ran
+
+
+@torch.library.custom_op("dftest::hidden_state", mutates_args=())
+def _hidden_state(x: torch.Tensor) -> torch.Tensor:
+    _HIDDEN.append(1)  # state outside the op's arguments, as an engine's KV-cache write through its context
+    return x * 2
+
+
+@_hidden_state.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+_HIDDEN: list[int] = []
+
+
+class Hidden(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.dftest.hidden_state(x) + 1
+
+
+def test_a_graph_with_ops_whose_effects_are_unseen_is_not_run_again_to_time_it():
+    from dynaflow.frontend.aten_rules import register_batch_rule, rows
+
+    register_batch_rule("dftest::hidden_state", rows(x=0))
+    _HIDDEN.clear()
+    c = dynaflow.compile(Hidden(), strategy=_auto(), executor="serial")
+    with torch.no_grad():
+        c(torch.randn(6, 4))
+    (result,) = c.graphs[0].tuned.values()
+    assert all(t.measured is None for t in result.trials) and result.reason.endswith("nothing measured")
