@@ -35,7 +35,7 @@ import torch
 from dynaflow.frontend.aten_rules import register_batch_rule, rows
 
 __all__ = ["decode_attention", "reference", "chunked_reference", "triton_decode_attention", "triton_available",
-           "KernelConfig", "SplitPlan", "split_plan"]
+           "KernelConfig", "SplitPlan", "split_plan", "plan_for"]
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,20 @@ def _occupancy(kernel: Any, device: torch.device, num_warps: int) -> int | None:
         return None
 
 
+def _variant(q: torch.Tensor, k_cache: torch.Tensor, config: KernelConfig) -> tuple[Any, ...]:
+    return (q.device, q.dtype, k_cache.dtype, q.shape[2], q.shape[1] // k_cache.shape[2], config)
+
+
+def plan_for(q: torch.Tensor, k_cache: torch.Tensor, sm_budget: int = 0,
+             config: KernelConfig = DEFAULT_CONFIG) -> SplitPlan:
+    """The plan :func:`triton_decode_attention` runs for these inputs now: ``sm_budget`` (≤ 0: the device's SMs)
+    times the programs per SM that fit (one until the kernel variant has run once)."""
+    if sm_budget <= 0:
+        sm_budget = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+    per_sm = min(config.programs_per_sm, _OCCUPANCY.get(_variant(q, k_cache, config), 1))
+    return split_plan(q.shape[0], k_cache.shape[2], k_cache.shape[1], sm_budget * per_sm, config.block_n)
+
+
 def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                             sm_budget: int = 0, config: KernelConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """The Triton kernels on ``sm_budget * config.programs_per_sm`` programs (at most as many as fit: the first
@@ -171,12 +185,8 @@ def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     out = torch.empty_like(q)
     if b == 0 or hq == 0:
         return out
-    if sm_budget <= 0:
-        sm_budget = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
-    key = (q.device, q.dtype, k_cache.dtype, d, hq // hkv, config)
-    per_sm = min(config.programs_per_sm, _OCCUPANCY.get(key, 1))
-    plan = split_plan(b, hkv, L, sm_budget * per_sm, config.block_n)
+    plan = plan_for(q, k_cache, sm_budget, config)
     if plan.splits > 1:
         part = torch.empty(b, hq, plan.splits, d, device=q.device, dtype=torch.float32)
         lse = torch.empty(b, hq, plan.splits, device=q.device, dtype=torch.float32)
@@ -185,6 +195,7 @@ def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     kernel = _split_kv.launch(q, k_cache, v_cache, lengths.to(torch.int32), part, lse, out,
                               programs=plan.programs, chunk=plan.chunk, splits=plan.splits, block_n=config.block_n,
                               num_warps=config.num_warps, num_stages=config.num_stages)
+    key = _variant(q, k_cache, config)
     variant = (*key, plan.splits == 1)                                  # with or without the combine: two kernels
     if variant not in _MEASURED and q.is_cuda and kernel is not None:
         _MEASURED.add(variant)
