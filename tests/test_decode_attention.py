@@ -11,7 +11,6 @@ Triton defines a kernel) and, on a GPU, in tests/cuda/test_decode_attention_cuda
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import re
@@ -149,10 +148,10 @@ def test_dynaflow_splits_the_op_per_nano_batch_on_the_memory_lane(executor):
     assert re.search(r"attention_0\s+split\s+memory", c.explain())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="Triton is not installed (pip install triton; the CPU wheel of torch ships none)")
 def test_the_triton_kernels_under_the_interpreter():
-    """The kernels tier's tests (tests/kernels), run here in a subprocess with ``TRITON_INTERPRET=1``."""
+    """tests/kernels (marked ``triton``), run here in a subprocess with ``TRITON_INTERPRET=1``."""
+    if not da.triton_available():
+        pytest.skip("Triton does not import: pip install triton (in the test extras; torch's CPU wheel ships none)")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "triton", "-p", "no:cacheprovider",
                            str(ROOT / "tests" / "kernels")], capture_output=True, text=True, cwd=ROOT, env=env,

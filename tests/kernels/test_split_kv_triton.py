@@ -1,6 +1,6 @@
 """The Triton split-KV kernels of ``dynaflow::decode_attention``, run by Triton's interpreter on CPU tensors
-(``TRITON_INTERPRET=1``, set by .ci/kernels — or by tests/test_decode_attention.py's subprocess — before Python
-starts): equal to float64 attention for masked, grouped (GQA), chunked and empty caches, on one program or many,
+(``TRITON_INTERPRET=1``, set before Python starts: tests/test_decode_attention.py runs this file so, in a
+subprocess, in the default tier): equal to float64 attention for masked, grouped (GQA), chunked and empty caches, on one program or many,
 with and without the combine kernel. float32 and float16 only: the interpreter's ``tl.dot`` multiplies bfloat16's
 raw bits (triton-lang/triton#11584); bfloat16 runs on a GPU (tests/cuda/test_decode_attention_cuda.py)."""
 
@@ -19,9 +19,9 @@ pytestmark = pytest.mark.triton
 
 
 def test_the_tier_runs_the_interpreter():
-    import triton  # noqa: F401 - the tier installs it; a missing Triton fails here, it is not skipped
+    import triton  # noqa: F401 - selected with -m triton, a missing Triton fails here, it is not skipped
 
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run this tier through .ci/kernels (TRITON_INTERPRET=1)"
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 pytest -m triton tests/kernels"
 
 
 @settings(max_examples=20, deadline=None)
