@@ -149,10 +149,10 @@ def _occupancy(kernel: Any, device: torch.device, num_warps: int) -> int | None:
     try:
         props = torch.cuda.get_device_properties(device)
         threads = 32 * num_warps
-        fits = [props.max_threads_per_multi_processor // threads, 32]
-        if kernel.n_regs:
-            fits.append(props.regs_per_multiprocessor // (kernel.n_regs * threads))
-        if kernel.metadata.shared:
+        fits = [getattr(props, "max_threads_per_multi_processor", 2048) // threads, 32]
+        if kernel.n_regs:  # 64 K registers per SM on every NVIDIA GPU since Kepler (older torch does not say)
+            fits.append(getattr(props, "regs_per_multiprocessor", 65536) // (kernel.n_regs * threads))
+        if kernel.metadata.shared:  # each resident block also reserves 1 KiB
             fits.append(props.shared_memory_per_multiprocessor // (kernel.metadata.shared + 1024))
         return max(1, min(fits))
     except Exception:  # noqa: BLE001 - an older Triton or torch without these fields: keep the configured count
@@ -181,11 +181,10 @@ def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     from dynaflow.integrations.kernels import _split_kv
 
     b, hq, d = q.shape
-    L, hkv = k_cache.shape[1], k_cache.shape[2]
-    out = torch.empty_like(q)
-    if b == 0 or hq == 0:
-        return out
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
+    out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
+    if out.numel() == 0:
+        return out
     plan = plan_for(q, k_cache, sm_budget, config)
     if plan.splits > 1:
         part = torch.empty(b, hq, plan.splits, d, device=q.device, dtype=torch.float32)

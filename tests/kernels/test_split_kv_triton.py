@@ -48,3 +48,15 @@ def test_split_kv_kernels_in_half_precision(budget):
     out = triton_decode_attention(q, k, v, lengths, budget, cfg)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.double(), attention64(q, k, v, lengths), atol=2e-3, rtol=2e-3)
+
+
+def test_a_query_with_strided_heads():
+    """``q`` as a view whose last dim is not contiguous (a transposed projection): made contiguous first."""
+    from dynaflow.integrations.kernels.decode_attention import KernelConfig, triton_decode_attention
+
+    q, k, v, lengths = inputs(2, 2, 2, 16, 40, seed=3)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, Hq, D) with strides (Hq*D, 1, Hq)
+    assert q.stride(-1) != 1
+    out = triton_decode_attention(q, k, v, lengths, 4, KernelConfig(block_n=16))
+    assert out.is_contiguous()
+    torch.testing.assert_close(out.double(), attention64(q, k, v, lengths), atol=1e-5, rtol=1e-5)
