@@ -42,8 +42,9 @@ def _fresh_dynamo():
 
 
 OPT_IN_TIERS = ("integration", "engine", "triton")
-"""Markers whose tests need their own venv (.ci/integration, .ci/engine, .ci/kernels): *deselected* (not skipped) unless the
-``-m`` expression names the marker, so ``pytest -q`` neither runs nor counts them."""
+"""Markers whose tests need their own venv (.ci/integration, .ci/engine) or environment (``triton``:
+``TRITON_INTERPRET=1`` from the start; the default tier runs them in a subprocess): *deselected* (not skipped)
+unless the ``-m`` expression names the marker, so ``pytest -q`` neither runs nor counts them."""
 
 
 def pytest_collection_modifyitems(config, items):

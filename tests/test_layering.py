@@ -244,6 +244,15 @@ def test_import_dynaflow_without_any_optional_dependency():
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+def test_every_package_folder_is_installed():
+    """A folder with an ``__init__.py`` that ``pyproject.toml`` does not list works in an editable install but is
+    missing from a wheel (``pip install .``): every one of them is listed."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {module_of(p) for p in source_files() if p.name == "__init__.py"}
+    assert packages - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
+
+
 PUBLIC_API = [
     "ALL", "BackendError", "BatchCouplingError", "CaptureError", "Compiled", "ConfigError", "DynaflowConfig",
     "DynaflowError", "InputInfo", "Lane", "Mod", "NanoGraph", "NanoOp", "Op", "PartitionError", "RequestLayout",
