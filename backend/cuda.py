@@ -6,7 +6,10 @@ stream waits on it), issues launches from the host in the program's ``serial_ord
 is recorded (enqueued) before any lane waits on it; waiting on a never-recorded event would silently
 wait for nothing — and joins back (the caller's stream waits on every lane). Cross-lane dependencies are
 ``torch.cuda.Event`` record / ``Stream.wait_event``; the host never synchronises inside a step, so the
-compiled callable is stream-correct for its caller like any torch op.
+compiled callable is stream-correct for its caller like any torch op. Every launch on a lane whose partition
+is smaller than the device runs with torch's SM carveout set to the SMs the lane lacks, so kernels that size
+their grid from the device (cuBLAS's persistent GEMMs; ``available_sms`` readers such as
+``dynaflow::decode_attention``) fit the partition.
 
 **Memory.** Nano-batch inputs are views (``narrow``). Merge buffers (full-batch values written slice by
 slice by nano launches) are carved out of one preallocated byte arena per program (batch size). The
@@ -50,7 +53,7 @@ import torch
 
 from dynaflow.config import DynaflowConfig
 from dynaflow.errors import BackendError
-from dynaflow.ir import Lane, Resource
+from dynaflow.ir import Lane
 from dynaflow.nanocontext import current_nano_context
 from dynaflow.timeline import Timeline, TimelineEvent
 from dynaflow.backend.arena import ALIGN
@@ -59,6 +62,7 @@ from dynaflow.backend.graph_steps import GraphSteps
 from dynaflow.backend.graphs import CapturePlan, Piece, capture_plan, waits_before
 from dynaflow.backend.program import CONST, Program, Wait
 from dynaflow.backend.streams import LaneStream, make_lane_streams
+from dynaflow.backend.sm_partitions import launch_carveouts
 
 __all__ = ["CudaExecutor", "cuda_unavailable_reason"]
 
@@ -101,7 +105,7 @@ class _State:
     free_at: dict[int, tuple[int, ...]]
     """Launch id → slots to drop after it (free at last use)."""
     carveout_of: dict[int, int] = field(default_factory=dict)
-    """Launch id → SMs cuBLAS must leave free: compute launches on a lane with an SM partition."""
+    """Launch id → SMs torch's carveout holds back while it runs: launches on a lane with an SM partition."""
     buffers: dict[int, torch.Tensor] | None = None
     arena: torch.Tensor | None = None
     steps: int = 0
@@ -233,7 +237,7 @@ class CudaExecutor(Executor):
                      if s in producer_lane and r - {producer_lane[s]}}
             st = _State(program, lanes, [torch.cuda.Event() for _ in range(program.num_events)], lane_of,
                         waits_before(program), cross, capture_plan(program, graphs=False).pieces[0],
-                        _free_table(program), gemm_carveouts(program, lanes, lane_of))
+                        _free_table(program), lane_carveouts(program, lanes))
             self._states[id(program)] = st
         return st
 
@@ -416,7 +420,7 @@ class _LaneIssue:
             torch.cuda.set_stream(s)
             self.current = s
         carveout = state.carveout_of.get(id(launch))
-        if carveout is not None:  # GEMMs sized for the lane's SMs, not the whole device
+        if carveout is not None:  # grids sized for the lane's SMs, not the whole device
             self.carveout, self.carved = torch._C._get_sm_carveout_experimental(), True
             torch._C._set_sm_carveout_experimental(carveout)
         if self.timing is not None:
@@ -451,19 +455,14 @@ class _LaneIssue:
             self.current = self.caller
 
 
-def gemm_carveouts(program: Program, lanes: Sequence[LaneStream], lane_of: dict[int, int]) -> dict[int, int]:
-    """For each compute launch on a lane with an SM partition, the SMs cuBLAS should leave unused
-    (``torch._C._set_sm_carveout_experimental``): its persistent GEMMs otherwise size their grid for the whole
-    device and run 1.5-2 waves on the partition. Empty where torch lacks the knob or no lane is partitioned."""
+def lane_carveouts(program: Program, lanes: Sequence[LaneStream]) -> dict[int, int]:
+    """Launch id → torch's SM carveout for every launch on a lane whose partition is smaller than the device
+    (:func:`~dynaflow.backend.sm_partitions.launch_carveouts`). Empty where torch lacks the knob or no lane is
+    partitioned."""
     if not hasattr(torch._C, "_set_sm_carveout_experimental") or not any(l.granted_sms for l in lanes):
         return {}
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    out = {}
-    for launch in program.serial_order:
-        granted = lanes[lane_of[id(launch)]].granted_sms
-        if granted and granted < total and launch.segment.resource is Resource.COMPUTE:
-            out[id(launch)] = total - granted
-    return out
+    return launch_carveouts(program.serial_order, {l.lane: l.granted_sms for l in lanes}, total)
 
 
 def _capturing() -> bool:

@@ -12,6 +12,12 @@ GraphModule has its own code object, so Dynamo's per-code-object recompile limit
 many nano sizes there are, and a static-shape compile generates the best kernels for that size.
 Inductor's own CUDA graphs stay off (the executor captures the whole step itself). Segments tagged
 ``no-inductor`` run as captured.
+
+**Per lane SM budget.** A launch on a lane with an SM partition is compiled (and warmed) with torch's SM
+carveout set to the SMs its lane will lack (:func:`~dynaflow.backend.sm_partitions.planned_sms`, the same plan
+the cuda executor's green contexts follow): Inductor sizes its persistent templates' grids (``NUM_SMS``) and
+benchmarks its GEMM choices for the lane's partition, not the whole device. The SM budget is part of the compile
+key, so the same segment on two lanes compiles twice.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch.fx
 from dynaflow.errors import BackendError
 from dynaflow.nanocontext import current_nano_context
 from dynaflow.backend.program import Launch, Program, fetch
+from dynaflow.backend.sm_partitions import launch_carveouts, planned_sms, sm_carveout
 
 __all__ = ["InductorSegments", "signature", "replace_fns", "NO_INDUCTOR"]
 
@@ -63,7 +70,7 @@ class InductorSegments:
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         self.options = {"triton.cudagraphs": False, **(options or {})}
-        self._compiled: dict[tuple[str, tuple[Any, ...]], Callable[..., Any]] = {}
+        self._compiled: dict[tuple[str, tuple[Any, ...], int | None], Callable[..., Any]] = {}
         self._programs: dict[int, tuple[Program, Program]] = {}
         self._lock = threading.Lock()
 
@@ -87,19 +94,22 @@ class InductorSegments:
 
         step = StepContext(program, Executor.new_env(program, inputs), current_nano_context())
         env = step.env
+        carveouts = lane_carveouts(program, inputs)
         fns: dict[int, Callable[..., Any]] = {}
         for launch, frees in zip(program.serial_order, program.serial_frees):
             if NO_INDUCTOR in launch.segment.hints:
                 run_launch(launch, step)
             else:
                 args = [fetch(a, env) for a in launch.args]
-                key = (launch.segment.name, signature(args))
+                carveout = carveouts.get(id(launch))
+                key = (launch.segment.name, signature(args), carveout)
                 fn = self._compiled.get(key)
                 if fn is None:
                     fn = self._compiled[key] = self._compile_one(launch, args)
                 fns[id(launch)] = fn
                 try:
-                    run_launch(dataclasses.replace(launch, fn=fn), step)  # compiles + warms
+                    with sm_carveout(carveout):  # the first call compiles: for the lane's SMs
+                        run_launch(dataclasses.replace(launch, fn=fn), step)  # compiles + warms
                 except Exception as exc:
                     shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
                     raise BackendError(
@@ -125,3 +135,17 @@ class InductorSegments:
                 f"{[tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]}: {exc}. Tag the segment "
                 "'no-inductor' to run it uncompiled."
             ) from exc
+
+
+def lane_carveouts(program: Program, inputs: Sequence[Any]) -> dict[int, int]:
+    """Launch id → torch's SM carveout to compile it under: launches on lanes the device's SM plan partitions
+    (``{}`` off CUDA or without partitioned lanes)."""
+    if not any(lane.sm_count for lane in program.lanes):
+        return {}
+    device = next((x.device for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda), None)
+    if device is None or not hasattr(torch._C, "_set_sm_carveout_experimental"):
+        return {}
+    props = torch.cuda.get_device_properties(device)
+    granted = planned_sms(program.lanes, props.multi_processor_count, props.major)
+    return launch_carveouts(program.serial_order, granted, props.multi_processor_count)
+

@@ -33,14 +33,18 @@ The plan therefore uses one split per lane set:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
 
 from dynaflow.errors import BackendError
 
-__all__ = ["SmPart", "SmPlan", "plan_sm_partitions", "sm_granularity", "round_sms"]
+__all__ = ["SmPart", "SmPlan", "plan_sm_partitions", "sm_granularity", "round_sms", "planned_sms",
+           "launch_carveouts", "sm_carveout", "available_sms"]
 
 log = logging.getLogger(__name__)
 
@@ -205,3 +209,52 @@ def _fit(asked: Sequence[tuple[str, int]], targets: Sequence[int], total: int, m
                  "%s to the device granularity", asked[-1][0], rest, last,
                  _describe([(name, n) for (name, _), n in zip(asked, counts)]))
     return counts, rest
+
+
+def planned_sms(lanes: Sequence[Any], device_sms: int, major: int) -> dict[str, int]:
+    """Lane name → the SMs :func:`plan_sm_partitions` gives it (partitioned lanes only; ``{}`` where the lanes
+    cannot be partitioned on this device: they then run on plain streams)."""
+    if not any(l.sm_count for l in lanes):
+        return {}
+    try:
+        plan = plan_sm_partitions(lanes, device_sms, major)
+    except BackendError:
+        return {}
+    return {p.lane: p.sms for p in plan.parts}
+
+
+def launch_carveouts(launches: Iterable[Any], granted: Mapping[str, int | None], device_sms: int) -> dict[int, int]:
+    """Launch id → the SMs torch's SM carveout should hold back while it runs: ``device_sms - granted`` for every
+    launch on a lane granted fewer SMs than the device. Kernels that size their grid for the whole device (cuBLAS's
+    persistent GEMMs, Inductor's persistent templates, :func:`available_sms` readers) then fit the lane's
+    partition instead of running 1.5-2 waves on it."""
+    out: dict[int, int] = {}
+    for launch in launches:
+        n = granted.get(launch.lane)
+        if n and n < device_sms:
+            out[id(launch)] = device_sms - n
+    return out
+
+
+@contextlib.contextmanager
+def sm_carveout(carveout: int | None) -> Iterator[None]:
+    """torch's SM carveout set to ``carveout`` inside the block and the caller's value restored after (``None``
+    or a torch without the knob: nothing changes)."""
+    if carveout is None or not hasattr(torch._C, "_set_sm_carveout_experimental"):
+        yield
+        return
+    before = torch._C._get_sm_carveout_experimental()
+    torch._C._set_sm_carveout_experimental(carveout)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(before)
+
+
+def available_sms(device: torch.device | int | None = None) -> int:
+    """The SMs a kernel launched now may size its grid for: the device's, less torch's SM carveout (which the
+    cuda executor sets to the SMs a partitioned lane does not have; Inductor reads the same value)."""
+    total = torch.cuda.get_device_properties(device).multi_processor_count
+    get = getattr(torch._C, "_get_sm_carveout_experimental", None)
+    carveout = get() if get is not None else None
+    return max(1, total - (carveout or 0))

@@ -293,12 +293,13 @@ def test_cuda_executor_runs_nano_context_launches_inside_the_engine_state(fake_c
             torch.testing.assert_close(fast(x), ref)
 
 
-def test_compute_launches_on_a_partitioned_lane_limit_cublas_to_its_sms(fake_cuda, monkeypatch):
-    """On a lane with an SM partition, each compute launch runs with cuBLAS's SM carveout set to the SMs the
-    lane does not have, and the caller's setting comes back after it; launches on other lanes are untouched."""
+@pytest.mark.parametrize("granted", [{"compute": 96, "memory": 36}, {"compute": 96}], ids=["both", "compute-only"])
+def test_launches_on_a_partitioned_lane_limit_grids_to_its_sms(fake_cuda, monkeypatch, granted):
+    """On a lane with an SM partition, each launch runs with torch's SM carveout set to the SMs the lane does
+    not have (what cuBLAS and ``available_sms`` read), and the caller's setting comes back after it; a lane
+    without a partition is untouched."""
     from dynaflow.ir import Resource
 
-    granted = {"compute": 96, "memory": 36}
     monkeypatch.setattr(cuda_mod, "make_lane_streams", lambda lanes, device=None: tuple(
         LaneStream(l.name, FakeStream(l.name, fake_cuda.journal), l.sm_count, granted.get(l.name), "fake-green")
         for l in lanes))
@@ -325,7 +326,7 @@ def test_compute_launches_on_a_partitioned_lane_limit_cublas_to_its_sms(fake_cud
             seen.clear()
             assert torch.equal(ex.run(p, inputs), ref)
     assert {c for r, c in seen if r is Resource.COMPUTE} == {132 - 96}
-    assert {c for r, c in seen if r is not Resource.COMPUTE} == {None}
+    assert {c for r, c in seen if r is Resource.MEMORY} == {132 - granted["memory"] if "memory" in granted else None}
     assert carveout[0] is None and calls[-1] is None  # restored after the last launch
 
 

@@ -13,7 +13,7 @@ import dynaflow
 from dynaflow.backend import SerialExecutor
 from dynaflow.backend.inductor import InductorSegments, signature
 from dynaflow.errors import BackendError
-from models import make_mlp, mlp_input
+from models import make_mlp, make_transformer, mlp_input, transformer_input
 from programs import program_of, retag
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -84,3 +84,42 @@ def test_inductor_failure_names_the_segment_and_the_fix():
     with pytest.raises(BackendError, match=r"Inductor failed on segment '.*'.*codegen exploded.*no-inductor"):
         with torch.no_grad():
             ind.program_for(p, inputs)
+
+
+def test_segments_on_a_partitioned_lane_compile_for_the_lanes_sms(monkeypatch):
+    """A launch on a lane with an SM partition is compiled (its first call) under torch's SM carveout for the
+    SMs its lane lacks, so Inductor's grids and GEMM choices fit the partition; the SM budget is part of the
+    compile key, and the caller's carveout is back afterwards."""
+    from dynaflow.backend import inductor as inductor_mod
+    from dynaflow.backend.sm_partitions import launch_carveouts, planned_sms
+
+    sms = {"compute": 96, "memory": 36}
+    p, inputs, _ = program_of(make_transformer(), transformer_input(6), "nanoflow", 2,
+                              strategy_options={"sm_counts": sms})
+    assert {lane.name: lane.sm_count for lane in p.lanes} == sms
+    granted = planned_sms(p.lanes, 132, 9)  # an H100's plan: compute a group, memory the remainder
+    assert granted == {"compute": 96, "memory": 36}
+    monkeypatch.setattr(inductor_mod, "lane_carveouts",
+                        lambda program, _inputs: launch_carveouts(program.serial_order, granted, 132))
+    seen: dict = {}
+    ind = InductorSegments()
+
+    def compile_one(launch, args):
+        def fn(*a):
+            seen.setdefault((launch.lane, launch.segment.name, id(fn)), []).append(
+                torch._C._get_sm_carveout_experimental())
+            return launch.fn(*a)
+        return fn
+
+    monkeypatch.setattr(ind, "_compile_one", compile_one)
+    before = torch._C._get_sm_carveout_experimental()
+    with torch.no_grad():
+        q = ind.program_for(p, inputs)
+        compiling = {lane: {c for (l, _, _), calls in seen.items() if l == lane for c in calls} for lane, _, _ in seen}
+        seen.clear()
+        torch.testing.assert_close(SerialExecutor().run(q, inputs), SerialExecutor().run(p, inputs))
+    assert compiling == {"compute": {132 - 96}, "memory": {132 - 36}}  # compiled under its lane's carveout
+    assert {c for calls in seen.values() for c in calls} == {before}  # the executor's runs: the caller's setting
+    assert torch._C._get_sm_carveout_experimental() == before
+    keys = {k[2] for k in ind._compiled}
+    assert keys == {132 - 96, 132 - 36}

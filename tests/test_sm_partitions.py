@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynaflow.backend import streams
-from dynaflow.backend.sm_partitions import SmPart, SmPlan, plan_sm_partitions, sm_granularity
+from dynaflow.backend.sm_partitions import (SmPart, SmPlan, available_sms, launch_carveouts, plan_sm_partitions,
+                                            planned_sms, sm_carveout, sm_granularity)
 from dynaflow.errors import BackendError
 from dynaflow.ir import Lane
 
@@ -326,3 +327,33 @@ def test_cuda_python_is_preferred_over_torch(fake, monkeypatch):
     fake.use(FakeDriver())
     monkeypatch.setattr(streams, "_torch_green_supported", lambda: True)
     assert streams.green_context_support() == "cuda-python"
+
+
+def test_planned_sms_are_the_plans_partitions_and_empty_when_none_fit():
+    lanes = [Lane("compute", sm_count=96), Lane("memory", sm_count=36), Lane("network")]
+    assert planned_sms(lanes, 132, 9) == {"compute": 96, "memory": 36}
+    assert planned_sms([Lane("a"), Lane("b")], 132, 9) == {}
+    assert planned_sms([Lane(str(i), sm_count=8) for i in range(20)], 132, 9) == {}  # cannot be partitioned
+
+
+def test_launch_carveouts_hold_back_what_each_partitioned_lane_lacks():
+    launches = [types.SimpleNamespace(lane=name) for name in ("compute", "memory", "network", "compute")]
+    out = launch_carveouts(launches, {"compute": 96, "memory": 36, "network": None}, 132)
+    assert out == {id(launches[0]): 36, id(launches[1]): 96, id(launches[3]): 36}
+    assert launch_carveouts(launches, {"compute": 132}, 132) == {}  # the whole device: nothing held back
+
+
+def test_sm_carveout_is_scoped_and_available_sms_reads_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: types.SimpleNamespace(
+        multi_processor_count=132))
+    before = torch._C._get_sm_carveout_experimental()
+    assert available_sms(0) == 132 - (before or 0)
+    with sm_carveout(100):
+        assert torch._C._get_sm_carveout_experimental() == 100 and available_sms(0) == 32
+        with sm_carveout(None):
+            assert available_sms(0) == 32
+    assert torch._C._get_sm_carveout_experimental() == before
+    with pytest.raises(RuntimeError):
+        with sm_carveout(96):
+            raise RuntimeError("a failing launch")
+    assert torch._C._get_sm_carveout_experimental() == before

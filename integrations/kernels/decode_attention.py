@@ -19,7 +19,9 @@ head ``h // (Hq // Hkv)``); ``lengths`` (B,) int: positions ``>= lengths[b]`` ar
 gives zeros). Returns (B, Hq, D) in ``q``'s dtype, accumulated in float32. The layout is the one a decode step
 appends to — position-major, heads inside (``k_cache[b, pos] = k_new``), as vLLM's and transformers' caches are
 per request; each (position, KV head) row is D contiguous elements, so the kernels' loads stay coalesced.
-``sm_budget`` ≤ 0 means every SM of the device.
+``sm_budget`` ≤ 0 means every SM this launch may use (:func:`~dynaflow.backend.sm_partitions.available_sms`): the
+device's less torch's SM carveout, which the cuda executor sets to what a partitioned lane lacks — so on a lane's
+partition the grid is that partition's without any argument naming it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 
 import torch
 
+from dynaflow.backend.sm_partitions import available_sms
 from dynaflow.frontend.aten_rules import register_batch_rule, rows
 
 __all__ = ["decode_attention", "reference", "chunked_reference", "triton_decode_attention", "triton_available",
@@ -166,10 +169,11 @@ def _variant(q: torch.Tensor, k_cache: torch.Tensor, config: KernelConfig) -> tu
 
 def plan_for(q: torch.Tensor, k_cache: torch.Tensor, sm_budget: int = 0,
              config: KernelConfig = DEFAULT_CONFIG) -> SplitPlan:
-    """The plan :func:`triton_decode_attention` runs for these inputs now: ``sm_budget`` (≤ 0: the device's SMs)
-    times the programs per SM that fit (one until the kernel variant has run once)."""
+    """The plan :func:`triton_decode_attention` runs for these inputs now: ``sm_budget`` (≤ 0: the SMs available
+    to this launch, the lane's partition under the cuda executor) times the programs per SM that fit (one until
+    the kernel variant has run once)."""
     if sm_budget <= 0:
-        sm_budget = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        sm_budget = available_sms(q.device) if q.is_cuda else 1
     per_sm = min(config.programs_per_sm, _OCCUPANCY.get(_variant(q, k_cache, config), 1))
     return split_plan(q.shape[0], k_cache.shape[2], k_cache.shape[1], sm_budget * per_sm, config.block_n)
 

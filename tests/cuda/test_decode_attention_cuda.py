@@ -64,3 +64,20 @@ def test_the_op_runs_the_kernels_and_replays_in_a_cuda_graph():
     q.copy_(torch.randn_like(q))
     graph.replay()
     torch.testing.assert_close(out, triton_decode_attention(q, k, v, lengths, 52), atol=0, rtol=0)
+
+
+def test_the_default_budget_is_the_sms_the_carveout_leaves():
+    """``sm_budget=0`` sizes the grid for the SMs torch's carveout leaves (what the cuda executor sets on a
+    partitioned lane): fewer programs under a carveout, the same result."""
+    pytest.importorskip("triton")
+    from dynaflow.backend.sm_partitions import available_sms, sm_carveout
+    from dynaflow.integrations.kernels.decode_attention import DEFAULT_CONFIG, plan_for, triton_decode_attention
+
+    q, k, v, lengths = _inputs(4, 8192)
+    whole = triton_decode_attention(q, k, v, lengths)
+    total = available_sms(q.device)
+    with sm_carveout(total - 32):
+        assert available_sms(q.device) == 32
+        lane = plan_for(q, k)
+        torch.testing.assert_close(triton_decode_attention(q, k, v, lengths), whole, atol=2e-2, rtol=2e-2)
+    assert lane.programs <= 32 * DEFAULT_CONFIG.programs_per_sm < plan_for(q, k).programs
