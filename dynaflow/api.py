@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import threading
 import weakref
 from typing import Any, Callable, Sequence, TextIO
@@ -26,10 +27,13 @@ from dynaflow.frontend.capture import (SHARED_BACKEND, GraphEntry, batch_size_of
                                        mark_batch_dynamic, no_graph_error, run_dynamo)
 from dynaflow.ir import Schedule
 from dynaflow.planning import Plan
+from dynaflow.requests import current_requests
 from dynaflow.strategies import Strategy, get as get_strategy
 from dynaflow.timeline import Timeline
 
 __all__ = ["compile", "parallelize", "dynaflow_backend", "Compiled", "CompiledGraph", "Plan"]
+
+log = logging.getLogger(__name__)
 
 
 
@@ -49,6 +53,10 @@ class Compiled:
         """The batch size of the call in flight on each Python thread (read by static captures)."""
         self.graph_breaks: list[str] = []
         """Dynamo's reasons for cutting the model into several graphs (its graph breaks), for ``explain()``."""
+        self._as_is: set[tuple[int, Any]] = set()
+        """(batch, request layout) of calls that run the model itself, skipping Dynamo (see ``__call__``)."""
+        self.direct_calls = 0
+        """Calls that ran the model itself because the eager floor won their bucket."""
         weakref.finalize(self, _release_graphs, self.graphs)
         self._fx = isinstance(model, torch.fx.GraphModule)
         if self._fx:
@@ -87,18 +95,37 @@ class Compiled:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._fx:
             return self._call_fx(args, kwargs)
-        self._local.batch = mark_batch_dynamic(args, kwargs, self.config.batch_dim)
-        if self._local.batch == 0:  # no rows: nothing to split or overlap
+        batch = self._local.batch = mark_batch_dynamic(args, kwargs, self.config.batch_dim)
+        if batch == 0:  # no rows: nothing to split or overlap
+            return self.model(*args, **kwargs)
+        if self._as_is and (batch, current_requests()) in self._as_is:
+            self.direct_calls += 1
             return self.model(*args, **kwargs)
         before = sum(g.calls for g in self.graphs)
         with graph_breaks.recording(self.graph_breaks):
-            out = run_dynamo(self, self._compiled, args, kwargs, self.model, self.config.batch_dim, self._local.batch)
+            out = run_dynamo(self, self._compiled, args, kwargs, self.model, self.config.batch_dim, batch)
         if not self._checked:
             check_outputs(out)
             self._checked = True
         if sum(g.calls for g in self.graphs) == before:
             raise no_graph_error(self.model)
+        self._note_as_is(batch, before)
         return out
+
+    def _note_as_is(self, batch: int, calls_before: int) -> None:
+        """After a call whose one graph ran as captured (``auto`` measured its eager floor fastest for this
+        bucket): later calls of this batch size and request layout run the model itself, without Dynamo's
+        guards and frame (~10-30 µs a call), so the floor is plain eager. Only for a model Dynamo captured
+        whole (one graph, no graph breaks) and not in distributed lockstep, where every rank must plan."""
+        if len(self.graphs) != 1 or self.graph_breaks:
+            return
+        graph = self.graphs[0]
+        if graph.calls != calls_before + 1 or not graph.ran_as_is:
+            return
+        if graph.distributed is not None and graph.distributed.agreeing:
+            return
+        self._as_is.add((batch, current_requests()))
+        log.info("%s: batch %d runs the model itself from now on (the eager floor won its bucket)", graph.label, batch)
 
     def _call_fx(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         flat = list(self._flatten(*args, **kwargs))

@@ -70,6 +70,8 @@ class CompiledGraph:
         self.last_plan: Plan | None = None
         self.last_timeline: Timeline | None = None
         self.calls = 0
+        self.ran_as_is = False
+        """The last call ran the captured graph as is (the ``eager`` strategy won its bucket)."""
         self.last_call_seq = -1
         """Global call counter value of this graph's latest run (the most recent graph wins in inspection)."""
         self._batch_source: tuple[int, int] | None = None
@@ -346,10 +348,11 @@ class CompiledGraph:
         """The captured graph run as Dynamo gave it: no segments, no executor (the ``eager`` strategy)."""
         out = self._original(*inputs)
         if plan is not None:
-            self._ran(plan, None)
+            self._ran(plan, None, as_is=True)
         return out
 
-    def _ran(self, plan: Plan, ex: Any) -> None:
+    def _ran(self, plan: Plan, ex: Any, as_is: bool = False) -> None:
+        self.ran_as_is = as_is
         self.last_plan = plan
         self.last_timeline = ex.last_timeline if ex is not None else None
         self.calls += 1

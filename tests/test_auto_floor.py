@@ -191,3 +191,54 @@ def test_a_graph_with_ops_whose_effects_are_unseen_is_not_run_again_to_time_it()
         c(torch.randn(6, 4))
     (result,) = c.graphs[0].tuned.values()
     assert all(t.measured is None for t in result.trials) and result.reason.endswith("nothing measured")
+
+
+def test_a_bucket_the_floor_wins_runs_the_model_itself_without_dynamo(monkeypatch):
+    """Once a call of a model captured whole ran as is (the ``eager`` strategy, or ``auto``'s floor winning), later
+    calls of that batch size skip Dynamo's guards and run the model itself; another batch size, or another
+    request layout, goes through Dynamo (and the planner) first."""
+    model = Writes().eval()
+    c = dynaflow.compile(model, strategy="eager")
+    x, cache = torch.randn(5, D), torch.randn(5, L, D)
+    ref_cache = cache.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(c(x, cache), model(x, ref_cache), atol=1e-6, rtol=1e-6)
+        assert c.direct_calls == 0
+        dynamo = c._compiled
+        monkeypatch.setattr(c, "_compiled", lambda *a, **k: pytest.fail("Dynamo ran for a bucket the floor won"))
+        for _ in range(2):
+            torch.testing.assert_close(c(x, cache), model(x, ref_cache), atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(cache, ref_cache, atol=1e-6, rtol=1e-6)
+        assert c.direct_calls == 2 and c.graphs[0].calls == 1
+        monkeypatch.setattr(c, "_compiled", dynamo)
+        x3, cache3 = torch.randn(3, D), torch.randn(3, L, D)
+        torch.testing.assert_close(c(x3, cache3.clone()), model(x3, cache3.clone()), atol=1e-6, rtol=1e-6)
+        assert c.direct_calls == 2 and c.graphs[0].calls == 2  # a new batch size: through Dynamo first
+        with dynaflow.requests([2, 3]):
+            c(x, cache.clone())
+        assert c.direct_calls == 2 and c.graphs[0].calls == 3  # a new request layout: likewise
+
+
+class _Breaks(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * 2
+        torch._dynamo.graph_break()
+        return y + 1
+
+
+def test_a_model_with_graph_breaks_never_skips_dynamo():
+    c = dynaflow.compile(_Breaks(), strategy="eager")
+    x = torch.randn(4, D)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(c(x), x * 2 + 1)
+    assert c.direct_calls == 0 and c.graph_breaks and len(c.graphs) == 2
+
+
+def test_other_strategies_never_skip_dynamo():
+    model = Writes().eval()
+    c = dynaflow.compile(model, strategy="nanoflow", nano_batches=2)
+    with torch.no_grad():
+        for _ in range(3):
+            c(torch.randn(4, D), torch.randn(4, L, D))
+    assert c.direct_calls == 0 and c.graphs[0].calls == 3
