@@ -61,7 +61,7 @@ from dynaflow.backend.launch import NOLOCK, Executor, ExecutorContext, StepConte
 from dynaflow.backend.graph_steps import GraphSteps
 from dynaflow.backend.graphs import CapturePlan, Piece, capture_plan, waits_before
 from dynaflow.backend.program import CONST, Program, Wait
-from dynaflow.backend.streams import LaneStream, make_lane_streams
+from dynaflow.backend.streams import LaneStream, make_lane_streams, release_lane_streams
 from dynaflow.backend.sm_partitions import launch_carveouts
 
 __all__ = ["CudaExecutor", "cuda_unavailable_reason"]
@@ -206,8 +206,11 @@ class CudaExecutor(Executor):
         self._states.pop(id(program), None)
 
     def close(self) -> None:
+        """Drop every capture and program state, and destroy the lanes' green contexts and their streams."""
         self.graphs.clear()
         self._states.clear()
+        for lanes in self._lane_streams.values():
+            release_lane_streams(lanes)
         self._lane_streams.clear()
 
     # -- setup ----------------------------------------------------------------------------------------

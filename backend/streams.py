@@ -32,7 +32,7 @@ from dynaflow.errors import BackendError
 from dynaflow.ir import Lane
 
 __all__ = ["LaneStream", "sm_granularity", "round_sms", "make_lane_streams", "green_context_support",
-           "lane_resources"]
+           "lane_resources", "release_lane_streams"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ class LaneStream:
     split: int | None = None
     """Id of the driver split call the partition comes from (cuda-python only). Lanes with the same id whose
     ``part.groups`` do not intersect (at most one holding the remainder) have disjoint SMs."""
+    handle: Any = None
+    """The driver's ``CUstream`` behind ``stream`` (cuda-python only): destroyed with the context."""
 
     def __repr__(self) -> str:
         sm = ""
@@ -159,15 +161,34 @@ def _driver_streams(plan: SmPlan, lanes: Sequence[Lane], index: int) -> dict[str
             made[-1] = (ctx, raw)
             stream = torch.cuda.ExternalStream(int(raw), device=torch.device("cuda", index))
             out[part.lane] = LaneStream(part.lane, stream, part.requested, _sm_count(resources),
-                                        "cuda-python-green-context", ctx, part, split)
+                                        "cuda-python-green-context", ctx, part, split, raw)
     except Exception:
         _release(drv, made)
         raise
     return out
 
 
+def release_lane_streams(lane_streams: Sequence[LaneStream]) -> None:
+    """Destroy the driver streams and green contexts behind ``lane_streams`` once their queued work is done
+    (cuda-python lanes; torch frees its own green contexts and plain streams when they are dropped). The
+    lanes must not be used afterwards. Best effort: a failure is logged, never raised."""
+    made = [(ls.context, ls.handle) for ls in lane_streams if ls.mechanism == "cuda-python-green-context"]
+    drv = _driver() if made else None
+    if drv is None:
+        return
+    for ls in lane_streams:
+        sync = getattr(ls.stream, "synchronize", None)
+        if ls.mechanism == "cuda-python-green-context" and sync is not None:
+            try:
+                sync()
+            except Exception as exc:  # noqa: BLE001 - releasing must not raise (it runs from close and finalizers)
+                log.debug("synchronising lane %r before release failed: %s", ls.lane, exc)
+    _release(drv, made)
+    log.debug("released %d green-context lane(s)", len(made))
+
+
 def _release(drv: Any, made: Sequence[tuple[Any, Any]]) -> None:
-    """Best effort: destroy the streams and green contexts of a lane set that could not be completed."""
+    """Best effort: destroy these streams and green contexts (newest first)."""
     for ctx, raw in reversed(made):
         for call, arg in (("cuStreamDestroy", raw), ("cuGreenCtxDestroy", ctx)):
             if arg is not None and hasattr(drv, call):

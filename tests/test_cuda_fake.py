@@ -345,3 +345,14 @@ def test_each_step_starts_after_the_previous_one_of_the_same_program(fake_cuda, 
             out = ex.run(p, inputs)
     assert other.log[0] == ("wait", id(done)) and ("record", id(done)) in other.log
     assert torch.equal(out, SerialExecutor().run(p, inputs))
+
+
+def test_close_releases_every_lane_set_the_executor_made(fake_cuda, monkeypatch):
+    released = []
+    monkeypatch.setattr(cuda_mod, "release_lane_streams", lambda lanes: released.append(tuple(l.lane for l in lanes)))
+    p, inputs, _ = program_of(make_transformer(), transformer_input(6), "nanoflow", 2)
+    ex = cuda_mod.CudaExecutor()
+    with torch.no_grad():
+        ex.run(p, inputs)
+    ex.close()
+    assert released == [tuple(lane.name for lane in p.lanes)] and not ex._lane_streams

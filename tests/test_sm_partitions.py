@@ -357,3 +357,13 @@ def test_sm_carveout_is_scoped_and_available_sms_reads_it(monkeypatch):
         with sm_carveout(96):
             raise RuntimeError("a failing launch")
     assert torch._C._get_sm_carveout_experimental() == before
+
+
+def test_releasing_lane_streams_destroys_each_stream_then_its_green_context(fake):
+    drv = fake.use(FakeDriver())
+    out = streams.make_lane_streams((Lane("compute", sm_count=80), Lane("memory", sm_count=52), Lane("other")))
+    assert drv.destroyed == []
+    streams.release_lane_streams(out)
+    assert drv.destroyed == [("stream", 0xBEEF02), ("ctx", "gctx1"), ("stream", 0xBEEF01), ("ctx", "gctx0")]
+    streams.release_lane_streams([out[2]])  # a plain stream: torch frees it, nothing to destroy
+    assert len(drv.destroyed) == 4

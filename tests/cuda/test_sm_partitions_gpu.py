@@ -85,3 +85,17 @@ def test_two_partitioned_lanes_run_kernels_at_the_same_time():
     print(f"one spin kernel {alone:.1f} ms, one on each lane {both:.1f} ms")
     assert alone > SLEEP_MS / 4
     assert both < 1.5 * alone, f"the lanes' kernels did not overlap: {both:.1f} ms vs {alone:.1f} ms alone"
+
+
+def test_released_lanes_free_their_green_contexts_and_new_ones_can_be_made():
+    """``release_lane_streams`` destroys the driver streams and green contexts after their work; making the
+    same lane set again afterwards works (nothing leaked into the next split)."""
+    _needs_driver()
+    _, lanes = _two_lanes()
+    for _ in range(3):
+        made = streams.make_lane_streams(lanes)
+        assert all(ls.mechanism == "cuda-python-green-context" for ls in made)
+        with torch.cuda.stream(made[0].stream):
+            torch.ones(1024, device="cuda").sum()
+        streams.release_lane_streams(made)
+    torch.cuda.synchronize()
