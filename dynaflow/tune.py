@@ -30,7 +30,9 @@ except ImportError:  # pragma: no cover - Windows
 from dynaflow import knobs
 from dynaflow.errors import DynaflowError, StrategyError
 from dynaflow.ir import InputInfo, SplitConfig
+from dynaflow.phase_bound import PhaseBound, busy_time, finish_time, phase_ops
 from dynaflow.strategies.auto import Candidate
+from dynaflow.strategies.sequential import Sequential
 
 __all__ = ["Tuner", "TuneSetup", "Planner", "Trial", "TuneResult", "TuneCache", "CACHE_SCHEMA", "autotune", "median_seconds", "bucket_key", "BUCKET_POLICIES"]
 
@@ -126,6 +128,8 @@ def autotune(
     top_k: int = 2,
     graphs: bool = False,
     always: Sequence[Candidate] = (),
+    bounded: Sequence[Candidate] = (),
+    admissible: Callable[[Candidate], str | None] | None = None,
 ) -> TuneResult:
     """Pick the best candidate. ``predict(c)`` returns (split, simulated seconds) or raises a DynaflowError
     (the candidate does not apply); ``measure(c)`` returns real seconds. ``candidates[0]`` is the baseline
@@ -133,6 +137,9 @@ def autotune(
     ``graphs``: every measured candidate is also measured as a CUDA graph (the cost model does not predict
     graphs), so "whole batch, one lane" is measured both ways and the winner is the fastest measured.
     ``always``: candidates measured whatever their prediction (the ``eager`` floor; never as graphs).
+    ``bounded``: candidates measured whatever their rank (those a phase bound applies to: the search sizes their
+    partitions by measurement); ``admissible(c)`` says why a measured candidate may not win (its phase broke
+    the bound), or ``None``.
     """
     if not candidates:
         raise DynaflowError("autotune needs at least one candidate (the sequential baseline).")
@@ -157,6 +164,7 @@ def autotune(
         reason = f"best prediction on the cost model ({speed:.2f}x of sequential predicted); nothing measured"
         return TuneResult(bucket, tuple(trials), best, reason)
     to_measure = ranked[:top_k]
+    to_measure += [t for t in ranked if t.candidate in bounded and t not in to_measure]
     if base not in to_measure:
         to_measure.append(base)
     if graphs:
@@ -168,9 +176,19 @@ def autotune(
     measured: dict[Candidate, float] = {}
     for t in to_measure:
         measured[t.candidate] = measure(t.candidate)
-    trials = [Trial(t.candidate, t.split, t.predicted, measured.get(t.candidate), t.note) for t in trials]
+    barred: dict[Candidate, str] = {}
+    if admissible is not None:
+        for t in to_measure:
+            plain = replace(t.candidate, graphs=False)
+            if t is not base and plain not in always and plain not in barred:
+                why = admissible(plain)
+                if why:
+                    barred[plain] = why
+    trials = [Trial(t.candidate, t.split, t.predicted, measured.get(t.candidate),
+                    "; ".join(n for n in (t.note, barred.get(replace(t.candidate, graphs=False), "")) if n))
+              for t in trials]
     by_cand = {t.candidate: t for t in trials}
-    contenders = [by_cand[t.candidate] for t in to_measure]
+    contenders = [by_cand[t.candidate] for t in to_measure if replace(t.candidate, graphs=False) not in barred]
     best = min(contenders, key=lambda t: t.measured)  # type: ignore[arg-type, return-value]
     base_t = by_cand[base.candidate]
     speed = base_t.measured / best.measured if best.measured else 1.0
@@ -183,6 +201,8 @@ def autotune(
     else:
         reason = (f"fastest measured of the {len(to_measure) - 1} best predictions: {speed:.2f}x of sequential measured, "
                   f"{base.predicted / best.predicted:.2f}x predicted")  # type: ignore[operator]
+    if barred:
+        reason += f"; {len(barred)} measured candidate(s) broke a phase bound"
     return TuneResult(bucket, tuple(trials), best, reason)
 
 
@@ -454,7 +474,7 @@ class Tuner:
         floors = [c for c in cands if _passthrough(c)]
         if not setup.passthrough:  # every step runs as the config's CUDA graph: no candidate runs the graph as is
             cands, floors = [c for c in cands if c not in floors], []
-        predict, measure = self._callables(info, inputs, dist)
+        predict, measure, build = self._callables(info, inputs, dist)
         measuring = self.spec.measure_top_k > 0
         if measuring and not setup.replayable:
             log.info("%s: the graph calls ops whose effects dynaflow cannot see (an engine's kernels); autotune "
@@ -462,8 +482,11 @@ class Tuner:
             measuring = False
         if dist is not None:
             predict = _agreed(cands, predict, dist)
+        bound = self.spec.phase_bound if measuring and dist is None else None
+        bounded = [c for c in cands if bound is not None and c not in floors and _applies(bound, build, c)]
+        admissible = self._admissible(bound, build, info, inputs) if bounded else None
         result = autotune(cands, bucket, predict, measure if measuring else None, self.spec.measure_top_k,
-                          graphs=setup.graphs and measuring, always=floors)
+                          graphs=setup.graphs and measuring, always=floors, bounded=bounded, admissible=admissible)
         result = replace(result, tuned_on=info.batch_size)
         self.results[bucket] = result
         if cache is not None:
@@ -481,8 +504,30 @@ class Tuner:
         self.results[bucket] = TuneResult(bucket, (trial,), trial, hit[1], from_cache=True, tuned_on=info.batch_size)
         return built
 
-    def _callables(self, info: InputInfo, inputs: Sequence[Any], dist: Any) -> tuple[Callable[[Candidate], Any], Callable[[Candidate], float]]:
-        """``predict`` and ``measure`` of every candidate, planning each once."""
+    def _admissible(self, bound: PhaseBound, build: Callable[[Candidate], Any], info: InputInfo,
+                    inputs: Sequence[Any]) -> Callable[[Candidate], str | None]:
+        """Whether a candidate keeps ``bound``: its phase's finish time in its own measured runs against the
+        phase's standalone time (its launches' summed durations in a sequential run of the same split)."""
+        planner, repeats, alone = self.planner, self.spec.repeats, {}
+
+        def check(cand: Candidate) -> str | None:
+            plan = build(cand)
+            if not bound.applies(plan):
+                return None
+            if plan.split not in alone:
+                seq = planner.plan_split(info, plan.split, Sequential())
+                alone[plan.split] = busy_time(planner.timelines(seq, inputs, repeats),
+                                              phase_ops(seq.program, bound.phase))
+            finish = finish_time(planner.timelines(plan, inputs, repeats), phase_ops(plan.program, bound.phase))
+            log.info("%s: %r: %s finished at %.3f ms, %.3f ms standalone", planner.label, cand, bound.phase,
+                     finish * 1e3, alone[plan.split] * 1e3)
+            return bound.verdict(finish, alone[plan.split])
+
+        return check
+
+    def _callables(self, info: InputInfo, inputs: Sequence[Any], dist: Any
+                   ) -> tuple[Callable[[Candidate], Any], Callable[[Candidate], float], Callable[[Candidate], Any]]:
+        """``predict``, ``measure`` and ``build`` (its plan) of every candidate, planning each once."""
         planner = self.planner
         plans: dict[Any, Any] = {}
         seconds_of = planner.predictor(inputs)
@@ -506,7 +551,15 @@ class Tuner:
                                       passthrough=_passthrough(cand))
             return dist.max_over_ranks([seconds])[0] if dist is not None else seconds
 
-        return predict, measure
+        return predict, measure, build
+
+
+def _applies(bound: PhaseBound, build: Callable[[Candidate], Any], cand: Candidate) -> bool:
+    """Whether ``bound`` applies to the candidate's plan (a candidate that cannot be planned: no)."""
+    try:
+        return bound.applies(build(cand))
+    except DynaflowError:
+        return False
 
 
 def _passthrough(cand: Candidate) -> bool:

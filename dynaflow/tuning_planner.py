@@ -18,6 +18,7 @@ from dynaflow.planning import Plan, describe_inputs
 from dynaflow.profiles import model_hash
 from dynaflow.segment_timing import private_writes, replayable
 from dynaflow.strategies import Strategy
+from dynaflow.timeline import Timeline
 from dynaflow.tune import TuneSetup, median_seconds
 
 __all__ = ["GraphPlanner"]
@@ -72,6 +73,25 @@ class GraphPlanner:
             return median_seconds(lambda: ex.run(program, flat, capture=capture), repeats, sync)
         finally:
             ex.forget(program)
+
+    def timelines(self, plan: Plan, inputs: Sequence[Any], repeats: int) -> list[Timeline]:
+        """The timelines of ``repeats`` runs of ``plan`` (after one warm-up) on an executor of the graph's kind
+        that records them (on the cuda executor, CUDA events around every launch), on private copies of the
+        inputs the graph writes."""
+        graph = self.graph
+        name = graph.executor_for(plan, inputs).name
+        ex = executors.resolve(name, **({"gpu_timeline": True} if name == "cuda" else {}))
+        flat = private_writes(inputs, graph.segmented.inputs.written)
+        program, out = graph.program_for(plan, inputs), []
+        try:
+            with knobs.scope(DYNAFLOW_TIMELINE=1):
+                for i in range(repeats + 1):
+                    ex.run(program, flat)
+                    if i and ex.last_timeline is not None:
+                        out.append(ex.last_timeline)
+        finally:
+            ex.close()
+        return out
 
     def setup(self, inputs: Sequence[Any]) -> TuneSetup:
         """The graph-side facts of a search (model hash, resources, SMs, disk-cache key, distributed planner)."""

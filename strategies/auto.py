@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from dynaflow.errors import StrategyError
+from dynaflow.phase_bound import PhaseBound
 from dynaflow.ir import InputInfo, NanoGraph, Resource, Schedule, SplitConfig
 from dynaflow.strategies.base import SearchSpace, SearchSpec, Strategy
 from dynaflow.strategies.sequential import Sequential
@@ -95,7 +96,8 @@ class Auto(Strategy):
 
     def __init__(self, max_nano_batches: int = 4, strategies: Sequence[str] | None = None, measure_top_k: int = 2,
                  repeats: int = 5, sm_steps: int = 4, cache: bool = True,
-                 candidates: Sequence[Candidate | dict[str, Any]] | None = None, buckets: str = "pow2") -> None:
+                 candidates: Sequence[Candidate | dict[str, Any]] | None = None, buckets: str = "pow2",
+                 decode_bound: float | None = 1.2) -> None:
         super().__init__(None)
         if not isinstance(max_nano_batches, int) or max_nano_batches < 1:
             raise StrategyError(f"Strategy 'auto': max_nano_batches={max_nano_batches!r} must be an int >= 1.")
@@ -105,6 +107,9 @@ class Auto(Strategy):
             raise StrategyError(f"Strategy 'auto': buckets={buckets!r} must be 'pow2' (tune once per power-of-two "
                                 "bucket of rows and requests, the default) or 'exact' (tune every batch size).")
         self.buckets = buckets
+        self.decode_bound = PhaseBound("decode", decode_bound) if decode_bound is not None else None
+        """Measured candidates that split decode rows off (``prefill_decode``) must finish them within this
+        factor of their standalone time (:mod:`dynaflow.phase_bound`); ``None``: no bound."""
         self.max_nano_batches = max_nano_batches
         self.strategies = tuple(strategies) if strategies else None
         """Registered names to search; ``None``: every registered strategy (a user's registered one too)."""
@@ -140,7 +145,8 @@ class Auto(Strategy):
         return list(dict.fromkeys(out))
 
     def search(self) -> SearchSpec:
-        return SearchSpec(self.candidates, self.buckets, self.measure_top_k, self.repeats, self.cache, self._fallback)
+        return SearchSpec(self.candidates, self.buckets, self.measure_top_k, self.repeats, self.cache, self._fallback,
+                          self.decode_bound)
 
     # Used as-is (outside a compiled model's tuner) Auto behaves like sequential execution.
     def split_config(self, info: InputInfo) -> SplitConfig:
@@ -154,4 +160,6 @@ class Auto(Strategy):
                 f"measuring the best {self.measure_top_k}")
 
     def __repr__(self) -> str:
-        return f"Auto(max_nano_batches={self.max_nano_batches}, measure_top_k={self.measure_top_k}, buckets={self.buckets!r})"
+        bound = self.decode_bound.factor if self.decode_bound is not None else None
+        return (f"Auto(max_nano_batches={self.max_nano_batches}, measure_top_k={self.measure_top_k}, "
+                f"buckets={self.buckets!r}, decode_bound={bound})")

@@ -128,6 +128,8 @@ class SearchSpec:
     repeats: int = 5
     cache: bool = True
     fallback: "Strategy | None" = None
+    phase_bound: Any = None
+    """A :class:`~dynaflow.phase_bound.PhaseBound` measured candidates must keep to win (``None``: no bound)."""
 
 
 class Strategy:
@@ -136,10 +138,10 @@ class Strategy:
     name: str = "strategy"
     default_nano_batches: int = 1
     graphs: bool = False
-    passthrough: bool = False
-    """Whether the compiled graph runs the captured graph as is instead of a plan (the ``eager`` floor)."""
     """Whether steps planned by this strategy run as CUDA graphs even when ``cuda_graphs`` is off (set by
     ``auto`` on a winner it measured faster that way)."""
+    passthrough: bool = False
+    """Whether the compiled graph runs the captured graph as is instead of a plan (the ``eager`` floor)."""
 
     def __init__(self, nano_batches: int | None = None, min_rows: int = 1) -> None:
         if nano_batches is not None and (not isinstance(nano_batches, int) or nano_batches < 1):
