@@ -35,11 +35,14 @@ __all__ = [
 ALL = -1
 """The nano-batch index of an op that runs once on the whole batch (barriers, batch-free segments)."""
 
-HINTS = frozenset({"no-inductor", "no-cudagraph", "barrier", "batch-local", "nano-context"})
+HINTS = frozenset({"no-inductor", "no-cudagraph", "barrier", "batch-local", "nano-context", "pure"})
 """Segment hints. ``barrier`` forces a whole-batch segment; ``batch-local`` asserts (and trusts) that a
 segment the analysis flags as coupled is in fact row-separable (e.g. MoE token permutations);
 ``nano-context`` marks a segment that reads per-step host state (an engine's attention metadata), so
-executors run each nano-batch launch of it inside the active :func:`dynaflow.nanocontext.nano_context`."""
+executors run each nano-batch launch of it inside the active :func:`dynaflow.nanocontext.nano_context`;
+``pure`` asserts that the segment's ops write nothing but their outputs and the arguments their schemas mark
+written, so ``auto`` may run it again to time it (ops from libraries outside aten/prims/c10d/dynaflow are
+otherwise assumed to write hidden state, such as an engine's KV cache)."""
 
 
 class Resource(str, enum.Enum):

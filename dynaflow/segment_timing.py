@@ -22,7 +22,10 @@ from dynaflow.planning import make_plan
 from dynaflow.segmented import SegmentedModule
 from dynaflow.strategies import Sequential
 
-__all__ = ["time_segments", "private_writes", "halving_sizes", "replayable"]
+__all__ = ["time_segments", "private_writes", "halving_sizes", "replayable", "PURE"]
+
+PURE = "pure"
+"""The segment hint that declares its ops free of hidden writes (see :data:`dynaflow.ir.HINTS`)."""
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +83,11 @@ _VISIBLE_EFFECTS = {"aten", "prims", "_c10d_functional", "c10d_functional", "dyn
 def replayable(seg: SegmentedModule) -> bool:
     """Whether timing a step (running it again, on private copies of the inputs it writes) leaves everything as
     it was: no segment is an opaque callable, and no op comes from a library whose kernels may write state that
-    is not an argument (an engine's KV cache reached through its forward context)."""
+    is not an argument (an engine's KV cache reached through its forward context), unless its segment is tagged
+    ``pure`` (the user's word for it)."""
     for call in seg.calls:
+        if PURE in call.segment.hints:
+            continue
         graph = getattr(call.module, "graph", None)
         if graph is None:
             return False

@@ -193,6 +193,21 @@ def test_a_graph_with_ops_whose_effects_are_unseen_is_not_run_again_to_time_it()
     assert all(t.measured is None for t in result.trials) and result.reason.endswith("nothing measured")
 
 
+def test_ops_tagged_pure_are_run_again_to_time_them():
+    """The user's word that an op writes nothing hidden (the ``pure`` hint on its segment) lets auto measure."""
+    from dynaflow.frontend.aten_rules import register_batch_rule, rows
+
+    register_batch_rule("dftest::hidden_state", rows(x=0))
+    rules = [dynaflow.Op("dftest.hidden_state", tags=("pure",))]
+    c = dynaflow.compile(Hidden(), strategy=_auto(), executor="serial", config={"rules": rules})
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), x * 2 + 1)
+    (result,) = c.graphs[0].tuned.values()
+    assert any(t.measured is not None for t in result.trials)
+    assert any("pure" in s.hints for s in c.graphs[0].segmented.segments)
+
+
 def test_a_bucket_the_floor_wins_runs_the_model_itself_without_dynamo(monkeypatch):
     """Once a call of a model captured whole ran as is (the ``eager`` strategy, or ``auto``'s floor winning), later
     calls of that batch size skip Dynamo's guards and run the model itself; another batch size, or another
