@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: the provenance every result file carries, and writing it."""
+"""Shared by the benchmarks: the provenance every result file carries, writing it, and the ``main`` they share."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import os
 import platform
 import sys
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -31,3 +31,17 @@ def write(result: dict[str, Any], path: str | None) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     log.info("wrote %s", path)
+
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def run_main(name: str, parse: Callable[[Sequence[str] | None], Any], run: Callable[[Any], dict[str, Any]],
+             argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """A benchmark's ``main``: log to stdout, parse ``argv``, run, and write the report to ``--out`` (default
+    ``results/<name>.json``; under ``--dry-run`` only to an explicit ``--out``)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse(argv)
+    report = run(args)
+    write(report, args.out or (None if args.dry_run else os.path.join(RESULTS, f"{name}.json")))
+    return report

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _results import provenance, write  # noqa: E402
+from _results import provenance, run_main  # noqa: E402
 from floor_measure import median_ms, rel_err  # noqa: E402
 
 log = logging.getLogger("decode_attention_bw")
@@ -229,11 +229,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse(argv)
-    report = run(args)
-    write(report, args.out or (None if args.dry_run else os.path.join(HERE, "results", "decode_attention_bw.json")))
-    return report
+    return run_main("decode_attention_bw", parse, run, argv)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ Steps (each a subprocess with its own time limit, so one hang cannot eat the lea
   hand-written double-buffered prefetch (issue 16);
 * ``attnbw``  — ``decode_attention_bw.py``: the split-KV decode-attention kernel's HBM bandwidth against the
   SMs it gets, next to the copy bandwidth and SDPA (issue 16);
+* ``pd``      — ``pd_multiplex.py``: prefill ∥ decode on disjoint SM partitions, the decode rows' time against
+  their standalone time, next to hand-written streams and partitions (issue 16);
 * ``sim``     — ``sim_accuracy.py --device cuda --models llama8b``: predicted vs measured.
 
 Everything lands in ``--out`` (default ``$OUT`` when set, else ``benchmarks/results/gpu-<date>``) with a
@@ -22,7 +24,7 @@ steps at CPU sizes to check the plumbing (the cuda tests then skip, and say why)
 
     python benchmarks/gpu_verify.py --only tests,races          # one remote call
     python benchmarks/gpu_verify.py --only floor                # the next one (≤ 8 minutes)
-    python benchmarks/gpu_verify.py --only overlap,offload,attnbw,sim  # and the one after
+    python benchmarks/gpu_verify.py --only overlap,offload,attnbw,pd,sim  # and the one after
     python benchmarks/gpu_verify.py --dry-run --out /tmp/gv     # on a CPU machine
 """
 
@@ -47,7 +49,7 @@ from _results import provenance, write  # noqa: E402
 
 log = logging.getLogger("bench")
 
-STEPS = ("tests", "races", "floor", "overlap", "offload", "attnbw", "sim")
+STEPS = ("tests", "races", "floor", "overlap", "offload", "attnbw", "pd", "sim")
 
 FLOOR_TIMEOUT_S = 480
 """The floor step's limit: ``gpu_floor.py --quick`` spends a 420 s budget on its workloads (each in a
@@ -104,6 +106,9 @@ def steps(names: Sequence[str], out: str, dry_run: bool) -> list[Step]:
         elif name == "attnbw":
             plan.append(Step(name, (py, bench("decode_attention_bw.py"), "--out",
                                     os.path.join(out, "decode_attention_bw.json"), *dry), 180))
+        elif name == "pd":
+            plan.append(Step(name, (py, bench("pd_multiplex.py"), "--out", os.path.join(out, "pd_multiplex.json"),
+                                    *dry), 300))
         elif name == "sim":
             device = ("--dry-run",) if dry_run else ("--device", "cuda")
             plan.append(Step(name, (py, bench("sim_accuracy.py"), *device, "--models", "llama8b",
