@@ -51,6 +51,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from dynaflow import knobs
 from dynaflow.config import DynaflowConfig
 from dynaflow.errors import BackendError
 from dynaflow.ir import Lane
@@ -461,8 +462,9 @@ class _LaneIssue:
 def lane_carveouts(program: Program, lanes: Sequence[LaneStream]) -> dict[int, int]:
     """Launch id → torch's SM carveout for every launch on a lane whose partition is smaller than the device
     (:func:`~dynaflow.backend.sm_partitions.launch_carveouts`). Empty where torch lacks the knob or no lane is
-    partitioned."""
-    if not hasattr(torch._C, "_set_sm_carveout_experimental") or not any(l.granted_sms for l in lanes):
+    partitioned, or ``DYNAFLOW_SM_CARVEOUT=0``."""
+    if (not hasattr(torch._C, "_set_sm_carveout_experimental") or not any(l.granted_sms for l in lanes)
+            or not knobs.sm_carveout()):
         return {}
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     return launch_carveouts(program.serial_order, {l.lane: l.granted_sms for l in lanes}, total)

@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 
+from dynaflow import knobs
 from dynaflow.errors import BackendError
 from dynaflow.nanocontext import current_nano_context
 from dynaflow.backend.program import Launch, Program, fetch
@@ -140,7 +141,7 @@ class InductorSegments:
 def lane_carveouts(program: Program, inputs: Sequence[Any]) -> dict[int, int]:
     """Launch id → torch's SM carveout to compile it under: launches on lanes the device's SM plan partitions
     (``{}`` off CUDA or without partitioned lanes)."""
-    if not any(lane.sm_count for lane in program.lanes):
+    if not any(lane.sm_count for lane in program.lanes) or not knobs.sm_carveout():
         return {}
     device = next((x.device for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda), None)
     if device is None or not hasattr(torch._C, "_set_sm_carveout_experimental"):

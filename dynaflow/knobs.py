@@ -16,6 +16,8 @@ variable                     meaning                                            
 ``DYNAFLOW_TIMELINE``        record a Timeline on every call                         1
 ``DYNAFLOW_CACHE_DIR``       where autotune winners and profiles are kept             ~/.cache/dynaflow
 ``DYNAFLOW_PROGRESS``        autotune progress bar: 1 on, 0 off, unset = on a tty     unset
+``DYNAFLOW_SM_CARVEOUT``     launches on an SM-partitioned lane size their grids for  1
+                             its SMs (torch's SM carveout); 0 turns it off
 ``DYNAFLOW_VLLM``            the vLLM plugin turns dynaflow on (compile backend)     0
 ``DYNAFLOW_VLLM_OPTIONS``    JSON dynaflow options for the vLLM integration          unset
 ``DYNAFLOW_SGLANG``          the SGLang plugin routes torch.compile via dynaflow     0
@@ -33,6 +35,7 @@ from typing import Iterator
 
 __all__ = [
     "debug_level", "verify", "verify_splits", "wait_timeout", "forced_executor", "record_timeline", "cache_dir", "progress",
+    "sm_carveout",
     "integration_enabled", "integration_options", "scope",
 ]
 
@@ -116,6 +119,12 @@ def progress() -> bool | None:
     if value == "":
         return None
     return value not in ("0", "false", "False")
+
+
+def sm_carveout() -> bool:
+    """``DYNAFLOW_SM_CARVEOUT``: launches on a lane with an SM partition run under torch's SM carveout for the
+    SMs the lane lacks (on by default; off measures what it adds)."""
+    return _get("DYNAFLOW_SM_CARVEOUT", "1") not in ("", "0", "false", "False")
 
 
 def integration_enabled(host: str) -> bool:

@@ -293,12 +293,15 @@ def test_cuda_executor_runs_nano_context_launches_inside_the_engine_state(fake_c
             torch.testing.assert_close(fast(x), ref)
 
 
-@pytest.mark.parametrize("granted", [{"compute": 96, "memory": 36}, {"compute": 96}], ids=["both", "compute-only"])
-def test_launches_on_a_partitioned_lane_limit_grids_to_its_sms(fake_cuda, monkeypatch, granted):
+@pytest.mark.parametrize("granted,knob", [({"compute": 96, "memory": 36}, "1"), ({"compute": 96}, "1"),
+                                          ({"compute": 96, "memory": 36}, "0")], ids=["both", "compute-only", "off"])
+def test_launches_on_a_partitioned_lane_limit_grids_to_its_sms(fake_cuda, monkeypatch, granted, knob):
     """On a lane with an SM partition, each launch runs with torch's SM carveout set to the SMs the lane does
     not have (what cuBLAS and ``available_sms`` read), and the caller's setting comes back after it; a lane
-    without a partition is untouched."""
+    without a partition is untouched; ``DYNAFLOW_SM_CARVEOUT=0`` leaves every launch alone."""
     from dynaflow.ir import Resource
+
+    monkeypatch.setenv("DYNAFLOW_SM_CARVEOUT", knob)
 
     monkeypatch.setattr(cuda_mod, "make_lane_streams", lambda lanes, device=None: tuple(
         LaneStream(l.name, FakeStream(l.name, fake_cuda.journal), l.sm_count, granted.get(l.name), "fake-green")
@@ -325,6 +328,9 @@ def test_launches_on_a_partitioned_lane_limit_grids_to_its_sms(fake_cuda, monkey
         for _ in range(2):
             seen.clear()
             assert torch.equal(ex.run(p, inputs), ref)
+    if knob == "0":
+        assert {c for _, c in seen} == {None} and not calls
+        return
     assert {c for r, c in seen if r is Resource.COMPUTE} == {132 - 96}
     assert {c for r, c in seen if r is Resource.MEMORY} == {132 - granted["memory"] if "memory" in granted else None}
     assert carveout[0] is None and calls[-1] is None  # restored after the last launch
