@@ -9,6 +9,9 @@ Steps (each a subprocess with its own time limit, so one hang cannot eat the lea
   and under ``compute-sanitizer --tool racecheck`` where it is on PATH;
 * ``floor``   — ``gpu_floor.py --quick``: dynaflow next to the hand-written baselines on the three workloads
   of issue 13, with the must-show checks (JSON, timeline PNGs; ≤ 8 minutes on one H100);
+* ``ladder``  — ``overlap_ladder.py``: dense decode, 8 layers, what each overlap mechanism adds (pipelining,
+  partitions, SM-limited GEMMs, SM-efficient attention) over the eager CUDA graph with stock kernels and with
+  the same kernels (issue 16);
 * ``overlap`` — ``overlap_gpu.py``: measured speedups and the ideal bound (JSON + timeline PNG);
 * ``offload`` — ``kv_offload.py``: KV-offload decode, the transfer lane next to copy-then-compute and a
   hand-written double-buffered prefetch (issue 16);
@@ -24,7 +27,8 @@ steps at CPU sizes to check the plumbing (the cuda tests then skip, and say why)
 
     python benchmarks/gpu_verify.py --only tests,races          # one remote call
     python benchmarks/gpu_verify.py --only floor                # the next one (≤ 8 minutes)
-    python benchmarks/gpu_verify.py --only overlap,offload,attnbw,pd,sim  # and the one after
+    python benchmarks/gpu_verify.py --only ladder,pd                # the overlap that pays (issue 16)
+    python benchmarks/gpu_verify.py --only overlap,offload,attnbw,sim  # and the one after
     python benchmarks/gpu_verify.py --dry-run --out /tmp/gv     # on a CPU machine
 """
 
@@ -49,7 +53,7 @@ from _results import provenance, write  # noqa: E402
 
 log = logging.getLogger("bench")
 
-STEPS = ("tests", "races", "floor", "overlap", "offload", "attnbw", "pd", "sim")
+STEPS = ("tests", "races", "floor", "ladder", "overlap", "offload", "attnbw", "pd", "sim")
 
 FLOOR_TIMEOUT_S = 480
 """The floor step's limit: ``gpu_floor.py --quick`` spends a 420 s budget on its workloads (each in a
@@ -97,6 +101,9 @@ def steps(names: Sequence[str], out: str, dry_run: bool) -> list[Step]:
         elif name == "floor":
             plan.append(Step(name, (py, bench("gpu_floor.py"), "--quick", "--out", os.path.join(out, "gpu_floor.json"),
                                     *dry), FLOOR_TIMEOUT_S))
+        elif name == "ladder":
+            plan.append(Step(name, (py, bench("overlap_ladder.py"), "--out", os.path.join(out, "overlap_ladder.json"),
+                                    *dry), 480))
         elif name == "overlap":
             plan.append(Step(name, (py, bench("overlap_gpu.py"), "--out", os.path.join(out, "overlap_gpu.json"),
                                     *dry), 540))

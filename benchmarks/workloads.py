@@ -101,10 +101,15 @@ class DenseShape:
     layers: int = 2
     batch: int = 2048
     kv_len: int = 512
+    attention: str = "sdpa"
+    """``sdpa``: torch's SDPA on caches ``[B, kv_heads, L, D]`` (stock kernels); ``split_kv``:
+    ``dynaflow::decode_attention`` on caches ``[B, L, kv_heads, D]`` (Triton split-KV kernels whose grid follows the
+    SMs the launch may use)."""
 
     @classmethod
-    def tiny(cls, layers: int = 2) -> "DenseShape":
-        return cls(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, layers=layers, batch=8, kv_len=16)
+    def tiny(cls, layers: int = 2, attention: str = "sdpa") -> "DenseShape":
+        return cls(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, layers=layers, batch=8, kv_len=16,
+                   attention=attention)
 
 
 class DenseLayer(nn.Module):
@@ -126,11 +131,16 @@ class DenseLayer(nn.Module):
         """Compute lane, first half: norm and the QKV GEMM."""
         return self.qkv(self.norm1(x))
 
-    def attn(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def attn(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Memory lane: decode attention of each request over its own cache (the new K/V are not appended:
         the caches are read-only inputs, so every step is the same)."""
         s = self.s
         b = qkv.shape[0]
+        if s.attention == "split_kv":
+            q = qkv[:, : s.heads * s.head_dim].reshape(b, s.heads, s.head_dim)
+            a = torch.ops.dynaflow.decode_attention(q, k_cache, v_cache, lengths)
+            return a.reshape(b, s.heads * s.head_dim)
         q = qkv[:, : s.heads * s.head_dim].reshape(b, s.kv_heads, s.heads // s.kv_heads, s.head_dim)
         return F.scaled_dot_product_attention(q, k_cache, v_cache).reshape(b, s.heads * s.head_dim)
 
@@ -139,8 +149,9 @@ class DenseLayer(nn.Module):
         x = x + self.o(a)
         return x + self.mlp(self.norm2(x))
 
-    def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        return self.post(x, self.attn(self.pre(x), k_cache, v_cache))
+    def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.post(x, self.attn(self.pre(x), k_cache, v_cache, lengths))
 
 
 class DenseDecode(nn.Module):
@@ -148,18 +159,25 @@ class DenseDecode(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(DenseLayer(s) for _ in range(s.layers))
 
-    def forward(self, x: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
-            x = layer(x, ks[i], vs[i])
+            x = layer(x, ks[i], vs[i], lengths)
         return x
 
 
 def dense_decode(layers: int = 2, *, tiny: bool = False, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
-                 batch: int | None = None, kv_len: int | None = None, seed: int = 0) -> Workload:
-    """Workload (a): B one-token requests, each with its own KV cache of L positions (not modified)."""
-    s = DenseShape.tiny(layers) if tiny else DenseShape(layers=layers)
+                 batch: int | None = None, kv_len: int | None = None, seed: int = 0,
+                 attention: str = "sdpa") -> Workload:
+    """Workload (a): B one-token requests, each with its own KV cache of L positions (not modified). The same
+    seed gives the same weights and cache contents for either ``attention`` kernel (only the layout differs)."""
+    if attention not in ("sdpa", "split_kv"):
+        raise ValueError(f"attention={attention!r}: 'sdpa' or 'split_kv'")
+    s = DenseShape.tiny(layers, attention) if tiny else DenseShape(layers=layers, attention=attention)
     if batch or kv_len:
         s = DenseShape(**{**s.__dict__, "batch": batch or s.batch, "kv_len": kv_len or s.kv_len})
+    if attention == "split_kv":
+        import dynaflow.integrations.kernels.decode_attention  # noqa: F401 - registers the op
     model = _on_device(lambda: DenseDecode(s), device, dtype, seed)
     g = torch.Generator(device=device).manual_seed(seed + 1)
     x = torch.randn(s.batch, s.hidden, device=device, dtype=dtype, generator=g)
@@ -167,10 +185,16 @@ def dense_decode(layers: int = 2, *, tiny: bool = False, device: str = "cuda", d
           for _ in range(s.layers)]
     vs = [torch.randn(s.batch, s.kv_heads, s.kv_len, s.head_dim, device=device, dtype=dtype, generator=g)
           for _ in range(s.layers)]
+    inputs: tuple[Any, ...] = (x, ks, vs)
+    if attention == "split_kv":  # position-major caches, every position valid
+        ks, vs = [k.transpose(1, 2).contiguous() for k in ks], [v.transpose(1, 2).contiguous() for v in vs]
+        inputs = (x, ks, vs, torch.full((s.batch,), s.kv_len, device=device, dtype=torch.int32))
     kv_gb = 2 * s.layers * ks[0].numel() * ks[0].element_size() / 1e9
     desc = (f"dense decode: {s.batch} one-token requests, KV {s.kv_len} each ({kv_gb:.2f} GB of caches, read-only), "
-            f"{s.layers} layers hidden {s.hidden}, {s.heads}q/{s.kv_heads}kv heads of {s.head_dim}, MLP {s.intermediate}")
-    return Workload(f"a-{s.layers}L", "dense_decode", model, (x, ks, vs), desc, batch=s.batch,
+            f"{s.layers} layers hidden {s.hidden}, {s.heads}q/{s.kv_heads}kv heads of {s.head_dim}, MLP {s.intermediate}"
+            + (", split-KV attention kernels" if attention == "split_kv" else ""))
+    suffix = "-splitkv" if attention == "split_kv" else ""
+    return Workload(f"a-{s.layers}L{suffix}", "dense_decode", model, inputs, desc, batch=s.batch,
                     meta={**s.__dict__, "dtype": str(dtype).replace("torch.", ""), "kv_cache_gb": kv_gb},
                     static=[*ks, *vs])
 

@@ -17,21 +17,21 @@ def test_plan_covers_every_gpu_check_and_writes_into_out(tmp_path):
     plan = gpu_verify.steps(gpu_verify.STEPS, str(tmp_path), dry_run=False)
     names = [s.name for s in plan]
     assert names[:4] == ["tests", "races-intact", "races-broken", "races-torch-sanitizer"]
-    assert names[-6:] == ["floor", "overlap", "offload", "attnbw", "pd", "sim"]  # the floor benchmark after the tests and races, before overlap
+    assert names[-7:] == ["floor", "ladder", "overlap", "offload", "attnbw", "pd", "sim"]  # the floor benchmark after the tests and races, before overlap
     assert all(s.timeout_s <= 540 for s in plan)  # each fits one 10-minute remote call
     assert dict(plan[3].env) == {"TORCH_CUDA_SANITIZER": "1"} and "--broken" in plan[3].argv
     for s in plan:
         outs = [a for a in s.argv if a.startswith(str(tmp_path))]
         assert all(os.path.dirname(a) == str(tmp_path) for a in outs)
     assert "--device" in plan[-1].argv and "cuda" in plan[-1].argv
-    floor = plan[-6]
+    floor = plan[-7]
     assert "--quick" in floor.argv and floor.timeout_s <= 480  # gpu_floor.py --quick fits 8 minutes on one H100
     assert floor.argv[1].endswith("gpu_floor.py") and os.path.join(str(tmp_path), "gpu_floor.json") in floor.argv
 
 
 def test_dry_run_plan_skips_the_races_and_shrinks_the_benchmarks(tmp_path):
     plan = gpu_verify.steps(gpu_verify.STEPS, str(tmp_path), dry_run=True)
-    assert [s.name for s in plan] == ["tests", "floor", "overlap", "offload", "attnbw", "pd", "sim"]
+    assert [s.name for s in plan] == ["tests", "floor", "ladder", "overlap", "offload", "attnbw", "pd", "sim"]
     assert all("--dry-run" in s.argv for s in plan[1:])
 
 
