@@ -95,7 +95,7 @@ class InductorSegments:
 
         step = StepContext(program, Executor.new_env(program, inputs), current_nano_context())
         env = step.env
-        carveouts = lane_carveouts(program, inputs)
+        carveouts = compile_carveouts(program, inputs)
         fns: dict[int, Callable[..., Any]] = {}
         for launch, frees in zip(program.serial_order, program.serial_frees):
             if NO_INDUCTOR in launch.segment.hints:
@@ -138,7 +138,7 @@ class InductorSegments:
             ) from exc
 
 
-def lane_carveouts(program: Program, inputs: Sequence[Any]) -> dict[int, int]:
+def compile_carveouts(program: Program, inputs: Sequence[Any]) -> dict[int, int]:
     """Launch id → torch's SM carveout to compile it under: launches on lanes the device's SM plan partitions
     (``{}`` off CUDA or without partitioned lanes)."""
     if not any(lane.sm_count for lane in program.lanes) or not knobs.sm_carveout():

@@ -37,6 +37,7 @@ import logging
 import os
 import statistics
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
@@ -230,15 +231,16 @@ def two_streams(streams: Streams, lanes: Sequence[Any], prefill: Callable[[], An
     """Hand-written overlap: prefill issued on ``lanes[0]``, decode on ``lanes[1]``; returns the step, and a
     function that runs one step and returns when its decode part finished (ms from the step's start)."""
     cur, marks = streams.current(), {}
+    timed = (lambda s: _timing_event(s)) if streams.cuda else (lambda s: None)  # noqa: E731
 
     def step() -> Any:
-        start = streams.record(cur)
+        start = timed(cur)
         streams.fork(*lanes)
         with streams.on(lanes[0]):
             p = prefill()
         with streams.on(lanes[1]):
             d = decode()
-        marks["start"], marks["decode"] = start, streams.record(lanes[1])
+        marks["start"], marks["decode"] = start, timed(lanes[1])
         streams.join(*lanes)
         return torch.cat([p, d])
 
@@ -250,6 +252,12 @@ def two_streams(streams: Streams, lanes: Sequence[Any], prefill: Callable[[], An
         return marks["start"].elapsed_time(marks["decode"])
 
     return step, finish
+
+
+def _timing_event(stream: Any) -> Any:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    return event
 
 
 def decode_finish_ms(c: Any, s: Shape, inputs: tuple[Any, ...]) -> float:
@@ -267,6 +275,7 @@ def _finish_ms(samples: list[float]) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import dynaflow
+    from dynaflow import knobs
     from dynaflow.strategies.auto import Auto
 
     cuda = not args.dry_run
@@ -324,9 +333,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         configs: list[tuple[str, Any, dict[str, Any]]] = [("dynaflow prefill_decode (shared SMs)", "prefill_decode", {})]
         configs += [(f"dynaflow prefill_decode prefill {total - d} + decode {d} SMs", "prefill_decode",
                      {"prefill_sms": total - d, "decode_sms": d}) for d in (args.decode_sms if cuda else [])]
+        # auto caches its winner (in a private folder): the timeline instance below reuses it instead of searching again
         configs.append((f"dynaflow auto (decode bound {args.decode_bound:g}x)",
-                        Auto(cache=False, repeats=3 if cuda else 1, decode_bound=args.decode_bound), {}))
+                        Auto(cache=True, repeats=3 if cuda else 1, decode_bound=args.decode_bound), {}))
         executor = "cuda" if cuda else "serial"
+        cache = tempfile.TemporaryDirectory(prefix="pd_multiplex-")
         for name, strategy, options in configs:
             torch._dynamo.reset()
             c = dynaflow.compile(model, strategy=strategy, executor=executor,
@@ -334,8 +345,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t = dynaflow.compile(model, strategy=strategy, executor=executor,
                                  config={"strategy_options": options, "rules": rules(), "gpu_timeline": True}) if cuda else None
             extra: dict[str, Any] = {}
-            add(name, lambda c=c: dynaflow_call(c, s, inputs),
-                (lambda t=t: decode_finish_ms(t, s, inputs)) if t is not None else None)
+            with knobs.scope(DYNAFLOW_CACHE_DIR=cache.name):
+                add(name, lambda c=c: dynaflow_call(c, s, inputs),
+                    (lambda t=t: decode_finish_ms(t, s, inputs)) if t is not None else None)
             if c.program is not None:
                 extra["lanes"] = [repr(l) for l in c.program.lanes]
             tuned = [r for g in c.graphs for r in g.tuned.values()]
@@ -344,6 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  "table": tuned[0].table()}
             if "error" not in rows[-1]:
                 rows[-1].update(extra)
+    cache.cleanup()
     report = {**provenance("pd_multiplex", dry_run=bool(args.dry_run)), "shape": asdict(s),
               "dtype": str(dtype).replace("torch.", ""), "repeats": repeats, "decode_bound": args.decode_bound,
               "alone": alone, "rows": rows}

@@ -99,7 +99,7 @@ def test_segments_on_a_partitioned_lane_compile_for_the_lanes_sms(monkeypatch):
     assert {lane.name: lane.sm_count for lane in p.lanes} == sms
     granted = planned_sms(p.lanes, 132, 9)  # an H100's plan: compute a group, memory the remainder
     assert granted == {"compute": 96, "memory": 36}
-    monkeypatch.setattr(inductor_mod, "lane_carveouts",
+    monkeypatch.setattr(inductor_mod, "compile_carveouts",
                         lambda program, _inputs: launch_carveouts(program.serial_order, granted, 132))
     seen: dict = {}
     ind = InductorSegments()
