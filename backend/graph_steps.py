@@ -38,7 +38,7 @@ __all__ = ["Capturer", "GraphSteps", "InputPlan", "StaticInputError", "fingerpri
 
 log = logging.getLogger(__name__)
 
-Fingerprint = tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype, str]
+Fingerprint = tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]
 
 
 class StaticInputError(BackendError):
@@ -50,13 +50,12 @@ def fingerprint(x: Any) -> Fingerprint | None:
     a non-tensor."""
     if not isinstance(x, torch.Tensor):
         return None
-    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device))
+    return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)
 
 
 def signature(inputs: Sequence[Any]) -> tuple[Any, ...]:
     """What one capture is valid for: every tensor's shape, dtype and device, every other value itself."""
-    return tuple((tuple(x.shape), x.dtype, str(x.device)) if isinstance(x, torch.Tensor) else ("V", repr(x))
-                 for x in inputs)
+    return tuple((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else ("V", repr(x)) for x in inputs)
 
 
 def is_persistent(x: Any) -> bool:

@@ -102,8 +102,11 @@ class Compiled:
             self.direct_calls += 1
             return self.model(*args, **kwargs)
         before = sum(g.calls for g in self.graphs)
-        with graph_breaks.recording(self.graph_breaks):
+        breaks = graph_breaks.snapshot()
+        try:
             out = run_dynamo(self, self._compiled, args, kwargs, self.model, self.config.batch_dim, batch)
+        finally:
+            graph_breaks.record_since(breaks, self.graph_breaks)
         if not self._checked:
             check_outputs(out)
             self._checked = True

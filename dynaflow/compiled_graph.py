@@ -69,6 +69,7 @@ class CompiledGraph:
         """Set by ``dynaflow.profile``: the next call stores its flat inputs here."""
         self.last_plan: Plan | None = None
         self.last_timeline: Timeline | None = None
+        self._barriers: tuple[str, ...] | None = None
         self.calls = 0
         self.ran_as_is = False
         """The last call ran the captured graph as is (the ``eager`` strategy won its bucket)."""
@@ -304,7 +305,9 @@ class CompiledGraph:
     def capture_for(self, batch: int) -> CaptureChoice:
         """Which capture size a batch runs at (``cuda_graphs=True``), padding up when that is safe."""
         assert self.segmented is not None
-        unsafe = [f"barrier segment {n!r} sees the whole batch" for n in barrier_names(self.segmented)]
+        if self._barriers is None:  # fixed once the graph is partitioned
+            self._barriers = barrier_names(self.segmented)
+        unsafe = [f"barrier segment {n!r} sees the whole batch" for n in self._barriers]
         if self._batch_source is None:
             unsafe.append("the batch size is not read from an input tensor")
         if current_requests() is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-__all__ = ["recording"]
+__all__ = ["recording", "snapshot", "record_since"]
 
 _KINDS = ("graph_break", "unimplemented")
 
@@ -22,6 +22,20 @@ def _snapshot() -> dict[tuple[str, str], int]:
     return {(kind, reason): n for kind in _KINDS for reason, n in counters[kind].items()}
 
 
+def snapshot() -> dict[tuple[str, str], int]:
+    """Dynamo's graph-break counts now (for :func:`record_since`); empty while nothing ever broke a graph."""
+    return _snapshot()
+
+
+def record_since(before: dict[tuple[str, str], int], into: list[str]) -> None:
+    """Append to ``into`` the first line of every graph-break reason Dynamo counted since ``before``."""
+    for key, n in _snapshot().items():
+        if n > before.get(key, 0):
+            line = _summary(key[1])
+            if line not in into:
+                into.append(line)
+
+
 @contextlib.contextmanager
 def recording(into: list[str]) -> Iterator[None]:
     """Append to ``into`` the first line of every graph-break reason Dynamo counts inside the block."""
@@ -29,11 +43,7 @@ def recording(into: list[str]) -> Iterator[None]:
     try:
         yield
     finally:
-        for key, n in _snapshot().items():
-            if n > before.get(key, 0):
-                line = _summary(key[1])
-                if line not in into:
-                    into.append(line)
+        record_since(before, into)
 
 
 def _summary(reason: str) -> str:
