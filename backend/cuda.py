@@ -114,6 +114,8 @@ class _State:
     """Held while a step is issued (a step's eager warm-ups run inside it)."""
     done: Any = None
     """Recorded on the caller's stream at the end of every step: the next step starts after it."""
+    done_on: Any = None
+    """The stream ``done`` was last recorded on (a step called on that stream needs no wait)."""
 
 
 class CudaExecutor(Executor):
@@ -159,14 +161,15 @@ class CudaExecutor(Executor):
             # inside a caller's own CUDA-graph capture (an engine's decode graph) its graph orders the steps,
             # and an event recorded outside the capture may not be waited on inside it
             outer = _capturing()
-            if state.done is not None and not outer:
-                caller.wait_event(state.done)
+            if state.done is not None and not outer and caller != state.done_on:
+                caller.wait_event(state.done)  # on the same stream as the last step, stream order already holds
             graphs = self.config.cuda_graphs if capture is None else capture
             out = self.graphs.run(program, inputs) if graphs else self._eager_step(state, inputs)
             if not outer:
                 if state.done is None:
                     state.done = torch.cuda.Event()
                 state.done.record(caller)
+                state.done_on = caller
             return out
 
     def _eager_step(self, state: _State, inputs: Sequence[Any]) -> Any:

@@ -238,8 +238,9 @@ def test_cuda_graphs_bucketed_calls_pad_capture_once_per_bucket_and_replay(fake_
         states = [st for st in ex._states.values() if ex.graphs.captured(st.program)]
         assert sorted(st.program.batch_size for st in states) == [4, 8]  # one capture per bucket
         (g8,) = [ex.graphs.captured(st.program)[0] for st in states if st.program.batch_size == 8]
-        # two eager warm-up steps, then captured once and replayed on each later call
-        assert g8.plan.whole and g8.graphs[0].replays == 2
+        # two eager warm-up steps, then captured once and replayed on each later call; when the allocator happened
+        # to give the padded input the same storage on every call, it settles and is captured once more in place
+        assert g8.plan.whole and g8.graphs[0].replays + ex.graphs.recaptures == 2 and ex.graphs.recaptures <= 1
         with pytest.raises(dynaflow.DynaflowError, match="larger than the largest"):
             c(transformer_input(9))
 
@@ -339,7 +340,7 @@ def test_launches_on_a_partitioned_lane_limit_grids_to_its_sms(fake_cuda, monkey
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_each_step_starts_after_the_previous_one_of_the_same_program(fake_cuda, cuda_graphs):
     """Steps share the arena and the captures' buffers: a step's work waits for the previous step's ``done``
-    event on the device, whatever stream calls it."""
+    event on the device when another stream calls it (on the same stream, stream order already holds)."""
     p, inputs, _ = program_of(make_transformer(), transformer_input(6), "nanoflow", 2)
     ex = cuda_mod.CudaExecutor(cuda_graphs=cuda_graphs)
     other = FakeStream("other caller", fake_cuda.journal)
@@ -349,7 +350,11 @@ def test_each_step_starts_after_the_previous_one_of_the_same_program(fake_cuda, 
         assert done is not None and done.recorded and ("record", id(done)) in fake_cuda.caller.log
         with torch.cuda.stream(other):
             out = ex.run(p, inputs)
-    assert other.log[0] == ("wait", id(done)) and ("record", id(done)) in other.log
+            assert other.log[0] == ("wait", id(done)) and ("record", id(done)) in other.log
+            ex.run(p, inputs)
+        assert other.log.count(("wait", id(done))) == 1  # the same stream again: no wait
+        ex.run(p, inputs)
+    assert ("wait", id(done)) in fake_cuda.caller.log  # back on the first stream: it waits for the other's step
     assert torch.equal(out, SerialExecutor().run(p, inputs))
 
 
