@@ -50,12 +50,15 @@ def fingerprint(x: Any) -> Fingerprint | None:
     a non-tensor."""
     if not isinstance(x, torch.Tensor):
         return None
-    return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)
+    return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device)
 
 
-def signature(inputs: Sequence[Any]) -> tuple[Any, ...]:
-    """What one capture is valid for: every tensor's shape, dtype and device, every other value itself."""
-    return tuple((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else ("V", repr(x)) for x in inputs)
+def signature(inputs: Sequence[Any], fps: Sequence[Fingerprint | None] | None = None) -> tuple[Any, ...]:
+    """What one capture is valid for: every tensor's shape, dtype and device, every other value itself (from the
+    inputs' fingerprints when the caller has them)."""
+    if fps is None:
+        fps = [fingerprint(x) for x in inputs]
+    return tuple((fp[1], fp[3], fp[4]) if fp is not None else ("V", repr(x)) for fp, x in zip(fps, inputs))
 
 
 def is_persistent(x: Any) -> bool:
@@ -133,8 +136,7 @@ class _Entry:
     captured: Any = None
     captures: int = 0
 
-    def observe(self, inputs: Sequence[Any]) -> None:
-        fps = [fingerprint(x) for x in inputs]
+    def observe(self, fps: Sequence[Fingerprint | None]) -> None:
         if len(self.last) != len(fps):
             self.last, self.streak = [None] * len(fps), [0] * len(fps)
         for i, fp in enumerate(fps):
@@ -185,14 +187,15 @@ class GraphSteps:
             return self._run(program, inputs)
 
     def _run(self, program: Program, inputs: Sequence[Any]) -> Any:
-        key = (id(program), signature(inputs))
+        fps = [fingerprint(x) for x in inputs]
+        key = (id(program), signature(inputs, fps))
         hit = self._entries.get(key)
         if hit is None or hit[0] is not program:
             hit = self._entries[key] = (program, _Entry())
         entry = hit[1]
         self.copies = 0
         self.last_plan = None
-        entry.observe(inputs)
+        entry.observe(fps)
         if entry.captured is None and entry.calls <= self.warmups:
             return self.capturer.eager(program, inputs)
         if entry.captured is None or not self._bind(program, entry, inputs):

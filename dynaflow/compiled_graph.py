@@ -69,7 +69,7 @@ class CompiledGraph:
         """Set by ``dynaflow.profile``: the next call stores its flat inputs here."""
         self.last_plan: Plan | None = None
         self.last_timeline: Timeline | None = None
-        self._barriers: tuple[str, ...] | None = None
+        self._capture_choices: dict[tuple[int, bool], CaptureChoice] = {}
         self.calls = 0
         self.ran_as_is = False
         """The last call ran the captured graph as is (the ``eager`` strategy won its bucket)."""
@@ -305,14 +305,18 @@ class CompiledGraph:
     def capture_for(self, batch: int) -> CaptureChoice:
         """Which capture size a batch runs at (``cuda_graphs=True``), padding up when that is safe."""
         assert self.segmented is not None
-        if self._barriers is None:  # fixed once the graph is partitioned
-            self._barriers = barrier_names(self.segmented)
-        unsafe = [f"barrier segment {n!r} sees the whole batch" for n in self._barriers]
+        key = (batch, current_requests() is not None)
+        hit = self._capture_choices.get(key)
+        if hit is not None:  # depends on nothing else that can change after partitioning
+            return hit
+        unsafe = [f"barrier segment {n!r} sees the whole batch" for n in barrier_names(self.segmented)]
         if self._batch_source is None:
             unsafe.append("the batch size is not read from an input tensor")
-        if current_requests() is not None:
+        if key[1]:
             unsafe.append("a dynaflow.requests(...) layout is active")
-        return choose_capture_size(batch, self.config.capture_sizes, self.config.over_capture, unsafe)
+        choice = choose_capture_size(batch, self.config.capture_sizes, self.config.over_capture, unsafe)
+        self._capture_choices[key] = choice
+        return choice
 
     def run_captured(self, inputs: Sequence[Any], executor: Any = None) -> Any:
         """One call under ``cuda_graphs=True``: pad to the capture size, plan and run at that size (captured
