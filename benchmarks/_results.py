@@ -36,6 +36,13 @@ def write(result: dict[str, Any], path: str | None) -> None:
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def common_args(ap: Any, name: str, repeats: int = 20) -> None:
+    """The options every GPU benchmark takes: ``--repeats``, ``--out`` and ``--dry-run``."""
+    ap.add_argument("--repeats", type=int, default=repeats, help=f"timed repeats per row (default {repeats})")
+    ap.add_argument("--out", default=None, help=f"results JSON (default benchmarks/results/{name}.json)")
+    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU; checks the plumbing, measures nothing")
+
+
 def run_main(name: str, parse: Callable[[Sequence[str] | None], Any], run: Callable[[Any], dict[str, Any]],
              argv: Sequence[str] | None = None) -> dict[str, Any]:
     """A benchmark's ``main``: log to stdout, parse ``argv``, run, and write the report to ``--out`` (default

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _results import provenance, run_main  # noqa: E402
+from _results import common_args, provenance, run_main  # noqa: E402
 from floor_measure import median_ms, rel_err  # noqa: E402
 
 log = logging.getLogger("decode_attention_bw")
@@ -220,11 +220,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=256, help="decode requests")
     ap.add_argument("--kv-len", type=int, default=2048, help="KV positions per request")
     ap.add_argument("--budgets", type=int, nargs="+", default=[132, 104, 80, 52, 40, 26])
-    ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--sweep", action="store_true", help="also time kernel configurations at --sweep-budget SMs")
     ap.add_argument("--sweep-budget", type=int, default=52)
-    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/decode_attention_bw.json)")
-    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU; checks the plumbing, measures nothing")
+    common_args(ap, "decode_attention_bw")
     return ap.parse_args(argv)
 
 

@@ -32,7 +32,7 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _results import provenance, run_main  # noqa: E402
+from _results import common_args, provenance, run_main  # noqa: E402
 from floor_measure import median_ms  # noqa: E402
 
 log = logging.getLogger("kv_offload")
@@ -206,9 +206,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kv-len", type=int, default=8, help="offloaded KV positions per request and layer")
     ap.add_argument("--strategies", nargs="+", default=["nanoflow"])
     ap.add_argument("--nano", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/kv_offload.json)")
-    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU; checks the plumbing, measures nothing")
+    common_args(ap, "kv_offload")
     return ap.parse_args(argv)
 
 

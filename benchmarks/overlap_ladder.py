@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from _results import provenance, run_main  # noqa: E402
+from _results import common_args, provenance, run_main  # noqa: E402
 from floor_measure import capture_graph, median_ms, rel_err, tolerance  # noqa: E402
 from overlap_gpu import ideal_bound  # noqa: E402
 from workloads import Workload, dense_decode  # noqa: E402
@@ -168,9 +168,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--memory-sms", type=int, nargs="+", default=[48, 64],
                     help="SMs of the memory lane's partition (the compute lane gets the rest)")
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/overlap_ladder.json)")
-    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU; checks the plumbing, measures nothing")
+    common_args(ap, "overlap_ladder")
     return ap.parse_args(argv)
 
 

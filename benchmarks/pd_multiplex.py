@@ -49,31 +49,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from _results import provenance, run_main  # noqa: E402
+from _results import common_args, provenance, run_main  # noqa: E402
 from floor_measure import Streams, median_ms, rel_err, tolerance  # noqa: E402
-from overlap_gpu import MLP, RMSNorm  # noqa: E402
+from overlap_gpu import MLP, RMSNorm, Shape  # noqa: E402  (its Shape: the same Llama-8B layer sizes)
 
 import dynaflow.integrations.kernels.decode_attention  # noqa: E402,F401 - registers dynaflow::decode_attention
 
 log = logging.getLogger("pd_multiplex")
-
-
-@dataclass(frozen=True)
-class Shape:
-    hidden: int = 4096
-    heads: int = 32
-    kv_heads: int = 8
-    head_dim: int = 128
-    intermediate: int = 14336
-    layers: int = 4
-    decode: int = 256
-    kv_len: int = 4096
-    prefill: int = 1024
-
-    @classmethod
-    def tiny(cls) -> "Shape":
-        return cls(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, layers=2, decode=6, kv_len=16,
-                   prefill=10)
 
 
 # -- the step's layout, as an engine's forward context holds it ---------------------------------------------
@@ -390,9 +372,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="decode partitions to try (the prefill partition gets the other SMs)")
     ap.add_argument("--decode-bound", type=float, default=1.2,
                     help="auto's bound on the decode rows' time over their standalone time")
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/pd_multiplex.json)")
-    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU; checks the plumbing, measures nothing")
+    common_args(ap, "pd_multiplex")
     return ap.parse_args(argv)
 
 

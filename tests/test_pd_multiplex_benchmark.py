@@ -46,6 +46,7 @@ def test_a_launch_that_cuts_the_prefill_request_fails_loudly():
 
 
 def test_defaults_are_the_issue_workload():
-    s, args = pd_multiplex.Shape(), pd_multiplex.parse([])
+    args = pd_multiplex.parse([])
+    s = pd_multiplex.Shape(layers=args.layers, decode=args.decode, kv_len=args.kv_len, prefill=args.prefill)
     assert (s.decode, s.kv_len, s.prefill, s.hidden, s.intermediate) == (256, 4096, 1024, 4096, 14336)
     assert args.repeats >= 20 and args.decode_bound == 1.2
