@@ -34,7 +34,7 @@ from dynaflow.phase_bound import PhaseBound, busy_time, finish_time, phase_ops
 from dynaflow.strategies.auto import Candidate
 from dynaflow.strategies.sequential import Sequential
 
-__all__ = ["Tuner", "TuneSetup", "Planner", "Trial", "TuneResult", "TuneCache", "CACHE_SCHEMA", "autotune", "median_seconds", "bucket_key", "BUCKET_POLICIES"]
+__all__ = ["Tuner", "TuneSetup", "Planner", "Trial", "TuneResult", "TuneCache", "CACHE_SCHEMA", "autotune", "median_seconds", "bucket_key", "BUCKET_POLICIES", "sm_family", "SM_OPTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,8 @@ def autotune(
     ``graphs``: every measured candidate is also measured as a CUDA graph (the cost model does not predict
     graphs), so "whole batch, one lane" is measured both ways and the winner is the fastest measured.
     ``always``: candidates measured whatever their prediction (the ``eager`` floor; never as graphs).
+    The SM splits of a measured candidate are searched by measurement: every eligible candidate that differs
+    from one of the ``top_k`` only in its SM options (:func:`sm_family`) is measured as well.
     ``bounded``: candidates measured whatever their rank (those a phase bound applies to: the search sizes their
     partitions by measurement); ``admissible(c)`` says why a measured candidate may not win (its phase broke
     the bound), or ``None``.
@@ -164,6 +166,8 @@ def autotune(
         reason = f"best prediction on the cost model ({speed:.2f}x of sequential predicted); nothing measured"
         return TuneResult(bucket, tuple(trials), best, reason)
     to_measure = ranked[:top_k]
+    families = {sm_family(t.candidate) for t in to_measure}  # the best predictions' other SM splits, measured too
+    to_measure += [t for t in ranked if t not in to_measure and sm_family(t.candidate) in families]
     to_measure += [t for t in ranked if t.candidate in bounded and t not in to_measure]
     if base not in to_measure:
         to_measure.append(base)
@@ -552,6 +556,15 @@ class Tuner:
             return dist.max_over_ranks([seconds])[0] if dist is not None else seconds
 
         return predict, measure, build
+
+
+SM_OPTIONS = frozenset({"sm_counts", "prefill_sms", "decode_sms"})
+"""Strategy options that only say how many SMs a lane gets."""
+
+
+def sm_family(cand: Candidate) -> tuple[Any, ...]:
+    """A candidate without its SM options: candidates of one family differ only in how they split the SMs."""
+    return (cand.strategy, tuple(kv for kv in cand.options if kv[0] not in SM_OPTIONS), cand.graphs)
 
 
 def _applies(bound: PhaseBound, build: Callable[[Candidate], Any], cand: Candidate) -> bool:

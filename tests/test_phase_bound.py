@@ -118,3 +118,29 @@ def test_finish_and_busy_times_are_medians_over_runs():
     bound = PhaseBound("decode", 1.2)
     assert bound.verdict(1.2, 1.0) is None and "1.50x" in bound.verdict(1.5, 1.0)
     assert repr(bound) == "PhaseBound(decode <= 1.2x standalone)"
+
+
+def test_the_sm_splits_of_the_best_predictions_are_searched_by_measurement():
+    """``autotune`` measures every SM split of its best predictions, not only the best-predicted split (the
+    roofline's SM shares are a guess; the device decides)."""
+    from dynaflow.ir import SplitConfig
+    from dynaflow.tune import autotune, sm_family
+
+    def cand(strategy, **options):
+        return Candidate.from_json({"strategy": strategy, "options": options})
+
+    seq, flat = cand("sequential"), cand("nanoflow", nano_batches=2)
+    parts = [cand("nanoflow", nano_batches=2, sm_counts={"compute": 132 - m, "memory": m}) for m in (32, 64, 96)]
+    other = cand("round_robin", nano_batches=2)
+    predicted = {seq: 10.0, parts[0]: 5.0, flat: 6.0, other: 7.0, parts[1]: 8.0, parts[2]: 9.0}
+    measured_ms = {seq: 10.0, parts[0]: 9.0, flat: 8.0, other: 7.5, parts[1]: 4.0, parts[2]: 6.0}
+    seen = []
+
+    def measure(c):
+        seen.append(c)
+        return measured_ms[c]
+
+    result = autotune(list(predicted), "b", lambda c: (SplitConfig.whole(8), predicted[c]), measure, top_k=1)
+    assert set(seen) == {seq, *parts, flat}  # the top prediction's family (its SM splits and none), and the floor
+    assert other not in seen and result.winner.candidate == parts[1]
+    assert sm_family(parts[0]) == sm_family(flat) != sm_family(other)
