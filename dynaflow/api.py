@@ -53,8 +53,8 @@ class Compiled:
         """The batch size of the call in flight on each Python thread (read by static captures)."""
         self.graph_breaks: list[str] = []
         """Dynamo's reasons for cutting the model into several graphs (its graph breaks), for ``explain()``."""
-        self._as_is: set[tuple[int, Any]] = set()
-        """(batch, request layout) of calls that run the model itself, skipping Dynamo (see ``__call__``)."""
+        self._as_is: set[tuple[Any, ...]] = set()
+        """Call keys (:func:`call_key`) of calls that run the model itself, skipping Dynamo (see ``__call__``)."""
         self.direct_calls = 0
         """Calls that ran the model itself because the eager floor won their bucket."""
         weakref.finalize(self, _release_graphs, self.graphs)
@@ -98,7 +98,7 @@ class Compiled:
         batch = self._local.batch = mark_batch_dynamic(args, kwargs, self.config.batch_dim)
         if batch == 0:  # no rows: nothing to split or overlap
             return self.model(*args, **kwargs)
-        if self._as_is and (batch, current_requests()) in self._as_is:
+        if self._as_is and call_key(args, kwargs) in self._as_is:
             self.direct_calls += 1
             return self.model(*args, **kwargs)
         before = sum(g.calls for g in self.graphs)
@@ -112,23 +112,25 @@ class Compiled:
             self._checked = True
         if sum(g.calls for g in self.graphs) == before:
             raise no_graph_error(self.model)
-        self._note_as_is(batch, before)
+        self._note_as_is(args, kwargs, batch, before)
         return out
 
-    def _note_as_is(self, batch: int, calls_before: int) -> None:
+    def _note_as_is(self, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, calls_before: int) -> None:
         """After a call whose one graph ran as captured (``auto`` measured its eager floor fastest for this
-        bucket): later calls of this batch size and request layout run the model itself, without Dynamo's
-        guards and frame (~10-30 µs a call), so the floor is plain eager. Only for a model Dynamo captured
-        whole (one graph, no graph breaks) and not in distributed lockstep, where every rank must plan."""
-        if len(self.graphs) != 1 or self.graph_breaks:
-            return
-        graph = self.graphs[0]
-        if graph.calls != calls_before + 1 or not graph.ran_as_is:
+        bucket): later calls with the same :func:`call_key` run the model itself, without Dynamo's guards and
+        frame (~10-30 µs a call), so the floor is plain eager. Only for a call Dynamo ran as one graph (a model
+        without graph breaks) and not in distributed lockstep, where every rank must plan. The key holds every
+        argument's shape (a decode step after a prefill of the same batch is a call of its own)."""
+        if self.graph_breaks or sum(g.calls for g in self.graphs) != calls_before + 1:
+            return  # not one graph for the whole forward
+        graph = self.last_graph
+        if graph is None or not graph.ran_as_is:
             return
         if graph.distributed is not None and graph.distributed.agreeing:
             return
-        self._as_is.add((batch, current_requests()))
-        log.info("%s: batch %d runs the model itself from now on (the eager floor won its bucket)", graph.label, batch)
+        self._as_is.add(call_key(args, kwargs))
+        log.info("%s: calls like this one (batch %d) run the model itself from now on (the eager floor won their "
+                 "bucket)", graph.label, batch)
 
     def _call_fx(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         flat = list(self._flatten(*args, **kwargs))
@@ -285,3 +287,25 @@ def _register() -> None:
 
 
 _register()
+
+
+def call_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """What a call of a compiled model is known by when it may skip Dynamo: each argument's shape, dtype, device
+    and grad requirement (tensors), value (plain scalars and strings) or type (anything else), one level into
+    tuples, lists and dicts; grad mode; and the declared request layout. Calls that Dynamo would trace into
+    another graph differ in one of these (a decode step and a prefill of the same batch differ in shape)."""
+    return (tuple(_arg_key(a) for a in args), tuple((k, _arg_key(v)) for k, v in kwargs.items()),
+            torch.is_grad_enabled(), current_requests())
+
+
+def _arg_key(x: Any, depth: int = 0) -> Any:
+    if isinstance(x, torch.Tensor):
+        return (x.shape, x.dtype, x.device, x.requires_grad)
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if depth == 0 and isinstance(x, (tuple, list)):
+        return (type(x), tuple(_arg_key(v, 1) for v in x))
+    if depth == 0 and isinstance(x, dict):
+        return (dict, tuple((k, _arg_key(v, 1)) for k, v in x.items()))
+    return type(x)
+

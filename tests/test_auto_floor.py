@@ -232,6 +232,11 @@ def test_a_bucket_the_floor_wins_runs_the_model_itself_without_dynamo(monkeypatc
         with dynaflow.requests([2, 3]):
             c(x, cache.clone())
         assert c.direct_calls == 2 and c.graphs[0].calls == 3  # a new request layout: likewise
+        longer = torch.randn(5, L + 2, D)
+        torch.testing.assert_close(c(x, longer.clone()), model(x, longer.clone()), atol=1e-6, rtol=1e-6)
+        assert c.direct_calls == 2  # the same batch with another shape elsewhere (decode after prefill): Dynamo
+        c(x, longer.clone())
+        assert c.direct_calls == 3  # and then it is known too
 
 
 class _Breaks(nn.Module):
