@@ -518,11 +518,14 @@ class Tuner:
             plan = build(cand)
             if not bound.applies(plan):
                 return None
-            if plan.split not in alone:
-                seq = planner.plan_split(info, plan.split, Sequential())
-                alone[plan.split] = busy_time(planner.timelines(seq, inputs, repeats),
-                                              phase_ops(seq.program, bound.phase))
-            finish = finish_time(planner.timelines(plan, inputs, repeats), phase_ops(plan.program, bound.phase))
+            try:
+                if plan.split not in alone:
+                    seq = planner.plan_split(info, plan.split, Sequential())
+                    alone[plan.split] = busy_time(planner.timelines(seq, inputs, repeats),
+                                                  phase_ops(seq.program, bound.phase))
+                finish = finish_time(planner.timelines(plan, inputs, repeats), phase_ops(plan.program, bound.phase))
+            except DynaflowError as exc:  # a bound that cannot be checked is not kept
+                return f"{bound.phase} time not measured ({str(exc).splitlines()[0][:80]}): not eligible"
             log.info("%s: %r: %s finished at %.3f ms, %.3f ms standalone", planner.label, cand, bound.phase,
                      finish * 1e3, alone[plan.split] * 1e3)
             return bound.verdict(finish, alone[plan.split])

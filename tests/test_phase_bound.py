@@ -144,3 +144,14 @@ def test_the_sm_splits_of_the_best_predictions_are_searched_by_measurement():
     assert set(seen) == {seq, *parts, flat}  # the top prediction's family (its SM splits and none), and the floor
     assert other not in seen and result.winner.candidate == parts[1]
     assert sm_family(parts[0]) == sm_family(flat) != sm_family(other)
+
+
+def test_a_bound_that_cannot_be_measured_is_not_kept(gpu_clock, monkeypatch):
+    def broken(self, plan, inputs, repeats):
+        raise dynaflow.DynaflowError("the timeline executor failed")
+
+    monkeypatch.setattr(tuning_planner.GraphPlanner, "timelines", broken)
+    result = _search(1.2)
+    assert result.winner.candidate.strategy != "prefill_decode"
+    assert all("decode time not measured (the timeline executor failed)" in t.note for t in result.trials
+               if t.candidate.strategy == "prefill_decode")
