@@ -466,11 +466,21 @@ def lane_carveouts(program: Program, lanes: Sequence[LaneStream]) -> dict[int, i
     """Launch id → torch's SM carveout for every launch on a lane whose partition is smaller than the device
     (:func:`~dynaflow.backend.sm_partitions.launch_carveouts`). Empty where torch lacks the knob or no lane is
     partitioned, or ``DYNAFLOW_SM_CARVEOUT=0``."""
-    if (not hasattr(torch._C, "_set_sm_carveout_experimental") or not any(l.granted_sms for l in lanes)
-            or not knobs.sm_carveout()):
+    sms = {l.lane: partition_sms(l) for l in lanes}
+    if not hasattr(torch._C, "_set_sm_carveout_experimental") or not any(sms.values()) or not knobs.sm_carveout():
         return {}
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return launch_carveouts(program.serial_order, {l.lane: l.granted_sms for l in lanes}, total)
+    return launch_carveouts(program.serial_order, sms, total)
+
+
+def partition_sms(lane: LaneStream) -> int | None:
+    """The SMs a lane's green context holds: the driver's count, else (torch's green context does not report
+    it) the planned partition's; ``None`` for a lane on a plain stream."""
+    if lane.granted_sms:
+        return lane.granted_sms
+    if lane.part is not None and lane.mechanism.endswith("green-context"):
+        return lane.part.sms
+    return None
 
 
 def _capturing() -> bool:

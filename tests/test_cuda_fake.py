@@ -368,3 +368,13 @@ def test_close_releases_every_lane_set_the_executor_made(fake_cuda, monkeypatch)
         ex.run(p, inputs)
     ex.close()
     assert released == [tuple(lane.name for lane in p.lanes)] and not ex._lane_streams
+
+
+def test_a_green_context_that_does_not_report_its_sms_is_sized_by_its_planned_partition():
+    from dynaflow.backend.sm_partitions import SmPart
+
+    torch_green = LaneStream("memory", None, 36, None, "torch-green-context", None, SmPart("memory", 36, 40, (0,)))
+    assert cuda_mod.partition_sms(torch_green) == 40
+    assert cuda_mod.partition_sms(LaneStream("compute", None, 96, 88, "cuda-python-green-context")) == 88
+    assert cuda_mod.partition_sms(LaneStream("memory", None, 36, None, "fallback")) is None
+    assert cuda_mod.partition_sms(LaneStream("main")) is None
