@@ -1,4 +1,6 @@
-"""SM partition planning: which lanes get which SMs of ONE green-context split of the device (pure logic).
+"""SM partition planning: which lanes get which SMs of ONE green-context split of the device (pure logic), and
+the SM budget of a launch on a partition (torch's SM carveout: :func:`launch_carveouts`, :func:`sm_carveout`,
+:func:`available_sms`).
 
 What the CUDA driver allows (driver API, Green Contexts: ``cuDevSmResourceSplitByCount``,
 ``cuDevResourceGenerateDesc``):
