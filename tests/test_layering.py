@@ -10,8 +10,8 @@ Layers and what each may import (besides itself):
 
 =============  ========================================================================================
 core           ``dynaflow/*.py`` except the facade modules; only stdlib, torch, networkx, sympy, yaml
-facade         ``dynaflow/{__init__,api,compiled_graph,planning,tune,tuning_planner,profiling,segment_timing,cli,
-               cli_demo,cli_model,__main__,models}.py``; core, frontend, strategies, backend
+facade         ``dynaflow/{__init__,api,compiled_graph,planning,tune,tune_cache,tuning_planner,profiling,segment_timing,
+               cli,cli_demo,cli_model,__main__,models}.py``; core, frontend, strategies, backend
 frontend       core
 strategies     core, and the rule types of ``dynaflow.frontend.rules``; never backend
 backend        core; never strategies or frontend
@@ -43,8 +43,8 @@ FOLDERS = {
     "backend": ("dynaflow.backend", "backend"),
     "integrations": ("dynaflow.integrations", "integrations"),
 }
-FACADE = {"__init__", "api", "cli", "cli_demo", "cli_model", "__main__", "models", "tune", "profiling", "planning",
-          "compiled_graph", "tuning_planner", "segment_timing"}
+FACADE = {"__init__", "api", "cli", "cli_demo", "cli_model", "__main__", "models", "tune", "tune_cache", "profiling",
+          "planning", "compiled_graph", "tuning_planner", "segment_timing"}
 """Modules of ``dynaflow/`` that wire the layers together (the public API); everything else there is core."""
 
 SUBPACKAGE_LAYER = {
