@@ -55,6 +55,8 @@ class DynaflowForward:
         self._saved_disable_compile = getattr(model.generation_config, "disable_compile", False)
         self.compiled = dynaflow.compile(self._step, **options)
         self.calls = 0
+        self._prepared: tuple[Any, int, tuple[Any, ...]] | None = None
+        """(cache, batch, its layers' tensors) of the last prepared cache (see ``_prepare_cache``)."""
 
     # -- the captured step -------------------------------------------------------------------------------
     def _step(self, input_ids: torch.Tensor, attention_mask: Any, position_ids: Any, cache: Any,
@@ -132,9 +134,15 @@ class DynaflowForward:
                 "return_dict": call.get("return_dict"), "logits_to_keep": call.get("logits_to_keep") or 0}
 
     def _prepare_cache(self, cache: Any, ids: torch.Tensor) -> None:
-        """Check the cache is a static one of this batch; allocate it now if it is still lazy."""
-        _check_static(cache)
+        """Check the cache is a static one of this batch; allocate it now if it is still lazy. Done once per
+        (cache, batch, layer tensors): a decode loop passes the same cache every step."""
         batch = int(ids.shape[0])
+        prepared = self._prepared
+        if (prepared is not None and prepared[0] is cache and prepared[1] == batch
+                and len(prepared[2]) == len(cache.layers)
+                and all(l.keys is k and l.values is v for l, (k, v) in zip(cache.layers, prepared[2]))):
+            return
+        _check_static(cache)
         layers = list(cache.layers)
         if not all(layer.is_initialized for layer in layers):
             cfg = self.model.config.get_text_config(decoder=True)
@@ -156,6 +164,7 @@ class DynaflowForward:
             for layer in layers:
                 torch._dynamo.mark_dynamic(layer.keys, 0)
                 torch._dynamo.mark_dynamic(layer.values, 0)
+        self._prepared = (cache, batch, tuple((layer.keys, layer.values) for layer in layers))
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def install(self) -> "DynaflowForward":
