@@ -1,0 +1,101 @@
+"""Host time of one call of a tiny model through each path dynaflow offers, next to eager and Dynamo alone.
+
+The model is small enough (a 3-layer MLP on a batch of 4) that a call measures the front end, not the math:
+what a launch-bound step pays on every call. Paths, timed interleaved in one process (median of ``--repeats``
+rounds of ``--calls`` calls each):
+
+* ``eager`` — the module called directly;
+* ``torch.compile eager`` — Dynamo's guards and frame around the same ops (``backend="eager"``);
+* ``dynaflow eager`` — ``strategy="eager"``: after its first call the model runs itself, skipping Dynamo;
+* ``dynaflow auto`` — ``auto`` on the serial executor; on a model this small its floor (the captured graph as
+  is) wins, so it takes the same path;
+* ``dynaflow sequential`` — a planned program on the serial executor (Dynamo, planning lookup, step loop).
+
+    python benchmarks/call_overhead.py          # writes benchmarks/results/call_overhead_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from _results import provenance, run_main  # noqa: E402
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)).eval()
+
+
+def runners(m: torch.nn.Module) -> dict[str, Callable[..., Any]]:
+    import dynaflow
+    from dynaflow.strategies.auto import Auto
+
+    return {
+        "eager": m,
+        "torch.compile eager": torch.compile(m, backend="eager"),
+        "dynaflow eager": dynaflow.compile(m, strategy="eager", executor="serial"),
+        "dynaflow auto": dynaflow.compile(m, strategy=Auto(cache=False, repeats=3), executor="serial"),
+        "dynaflow sequential": dynaflow.compile(m, strategy="sequential", executor="serial"),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    m = model()
+    x = torch.randn(4, 64)
+    paths = runners(m)
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    with torch.no_grad():
+        ref = m(x)
+        for name, fn in paths.items():
+            for _ in range(20):  # compile, tune, warm
+                out = fn(x)
+            torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+        for _ in range(args.repeats):
+            for name, fn in paths.items():
+                t0 = time.perf_counter()
+                for _ in range(args.calls):
+                    fn(x)
+                samples[name].append((time.perf_counter() - t0) / args.calls * 1e6)
+    rows = [{"path": name, "median_us": statistics.median(v), "min_us": min(v)} for name, v in samples.items()]
+    eager = rows[0]["median_us"]
+    for r in rows:
+        r["over_eager_us"] = r["median_us"] - eager
+    direct = {name: getattr(fn, "direct_calls", None) for name, fn in paths.items()}
+    report = {**provenance("call_overhead", dry_run=bool(args.dry_run)), "model": "Linear(64,64)-GELU-Linear(64,64), "
+              "batch 4, fp32, no_grad", "calls": args.calls, "repeats": args.repeats, "rows": rows,
+              "direct_calls": direct}
+    width = max(len(r["path"]) for r in rows)
+    print("\n".join([f"{'path':<{width}}  {'µs/call':>8}  {'over eager':>10}"] +  # noqa: T201 - the table
+                    [f"{r['path']:<{width}}  {r['median_us']:8.1f}  {r['over_eager_us']:10.1f}" for r in rows]))
+    return report
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calls", type=int, default=500, help="calls per timed round")
+    ap.add_argument("--repeats", type=int, default=21, help="timed rounds per path (interleaved)")
+    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/call_overhead_cpu.json)")
+    ap.add_argument("--dry-run", action="store_true", help="a few calls only; checks the plumbing")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        args.calls, args.repeats = 5, 3
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return run_main("call_overhead_cpu", parse, run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""The call-overhead benchmark's plumbing (``benchmarks/call_overhead.py --dry-run``): every path runs, equals
+eager, and the floor's paths really skip Dynamo after their first calls."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import call_overhead  # noqa: E402
+
+
+def test_dry_run_every_path_and_the_floor_skips_dynamo(tmp_path):
+    report = call_overhead.main(["--dry-run", "--out", str(tmp_path / "co.json")])
+    assert [r["path"] for r in report["rows"]][0] == "eager" and len(report["rows"]) == 5
+    assert report["direct_calls"]["dynaflow eager"] > 0 and report["direct_calls"]["dynaflow auto"] > 0
+    assert report["direct_calls"]["dynaflow sequential"] == 0 and (tmp_path / "co.json").exists()
