@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -41,6 +42,27 @@ def common_args(ap: Any, name: str, repeats: int = 20) -> None:
     ap.add_argument("--repeats", type=int, default=repeats, help=f"timed repeats per row (default {repeats})")
     ap.add_argument("--out", default=None, help=f"results JSON (default benchmarks/results/{name}.json)")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU; checks the plumbing, measures nothing")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where a GPU benchmark runs: on a GPU in bf16 with at least 20 timed repeats, or (``--dry-run``) on the CPU
+    in float32 with two, which checks the plumbing and measures nothing."""
+
+    cuda: bool
+    device: str
+    dtype: torch.dtype
+    repeats: int
+    warmup: int
+
+
+def setup(args: Any, script: str) -> Setup:
+    """The :class:`Setup` of ``args`` (``--dry-run``, ``--repeats``); a GPU run without a GPU stops with the fix."""
+    if args.dry_run:
+        return Setup(False, "cpu", torch.float32, 2, 1)
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs a CUDA GPU (use --dry-run on CPU to check the plumbing).")
+    return Setup(True, "cuda", torch.bfloat16, max(args.repeats, 20), 3)
 
 
 def run_main(name: str, parse: Callable[[Sequence[str] | None], Any], run: Callable[[Any], dict[str, Any]],

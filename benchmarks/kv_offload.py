@@ -32,7 +32,7 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _results import common_args, provenance, run_main  # noqa: E402
+from _results import common_args, provenance, run_main, setup  # noqa: E402
 from floor_measure import median_ms  # noqa: E402
 
 log = logging.getLogger("kv_offload")
@@ -142,12 +142,9 @@ def _parts_ms(model: Step, inputs: tuple[Any, ...], repeats: int, cuda: bool) ->
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import dynaflow
 
-    cuda = not args.dry_run
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("kv_offload.py needs a CUDA GPU (use --dry-run on CPU to check the plumbing).")
+    env = setup(args, "kv_offload.py")
+    cuda, device, dtype, repeats = env.cuda, env.device, env.dtype, env.repeats
     s = Shape.tiny() if args.dry_run else Shape(layers=args.layers, batch=args.batch, kv_len=args.kv_len)
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    repeats = max(args.repeats, 20) if cuda else 2
     model, inputs = build(s, device, dtype)
     rows: list[dict[str, Any]] = []
     with torch.no_grad():

@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from _results import common_args, provenance, run_main  # noqa: E402
+from _results import common_args, provenance, run_main, setup  # noqa: E402
 from floor_measure import capture_graph, median_ms, rel_err, tolerance  # noqa: E402
 from overlap_gpu import ideal_bound  # noqa: E402
 from workloads import Workload, dense_decode  # noqa: E402
@@ -63,11 +63,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import dynaflow
     from dynaflow import knobs
 
-    cuda = not args.dry_run
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("overlap_ladder.py needs a CUDA GPU (use --dry-run on CPU to check the plumbing).")
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    repeats, warmup = (max(args.repeats, 20), 3) if cuda else (2, 1)
+    env = setup(args, "overlap_ladder.py")
+    cuda, device, dtype, repeats, warmup = env.cuda, env.device, env.dtype, env.repeats, env.warmup
     tol = tolerance(dtype)
     work = {k: dense_decode(args.layers, tiny=args.dry_run, device=device, dtype=dtype, attention=k)
             for k in ("sdpa", "split_kv")}

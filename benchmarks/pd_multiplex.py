@@ -49,7 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from _results import common_args, provenance, run_main  # noqa: E402
+from _results import common_args, provenance, run_main, setup  # noqa: E402
 from floor_measure import Streams, median_ms, rel_err, tolerance  # noqa: E402
 from overlap_gpu import MLP, RMSNorm, Shape  # noqa: E402  (its Shape: the same Llama-8B layer sizes)
 
@@ -260,13 +260,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from dynaflow import knobs
     from dynaflow.strategies.auto import Auto
 
-    cuda = not args.dry_run
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("pd_multiplex.py needs a CUDA GPU (use --dry-run on CPU to check the plumbing).")
+    env = setup(args, "pd_multiplex.py")
+    cuda, device, dtype, repeats, warmup = env.cuda, env.device, env.dtype, env.repeats, env.warmup
     s = Shape.tiny() if args.dry_run else Shape(layers=args.layers, decode=args.decode, kv_len=args.kv_len,
                                                    prefill=args.prefill)
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    repeats, warmup = (max(args.repeats, 20), 3) if cuda else (2, 1)
     tol = tolerance(dtype)
     model, inputs = build(s, device, dtype)
     streams = Streams(cuda)
