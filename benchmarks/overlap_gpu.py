@@ -44,6 +44,7 @@ log = logging.getLogger("overlap_gpu")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from _results import setup  # noqa: E402
 from floor_measure import median_ms  # noqa: E402
 
 
@@ -200,14 +201,10 @@ def plot_timeline(timeline: Any, path: str, title: str) -> str | None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import dynaflow
 
-    cuda = not args.dry_run
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("overlap_gpu.py needs a CUDA GPU (use --dry-run on CPU to check the plumbing).")
+    env = setup(args, "overlap_gpu.py")
+    cuda, device, dtype, repeats = env.cuda, env.device, env.dtype, env.repeats
     s = Shape.tiny() if args.dry_run else Shape(layers=args.layers, decode=args.decode, kv_len=args.kv_len,
                                                   prefill=args.prefill)
-    device = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    repeats = max(args.repeats, 20) if cuda else 2
     model, inputs = build(s, device, dtype)
     executor = "cuda" if cuda else "serial"
 
