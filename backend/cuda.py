@@ -62,7 +62,7 @@ from dynaflow.backend.launch import NOLOCK, Executor, ExecutorContext, StepConte
 from dynaflow.backend.graph_steps import GraphSteps
 from dynaflow.backend.graphs import CapturePlan, Piece, capture_plan, waits_before
 from dynaflow.backend.program import CONST, Program, Wait
-from dynaflow.backend.streams import LaneStream, make_lane_streams, release_lane_streams
+from dynaflow.backend.streams import LaneStream, make_lane_streams
 from dynaflow.backend.sm_partitions import launch_carveouts
 
 __all__ = ["CudaExecutor", "cuda_unavailable_reason"]
@@ -210,11 +210,13 @@ class CudaExecutor(Executor):
         self._states.pop(id(program), None)
 
     def close(self) -> None:
-        """Drop every capture and program state, and destroy the lanes' green contexts and their streams."""
+        """Drop every capture and program state and the lane streams. Green contexts are not destroyed here:
+        torch's caching allocator records an event on a stream when a tensor used there (``record_stream``) is
+        freed, and such tensors (outputs, cached blocks) may outlive the executor; destroying the stream under
+        them would fail in a later free. :func:`~dynaflow.backend.streams.release_lane_streams` does it for a
+        caller that knows none is left."""
         self.graphs.clear()
         self._states.clear()
-        for lanes in self._lane_streams.values():
-            release_lane_streams(lanes)
         self._lane_streams.clear()
 
     # -- setup ----------------------------------------------------------------------------------------

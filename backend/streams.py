@@ -171,7 +171,9 @@ def _driver_streams(plan: SmPlan, lanes: Sequence[Lane], index: int) -> dict[str
 def release_lane_streams(lane_streams: Sequence[LaneStream]) -> None:
     """Destroy the driver streams and green contexts behind ``lane_streams`` once their queued work is done
     (cuda-python lanes; torch frees its own green contexts and plain streams when they are dropped). The
-    lanes must not be used afterwards. Best effort: a failure is logged, never raised."""
+    lanes must not be used afterwards, and no tensor that was ``record_stream``-ed on them may still be alive:
+    torch's caching allocator records an event on those streams when such a tensor is freed. Best effort: a
+    failure is logged, never raised."""
     made = [(ls.context, ls.handle) for ls in lane_streams if ls.mechanism == "cuda-python-green-context"]
     drv = _driver() if made else None
     if drv is None:

@@ -308,6 +308,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             add(f"hand-written partitions prefill {total - d} + decode {d} SMs", step, done,
                 granted={l.lane: l.granted_sms for l in lanes})
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # no cached block of the lanes' streams outlives them
             release_lane_streams(lanes)
         configs: list[tuple[str, Any, dict[str, Any]]] = [("dynaflow prefill_decode (shared SMs)", "prefill_decode", {})]
         configs += [(f"dynaflow prefill_decode prefill {total - d} + decode {d} SMs", "prefill_decode",

@@ -97,5 +97,7 @@ def test_released_lanes_free_their_green_contexts_and_new_ones_can_be_made():
         assert all(ls.mechanism == "cuda-python-green-context" for ls in made)
         with torch.cuda.stream(made[0].stream):
             torch.ones(1024, device="cuda").sum()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # no cached block of the lanes' streams outlives them
         streams.release_lane_streams(made)
     torch.cuda.synchronize()
