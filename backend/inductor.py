@@ -33,6 +33,7 @@ import torch.fx
 from dynaflow import knobs
 from dynaflow.errors import BackendError
 from dynaflow.nanocontext import current_nano_context
+from dynaflow.sandbox import sandboxed
 from dynaflow.backend.program import Launch, Program, fetch
 from dynaflow.backend.sm_partitions import launch_carveouts, planned_sms, sm_carveout
 
@@ -70,7 +71,9 @@ class InductorSegments:
     """Compiles a Program's segments with Inductor (see the module docstring); caches per program."""
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
-        self.options = {"triton.cudagraphs": False, **(options or {})}
+        # fallback_random: random ops draw from the eager generators in eager order, so a segment with dropout
+        # in training gives eager's answer (Inductor's own RNG draws other numbers)
+        self.options = {"triton.cudagraphs": False, "fallback_random": True, **(options or {})}
         self._compiled: dict[tuple[str, tuple[Any, ...], int | None], Callable[..., Any]] = {}
         self._programs: dict[int, tuple[Program, Program]] = {}
         self._lock = threading.Lock()
@@ -91,6 +94,12 @@ class InductorSegments:
         return compiled
 
     def _compile(self, program: Program, inputs: Sequence[Any]) -> Program:
+        """Compile every launch and warm it in one step that leaves no trace (:mod:`dynaflow.sandbox`): the
+        executor runs the real step right after, so the inputs' writes and random draws must happen once."""
+        with sandboxed(inputs, program.inputs.written) as private:
+            return self._compile_warm(program, private)
+
+    def _compile_warm(self, program: Program, inputs: Sequence[Any]) -> Program:
         from dynaflow.backend.launch import Executor, StepContext, run_launch
 
         step = StepContext(program, Executor.new_env(program, inputs), current_nano_context())

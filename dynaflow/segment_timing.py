@@ -2,15 +2,16 @@
 
 Used by ``dynaflow.profile`` (a saved profile) and by the cost model when it has no estimate for a segment
 (FLOP counting failed on it): a segment the roofline cannot price is measured, never a crash. Inputs the graph
-writes in place are timed on private copies (:func:`private_writes`), so timing never changes the caller's data;
-a graph whose ops may write state that is not an argument is not run again at all (:func:`replayable`).
+writes in place are timed on private copies, with the random generators put back (:mod:`dynaflow.sandbox`), so
+timing never changes the caller's data; a graph whose ops may write state that is not an argument is not run again
+at all (:func:`replayable`).
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
-from typing import Any, Collection, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -19,6 +20,7 @@ from dynaflow.backend import executors
 from dynaflow.flops import narrow_inputs
 from dynaflow.ir import InputInfo, SplitConfig
 from dynaflow.planning import make_plan
+from dynaflow.sandbox import private_writes, sandboxed
 from dynaflow.segmented import SegmentedModule
 from dynaflow.strategies import Sequential
 
@@ -41,21 +43,15 @@ def halving_sizes(batch: int, smallest: int = 1) -> list[int]:
     return sorted(set(sizes))
 
 
-def private_writes(inputs: Sequence[Any], written: Collection[int]) -> list[Any]:
-    """``inputs`` with every input the graph writes in place replaced by a copy (the others shared)."""
-    return [x.clone() if i in written and isinstance(x, torch.Tensor) else x for i, x in enumerate(inputs)]
-
-
 def time_segments(seg: SegmentedModule, inputs: Sequence[Any], batch: int, sizes: Sequence[int], repeats: int,
                   executor: str, label: str = "graph") -> dict[str, dict[int, float]]:
     """``{segment: {rows: median seconds}}`` from sequential runs at each size in ``sizes`` (``repeats`` timed
     runs after one warm-up); on the cuda executor launch times come from CUDA events."""
     ex = executors.resolve(executor, **({"gpu_timeline": True} if executor == "cuda" else {}))
     sync = torch.cuda.synchronize if executor == "cuda" else None
-    flat_all = private_writes(inputs, seg.inputs.written)
     timings: dict[str, dict[int, float]] = {s.name: {} for s in seg.segments}
     try:
-        with knobs.scope(DYNAFLOW_TIMELINE=1):
+        with knobs.scope(DYNAFLOW_TIMELINE=1), sandboxed(inputs, seg.inputs.written) as flat_all:
             for rows in sizes:
                 flat = narrow_inputs(seg, flat_all, batch, rows)
                 program = make_plan(seg, Sequential(), InputInfo(rows), SplitConfig.whole(rows), label=label).program

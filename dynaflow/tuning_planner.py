@@ -16,7 +16,8 @@ from dynaflow.backend import executors
 from dynaflow.ir import InputInfo, SplitConfig
 from dynaflow.planning import Plan, describe_inputs
 from dynaflow.profiles import model_hash
-from dynaflow.segment_timing import private_writes, replayable
+from dynaflow.sandbox import sandboxed
+from dynaflow.segment_timing import replayable
 from dynaflow.strategies import Strategy
 from dynaflow.timeline import Timeline
 from dynaflow.tune import TuneSetup, median_seconds
@@ -57,34 +58,35 @@ class GraphPlanner:
     def measure(self, plan: Plan, inputs: Sequence[Any], repeats: int, graphs: bool = False,
                 passthrough: bool = False) -> float:
         """The median wall time of ``repeats`` runs of ``plan`` on the graph's executor (``graphs``: replayed as
-        a CUDA graph, after its warm-up and capture). Inputs the graph writes are private copies, so measuring
-        leaves the caller's data as it was; the measured program's executor state is dropped afterwards."""
+        a CUDA graph, after its warm-up and capture). Measuring leaves no trace (:mod:`dynaflow.sandbox`: inputs
+        the graph writes are private copies, the random generators are put back); the measured program's executor
+        state is dropped afterwards."""
         graph = self.graph
         sync = torch.cuda.synchronize if describe_inputs(inputs, 0).on_cuda else None
-        flat = private_writes(inputs, graph.segmented.inputs.written)
-        if passthrough:  # the captured graph as is: the eager floor
-            return median_seconds(lambda: graph.run_passthrough(flat), repeats, sync)
-        ex, program = graph.executor_for(plan, inputs), graph.program_for(plan, inputs)
-        capture = True if graphs else None
-        try:
-            if capture:
-                for _ in range(WARMUP_CALLS):  # eager warm-ups and the capture, not timed
-                    ex.run(program, flat, capture=True)
-            return median_seconds(lambda: ex.run(program, flat, capture=capture), repeats, sync)
-        finally:
-            ex.forget(program)
+        with sandboxed(inputs, graph.segmented.inputs.written) as flat:
+            if passthrough:  # the captured graph as is: the eager floor
+                return median_seconds(lambda: graph.run_passthrough(flat), repeats, sync)
+            ex, program = graph.executor_for(plan, inputs), graph.program_for(plan, flat)
+            capture = True if graphs else None
+            try:
+                if capture:
+                    for _ in range(WARMUP_CALLS):  # eager warm-ups and the capture, not timed
+                        ex.run(program, flat, capture=True)
+                return median_seconds(lambda: ex.run(program, flat, capture=capture), repeats, sync)
+            finally:
+                ex.forget(program)
 
     def timelines(self, plan: Plan, inputs: Sequence[Any], repeats: int) -> list[Timeline]:
         """The timelines of ``repeats`` runs of ``plan`` (after one warm-up) on an executor of the graph's kind
         that records them (on the cuda executor, CUDA events around every launch), on private copies of the
-        inputs the graph writes."""
+        inputs the graph writes, with the random generators put back."""
         graph = self.graph
         name = graph.executor_for(plan, inputs).name
         ex = executors.resolve(name, **({"gpu_timeline": True} if name == "cuda" else {}))
-        flat = private_writes(inputs, graph.segmented.inputs.written)
-        program, out = graph.program_for(plan, inputs), []
+        out: list[Timeline] = []
         try:
-            with knobs.scope(DYNAFLOW_TIMELINE=1):
+            with knobs.scope(DYNAFLOW_TIMELINE=1), sandboxed(inputs, graph.segmented.inputs.written) as flat:
+                program = graph.program_for(plan, flat)
                 for i in range(repeats + 1):
                     ex.run(program, flat)
                     if i and ex.last_timeline is not None:

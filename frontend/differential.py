@@ -22,6 +22,7 @@ from dynaflow.errors import BatchCouplingError, node_context
 from dynaflow.frontend.effects import storage_root, write_targets
 from dynaflow.frontend.rules import op_short_name
 from dynaflow.ir import SegmentKind
+from dynaflow.sandbox import rng_preserved
 from dynaflow.segmented import SegmentCall, SegmentedModule, Value, ValueKind
 
 __all__ = ["check_split_equals_whole", "mutated_inputs", "overlapping_writes"]
@@ -170,9 +171,14 @@ def _raise(call: SegmentCall, output: str, runs: list[list[Any]]) -> None:
 def check_split_equals_whole(seg: SegmentedModule, inputs: Sequence[Any], batch: int) -> int:
     """Run every split segment whole and on two halves of ``batch`` (in program order, feeding each the
     whole results of the previous ones); raise :class:`BatchCouplingError` on a difference. Returns the
-    number of segments checked."""
+    number of segments checked. The random generators are put back afterwards (the real step draws next)."""
     if batch < 2:
         return 0
+    with rng_preserved():
+        return _check_calls(seg, inputs, batch)
+
+
+def _check_calls(seg: SegmentedModule, inputs: Sequence[Any], batch: int) -> int:
     env: dict[str, Any] = {name: v for name, v in seg.constants.items()}
     for name, v in seg.values.items():
         if v.source == "input":

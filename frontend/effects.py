@@ -15,13 +15,15 @@ safe, a missing one is a wrong answer.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
+from typing import Collection, Mapping
 
 import torch
 import torch.fx
 
 from dynaflow.frontend.rules import op_short_name
 
-__all__ = ["is_inplace", "write_target", "write_targets", "storage_root", "effect_pairs"]
+__all__ = ["is_inplace", "write_target", "write_targets", "storage_root", "effect_pairs", "StaleCopy", "stale_copies"]
 
 _VIEW_OPS = {
     "getitem", "view", "view_as", "reshape", "reshape_as", "_unsafe_view", "narrow", "select", "slice",
@@ -54,12 +56,56 @@ def _schema_writes(target: object) -> set[object]:
     return out
 
 
+def _norm_signatures() -> dict[object, tuple[int, int, int, str, bool]]:
+    import torch.nn.functional as F
+
+    functional = (1, 2, 5)   # F.batch_norm(input, running_mean, running_var, weight, bias, training, ...)
+    aten = (3, 4, 5)         # torch.batch_norm(input, weight, bias, running_mean, running_var, training, ...)
+    return {F.batch_norm: (*functional, "training", False), F.instance_norm: (*functional, "use_input_stats", True),
+            torch.batch_norm: (*aten, "training", True), torch.instance_norm: (*aten, "use_input_stats", True),
+            "batch_norm": (*aten, "training", True), "instance_norm": (*aten, "use_input_stats", True),
+            "native_batch_norm": (*aten, "training", True), "_batch_norm_impl_index": (*aten, "training", True),
+            "cudnn_batch_norm": (*aten, "training", True), "miopen_batch_norm": (*aten, "training", True)}
+
+
+_RUNNING_STATS = _norm_signatures()
+"""Norms that update ``running_mean`` / ``running_var`` in place although their schemas do not say so (the
+torch functions Dynamo records, and the aten ops by name): the two arguments' positions, the training flag's
+position and name, and the flag's default."""
+
+
+def _running_stats_written(node: torch.fx.Node) -> list[object]:
+    """The running statistics a norm call updates: both, unless its training flag is a literal ``False``."""
+    if node.op != "call_function":
+        return []
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        target = target._schema.name.split("::")[-1]
+    elif isinstance(target, torch._ops.OpOverloadPacket):
+        target = target._qualified_op_name.split("::")[-1]
+    try:
+        sig = _RUNNING_STATS.get(target)  # type: ignore[call-overload]
+    except TypeError:  # an unhashable callable
+        return []
+    if sig is None:
+        return []
+    mean_at, var_at, flag_at, flag_name, default = sig
+    flag = node.args[flag_at] if len(node.args) > flag_at else node.kwargs.get(flag_name, default)
+    if flag is False:
+        return []
+    return [node.args[i] if len(node.args) > i else node.kwargs.get(k)
+            for i, k in ((mean_at, "running_mean"), (var_at, "running_var"))]
+
+
 def write_targets(node: torch.fx.Node) -> tuple[torch.fx.Node, ...]:
     """The input nodes ``node`` writes in place: every argument its op schema marks written (vLLM's
-    ``onednn_mm(out, x, ...)``, ``rotary_embedding(positions, q, k, ...)``), else ``out=``, else the first
-    argument of ``x.add_(1)``, ``x += 1``, ``x[i] = v``."""
+    ``onednn_mm(out, x, ...)``, ``rotary_embedding(positions, q, k, ...)``) and the running statistics a
+    norm updates in training, else ``out=``, else the first argument of ``x.add_(1)``, ``x += 1``, ``x[i] = v``."""
     if node.op not in ("call_function", "call_method"):
         return ()
+    stats = [t for t in _running_stats_written(node) if isinstance(t, torch.fx.Node)]
+    if stats:
+        return tuple(dict.fromkeys(stats))
     writes = _schema_writes(node.target) if node.op == "call_function" else set()
     if writes:
         found: list[torch.fx.Node] = []
@@ -152,3 +198,54 @@ def effect_pairs(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx
                         continue
                     pairs.add((user, w) if order[user] < order[w] else (w, user))
     return sorted(pairs, key=lambda p: (order[p[0]], order[p[1]]))
+
+
+@dataclass(frozen=True)
+class StaleCopy:
+    """A split segment's output that would be read as a stale copy: ``value`` (a view of, or the storage
+    itself, that ``writer`` writes in place) is produced per nano-batch and read whole by ``reader`` (``None``:
+    the graph's output)."""
+
+    value: torch.fx.Node
+    reader: torch.fx.Node | None
+    writer: torch.fx.Node
+
+    def __repr__(self) -> str:
+        reader = self.reader.name if self.reader is not None else "the graph output"
+        return f"StaleCopy({self.value.name} written by {self.writer.name}, read whole by {reader})"
+
+
+def stale_copies(gm: torch.fx.GraphModule, segment_of: Mapping[torch.fx.Node, int],
+                 split: Collection[int]) -> dict[int, StaleCopy]:
+    """The split segments that must run whole so that no reader sees a stale copy of a tensor written in place.
+
+    Why: a split segment's output is a fresh tensor per nano-batch, and a whole-batch reader (a barrier, the
+    graph's output) gets a copy of those rows merged when they were produced. A write into that storage in
+    another segment reaches either the per-nano-batch tensors or the merged copy, never both, so a reader of
+    the other one sees the old values (``v = x * 2`` split; ``v[0] = 1`` in a barrier; ``v + 1`` split again).
+    For every storage some node writes in place — unless every write is in the segment that creates it — each
+    alias of it that a split segment produces and a whole-batch reader reads is such a place: the producing
+    segment is returned (with the evidence), to be run whole. Graph inputs and weights are never copied per
+    nano-batch (nano-batches get views of them) but their views may be, so they are checked the same way."""
+    writers: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for w in gm.graph.nodes:
+        for target in write_targets(w):
+            writers.setdefault(storage_root(target), []).append(w)
+    found: dict[int, StaleCopy] = {}
+    for root, ws in writers.items():
+        created_in = segment_of.get(root) if root.op not in ("placeholder", "get_attr") else None
+        if created_in is not None and all(segment_of.get(w) == created_in for w in ws):
+            continue  # written only where it is made: every copy is taken after the last write
+        for alias in _aliases(root):
+            producer = segment_of.get(alias)
+            if producer is None or producer not in split or producer in found:
+                continue
+            for user in alias.users:
+                if user.op == "output":
+                    found[producer] = StaleCopy(alias, None, ws[0])
+                    break
+                reader = segment_of.get(user)
+                if reader is not None and reader != producer and reader not in split and not _reads_metadata_only(user):
+                    found[producer] = StaleCopy(alias, user, ws[0])
+                    break
+    return found

@@ -29,11 +29,11 @@ from dynaflow.segmented import OutRef, SegmentCall, SegmentedModule, Value, Valu
 from dynaflow.frontend.collectives import check_waits, functionalize_inplace, hoist_waits, is_wait
 from dynaflow.frontend.collectives import describe as describe_collectives
 from dynaflow.frontend.batching import SYM, BatchAnalysis, analyze, find_batch_symbol, meta_val
-from dynaflow.frontend.effects import effect_pairs
+from dynaflow.frontend.effects import effect_pairs, stale_copies
 from dynaflow.frontend.markers import is_marker, marker_args
 from dynaflow.frontend.rules import Rule, Seq, as_rule, default_rules, module_stack, op_name, op_short_name
 
-__all__ = ["Region", "assign_regions", "rematerialize_sizes", "partition"]
+__all__ = ["Region", "assign_regions", "rematerialize_sizes", "whole_where_written", "partition"]
 
 log = logging.getLogger(__name__)
 
@@ -279,10 +279,41 @@ def partition(
     for node in [n for n in gm.graph.nodes if is_marker(n)]:  # markers did their job: cut points
         gm.graph.erase_node(node)
     region_index = {n: i for i, r in enumerate(regions) for n in r.nodes if not is_marker(n)}
+    if ba.batch is not None:
+        segments = whole_where_written(gm, region_index, segments, strict)
     check_waits(region_index, segments)
     effects = _effect_deps(gm, region_index, segments)
     split = cut(gm, region_index)
     return dataclasses.replace(read_back(split, segments, ba, graph_text), effect_deps=effects)
+
+
+def whole_where_written(gm: torch.fx.GraphModule, region_index: dict[torch.fx.Node, int],
+                        segments: list[Segment], strict: bool) -> list[Segment]:
+    """Run whole every split segment whose output a later in-place write would leave stale for a whole-batch
+    reader (:func:`~dynaflow.frontend.effects.stale_copies`), until none is left: a segment made whole turns
+    its own split-produced inputs into whole-batch reads, which may need the same."""
+    segments = list(segments)
+    while True:
+        split = {i for i, s in enumerate(segments) if s.kind is SegmentKind.SPLIT}
+        stale = stale_copies(gm, region_index, split)
+        if not stale:
+            return segments
+        for i, copy in sorted(stale.items()):
+            reader = f"node {copy.reader.name!r}" if copy.reader is not None else "the graph output"
+            if copy.reader is copy.writer:
+                why = f"{copy.value.name}: {reader} writes it in place on the whole batch (nano-batch copies go stale)"
+            else:
+                why = (f"{copy.value.name}: {reader} reads it whole and node {copy.writer.name!r} writes it in place "
+                       "(nano-batch copies go stale)")
+            if strict:
+                raise BatchCouplingError(
+                    f"Segment {segments[i].name!r} cannot run on nano-batch slices: it produces "
+                    f"{copy.value.name!r}, which {reader} reads whole and node {copy.writer.name!r} writes in place "
+                    f"in another segment.\n{node_context(copy.writer)}\nFix: write a copy (x = x.clone() before the "
+                    "in-place op), write it in the segment that makes it, or drop strict=True to run it as a barrier."
+                )
+            segments[i] = dataclasses.replace(segments[i], kind=SegmentKind.BARRIER, reason=why)
+            log.debug("%s runs whole: %s", segments[i].name, why)
 
 
 def _effect_deps(gm: torch.fx.GraphModule, region_index: dict[torch.fx.Node, int],
