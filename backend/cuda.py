@@ -269,7 +269,7 @@ class CudaExecutor(Executor):
         arena = torch.empty(total, dtype=torch.uint8, device=device)
         state.arena = arena
         state.buffers = {
-            s: arena.narrow(0, offsets[s], t.numel() * t.element_size()).view(t.dtype).view(t.shape)
+            s: arena.narrow(0, offsets[s], t.numel() * t.element_size()).view(t.dtype).as_strided(t.shape, t.stride())
             for s, t in specs.items()
         }
         log.debug("merge-buffer arena: %d buffers, %d bytes", len(specs), total)

@@ -32,7 +32,7 @@ from dynaflow.ir import SplitConfig
 from dynaflow.nanocontext import NanoContext, current_nano_context, launch_context
 from dynaflow.segmented import OutRef
 from dynaflow.timeline import Timeline, TimelineEvent
-from dynaflow.backend.program import Launch, Program, Wait, fetch
+from dynaflow.backend.program import Launch, Program, Wait, empty_laid_out, fetch
 
 __all__ = ["Executor", "ExecutorContext", "StepContext", "run_launch", "step_loop", "run_serial", "NOLOCK"]
 
@@ -110,7 +110,7 @@ def run_launch(launch: Launch, step: StepContext) -> None:
                 if buf is None:
                     shape = list(value.shape)
                     shape[dim] = k * step.program.batch_size
-                    buf = env[buf_slot] = torch.empty(shape, dtype=value.dtype, device=value.device)
+                    buf = env[buf_slot] = empty_laid_out(shape, step.program.buffer_layouts.get(buf_slot), value)
         buf.narrow(dim, start * k, (stop - start) * k).copy_(value)
 
 

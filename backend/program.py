@@ -19,7 +19,7 @@ from dynaflow.errors import BackendError
 from dynaflow.ir import ALL, Lane, NanoGraph, NanoOp, Schedule, Segment, SplitConfig
 from dynaflow.segmented import InputRoles, OutRef, SegmentedModule, ValueKind
 
-__all__ = ["Arg", "Launch", "Wait", "Program", "lower"]
+__all__ = ["Arg", "Launch", "Wait", "Program", "lower", "empty_laid_out"]
 
 # Argument fetch kinds
 SLOT, VIEW, CONST = 0, 1, 2
@@ -122,6 +122,8 @@ class Program:
     schedule: Schedule
     inputs: InputRoles = InputRoles()
     """The inputs' names and roles (written in place, declared static): what a CUDA-graph replay binds."""
+    buffer_layouts: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """Merge-buffer slots laid out in another dim order than row-major, as eager lays their value out."""
 
     @property
     def num_launches(self) -> int:
@@ -284,6 +286,8 @@ def lower(seg: SegmentedModule, graph: NanoGraph, schedule: Schedule) -> Program
         serial_order=serial, serial_frees=_last_uses(serial, seg.num_inputs, set(output_slots.values())),
         output_tree=seg.output_tree, output_slots=output_slots,
         batch_size=low.B, split=graph.split, schedule=schedule, inputs=seg.inputs,
+        buffer_layouts={slot: order for name, slot in low.buffers.items()
+                        if not low.single and (order := seg.values[name].dim_order) is not None},
     )
 
 
@@ -344,6 +348,15 @@ def _serial_order(streams: Sequence[Sequence[Instr]]) -> tuple[Launch, ...]:
             raise BackendError("Program deadlocks: every lane waits on an event no lane can fire. "
                                "The schedule should have been rejected by verify(); please report this.")
     return tuple(order)
+
+
+def empty_laid_out(shape: Sequence[int], order: tuple[int, ...] | None, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized tensor of ``shape`` whose dims lie in memory in ``order`` (outermost first; ``None``:
+    row-major), with ``like``'s dtype and device."""
+    if order is None:
+        return torch.empty(list(shape), dtype=like.dtype, device=like.device)
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return torch.empty([shape[d] for d in order], dtype=like.dtype, device=like.device).permute(inverse)
 
 
 def fetch(arg: Arg, env: list[Any]) -> Any:

@@ -35,6 +35,10 @@ class Value:
     batch_dim: int | None = None
     source: str = "input"
     index: int = 0
+    dim_order: tuple[int, ...] | None = None
+    """Its dims from outermost to innermost in memory, when eager does not lay it out row-major (a transposed
+    copy): a merge buffer of it is laid out alike, so ops whose result follows the layout (random draws fill
+    memory in order) see eager's layout."""
 
     def __repr__(self) -> str:
         dim = f"@dim{self.batch_dim}" if self.kind is ValueKind.BATCH else ""

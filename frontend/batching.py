@@ -159,7 +159,8 @@ class BatchAnalysis:
             _is_batch_sym(x, self.batch) for x in _flat_consts(node))
         out_batch = self._carries(self.dims[node]) or problem is not None
         if not (batch_in or sym_in or out_batch or bad_in is not None):
-            return None
+            # batch-free, but a split segment would repeat it per nano-batch: a random draw must happen once
+            return self._lowered(node, False) if _may_draw(node, val) else None
         self.touches.add(node)
         if bad_in is not None:
             return f"it uses {bad_in.name!r}, whose value holds the batch but not as one dim ({self.bad[bad_in]})"
@@ -232,6 +233,8 @@ class BatchAnalysis:
         if any(d is _BAD for d in out_dims):
             return "its result holds the batch in more than one dim (or not as a whole multiple)", bool(syms)
         out_batch = any(d is not None for d in out_dims)
+        if not (batch_in or syms or out_batch) and _draws(op, bound):  # repeated per nano-batch, it draws more
+            return "it draws random numbers, which must happen once per step", False
         if not (batch_in or syms or out_batch):
             return None, False
         entry = rule_for(op)
@@ -423,3 +426,24 @@ def _flat_consts(node: torch.fx.Node) -> list[Any]:
     return out
 
 
+
+
+def _draws(op: Any, bound: dict[str, Any]) -> bool:
+    """Whether a call draws from the random generator: an op tagged random, unless it is one whose draw its
+    arguments switch off (dropout in eval or with a probability of 0)."""
+    if torch.Tag.nondeterministic_seeded not in op.tags:
+        return False
+    if op._schema.name not in RANDOM_AWARE:
+        return True
+    p = bound.get("p", bound.get("dropout_p", 0.0))
+    return bound.get("train", bound.get("training")) is not False and float(p or 0.0) != 0.0
+
+
+def _may_draw(node: torch.fx.Node, val: Any) -> bool:
+    """A batch-free node worth lowering to see whether it draws random numbers: a call that makes a tensor
+    (sizes, views, markers and Python builtins draw nothing)."""
+    if node.op not in ("call_function", "call_method") or _is_marker(node):
+        return False
+    if not any(isinstance(v, torch.Tensor) for v in torch.utils._pytree.tree_leaves(val)):
+        return False
+    return not (node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "builtins"))

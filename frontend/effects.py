@@ -32,6 +32,10 @@ _VIEW_OPS = {
 }
 """Ops whose result may share storage with their first argument."""
 
+_MAYBE_VIEW_OPS = {"contiguous", "reshape", "reshape_as", "flatten"}
+"""Views whose result is a copy or a view depending on strides, which differ between the whole batch and a
+row slice of it (``x.T.contiguous()`` copies on many rows and aliases ``x`` on one)."""
+
 
 _AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
               operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
@@ -148,15 +152,73 @@ def write_target(node: torch.fx.Node) -> torch.fx.Node | None:
     return targets[0] if targets else None
 
 
+_VIEW_ATTRIBUTES = {"T", "mT", "H", "mH", "real", "imag", "data"}
+"""Tensor attributes that are views (Dynamo records ``x.T`` as ``getattr(x, "T")``)."""
+
+
+def _view_base(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The input node whose storage ``node``'s result may share: the first argument of a view op (``view``,
+    ``x.T``, ``split``...), or any argument its traced value shares storage with (``F.dropout`` in eval returns
+    its input itself); ``None`` for a tensor of its own."""
+    if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    first = node.args[0]
+    if node.target is getattr:
+        return first if len(node.args) > 1 and node.args[1] in _VIEW_ATTRIBUTES else None
+    if node.target is operator.getitem and _fresh_outputs(first):
+        return None  # an output of topk / sort / var_mean: a tensor of its own
+    if op_short_name(node) in _VIEW_OPS:
+        return first
+    if _PROBED not in node.meta:
+        node.meta[_PROBED] = _probe_alias(node)
+    return node.meta[_PROBED]
+
+
+_PROBED = "dynaflow_view_base"
+
+
+def _probe_alias(node: torch.fx.Node) -> torch.fx.Node | None:
+    """Run ``node`` on its traced fake values and return the input whose storage its result shares (ops that
+    may return their input: ``F.dropout`` in eval, ``x.to(x.dtype)``). A node that cannot be run is taken to
+    alias its first tensor input: an extra alias costs an ordering edge, a missing one a wrong answer."""
+    from dynaflow.frontend.aten_trace import fake_mode_of, lower_node
+
+    def val(n: torch.fx.Node) -> object:
+        return n.meta.get("val", n.meta.get("example_value"))
+
+    tensors = [n for n in node.all_input_nodes if isinstance(val(n), torch.Tensor)]
+    if not tensors or not isinstance(val(node), torch.Tensor) or write_targets(node):
+        return None
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), val)
+    mode = fake_mode_of((args, kwargs))
+    if mode is None:
+        return tensors[0]
+    try:
+        _, out = lower_node(node.graph.owning_module, node, args, kwargs, mode)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - not runnable on fakes: assume the alias
+        return tensors[0]
+    if not isinstance(out, torch.Tensor):
+        return None
+    mine = out.untyped_storage()._cdata
+    return next((n for n in tensors if val(n).untyped_storage()._cdata == mine), None)  # type: ignore[union-attr]
+
+
 def _is_view(node: torch.fx.Node) -> bool:
-    return (node.op in ("call_function", "call_method") and op_short_name(node) in _VIEW_OPS
-            and bool(node.args) and isinstance(node.args[0], torch.fx.Node))
+    return _view_base(node) is not None
+
+
+def _fresh_outputs(node: torch.fx.Node) -> bool:
+    """A call that returns several new tensors (``torch.topk``): neither a view op (``split``, ``unbind``) nor
+    an in-place op (it may return what it wrote)."""
+    val = node.meta.get("val", node.meta.get("example_value"))
+    return (isinstance(val, (tuple, list)) and node.op in ("call_function", "call_method")
+            and op_short_name(node) not in _VIEW_OPS and not write_targets(node))
 
 
 def storage_root(node: torch.fx.Node) -> torch.fx.Node:
     """Follow view ops back to the node that owns the storage (a placeholder, a constant or a computed tensor)."""
-    while _is_view(node):
-        node = node.args[0]
+    while (base := _view_base(node)) is not None:
+        node = base
     return node
 
 
@@ -169,7 +231,7 @@ def _aliases(root: torch.fx.Node) -> set[torch.fx.Node]:
         for user in n.users:
             if user in seen:
                 continue
-            if (_is_view(user) and user.args[0] is n) or n in write_targets(user):
+            if _view_base(user) is n or n in write_targets(user):
                 seen.add(user)
                 todo.append(user)
     return seen
@@ -202,50 +264,116 @@ def effect_pairs(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx
 
 @dataclass(frozen=True)
 class StaleCopy:
-    """A split segment's output that would be read as a stale copy: ``value`` (a view of, or the storage
-    itself, that ``writer`` writes in place) is produced per nano-batch and read whole by ``reader`` (``None``:
-    the graph's output)."""
+    """Evidence that a split would leave a stale copy: ``writer`` writes ``value`` (a tensor or a view of it) in
+    one copy, and ``reader`` (``None``: the graph output) reads another copy of the same storage after it."""
 
     value: torch.fx.Node
     reader: torch.fx.Node | None
     writer: torch.fx.Node
+    maybe_view: torch.fx.Node | None = None
+    """The copy-or-view node (``x.T.contiguous()``) that makes the two copies, when that is the cause."""
 
     def __repr__(self) -> str:
         reader = self.reader.name if self.reader is not None else "the graph output"
-        return f"StaleCopy({self.value.name} written by {self.writer.name}, read whole by {reader})"
+        return f"StaleCopy({self.value.name} written by {self.writer.name}, then read by {reader})"
+
+    def describe(self) -> str:
+        """What goes wrong, in a sentence (for ``explain()`` and errors)."""
+        reader = f"node {self.reader.name!r}" if self.reader is not None else "the graph output"
+        if self.maybe_view is not None:
+            return (f"{self.maybe_view.name} ({op_short_name(self.maybe_view)}) is a copy or a view depending on "
+                    f"strides, which differ between the whole batch and its rows; node {self.writer.name!r} writes "
+                    f"the tensor in place and {reader} reads it after")
+        return (f"{self.value.name}: node {self.writer.name!r} writes it in place and {reader} reads it later from "
+                "another copy (a split segment's output is a fresh tensor per nano-batch; a whole-batch reader gets "
+                "a copy merged when it was made)")
+
+
+Home = tuple[str, torch.fx.Node]
+"""Which copy of a storage an access touches: ``("real", root)`` the one tensor (an input, a weight, or made by
+a whole-batch segment), ``("nano", root)`` the per-nano-batch tensors a split segment made, ``("copy", value)``
+the whole-batch copy of a split segment's ``value`` that a whole-batch reader gets, ``("maybe", node)`` the
+result of a :data:`_MAYBE_VIEW_OPS` node in a split segment (a copy on some nano-batches, a view on others)."""
 
 
 def stale_copies(gm: torch.fx.GraphModule, segment_of: Mapping[torch.fx.Node, int],
                  split: Collection[int]) -> dict[int, StaleCopy]:
-    """The split segments that must run whole so that no reader sees a stale copy of a tensor written in place.
+    """The split segments that must run whole so that no access of a tensor written in place misses the write.
 
     Why: a split segment's output is a fresh tensor per nano-batch, and a whole-batch reader (a barrier, the
-    graph's output) gets a copy of those rows merged when they were produced. A write into that storage in
-    another segment reaches either the per-nano-batch tensors or the merged copy, never both, so a reader of
-    the other one sees the old values (``v = x * 2`` split; ``v[0] = 1`` in a barrier; ``v + 1`` split again).
-    For every storage some node writes in place — unless every write is in the segment that creates it — each
-    alias of it that a split segment produces and a whole-batch reader reads is such a place: the producing
-    segment is returned (with the evidence), to be run whole. Graph inputs and weights are never copied per
-    nano-batch (nano-batches get views of them) but their views may be, so they are checked the same way."""
+    graph output) gets a copy of those rows, merged when they were made. A write then reaches one copy only,
+    and an access of another copy after it sees the old values (``v = x * 2`` split; ``v[0] = 1`` in a
+    barrier; ``v + 1`` split again). Each access of a written storage (through any view) is given its
+    :data:`Home`; wherever an access follows a write (in graph order, which the schedule keeps for accesses of
+    one storage) in another home, the split segments behind both homes are returned, with the evidence.
+    Running them whole leaves one copy; the caller repeats until nothing is returned."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    end = len(order)
+    seg_end: dict[int, int] = {}
+    for n, seg in segment_of.items():
+        seg_end[seg] = max(seg_end.get(seg, -1), order.get(n, -1))
     writers: dict[torch.fx.Node, list[torch.fx.Node]] = {}
     for w in gm.graph.nodes:
         for target in write_targets(w):
             writers.setdefault(storage_root(target), []).append(w)
     found: dict[int, StaleCopy] = {}
     for root, ws in writers.items():
-        created_in = segment_of.get(root) if root.op not in ("placeholder", "get_attr") else None
-        if created_in is not None and all(segment_of.get(w) == created_in for w in ws):
-            continue  # written only where it is made: every copy is taken after the last write
-        for alias in _aliases(root):
-            producer = segment_of.get(alias)
-            if producer is None or producer not in split or producer in found:
-                continue
-            for user in alias.users:
+        aliases = _aliases(root)
+
+        def made_in(a: torch.fx.Node) -> int | None:
+            return None if a.op in ("placeholder", "get_attr") else segment_of.get(a)
+
+        def value_home(a: torch.fx.Node) -> Home:
+            """Where ``a`` lives as the segment that made it left it."""
+            if a is root:
+                where = made_in(a)
+                return ("real", root) if where is None or where not in split else ("nano", root)
+            if _is_view(a) and op_short_name(a) in _MAYBE_VIEW_OPS and segment_of.get(a) in split:
+                return ("maybe", a)
+            return base_home(a)
+
+        def base_home(a: torch.fx.Node) -> Home:
+            """Where the tensor ``a`` views or writes lives, as ``a`` touches it."""
+            base = _view_base(a) if _is_view(a) else next(t for t in write_targets(a) if t in aliases)
+            return access_home(a, base)  # type: ignore[arg-type]
+
+        def as_of(home: Home, t_write: int) -> Home:
+            """``home`` for an access after a write at ``t_write``: a maybe-view taken after the write holds the
+            written data either way, so it is its base's copy."""
+            while home[0] == "maybe" and order[home[1]] > t_write:
+                home = base_home(home[1])
+            return home
+
+        def access_home(n: torch.fx.Node | None, a: torch.fx.Node) -> Home:
+            """Where node ``n`` (``None``: the graph output) touches ``a``."""
+            made = made_in(a)
+            at = segment_of.get(n) if n is not None else None
+            if made is not None and made in split and at != made and (n is None or (at is not None and at not in split)):
+                return ("copy", a)
+            return value_home(a)
+
+        def copied_after(home: Home, t_write: int, written: Home) -> bool:
+            """A whole-batch copy made when its producing segment ended, after a write into its source."""
+            made = made_in(home[1]) if home[0] == "copy" else None
+            return made is not None and t_write < seg_end[made] and as_of(value_home(home[1]), t_write) == written
+
+        accesses: list[tuple[int, torch.fx.Node | None, torch.fx.Node, Home, bool]] = []
+        for a in aliases:
+            for user in a.users:
                 if user.op == "output":
-                    found[producer] = StaleCopy(alias, None, ws[0])
-                    break
-                reader = segment_of.get(user)
-                if reader is not None and reader != producer and reader not in split and not _reads_metadata_only(user):
-                    found[producer] = StaleCopy(alias, user, ws[0])
-                    break
+                    accesses.append((end, None, a, access_home(None, a), False))
+                elif not _reads_metadata_only(user):
+                    accesses.append((order[user], user, a, access_home(user, a), user in ws and a in write_targets(user)))
+        for t_w, w, a_w, home_w, is_write in accesses:
+            if not is_write:
+                continue
+            for t, n, a, home, _ in accesses:
+                seen = as_of(home, t_w)
+                if t > t_w and seen != home_w and not copied_after(seen, t_w, home_w):
+                    homes = (home_w, seen)
+                    maybe = next((h[1] for h in homes if h[0] == "maybe"), None)
+                    for h in homes:
+                        seg = {"real": None, "maybe": segment_of.get(h[1])}.get(h[0], made_in(h[1]))
+                        if seg is not None and seg in split:
+                            found.setdefault(seg, StaleCopy(a, n, w, maybe))  # type: ignore[arg-type]
     return found

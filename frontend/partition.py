@@ -289,9 +289,9 @@ def partition(
 
 def whole_where_written(gm: torch.fx.GraphModule, region_index: dict[torch.fx.Node, int],
                         segments: list[Segment], strict: bool) -> list[Segment]:
-    """Run whole every split segment whose output a later in-place write would leave stale for a whole-batch
-    reader (:func:`~dynaflow.frontend.effects.stale_copies`), until none is left: a segment made whole turns
-    its own split-produced inputs into whole-batch reads, which may need the same."""
+    """Run whole every split segment whose output an in-place write would reach in one copy while a later
+    access reads another (:func:`~dynaflow.frontend.effects.stale_copies`), until none is left: a segment made
+    whole reads its split-made inputs as whole-batch copies, which may need the same."""
     segments = list(segments)
     while True:
         split = {i for i, s in enumerate(segments) if s.kind is SegmentKind.SPLIT}
@@ -299,18 +299,12 @@ def whole_where_written(gm: torch.fx.GraphModule, region_index: dict[torch.fx.No
         if not stale:
             return segments
         for i, copy in sorted(stale.items()):
-            reader = f"node {copy.reader.name!r}" if copy.reader is not None else "the graph output"
-            if copy.reader is copy.writer:
-                why = f"{copy.value.name}: {reader} writes it in place on the whole batch (nano-batch copies go stale)"
-            else:
-                why = (f"{copy.value.name}: {reader} reads it whole and node {copy.writer.name!r} writes it in place "
-                       "(nano-batch copies go stale)")
+            why = copy.describe()
             if strict:
                 raise BatchCouplingError(
-                    f"Segment {segments[i].name!r} cannot run on nano-batch slices: it produces "
-                    f"{copy.value.name!r}, which {reader} reads whole and node {copy.writer.name!r} writes in place "
-                    f"in another segment.\n{node_context(copy.writer)}\nFix: write a copy (x = x.clone() before the "
-                    "in-place op), write it in the segment that makes it, or drop strict=True to run it as a barrier."
+                    f"Segment {segments[i].name!r} cannot run on nano-batch slices: {why}.\n"
+                    f"{node_context(copy.writer)}\nFix: write a copy (x = x.clone() before the in-place op), write it "
+                    "in the segment that makes it, or drop strict=True to run it as a barrier."
                 )
             segments[i] = dataclasses.replace(segments[i], kind=SegmentKind.BARRIER, reason=why)
             log.debug("%s runs whole: %s", segments[i].name, why)
@@ -389,6 +383,25 @@ def read_back(split: torch.fx.GraphModule, segments: list[Segment], ba: BatchAna
     )
 
 
+def dim_order(val: Any) -> tuple[int, ...] | None:
+    """The dims of a dense tensor from outermost to innermost in memory, from its strides at trace time;
+    ``None`` when it is row-major (or its strides are unknown or not a permutation of a dense layout)."""
+    if not isinstance(val, torch.Tensor) or val.dim() < 2:
+        return None
+    try:
+        sizes = [int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in val.shape]
+        strides = [int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in val.stride()]
+    except (TypeError, AttributeError):  # an unbacked size: no hint
+        return None
+    order = tuple(sorted(range(len(sizes)), key=lambda d: (-strides[d], -d)))
+    expect = 1
+    for d in reversed(order):  # dense: each dim's stride is the product of the sizes inside it
+        if sizes[d] != 1 and strides[d] != expect:
+            return None
+        expect *= sizes[d]
+    return None if order == tuple(range(len(sizes))) else order
+
+
 def _fetch_attr(root: torch.nn.Module, target: str) -> Any:
     obj: Any = root
     for part in target.split("."):
@@ -399,7 +412,7 @@ def _fetch_attr(root: torch.nn.Module, target: str) -> Any:
 def _classify(name: str, ba: BatchAnalysis, val: Any, source: str, index: int) -> Value:
     dims, _ = ba.classify(val)
     if isinstance(dims, int) and not isinstance(dims, bool):
-        return Value(name, ValueKind.BATCH, dims, source, index)
+        return Value(name, ValueKind.BATCH, dims, source, index, dim_order(val))
     if dims == SYM:
         if isinstance(val, torch.SymInt) and val.node.expr == ba.batch:
             return Value(name, ValueKind.BATCH_SIZE, None, source, index)
