@@ -279,7 +279,12 @@ class StaleCopy:
 
     def describe(self) -> str:
         """What goes wrong, in a sentence (for ``explain()`` and errors)."""
-        reader = f"node {self.reader.name!r}" if self.reader is not None else "the graph output"
+        if self.reader is not None:
+            reader = f"node {self.reader.name!r}"
+        elif self.value.op in ("placeholder", "get_attr"):
+            reader = "the caller (its input or weight)"
+        else:
+            reader = "the graph output"
         if self.maybe_view is not None:
             return (f"{self.maybe_view.name} ({op_short_name(self.maybe_view)}) is a copy or a view depending on "
                     f"strides, which differ between the whole batch and its rows; node {self.writer.name!r} writes "
@@ -358,6 +363,8 @@ def stale_copies(gm: torch.fx.GraphModule, segment_of: Mapping[torch.fx.Node, in
             return made is not None and t_write < seg_end[made] and as_of(value_home(home[1]), t_write) == written
 
         accesses: list[tuple[int, torch.fx.Node | None, torch.fx.Node, Home, bool]] = []
+        if root.op in ("placeholder", "get_attr"):  # the caller's tensor: it reads what the step left there
+            accesses.append((end, None, root, ("real", root), False))
         for a in aliases:
             for user in a.users:
                 if user.op == "output":

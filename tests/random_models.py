@@ -1,0 +1,130 @@
+"""Random models for differential tests against eager: a program of ops drawn from a vocabulary of row-local
+ops, ops that couple the batch, in-place writes (of intermediates, of views, of an input), views that are
+copies on some shapes, random draws, norms with running statistics and segment cuts.
+
+A :class:`Program` is plain data (what Hypothesis draws and shrinks); :class:`RandomModel` runs it. Every op
+maps a (B, D) tensor to a (B, D) tensor, so any op can follow any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dynaflow
+
+D = 8
+
+
+def _written(h: torch.Tensor, write: Callable[[torch.Tensor], object]) -> torch.Tensor:
+    y = h.clone()
+    write(y)
+    return y
+
+
+UNARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    # row-local
+    "linear": lambda h, w: h @ w,
+    "gelu": lambda h, w: F.gelu(h),
+    "layer_norm": lambda h, w: F.layer_norm(h, (D,)),
+    "softmax": lambda h, w: h.softmax(-1),
+    "rms": lambda h, w: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6),
+    "where": lambda h, w: torch.where(h > 0, h, h * 0.1),
+    "gather_cols": lambda h, w: torch.gather(h, 1, torch.zeros_like(h, dtype=torch.long)),
+    "expand_col": lambda h, w: h[:, :1].expand(-1, D) + h,
+    "repeat_cols": lambda h, w: h[:, : D // 2].repeat(1, 2),
+    "dropout_eval": lambda h, w: F.dropout(h, 0.3, training=False),  # returns its input itself
+    # coupling
+    "sum_rows": lambda h, w: h + h.sum(0, keepdim=True),
+    "mean_all": lambda h, w: h - h.mean(),
+    "cumsum_rows": lambda h, w: torch.cumsum(h, 0) * 0.1,
+    "flip_rows": lambda h, w: h.flip(0),
+    "roll_rows": lambda h, w: torch.roll(h, 1, 0),
+    "norm_over_rows": lambda h, w: F.layer_norm(h.T, (h.shape[0],)).T,
+    "row_index": lambda h, w: h + torch.arange(h.shape[0], dtype=h.dtype)[:, None] * 0.01,
+    "batch_size_value": lambda h, w: h * (1.0 / h.shape[0]),
+    "tril_rows": lambda h, w: torch.tril(torch.ones(h.shape[0], h.shape[0])) @ h * 0.1,
+    "gram": lambda h, w: h @ (h.T @ h) * 0.01,
+    "first_row": lambda h, w: h + h[0],
+    "shift_rows": lambda h, w: torch.cat([h[1:], h[:1]]),
+    "max_all": lambda h, w: h / (h.abs().max() + 1),
+    "median_mask": lambda h, w: h.masked_fill(h > h.median(), 0.0),
+    "dropout_train": lambda h, w: F.dropout(h, 0.3, training=True),
+    # copies and in-place writes
+    "column_major": lambda h, w: h.T.contiguous().T,  # a copy on many rows, a view of ``h`` on one
+    "set_row0": lambda h, w: _written(h, lambda y: y.__setitem__(0, 1.0)),
+    "add_rows_below": lambda h, w: _written(h, lambda y: y[1:].add_(y[:-1].clone())),
+    "scale_col0": lambda h, w: _written(h, lambda y: y[:, 0].mul_(2.0)),
+}
+BINARY: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "add": lambda a, b, w: a + b,
+    "mul": lambda a, b, w: a * b,
+    "cat_linear": lambda a, b, w: torch.cat([a, b], -1) @ w,
+    "cross_rows": lambda a, b, w: a @ (b.T @ a) * 0.01,
+}
+SPECIAL = ("batch_norm", "cut", "write_earlier", "write_earlier_row", "write_input", "view_of")
+"""Ops :class:`RandomModel` runs itself: a BatchNorm (train or eval), a ``dynaflow.mark`` segment cut, an
+in-place write of an earlier value (or of the model's first input), a plain view of an earlier value."""
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    a: int
+    """Index of the first operand among the values so far (inputs first)."""
+    b: int = 0
+    train: bool = False
+
+
+@dataclass(frozen=True)
+class Program:
+    inputs: int
+    ops: tuple[Op, ...]
+    outputs: tuple[int, ...]
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"v{self.inputs + i}={o.name}(v{o.a}{f', v{o.b}' if o.name in BINARY else ''})"
+                         for i, o in enumerate(self.ops))
+        return f"Program({self.inputs} inputs: {body}; returns {', '.join(f'v{i}' for i in self.outputs)})"
+
+
+class RandomModel(nn.Module):
+    def __init__(self, program: Program, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.program = program
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.randn(2 * D if op.name == "cat_linear" else D, D, generator=g) * 0.3)
+            for op in program.ops)
+        self.norms = nn.ModuleList(nn.BatchNorm1d(D).train(op.train) for op in program.ops if op.name == "batch_norm")
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        values, norms = list(xs), iter(self.norms)
+        for op, w in zip(self.program.ops, self.weights):
+            a = values[op.a]
+            if op.name in BINARY:
+                v = BINARY[op.name](a, values[op.b], w)
+            elif op.name in UNARY:
+                v = UNARY[op.name](a, w)
+            elif op.name == "batch_norm":
+                v = next(norms)(a)
+            elif op.name == "cut":
+                dynaflow.mark("cut")
+                v = a * 1.0
+            elif op.name == "write_earlier":
+                a.mul_(1.1)
+                v = a
+            elif op.name == "write_earlier_row":
+                a[-1] = 0.5
+                v = a + 0
+            elif op.name == "write_input":
+                xs[0].add_(0.25)
+                v = xs[0] * 1.0 + a
+            else:  # view_of
+                v = a[:, :]
+            values.append(v)
+        return tuple(values[i] for i in self.program.outputs)

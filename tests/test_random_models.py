@@ -1,0 +1,110 @@
+"""Random models against eager: Hypothesis draws a program of ops (``random_models``), a strategy, a nano-batch
+count, an executor and a sequence of batch sizes; dynaflow's outputs, the inputs it wrote, the model's buffers
+and the random generator's next draw must all equal eager's.
+
+The oracle is eager PyTorch, not dynaflow's own rules: whatever the analysis decides, the answer must not
+change. This search found the stale-copy, alias, random-draw and layout bugs that ``test_effects.py`` pins.
+The default tier draws a few dozen programs; ``pytest -m slow`` draws hundreds.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import dynaflow
+from dynaflow import ConfigError
+from dynaflow.strategies.auto import Auto
+from models import grad_off, split_strategies
+from random_models import BINARY, SPECIAL, UNARY, D, Op, Program, RandomModel
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+"""A GEMM over fewer rows may pick another kernel (README: results agree within the dtype's tolerance)."""
+
+NAMES = sorted(UNARY) + sorted(BINARY) + list(SPECIAL)
+
+
+@st.composite
+def programs(draw: st.DrawFn, max_ops: int = 8) -> Program:
+    inputs = draw(st.integers(1, 2), label="inputs")
+    ops = []
+    for i in range(draw(st.integers(1, max_ops), label="ops")):
+        values = inputs + i
+        name = draw(st.sampled_from(NAMES), label="op")
+        a = draw(st.integers(max(0, values - 3), values - 1), label="a")  # mostly recent values: deep chains
+        b = draw(st.integers(0, values - 1), label="b")
+        ops.append(Op(name, a, b, train=name == "batch_norm" and draw(st.booleans(), label="train")))
+    made = range(inputs, inputs + len(ops))
+    outputs = draw(st.lists(st.sampled_from(made), min_size=1, max_size=2, unique=True), label="outputs")
+    return Program(inputs, tuple(ops), tuple(sorted(outputs)))
+
+
+def check_against_eager(program: Program, strategy: str, nano: int, executor: str, batches: list[int]) -> None:
+    torch._dynamo.reset()  # every program is the same forward code: a fresh cache, no recompile limit
+    reference = RandomModel(program).eval()
+    model = copy.deepcopy(reference)
+    if strategy == "auto":
+        compiled = dynaflow.compile(model, strategy=Auto(cache=False, repeats=1), executor=executor)
+    else:
+        compiled = dynaflow.compile(model, strategy=strategy, nano_batches=nano, executor=executor)
+    for step, batch in enumerate(batches):
+        g = torch.Generator().manual_seed(step)
+        xs = [torch.randn(batch, D, generator=g) for _ in range(program.inputs)]
+        theirs, mine = [x.clone() for x in xs], [x.clone() for x in xs]
+        with grad_off():
+            torch.manual_seed(step)
+            want, next_want = reference(*theirs), torch.rand(4)
+            torch.manual_seed(step)
+            try:
+                got = compiled(*mine)
+            except ConfigError as exc:  # more nano-batches than rows: refused by name, never run wrong
+                assert nano > batch and f"nano_batches={nano}" in str(exc), exc
+                return
+            next_got = torch.rand(4)
+        where = f"{program} with {strategy}, nano_batches={nano}, {executor} executor, batch {batch}"
+        for i, (g_out, w_out) in enumerate(zip(got, want)):
+            torch.testing.assert_close(g_out, w_out, **TOL, msg=lambda m, i=i: f"output {i} of {where}: {m}")
+        for i, (g_in, w_in) in enumerate(zip(mine, theirs)):
+            torch.testing.assert_close(g_in, w_in, **TOL, msg=lambda m, i=i: f"input {i} after {where}: {m}")
+        for (name, g_buf), w_buf in zip(model.named_buffers(), reference.buffers()):
+            torch.testing.assert_close(g_buf, w_buf, **TOL, msg=lambda m, name=name: f"buffer {name} after {where}: {m}")
+        assert torch.equal(next_got, next_want), f"the random generator moved differently in {where}"
+
+
+STRATEGIES = split_strategies() + ["auto"]
+EXECUTORS = ["serial", "thread", "sim"]
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=programs(), strategy=st.sampled_from(STRATEGIES), nano=st.integers(1, 4),
+       executor=st.sampled_from(EXECUTORS), batches=st.lists(st.integers(2, 11), min_size=1, max_size=3))
+def test_random_models_equal_eager(program, strategy, nano, executor, batches):
+    check_against_eager(program, strategy, nano, executor, batches)
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=programs(max_ops=10), strategy=st.sampled_from(STRATEGIES), nano=st.integers(1, 4),
+       executor=st.sampled_from(EXECUTORS), batches=st.lists(st.integers(2, 11), min_size=1, max_size=3))
+def test_many_random_models_equal_eager(program, strategy, nano, executor, batches):
+    check_against_eager(program, strategy, nano, executor, batches)
+
+
+@pytest.mark.parametrize("program", [
+    # the shapes of the bugs the search found (kept as examples so they run on every seed)
+    Program(1, (Op("column_major", 0), Op("write_input", 0), Op("norm_over_rows", 2)), (1, 2)),
+    Program(1, (Op("dropout_eval", 0), Op("flip_rows", 0), Op("write_earlier_row", 1), Op("cross_rows", 2, 0)), (3, 4)),
+    Program(1, (Op("set_row0", 0), Op("cross_rows", 1, 0), Op("gather_cols", 1), Op("add", 2, 1)), (1, 2)),
+    Program(2, (Op("dropout_train", 1), Op("write_earlier", 0), Op("linear", 3), Op("roll_rows", 3)), (5,)),
+    Program(1, (Op("column_major", 0), Op("add_rows_below", 1), Op("write_earlier_row", 2),
+                Op("dropout_train", 3), Op("layer_norm", 4)), (3, 5)),
+    Program(1, (Op("linear", 0), Op("batch_norm", 1, train=True), Op("sum_rows", 2)), (3,)),
+    Program(1, (Op("view_of", 0), Op("linear", 0), Op("write_earlier_row", 1), Op("median_mask", 2)), (4,)),
+], ids=["copy-or-view", "input-alias", "row-write-copy", "batch-free-draw", "layout-draw", "norm-stats", "input-view-write"])
+@pytest.mark.parametrize("strategy", ["round_robin", "nanoflow", "auto"])
+def test_found_programs_equal_eager(program, strategy):
+    for executor in ("serial", "thread"):
+        check_against_eager(program, strategy, 2, executor, [6, 3, 5])
