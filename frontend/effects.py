@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Collection, Mapping
+from typing import Callable, Collection, Mapping
 
 import torch
 import torch.fx
@@ -272,6 +272,9 @@ class StaleCopy:
     writer: torch.fx.Node
     maybe_view: torch.fx.Node | None = None
     """The copy-or-view node (``x.T.contiguous()``) that makes the two copies, when that is the cause."""
+    shared_rows: bool = False
+    """The cause is a split segment reading ``value`` whole (not its own rows) while nano-batches write rows of
+    the same storage: a nano-batch would read rows another one already wrote."""
 
     def __repr__(self) -> str:
         reader = self.reader.name if self.reader is not None else "the graph output"
@@ -285,6 +288,10 @@ class StaleCopy:
             reader = "the caller (its input or weight)"
         else:
             reader = "the graph output"
+        if self.shared_rows:
+            return (f"{reader} reads {self.value.name} whole on every nano-batch, and nano-batches write rows of the "
+                    f"same tensor in place (node {self.writer.name!r}): a later nano-batch would read rows an "
+                    "earlier one already wrote")
         if self.maybe_view is not None:
             return (f"{self.maybe_view.name} ({op_short_name(self.maybe_view)}) is a copy or a view depending on "
                     f"strides, which differ between the whole batch and its rows; node {self.writer.name!r} writes "
@@ -302,7 +309,8 @@ result of a :data:`_MAYBE_VIEW_OPS` node in a split segment (a copy on some nano
 
 
 def stale_copies(gm: torch.fx.GraphModule, segment_of: Mapping[torch.fx.Node, int],
-                 split: Collection[int]) -> dict[int, StaleCopy]:
+                 split: Collection[int], has_rows: Callable[[torch.fx.Node], bool] = lambda n: True,
+                 trusted: Collection[int] = ()) -> dict[int, StaleCopy]:
     """The split segments that must run whole so that no access of a tensor written in place misses the write.
 
     Why: a split segment's output is a fresh tensor per nano-batch, and a whole-batch reader (a barrier, the
@@ -311,7 +319,13 @@ def stale_copies(gm: torch.fx.GraphModule, segment_of: Mapping[torch.fx.Node, in
     barrier; ``v + 1`` split again). Each access of a written storage (through any view) is given its
     :data:`Home`; wherever an access follows a write (in graph order, which the schedule keeps for accesses of
     one storage) in another home, the split segments behind both homes are returned, with the evidence.
-    Running them whole leaves one copy; the caller repeats until nothing is returned."""
+    Running them whole leaves one copy; the caller repeats until nothing is returned.
+
+    Within one split segment the nano-batches also share what is not split by rows: a split segment that reads
+    a view of a storage whole (``has_rows(view)`` is false: ``x[0]``) while a split segment writes rows of it
+    would let a later nano-batch read rows an earlier one already wrote; that reader runs whole too, unless it
+    is ``trusted`` (tagged ``batch-local`` or ``nano-context``: the user's or engine's word that each nano-batch
+    reads only its own rows, as a paged-attention op reads only its requests' pages)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     end = len(order)
     seg_end: dict[int, int] = {}
@@ -371,6 +385,13 @@ def stale_copies(gm: torch.fx.GraphModule, segment_of: Mapping[torch.fx.Node, in
                     accesses.append((end, None, a, access_home(None, a), False))
                 elif not _reads_metadata_only(user):
                     accesses.append((order[user], user, a, access_home(user, a), user in ws and a in write_targets(user)))
+        split_writer = next((w for w in ws if segment_of.get(w) in split), None)
+        if split_writer is not None and value_home(root)[0] == "real":  # one tensor all nano-batches share
+            for t, n, a, home, _ in accesses:
+                at = segment_of.get(n) if n is not None else None
+                if (at is not None and at in split and at not in trusted and not has_rows(a)
+                        and _view_base(n) is not a and not _reads_metadata_only(n)):  # type: ignore[arg-type]
+                    found.setdefault(at, StaleCopy(a, n, split_writer, shared_rows=True))
         for t_w, w, a_w, home_w, is_write in accesses:
             if not is_write:
                 continue

@@ -17,7 +17,7 @@ import logging
 import operator
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
@@ -280,22 +280,31 @@ def partition(
         gm.graph.erase_node(node)
     region_index = {n: i for i, r in enumerate(regions) for n in r.nodes if not is_marker(n)}
     if ba.batch is not None:
-        segments = whole_where_written(gm, region_index, segments, strict)
+        segments = whole_where_written(gm, region_index, segments, strict, lambda n: _has_rows(ba, n))
     check_waits(region_index, segments)
     effects = _effect_deps(gm, region_index, segments)
     split = cut(gm, region_index)
     return dataclasses.replace(read_back(split, segments, ba, graph_text), effect_deps=effects)
 
 
+def _has_rows(ba: BatchAnalysis, node: torch.fx.Node) -> bool:
+    """Whether ``node``'s value (every tensor of it) holds the batch as a dim: a nano-batch sees its rows."""
+    dims, _ = ba.classify(meta_val(node))
+    parts = dims if isinstance(dims, tuple) else (dims,)
+    return bool(parts) and all(isinstance(d, int) and not isinstance(d, bool) for d in parts)
+
+
 def whole_where_written(gm: torch.fx.GraphModule, region_index: dict[torch.fx.Node, int],
-                        segments: list[Segment], strict: bool) -> list[Segment]:
+                        segments: list[Segment], strict: bool,
+                        has_rows: Callable[[torch.fx.Node], bool] = lambda n: True) -> list[Segment]:
     """Run whole every split segment whose output an in-place write would reach in one copy while a later
     access reads another (:func:`~dynaflow.frontend.effects.stale_copies`), until none is left: a segment made
     whole reads its split-made inputs as whole-batch copies, which may need the same."""
     segments = list(segments)
     while True:
         split = {i for i, s in enumerate(segments) if s.kind is SegmentKind.SPLIT}
-        stale = stale_copies(gm, region_index, split)
+        trusted = {i for i, s in enumerate(segments) if s.hints & {"batch-local", "nano-context"}}
+        stale = stale_copies(gm, region_index, split, has_rows, trusted)
         if not stale:
             return segments
         for i, copy in sorted(stale.items()):

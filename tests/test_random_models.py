@@ -103,7 +103,9 @@ def test_many_random_models_equal_eager(program, strategy, nano, executor, batch
                 Op("dropout_train", 3), Op("layer_norm", 4)), (3, 5)),
     Program(1, (Op("linear", 0), Op("batch_norm", 1, train=True), Op("sum_rows", 2)), (3,)),
     Program(1, (Op("view_of", 0), Op("linear", 0), Op("write_earlier_row", 1), Op("median_mask", 2)), (4,)),
-], ids=["copy-or-view", "input-alias", "row-write-copy", "batch-free-draw", "layout-draw", "norm-stats", "input-view-write"])
+    Program(1, (Op("first_row", 0), Op("write_earlier", 0)), (1, 2)),
+], ids=["copy-or-view", "input-alias", "row-write-copy", "batch-free-draw", "layout-draw", "norm-stats", "input-view-write",
+        "row-read-by-all"])
 @pytest.mark.parametrize("strategy", ["round_robin", "nanoflow", "auto"])
 def test_found_programs_equal_eager(program, strategy):
     for executor in ("serial", "thread"):
