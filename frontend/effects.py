@@ -15,15 +15,14 @@ safe, a missing one is a wrong answer.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-from typing import Callable, Collection, Mapping
 
 import torch
 import torch.fx
 
 from dynaflow.frontend.rules import op_short_name
 
-__all__ = ["is_inplace", "write_target", "write_targets", "storage_root", "effect_pairs", "StaleCopy", "stale_copies"]
+__all__ = ["is_inplace", "write_target", "write_targets", "storage_root", "view_base", "is_view", "aliases_of",
+           "reads_metadata_only", "effect_pairs"]
 
 _VIEW_OPS = {
     "getitem", "view", "view_as", "reshape", "reshape_as", "_unsafe_view", "narrow", "select", "slice",
@@ -31,10 +30,6 @@ _VIEW_OPS = {
     "as_strided", "alias", "detach", "unbind", "split", "chunk", "movedim", "diagonal", "contiguous",
 }
 """Ops whose result may share storage with their first argument."""
-
-_MAYBE_VIEW_OPS = {"contiguous", "reshape", "reshape_as", "flatten"}
-"""Views whose result is a copy or a view depending on strides, which differ between the whole batch and a
-row slice of it (``x.T.contiguous()`` copies on many rows and aliases ``x`` on one)."""
 
 
 _AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
@@ -156,7 +151,7 @@ _VIEW_ATTRIBUTES = {"T", "mT", "H", "mH", "real", "imag", "data"}
 """Tensor attributes that are views (Dynamo records ``x.T`` as ``getattr(x, "T")``)."""
 
 
-def _view_base(node: torch.fx.Node) -> torch.fx.Node | None:
+def view_base(node: torch.fx.Node) -> torch.fx.Node | None:
     """The input node whose storage ``node``'s result may share: the first argument of a view op (``view``,
     ``x.T``, ``split``...), or any argument its traced value shares storage with (``F.dropout`` in eval returns
     its input itself); ``None`` for a tensor of its own."""
@@ -203,8 +198,8 @@ def _probe_alias(node: torch.fx.Node) -> torch.fx.Node | None:
     return next((n for n in tensors if val(n).untyped_storage()._cdata == mine), None)  # type: ignore[union-attr]
 
 
-def _is_view(node: torch.fx.Node) -> bool:
-    return _view_base(node) is not None
+def is_view(node: torch.fx.Node) -> bool:
+    return view_base(node) is not None
 
 
 def _fresh_outputs(node: torch.fx.Node) -> bool:
@@ -217,12 +212,12 @@ def _fresh_outputs(node: torch.fx.Node) -> bool:
 
 def storage_root(node: torch.fx.Node) -> torch.fx.Node:
     """Follow view ops back to the node that owns the storage (a placeholder, a constant or a computed tensor)."""
-    while (base := _view_base(node)) is not None:
+    while (base := view_base(node)) is not None:
         node = base
     return node
 
 
-def _aliases(root: torch.fx.Node) -> set[torch.fx.Node]:
+def aliases_of(root: torch.fx.Node) -> set[torch.fx.Node]:
     """``root`` and every node that may view its storage: views of it and in-place ops on it (they return it)."""
     seen = {root}
     todo = [root]
@@ -231,13 +226,13 @@ def _aliases(root: torch.fx.Node) -> set[torch.fx.Node]:
         for user in n.users:
             if user in seen:
                 continue
-            if _view_base(user) is n or n in write_targets(user):
+            if view_base(user) is n or n in write_targets(user):
                 seen.add(user)
                 todo.append(user)
     return seen
 
 
-def _reads_metadata_only(node: torch.fx.Node) -> bool:
+def reads_metadata_only(node: torch.fx.Node) -> bool:
     """A size / stride query (its value is an int, a SymInt or a ``torch.Size``): it never sees the data."""
     val = node.meta.get("val", node.meta.get("example_value"))
     return isinstance(val, (int, torch.SymInt, torch.SymBool, torch.SymFloat, torch.Size)) and not isinstance(val, bool)
@@ -253,155 +248,10 @@ def effect_pairs(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx
             root = storage_root(target)
             aliases = alias_cache.get(root)
             if aliases is None:
-                aliases = alias_cache[root] = _aliases(root)
+                aliases = alias_cache[root] = aliases_of(root)
             for a in aliases:
                 for user in list(a.users) + ([a] if a.op != "placeholder" else []):
-                    if user is w or user.op == "output" or _reads_metadata_only(user):
+                    if user is w or user.op == "output" or reads_metadata_only(user):
                         continue
                     pairs.add((user, w) if order[user] < order[w] else (w, user))
     return sorted(pairs, key=lambda p: (order[p[0]], order[p[1]]))
-
-
-@dataclass(frozen=True)
-class StaleCopy:
-    """Evidence that a split would leave a stale copy: ``writer`` writes ``value`` (a tensor or a view of it) in
-    one copy, and ``reader`` (``None``: the graph output) reads another copy of the same storage after it."""
-
-    value: torch.fx.Node
-    reader: torch.fx.Node | None
-    writer: torch.fx.Node
-    maybe_view: torch.fx.Node | None = None
-    """The copy-or-view node (``x.T.contiguous()``) that makes the two copies, when that is the cause."""
-    shared_rows: bool = False
-    """The cause is a split segment reading ``value`` whole (not its own rows) while nano-batches write rows of
-    the same storage: a nano-batch would read rows another one already wrote."""
-
-    def __repr__(self) -> str:
-        reader = self.reader.name if self.reader is not None else "the graph output"
-        return f"StaleCopy({self.value.name} written by {self.writer.name}, then read by {reader})"
-
-    def describe(self) -> str:
-        """What goes wrong, in a sentence (for ``explain()`` and errors)."""
-        if self.reader is not None:
-            reader = f"node {self.reader.name!r}"
-        elif self.value.op in ("placeholder", "get_attr"):
-            reader = "the caller (its input or weight)"
-        else:
-            reader = "the graph output"
-        if self.shared_rows:
-            return (f"{reader} reads {self.value.name} whole on every nano-batch, and nano-batches write rows of the "
-                    f"same tensor in place (node {self.writer.name!r}): a later nano-batch would read rows an "
-                    "earlier one already wrote")
-        if self.maybe_view is not None:
-            return (f"{self.maybe_view.name} ({op_short_name(self.maybe_view)}) is a copy or a view depending on "
-                    f"strides, which differ between the whole batch and its rows; node {self.writer.name!r} writes "
-                    f"the tensor in place and {reader} reads it after")
-        return (f"{self.value.name}: node {self.writer.name!r} writes it in place and {reader} reads it later from "
-                "another copy (a split segment's output is a fresh tensor per nano-batch; a whole-batch reader gets "
-                "a copy merged when it was made)")
-
-
-Home = tuple[str, torch.fx.Node]
-"""Which copy of a storage an access touches: ``("real", root)`` the one tensor (an input, a weight, or made by
-a whole-batch segment), ``("nano", root)`` the per-nano-batch tensors a split segment made, ``("copy", value)``
-the whole-batch copy of a split segment's ``value`` that a whole-batch reader gets, ``("maybe", node)`` the
-result of a :data:`_MAYBE_VIEW_OPS` node in a split segment (a copy on some nano-batches, a view on others)."""
-
-
-def stale_copies(gm: torch.fx.GraphModule, segment_of: Mapping[torch.fx.Node, int],
-                 split: Collection[int], has_rows: Callable[[torch.fx.Node], bool] = lambda n: True,
-                 trusted: Collection[int] = ()) -> dict[int, StaleCopy]:
-    """The split segments that must run whole so that no access of a tensor written in place misses the write.
-
-    Why: a split segment's output is a fresh tensor per nano-batch, and a whole-batch reader (a barrier, the
-    graph output) gets a copy of those rows, merged when they were made. A write then reaches one copy only,
-    and an access of another copy after it sees the old values (``v = x * 2`` split; ``v[0] = 1`` in a
-    barrier; ``v + 1`` split again). Each access of a written storage (through any view) is given its
-    :data:`Home`; wherever an access follows a write (in graph order, which the schedule keeps for accesses of
-    one storage) in another home, the split segments behind both homes are returned, with the evidence.
-    Running them whole leaves one copy; the caller repeats until nothing is returned.
-
-    Within one split segment the nano-batches also share what is not split by rows: a split segment that reads
-    a view of a storage whole (``has_rows(view)`` is false: ``x[0]``) while a split segment writes rows of it
-    would let a later nano-batch read rows an earlier one already wrote; that reader runs whole too, unless it
-    is ``trusted`` (tagged ``batch-local`` or ``nano-context``: the user's or engine's word that each nano-batch
-    reads only its own rows, as a paged-attention op reads only its requests' pages)."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    end = len(order)
-    seg_end: dict[int, int] = {}
-    for n, seg in segment_of.items():
-        seg_end[seg] = max(seg_end.get(seg, -1), order.get(n, -1))
-    writers: dict[torch.fx.Node, list[torch.fx.Node]] = {}
-    for w in gm.graph.nodes:
-        for target in write_targets(w):
-            writers.setdefault(storage_root(target), []).append(w)
-    found: dict[int, StaleCopy] = {}
-    for root, ws in writers.items():
-        aliases = _aliases(root)
-
-        def made_in(a: torch.fx.Node) -> int | None:
-            return None if a.op in ("placeholder", "get_attr") else segment_of.get(a)
-
-        def value_home(a: torch.fx.Node) -> Home:
-            """Where ``a`` lives as the segment that made it left it."""
-            if a is root:
-                where = made_in(a)
-                return ("real", root) if where is None or where not in split else ("nano", root)
-            if _is_view(a) and op_short_name(a) in _MAYBE_VIEW_OPS and segment_of.get(a) in split:
-                return ("maybe", a)
-            return base_home(a)
-
-        def base_home(a: torch.fx.Node) -> Home:
-            """Where the tensor ``a`` views or writes lives, as ``a`` touches it."""
-            base = _view_base(a) if _is_view(a) else next(t for t in write_targets(a) if t in aliases)
-            return access_home(a, base)  # type: ignore[arg-type]
-
-        def as_of(home: Home, t_write: int) -> Home:
-            """``home`` for an access after a write at ``t_write``: a maybe-view taken after the write holds the
-            written data either way, so it is its base's copy."""
-            while home[0] == "maybe" and order[home[1]] > t_write:
-                home = base_home(home[1])
-            return home
-
-        def access_home(n: torch.fx.Node | None, a: torch.fx.Node) -> Home:
-            """Where node ``n`` (``None``: the graph output) touches ``a``."""
-            made = made_in(a)
-            at = segment_of.get(n) if n is not None else None
-            if made is not None and made in split and at != made and (n is None or (at is not None and at not in split)):
-                return ("copy", a)
-            return value_home(a)
-
-        def copied_after(home: Home, t_write: int, written: Home) -> bool:
-            """A whole-batch copy made when its producing segment ended, after a write into its source."""
-            made = made_in(home[1]) if home[0] == "copy" else None
-            return made is not None and t_write < seg_end[made] and as_of(value_home(home[1]), t_write) == written
-
-        accesses: list[tuple[int, torch.fx.Node | None, torch.fx.Node, Home, bool]] = []
-        if root.op in ("placeholder", "get_attr"):  # the caller's tensor: it reads what the step left there
-            accesses.append((end, None, root, ("real", root), False))
-        for a in aliases:
-            for user in a.users:
-                if user.op == "output":
-                    accesses.append((end, None, a, access_home(None, a), False))
-                elif not _reads_metadata_only(user):
-                    accesses.append((order[user], user, a, access_home(user, a), user in ws and a in write_targets(user)))
-        split_writer = next((w for w in ws if segment_of.get(w) in split), None)
-        if split_writer is not None and value_home(root)[0] == "real":  # one tensor all nano-batches share
-            for t, n, a, home, _ in accesses:
-                at = segment_of.get(n) if n is not None else None
-                if (at is not None and at in split and at not in trusted and not has_rows(a)
-                        and _view_base(n) is not a and not _reads_metadata_only(n)):  # type: ignore[arg-type]
-                    found.setdefault(at, StaleCopy(a, n, split_writer, shared_rows=True))
-        for t_w, w, a_w, home_w, is_write in accesses:
-            if not is_write:
-                continue
-            for t, n, a, home, _ in accesses:
-                seen = as_of(home, t_w)
-                if t > t_w and seen != home_w and not copied_after(seen, t_w, home_w):
-                    homes = (home_w, seen)
-                    maybe = next((h[1] for h in homes if h[0] == "maybe"), None)
-                    for h in homes:
-                        seg = {"real": None, "maybe": segment_of.get(h[1])}.get(h[0], made_in(h[1]))
-                        if seg is not None and seg in split:
-                            found.setdefault(seg, StaleCopy(a, n, w, maybe))  # type: ignore[arg-type]
-    return found

@@ -29,9 +29,10 @@ from dynaflow.segmented import OutRef, SegmentCall, SegmentedModule, Value, Valu
 from dynaflow.frontend.collectives import check_waits, functionalize_inplace, hoist_waits, is_wait
 from dynaflow.frontend.collectives import describe as describe_collectives
 from dynaflow.frontend.batching import SYM, BatchAnalysis, analyze, find_batch_symbol, meta_val
-from dynaflow.frontend.effects import effect_pairs, stale_copies
+from dynaflow.frontend.effects import effect_pairs
 from dynaflow.frontend.markers import is_marker, marker_args
 from dynaflow.frontend.rules import Rule, Seq, as_rule, default_rules, module_stack, op_name, op_short_name
+from dynaflow.frontend.stale_copies import stale_copies
 
 __all__ = ["Region", "assign_regions", "rematerialize_sizes", "whole_where_written", "partition"]
 
@@ -298,7 +299,7 @@ def whole_where_written(gm: torch.fx.GraphModule, region_index: dict[torch.fx.No
                         segments: list[Segment], strict: bool,
                         has_rows: Callable[[torch.fx.Node], bool] = lambda n: True) -> list[Segment]:
     """Run whole every split segment whose output an in-place write would reach in one copy while a later
-    access reads another (:func:`~dynaflow.frontend.effects.stale_copies`), until none is left: a segment made
+    access reads another (:func:`~dynaflow.frontend.stale_copies.stale_copies`), until none is left: a segment made
     whole reads its split-made inputs as whole-batch copies, which may need the same."""
     segments = list(segments)
     while True:
