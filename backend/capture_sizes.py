@@ -20,8 +20,8 @@ import torch
 from dynaflow.errors import BackendError
 from dynaflow.segmented import OutRef, SegmentedModule, ValueKind
 
-__all__ = ["CaptureChoice", "Mode", "InputSpec", "barrier_names", "choose_capture_size", "input_specs", "pad_inputs", "unpad_outputs",
-           "copy_into_static"]
+__all__ = ["CaptureChoice", "Mode", "InputSpec", "barrier_names", "choose_capture_size", "copy_back_written",
+           "input_specs", "pad_inputs", "unpad_outputs", "copy_into_static"]
 
 
 class Mode(str, enum.Enum):
@@ -146,6 +146,17 @@ def copy_into_static(static: torch.Tensor, x: torch.Tensor, spec: InputSpec, bat
         reps = [1] * x.dim()
         reps[spec.dim] = size - batch
         pad.copy_(last.repeat(*reps))
+
+
+def copy_back_written(inputs: Sequence[Any], padded: Sequence[Any], written: Sequence[int],
+                      specs: Sequence[InputSpec], batch: int) -> None:
+    """Copy the first ``batch`` items of each padded input the graph wrote in place back into the caller's
+    tensor: the step wrote the padded copy, and eager would have written the caller's own."""
+    for i in written:
+        x, p = inputs[i], padded[i]
+        if isinstance(x, torch.Tensor) and p is not x:
+            dim = specs[i].dim
+            x.copy_(p.narrow(dim, 0, _rows(x, dim, batch) * batch))
 
 
 def unpad_outputs(out: Any, seg: SegmentedModule, batch: int, size: int) -> Any:

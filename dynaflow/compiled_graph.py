@@ -20,8 +20,8 @@ import torch.fx
 
 from dynaflow import knobs
 from dynaflow.backend import ExecutorContext, Program, check_executor_name, executors, make_executor
-from dynaflow.backend.capture_sizes import (CaptureChoice, Mode, barrier_names, choose_capture_size, input_specs, pad_inputs,
-                                      unpad_outputs)
+from dynaflow.backend.capture_sizes import (CaptureChoice, Mode, barrier_names, choose_capture_size, copy_back_written,
+                                      input_specs, pad_inputs, unpad_outputs)
 from dynaflow.backend.comm import DistributedPlanner
 from dynaflow.backend.inductor import InductorSegments
 from dynaflow.config import DynaflowConfig
@@ -323,9 +323,15 @@ class CompiledGraph:
         on the cuda executor), and narrow the outputs back. ``executor`` overrides the resolved one (tests)."""
         assert self.segmented is not None
         batch = self.batch_size(inputs)
-        choice = self.capture_for(batch)
-        padded = pad_inputs(inputs, input_specs(self.segmented), batch, choice.size) if choice.padded else list(inputs)
-        plan = self.plan_for(padded)
+        overlap = overlapping_writes(inputs, self._written_inputs) if self._written_inputs else None
+        if overlap is not None:  # a graph's input copies would break the aliasing eager sees: unsplit, uncaptured
+            choice = CaptureChoice(batch, batch, Mode.EAGER, f"inputs {overlap[0]} and {overlap[1]} overlap and one "
+                                   "is written in place")
+        else:
+            choice = self.capture_for(batch)
+        specs = input_specs(self.segmented)
+        padded = pad_inputs(inputs, specs, batch, choice.size) if choice.padded else list(inputs)
+        plan = self._unsplit_plan(inputs) if overlap is not None else self.plan_for(padded)
         ex = executor if executor is not None else self.executor_for(plan, padded)
         if executor is None and not getattr(ex, "captures_graphs", False):
             raise BackendError(
@@ -333,6 +339,8 @@ class CompiledGraph:
                 f"{getattr(ex, 'name', ex)!r} executor was chosen. Set cuda_graphs=False for CPU runs."
             )
         out = ex.run(self.program_for(plan, padded), padded, capture=choice.mode is Mode.GRAPH)
+        if choice.padded:
+            copy_back_written(inputs, padded, self._written_inputs, specs, batch)
         self.last_capture = choice
         self._ran(plan, ex)
         return unpad_outputs(out, self.segmented, batch, choice.size)

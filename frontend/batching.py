@@ -426,8 +426,6 @@ def _flat_consts(node: torch.fx.Node) -> list[Any]:
     return out
 
 
-
-
 def _draws(op: Any, bound: dict[str, Any]) -> bool:
     """Whether a call draws from the random generator: an op tagged random, unless it is one whose draw its
     arguments switch off (dropout in eval or with a probability of 0)."""

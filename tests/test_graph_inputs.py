@@ -271,3 +271,41 @@ def test_callers_on_several_threads_take_turns_on_a_capture():
     for t in threads:
         t.join()
     assert not errors and cap.overlaps == 0
+
+
+@pytest.mark.parametrize("batch", [3, 4, 7])
+def test_a_padded_step_writes_the_callers_input_as_eager_does(fake_cuda, batch):
+    """Padded up to a capture size, the step writes a padded copy of the cache; its rows go back to the
+    caller's tensor (found by the random-model search: the caller's cache kept its old values)."""
+    model = Writes()
+    c = _compile(model, capture_sizes=(4, 8))
+    cache = torch.randn(batch, L, D)
+    ref_cache = cache.clone()
+    with torch.no_grad():
+        for step in range(WARMUPS + 3):
+            x = torch.randn(batch, D)
+            torch.testing.assert_close(c(x, cache), model(x, ref_cache), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cache, ref_cache, atol=1e-5, rtol=1e-5)
+    assert c.graphs[0].last_capture.size == (4 if batch <= 4 else 8)
+
+
+def test_overlapping_inputs_one_written_run_unsplit_without_a_graph(fake_cuda):
+    """Two views of one tensor, one written in place: a graph's private input copies would break the aliasing
+    eager sees, and a split would reorder the write and the read, so such a call runs unsplit and uncaptured."""
+    def f(a, b):
+        a.add_(1)
+        return b * 2
+
+    c = dynaflow.compile(f, strategy="round_robin", nano_batches=2, executor="cuda", config={"cuda_graphs": True})
+    t = torch.arange(12.0).reshape(12, 1)
+    for _ in range(WARMUPS + 2):
+        ref_t = t.clone()
+        ref = f(ref_t[0:6], ref_t[3:9])
+        assert torch.equal(c(t[0:6], t[3:9]), ref) and torch.equal(t, ref_t)
+        assert c.last_graph.last_plan.split.num == 1 and c.last_graph.last_capture.mode.value == "eager"
+    disjoint = torch.arange(12.0).reshape(12, 1)
+    for _ in range(WARMUPS + 1):
+        ref_d = disjoint.clone()
+        ref = f(ref_d[0:6], ref_d[6:12])
+        assert torch.equal(c(disjoint[0:6], disjoint[6:12]), ref) and torch.equal(disjoint, ref_d)
+    assert c.last_graph.last_plan.split.num == 2 and c.last_graph.last_capture.mode.value == "graph"

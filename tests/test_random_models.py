@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import dynaflow
 from dynaflow import ConfigError
 from dynaflow.strategies.auto import Auto
+from fake_cuda import faked_cuda
 from models import grad_off, split_strategies
 from random_models import BINARY, SPECIAL, UNARY, D, Op, Program, RandomModel
 
@@ -42,18 +43,50 @@ def programs(draw: st.DrawFn, max_ops: int = 8) -> Program:
     return Program(inputs, tuple(ops), tuple(sorted(outputs)))
 
 
+GRAPH_EXECUTORS = {
+    # the CUDA executor's lowering on CPU tensors, with torch.cuda's streams, events and graphs faked
+    "cuda": {},
+    "cuda-graphs": {"cuda_graphs": True},
+    "cuda-graphs-padded": {"cuda_graphs": True, "capture_sizes": (4, 8, 12), "over_capture": "eager"},
+}
+"""Under CUDA graphs each batch size is called ``GRAPH_CALLS`` times in a row (two eager warm-ups, a capture,
+replays), half the time into the same input tensors (read in place once stable) and half into fresh ones."""
+GRAPH_CALLS = 4
+
+
 def check_against_eager(program: Program, strategy: str, nano: int, executor: str, batches: list[int]) -> None:
+    if executor in GRAPH_EXECUTORS:
+        with faked_cuda():
+            _check(program, strategy, nano, executor, batches)
+    else:
+        _check(program, strategy, nano, executor, batches)
+
+
+def _check(program: Program, strategy: str, nano: int, executor: str, batches: list[int]) -> None:
     torch._dynamo.reset()  # every program is the same forward code: a fresh cache, no recompile limit
     reference = RandomModel(program).eval()
     model = copy.deepcopy(reference)
-    if strategy == "auto":
-        compiled = dynaflow.compile(model, strategy=Auto(cache=False, repeats=1), executor=executor)
+    options = {}
+    if executor in GRAPH_EXECUTORS:
+        options = dict(executor="cuda", config=GRAPH_EXECUTORS[executor] or None)
+        batches = [b for b in batches for _ in range(GRAPH_CALLS)]
     else:
-        compiled = dynaflow.compile(model, strategy=strategy, nano_batches=nano, executor=executor)
+        options = dict(executor=executor)
+    if strategy == "auto":
+        compiled = dynaflow.compile(model, strategy=Auto(cache=False, repeats=1), **options)
+    else:
+        compiled = dynaflow.compile(model, strategy=strategy, nano_batches=nano, **options)
+    held: dict[int, list[torch.Tensor]] = {}  # per batch size: the tensors a stable caller passes every time
     for step, batch in enumerate(batches):
         g = torch.Generator().manual_seed(step)
         xs = [torch.randn(batch, D, generator=g) for _ in range(program.inputs)]
-        theirs, mine = [x.clone() for x in xs], [x.clone() for x in xs]
+        theirs = [x.clone() for x in xs]
+        if executor in GRAPH_EXECUTORS and batch % 2:
+            mine = held.setdefault(batch, [torch.empty_like(x) for x in xs])
+            for m, x in zip(mine, xs):
+                m.copy_(x)
+        else:
+            mine = [x.clone() for x in xs]
         with grad_off():
             torch.manual_seed(step)
             want, next_want = reference(*theirs), torch.rand(4)
@@ -75,7 +108,7 @@ def check_against_eager(program: Program, strategy: str, nano: int, executor: st
 
 
 STRATEGIES = split_strategies() + ["auto"]
-EXECUTORS = ["serial", "thread", "sim"]
+EXECUTORS = ["serial", "thread", "sim", *GRAPH_EXECUTORS]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
