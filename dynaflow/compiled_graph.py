@@ -396,7 +396,9 @@ class CompiledGraph:
         rows = [("#", "segment", "kind", "resource", "hints", "nodes", "why")]
         for s in self.segmented.segments:
             rows.append((str(s.index), s.name, s.kind.value, s.resource.value, ",".join(sorted(s.hints)) or "-",
-                         str(s.num_nodes), s.reason if s.whole else s.rule))
+                         str(s.num_nodes), s.reason if s.whole else s.rule + (
+                             " (main split: shares a tensor written in place with a segment of another resource)"
+                             if s.main_split else "")))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
 

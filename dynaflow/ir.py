@@ -94,6 +94,9 @@ class Segment:
     bytes: int | None = None
     collectives: tuple[str, ...] = ()
     """The collectives the segment issues, in order, as ``"all_reduce@<group name>"``."""
+    main_split: bool = False
+    """Runs at the main split even when its resource has a stage of its own: it shares a tensor written in
+    place with a segment of another resource, and all accesses of one written tensor must see the same rows."""
 
     @property
     def whole(self) -> bool:
@@ -105,6 +108,8 @@ class Segment:
         kind = "" if self.kind is SegmentKind.SPLIT else f", {self.kind.value}"
         if self.collectives:
             extra += f", collectives=[{', '.join(self.collectives)}]"
+        if self.main_split:
+            extra += ", main split"
         return f"Segment({self.name!r}, {self.resource.value}{kind}{extra})"
 
 
@@ -196,8 +201,11 @@ class SplitConfig:
         return SplitConfig(self.sizes, self.labels) if self.stages else self
 
     def for_segment(self, segment: "Segment") -> "SplitConfig":
-        """The split ``segment`` runs with (see :meth:`for_resource`)."""
-        return self.for_resource(segment.resource) if self.stages else self
+        """The split ``segment`` runs with (see :meth:`for_resource`; a ``main_split`` segment takes the main
+        sizes)."""
+        if not self.stages:
+            return self
+        return SplitConfig(self.sizes, self.labels) if segment.main_split else self.for_resource(segment.resource)
 
     @property
     def max_num(self) -> int:

@@ -32,9 +32,9 @@ from dynaflow.frontend.batching import SYM, BatchAnalysis, analyze, find_batch_s
 from dynaflow.frontend.effects import effect_pairs
 from dynaflow.frontend.markers import is_marker, marker_args
 from dynaflow.frontend.rules import Rule, Seq, as_rule, default_rules, module_stack, op_name, op_short_name
-from dynaflow.frontend.stale_copies import stale_copies
+from dynaflow.frontend.stale_copies import stale_copies, written_storage_users
 
-__all__ = ["Region", "assign_regions", "rematerialize_sizes", "whole_where_written", "partition"]
+__all__ = ["Region", "assign_regions", "rematerialize_sizes", "whole_where_written", "main_split_where_written", "partition"]
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +282,7 @@ def partition(
     region_index = {n: i for i, r in enumerate(regions) for n in r.nodes if not is_marker(n)}
     if ba.batch is not None:
         segments = whole_where_written(gm, region_index, segments, strict, lambda n: _has_rows(ba, n))
+        segments = main_split_where_written(gm, region_index, segments)
     check_waits(region_index, segments)
     effects = _effect_deps(gm, region_index, segments)
     split = cut(gm, region_index)
@@ -318,6 +319,20 @@ def whole_where_written(gm: torch.fx.GraphModule, region_index: dict[torch.fx.No
                 )
             segments[i] = dataclasses.replace(segments[i], kind=SegmentKind.BARRIER, reason=why)
             log.debug("%s runs whole: %s", segments[i].name, why)
+
+
+def main_split_where_written(gm: torch.fx.GraphModule, region_index: dict[torch.fx.Node, int],
+                             segments: list[Segment]) -> list[Segment]:
+    """Mark ``main_split`` the split segments that share a tensor written in place with a split segment of
+    another resource: a per-resource re-split would give them other rows of it, and a write through one row
+    range would miss the copy another range reads."""
+    segments = list(segments)
+    for group in written_storage_users(gm, region_index):
+        split = [i for i in group if segments[i].kind is SegmentKind.SPLIT]
+        if len({segments[i].resource for i in split}) > 1:
+            for i in split:
+                segments[i] = dataclasses.replace(segments[i], main_split=True)
+    return segments
 
 
 def _effect_deps(gm: torch.fx.GraphModule, region_index: dict[torch.fx.Node, int],

@@ -19,7 +19,7 @@ from dynaflow.frontend.effects import (aliases_of, is_view, reads_metadata_only,
                                        write_targets)
 from dynaflow.frontend.rules import op_short_name
 
-__all__ = ["StaleCopy", "Home", "stale_copies"]
+__all__ = ["StaleCopy", "Home", "stale_copies", "written_storage_users"]
 
 MAYBE_VIEW_OPS = {"contiguous", "reshape", "reshape_as", "flatten"}
 """Views whose result is a copy or a view depending on strides, which differ between the whole batch and a
@@ -186,3 +186,21 @@ def stale_copies(gm: torch.fx.GraphModule, segment_of: Mapping[torch.fx.Node, in
                         if seg is not None:
                             found.setdefault(seg, StaleCopy(a, n, w, maybe))  # type: ignore[arg-type]
     return found
+
+
+def written_storage_users(gm: torch.fx.GraphModule, segment_of: Mapping[torch.fx.Node, int]) -> list[frozenset[int]]:
+    """For each storage some node writes in place, the segments that make, view, read or write it (when more
+    than one does). The stale-copy analysis assumes they all split the batch at the same rows; a per-resource
+    re-split (``SplitConfig.stages``) must not give them different ones."""
+    roots = {storage_root(t) for w in gm.graph.nodes for t in write_targets(w)}
+    groups = []
+    for root in roots:
+        segs = set()
+        for a in aliases_of(root):
+            if a.op not in ("placeholder", "get_attr") and a in segment_of:
+                segs.add(segment_of[a])
+            segs.update(segment_of[u] for u in a.users
+                        if u.op != "output" and u in segment_of and not reads_metadata_only(u))
+        if len(segs) > 1:
+            groups.append(frozenset(segs))
+    return groups

@@ -18,6 +18,8 @@ from torch import nn
 import dynaflow
 
 D = 8
+MAX_ROWS = 16
+"""Rows of the model's cache buffer: more than any batch the tests draw or pad to."""
 
 
 def _written(h: torch.Tensor, write: Callable[[torch.Tensor], object]) -> torch.Tensor:
@@ -38,6 +40,12 @@ UNARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "expand_col": lambda h, w: h[:, :1].expand(-1, D) + h,
     "repeat_cols": lambda h, w: h[:, : D // 2].repeat(1, 2),
     "dropout_eval": lambda h, w: F.dropout(h, 0.3, training=False),  # returns its input itself
+    "reshape_flat": lambda h, w: h.reshape(h.shape[0] * 2, D // 2).relu().reshape(h.shape[0], D),
+    "transposed": lambda h, w: (w @ h.T).T,  # the batch in dim 1 in between
+    "outer": lambda h, w: (h.unsqueeze(1) * h.unsqueeze(2)).mean(1),
+    "embed": lambda h, w: w[(h.abs() * 3).long().clamp(max=D - 1)].mean(1),
+    "sort_cols": lambda h, w: h.sort(-1).values + h.topk(2, -1).values[:, :1],
+    "conv_cols": lambda h, w: F.conv1d(h.unsqueeze(1), w[:1, :3].unsqueeze(1), padding=1).squeeze(1),
     # coupling
     "sum_rows": lambda h, w: h + h.sum(0, keepdim=True),
     "mean_all": lambda h, w: h - h.mean(),
@@ -54,6 +62,9 @@ UNARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "max_all": lambda h, w: h / (h.abs().max() + 1),
     "median_mask": lambda h, w: h.masked_fill(h > h.median(), 0.0),
     "dropout_train": lambda h, w: F.dropout(h, 0.3, training=True),
+    "sort_rows": lambda h, w: h.sort(0).values,
+    "pad_rows": lambda h, w: F.pad(h, (0, 0, 1, 0))[:-1],
+    "index_add_rows": lambda h, w: torch.zeros_like(h).index_add_(0, torch.arange(h.shape[0]).flip(0), h),
     # copies and in-place writes
     "column_major": lambda h, w: h.T.contiguous().T,  # a copy on many rows, a view of ``h`` on one
     "set_row0": lambda h, w: _written(h, lambda y: y.__setitem__(0, 1.0)),
@@ -66,9 +77,12 @@ BINARY: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Ten
     "cat_linear": lambda a, b, w: torch.cat([a, b], -1) @ w,
     "cross_rows": lambda a, b, w: a @ (b.T @ a) * 0.01,
 }
-SPECIAL = ("batch_norm", "cut", "write_earlier", "write_earlier_row", "write_input", "view_of")
-"""Ops :class:`RandomModel` runs itself: a BatchNorm (train or eval), a ``dynaflow.mark`` segment cut, an
-in-place write of an earlier value (or of the model's first input), a plain view of an earlier value."""
+SPECIAL = ("batch_norm", "cache_write", "cut", "graph_break", "write_earlier", "write_earlier_row", "write_input",
+           "view_of")
+"""Ops :class:`RandomModel` runs itself: a BatchNorm (train or eval), a ``dynaflow.mark`` segment cut, a Dynamo
+graph break (the step becomes several captured graphs), a write of the batch's rows into a module buffer
+(a cache) read back after, an in-place write of an earlier value (or of the
+model's first input), a plain view of an earlier value."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +115,7 @@ class RandomModel(nn.Module):
             nn.Parameter(torch.randn(2 * D if op.name == "cat_linear" else D, D, generator=g) * 0.3)
             for op in program.ops)
         self.norms = nn.ModuleList(nn.BatchNorm1d(D).train(op.train) for op in program.ops if op.name == "batch_norm")
+        self.register_buffer("cache", torch.zeros(MAX_ROWS, D))
 
     def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         values, norms = list(xs), iter(self.norms)
@@ -114,6 +129,12 @@ class RandomModel(nn.Module):
                 v = next(norms)(a)
             elif op.name == "cut":
                 dynaflow.mark("cut")
+                v = a * 1.0
+            elif op.name == "cache_write":
+                self.cache[: a.shape[0]] = a * 0.5
+                v = self.cache[: a.shape[0]] + self.cache[: a.shape[0]].sum(0)
+            elif op.name == "graph_break":
+                torch._dynamo.graph_break()
                 v = a * 1.0
             elif op.name == "write_earlier":
                 a.mul_(1.1)

@@ -393,6 +393,45 @@ def test_writes_where_the_tensor_is_made_or_on_split_readers_only_keep_the_split
             assert len(kinds) >= 3, compiled.explain()  # the writes really are in segments of their own
 
 
+def _written_across_resources(x):
+    h = x @ W8
+    dynaflow.mark("scale", tags="memory")
+    h.mul_(2.0)  # a memory segment writes rows of what a compute segment made
+    dynaflow.mark("project", tags="compute")
+    return h @ W8
+
+
+@pytest.mark.parametrize("executor", ["serial", "thread"])
+def test_a_stage_split_never_gives_a_written_tensor_other_rows(executor):
+    """A per-resource re-split (NanoFlow ``stage_nano_batches``) would write the memory segment's rows into the
+    merged copy while the compute segments keep their own nano-batch tensors; segments that share a tensor
+    written in place run at the main split (found by the random-model search: off by 0.15)."""
+    from dynaflow.strategies.nanoflow import NanoFlow
+
+    staged = NanoFlow(nano_batches=2, stage_nano_batches={"memory": 3})
+    compiled = dynaflow.compile(_written_across_resources, strategy=staged, executor=executor)
+    x = torch.randn(6, HID)
+    with grad_off():
+        torch.testing.assert_close(compiled(x), _written_across_resources(x.clone()))
+    segments = compiled.last_graph.segmented.segments
+    assert all(s.main_split and not s.whole for s in segments), compiled.explain()
+    assert "main split" in compiled.explain()
+    assert {len(compiled.last_graph.last_plan.graph.split_of(s).sizes) for s in segments} == {2}
+
+    def read_only(x):  # nothing written: the memory segment keeps its own split
+        h = x @ W8
+        dynaflow.mark("scale", tags="memory")
+        h = h * 2.0
+        dynaflow.mark("project", tags="compute")
+        return h @ W8
+
+    compiled = dynaflow.compile(read_only, strategy=staged, executor=executor)
+    with grad_off():
+        torch.testing.assert_close(compiled(x), read_only(x))
+    plan = compiled.last_graph.last_plan
+    assert [len(plan.graph.split_of(s).sizes) for s in plan.graph.segments] == [2, 3, 2]
+
+
 # -- runs that must leave no trace: auto's timing, the split check, Inductor's warm-up ------------------
 class NormDropCount(nn.Module):
     """State a step changes besides its output: BatchNorm's running statistics (written inside

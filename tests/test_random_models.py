@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import dynaflow
 from dynaflow import ConfigError
 from dynaflow.strategies.auto import Auto
+from dynaflow.strategies.nanoflow import NanoFlow
 from fake_cuda import faked_cuda
 from models import grad_off, split_strategies
 from random_models import BINARY, SPECIAL, UNARY, D, Op, Program, RandomModel
@@ -74,6 +75,9 @@ def _check(program: Program, strategy: str, nano: int, executor: str, batches: l
         options = dict(executor=executor)
     if strategy == "auto":
         compiled = dynaflow.compile(model, strategy=Auto(cache=False, repeats=1), **options)
+    elif strategy.startswith("nanoflow-staged-"):  # one resource's segments re-split into nano + 1
+        staged = NanoFlow(nano_batches=nano, stage_nano_batches={strategy.rsplit("-", 1)[1]: nano + 1})
+        compiled = dynaflow.compile(model, strategy=staged, **options)
     else:
         compiled = dynaflow.compile(model, strategy=strategy, nano_batches=nano, **options)
     held: dict[int, list[torch.Tensor]] = {}  # per batch size: the tensors a stable caller passes every time
@@ -107,7 +111,7 @@ def _check(program: Program, strategy: str, nano: int, executor: str, batches: l
         assert torch.equal(next_got, next_want), f"the random generator moved differently in {where}"
 
 
-STRATEGIES = split_strategies() + ["auto"]
+STRATEGIES = split_strategies() + ["auto", "nanoflow-staged-memory", "nanoflow-staged-compute"]
 EXECUTORS = ["serial", "thread", "sim", *GRAPH_EXECUTORS]
 
 
