@@ -79,8 +79,8 @@ def choose_capture_size(batch: int, capture_sizes: Sequence[int] | None, over_ca
         if over_capture == "eager":
             return CaptureChoice(batch, batch, Mode.EAGER, f"padding {batch}->{fit} is unsafe: {names}")
         raise BackendError(
-            f"batch size {batch} would be padded to capture size {fit}, but padding is unsafe here ({names}): padding "
-            f"rows could change the result. Add {batch} to capture_sizes, or set over_capture='eager' to run such "
+            f"batch size {batch} would be padded to capture size {fit}, but padding is unsafe here ({names}). "
+            f"Add {batch} to capture_sizes, or set over_capture='eager' to run such "
             "batches without a graph."
         )
     return CaptureChoice(batch, fit, Mode.GRAPH)

@@ -36,7 +36,7 @@ from dynaflow.frontend.partition import partition
 from dynaflow.ir import InputInfo, SplitConfig
 from dynaflow.planning import CostContext, Plan, describe_inputs, make_plan, split_with, strategy_name
 from dynaflow.requests import RequestLayout, current_requests
-from dynaflow.segmented import SegmentedModule
+from dynaflow.segmented import SegmentedModule, ValueKind
 from dynaflow.strategies import Strategy, get as get_strategy
 from dynaflow.timeline import Timeline
 from dynaflow.tune import Tuner
@@ -312,6 +312,9 @@ class CompiledGraph:
         unsafe = [f"barrier segment {n!r} sees the whole batch" for n in barrier_names(self.segmented)]
         if self._batch_source is None:
             unsafe.append("the batch size is not read from an input tensor")
+        roles, specs = self.segmented.inputs, input_specs(self.segmented)
+        unsafe += [f"static input {roles.name(i)!r} has the batch dim, and a padded copy of it would not be the "
+                   "declared tensor" for i in sorted(roles.declared) if specs[i].kind is ValueKind.BATCH]
         if key[1]:
             unsafe.append("a dynaflow.requests(...) layout is active")
         choice = choose_capture_size(batch, self.config.capture_sizes, self.config.over_capture, unsafe)

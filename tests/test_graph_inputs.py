@@ -309,3 +309,21 @@ def test_overlapping_inputs_one_written_run_unsplit_without_a_graph(fake_cuda):
         ref = f(ref_d[0:6], ref_d[6:12])
         assert torch.equal(c(disjoint[0:6], disjoint[6:12]), ref) and torch.equal(disjoint, ref_d)
     assert c.last_graph.last_plan.split.num == 2 and c.last_graph.last_capture.mode.value == "graph"
+
+
+def test_a_declared_static_input_with_the_batch_dim_is_never_padded(fake_cuda):
+    """Padding would copy a declared static input, and the graph would then read the copy: the call is refused
+    by name (or runs without a graph under ``over_capture='eager'``), never a misleading 'moved' error."""
+    model = Writes()
+    cache = torch.randn(3, L, D)
+    ref_cache = cache.clone()
+    c = _compile(model, capture_sizes=(4, 8), static_inputs=["cache"])
+    with torch.no_grad(), pytest.raises(dynaflow.DynaflowError, match=r"static input 'cache' has the batch dim(.|\n)*Add 3 to capture_sizes"):
+        c(torch.randn(3, D), cache)
+    c = _compile(model, capture_sizes=(4, 8), static_inputs=["cache"], over_capture="eager")
+    with torch.no_grad():
+        for _ in range(WARMUPS + 2):
+            x = torch.randn(3, D)
+            torch.testing.assert_close(c(x, cache), model(x, ref_cache), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cache, ref_cache, atol=1e-5, rtol=1e-5)
+            assert c.graphs[0].last_capture.mode.value == "eager"
