@@ -9,6 +9,7 @@ The default tier draws 25 programs; ``pytest -m slow`` draws hundreds.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -55,31 +56,37 @@ replays), half the time into the same input tensors (read in place once stable) 
 GRAPH_CALLS = 4
 
 
-def check_against_eager(program: Program, strategy: str, nano: int, executor: str, batches: list[int]) -> None:
-    if executor in GRAPH_EXECUTORS:
-        with faked_cuda():
-            _check(program, strategy, nano, executor, batches)
-    else:
-        _check(program, strategy, nano, executor, batches)
+def check_against_eager(program: Program, strategy: str, nano: int, executor: str, batches: list[int],
+                        requests: bool = False) -> None:
+    """Run ``program`` compiled and eager on each batch size of ``batches`` and compare everything a step leaves;
+    ``requests``: calls declare a request layout (one long request, then one-token ones)."""
+    with faked_cuda() if executor in GRAPH_EXECUTORS else contextlib.nullcontext():
+        _check(program, strategy, nano, executor, batches, requests or strategy == "prefill_decode")
 
 
-def _check(program: Program, strategy: str, nano: int, executor: str, batches: list[int]) -> None:
+def _strategy(strategy: str, nano: int) -> dict:
+    if strategy == "auto":
+        return dict(strategy=Auto(cache=False, repeats=1))
+    if strategy.startswith("nanoflow-staged-"):  # one resource's segments re-split into nano + 1
+        return dict(strategy=NanoFlow(nano_batches=nano, stage_nano_batches={strategy.rsplit("-", 1)[1]: nano + 1}))
+    return dict(strategy=strategy, nano_batches=nano)
+
+
+def _layout(batch: int) -> contextlib.AbstractContextManager:
+    lengths = [batch - batch // 3] + [1] * (batch // 3)
+    return dynaflow.requests(lengths, ["prefill" if n > 1 else "decode" for n in lengths])
+
+
+def _check(program: Program, strategy: str, nano: int, executor: str, batches: list[int], requests: bool) -> None:
     torch._dynamo.reset()  # every program is the same forward code: a fresh cache, no recompile limit
     reference = RandomModel(program).eval()
     model = copy.deepcopy(reference)
-    options = {}
     if executor in GRAPH_EXECUTORS:
         options = dict(executor="cuda", config=GRAPH_EXECUTORS[executor] or None)
         batches = [b for b in batches for _ in range(GRAPH_CALLS)]
     else:
         options = dict(executor=executor)
-    if strategy == "auto":
-        compiled = dynaflow.compile(model, strategy=Auto(cache=False, repeats=1), **options)
-    elif strategy.startswith("nanoflow-staged-"):  # one resource's segments re-split into nano + 1
-        staged = NanoFlow(nano_batches=nano, stage_nano_batches={strategy.rsplit("-", 1)[1]: nano + 1})
-        compiled = dynaflow.compile(model, strategy=staged, **options)
-    else:
-        compiled = dynaflow.compile(model, strategy=strategy, nano_batches=nano, **options)
+    compiled = dynaflow.compile(model, **_strategy(strategy, nano), **options)
     held: dict[int, list[torch.Tensor]] = {}  # per batch size: the tensors a stable caller passes every time
     for step, batch in enumerate(batches):
         g = torch.Generator().manual_seed(step)
@@ -96,12 +103,14 @@ def _check(program: Program, strategy: str, nano: int, executor: str, batches: l
             want, next_want = reference(*theirs), torch.rand(4)
             torch.manual_seed(step)
             try:
-                got = compiled(*mine)
+                with _layout(batch) if requests else contextlib.nullcontext():
+                    got = compiled(*mine)
             except ConfigError as exc:  # more nano-batches than rows: refused by name, never run wrong
                 assert nano > batch and f"nano_batches={nano}" in str(exc), exc
                 return
             next_got = torch.rand(4)
-        where = f"{program} with {strategy}, nano_batches={nano}, {executor} executor, batch {batch}"
+        layout = " with a request layout" if requests else ""
+        where = f"{program} with {strategy}, nano_batches={nano}, {executor} executor, batch {batch}{layout}"
         for i, (g_out, w_out) in enumerate(zip(got, want)):
             torch.testing.assert_close(g_out, w_out, **TOL, msg=lambda m, i=i: f"output {i} of {where}: {m}")
         for i, (g_in, w_in) in enumerate(zip(mine, theirs)):
@@ -111,23 +120,25 @@ def _check(program: Program, strategy: str, nano: int, executor: str, batches: l
         assert torch.equal(next_got, next_want), f"the random generator moved differently in {where}"
 
 
-STRATEGIES = split_strategies() + ["auto", "nanoflow-staged-memory", "nanoflow-staged-compute"]
+STRATEGIES = split_strategies() + ["auto", "prefill_decode", "nanoflow-staged-memory", "nanoflow-staged-compute"]
 EXECUTORS = ["serial", "thread", "sim", *GRAPH_EXECUTORS]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(), strategy=st.sampled_from(STRATEGIES), nano=st.integers(1, 4),
-       executor=st.sampled_from(EXECUTORS), batches=st.lists(st.integers(2, 11), min_size=1, max_size=3))
-def test_random_models_equal_eager(program, strategy, nano, executor, batches):
-    check_against_eager(program, strategy, nano, executor, batches)
+       executor=st.sampled_from(EXECUTORS), batches=st.lists(st.integers(2, 11), min_size=1, max_size=3),
+       requests=st.booleans())
+def test_random_models_equal_eager(program, strategy, nano, executor, batches, requests):
+    check_against_eager(program, strategy, nano, executor, batches, requests)
 
 
 @pytest.mark.slow
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(max_ops=10), strategy=st.sampled_from(STRATEGIES), nano=st.integers(1, 4),
-       executor=st.sampled_from(EXECUTORS), batches=st.lists(st.integers(2, 11), min_size=1, max_size=3))
-def test_many_random_models_equal_eager(program, strategy, nano, executor, batches):
-    check_against_eager(program, strategy, nano, executor, batches)
+       executor=st.sampled_from(EXECUTORS), batches=st.lists(st.integers(2, 11), min_size=1, max_size=3),
+       requests=st.booleans())
+def test_many_random_models_equal_eager(program, strategy, nano, executor, batches, requests):
+    check_against_eager(program, strategy, nano, executor, batches, requests)
 
 
 @pytest.mark.parametrize("program", [
