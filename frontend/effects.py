@@ -160,54 +160,89 @@ def view_base(node: torch.fx.Node) -> torch.fx.Node | None:
     first = node.args[0]
     if node.target is getattr:
         return first if len(node.args) > 1 and node.args[1] in _VIEW_ATTRIBUTES else None
-    if node.target is operator.getitem and _fresh_outputs(first):
-        return None  # an output of topk / sort / var_mean: a tensor of its own
+    if node.target is operator.getitem and _returns_several(first):
+        # one result of a call returning several: the input that result shares storage with (``split`` views
+        # its first argument, ``broadcast_tensors`` each of its arguments, ``topk``'s results are their own)
+        bases = _element_bases(first)
+        i = node.args[1] if len(node.args) > 1 else None
+        return bases[i] if isinstance(i, int) and -len(bases) <= i < len(bases) else _first_tensor(first)
     if op_short_name(node) in _VIEW_OPS:
         return first
+    if write_targets(node):  # an in-place op returns what it wrote: ``aliases_of`` follows the write instead
+        return None
+    if _returns_several(node):  # the sequence itself: an alias of what any of its results shares
+        return next((b for b in _element_bases(node) if b is not None), None)
+    if not isinstance(_val(node), torch.Tensor):
+        return None
     if _PROBED not in node.meta:
-        node.meta[_PROBED] = _probe_alias(node)
+        probed = _probe(node)
+        node.meta[_PROBED] = probed[0] if probed is not None else _first_tensor(node)
     return node.meta[_PROBED]
 
 
 _PROBED = "dynaflow_view_base"
+_PROBED_ELEMENTS = "dynaflow_element_bases"
 
 
-def _probe_alias(node: torch.fx.Node) -> torch.fx.Node | None:
-    """Run ``node`` on its traced fake values and return the input whose storage its result shares (ops that
-    may return their input: ``F.dropout`` in eval, ``x.to(x.dtype)``). A node that cannot be run is taken to
-    alias its first tensor input: an extra alias costs an ordering edge, a missing one a wrong answer."""
+def _val(n: torch.fx.Node) -> object:
+    return n.meta.get("val", n.meta.get("example_value"))
+
+
+def _returns_several(node: torch.fx.Node) -> bool:
+    """A call whose result is a sequence of tensors (``split``, ``topk``, ``broadcast_tensors``)."""
+    val = _val(node)
+    return (node.op in ("call_function", "call_method") and isinstance(val, (tuple, list))
+            and any(isinstance(t, torch.Tensor) for t in val))
+
+
+def _first_tensor(node: torch.fx.Node) -> torch.fx.Node | None:
+    return next((n for n in node.all_input_nodes if isinstance(_val(n), torch.Tensor)), None)
+
+
+def _element_bases(node: torch.fx.Node) -> list[torch.fx.Node | None]:
+    """Per result of ``node`` (a call returning several tensors), the input whose storage it shares."""
+    if _PROBED_ELEMENTS not in node.meta:
+        n = len(_val(node))  # type: ignore[arg-type]
+        if op_short_name(node) in _VIEW_OPS:
+            bases: list[torch.fx.Node | None] = [node.args[0]] * n  # type: ignore[list-item]
+        else:
+            probed = _probe(node)
+            bases = list(probed) if probed is not None and len(probed) == n else [_first_tensor(node)] * n
+        node.meta[_PROBED_ELEMENTS] = bases
+    return node.meta[_PROBED_ELEMENTS]
+
+
+def _probe(node: torch.fx.Node) -> list[torch.fx.Node | None] | None:
+    """Run ``node`` on its traced fake values and return, per tensor of its result, the input whose storage it
+    shares (ops that may return their input: ``F.dropout`` in eval, ``x.to(x.dtype)``; ``tensor_split`` and
+    ``broadcast_tensors`` views). ``None`` when it cannot be run: the caller then assumes the alias, since an
+    extra alias costs an ordering edge and a missing one a wrong answer."""
     from dynaflow.frontend.aten_trace import fake_mode_of, lower_node
 
-    def val(n: torch.fx.Node) -> object:
-        return n.meta.get("val", n.meta.get("example_value"))
-
-    tensors = [n for n in node.all_input_nodes if isinstance(val(n), torch.Tensor)]
-    if not tensors or not isinstance(val(node), torch.Tensor) or write_targets(node):
-        return None
-    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), val)
+    tensors = [n for n in node.all_input_nodes if isinstance(_val(n), torch.Tensor)]
+    if not tensors:
+        return [None] * (len(_val(node)) if _returns_several(node) else 1)  # type: ignore[arg-type]
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), _val)
     mode = fake_mode_of((args, kwargs))
     if mode is None:
-        return tensors[0]
+        return None
     try:
         _, out = lower_node(node.graph.owning_module, node, args, kwargs, mode)  # type: ignore[arg-type]
     except Exception:  # noqa: BLE001 - not runnable on fakes: assume the alias
-        return tensors[0]
-    if not isinstance(out, torch.Tensor):
         return None
-    mine = out.untyped_storage()._cdata
-    return next((n for n in tensors if val(n).untyped_storage()._cdata == mine), None)  # type: ignore[union-attr]
+    storages = {n: _val(n).untyped_storage()._cdata for n in tensors}  # type: ignore[union-attr]
+
+    def base(t: object) -> torch.fx.Node | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        mine = t.untyped_storage()._cdata
+        return next((n for n, s in storages.items() if s == mine), None)
+
+    return [base(t) for t in out] if isinstance(out, (tuple, list)) else [base(out)]
 
 
 def is_view(node: torch.fx.Node) -> bool:
     return view_base(node) is not None
-
-
-def _fresh_outputs(node: torch.fx.Node) -> bool:
-    """A call that returns several new tensors (``torch.topk``): neither a view op (``split``, ``unbind``) nor
-    an in-place op (it may return what it wrote)."""
-    val = node.meta.get("val", node.meta.get("example_value"))
-    return (isinstance(val, (tuple, list)) and node.op in ("call_function", "call_method")
-            and op_short_name(node) not in _VIEW_OPS and not write_targets(node))
 
 
 def storage_root(node: torch.fx.Node) -> torch.fx.Node:
@@ -226,7 +261,7 @@ def aliases_of(root: torch.fx.Node) -> set[torch.fx.Node]:
         for user in n.users:
             if user in seen:
                 continue
-            if view_base(user) is n or n in write_targets(user):
+            if view_base(user) in seen or any(t in seen for t in write_targets(user)):
                 seen.add(user)
                 todo.append(user)
     return seen

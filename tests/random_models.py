@@ -78,11 +78,11 @@ BINARY: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Ten
     "cross_rows": lambda a, b, w: a @ (b.T @ a) * 0.01,
 }
 SPECIAL = ("batch_norm", "cache_write", "cut", "graph_break", "write_earlier", "write_earlier_row", "write_input",
-           "view_of")
+           "write_through_split", "view_of")
 """Ops :class:`RandomModel` runs itself: a BatchNorm (train or eval), a ``dynaflow.mark`` segment cut, a Dynamo
 graph break (the step becomes several captured graphs), a write of the batch's rows into a module buffer
 (a cache) read back after, an in-place write of an earlier value (or of the
-model's first input), a plain view of an earlier value."""
+model's first input, or through one result of ``tensor_split``), a plain view of an earlier value."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,9 @@ class RandomModel(nn.Module):
             elif op.name == "write_earlier_row":
                 a[-1] = 0.5
                 v = a + 0
+            elif op.name == "write_through_split":
+                torch.tensor_split(a, 2, dim=1)[0].mul_(1.1)
+                v = a * 1.0
             elif op.name == "write_input":
                 xs[0].add_(0.25)
                 v = xs[0] * 1.0 + a

@@ -7,6 +7,8 @@ batch-free length counter updated in place must be updated once per step, not on
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.fx
@@ -430,6 +432,44 @@ def test_a_stage_split_never_gives_a_written_tensor_other_rows(executor):
         torch.testing.assert_close(compiled(x), read_only(x))
     plan = compiled.last_graph.last_plan
     assert [len(plan.graph.split_of(s).sizes) for s in plan.graph.segments] == [2, 3, 2]
+
+
+@pytest.mark.parametrize("results", [
+    lambda v: torch.tensor_split(v, 2, dim=1), lambda v: v.split_with_sizes([4, 4], dim=1),
+    lambda v: torch.hsplit(v, 2), lambda v: torch.broadcast_tensors(v, torch.ones(1, HID)),
+    lambda v: torch.atleast_2d(v, v), lambda v: v.chunk(2, dim=1)],
+    ids=["tensor_split", "split_with_sizes", "hsplit", "broadcast_tensors", "atleast_2d", "chunk"])
+def test_a_write_through_one_result_of_a_call_returning_several_reaches_its_base(results):
+    """Views that come as one result of several (``tensor_split``, ``broadcast_tensors``...) alias their input:
+    found missing, a write through one left the graph output's merged copy stale."""
+    def f(x):
+        v = x @ W8
+        dynaflow.mark("write")
+        results(v)[0].mul_(2.0)
+        return v
+
+    compiled = dynaflow.compile(f, strategy="round_robin", nano_batches=2, executor="serial")
+    x = torch.randn(6, HID)
+    with grad_off():
+        torch.testing.assert_close(compiled(x), f(x.clone()))
+
+
+def test_results_of_topk_and_broadcast_tensors_alias_only_what_they_share():
+    from dynaflow.frontend.effects import view_base
+
+    def f(x, y):
+        vals, idx = x.topk(2, -1)
+        a, b = torch.broadcast_tensors(x, y)
+        return vals, idx, a, b
+
+    gm = torch.fx.symbolic_trace(f)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    FakeTensorProp(gm, FakeTensorMode()).propagate(torch.randn(4, HID), torch.randn(1, HID))
+    x, y = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    got = {n.name: view_base(n) for n in gm.graph.nodes if n.target is operator.getitem}
+    assert [got[k] for k in sorted(got)] == [None, None, x, y], got
 
 
 # -- runs that must leave no trace: auto's timing, the split check, Inductor's warm-up ------------------
