@@ -385,7 +385,7 @@ class CudaExecutor(Executor):
         if not self.config.copy_outputs:
             return self.outputs(program, env)
         keep = set(program.output_slots.values()) if static is None else static
-        copied = {s: env[s].clone() for s in keep if isinstance(env[s], torch.Tensor)}
+        copied = clone_keeping_aliases({s: env[s] for s in keep if isinstance(env[s], torch.Tensor)})
         return self.outputs(program, [copied.get(i, v) for i, v in enumerate(env)])
 
     def _finish_timeline(self, start: Any, timing: list[tuple[str, str, str, Any, Any]] | None) -> None:
@@ -498,3 +498,44 @@ def _timing_event(stream: Any) -> Any:
 
 def _free_table(program: Program) -> dict[int, tuple[int, ...]]:
     return {id(l): f for l, f in zip(program.serial_order, program.serial_frees) if f}
+
+
+def clone_keeping_aliases(tensors: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """A clone of each tensor, where tensors whose bytes overlap (an output and its view) stay views of one
+    clone of the bytes they span, as eager's outputs share storage. Disjoint ones (merge buffers of one arena)
+    are cloned on their own."""
+    spans = sorted((_byte_span(t), k) for k, t in tensors.items())
+    out: dict[int, torch.Tensor] = {}
+    group: list[int] = []
+    end = None
+    for (key, lo, hi), k in spans + [((None, 0, 0), None)]:
+        if group and (k is None or key != _byte_span(tensors[group[0]])[0] or lo >= end):
+            _clone_group(tensors, group, out)
+            group, end = [], None
+        if k is not None:
+            group.append(k)
+            end = hi if end is None else max(end, hi)
+    return out
+
+
+def _byte_span(t: torch.Tensor) -> tuple[tuple[int, str], int, int]:
+    """(storage, first byte, one past the last byte) that ``t`` can read."""
+    size = t.element_size()
+    start = t.storage_offset() * size
+    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0) if t.numel() else 0
+    return (t.untyped_storage().data_ptr(), str(t.device)), start, start + extent * size
+
+
+def _clone_group(tensors: dict[int, torch.Tensor], group: list[int], out: dict[int, torch.Tensor]) -> None:
+    if len(group) == 1:
+        out[group[0]] = tensors[group[0]].clone()
+        return
+    first = tensors[group[0]]
+    lo = min(_byte_span(tensors[k])[1] for k in group) // 16 * 16  # aligned for every dtype
+    hi = max(_byte_span(tensors[k])[2] for k in group)
+    raw = torch.empty(0, dtype=torch.uint8, device=first.device).set_(first.untyped_storage())
+    region = raw[lo:hi].clone()
+    for k in group:
+        t = tensors[k]
+        offset = (t.storage_offset() * t.element_size() - lo) // t.element_size()
+        out[k] = torch.empty(0, dtype=t.dtype, device=t.device).set_(region.untyped_storage(), offset, t.shape, t.stride())

@@ -45,6 +45,9 @@ class StaleCopy:
     shared_rows: bool = False
     """The cause is a split segment reading ``value`` whole (not its own rows) while nano-batches write rows of
     the same storage: a nano-batch would read rows another one already wrote."""
+    aliased_output: bool = False
+    """The cause is a graph output that shares storage with another output or an input in eager, which a
+    merged copy would not (a later write through one, after a graph break or by the caller, would miss it)."""
 
     def __repr__(self) -> str:
         reader = self.reader.name if self.reader is not None else "the graph output"
@@ -58,6 +61,9 @@ class StaleCopy:
             reader = "the caller (its input or weight)"
         else:
             reader = "the graph output"
+        if self.aliased_output:
+            return (f"graph output {self.value.name} shares storage with another graph output or an input, and a "
+                    "merged copy of its nano-batches would not: a later write through one would miss the other")
         if self.shared_rows:
             return (f"{reader} reads {self.value.name} whole on every nano-batch, and nano-batches write rows of the "
                     f"same tensor in place (node {self.writer.name!r}): a later nano-batch would read rows an "
@@ -164,6 +170,7 @@ def stale_copies(gm: torch.fx.GraphModule, segment_of: Mapping[torch.fx.Node, in
         for target in write_targets(w):
             writers.setdefault(storage_root(target), []).append(w)
     found: dict[int, StaleCopy] = {}
+    _aliased_outputs(gm, segment_of, split, order, seg_end, found)
     for root, ws in writers.items():
         s = _Storage(root, ws, segment_of, split, order, seg_end)
         accesses = s.accesses(len(order))
@@ -186,6 +193,37 @@ def stale_copies(gm: torch.fx.GraphModule, segment_of: Mapping[torch.fx.Node, in
                         if seg is not None:
                             found.setdefault(seg, StaleCopy(a, n, w, maybe))  # type: ignore[arg-type]
     return found
+
+
+def _aliased_outputs(gm: torch.fx.GraphModule, segment_of: Mapping[torch.fx.Node, int], split: Collection[int],
+                     order: Mapping[torch.fx.Node, int], seg_end: Mapping[int, int], found: dict[int, StaleCopy]) -> None:
+    """Graph outputs that share storage in eager (a tensor and its view, or a view of an input) must be the one
+    tensor here too: a split segment making one of them would hand out a merged copy instead."""
+    out_node = next((n for n in gm.graph.nodes if n.op == "output"), None)
+    if out_node is None:
+        return
+    outs = [a for a in _flat_nodes(out_node.args)
+            if isinstance(a.meta.get("val", a.meta.get("example_value")), torch.Tensor)]
+    groups: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for o in outs:
+        groups.setdefault(storage_root(o), []).append(o)
+    for root, group in groups.items():
+        from_caller = root.op in ("placeholder", "get_attr")
+        if len(set(group)) < 2 and not from_caller:
+            continue
+        s = _Storage(root, [], segment_of, split, order, seg_end)
+        for o in group:
+            if o is root and from_caller:
+                continue  # the caller's tensor itself
+            seg = s.segment_of_home(s.access_home(None, o))
+            if seg is not None:
+                found.setdefault(seg, StaleCopy(o, None, o, aliased_output=True))
+
+
+def _flat_nodes(args: object) -> list[torch.fx.Node]:
+    out: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(args, lambda n: out.append(n) or n)
+    return out
 
 
 def written_storage_users(gm: torch.fx.GraphModule, segment_of: Mapping[torch.fx.Node, int]) -> list[frozenset[int]]:

@@ -269,3 +269,39 @@ def test_a_green_context_that_does_not_report_its_sms_is_sized_by_its_planned_pa
     assert cuda_mod.partition_sms(LaneStream("compute", None, 96, 88, "cuda-python-green-context")) == 88
     assert cuda_mod.partition_sms(LaneStream("memory", None, 36, None, "fallback")) is None
     assert cuda_mod.partition_sms(LaneStream("main")) is None
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_copied_outputs_that_share_storage_stay_views_of_one_copy(fake_cuda, cuda_graphs):
+    """``copy_outputs=True`` clones the outputs; a tensor and its view are cloned as one block of bytes, so the
+    caller's outputs alias as eager's do (arena buffers that merely share the arena are cloned apart)."""
+    w = torch.randn(8, 8)
+
+    def f(x):
+        v = x @ w
+        return v, v[:, :4], (x * 2).T
+
+    c = dynaflow.compile(f, strategy="round_robin", nano_batches=2, executor="cuda", config={"cuda_graphs": cuda_graphs})
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(6, 8)
+            got, want = c(x), f(x)
+            for g, e in zip(got, want):
+                torch.testing.assert_close(g, e)
+    got[0].mul_(10.0)
+    assert torch.equal(got[1], got[0][:, :4])  # still a view of the first output
+    assert got[2].untyped_storage().data_ptr() != got[0].untyped_storage().data_ptr()
+
+
+def test_clone_keeping_aliases_clones_overlapping_bytes_once():
+    arena = torch.zeros(256, dtype=torch.uint8)
+    a, b = arena[0:64].view(torch.float32).view(4, 4), arena[64:128].view(torch.float32).view(4, 4)
+    v = torch.randn(6, 8)
+    views = {0: a, 1: b, 2: v, 3: v[:, :4], 4: v.T, 5: v.view(torch.bfloat16)[:, 3:9]}
+    got = cuda_mod.clone_keeping_aliases(views)
+    for k, t in views.items():
+        assert torch.equal(got[k], t) and got[k].stride() == t.stride() and got[k].data_ptr() != t.data_ptr()
+    assert got[0].untyped_storage().data_ptr() != got[1].untyped_storage().data_ptr()  # disjoint: apart
+    got[2].mul_(2.0)
+    assert torch.equal(got[3], got[2][:, :4]) and torch.equal(got[4], got[2].T)
+    assert torch.equal(got[5], got[2].view(torch.bfloat16)[:, 3:9])
