@@ -174,14 +174,14 @@ def split_with(strategy: Strategy, info: InputInfo, segmented: SegmentedModule |
             f"Strategy {name!r}.split_config({info}) returned {split!r}; it must return a SplitConfig whose "
             f"sizes sum to the batch size {batch}."
         )
-    if segmented is not None and segmented.batch_symbol is None and split.num > 1:
+    if segmented is not None and segmented.batch_symbol is None and split.max_num > 1:  # a stage splits too
         if specialised is not None:
             return specialised(split)
         if not strict:
-            warn_static(batch, split.num)
+            warn_static(batch, split.max_num)
             return SplitConfig.whole(batch)
         raise CaptureError(
-            f"{label}: the captured graph has a static batch dim, so it cannot be split into {split.num} "
+            f"{label}: the captured graph has a static batch dim, so it cannot be split into {split.max_num} "
             "nano-batches. Use dynaflow.compile (it marks the batch dynamic), or torch.compile(..., dynamic=True), "
             "or call torch._dynamo.mark_dynamic(x, batch_dim) on the inputs; a batch of 1 cannot be split."
         )

@@ -68,6 +68,21 @@ def test_specialised_batch_runs_whole_and_strict_names_the_coupling():
             strict(x, labels)
 
 
+def test_specialised_batch_runs_whole_under_a_stage_split_too():
+    """One main nano-batch with a memory stage of two still splits: a graph Dynamo specialised runs whole under
+    it as well (found by the random-model search: the stage split a static-batch graph)."""
+    from dynaflow.strategies.nanoflow import NanoFlow
+
+    model, x, labels = _SpecialisingLoss(), torch.randn(4, 3, 8), torch.randint(0, 16, (4, 3))
+    staged = NanoFlow(nano_batches=1, stage_nano_batches={"memory": 2, "compute": 2})
+    with torch.no_grad():
+        ref = model(x, labels)
+        fast = dynaflow.compile(model, strategy=staged, executor="serial")
+        torch.testing.assert_close(fast(x, labels), ref)
+    assert [g.whole_batch for g in fast.graphs] == [True]
+    assert all(p.split.max_num == 1 for g in fast.graphs for p in g.plans.values())
+
+
 class _Scaled(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
