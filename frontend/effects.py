@@ -264,6 +264,11 @@ def aliases_of(root: torch.fx.Node) -> set[torch.fx.Node]:
             if view_base(user) in seen or any(t in seen for t in write_targets(user)):
                 seen.add(user)
                 todo.append(user)
+            elif _returns_several(user):  # broadcast_tensors(y, x)[1]: a result may view a later argument
+                for result in user.users:
+                    if result not in seen and view_base(result) in seen:
+                        seen.add(result)
+                        todo.append(result)
     return seen
 
 

@@ -437,8 +437,10 @@ def test_a_stage_split_never_gives_a_written_tensor_other_rows(executor):
 @pytest.mark.parametrize("results", [
     lambda v: torch.tensor_split(v, 2, dim=1), lambda v: v.split_with_sizes([4, 4], dim=1),
     lambda v: torch.hsplit(v, 2), lambda v: torch.broadcast_tensors(v, torch.ones(1, HID)),
-    lambda v: torch.atleast_2d(v, v), lambda v: v.chunk(2, dim=1)],
-    ids=["tensor_split", "split_with_sizes", "hsplit", "broadcast_tensors", "atleast_2d", "chunk"])
+    lambda v: torch.broadcast_tensors(torch.ones(1, HID), v)[::-1], lambda v: torch.atleast_2d(v, v),
+    lambda v: v.chunk(2, dim=1)],
+    ids=["tensor_split", "split_with_sizes", "hsplit", "broadcast_tensors", "broadcast_tensors-second",
+         "atleast_2d", "chunk"])
 def test_a_write_through_one_result_of_a_call_returning_several_reaches_its_base(results):
     """Views that come as one result of several (``tensor_split``, ``broadcast_tensors``...) alias their input:
     found missing, a write through one left the graph output's merged copy stale."""
