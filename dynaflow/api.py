@@ -103,15 +103,17 @@ class Compiled:
             return self.model(*args, **kwargs)
         before = sum(g.calls for g in self.graphs)
         breaks = graph_breaks.snapshot()
+        now: list[str] = []
         try:
             out = run_dynamo(self, self._compiled, args, kwargs, self.model, self.config.batch_dim, batch)
         finally:
-            graph_breaks.record_since(breaks, self.graph_breaks)
+            graph_breaks.record_since(breaks, now)
+            self.graph_breaks += [b for b in now if b not in self.graph_breaks]
         if not self._checked:
             check_outputs(out)
             self._checked = True
         if sum(g.calls for g in self.graphs) == before:
-            raise no_graph_error(self.model)
+            raise no_graph_error(self.model, now)
         self._note_as_is(args, kwargs, batch, before)
         return out
 

@@ -198,8 +198,9 @@ def run_dynamo(owner: Any, compiled: Callable[..., Any], args: tuple[Any, ...], 
         stack.pop()
 
 
-def no_graph_error(model: Any) -> CaptureError:
-    """Why torch.compile ran ``model`` without handing dynaflow a graph, and what to do."""
+def no_graph_error(model: Any, breaks: Sequence[str] = ()) -> CaptureError:
+    """Why torch.compile ran ``model`` without handing dynaflow a graph, and what to do (``breaks``: the
+    graph-break reasons Dynamo gave during the call)."""
     rnns = []
     if isinstance(model, torch.nn.Module):
         rnns = [f"{name or 'the model'} ({type(m).__name__})" for name, m in model.named_modules()
@@ -210,6 +211,13 @@ def no_graph_error(model: Any) -> CaptureError:
             "nn.RNN modules (it runs them eagerly), so there was no graph for dynaflow to split. Compile the "
             "layers around the RNN instead (dynaflow.compile on the submodules before and after it), or write "
             "the recurrence with nn.LSTMCell / nn.GRUCell in a Python loop."
+        )
+    if breaks:
+        return CaptureError(
+            f"torch.compile ran {type(model).__name__} without handing any graph to dynaflow: Dynamo broke the "
+            "graph before any op it captured, and a graph break inside a loop runs the rest of the frame "
+            "eagerly:\n" + "\n".join(f"  - {b}" for b in breaks) + "\nMove the graph break out "
+            "of the loop, or compile the parts before and after it with dynaflow.compile on their own."
         )
     return CaptureError(
         "torch.compile ran the model without handing any graph to dynaflow (Dynamo fell back to eager, e.g. "

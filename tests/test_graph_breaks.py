@@ -55,3 +55,18 @@ def test_each_graph_is_planned_on_its_own_and_explain_lists_the_breaks(fn, reaso
     text = compiled.explain()
     assert "graph breaks" in text and reason.lower() in text.lower(), text
     assert any(s.kind.value == "split" for g in compiled.graphs if g.segmented for s in g.segmented.segments)
+
+
+class _BreaksInALoopFirst(torch.nn.Module):
+    def forward(self, x):
+        for _ in range(2):
+            torch._dynamo.graph_break()  # before any op, inside a loop: Dynamo runs the frame eagerly
+            x = x * 1.5
+        return x
+
+
+def test_a_model_dynamo_captures_nothing_of_names_the_graph_break():
+    compiled = dynaflow.compile(_BreaksInALoopFirst(), strategy="round_robin", nano_batches=2, executor="serial")
+    with pytest.raises(dynaflow.CaptureError, match=r"broke the graph before any op(.|\n)*graph_break\(\)(.|\n)*out of "
+                       r"the loop"):
+        compiled(torch.randn(4, 8))
