@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import random
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import dynaflow
 from dynaflow import CaptureError, ConfigError
 from dynaflow.strategies.auto import Auto
+from dynaflow.ir import Lane, NanoGraph, Schedule, SplitConfig
+from dynaflow.strategies.base import Strategy
 from dynaflow.strategies.nanoflow import NanoFlow
 from fake_cuda import faked_cuda
 from models import grad_off, split_strategies
@@ -64,7 +67,36 @@ def check_against_eager(program: Program, strategy: str, nano: int, executor: st
         _check(program, strategy, nano, executor, batches, requests or strategy == "prefill_decode")
 
 
-def _strategy(strategy: str, nano: int) -> dict:
+class RandomSchedule(Strategy):
+    """Any valid schedule: a random linear extension of the nano-op graph dealt onto one to three lanes (seeded
+    by the program, so Hypothesis replays it). Whatever order the dependencies allow must equal eager."""
+
+    name = "random_schedule"
+
+    def __init__(self, nano_batches: int, seed: str) -> None:
+        super().__init__(nano_batches)
+        self.seed = seed
+
+    def plan(self, graph: NanoGraph, split: SplitConfig) -> Schedule:
+        rng = random.Random(self.seed)
+        indeg = {op: graph.g.in_degree(op) for op in graph.ops}
+        ready, order = [op for op in graph.ops if indeg[op] == 0], []
+        while ready:
+            op = ready.pop(rng.randrange(len(ready)))
+            order.append(op)
+            for user in graph.users(op):
+                indeg[user] -= 1
+                if indeg[user] == 0:
+                    ready.append(user)
+        lanes = [Lane(f"L{i}") for i in range(rng.randint(1, 3))]
+        dealt = [rng.randrange(len(lanes)) for _ in order]
+        return Schedule.from_lanes(self.name, split, {l: [op for op, d in zip(order, dealt) if d == i]
+                                                      for i, l in enumerate(lanes)})
+
+
+def _strategy(strategy: str, nano: int, program: Program) -> dict:
+    if strategy == "random_schedule":
+        return dict(strategy=RandomSchedule(nano, f"{program}/{nano}"))
     if strategy == "auto":
         return dict(strategy=Auto(cache=False, repeats=1))
     if strategy.startswith("nanoflow-staged-"):  # one resource's segments re-split into nano + 1
@@ -86,7 +118,7 @@ def _check(program: Program, strategy: str, nano: int, executor: str, batches: l
         batches = [b for b in batches for _ in range(GRAPH_CALLS)]
     else:
         options = dict(executor=executor)
-    compiled = dynaflow.compile(model, **_strategy(strategy, nano), **options)
+    compiled = dynaflow.compile(model, **_strategy(strategy, nano, program), **options)
     held: dict[int, list[torch.Tensor]] = {}  # per batch size: the tensors a stable caller passes every time
     for step, batch in enumerate(batches):
         g = torch.Generator().manual_seed(step)
@@ -123,7 +155,8 @@ def _check(program: Program, strategy: str, nano: int, executor: str, batches: l
         assert torch.equal(next_got, next_want), f"the random generator moved differently in {where}"
 
 
-STRATEGIES = split_strategies() + ["auto", "prefill_decode", "nanoflow-staged-memory", "nanoflow-staged-compute"]
+STRATEGIES = split_strategies() + ["auto", "prefill_decode", "nanoflow-staged-memory", "nanoflow-staged-compute",
+                                   "random_schedule"]
 EXECUTORS = ["serial", "thread", "sim", *GRAPH_EXECUTORS]
 
 
