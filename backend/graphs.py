@@ -73,6 +73,8 @@ def capture_plan(program: Program, graphs: bool = True) -> CapturePlan:
             runs[-1][1].append(launch)
         else:
             runs.append((g, [launch]))
+    if not runs:  # a graph with nothing to launch (it returns its inputs): one empty eager piece
+        runs.append((False, []))
     lane_index = {lane.name: i for i, lane in enumerate(program.lanes)}
     before = waits_before(program)
     pieces = []

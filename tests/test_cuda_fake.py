@@ -305,3 +305,22 @@ def test_clone_keeping_aliases_clones_overlapping_bytes_once():
     got[2].mul_(2.0)
     assert torch.equal(got[3], got[2][:, :4]) and torch.equal(got[4], got[2].T)
     assert torch.equal(got[5], got[2].view(torch.bfloat16)[:, 3:9])
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_a_graph_with_nothing_to_launch_runs(fake_cuda, cuda_graphs):
+    """Between two graph breaks Dynamo may hand over a graph holding only a marker: no launch at all (found by
+    the random-model search: an IndexError escaped the cuda executor)."""
+    def f(x):
+        y = x * 2
+        torch._dynamo.graph_break()
+        dynaflow.mark("cut")
+        torch._dynamo.graph_break()
+        return y + 1
+
+    c = dynaflow.compile(f, strategy="round_robin", nano_batches=2, executor="cuda", config={"cuda_graphs": cuda_graphs})
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(6, 8)
+            torch.testing.assert_close(c(x), f(x))
+    assert any(g.last_plan.program.num_launches == 0 for g in c.graphs)
