@@ -42,6 +42,14 @@ class SerialExecutor(Executor):
         return self.outputs(program, step.env)
 
 
+def _records_autograd(inputs: Sequence[Any]) -> bool:
+    """Whether ops on ``inputs`` record autograd history now (grad mode on, outside inference mode, and some
+    input requires grad: a parameter in training, or an activation)."""
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        return False
+    return any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)
+
+
 def reader_counts(program: Program) -> tuple[dict[int, int], dict[int, tuple[tuple[int, ...], tuple[int, ...]]]]:
     """For freeing at last use when lanes run concurrently: how many launches read each intermediate slot,
     and per launch the freeable slots it reads and the ones it only writes. Inputs and graph outputs are
@@ -129,6 +137,7 @@ class ThreadExecutor(Executor):
         self._crew_lock = threading.Lock()
         self._closed = False
         self._readers: dict[int, tuple[Program, Any]] = {}
+        self._warned_autograd = False
 
     def _checkout(self, n: int) -> _Crew:
         with self._crew_lock:
@@ -149,6 +158,8 @@ class ThreadExecutor(Executor):
         return cls(wait_timeout=getattr(ctx.config, "wait_timeout", None))
 
     def run(self, program: Program, inputs: Sequence[Any], *, capture: bool = False) -> Any:
+        if len(program.lanes) > 1 and _records_autograd(inputs):
+            return self._run_on_caller(program, inputs)
         ctx = self.begin_step(program, inputs)
         timeout = self.wait_timeout if self.wait_timeout is not None else knobs.wait_timeout()
         cached = self._readers.get(id(program))
@@ -184,6 +195,19 @@ class ThreadExecutor(Executor):
             events = tuple(sorted((e for lane in per_lane for e in lane or ()), key=lambda e: e.start))
             self.last_timeline = Timeline(events, self.name)
         return self.outputs(program, ctx.env)
+
+    def _run_on_caller(self, program: Program, inputs: Sequence[Any]) -> Any:
+        """A step autograd records, in the program's serial order on the calling thread: autograd's history of
+        a tensor that two lanes write in place (their rows of a merge buffer) is not thread-safe, so one
+        lane's ``CopySlices`` could replace the other's and drop its gradient."""
+        if not self._warned_autograd:
+            self._warned_autograd = True
+            log.info("thread executor: a step that records autograd runs its lanes in serial order on the calling "
+                     "thread (autograd's in-place history is not thread-safe)")
+        step = self.begin_step(program, inputs)
+        run_serial(step)
+        self.last_timeline = Timeline(tuple(step.timeline), self.name) if step.timeline is not None else None
+        return self.outputs(program, step.env)
 
     def _lane(self, program: Program, li: int, step: _Step, out: list[TimelineEvent] | None,
               grad: tuple[bool, bool]) -> None:
