@@ -4,7 +4,10 @@ and the random generator's next draw must all equal eager's.
 
 The oracle is eager PyTorch, not dynaflow's own rules: whatever the analysis decides, the answer must not
 change. This search found the stale-copy, alias, random-draw and layout bugs that ``test_effects.py`` pins.
-The default tier draws 25 programs; ``pytest -m slow`` draws hundreds.
+The executors include the CUDA executor's lowering on CPU (``tests/fake_cuda.py``: eager streams, CUDA graphs,
+padded capture sizes), the strategies a random valid schedule, and calls may declare a request layout. A
+second search trains: outputs and every gradient must equal eager's. The default tier draws 25 + 15
+programs; ``pytest -m slow`` draws hundreds.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import random
 
 import pytest
 import torch
+from torch import nn
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dynaflow
@@ -175,6 +179,63 @@ def test_random_models_equal_eager(program, strategy, nano, executor, batches, r
        requests=st.booleans())
 def test_many_random_models_equal_eager(program, strategy, nano, executor, batches, requests):
     check_against_eager(program, strategy, nano, executor, batches, requests)
+
+
+def _backward(model: nn.Module, xs: list[torch.Tensor], fn) -> tuple[list, list]:
+    """Outputs of ``fn`` on non-leaf copies of ``xs`` (leaves cannot be written in place), and the gradients of
+    a weighted sum of them with respect to the inputs and the model's parameters."""
+    leaves = [x.clone().requires_grad_(True) for x in xs]
+    outs = fn(*[x * 1.0 for x in leaves])
+    loss = sum((o * (i + 1)).sum() for i, o in enumerate(outs) if o.requires_grad)
+    if isinstance(loss, torch.Tensor):
+        loss.backward()
+    return list(outs), [x.grad for x in leaves] + [p.grad for p in model.parameters()]
+
+
+def check_gradients_against_eager(program: Program, strategy: str, nano: int, executor: str, batch: int) -> None:
+    """Training: the outputs and every gradient (inputs and weights) equal eager's."""
+    torch._dynamo.reset()
+    reference = RandomModel(program).eval()
+    model = copy.deepcopy(reference)
+    compiled = dynaflow.compile(model, **_strategy(strategy, nano, program), executor=executor)
+    xs = [torch.randn(batch, D, generator=torch.Generator().manual_seed(i)) for i in range(program.inputs)]
+    torch.manual_seed(0)
+    try:
+        want, want_grads = _backward(reference, xs, reference)
+    except RuntimeError:  # eager refuses it too (an in-place write autograd needs the old value of)
+        return
+    torch.manual_seed(0)
+    try:
+        got, got_grads = _backward(model, xs, compiled)
+    except ConfigError as exc:
+        assert nano > batch, exc
+        return
+    except CaptureError as exc:
+        assert "graph_break()" in str(exc), exc
+        return
+    where = f"{program} with {strategy}, nano_batches={nano}, {executor} executor, batch {batch}, training"
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, **TOL, msg=lambda m, i=i: f"output {i} of {where}: {m}")
+    for i, (g, w) in enumerate(zip(got_grads, want_grads)):
+        if w is None or g is None:  # no gradient flows there in one: none, or zeros, in the other
+            assert (g if w is None else w) is None or not (g if w is None else w).any(), f"gradient {i} of {where}"
+        else:
+            torch.testing.assert_close(g, w, **TOL, msg=lambda m, i=i: f"gradient {i} of {where}: {m}")
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=programs(max_ops=6), strategy=st.sampled_from([s for s in STRATEGIES if s != "auto"]),
+       nano=st.integers(1, 3), executor=st.sampled_from(["serial", "thread"]), batch=st.integers(2, 9))
+def test_random_models_train_like_eager(program, strategy, nano, executor, batch):
+    check_gradients_against_eager(program, strategy, nano, executor, batch)
+
+
+@pytest.mark.slow
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=programs(max_ops=8), strategy=st.sampled_from([s for s in STRATEGIES if s != "auto"]),
+       nano=st.integers(1, 4), executor=st.sampled_from(["serial", "thread"]), batch=st.integers(2, 11))
+def test_many_random_models_train_like_eager(program, strategy, nano, executor, batch):
+    check_gradients_against_eager(program, strategy, nano, executor, batch)
 
 
 @pytest.mark.parametrize("program", [
