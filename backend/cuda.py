@@ -58,7 +58,7 @@ from dynaflow.ir import Lane
 from dynaflow.nanocontext import current_nano_context
 from dynaflow.timeline import Timeline, TimelineEvent
 from dynaflow.backend.arena import ALIGN
-from dynaflow.backend.launch import NOLOCK, Executor, ExecutorContext, StepContext, step_loop
+from dynaflow.backend.launch import NOLOCK, Executor, ExecutorContext, StepContext, records_autograd, step_loop
 from dynaflow.backend.graph_steps import GraphSteps
 from dynaflow.backend.graphs import CapturePlan, Piece, capture_plan, waits_before
 from dynaflow.backend.program import CONST, Program, Wait
@@ -178,6 +178,13 @@ class CudaExecutor(Executor):
         timing: list[tuple[str, str, str, Any, Any]] | None = [] if self.config.gpu_timeline else None
         caller = torch.cuda.current_stream()
         start = _timing_event(caller) if timing is not None else None
+        if records_autograd(inputs):
+            # Training: the arena's buffers would carry one step's autograd history into the next, so the
+            # step runs on the caller's stream alone with fresh merge buffers, as the first step does.
+            self._probe(state, step, timing)
+            state.steps += 1
+            self._finish_timeline(start, timing)
+            return self.outputs(program, step.env)
         if state.buffers is None:
             # First step of this program: run it on the caller's stream alone. It measures the merge
             # buffers (allocated here on one stream, so no lane can race with the allocator's earlier

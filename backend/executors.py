@@ -22,7 +22,8 @@ import torch
 from dynaflow import knobs
 from dynaflow.errors import BackendError
 from dynaflow.timeline import Timeline, TimelineEvent
-from dynaflow.backend.launch import Executor, ExecutorContext, StepContext, run_launch, run_serial, step_loop
+from dynaflow.backend.launch import (Executor, ExecutorContext, StepContext, records_autograd, run_launch, run_serial,
+                                     step_loop)
 from dynaflow.backend.program import CONST, Launch, Program
 
 __all__ = ["Executor", "SerialExecutor", "ThreadExecutor", "run_launch", "reader_counts"]
@@ -40,14 +41,6 @@ class SerialExecutor(Executor):
         run_serial(step)
         self.last_timeline = Timeline(tuple(step.timeline), self.name) if step.timeline is not None else None
         return self.outputs(program, step.env)
-
-
-def _records_autograd(inputs: Sequence[Any]) -> bool:
-    """Whether ops on ``inputs`` record autograd history now (grad mode on, outside inference mode, and some
-    input requires grad: a parameter in training, or an activation)."""
-    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
-        return False
-    return any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)
 
 
 def reader_counts(program: Program) -> tuple[dict[int, int], dict[int, tuple[tuple[int, ...], tuple[int, ...]]]]:
@@ -158,7 +151,7 @@ class ThreadExecutor(Executor):
         return cls(wait_timeout=getattr(ctx.config, "wait_timeout", None))
 
     def run(self, program: Program, inputs: Sequence[Any], *, capture: bool = False) -> Any:
-        if len(program.lanes) > 1 and _records_autograd(inputs):
+        if len(program.lanes) > 1 and records_autograd(inputs):
             return self._run_on_caller(program, inputs)
         ctx = self.begin_step(program, inputs)
         timeout = self.wait_timeout if self.wait_timeout is not None else knobs.wait_timeout()

@@ -34,7 +34,7 @@ from dynaflow.segmented import OutRef
 from dynaflow.timeline import Timeline, TimelineEvent
 from dynaflow.backend.program import Launch, Program, Wait, empty_laid_out, fetch
 
-__all__ = ["Executor", "ExecutorContext", "StepContext", "run_launch", "step_loop", "run_serial", "NOLOCK"]
+__all__ = ["Executor", "ExecutorContext", "StepContext", "run_launch", "step_loop", "run_serial", "NOLOCK", "records_autograd"]
 
 log = logging.getLogger(__name__)
 
@@ -272,3 +272,11 @@ def run_serial(step: StepContext, *, keep: frozenset[int] | set[int] = frozenset
     program = step.program
     frees = program.serial_frees if not keep else [[s for s in f if s not in keep] for f in program.serial_frees]
     step_loop(step, program.serial_order, frees=frees, timeline=step.timeline)
+
+
+def records_autograd(inputs: Sequence[Any]) -> bool:
+    """Whether ops on ``inputs`` record autograd history now (grad mode on, outside inference mode, and some
+    input requires grad: a parameter in training, or an activation)."""
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        return False
+    return any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)

@@ -20,6 +20,7 @@ import torch.fx
 
 from dynaflow import knobs
 from dynaflow.backend import ExecutorContext, Program, check_executor_name, executors, make_executor
+from dynaflow.backend.launch import records_autograd
 from dynaflow.backend.capture_sizes import (CaptureChoice, Mode, barrier_names, choose_capture_size, copy_back_written,
                                       input_specs, pad_inputs, unpad_outputs)
 from dynaflow.backend.comm import DistributedPlanner
@@ -87,6 +88,7 @@ class CompiledGraph:
         self._original: torch.fx.GraphModule | None = None
         """The captured graph before partitioning: what the ``eager`` strategy runs."""
         self._written_inputs: tuple[int, ...] = ()
+        self._warned_autograd = False
         """Inputs the graph writes in place: overlapping views of them run the graph unsplit."""
         self._differential_done = False
         self._warned_static = False
@@ -330,6 +332,12 @@ class CompiledGraph:
         if overlap is not None:  # a graph's input copies would break the aliasing eager sees: unsplit, uncaptured
             choice = CaptureChoice(batch, batch, Mode.EAGER, f"inputs {overlap[0]} and {overlap[1]} overlap and one "
                                    "is written in place")
+        elif records_autograd(inputs):  # a replay records no autograd history: the backward would miss it
+            if not self._warned_autograd:
+                self._warned_autograd = True
+                log.info("%s: cuda_graphs=True, but autograd records this step (training): it runs without a "
+                         "graph, since a replay records no autograd history", self.label)
+            choice = CaptureChoice(batch, batch, Mode.EAGER, "autograd records this step")
         else:
             choice = self.capture_for(batch)
         specs = input_specs(self.segmented)

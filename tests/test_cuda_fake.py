@@ -324,3 +324,29 @@ def test_a_graph_with_nothing_to_launch_runs(fake_cuda, cuda_graphs):
             x = torch.randn(6, 8)
             torch.testing.assert_close(c(x), f(x))
     assert any(g.last_plan.program.num_launches == 0 for g in c.graphs)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_training_steps_run_without_graphs_and_with_fresh_merge_buffers(fake_cuda, cuda_graphs):
+    """A replay records no autograd history, and the arena's buffers would carry one step's history into the
+    next (the third backward failed: 'Trying to backward through the graph a second time'): steps autograd
+    records run uncaptured, on the caller's stream, with fresh buffers; inference steps keep both."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    c = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor="cuda",
+                         config={"cuda_graphs": cuda_graphs})
+    for _ in range(4):
+        x = torch.randn(6, 8)
+        model.zero_grad()
+        c(x).sum().backward()
+        got = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        model(x).sum().backward()
+        for g, w in zip(got, [p.grad for p in model.parameters()]):
+            torch.testing.assert_close(g, w)
+        if cuda_graphs:
+            assert c.last_graph.last_capture.mode.value == "eager" and "autograd" in c.last_graph.last_capture.reason
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(c(x), model(x))
+    if cuda_graphs:
+        assert c.last_graph.last_capture.mode.value == "graph"

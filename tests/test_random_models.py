@@ -6,7 +6,7 @@ The oracle is eager PyTorch, not dynaflow's own rules: whatever the analysis dec
 change. This search found the stale-copy, alias, random-draw and layout bugs that ``test_effects.py`` pins.
 The executors include the CUDA executor's lowering on CPU (``tests/fake_cuda.py``: eager streams, CUDA graphs,
 padded capture sizes), the strategies a random valid schedule, and calls may declare a request layout. A
-second search trains: outputs and every gradient must equal eager's. The default tier draws 25 + 15
+second search trains (every executor): outputs and every gradient must equal eager's. The default tier draws 25 + 15
 programs; ``pytest -m slow`` draws hundreds.
 """
 
@@ -193,39 +193,53 @@ def _backward(model: nn.Module, xs: list[torch.Tensor], fn) -> tuple[list, list]
 
 
 def check_gradients_against_eager(program: Program, strategy: str, nano: int, executor: str, batch: int) -> None:
-    """Training: the outputs and every gradient (inputs and weights) equal eager's."""
+    """Training: the outputs and every gradient (inputs and weights) equal eager's, on each of a few calls."""
+    with faked_cuda() if executor in GRAPH_EXECUTORS else contextlib.nullcontext():
+        _check_gradients(program, strategy, nano, executor, batch)
+
+
+def _check_gradients(program: Program, strategy: str, nano: int, executor: str, batch: int) -> None:
     torch._dynamo.reset()
     reference = RandomModel(program).eval()
     model = copy.deepcopy(reference)
-    compiled = dynaflow.compile(model, **_strategy(strategy, nano, program), executor=executor)
-    xs = [torch.randn(batch, D, generator=torch.Generator().manual_seed(i)) for i in range(program.inputs)]
-    torch.manual_seed(0)
-    try:
-        want, want_grads = _backward(reference, xs, reference)
-    except RuntimeError:  # eager refuses it too (an in-place write autograd needs the old value of)
-        return
-    torch.manual_seed(0)
-    try:
-        got, got_grads = _backward(model, xs, compiled)
-    except ConfigError as exc:
-        assert nano > batch, exc
-        return
-    except CaptureError as exc:
-        assert "graph_break()" in str(exc), exc
-        return
-    where = f"{program} with {strategy}, nano_batches={nano}, {executor} executor, batch {batch}, training"
-    for i, (g, w) in enumerate(zip(got, want)):
-        torch.testing.assert_close(g, w, **TOL, msg=lambda m, i=i: f"output {i} of {where}: {m}")
-    for i, (g, w) in enumerate(zip(got_grads, want_grads)):
-        if w is None or g is None:  # no gradient flows there in one: none, or zeros, in the other
-            assert (g if w is None else w) is None or not (g if w is None else w).any(), f"gradient {i} of {where}"
-        else:
-            torch.testing.assert_close(g, w, **TOL, msg=lambda m, i=i: f"gradient {i} of {where}: {m}")
+    options = dict(executor="cuda", config=GRAPH_EXECUTORS[executor] or None) if executor in GRAPH_EXECUTORS \
+        else dict(executor=executor)
+    compiled = dynaflow.compile(model, **_strategy(strategy, nano, program), **options)
+    for call in range(GRAPH_CALLS if executor in GRAPH_EXECUTORS else 1):
+        xs = [torch.randn(batch, D, generator=torch.Generator().manual_seed(10 * call + i))
+              for i in range(program.inputs)]
+        reference.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(call)
+        try:
+            want, want_grads = _backward(reference, xs, reference)
+        except RuntimeError:  # eager refuses it too (an in-place write autograd needs the old value of)
+            return
+        torch.manual_seed(call)
+        try:
+            got, got_grads = _backward(model, xs, compiled)
+        except ConfigError as exc:
+            assert nano > batch, exc
+            return
+        except CaptureError as exc:
+            assert "graph_break()" in str(exc), exc
+            return
+        where = f"{program} with {strategy}, nano_batches={nano}, {executor} executor, batch {batch}, training call {call}"
+        for i, (g, w) in enumerate(zip(got, want)):
+            torch.testing.assert_close(g, w, **TOL, msg=lambda m, i=i: f"output {i} of {where}: {m}")
+        for i, (g, w) in enumerate(zip(got_grads, want_grads)):
+            if w is None or g is None:  # no gradient flows there in one: none, or zeros, in the other
+                assert (g if w is None else w) is None or not (g if w is None else w).any(), f"gradient {i} of {where}"
+            else:
+                torch.testing.assert_close(g, w, **TOL, msg=lambda m, i=i: f"gradient {i} of {where}: {m}")
+
+
+TRAIN_EXECUTORS = ["serial", "thread", "cuda", "cuda-graphs"]
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(max_ops=6), strategy=st.sampled_from([s for s in STRATEGIES if s != "auto"]),
-       nano=st.integers(1, 3), executor=st.sampled_from(["serial", "thread"]), batch=st.integers(2, 9))
+       nano=st.integers(1, 3), executor=st.sampled_from(TRAIN_EXECUTORS), batch=st.integers(2, 9))
 def test_random_models_train_like_eager(program, strategy, nano, executor, batch):
     check_gradients_against_eager(program, strategy, nano, executor, batch)
 
@@ -233,7 +247,7 @@ def test_random_models_train_like_eager(program, strategy, nano, executor, batch
 @pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(max_ops=8), strategy=st.sampled_from([s for s in STRATEGIES if s != "auto"]),
-       nano=st.integers(1, 4), executor=st.sampled_from(["serial", "thread"]), batch=st.integers(2, 11))
+       nano=st.integers(1, 4), executor=st.sampled_from(TRAIN_EXECUTORS), batch=st.integers(2, 11))
 def test_many_random_models_train_like_eager(program, strategy, nano, executor, batch):
     check_gradients_against_eager(program, strategy, nano, executor, batch)
 
