@@ -545,4 +545,5 @@ def _clone_group(tensors: dict[int, torch.Tensor], group: list[int], out: dict[i
     for k in group:
         t = tensors[k]
         offset = (t.storage_offset() * t.element_size() - lo) // t.element_size()
-        out[k] = torch.empty(0, dtype=t.dtype, device=t.device).set_(region.untyped_storage(), offset, t.shape, t.stride())
+        out[k] = torch.empty(0, dtype=t.dtype, device=t.device).set_(region.untyped_storage(), offset, t.shape,
+                                                                      t.stride())

@@ -37,10 +37,15 @@ class SerialExecutor(Executor):
     name = "serial"
 
     def run(self, program: Program, inputs: Sequence[Any], *, capture: bool = False) -> Any:
-        step = self.begin_step(program, inputs)
-        run_serial(step)
-        self.last_timeline = Timeline(tuple(step.timeline), self.name) if step.timeline is not None else None
-        return self.outputs(program, step.env)
+        return _run_in_order(self, program, inputs)
+
+
+def _run_in_order(executor: Executor, program: Program, inputs: Sequence[Any]) -> Any:
+    """One step of ``program`` in its serial order on the calling thread."""
+    step = executor.begin_step(program, inputs)
+    run_serial(step)
+    executor.last_timeline = Timeline(tuple(step.timeline), executor.name) if step.timeline is not None else None
+    return executor.outputs(program, step.env)
 
 
 def reader_counts(program: Program) -> tuple[dict[int, int], dict[int, tuple[tuple[int, ...], tuple[int, ...]]]]:
@@ -197,10 +202,7 @@ class ThreadExecutor(Executor):
             self._warned_autograd = True
             log.info("thread executor: a step that records autograd runs its lanes in serial order on the calling "
                      "thread (autograd's in-place history is not thread-safe)")
-        step = self.begin_step(program, inputs)
-        run_serial(step)
-        self.last_timeline = Timeline(tuple(step.timeline), self.name) if step.timeline is not None else None
-        return self.outputs(program, step.env)
+        return _run_in_order(self, program, inputs)
 
     def _lane(self, program: Program, li: int, step: _Step, out: list[TimelineEvent] | None,
               grad: tuple[bool, bool]) -> None:

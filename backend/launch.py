@@ -34,7 +34,8 @@ from dynaflow.segmented import OutRef
 from dynaflow.timeline import Timeline, TimelineEvent
 from dynaflow.backend.program import Launch, Program, Wait, empty_laid_out, fetch
 
-__all__ = ["Executor", "ExecutorContext", "StepContext", "run_launch", "step_loop", "run_serial", "NOLOCK", "records_autograd"]
+__all__ = ["Executor", "ExecutorContext", "StepContext", "run_launch", "step_loop", "run_serial", "NOLOCK",
+           "records_autograd"]
 
 log = logging.getLogger(__name__)
 

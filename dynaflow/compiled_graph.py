@@ -88,8 +88,8 @@ class CompiledGraph:
         self._original: torch.fx.GraphModule | None = None
         """The captured graph before partitioning: what the ``eager`` strategy runs."""
         self._written_inputs: tuple[int, ...] = ()
-        self._warned_autograd = False
         """Inputs the graph writes in place: overlapping views of them run the graph unsplit."""
+        self._warned_autograd = False
         self._differential_done = False
         self._warned_static = False
         self.batch_marked = False

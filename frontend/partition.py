@@ -34,7 +34,8 @@ from dynaflow.frontend.markers import is_marker, marker_args
 from dynaflow.frontend.rules import Rule, Seq, as_rule, default_rules, module_stack, op_name, op_short_name
 from dynaflow.frontend.stale_copies import stale_copies, written_storage_users
 
-__all__ = ["Region", "assign_regions", "rematerialize_sizes", "whole_where_written", "main_split_where_written", "partition"]
+__all__ = ["Region", "assign_regions", "rematerialize_sizes", "whole_where_written", "main_split_where_written",
+           "partition"]
 
 log = logging.getLogger(__name__)
 
