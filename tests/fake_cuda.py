@@ -69,10 +69,9 @@ class FakeGraph:
     def replay(self):
         self.replays += 1
         scratch = list(self.env)
-        for launch, step in self.recorded:
+        for launch, step, captured in self.recorded:
             REAL_RUN_LAUNCH(launch, step.with_env(scratch))
-            for s in launch.out_slots:
-                old = self.env[s]
+            for s, old in zip(launch.out_slots, captured):  # what the capture made, even if its slot was freed
                 if isinstance(old, torch.Tensor) and old is not scratch[s]:
                     old.copy_(scratch[s])
                     scratch[s] = old  # later launches read (and write) the captured address, as on the device
@@ -137,7 +136,9 @@ def _install(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
             if g.env is None:
                 g.saved = [(t, t.clone()) for t in step.env[:step.program.num_inputs] if isinstance(t, torch.Tensor)]
             g.env = step.env
-            g.recorded.append((launch, step))
+            out = REAL_RUN_LAUNCH(launch, step)
+            g.recorded.append((launch, step, [step.env[s] for s in launch.out_slots]))
+            return out
         return REAL_RUN_LAUNCH(launch, step)
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)

@@ -46,6 +46,9 @@ UNARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "embed": lambda h, w: w[(h.abs() * 3).long().clamp(max=D - 1)].mean(1),
     "sort_cols": lambda h, w: h.sort(-1).values + h.topk(2, -1).values[:, :1],
     "conv_cols": lambda h, w: F.conv1d(h.unsqueeze(1), w[:1, :3].unsqueeze(1), padding=1).squeeze(1),
+    "to_same": lambda h, w: h.to(h.dtype),  # returns its input itself
+    "half_roundtrip": lambda h, w: h.half().float(),
+    "argmax_gather": lambda h, w: torch.gather(h, 1, h.argmax(-1, keepdim=True)).expand(-1, D) + h,
     # coupling
     "sum_rows": lambda h, w: h + h.sum(0, keepdim=True),
     "mean_all": lambda h, w: h - h.mean(),
