@@ -371,8 +371,10 @@ class CudaExecutor(Executor):
                                _timing_event(caller)))
         self._finish_timeline(start, timing)
 
-    def results(self, program: Program, g: _Graphed) -> Any:
-        return self._outputs(program, g.env)
+    def results(self, program: Program, g: _Graphed, inputs: Sequence[Any], bound: Sequence[Any]) -> Any:
+        aliased = [(bound[i], inputs[i]) for i in sorted(program.inputs.aliased)
+                   if isinstance(bound[i], torch.Tensor) and isinstance(inputs[i], torch.Tensor)]
+        return self._outputs(program, g.env, rebase=aliased)
 
     def _replay_eager(self, state: _State, piece: Piece, step: StepContext, caller: Any) -> None:
         """Run an uncapturable piece and copy its outputs into the tensors later graphs read (fixed addresses)."""
@@ -386,12 +388,25 @@ class CudaExecutor(Executor):
                     old.copy_(new)
 
     # -- outputs and timeline -------------------------------------------------------------------------
-    def _outputs(self, program: Program, env: list[Any], static: set[int] | None = None) -> Any:
+    def _outputs(self, program: Program, env: list[Any], static: set[int] | None = None,
+                 rebase: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> Any:
         """The step's outputs; with ``copy_outputs`` a clone of every output living in a static buffer
-        (``static``: those slots; ``None``: all of them, as under CUDA graphs). Fresh tensors pass as is."""
+        (``static``: those slots; ``None``: all of them, as under CUDA graphs). Fresh tensors pass as is.
+        ``rebase``: (bound, caller) input pairs; an output sharing a bound input's storage becomes the same
+        view of the caller's tensor (never cloned: eager's output aliases the caller's input)."""
+        env = list(env)
+        viewed: set[int] = set()
+        for s in set(program.output_slots.values()):
+            t = env[s]
+            for b, x in rebase:
+                if isinstance(t, torch.Tensor) and _overlaps(t, b):
+                    env[s] = t if b is x else x.as_strided(t.shape, t.stride(),
+                                                           x.storage_offset() + t.storage_offset() - b.storage_offset())
+                    viewed.add(s)
+                    break
         if not self.config.copy_outputs:
             return self.outputs(program, env)
-        keep = set(program.output_slots.values()) if static is None else static
+        keep = (set(program.output_slots.values()) if static is None else static) - viewed
         copied = clone_keeping_aliases({s: env[s] for s in keep if isinstance(env[s], torch.Tensor)})
         return self.outputs(program, [copied.get(i, v) for i, v in enumerate(env)])
 
@@ -523,6 +538,11 @@ def clone_keeping_aliases(tensors: dict[int, torch.Tensor]) -> dict[int, torch.T
             group.append(k)
             end = hi if end is None else max(end, hi)
     return out
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    (ka, lo_a, hi_a), (kb, lo_b, hi_b) = _byte_span(a), _byte_span(b)
+    return ka == kb and lo_a < hi_b and lo_b < hi_a
 
 
 def _byte_span(t: torch.Tensor) -> tuple[tuple[int, str], int, int]:

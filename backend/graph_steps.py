@@ -118,8 +118,10 @@ class Capturer(Protocol):
     def replay(self, program: Program, captured: Any) -> None:
         """Run the captured step once."""
 
-    def results(self, program: Program, captured: Any) -> Any:
-        """The outputs of the latest replay (cloned or not, as the executor's ``copy_outputs`` says)."""
+    def results(self, program: Program, captured: Any, inputs: Sequence[Any], bound: Sequence[Any]) -> Any:
+        """The outputs of the latest replay (cloned or not, as the executor's ``copy_outputs`` says); an output
+        that shares storage with a bound input (``program.inputs.aliased``) is the caller's tensor in
+        ``inputs``, or a view of it, as in eager."""
 
 
 @dataclass
@@ -203,7 +205,7 @@ class GraphSteps:
         self.capturer.replay(program, entry.captured)
         self._copy_back(entry, inputs)
         self.last_plan = entry.plan
-        return self.capturer.results(program, entry.captured)
+        return self.capturer.results(program, entry.captured, inputs, entry.bound)
 
     def _stable(self, entry: _Entry) -> frozenset[int]:
         if entry.captures >= self.max_captures - 1:  # the last capture: only what never moved stays in place

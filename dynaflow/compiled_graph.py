@@ -317,6 +317,8 @@ class CompiledGraph:
         roles, specs = self.segmented.inputs, input_specs(self.segmented)
         unsafe += [f"static input {roles.name(i)!r} has the batch dim, and a padded copy of it would not be the "
                    "declared tensor" for i in sorted(roles.declared) if specs[i].kind is ValueKind.BATCH]
+        unsafe += [f"an output views input {roles.name(i)!r}, and would view its padded copy" for i in
+                   sorted(roles.aliased) if specs[i].kind is ValueKind.BATCH]
         if key[1]:
             unsafe.append("a dynaflow.requests(...) layout is active")
         choice = choose_capture_size(batch, self.config.capture_sizes, self.config.over_capture, unsafe)
@@ -332,6 +334,10 @@ class CompiledGraph:
         if overlap is not None:  # a graph's input copies would break the aliasing eager sees: unsplit, uncaptured
             choice = CaptureChoice(batch, batch, Mode.EAGER, f"inputs {overlap[0]} and {overlap[1]} overlap and one "
                                    "is written in place")
+        elif any(not _dense(inputs[i]) for i in self.segmented.inputs.aliased):
+            # an output views this input: a replay's view of a private copy is re-based onto the caller's tensor,
+            # which needs the copy laid out as it is (a clone of a strided view is not)
+            choice = CaptureChoice(batch, batch, Mode.EAGER, "an output views an input that is not dense")
         elif records_autograd(inputs):  # a replay records no autograd history: the backward would miss it
             if not self._warned_autograd:
                 self._warned_autograd = True
@@ -428,3 +434,16 @@ class CompiledGraph:
             out.append(plan.schedule.table(plan.graph))
             out.append(repr(plan.program))
         return "\n".join(out)
+
+
+def _dense(x: Any) -> bool:
+    """A tensor a clone lays out as it is (its elements fill a block of memory without gaps or overlaps, in
+    any dim order), or not a tensor."""
+    if not isinstance(x, torch.Tensor) or x.numel() == 0:
+        return True
+    expected = 1
+    for size, stride in sorted(((n, st) for n, st in zip(x.shape, x.stride()) if n != 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True

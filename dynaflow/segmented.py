@@ -78,6 +78,9 @@ class InputRoles:
     names: tuple[str, ...] = ()
     written: frozenset[int] = frozenset()
     declared: frozenset[int] = frozenset()
+    aliased: frozenset[int] = frozenset()
+    """Inputs some graph output shares storage with (is, or views): that output must be the caller's tensor
+    or a view of it, never of a private copy."""
 
     def name(self, i: int) -> str:
         return self.names[i] if i < len(self.names) else f"input {i}"
@@ -86,7 +89,9 @@ class InputRoles:
         def listed(idx: frozenset[int]) -> str:
             return ", ".join(self.name(i) for i in sorted(idx)) or "none"
 
-        return f"InputRoles({len(self.names)} inputs; written: {listed(self.written)}; static: {listed(self.declared)})"
+        aliased = f"; aliased by outputs: {listed(self.aliased)}" if self.aliased else ""
+        return (f"InputRoles({len(self.names)} inputs; written: {listed(self.written)}; static: {listed(self.declared)}"
+                f"{aliased})")
 
 
 @dataclass(frozen=True)

@@ -194,8 +194,9 @@ def autotune(
     elif best.candidate == base.candidate.with_graphs():
         reason = f"sequential as one CUDA graph: {speed:.2f}x of sequential measured; no split beat it"
     else:
+        predicted = base.predicted / best.predicted if best.predicted else 1.0  # type: ignore[operator]
         reason = (f"fastest measured of the {len(to_measure) - 1} best predictions: {speed:.2f}x of sequential measured, "
-                  f"{base.predicted / best.predicted:.2f}x predicted")  # type: ignore[operator]
+                  f"{predicted:.2f}x predicted")
     if barred:
         reason += f"; {len(barred)} measured candidate(s) broke a phase bound"
     return TuneResult(bucket, tuple(trials), best, reason)

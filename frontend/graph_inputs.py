@@ -18,9 +18,10 @@ import torch.fx
 
 from dynaflow.errors import ConfigError, did_you_mean
 from dynaflow.frontend.differential import mutated_inputs
+from dynaflow.frontend.effects import storage_root
 from dynaflow.segmented import InputRoles
 
-__all__ = ["input_name", "input_label", "input_roles"]
+__all__ = ["input_name", "input_label", "input_roles", "output_aliased_inputs"]
 
 _ARG = re.compile(r"L\['(\w+)'\]")
 _SOURCE = re.compile(r"L\['(\w+)'\](?:\.tensors\[.*\])?")  # the argument (or a tensor of it), not its size
@@ -102,4 +103,18 @@ def input_roles(gm: torch.fx.GraphModule, static_inputs: Sequence[Any] = ()) -> 
                 raise ConfigError(f"static_inputs: {labels[i]!r} is a {type(val).__name__}, not a tensor; only tensor "
                                   "inputs have storage to keep. Remove it from static_inputs.")
             declared.add(i)
-    return InputRoles(labels, frozenset(mutated_inputs(gm)), frozenset(declared))
+    return InputRoles(labels, frozenset(mutated_inputs(gm)), frozenset(declared), output_aliased_inputs(gm))
+
+
+def output_aliased_inputs(gm: torch.fx.GraphModule) -> frozenset[int]:
+    """Positions of the inputs whose storage a graph output shares (the input itself, a view of it, or an
+    in-place result on it)."""
+    index = {n: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
+    out = next((n for n in gm.graph.nodes if n.op == "output"), None)
+    roots: set[int] = set()
+    if out is not None:
+        for node in out.all_input_nodes:
+            root = storage_root(node)
+            if root in index:
+                roots.add(index[root])
+    return frozenset(roots)

@@ -262,3 +262,16 @@ def test_other_strategies_never_skip_dynamo():
         for _ in range(3):
             c(torch.randn(4, D), torch.randn(4, L, D))
     assert c.direct_calls == 0 and c.graphs[0].calls == 3
+
+
+def test_auto_on_a_graph_with_nothing_to_time_never_divides_by_zero():
+    """A graph holding only a marker predicts 0 s for every candidate (found by the random-model search: a
+    ZeroDivisionError escaped ``auto`` when a split happened to measure fastest)."""
+    from dynaflow.ir import SplitConfig
+    from dynaflow.strategies.auto import Candidate
+    from dynaflow.tune import autotune
+
+    seq, split = (Candidate.from_json({"strategy": s, "options": o})
+                  for s, o in (("sequential", {}), ("round_robin", {"nano_batches": 2})))
+    result = autotune([seq, split], "b", lambda c: (SplitConfig.whole(4), 0.0), {seq: 2e-6, split: 1e-6}.get)
+    assert result.winner.candidate == split and "1.00x predicted" in result.reason

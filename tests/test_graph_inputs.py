@@ -243,7 +243,7 @@ class _SlowCapturer:
         time.sleep(0.002)
         self.active -= 1
 
-    def results(self, program, captured):
+    def results(self, program, captured, inputs, bound):
         return sum(float(x.sum()) for x in captured)
 
 
@@ -327,3 +327,45 @@ def test_a_declared_static_input_with_the_batch_dim_is_never_padded(fake_cuda):
             torch.testing.assert_close(c(x, cache), model(x, ref_cache), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(cache, ref_cache, atol=1e-5, rtol=1e-5)
             assert c.graphs[0].last_capture.mode.value == "eager"
+
+
+def _view_then_write_after_a_break(x):
+    u = x[:, :4]
+    y = x * 2
+    torch._dynamo.graph_break()  # the first graph returns a view of its input
+    x.mul_(3.0)
+    return u + 0, y
+
+
+@pytest.mark.parametrize("stable", [False, True])
+def test_an_output_that_views_an_input_views_the_callers_tensor(fake_cuda, stable):
+    """A replay's output viewed the graph's private copy of the input, so a write to the caller's tensor after
+    a graph break missed it; it is now the same view of the caller's tensor (never cloned)."""
+    c = dynaflow.compile(_view_then_write_after_a_break, strategy="round_robin", nano_batches=2, executor="cuda",
+                         config={"cuda_graphs": True})
+    held = torch.empty(6, D)
+    for _ in range(WARMUPS + 3):
+        x = torch.randn(6, D)
+        mine = held.copy_(x) if stable else x.clone()
+        with torch.no_grad():
+            got, want = c(mine), _view_then_write_after_a_break(x)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+    first = c.graphs[0]
+    assert first.segmented.inputs.aliased and first.last_capture.mode.value == "graph"
+
+
+def test_an_output_that_views_an_input_is_never_padded_or_captured_from_a_strided_view(fake_cuda):
+    c = dynaflow.compile(_view_then_write_after_a_break, strategy="round_robin", nano_batches=2, executor="cuda",
+                         config={"cuda_graphs": True, "capture_sizes": (4, 8), "over_capture": "eager"})
+    for batch, strided in [(3, False), (3, False), (4, True), (4, True), (4, True)]:
+        x = torch.randn(batch, 2 * D)[:, ::2] if strided else torch.randn(batch, D)
+        want_x = x.clone()
+        with torch.no_grad():
+            got, want = c(x), _view_then_write_after_a_break(want_x)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+        first = max((g for g in c.graphs if g.segmented.inputs.aliased), key=lambda g: g.last_call_seq)
+        capture = first.last_capture  # a strided input is a graph of its own (Dynamo guards on strides)
+        assert capture.mode.value == "eager", capture
+        assert ("not dense" if strided else "views input") in capture.reason, capture
