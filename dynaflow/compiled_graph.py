@@ -33,7 +33,7 @@ from dynaflow.frontend.capture import batch_size_of, symbolize
 from dynaflow.frontend.differential import check_split_equals_whole, overlapping_writes
 from dynaflow.frontend.graph_inputs import input_roles
 from dynaflow.segment_timing import halving_sizes, replayable, time_segments
-from dynaflow.frontend.partition import partition
+from dynaflow.frontend.partition import fetch_attr, partition
 from dynaflow.ir import InputInfo, SplitConfig
 from dynaflow.planning import CostContext, Plan, describe_inputs, make_plan, split_with, strategy_name
 from dynaflow.requests import RequestLayout, current_requests
@@ -89,7 +89,9 @@ class CompiledGraph:
         """The captured graph before partitioning: what the ``eager`` strategy runs."""
         self._written_inputs: tuple[int, ...] = ()
         """Inputs the graph writes in place: overlapping views of them run the graph unsplit."""
-        self._warned_autograd = False
+        self._unsplit_logged: set[str] = set()
+        self._weights: list[torch.Tensor] = []
+        """Tensors the graph reads as attributes (an fx-traced module's weights; Dynamo passes them as inputs)."""
         self._differential_done = False
         self._warned_static = False
         self.batch_marked = False
@@ -112,6 +114,8 @@ class CompiledGraph:
         self._batch_source = (src[1], src[2]) if src else None
         rules = self.config.rules if self.config.rules is not None else self.strategy.rules()
         self._original = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # partitioning rewrites gm
+        self._weights = [w for n in gm.graph.find_nodes(op="get_attr")
+                         if isinstance(w := fetch_attr(gm, str(n.target)), torch.Tensor)]
         roles = input_roles(gm, self.config.static_inputs)
         self._written_inputs = tuple(sorted(roles.written))
         self.segmented = dataclasses.replace(
@@ -330,25 +334,20 @@ class CompiledGraph:
         on the cuda executor), and narrow the outputs back. ``executor`` overrides the resolved one (tests)."""
         assert self.segmented is not None
         batch = self.batch_size(inputs)
-        overlap = overlapping_writes(inputs, self._written_inputs) if self._written_inputs else None
-        if overlap is not None:  # a graph's input copies would break the aliasing eager sees: unsplit, uncaptured
-            choice = CaptureChoice(batch, batch, Mode.EAGER, f"inputs {overlap[0]} and {overlap[1]} overlap and one "
-                                   "is written in place")
+        unsplit = self.unsplit_reason(inputs)
+        if unsplit is not None:
+            # overlapping inputs: a graph's input copies would break the aliasing eager sees; autograd: a replay
+            # records no autograd history, so the backward would miss it
+            choice = CaptureChoice(batch, batch, Mode.EAGER, unsplit)
         elif any(not _dense(inputs[i]) for i in self.segmented.inputs.aliased):
             # an output views this input: a replay's view of a private copy is re-based onto the caller's tensor,
             # which needs the copy laid out as it is (a clone of a strided view is not)
             choice = CaptureChoice(batch, batch, Mode.EAGER, "an output views an input that is not dense")
-        elif records_autograd(inputs):  # a replay records no autograd history: the backward would miss it
-            if not self._warned_autograd:
-                self._warned_autograd = True
-                log.info("%s: cuda_graphs=True, but autograd records this step (training): it runs without a "
-                         "graph, since a replay records no autograd history", self.label)
-            choice = CaptureChoice(batch, batch, Mode.EAGER, "autograd records this step")
         else:
             choice = self.capture_for(batch)
         specs = input_specs(self.segmented)
         padded = pad_inputs(inputs, specs, batch, choice.size) if choice.padded else list(inputs)
-        plan = self._unsplit_plan(inputs) if overlap is not None else self.plan_for(padded)
+        plan = self._unsplit_plan(inputs, unsplit) if unsplit is not None else self.plan_for(padded)
         ex = executor if executor is not None else self.executor_for(plan, padded)
         if executor is None and not getattr(ex, "captures_graphs", False):
             raise BackendError(
@@ -362,9 +361,24 @@ class CompiledGraph:
         self._ran(plan, ex)
         return unpad_outputs(out, self.segmented, batch, choice.size)
 
-    def _unsplit_plan(self, inputs: Sequence[Any]) -> Plan:
-        """One nano-batch for a call whose inputs overlap a view the graph writes (``a = t[0:6]; b = t[3:9]``):
-        split, a write through one view would land in rows of the other at the wrong time."""
+    def unsplit_reason(self, inputs: Sequence[Any]) -> str | None:
+        """Why this call must run as one nano-batch in program order, or ``None``:
+
+        * its inputs overlap a view the graph writes (``a = t[0:6]; b = t[3:9]``): split, a write through one
+          view would land in rows of the other at the wrong time;
+        * autograd records it (training): no executor overlaps lanes then, and split, a nano-batch's in-place
+          write would bump the version of a tensor another nano-batch saved for backward."""
+        if self._written_inputs:
+            overlap = overlapping_writes(inputs, self._written_inputs)
+            if overlap is not None:
+                return f"inputs {overlap[0]} and {overlap[1]} overlap in memory and one is written in place"
+        if records_autograd(inputs) or (records_autograd(self._weights) if self._weights else False):
+            return ("autograd records this step (for inference, call the model under torch.no_grad() or "
+                    "torch.inference_mode() to keep the split)")
+        return None
+
+    def _unsplit_plan(self, inputs: Sequence[Any], reason: str) -> Plan:
+        """One nano-batch, program order (see :meth:`unsplit_reason`)."""
         batch = self.batch_size(inputs)
         split = SplitConfig.even(batch, 1)
         with self._lock:
@@ -372,8 +386,9 @@ class CompiledGraph:
             if plan is None:
                 plan = self._by_split[split] = self.plan_split(self.input_info(batch, inputs), split,
                                                           get_strategy("sequential"))
-        log.info("%s: inputs %s overlap in memory and one is written in place: running unsplit", self.label,
-                 overlapping_writes(inputs, self._written_inputs))
+        if reason not in self._unsplit_logged:
+            self._unsplit_logged.add(reason)
+            (log.warning if "autograd" in reason else log.info)("%s: %s: running unsplit", self.label, reason)
         return plan
 
     def run_passthrough(self, inputs: Sequence[Any], plan: Plan | None = None) -> Any:
@@ -395,8 +410,8 @@ class CompiledGraph:
             self._record[id(self)] = inputs
         if self.config.cuda_graphs:
             return self.run_captured(inputs)
-        plan = self._unsplit_plan(inputs) if self._written_inputs and overlapping_writes(
-            inputs, self._written_inputs) else self.plan_for(inputs)
+        unsplit = self.unsplit_reason(inputs)
+        plan = self._unsplit_plan(inputs, unsplit) if unsplit else self.plan_for(inputs)
         strategy = self._strategy_for.get(plan.split, self.strategy)
         if strategy.passthrough:  # the captured graph as is (auto's floor won this bucket)
             return self.run_passthrough(inputs, plan)

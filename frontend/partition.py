@@ -35,7 +35,7 @@ from dynaflow.frontend.rules import Rule, Seq, as_rule, default_rules, module_st
 from dynaflow.frontend.stale_copies import stale_copies, written_storage_users
 
 __all__ = ["Region", "assign_regions", "rematerialize_sizes", "whole_where_written", "main_split_where_written",
-           "partition"]
+           "partition", "fetch_attr"]
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +370,7 @@ def read_back(split: torch.fx.GraphModule, segments: list[Segment], ba: BatchAna
     by_index = {s.index: s for s in segments}
     for node in split.graph.nodes:
         if node.op == "get_attr":  # weights of a GraphModule (export, symbolic_trace) used by several segments
-            constants[node.name] = _fetch_attr(split, str(node.target))
+            constants[node.name] = fetch_attr(split, str(node.target))
             values[node.name] = Value(node.name, ValueKind.FREE, None, "const", 0)
             name_of[node] = node.name
             continue
@@ -428,7 +428,8 @@ def dim_order(val: Any) -> tuple[int, ...] | None:
     return None if order == tuple(range(len(sizes))) else order
 
 
-def _fetch_attr(root: torch.nn.Module, target: str) -> Any:
+def fetch_attr(root: torch.nn.Module, target: str) -> Any:
+    """The attribute ``target`` (a dotted path, as a ``get_attr`` node names it) of ``root``."""
     obj: Any = root
     for part in target.split("."):
         obj = getattr(obj, part)

@@ -137,11 +137,15 @@ class _TwoMergedOutputs(torch.nn.Module):
 
 def test_a_step_autograd_records_runs_its_lanes_on_the_calling_thread(fast_switching, monkeypatch):
     """Found by a random search over gradients: a lane's gradient went missing in ~3% of thread-executor steps.
-    Steps that record autograd run in serial order on the caller's thread; inference steps keep their lanes."""
+    A split program run by the thread executor while autograd records runs in serial order on the caller's
+    thread; inference steps keep their lanes."""
+    from dynaflow.backend import ThreadExecutor
     from dynaflow.backend import launch as launch_mod
+    from programs import program_of
 
     model = _TwoMergedOutputs()
-    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor="thread")
+    program, _, _ = program_of(model, torch.randn(6, 8), "round_robin", 2)
+    assert len(program.lanes) == 2 and program.buffers
     threads: set[str] = set()
     real = launch_mod.run_launch
 
@@ -150,12 +154,31 @@ def test_a_step_autograd_records_runs_its_lanes_on_the_calling_thread(fast_switc
         return real(launch, step)
 
     monkeypatch.setattr(launch_mod, "run_launch", run_launch)
+    ex = ThreadExecutor()
     x = torch.randn(6, 8)
     want = _grads(model, x, model)
     for _ in range(40):
-        for g, w in zip(_grads(model, x, compiled), want):
+        for g, w in zip(_grads(model, x, lambda xg: ex.run(program, [xg])), want):
             torch.testing.assert_close(g, w)
     assert threads == {threading.current_thread().name}
     with torch.no_grad():
-        compiled(x)
+        ex.run(program, [x])
     assert len(threads) == 2  # without autograd the second lane runs on its worker again
+    ex.close()
+
+
+def test_training_calls_run_unsplit_and_say_why(caplog):
+    """No executor overlaps lanes while autograd records, and split, a nano-batch's in-place write could bump the
+    version of a tensor another nano-batch saved for backward: training calls run as one nano-batch; the
+    warning says how to keep the split for inference."""
+    model = _TwoMergedOutputs()
+    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor="thread")
+    x = torch.randn(6, 8)
+    with caplog.at_level("WARNING", logger="dynaflow"):
+        for g, w in zip(_grads(model, x, compiled), _grads(model, x, model)):
+            torch.testing.assert_close(g, w)
+    assert compiled.last_graph.last_plan.split.num == 1
+    assert "torch.no_grad()" in caplog.text
+    with torch.no_grad():
+        compiled(x)
+    assert compiled.last_graph.last_plan.split.num == 2
