@@ -246,10 +246,22 @@ def is_view(node: torch.fx.Node) -> bool:
 
 
 def storage_root(node: torch.fx.Node) -> torch.fx.Node:
-    """Follow view ops back to the node that owns the storage (a placeholder, a constant or a computed tensor)."""
-    while (base := view_base(node)) is not None:
+    """Follow view ops, and in-place ops to what they wrote (``x.add_(1)`` returns ``x``), back to the node that
+    owns the storage (a placeholder, a constant or a computed tensor)."""
+    while (base := view_base(node) or _returned_target(node)) is not None:
         node = base
     return node
+
+
+def _returned_target(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The written argument an in-place op returns (``add_``, ``copy_``, an ``out=`` call), or ``None``."""
+    val = _val(node)
+    if not isinstance(val, torch.Tensor):
+        return None
+    targets = write_targets(node)
+    mine = val.untyped_storage()._cdata
+    same = [t for t in targets if isinstance(_val(t), torch.Tensor) and _val(t).untyped_storage()._cdata == mine]
+    return same[0] if same else (targets[0] if len(targets) == 1 else None)
 
 
 def aliases_of(root: torch.fx.Node) -> set[torch.fx.Node]:

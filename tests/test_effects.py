@@ -482,6 +482,14 @@ def _view_written_after_a_graph_break(x):
     return u + 0
 
 
+def _in_place_result_written_after_a_graph_break(x):
+    u = x.add_(1.0)  # u is x
+    y = x @ W8
+    torch._dynamo.graph_break()
+    x.mul_(3.0)
+    return u + 0, y
+
+
 def _a_tensor_and_its_views(x):
     v = x @ W8
     return v, v[:, :4], v.T
@@ -496,6 +504,12 @@ def test_graph_outputs_that_share_storage_in_eager_share_it_here(strategy, execu
     compiled = dynaflow.compile(_view_written_after_a_graph_break, strategy=strategy, nano_batches=2, executor=executor)
     with grad_off():
         torch.testing.assert_close(compiled(x), _view_written_after_a_graph_break(x))
+    compiled = dynaflow.compile(_in_place_result_written_after_a_graph_break, strategy=strategy, nano_batches=2,
+                                executor=executor)
+    mine, theirs = x.clone(), x.clone()
+    with grad_off():  # an in-place op's result is the tensor it wrote: the output is the input itself in eager
+        torch.testing.assert_close(compiled(mine), _in_place_result_written_after_a_graph_break(theirs))
+    torch.testing.assert_close(mine, theirs)
     compiled = dynaflow.compile(_a_tensor_and_its_views, strategy=strategy, nano_batches=2, executor=executor)
     with grad_off():
         got, want = compiled(x), _a_tensor_and_its_views(x)
