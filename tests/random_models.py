@@ -80,12 +80,12 @@ BINARY: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Ten
     "cat_linear": lambda a, b, w: torch.cat([a, b], -1) @ w,
     "cross_rows": lambda a, b, w: a @ (b.T @ a) * 0.01,
 }
-SPECIAL = ("batch_norm", "cache_write", "cut", "graph_break", "write_earlier", "write_earlier_row", "write_input",
-           "write_through_split", "view_of")
+SPECIAL = ("batch_norm", "cache_write", "cut", "graph_break", "write_earlier", "inplace_result", "write_earlier_row",
+           "write_input", "write_through_split", "view_of")
 """Ops :class:`RandomModel` runs itself: a BatchNorm (train or eval), a ``dynaflow.mark`` segment cut, a Dynamo
 graph break (the step becomes several captured graphs), a write of the batch's rows into a module buffer
 (a cache) read back after, an in-place write of an earlier value (or of the
-model's first input, or through one result of ``tensor_split``), a plain view of an earlier value."""
+model's first input, or through one result of ``tensor_split``; or its result used on), a plain view of an earlier value."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,8 @@ class RandomModel(nn.Module):
             elif op.name == "write_earlier_row":
                 a[-1] = 0.5
                 v = a + 0
+            elif op.name == "inplace_result":  # the in-place op's result (the tensor it wrote) flows on
+                v = a.add_(0.25)
             elif op.name == "write_through_split":
                 torch.tensor_split(a, 2, dim=1)[0].mul_(1.1)
                 v = a * 1.0
