@@ -297,18 +297,13 @@ def test_overlapping_inputs_one_written_run_unsplit_without_a_graph(fake_cuda):
         return b * 2
 
     c = dynaflow.compile(f, strategy="round_robin", nano_batches=2, executor="cuda", config={"cuda_graphs": True})
-    t = torch.arange(12.0).reshape(12, 1)
-    for _ in range(WARMUPS + 2):
-        ref_t = t.clone()
-        ref = f(ref_t[0:6], ref_t[3:9])
-        assert torch.equal(c(t[0:6], t[3:9]), ref) and torch.equal(t, ref_t)
-        assert c.last_graph.last_plan.split.num == 1 and c.last_graph.last_capture.mode.value == "eager"
-    disjoint = torch.arange(12.0).reshape(12, 1)
-    for _ in range(WARMUPS + 1):
-        ref_d = disjoint.clone()
-        ref = f(ref_d[0:6], ref_d[6:12])
-        assert torch.equal(c(disjoint[0:6], disjoint[6:12]), ref) and torch.equal(disjoint, ref_d)
-    assert c.last_graph.last_plan.split.num == 2 and c.last_graph.last_capture.mode.value == "graph"
+    for second, nano, mode in [(slice(3, 9), 1, "eager"), (slice(6, 12), 2, "graph")]:  # overlapping, then disjoint
+        t = torch.arange(12.0).reshape(12, 1)
+        for _ in range(WARMUPS + 2):
+            ref_t = t.clone()
+            ref = f(ref_t[0:6], ref_t[second])
+            assert torch.equal(c(t[0:6], t[second]), ref) and torch.equal(t, ref_t)
+        assert c.last_graph.last_plan.split.num == nano and c.last_graph.last_capture.mode.value == mode
 
 
 def test_a_declared_static_input_with_the_batch_dim_is_never_padded(fake_cuda):
