@@ -347,7 +347,9 @@ class CompiledGraph:
             choice = self.capture_for(batch)
         specs = input_specs(self.segmented)
         padded = pad_inputs(inputs, specs, batch, choice.size) if choice.padded else list(inputs)
-        plan = self._unsplit_plan(inputs, unsplit) if unsplit is not None else self.plan_for(padded)
+        plan = self.plan_for(padded)  # planned even when the call runs unsplit: a strategy's errors surface
+        if unsplit is not None:
+            plan = self._unsplit_plan(inputs, unsplit)
         ex = executor if executor is not None else self.executor_for(plan, padded)
         if executor is None and not getattr(ex, "captures_graphs", False):
             raise BackendError(
@@ -410,8 +412,10 @@ class CompiledGraph:
             self._record[id(self)] = inputs
         if self.config.cuda_graphs:
             return self.run_captured(inputs)
+        plan = self.plan_for(inputs)  # planned even when the call runs unsplit: a strategy's errors surface
         unsplit = self.unsplit_reason(inputs)
-        plan = self._unsplit_plan(inputs, unsplit) if unsplit else self.plan_for(inputs)
+        if unsplit:
+            plan = self._unsplit_plan(inputs, unsplit)
         strategy = self._strategy_for.get(plan.split, self.strategy)
         if strategy.passthrough:  # the captured graph as is (auto's floor won this bucket)
             return self.run_passthrough(inputs, plan)
