@@ -394,16 +394,17 @@ class CudaExecutor(Executor):
         (``static``: those slots; ``None``: all of them, as under CUDA graphs). Fresh tensors pass as is.
         ``rebase``: (bound, caller) input pairs; an output sharing a bound input's storage becomes the same
         view of the caller's tensor (never cloned: eager's output aliases the caller's input)."""
-        env = list(env)
         viewed: set[int] = set()
-        for s in set(program.output_slots.values()):
-            t = env[s]
-            for b, x in rebase:
-                if isinstance(t, torch.Tensor) and _overlaps(t, b):
+        if rebase:  # only graph replays of programs whose outputs view inputs pay for this
+            env = list(env)
+            for s in set(program.output_slots.values()):
+                t = env[s]
+                hit = next(((b, x) for b, x in rebase if isinstance(t, torch.Tensor) and _overlaps(t, b)), None)
+                if hit is not None:
+                    b, x = hit
                     env[s] = t if b is x else x.as_strided(t.shape, t.stride(),
                                                            x.storage_offset() + t.storage_offset() - b.storage_offset())
                     viewed.add(s)
-                    break
         if not self.config.copy_outputs:
             return self.outputs(program, env)
         keep = (set(program.output_slots.values()) if static is None else static) - viewed

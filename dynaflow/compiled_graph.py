@@ -374,7 +374,7 @@ class CompiledGraph:
             overlap = overlapping_writes(inputs, self._written_inputs)
             if overlap is not None:
                 return f"inputs {overlap[0]} and {overlap[1]} overlap in memory and one is written in place"
-        if records_autograd(inputs) or (records_autograd(self._weights) if self._weights else False):
+        if records_autograd(inputs) or records_autograd(self._weights):
             return ("autograd records this step (for inference, call the model under torch.no_grad() or "
                     "torch.inference_mode() to keep the split)")
         return None

@@ -58,9 +58,9 @@ GRAPH_EXECUTORS = {
     "cuda-graphs": {"cuda_graphs": True},
     "cuda-graphs-padded": {"cuda_graphs": True, "capture_sizes": (4, 8, 12), "over_capture": "eager"},
 }
-"""Under CUDA graphs each batch size is called ``GRAPH_CALLS`` times in a row (two eager warm-ups, a capture,
-replays), half the time into the same input tensors (read in place once stable) and half into fresh ones."""
 GRAPH_CALLS = 4
+"""Under CUDA graphs each batch size is called ``GRAPH_CALLS`` times in a row (two eager warm-ups, a capture,
+replays), odd sizes into the same input tensors (read in place once stable), even ones into fresh ones."""
 
 
 def check_against_eager(program: Program, strategy: str, nano: int, executor: str, batches: list[int],
