@@ -132,6 +132,8 @@ def _writes_first_argument(node: torch.fx.Node) -> bool:
         return node.target._schema.is_mutable
     if "out" in node.kwargs:
         return True
+    if getattr(node.target, "__module__", None) in ("operator", "_operator"):
+        return False  # ``operator.and_`` / ``or_`` / ``not_`` are ``a & b``: the in-place ones are _AUGMENTED
     return short.endswith("_") and not short.endswith("__")
 
 

@@ -126,7 +126,7 @@ class _Storage:
     def copied_after(self, home: Home, t_write: int, written: Home) -> bool:
         """A whole-batch copy made when its producing segment ended, after a write into its source."""
         made = self.made_in(home[1]) if home[0] == "copy" else None
-        return (made is not None and t_write < self.seg_end[made]
+        return (made is not None and t_write <= self.seg_end[made]
                 and self.as_of(self.value_home(home[1]), t_write) == written)
 
     def accesses(self, end: int) -> list[Access]:

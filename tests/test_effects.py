@@ -181,6 +181,31 @@ def test_augmented_assignment_on_ints_is_not_a_write():
     assert all(s.kind is not dynaflow.SegmentKind.BARRIER for s in compiled.last_graph.segmented.segments)
 
 
+def test_operator_functions_named_with_an_underscore_are_not_writes():
+    """``operator.and_`` / ``or_`` / ``not_`` are ``a & b`` (transformers 5 builds its padding mask with
+    ``result = result & mask``): taken as in-place writes, they made the mask's segment a barrier."""
+    def padded_causal_mask(x, keep):  # x [B, S, S], keep [B, S]
+        causal = torch.ones(x.shape[1], x.shape[2], dtype=torch.bool).tril()[None]
+        mask = causal & keep[:, None, :]
+        mask = mask | ~keep[:, :, None]
+        return x.masked_fill(~mask, 0.0)
+
+    from dynaflow.frontend.effects import write_targets
+    g = torch.fx.Graph()
+    a, b = g.placeholder("a"), g.placeholder("b")
+    nodes = [g.call_function(operator.and_, (a, b))]
+    nodes.append(g.call_function(operator.or_, (nodes[-1], a)))
+    nodes.append(g.call_function(operator.not_, (nodes[-1],)))
+    assert [write_targets(n) for n in nodes] == [(), (), ()]
+    compiled = dynaflow.compile(padded_causal_mask, strategy="round_robin", nano_batches=2, executor="serial")
+    x = torch.randn(4, HID, HID)
+    keep = torch.rand(4, HID) > 0.3
+    with grad_off():
+        torch.testing.assert_close(compiled(x, keep), padded_causal_mask(x, keep))
+    kinds = [s.kind for s in compiled.last_graph.segmented.segments]
+    assert dynaflow.SegmentKind.BARRIER not in kinds, compiled.explain()
+
+
 # -- kernels that write their outputs in place (vLLM's ``onednn_mm(out, x, ...)``, ``rotary(pos, q, k)``) ---------
 @torch.library.custom_op("dftest::mm_into", mutates_args=("out",))
 def mm_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -368,7 +393,8 @@ def test_strict_refuses_a_split_that_would_read_a_stale_copy():
 
 def test_writes_where_the_tensor_is_made_or_on_split_readers_only_keep_the_split():
     """No pessimism where no copy can go stale: a write in the segment that makes the tensor (a ResNet's
-    ``out += identity; relu_``), and writes whose every reader splits (vLLM's in-place rotary on q/k views)."""
+    ``out += identity; relu_``; or its last node, before the merge), and writes whose every reader splits
+    (vLLM's in-place rotary on q/k views)."""
     def made_and_written(x):
         h = x @ W8
         h += x
@@ -384,7 +410,14 @@ def test_writes_where_the_tensor_is_made_or_on_split_readers_only_keep_the_split
         dynaflow.mark("attend")
         return torch.cat([q, k], -1).softmax(-1)
 
-    for fn in (made_and_written, written_by_split_readers):
+    def written_last_then_returned(x):  # vLLM's final fused add-RMSNorm: the segment's last node writes
+        h = x @ W8                           # the tensor it made and returns (the merge runs after it)
+        dynaflow.mark("mlp")
+        h2 = torch.relu(h @ W8)
+        h2.mul_(0.5)
+        return h2
+
+    for fn in (made_and_written, written_by_split_readers, written_last_then_returned):
         compiled = dynaflow.compile(fn, strategy="round_robin", nano_batches=2, executor="serial")
         x = torch.randn(6, HID)
         with grad_off():
