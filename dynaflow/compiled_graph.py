@@ -33,7 +33,7 @@ from dynaflow.frontend.capture import batch_size_of, symbolize
 from dynaflow.frontend.differential import check_split_equals_whole, overlapping_writes
 from dynaflow.frontend.graph_inputs import input_roles
 from dynaflow.segment_timing import halving_sizes, replayable, time_segments
-from dynaflow.frontend.partition import fetch_attr, partition
+from dynaflow.frontend.partition import dense_order, fetch_attr, partition
 from dynaflow.ir import InputInfo, SplitConfig
 from dynaflow.planning import CostContext, Plan, describe_inputs, make_plan, split_with, strategy_name
 from dynaflow.requests import RequestLayout, current_requests
@@ -456,13 +456,5 @@ class CompiledGraph:
 
 
 def _dense(x: Any) -> bool:
-    """A tensor a clone lays out as it is (its elements fill a block of memory without gaps or overlaps, in
-    any dim order), or not a tensor."""
-    if not isinstance(x, torch.Tensor) or x.numel() == 0:
-        return True
-    expected = 1
-    for size, stride in sorted(((n, st) for n, st in zip(x.shape, x.stride()) if n != 1), key=lambda p: p[1]):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+    """A tensor a clone lays out as it is (its elements fill a block of memory in some dim order), or not a tensor."""
+    return not isinstance(x, torch.Tensor) or x.numel() == 0 or dense_order(x.shape, x.stride()) is not None

@@ -419,13 +419,20 @@ def dim_order(val: Any) -> tuple[int, ...] | None:
         strides = [int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in val.stride()]
     except (TypeError, AttributeError):  # an unbacked size: no hint
         return None
+    order = dense_order(sizes, strides)
+    return None if order is None or order == tuple(range(len(sizes))) else order
+
+
+def dense_order(sizes: Sequence[int], strides: Sequence[int]) -> tuple[int, ...] | None:
+    """The dims from outermost to innermost in memory when the elements fill one block without gaps or overlaps
+    (each dim's stride is the product of the sizes inside it; size-1 dims are free), else ``None``."""
     order = tuple(sorted(range(len(sizes)), key=lambda d: (-strides[d], -d)))
     expect = 1
-    for d in reversed(order):  # dense: each dim's stride is the product of the sizes inside it
+    for d in reversed(order):
         if sizes[d] != 1 and strides[d] != expect:
             return None
         expect *= sizes[d]
-    return None if order == tuple(range(len(sizes))) else order
+    return order
 
 
 def fetch_attr(root: torch.nn.Module, target: str) -> Any:
