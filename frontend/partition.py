@@ -140,6 +140,9 @@ def isolate_barriers(regions: list[Region], ba: BatchAnalysis) -> list[Region]:
 
     Example: a glue region ``[arange(B), mask ops, rmsnorm, q/k/v proj]`` becomes a barrier
     ``[arange(B) .. last node using it]`` and a split region with the norm and projections.
+    Batch-free nodes right before the first coupled one join the barrier: a static cache's
+    ``pos = arange(n) + counter; counter.add_(n)`` then reads the counter where it writes it, so the barrier
+    waits for no nano-batch of the split part before it (and ``pos`` is computed once, not per nano-batch).
     Regions tagged ``barrier`` or ``batch-local`` are left whole.
     """
     out: list[Region] = []
@@ -150,6 +153,8 @@ def isolate_barriers(regions: list[Region], ba: BatchAnalysis) -> list[Region]:
             out.append(r)
             continue
         first, last = idx[0], idx[-1]
+        while first > 0 and _batch_free(r.nodes[first - 1], ba):
+            first -= 1
         while last + 1 < len(r.nodes) and (_is_unpack_of(r.nodes[last + 1], r.nodes[first:last + 1])
                                            or _is_wait_of(r.nodes[last + 1], r.nodes[first:last + 1])):
             last += 1
@@ -158,6 +163,13 @@ def isolate_barriers(regions: list[Region], ba: BatchAnalysis) -> list[Region]:
         out.extend(Region(label, rule, r.tags, nodes) for nodes, label, rule in parts if nodes)
     _name_regions(out)
     return out
+
+
+def _batch_free(node: torch.fx.Node, ba: BatchAnalysis) -> bool:
+    """A node that touches no batch data and is not a tuple's unpacking (which stays with its producer)."""
+    unpack = (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node)
+              and isinstance(meta_val(node.args[0]), (tuple, list)))
+    return node not in ba.touches and node not in ba.coupling and not is_marker(node) and not unpack
 
 
 def _is_wait_of(node: torch.fx.Node, producers: list[torch.fx.Node]) -> bool:

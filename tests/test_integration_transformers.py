@@ -112,6 +112,11 @@ def test_generate_matches_eager(hf_models, name, strategy, executor, batch):
         counters = [r for r in reasons if "cumulative_length" in r]
         assert len(counters) == model.config.num_hidden_layers  # the cache length counter, once per layer
         assert len(reasons) == len(counters) * (2 if name == "mixtral" else 1)  # + the MoE dispatch
+        # the counter is read (``arange(n) + counter``) where it is updated: its barrier waits for no nano-batch
+        ng = g.last_plan.graph
+        for seg in (s for s in g.segmented.segments if "cumulative_length" in s.reason):
+            (op,) = ng.ops_of(seg)
+            assert all(dep.nano == dynaflow.ALL for dep in ng.deps(op)), (seg.name, ng.deps(op))
         if name == "llama":  # no barrier reads batch data: the only merge is the logits (never the cache)
             assert len(g.last_plan.program.buffers) == 1
 
