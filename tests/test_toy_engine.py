@@ -129,6 +129,29 @@ def test_dynaflow_toy_engine_equals_generate(reference, executor, nano, strategy
     _check_dynaflow_run(steps, nano)
 
 
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["streams", "cuda-graphs"])
+@pytest.mark.parametrize("nano,strategy", [(2, "nanoflow"), (3, "sequential")])
+def test_dynaflow_toy_engine_cuda_executor_lowering_on_cpu(reference, monkeypatch, nano, strategy, cuda_graphs):
+    """The GPU cases below with torch.cuda's streams, events and graphs faked on CPU (``tests/fake_cuda.py``):
+    the cuda executor's lowering, stream protocol and graph capture/replay at fixed addresses, per-nano-batch
+    contexts included. A fake replay re-runs the launches' Python (a real one does not), so a context built on
+    the host alone would pass here and fail on a GPU: ``-m cuda`` covers that."""
+    import fake_cuda
+
+    hf, prompts, tokens = reference
+    replays = []
+    real_replay = fake_cuda.FakeGraph.replay
+    monkeypatch.setattr(fake_cuda.FakeGraph, "replay", lambda g: replays.append(g) or real_replay(g))
+    steps = []
+    with fake_cuda.faked_cuda():
+        options = {"executor": "cuda", "nano_batches": nano, "strategy": strategy, "cuda_graphs": cuda_graphs}
+        engine = _engine(hf, "cpu", options, steps)
+        assert engine.generate(prompts, NEW_TOKENS) == tokens
+    assert (len(replays) > 0) == cuda_graphs
+    assert max(len(s) for s in steps[0].nano_seen) == nano
+    assert barrier_names(steps[0].graph.segmented) == ()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_eager_toy_engine_outer_cuda_graph_on_gpu(reference):
