@@ -21,6 +21,7 @@ from dynaflow.integrations import transformers as df_hf
 
 if not df_hf.is_available():
     pytest.skip("needs transformers >= 5.0", allow_module_level=True)
+import transformers  # noqa: E402
 from transformers import DynamicCache, StaticCache  # noqa: E402
 
 NEW_TOKENS = 4
@@ -273,6 +274,28 @@ def test_one_hook_serves_new_prompt_lengths_and_batch_sizes(hf_models):
         finally:
             df_hf.disable(model)
     assert hook.calls == len(cases) * NEW_TOKENS and len(hook.compiled.graphs) <= 4
+
+
+def test_static_cache_is_allocated_as_the_models_own_first_update_would():
+    """Falcon's multi-query attention keeps one KV head whatever ``num_attention_heads`` says: a cache sized
+    from the config failed Dynamo's capture (index_copy_ of 1 head into 4). The hook probes the shapes with one
+    step on fake tensors, and leaves no fake tensor behind in the model."""
+    falcon_config = getattr(transformers, "FalconConfig", None)
+    if falcon_config is None:
+        pytest.skip("this transformers has no Falcon")
+    torch.manual_seed(0)
+    cfg = falcon_config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=HF_VOCAB,
+                        multi_query=True, bos_token_id=1, eos_token_id=1)
+    model = transformers.FalconForCausalLM(cfg).eval()
+    ids, mask = prompts(4)
+    with grad_off():
+        ref = model.generate(ids, **gen_kwargs(mask, cache_implementation="static"))
+    out, hook = _generate(model, 4, strategy="nanoflow", executor="serial")
+    assert_same_generation(out, ref)
+    assert hook._kv_dims == [(1, 16, 16)] * 2
+    fake = torch._subclasses.fake_tensor.FakeTensor
+    held = [v for m in model.modules() for d in (m._parameters, m._buffers, vars(m)) for v in d.values()]
+    assert not any(isinstance(v, fake) for v in held)
 
 
 def test_batch_of_one_cannot_be_split(hf_models):

@@ -2,7 +2,8 @@
 
 How a step runs. ``generate`` calls ``model(**inputs)`` for the prefill and for every decode step. The hook
 checks the call (a static cache of this batch, no unsupported options), initialises a fresh static cache
-eagerly (so Dynamo sees its tensors as graph inputs rather than allocations inside the graph), marks the batch
+eagerly (so Dynamo sees its tensors as graph inputs rather than allocations inside the graph; its KV shapes
+are the ones the model's own first update would give, probed once on fake tensors), marks the batch
 dim of every cache tensor dynamic (so it shares the batch symbol of ``input_ids``), and calls a
 ``dynaflow.compile``-d step function that returns the logits. The cache object itself never leaves the
 graph as an output: its tensors are mutated in place — ``keys.index_copy_(2, pos, k)`` on a nano-batch *view*
@@ -15,9 +16,10 @@ and dynaflow partitions and plans each for its batch size.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import transformers
@@ -57,6 +59,8 @@ class DynaflowForward:
         self.calls = 0
         self._prepared: tuple[Any, int, tuple[Any, ...]] | None = None
         """(cache, batch, its layers' tensors) of the last prepared cache (see ``_prepare_cache``)."""
+        self._kv_dims: list[tuple[int, int, int]] | None = None
+        """Per cache layer (KV heads, key head dim, value head dim), probed once (see ``_probe_kv_dims``)."""
 
     # -- the captured step -------------------------------------------------------------------------------
     def _step(self, input_ids: torch.Tensor, attention_mask: Any, position_ids: Any, cache: Any,
@@ -145,11 +149,13 @@ class DynaflowForward:
         _check_static(cache)
         layers = list(cache.layers)
         if not all(layer.is_initialized for layer in layers):
-            cfg = self.model.config.get_text_config(decoder=True)
-            heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            if self._kv_dims is None:
+                self._kv_dims = self._probe_kv_dims(len(layers))
             dtype = next(self.model.parameters()).dtype
-            cache.early_initialization(batch, heads, head_dim, dtype, ids.device)
+            for layer, (heads, k_dim, v_dim) in zip(layers, self._kv_dims):
+                if not layer.is_initialized:  # what the layer's first update would allocate (no rows yet)
+                    layer.lazy_initialization(torch.zeros(batch, heads, 0, k_dim, dtype=dtype, device=ids.device),
+                                              torch.zeros(batch, heads, 0, v_dim, dtype=dtype, device=ids.device))
         for i, layer in enumerate(layers):
             rows = int(layer.keys.shape[0])
             if rows != batch:
@@ -165,6 +171,36 @@ class DynaflowForward:
                 torch._dynamo.mark_dynamic(layer.keys, 0)
                 torch._dynamo.mark_dynamic(layer.values, 0)
         self._prepared = (cache, batch, tuple((layer.keys, layer.values) for layer in layers))
+
+    def _probe_kv_dims(self, num_layers: int) -> list[tuple[int, int, int]]:
+        """Each cache layer's (KV heads, key head dim, value head dim) as the model's own first update makes them:
+        one decode step of the model on fake tensors (no memory, no data) into a fresh lazy cache. The config
+        cannot say it for every family (Falcon's multi-query attention keeps one KV head whatever
+        ``num_attention_heads`` is). Layers the probe does not reach (an op without a fake kernel) take the
+        reached layers' dims when those agree, else the config's."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        cfg = self.model.config.get_text_config(decoder=True)
+        probe = StaticCache(config=cfg, max_cache_len=2)
+        quiet = logging.getLogger("torch._subclasses.fake_tensor")  # it logs a meta kernel's failure as an error
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            with _tensors_restored(self.model), FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+                self._own_forward(input_ids=torch.zeros(1, 1, dtype=torch.long), cache=probe, use_cache=True,
+                                  return_dict=True)
+        except Exception as exc:  # noqa: BLE001 - a probe: what it reached is used, the rest falls back below
+            log.debug("the KV-shape probe of %s stopped early: %s", type(self.model).__name__, exc)
+        finally:
+            quiet.setLevel(level)
+        dims = [(int(l.keys.shape[1]), int(l.keys.shape[-1]), int(l.values.shape[-1]))
+                for l in probe.layers[:num_layers] if l.is_initialized]
+        if len(dims) < num_layers:
+            heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            fill = dims[0] if dims and len(set(dims)) == 1 else (heads, head_dim, head_dim)
+            dims += [fill] * (num_layers - len(dims))
+        return dims
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def install(self) -> "DynaflowForward":
@@ -184,6 +220,22 @@ class DynaflowForward:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return (f"DynaflowForward({type(self.model).__name__}, {opts}, graphs={len(self.compiled.graphs)}, "
                 f"calls={self.calls})")
+
+
+@contextlib.contextmanager
+def _tensors_restored(model: torch.nn.Module) -> Iterator[None]:
+    """Put back every tensor a module holds (parameters, buffers, plain attributes) when the block ends: a
+    forward on fake tensors must not leave one behind (a rotary module caching its ``inv_freq``)."""
+    held = [(d, dict(d)) for m in model.modules() for d in (m._parameters, m._buffers, m.__dict__)]
+    try:
+        yield
+    finally:
+        for d, before in held:
+            for key in [k for k, v in d.items() if isinstance(v, torch.Tensor) and before.get(k) is not v]:
+                if key in before:
+                    d[key] = before[key]
+                else:
+                    del d[key]
 
 
 def _check_static(cache: Any) -> None:
