@@ -3,7 +3,8 @@
 Tiny random configs of 22 families (decoders with padding masks, MoE, encoders, a vision transformer, conv
 nets, Whisper's encoder), three batch sizes each (so Dynamo's dynamic batch and odd splits are both exercised).
 The default tier runs every family once (nanoflow, serial executor); ``-m slow`` runs them on the other
-strategies and executors, the CUDA executor's lowering (streams and graphs) faked on CPU included. Besides
+strategies and executors, the CUDA executor's lowering (streams and graphs) faked on CPU included, and
+``generate`` with a static cache through the transformers hook on every decoder family. Besides
 the outputs, each case checks that no segment runs whole for an in-place write: these forwards write nothing
 the caller can see, so such a barrier would be the analysis misreading an op (``operator.and_`` once was).
 """
@@ -165,3 +166,41 @@ def test_architecture_equals_eager(name):
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_architecture_equals_eager_on_every_path(name, strategy, executor):
     check(name, strategy, executor)
+
+
+SLIDING_WINDOW = {"mistral", "gemma2"}
+"""Families whose default static cache has sliding-window layers: the transformers hook refuses them by name."""
+DECODERS = [n for n, (cls, _, _) in ARCHS.items() if "CausalLM" in cls or "LMHead" in cls]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DECODERS)
+def test_generate_with_a_static_cache_equals_eager(name):
+    """``dynaflow.integrations.transformers.enable`` on each decoder family: greedy tokens and every step's
+    logits equal eager ``generate`` with a static cache (left-padded prompts, batch 4, two nano-batches)."""
+    from dynaflow.integrations import transformers as df_hf
+
+    torch._dynamo.reset()
+    model = build(name)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, VOCAB, (4, 7), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(4):
+        ids[row, : row % 3], mask[row, : row % 3] = 0, 0
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+              output_logits=True, cache_implementation="static")
+    with grad_off():
+        ref = model.generate(ids, **kw)
+        hook = df_hf.enable(model, strategy="nanoflow", nano_batches=2, executor="serial")
+        try:
+            if name in SLIDING_WINDOW:
+                with pytest.raises(dynaflow.ConfigError, match="sliding-window"):
+                    model.generate(ids, **kw)
+                return
+            out = model.generate(ids, **kw)
+        finally:
+            df_hf.disable(model)
+    assert torch.equal(out.sequences, ref.sequences), (out.sequences, ref.sequences)
+    for got, want in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert hook.calls == 4 and all(g.last_plan.split.num == 2 for g in hook.compiled.graphs)
