@@ -43,13 +43,19 @@ class AtenCall:
     """The op's (fake) result."""
 
     def dim(self, name: str) -> Placement:
-        """The batch dim of tensor argument ``name`` (``None`` when batch-free or absent)."""
-        t = self.args.get(name)
+        """The batch dim of tensor argument ``name`` (``None`` when batch-free or not given); a name the op's
+        schema does not have raises ``KeyError`` (a rule written for another overload: the op couples)."""
+        t = self._arg(name)
         return self.dims(t) if isinstance(t, torch.Tensor) else None
 
     def ndim(self, name: str) -> int:
-        t = self.args.get(name)
+        t = self._arg(name)
         return t.dim() if isinstance(t, torch.Tensor) else 0
+
+    def _arg(self, name: str) -> Any:
+        if name not in self.args:
+            raise KeyError(f"{self.op} has no argument {name!r} (its arguments: {', '.join(self.args)})")
+        return self.args[name]
 
     def tensors(self) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []

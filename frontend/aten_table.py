@@ -273,6 +273,19 @@ def _spatial(n: int, input: str = "self") -> BatchRule:
     return last_dims(n, input)
 
 
+def _nll_loss(call: AtenCall) -> str | None:
+    """A per-sample loss (``reduction="none"``) is row-local along dim 0 of the scores and the targets; a mean
+    or sum reduces over the batch."""
+    d, d_target = call.dim("self"), call.dim("target")
+    if d is None and d_target is None:
+        return None
+    if call.args.get("reduction") != 0:
+        return "it reduces the loss over the batch (reduction mean or sum)"
+    if d != 0 or d_target != 0 or call.dim("weight") is not None:
+        return "its scores and targets do not both hold the batch at dim 0"
+    return None
+
+
 def _dropout(call: AtenCall) -> str | None:
     if call.args.get("train") is False or float(call.args.get("p", 0.0)) == 0.0:
         return None
@@ -390,6 +403,19 @@ register_batch_rule([_A + "avg_pool2d", _A + "max_pool2d_with_indices", _A + "_a
                      _A + "adaptive_max_pool2d", _A + "_upsample_nearest_exact2d", _A + "upsample_nearest2d"],
                     _spatial(2))
 register_batch_rule([_A + "avg_pool3d", _A + "max_pool3d_with_indices", _A + "_adaptive_avg_pool3d"], _spatial(3))
+# resampling, padding and patches over the trailing dims (``F.interpolate``, ``F.pad(mode="reflect")``,
+# ``nn.PixelShuffle``, ``F.unfold`` / ``F.fold``): independent along the leading dims
+register_batch_rule([_A + "upsample_nearest1d", _A + "_upsample_nearest_exact1d", _A + "upsample_linear1d",
+                     _A + "reflection_pad1d", _A + "replication_pad1d"], _spatial(1))
+register_batch_rule([_A + "upsample_bilinear2d", _A + "upsample_bicubic2d", _A + "_upsample_bilinear2d_aa",
+                     _A + "_upsample_bicubic2d_aa", _A + "reflection_pad2d", _A + "replication_pad2d",
+                     _A + "col2im"], _spatial(2))
+register_batch_rule([_A + "upsample_nearest3d", _A + "_upsample_nearest_exact3d", _A + "upsample_trilinear3d",
+                     _A + "reflection_pad3d", _A + "replication_pad3d", _A + "pixel_shuffle", _A + "pixel_unshuffle",
+                     _A + "im2col"], _spatial(3))
+register_batch_rule([_A + "channel_shuffle", _A + "native_channel_shuffle"],
+                    _first_dim_only("self", "shuffles the channels of each sample"))
+register_batch_rule([_A + "nll_loss_forward", _A + "nll_loss2d_forward"], _nll_loss)
 
 # collectives (Dynamo's functional collectives): elementwise across ranks, or moving rows of dim 0
 for _name in ("all_reduce", "all_reduce_", "broadcast", "broadcast_", "wait_tensor"):

@@ -249,7 +249,10 @@ class BatchAnalysis:
             return "it draws random numbers, so a nano-batch would see a different random stream", bool(syms)
         if out_batch and not batch_in and not entry.makes_batch:
             return "it lays a batch-free tensor out as batch rows", bool(syms)
-        reason = entry.rule(AtenCall(op, bound, place, self.batch, call.out))
+        try:
+            reason = entry.rule(AtenCall(op, bound, place, self.batch, call.out))
+        except KeyError as exc:  # a rule naming an argument this overload lacks proves nothing: it couples
+            return f"dynaflow's batch rule does not fit this overload ({exc.args[0]})", bool(syms)
         if reason:
             return reason, bool(syms)
         if batch_in and outs and not out_batch and not entry.makes_batch:

@@ -239,7 +239,24 @@ def _op_fns(draw):
         "roll", "transpose", "permute", "unsqueeze", "select", "slice", "split", "unbind", "index_select", "gather",
         "cat", "pad", "repeat", "tril", "mm_right", "mm_left", "bmm", "layer_norm", "view_merge", "view_split",
         "expand", "diagonal", "argmax", "logsumexp", "native_group_norm", "constant_fill", "index", "embedding", "sdpa", "gather_row0", "linear",
+        "pixel_shuffle", "pixel_unshuffle", "im2col", "col2im", "upsample", "reflection_pad", "channel_shuffle",
+        "nll_loss",
     ]))
+    if family in ("pixel_shuffle", "pixel_unshuffle", "im2col", "upsample", "channel_shuffle"):
+        op = {"pixel_shuffle": lambda x: aten.pixel_shuffle.default(x, 2),
+              "pixel_unshuffle": lambda x: aten.pixel_unshuffle.default(x, 2),
+              "im2col": lambda x: aten.im2col.default(x, [2, 2], [1, 1], [0, 0], [2, 2]),
+              "upsample": lambda x: aten.upsample_bilinear2d.default(x, [5, 3], False),
+              "channel_shuffle": lambda x: aten.channel_shuffle.default(x, 2)}[family]
+        return family, op, 4, (3, 4, 4, 2)
+    if family == "col2im":
+        return family, lambda x: aten.col2im.default(x, [4, 4], [2, 2], [1, 1], [0, 0], [2, 2]), 3, (2, 8, 4)
+    if family == "reflection_pad":
+        return family, lambda x: aten.reflection_pad2d.default(x, [1, 1, 1, 0]), 3, (2, 3, 3)
+    if family == "nll_loss":
+        reduction = draw(st.sampled_from([0, 1]))
+        return family, lambda x: aten.nll_loss_forward.default(
+            x.log_softmax(-1), (x.abs() * 7).long()[:, 0] % x.shape[-1], None, reduction, -100)[0], 2, None
     if family == "unary":
         op = draw(st.sampled_from([aten.exp.default, aten.relu.default, aten.neg.default, aten.sigmoid.default]))
         return family, lambda x: op(x), ndim, None
@@ -372,6 +389,53 @@ def test_rule_table_row_local_claims_hold_against_eager(case):
     else:
         for p in parts:
             torch.testing.assert_close(p, ref, msg=f"{name}: batch-free result depends on the rows")
+
+
+TRAILING = {
+    "unfold_fold": lambda x: F.fold(F.unfold(x, 2, stride=2) * 2, (6, 6), 2, stride=2),
+    "pixel_shuffle": lambda x: F.pixel_unshuffle(F.pixel_shuffle(x[:, :4], 2).relu(), 2),
+    "interpolate": lambda x: F.interpolate(F.pad(x, (1, 1, 1, 1), mode="reflect"), size=(5, 7), mode="bilinear"),
+    "cross_entropy_none": lambda x: F.cross_entropy(x, (x[:, 0].abs() * 3).long() % 3, reduction="none"),
+    "channel_shuffle": lambda x: F.channel_shuffle(x * 2, 3) if hasattr(F, "channel_shuffle") else x * 2,
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRAILING))
+def test_ops_over_trailing_dims_split_and_equal_eager(name):
+    """Resampling, padding, patch and per-sample loss ops (rules above the property test's reach where Dynamo
+    alone keeps the batch symbolic): split, never a barrier, and equal to eager at three batch sizes."""
+    fn = TRAILING[name]
+    compiled = dynaflow.compile(fn, **RR)
+    for batch in (3, 4, 6):
+        x = torch.randn(batch, 6, 6, 6, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), fn(x))
+    kinds = [s.kind for s in compiled.last_graph.segmented.segments]
+    assert kinds == [dynaflow.SegmentKind.SPLIT], compiled.explain()
+
+
+@torch.library.custom_op("dftest_rules::center", mutates_args=())
+def _center(x: torch.Tensor) -> torch.Tensor:
+    return x - x.mean(0)  # couples the rows of dim 0
+
+
+@_center.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_a_rule_naming_an_argument_the_op_lacks_couples():
+    """A rule written for an argument ``input`` on an op whose argument is ``x`` cannot see the batch tensor:
+    it must not pass the op as row-local (it did, an absent argument reading as batch-free: wrong rows)."""
+    from dynaflow.frontend.aten_rules import last_dims, register_batch_rule
+
+    register_batch_rule("dftest_rules::center", last_dims(1, "input"))
+    compiled = dynaflow.compile(lambda x: torch.ops.dftest_rules.center(x) * 2, **RR)
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), (x - x.mean(0)) * 2)
+    reasons = [s.reason for s in compiled.last_graph.segmented.segments if s.kind is dynaflow.SegmentKind.BARRIER]
+    assert len(reasons) == 1 and "has no argument 'input'" in reasons[0], compiled.explain()
 
 
 UNRULED = [aten.trace.default, aten.histc.default, aten.nonzero.default, aten.masked_select.default,
