@@ -28,6 +28,7 @@ from dynaflow.frontend import aten_table  # noqa: F401  (fills the rule registry
 from dynaflow.frontend.aten_rules import RANDOM_AWARE, AtenCall, rule_for
 from dynaflow.frontend.aten_trace import Dispatched, bind, fake_mode_of, lower_node
 from dynaflow.frontend.effects import storage_root, write_targets
+from dynaflow.frontend.row_layout import layout_of, reshaped, treats_rows_apart
 from dynaflow.frontend.rules import op_short_name
 
 __all__ = ["meta_val", "find_batch_symbol", "find_batch_source", "BatchAnalysis", "analyze"]
@@ -197,12 +198,13 @@ class BatchAnalysis:
             # already an ATen op with a rule (export graphs, collectives), or a torch function that is one
             # (linear: its decomposition's views depend on the torch version); composite ones are lowered below
             calls = [Dispatched(target, tuple(args), dict(kwargs), meta_val(node))]
+            result = meta_val(node)
         else:
             mode = self._mode or fake_mode_of((args, kwargs))
             if mode is None:
                 return "dynaflow cannot lower it to ATen ops (no fake values were recorded)"
             try:
-                calls, _ = lower_node(self.gm, node, args, kwargs, mode)
+                calls, result = lower_node(self.gm, node, args, kwargs, mode)
             except Exception as exc:  # noqa: BLE001 - anything we cannot analyse couples
                 return f"dynaflow cannot lower it to ATen ops ({type(exc).__name__}: {str(exc)[:120]})"
         place = _Placements(seed, self.batch)
@@ -214,6 +216,8 @@ class BatchAnalysis:
                 return f"{reason} [{call.op}]"
         if sym_in and not used_sym:
             return "it uses the batch size as a value (dynaflow cannot follow it into a shape)"
+        if any(isinstance(t, torch.Tensor) and place.is_interleaved(t) for t in torch.utils._pytree.tree_leaves(result)):
+            return "its result holds the batch rows interleaved with other rows (a view folded outer rows into them)"
         return None
 
     def _check_call(self, call: Dispatched, place: "_Placements") -> tuple[str | None, bool]:
@@ -245,6 +249,14 @@ class BatchAnalysis:
             if op._schema.name == "aten::arange":
                 return "it creates batch-position values (arange over the batch size)", True
             return f"it uses the batch size as a value (argument {stray[0]!r})", True
+        src = bound.get("self")
+        if op._schema.name in _RESHAPES and isinstance(src, torch.Tensor) and place(src) is not None and len(outs) == 1:
+            return place.reshape(src, outs[0]), bool(syms)  # the layout decides, interleaved or not
+        interleaved = [t for t in tensors if place.is_interleaved(t)]
+        if interleaved:
+            reason = place.keep_interleaved(op, interleaved[0], tensors, outs)
+            if reason:
+                return reason, bool(syms)
         if torch.Tag.nondeterministic_seeded in op.tags and op._schema.name not in RANDOM_AWARE:
             return "it draws random numbers, so a nano-batch would see a different random stream", bool(syms)
         if out_batch and not batch_in and not entry.makes_batch:
@@ -348,6 +360,8 @@ class _Placements:
     def __init__(self, seed: dict[int, Any], batch: sympy.Symbol):
         self.known = dict(seed)
         self.batch = batch
+        self.outer: dict[int, sympy.Expr] = {}
+        """Tensors whose batch dim holds ``outer·B·k`` rows, the batch in the middle (:mod:`.row_layout`)."""
 
     def __call__(self, t: Any) -> int | None:
         if not isinstance(t, torch.Tensor):
@@ -362,6 +376,38 @@ class _Placements:
             d = self.learn(t)
         return d is _BAD
 
+    def is_interleaved(self, t: torch.Tensor) -> bool:
+        return id(t) in self.outer
+
+    def reshape(self, src: torch.Tensor, out: torch.Tensor) -> str | None:
+        """Place the view ``out`` of ``src`` by the layout it keeps (see :mod:`.row_layout`), or say why not."""
+        d = self(src)
+        where = reshaped(layout_of(src, d, self.outer.get(id(src), sympy.Integer(1)), self.batch), out, self.batch)
+        if where is None:
+            return f"it regroups the batch dim: {tuple(src.shape)} -> {tuple(out.shape)} interleaves batch items"
+        self.known[id(out)] = where[0]
+        if where[1] != 1:
+            self.outer[id(out)] = where[1]
+        return None
+
+    def keep_interleaved(self, op: Any, ref: torch.Tensor, tensors: list[torch.Tensor],
+                         outs: list[torch.Tensor]) -> str | None:
+        """An op on a tensor whose batch rows are interleaved with outer rows: it must treat rows apart, and every
+        batch tensor it reads or makes must hold the batch the same way; its outputs stay interleaved."""
+        if not treats_rows_apart(op):
+            return ("it works across the rows of a tensor whose batch rows are interleaved with other rows (a view "
+                    f"folded outer rows into the batch dim: {tuple(ref.shape)})")
+        pattern = (self.outer[id(ref)], _expr(ref.shape[self(ref)]))
+        for t in tensors:
+            if self(t) is not None and (self.outer.get(id(t), 1), _expr(t.shape[self(t)])) != pattern:
+                return "it mixes batch rows interleaved with other rows and batch rows laid out otherwise"
+        for t in outs:
+            if self(t) is not None:
+                if _expr(t.shape[self(t)]) != pattern[1]:
+                    return "it changes the rows of a tensor whose batch rows are interleaved with other rows"
+                self.outer[id(t)] = pattern[0]
+        return None
+
     def learn(self, t: torch.Tensor) -> Any:
         hits = [i for i, s in enumerate(t.shape) if self.batch in _expr(s).free_symbols]
         if not hits:
@@ -375,6 +421,8 @@ class _Placements:
         return d
 
 
+_RESHAPES = frozenset({"aten::view", "aten::_unsafe_view", "aten::reshape", "aten::view_copy"})
+"""Views that regroup dims: placed by the layout they keep (:mod:`.row_layout`), interleaved or not."""
 _META_INPLACE = {"t_", "transpose_", "squeeze_", "unsqueeze_", "resize_", "resize_as_", "as_strided_", "set_",
                  "swapdims_", "swapaxes_"}
 _ATEN_OF = {torch._C._nn.linear: torch.ops.aten.linear.default,

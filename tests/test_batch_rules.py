@@ -458,3 +458,59 @@ def test_ops_outside_the_table_couple(op):
     ba = BatchAnalysis(gm, sym)
     reason, _ = ba._check_call(Dispatched(op, (fake,), {}, fake), _Placements({id(fake): 0}, sym))
     assert reason and "no batch rule" in reason
+
+
+# -- batch rows interleaved with outer rows inside one node (``(L, B, E) -> (L*B, E)``) ----------------------
+_LIB = torch.library.Library("dftest_rows", "DEF")
+_W = torch.randn(6, 5, generator=torch.Generator().manual_seed(7))
+_INTERLEAVED = {
+    # name: (body of a one-node op on x [L=3, B, 6], whether the batch analysis may split it)
+    "project_rows": (lambda x, w: (x.reshape(-1, 6) @ w).reshape(3, -1, 5), True),   # MHA's projections
+    "scale_then_back": (lambda x, w: (x.reshape(-1, 6) * 2 + 1).view(3, -1, 6), True),
+    "regroup_items": (lambda x, w: x.reshape(-1, 6).reshape(-1, 3, 6)[:, 0], False),   # rows of other items
+    "return_interleaved": (lambda x, w: x.reshape(-1, 6) * 2, False),                    # (3*B, 6) as B-outer: wrong
+    "softmax_across_rows": (lambda x, w: x.reshape(-1, 6).softmax(0).reshape(3, -1, 6), False),
+    "cumsum_across_rows": (lambda x, w: x.reshape(-1, 6).cumsum(0).reshape(3, -1, 6), False),
+    "mix_with_plain_rows": (lambda x, w: (x.reshape(-1, 6) + x.transpose(0, 1).reshape(-1, 6)).reshape(3, -1, 6),
+                            False),
+}
+for _name, (_body, _) in _INTERLEAVED.items():
+    _LIB.define(f"{_name}(Tensor x, Tensor w) -> Tensor")
+    _LIB.impl(_name, _body, "CompositeImplicitAutograd")
+
+
+@pytest.mark.parametrize("name", sorted(_INTERLEAVED))
+def test_batch_rows_interleaved_inside_one_node_split_only_when_restored(name):
+    """A node whose ATen ops fold outer rows into the batch dim (``nn.MultiheadAttention`` flattens
+    ``(L, B, E)`` to ``(L*B, E)`` around its projections) splits when every op on the folded rows keeps them
+    apart and a view gives the batch its own dim back; otherwise it is a barrier. Either way it equals eager."""
+    body, splits = _INTERLEAVED[name]
+    op = getattr(torch.ops.dftest_rows, name)
+    compiled = dynaflow.compile(lambda x, w: op(x, w) * 1.5, batch_dim=1, **RR)
+    for batch in (4, 5, 2):
+        x = torch.randn(3, batch, 6, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, _W), body(x, _W) * 1.5)
+    kinds = {s.kind for s in compiled.last_graph.segmented.segments}
+    assert (dynaflow.SegmentKind.BARRIER not in kinds) == splits, compiled.explain()
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq-first", "batch-first"])
+def test_multihead_attention_splits_and_equals_eager(batch_first):
+    """``nn.MultiheadAttention`` (outputs and averaged weights; a key padding mask sequence first): one node
+    whose projections interleave the batch rows. It splits and equals eager (it was a barrier)."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first).eval()
+
+    def fn(x):  # sequence first: pad the keys whose first feature exceeds 1 ([batch, keys] mask)
+        return mha(x, x, x, key_padding_mask=None if batch_first else x[..., 0].transpose(0, 1) > 1.0)
+
+    compiled = dynaflow.compile(fn, batch_dim=0 if batch_first else 1, **RR)
+    for batch in (4, 5):
+        g = torch.Generator().manual_seed(batch)
+        x = torch.randn(batch, 6, 8, generator=g) if batch_first else torch.randn(6, batch, 8, generator=g)
+        with torch.no_grad():
+            for got, want in zip(compiled(x), fn(x), strict=True):
+                torch.testing.assert_close(got, want)
+    assert [s.kind for s in compiled.last_graph.segmented.segments] == [dynaflow.SegmentKind.SPLIT], \
+        compiled.explain()
