@@ -286,6 +286,23 @@ def _nll_loss(call: AtenCall) -> str | None:
     return None
 
 
+def _fused_layer(inputs: Sequence[str]) -> BatchRule:
+    """PyTorch's fused transformer paths (``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` in eval
+    with ``batch_first=True``): attention within each sample and per-token layers, the batch at dim 0 of the
+    ``inputs``; the mask (an attention mask, a key padding mask or both merged) may hold it at dim 0 too."""
+    def rule(call: AtenCall) -> str | None:
+        for name, t in call.args.items():
+            if not isinstance(t, torch.Tensor) or call.dims(t) is None:
+                continue
+            if name not in (*inputs, "mask"):
+                return f"its argument {name!r} holds the batch, but only {list(inputs)} and the mask may"
+            if call.dims(t) != 0:
+                return f"it attends within each sample of dim 0, and {name!r} holds the batch at dim {call.dims(t)}"
+        return None
+
+    return rule
+
+
 def _dropout(call: AtenCall) -> str | None:
     if call.args.get("train") is False or float(call.args.get("p", 0.0)) == 0.0:
         return None
@@ -416,6 +433,8 @@ register_batch_rule([_A + "upsample_nearest3d", _A + "_upsample_nearest_exact3d"
 register_batch_rule([_A + "channel_shuffle", _A + "native_channel_shuffle"],
                     _first_dim_only("self", "shuffles the channels of each sample"))
 register_batch_rule([_A + "nll_loss_forward", _A + "nll_loss2d_forward"], _nll_loss)
+register_batch_rule(_A + "_transformer_encoder_layer_fwd", _fused_layer(("src",)))
+register_batch_rule(_A + "_native_multi_head_attention", _fused_layer(("query", "key", "value")))
 
 # collectives (Dynamo's functional collectives): elementwise across ranks, or moving rows of dim 0
 for _name in ("all_reduce", "all_reduce_", "broadcast", "broadcast_", "wait_tensor"):

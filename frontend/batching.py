@@ -31,7 +31,7 @@ from dynaflow.frontend.effects import storage_root, write_targets
 from dynaflow.frontend.row_layout import layout_of, reshaped, treats_rows_apart
 from dynaflow.frontend.rules import op_short_name
 
-__all__ = ["meta_val", "find_batch_symbol", "find_batch_source", "BatchAnalysis", "analyze"]
+__all__ = ["meta_val", "candidate_symbols", "find_batch_symbol", "find_batch_source", "BatchAnalysis", "analyze"]
 
 SYM = "sym"  # marker for an int value that depends on the batch size
 
@@ -54,13 +54,7 @@ def find_batch_source(gm: torch.fx.GraphModule, batch_dim: int) -> tuple[sympy.S
     construction), so the batch is the candidate most values of the graph carry: the one the model body
     works on. Inputs with another symbol are batch-free to the analysis (they run whole), which is safe.
     """
-    first: dict[sympy.Symbol, int] = {}
-    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
-        val = meta_val(node)
-        if isinstance(val, torch.Tensor) and val.dim() > batch_dim:
-            e = _expr(val.shape[batch_dim])
-            if isinstance(e, sympy.Symbol):
-                first.setdefault(e, i)
+    first = candidate_symbols(gm, batch_dim)
     if len(first) <= 1:
         return next(((sym, i, batch_dim) for sym, i in first.items()), None)
     carried = {sym: 0 for sym in first}
@@ -72,6 +66,18 @@ def find_batch_source(gm: torch.fx.GraphModule, batch_dim: int) -> tuple[sympy.S
                 carried[sym] += 1
     best = max(first, key=lambda sym: (carried[sym], -first[sym]))
     return best, first[best], batch_dim
+
+
+def candidate_symbols(gm: torch.fx.GraphModule, batch_dim: int) -> dict[sympy.Symbol, int]:
+    """The plain symbols at ``batch_dim`` of the graph inputs, each with the first input that has it."""
+    first: dict[sympy.Symbol, int] = {}
+    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
+        val = meta_val(node)
+        if isinstance(val, torch.Tensor) and val.dim() > batch_dim:
+            e = _expr(val.shape[batch_dim])
+            if isinstance(e, sympy.Symbol):
+                first.setdefault(e, i)
+    return first
 
 
 def find_batch_symbol(gm: torch.fx.GraphModule, batch_dim: int) -> sympy.Symbol | None:
@@ -88,9 +94,13 @@ class BatchAnalysis:
     """Per-node batch facts: ``dims[node]`` is the batch dim of its value (``None`` when batch-free, ``SYM``
     for a batch-dependent number, a tuple for multi-output nodes); ``coupling[node]`` says why it couples."""
 
-    def __init__(self, gm: torch.fx.GraphModule, batch: sympy.Symbol | None, cache: dict[Any, Any] | None = None):
+    def __init__(self, gm: torch.fx.GraphModule, batch: sympy.Symbol | None, cache: dict[Any, Any] | None = None,
+                 others: Iterable[sympy.Symbol] = ()):
         self.gm = gm
         self.batch = batch
+        self.others = frozenset(others) - {batch}
+        """Other inputs' symbols at the batch dim: inputs the caller passed with the batch's size there that
+        Dynamo never tied to the batch (only an op whose fake kernel checks no shapes could meet both)."""
         self.dims: dict[torch.fx.Node, Any] = {}
         self.coupling: dict[torch.fx.Node, str] = {}
         self.touches: set[torch.fx.Node] = set()
@@ -237,6 +247,14 @@ class BatchAnalysis:
         if any(d is _BAD for d in out_dims):
             return "its result holds the batch in more than one dim (or not as a whole multiple)", bool(syms)
         out_batch = any(d is not None for d in out_dims)
+        if self.others and (batch_in or out_batch):
+            for t in (*tensors, *outs):
+                foreign = sorted(map(str, self.others & set().union(*(_expr(n).free_symbols for n in t.shape))))
+                if foreign:
+                    return (f"it meets batch rows with a tensor {tuple(t.shape)} sized by another input's dynamic dim "
+                            f"({foreign[0]}) that Dynamo never tied to the batch: if that tensor holds the batch too, "
+                            "each nano-batch would get all of its rows. Fix: if it is batch data, tie the two in the "
+                            "model (torch._check(t.shape[0] == x.shape[0]))", bool(syms))
         if not (batch_in or syms or out_batch) and _draws(op, bound):  # repeated per nano-batch, it draws more
             return "it draws random numbers, which must happen once per step", False
         if not (batch_in or syms or out_batch):
@@ -455,9 +473,11 @@ def _is_marker(node: torch.fx.Node) -> bool:
     return is_marker(node)
 
 
-def analyze(gm: torch.fx.GraphModule, batch: sympy.Symbol | None, cache: dict[Any, Any] | None = None) -> BatchAnalysis:
-    """Run the batch analysis on ``gm``; ``cache`` carries verdicts between analyses of the same graph."""
-    return BatchAnalysis(gm, batch, cache).run()
+def analyze(gm: torch.fx.GraphModule, batch: sympy.Symbol | None, cache: dict[Any, Any] | None = None,
+            others: Iterable[sympy.Symbol] = ()) -> BatchAnalysis:
+    """Run the batch analysis on ``gm``; ``cache`` carries verdicts between analyses of the same graph;
+    ``others``: the other candidate batch symbols (:func:`candidate_symbols`), which must not meet the batch."""
+    return BatchAnalysis(gm, batch, cache, others).run()
 
 
 def _flat_consts(node: torch.fx.Node) -> list[Any]:

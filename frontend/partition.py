@@ -28,7 +28,7 @@ from dynaflow.ir import Resource, Segment, SegmentKind
 from dynaflow.segmented import OutRef, SegmentCall, SegmentedModule, Value, ValueKind
 from dynaflow.frontend.collectives import check_waits, functionalize_inplace, hoist_waits, is_wait
 from dynaflow.frontend.collectives import describe as describe_collectives
-from dynaflow.frontend.batching import SYM, BatchAnalysis, analyze, find_batch_symbol, meta_val
+from dynaflow.frontend.batching import SYM, BatchAnalysis, analyze, candidate_symbols, find_batch_symbol, meta_val
 from dynaflow.frontend.effects import effect_pairs
 from dynaflow.frontend.markers import is_marker, marker_args
 from dynaflow.frontend.rules import Rule, Seq, as_rule, default_rules, module_stack, op_name, op_short_name
@@ -277,10 +277,11 @@ def partition(
     regions, matches = assign_regions(gm, active)
     _check_rules(user_rules, matches, gm)
     batch = find_batch_symbol(gm, batch_dim)
+    others = candidate_symbols(gm, batch_dim)
     verdicts: dict[Any, Any] = {}
-    regions = isolate_barriers(regions, analyze(gm, batch, verdicts))
+    regions = isolate_barriers(regions, analyze(gm, batch, verdicts, others))
     rematerialize_sizes(gm, regions)
-    ba = analyze(gm, batch, verdicts)
+    ba = analyze(gm, batch, verdicts, others)
     segments = []
     for i, region in enumerate(regions):
         resource, hints = _tags(region)

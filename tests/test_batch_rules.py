@@ -460,6 +460,46 @@ def test_ops_outside_the_table_couple(op):
     assert reason and "no batch rule" in reason
 
 
+@torch.library.custom_op("dftest_rules::add_row_bias", mutates_args=())
+def _add_row_bias(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return x + bias[: x.shape[0]]  # row i of x gets row i of bias: bias is batch data the fake kernel never ties
+
+
+@_add_row_bias.register_fake
+def _(x, bias):
+    return torch.empty_like(x)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_input_with_its_own_batch_symbol_never_meets_the_batch_unsplit(tied):
+    """Both inputs carry the batch at dim 0, but the only op that meets them has a fake kernel that checks no
+    shapes, so Dynamo gives them two symbols. The analysis took the second input as batch-free and handed
+    every nano-batch all of its rows (silently wrong). It is now a barrier naming the symbol and the fix; with
+    the fix (``torch._check`` tying the sizes) the op splits."""
+    from dynaflow.frontend.aten_rules import register_batch_rule
+
+    # the user's rule: rows of x at dim 0; the bias either holds the same rows or is batch-free
+    register_batch_rule("dftest_rules::add_row_bias",
+                        lambda call: None if call.dim("x") in (None, 0) and call.dim("bias") in (None, 0) else "no")
+
+    def fn(x, bias):
+        if tied:
+            torch._check(bias.shape[0] == x.shape[0])
+        return torch.ops.dftest_rules.add_row_bias(x * 2, bias) + 1
+
+    compiled = dynaflow.compile(fn, **RR)
+    for batch in (4, 6):
+        g = torch.Generator().manual_seed(batch)
+        x, bias = torch.randn(batch, 3, generator=g), torch.randn(batch, 3, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, bias), fn(x, bias))
+    reasons = [s.reason for s in compiled.last_graph.segmented.segments if s.kind is dynaflow.SegmentKind.BARRIER]
+    if tied:
+        assert reasons == [], compiled.explain()
+    else:
+        assert len(reasons) == 1 and "never tied to the batch" in reasons[0] and "torch._check" in reasons[0]
+
+
 # -- batch rows interleaved with outer rows inside one node (``(L, B, E) -> (L*B, E)``) ----------------------
 _LIB = torch.library.Library("dftest_rows", "DEF")
 _W = torch.randn(6, 5, generator=torch.Generator().manual_seed(7))
