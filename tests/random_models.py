@@ -28,6 +28,16 @@ def _written(h: torch.Tensor, write: Callable[[torch.Tensor], object]) -> torch.
     return y
 
 
+def _mha_seq_first(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Attention over two halves of each row, sequence first: PyTorch's MHA flattens ``(2, B, E)`` to
+    ``(2*B, E)`` around its projections, so the batch rows interleave inside the node."""
+    e = D // 2
+    q = h.view(-1, 2, e).transpose(0, 1)
+    out, _ = F.multi_head_attention_forward(q, q, q, e, 2, torch.cat([w[:, :e], w[:e, :e]]), None, None, None,
+                                            False, 0.0, w[:e, e:], None, training=False, need_weights=False)
+    return out.transpose(0, 1).reshape(h.shape[0], D)
+
+
 UNARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     # row-local
     "linear": lambda h, w: h @ w,
@@ -49,6 +59,11 @@ UNARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "to_same": lambda h, w: h.to(h.dtype),  # returns its input itself
     "half_roundtrip": lambda h, w: h.half().float(),
     "argmax_gather": lambda h, w: torch.gather(h, 1, h.argmax(-1, keepdim=True)).expand(-1, D) + h,
+    "mha_seq_first": lambda h, w: _mha_seq_first(h, w),  # one node folding outer rows into the batch dim
+    "interpolate": lambda h, w: F.interpolate(h.view(-1, 2, D // 2), size=D // 2 + 2, mode="linear")[..., :D // 2]
+    .reshape(h.shape[0], D),
+    "pixel_shuffle": lambda h, w: F.pixel_shuffle(h.view(-1, 4, 1, D // 4), 2).reshape(h.shape[0], D),
+    "nll_per_row": lambda h, w: h + F.cross_entropy(h, (h[:, 0].abs() * 5).long() % D, reduction="none")[:, None],
     # coupling
     "sum_rows": lambda h, w: h + h.sum(0, keepdim=True),
     "mean_all": lambda h, w: h - h.mean(),
@@ -66,6 +81,7 @@ UNARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "median_mask": lambda h, w: h.masked_fill(h > h.median(), 0.0),
     "dropout_train": lambda h, w: F.dropout(h, 0.3, training=True),
     "sort_rows": lambda h, w: h.sort(0).values,
+    "nll_mean": lambda h, w: h + F.cross_entropy(h, (h[:, 0].abs() * 5).long() % D),
     "pad_rows": lambda h, w: F.pad(h, (0, 0, 1, 0))[:-1],
     "index_add_rows": lambda h, w: torch.zeros_like(h).index_add_(0, torch.arange(h.shape[0]).flip(0), h),
     # copies and in-place writes
