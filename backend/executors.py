@@ -188,7 +188,8 @@ class ThreadExecutor(Executor):
         if step.failed is not None:
             if isinstance(step.failed, BackendError):
                 raise step.failed
-            raise BackendError(f"A lane failed while running the program: {step.failed!r}") from step.failed
+            notes = "".join(f"\n{n}" for n in getattr(step.failed, "__notes__", ()))
+            raise BackendError(f"A lane failed while running the program: {step.failed!r}{notes}") from step.failed
         if ctx.timeline is not None:
             events = tuple(sorted((e for lane in per_lane for e in lane or ()), key=lambda e: e.start))
             self.last_timeline = Timeline(events, self.name)

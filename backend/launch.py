@@ -93,11 +93,17 @@ def run_launch(launch: Launch, step: StepContext) -> None:
     env = step.env
     slots = launch.slot_args
     args = [env[s] for s in slots] if slots is not None else [fetch(a, env) for a in launch.args]
-    if step.nano_ctx is not None:
-        with launch_context(step.nano_ctx, launch.segment, launch.op.nano, step.program.split):
+    try:
+        if step.nano_ctx is not None:
+            with launch_context(step.nano_ctx, launch.segment, launch.op.nano, step.program.split):
+                out = launch.fn(*args)
+        else:
             out = launch.fn(*args)
-    else:
-        out = launch.fn(*args)
+    except Exception as exc:  # the model's own error, kept as is, with where in the split step it was raised
+        exc.add_note(f"dynaflow: raised by {launch.op} (segment {launch.segment.name!r}, {launch.segment.kind.value}) "
+                     f"in a step split {step.program.split}. If eager runs this model, the split is at fault: tag "
+                     "that segment 'barrier' and please report it")
+        raise
     outs = out if launch.returns_tuple else (out,)
     for slot, value in zip(launch.out_slots, outs):
         env[slot] = value

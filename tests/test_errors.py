@@ -393,6 +393,34 @@ def test_thread_executor_reports_a_failing_lane():
         ThreadExecutor(wait_timeout=5).run(program, inputs)
 
 
+@torch.library.custom_op("dftest_errors::rows_in_fours", mutates_args=())
+def _rows_in_fours(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] % 4:
+        raise RuntimeError(f"rows_in_fours needs rows in fours, got {x.shape[0]}")
+    return x * 2
+
+
+@_rows_in_fours.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@pytest.mark.parametrize("executor", ["serial", "thread"])
+def test_an_error_inside_a_split_segment_says_where_it_was_raised(executor):
+    """A kernel that fails only on a nano-batch (a wrong rule the user registered): the model's own exception
+    (its type kept on the serial executor) carries which nano-op raised it and what to do."""
+    from dynaflow.frontend.aten_rules import register_batch_rule, rows
+
+    register_batch_rule("dftest_errors::rows_in_fours", rows(x=0))
+    compiled = dynaflow.compile(lambda x: torch.ops.dftest_errors.rows_in_fours(x) + 1, strategy="round_robin",
+                                nano_batches=2, executor=executor, config={"verify": False})
+    expected = RuntimeError if executor == "serial" else BackendError
+    with pytest.raises(expected) as info, grad_off():
+        compiled(torch.randn(4, 3))
+    text = str(info.value) + "".join(getattr(info.value, "__notes__", ()))
+    assert "rows in fours, got 2" in text and "raised by glue_0[nb" in text and "tag that segment 'barrier'" in text
+
+
 # -- batch of one --------------------------------------------------------------------------------------
 def test_batch_of_one_runs_unsplit():
     model = make_mlp()
