@@ -298,6 +298,21 @@ def test_static_cache_is_allocated_as_the_models_own_first_update_would():
     assert not any(isinstance(v, fake) for v in held)
 
 
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["streams", "cuda-graphs"])
+def test_generate_on_the_cuda_executors_lowering_with_cuda_faked(hf_models, cuda_graphs):
+    """The GPU floor benchmark's transformers path (``executor="cuda"``, with and without CUDA graphs) on CPU
+    tensors with torch.cuda's streams, events and graphs faked (``tests/fake_cuda.py``): tokens and logits
+    equal eager, and under graphs the decode steps replay a capture (the cache counter updated inside it)."""
+    from fake_cuda import faked_cuda
+
+    model, refs = hf_models("llama")
+    with faked_cuda():
+        out, hook = _generate(model, 3, strategy="nanoflow", executor="cuda", config={"cuda_graphs": cuda_graphs})
+    assert_same_generation(out, refs[3])
+    modes = {g.last_capture.mode.name if g.last_capture is not None else None for g in hook.compiled.graphs}
+    assert modes == ({"GRAPH"} if cuda_graphs else {None}), modes
+
+
 def test_batch_of_one_cannot_be_split(hf_models):
     model, _ = hf_models("llama")
     ids, mask = prompts(1)
