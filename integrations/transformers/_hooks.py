@@ -182,13 +182,14 @@ class DynaflowForward:
 
         cfg = self.model.config.get_text_config(decoder=True)
         probe = StaticCache(config=cfg, max_cache_len=2)
+        device = next(self.model.parameters()).device
         quiet = logging.getLogger("torch._subclasses.fake_tensor")  # it logs a meta kernel's failure as an error
         level = quiet.level
         quiet.setLevel(logging.CRITICAL)
         try:
             with _tensors_restored(self.model), FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-                self._own_forward(input_ids=torch.zeros(1, 1, dtype=torch.long), cache=probe, use_cache=True,
-                                  return_dict=True)
+                self._own_forward(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), cache=probe,
+                                  use_cache=True, return_dict=True)
         except Exception as exc:  # noqa: BLE001 - a probe: what it reached is used, the rest falls back below
             log.debug("the KV-shape probe of %s stopped early: %s", type(self.model).__name__, exc)
         finally:
