@@ -8,15 +8,16 @@ analysis imports it, so the table is in place before any verdict).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable, Sequence
+from typing import Sequence
 
 import sympy
 import torch
 
 from dynaflow.frontend.aten_rules import (AtenCall, BatchRule, aligned, along_dims, last_dims, norm_dim, out_ndim,
                                           pointwise, register_batch_rule)
+from dynaflow.frontend.row_layout import layout_of, regroups, reshaped, size_expr
 
-__all__ = ["reshape_keeps_rows"]
+__all__: list[str] = []
 
 
 def _free(call: AtenCall) -> str | None:
@@ -26,40 +27,16 @@ def _free(call: AtenCall) -> str | None:
 
 
 # -- shapes: views and reshapes ----------------------------------------------------------------------------
-def _expr(x: Any) -> sympy.Expr:
-    return x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(int(x))
-
-
-def _prod(xs: Iterable[Any]) -> sympy.Expr:
-    return sympy.expand(sympy.Mul(*[_expr(x) for x in xs]))
-
-
-def reshape_keeps_rows(src: torch.Tensor, d: int, out: torch.Tensor, batch: sympy.Symbol) -> str | None:
-    """Whether viewing ``src`` (batch at ``d``) as ``out`` keeps each batch item's elements together.
-
-    It does when the dims before the batch dim hold the same number of elements before and after, and the
-    output's batch dim is a whole multiple of the batch: item ``i`` then stays in a contiguous range of
-    that dim (``(B, S, H) -> (B*S, H)`` and back), never interleaved with other items.
-    """
-    hits = [i for i, s in enumerate(out.shape) if batch in _expr(s).free_symbols]
-    if len(hits) != 1:
-        return f"it views {tuple(src.shape)} as {tuple(out.shape)}, which loses or splits the batch dim"
-    k = sympy.simplify(_expr(out.shape[hits[0]]) / batch)
-    if batch in k.free_symbols or not k.is_integer:
-        return f"it views {tuple(src.shape)} as {tuple(out.shape)}: the batch is not the outer factor of dim {hits[0]}"
-    if sympy.expand(_prod(src.shape[:d]) - _prod(out.shape[:hits[0]])) != 0:
-        return f"it regroups the batch dim: {tuple(src.shape)} -> {tuple(out.shape)} interleaves batch items"
-    return None
-
-
-def _view(call: AtenCall, out_shape: Callable[[AtenCall], torch.Tensor | None]) -> str | None:
+def _view(call: AtenCall) -> str | None:
+    """A view of a batch tensor must keep each item's rows together, the batch outer in one dim (what a
+    boundary value needs). The analysis places views by their layout before this rule (:mod:`.row_layout`),
+    rows interleaved inside one node included; on its own, the table accepts only the plain case."""
     d = call.dim("self")
     if d is None:
         return None  # a batch-free view with the batch size in its shape is caught by the caller (sizes)
-    out = out_shape(call)
-    if out is None:
-        return "dynaflow could not determine the view's output shape"
-    return reshape_keeps_rows(call.args["self"], d, out, call.batch)
+    src, out = call.args["self"], call.out
+    where = reshaped(layout_of(src, d, sympy.Integer(1), call.batch), out, call.batch)
+    return None if where is not None and where[1] == 1 else regroups(src, out)
 
 
 # -- slicing and indexing -----------------------------------------------------------------------------------
@@ -75,7 +52,7 @@ def _slice(call: AtenCall) -> str | None:
         return None
     start, end, step = call.args.get("start"), call.args.get("end"), call.args.get("step", 1)
     whole = (start in (None, 0) and step == 1 and
-             (end is None or (isinstance(end, int) and end >= _BIG) or _expr(end) == _expr(src.shape[d])))
+             (end is None or (isinstance(end, int) and end >= _BIG) or size_expr(end) == size_expr(src.shape[d])))
     return None if whole else "it takes a slice of the rows along the batch dim"
 
 
@@ -151,7 +128,7 @@ def _index_put(call: AtenCall) -> str | None:
     dest = call.args["self"]
     with getattr(dest, "fake_mode", None) or contextlib.nullcontext():
         picked = torch.ops.aten.index.Tensor(dest, indices)
-    hits = [i for i, s in enumerate(picked.shape) if call.batch in _expr(s).free_symbols]
+    hits = [i for i, s in enumerate(picked.shape) if call.batch in size_expr(s).free_symbols]
     if len(hits) != 1:
         return "it writes a region whose batch dim dynaflow cannot locate"
     return aligned(call, [picked, values], picked.dim()) if call.dims(values) is not None or values.dim() else None
@@ -325,8 +302,8 @@ for _name in ("t", "transpose", "permute", "unsqueeze", "squeeze", "alias", "det
               "transpose_copy", "unsqueeze_copy", "squeeze_copy", "t_copy", "alias_copy", "clone_", "positive"):
     register_batch_rule(_A + _name, _free)
 register_batch_rule(_A + "expand", _free, sizes=("size",), makes_batch=True)
-register_batch_rule([_A + "view", _A + "_unsafe_view", _A + "reshape", _A + "view_copy"],
-                    lambda c: _view(c, lambda c2: c2.out), sizes=("size", "shape"))
+register_batch_rule([_A + "view", _A + "_unsafe_view", _A + "reshape", _A + "view_copy"], _view,
+                    sizes=("size", "shape"))
 for _name in ("empty", "empty_strided", "zeros", "ones", "full", "new_empty", "new_empty_strided", "new_zeros",
               "new_ones", "new_full", "empty_like", "zeros_like", "ones_like", "full_like", "scalar_tensor",
               "empty_permuted"):

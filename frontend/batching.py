@@ -28,7 +28,7 @@ from dynaflow.frontend import aten_table  # noqa: F401  (fills the rule registry
 from dynaflow.frontend.aten_rules import RANDOM_AWARE, AtenCall, rule_for
 from dynaflow.frontend.aten_trace import Dispatched, bind, fake_mode_of, lower_node
 from dynaflow.frontend.effects import storage_root, write_targets
-from dynaflow.frontend.row_layout import layout_of, reshaped, treats_rows_apart
+from dynaflow.frontend.row_layout import layout_of, regroups, reshaped, size_expr, treats_rows_apart
 from dynaflow.frontend.rules import op_short_name
 
 __all__ = ["meta_val", "candidate_symbols", "find_batch_symbol", "find_batch_source", "BatchAnalysis", "analyze"]
@@ -38,12 +38,6 @@ SYM = "sym"  # marker for an int value that depends on the batch size
 def meta_val(node: torch.fx.Node) -> Any:
     """The fake/example value fx recorded for ``node`` (Dynamo: ``example_value``; export/FakeTensorProp: ``val``)."""
     return node.meta.get("val", node.meta.get("example_value"))
-
-
-def _expr(x: Any) -> sympy.Expr:
-    if isinstance(x, torch.SymInt):
-        return x.node.expr
-    return sympy.Integer(int(x))
 
 
 def find_batch_source(gm: torch.fx.GraphModule, batch_dim: int) -> tuple[sympy.Symbol, int, int] | None:
@@ -61,7 +55,7 @@ def find_batch_source(gm: torch.fx.GraphModule, batch_dim: int) -> tuple[sympy.S
     for node in gm.graph.nodes:
         val = meta_val(node)
         if isinstance(val, torch.Tensor):
-            syms = set().union(*(_expr(s).free_symbols for s in val.shape)) if val.dim() else set()
+            syms = set().union(*(size_expr(s).free_symbols for s in val.shape)) if val.dim() else set()
             for sym in carried.keys() & syms:
                 carried[sym] += 1
     best = max(first, key=lambda sym: (carried[sym], -first[sym]))
@@ -74,7 +68,7 @@ def candidate_symbols(gm: torch.fx.GraphModule, batch_dim: int) -> dict[sympy.Sy
     for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
         val = meta_val(node)
         if isinstance(val, torch.Tensor) and val.dim() > batch_dim:
-            e = _expr(val.shape[batch_dim])
+            e = size_expr(val.shape[batch_dim])
             if isinstance(e, sympy.Symbol):
                 first.setdefault(e, i)
     return first
@@ -124,13 +118,13 @@ class BatchAnalysis:
             return (SYM if B in val.node.expr.free_symbols else None), None
         if not isinstance(val, torch.Tensor):
             return None, None
-        hits = [d for d, s in enumerate(val.shape) if B in _expr(s).free_symbols]
+        hits = [d for d, s in enumerate(val.shape) if B in size_expr(s).free_symbols]
         if not hits:
             return None, None
         if len(hits) > 1:
             return None, f"its output {tuple(val.shape)} has the batch size in dims {hits}"
         d = hits[0]
-        k = sympy.simplify(_expr(val.shape[d]) / B)
+        k = sympy.simplify(size_expr(val.shape[d]) / B)
         if B in k.free_symbols or not k.is_integer:
             return None, f"its output size {val.shape[d]} at dim {d} is not a multiple k·{B} of the batch"
         return d, None
@@ -249,7 +243,7 @@ class BatchAnalysis:
         out_batch = any(d is not None for d in out_dims)
         if self.others and (batch_in or out_batch):
             for t in (*tensors, *outs):
-                foreign = sorted(map(str, self.others & set().union(*(_expr(n).free_symbols for n in t.shape))))
+                foreign = sorted(map(str, self.others & set().union(*(size_expr(n).free_symbols for n in t.shape))))
                 if foreign:
                     return (f"it meets batch rows with a tensor {tuple(t.shape)} sized by another input's dynamic dim "
                             f"({foreign[0]}) that Dynamo never tied to the batch: if that tensor holds the batch too, "
@@ -402,7 +396,7 @@ class _Placements:
         d = self(src)
         where = reshaped(layout_of(src, d, self.outer.get(id(src), sympy.Integer(1)), self.batch), out, self.batch)
         if where is None:
-            return f"it regroups the batch dim: {tuple(src.shape)} -> {tuple(out.shape)} interleaves batch items"
+            return regroups(src, out)
         self.known[id(out)] = where[0]
         if where[1] != 1:
             self.outer[id(out)] = where[1]
@@ -415,25 +409,25 @@ class _Placements:
         if not treats_rows_apart(op):
             return ("it works across the rows of a tensor whose batch rows are interleaved with other rows (a view "
                     f"folded outer rows into the batch dim: {tuple(ref.shape)})")
-        pattern = (self.outer[id(ref)], _expr(ref.shape[self(ref)]))
+        pattern = (self.outer[id(ref)], size_expr(ref.shape[self(ref)]))
         for t in tensors:
-            if self(t) is not None and (self.outer.get(id(t), 1), _expr(t.shape[self(t)])) != pattern:
+            if self(t) is not None and (self.outer.get(id(t), 1), size_expr(t.shape[self(t)])) != pattern:
                 return "it mixes batch rows interleaved with other rows and batch rows laid out otherwise"
         for t in outs:
             if self(t) is not None:
-                if _expr(t.shape[self(t)]) != pattern[1]:
+                if size_expr(t.shape[self(t)]) != pattern[1]:
                     return "it changes the rows of a tensor whose batch rows are interleaved with other rows"
                 self.outer[id(t)] = pattern[0]
         return None
 
     def learn(self, t: torch.Tensor) -> Any:
-        hits = [i for i, s in enumerate(t.shape) if self.batch in _expr(s).free_symbols]
+        hits = [i for i, s in enumerate(t.shape) if self.batch in size_expr(s).free_symbols]
         if not hits:
             d: Any = None
         elif len(hits) > 1:
             d = _BAD
         else:
-            k = sympy.simplify(_expr(t.shape[hits[0]]) / self.batch)
+            k = sympy.simplify(size_expr(t.shape[hits[0]]) / self.batch)
             d = hits[0] if self.batch not in k.free_symbols and k.is_integer else _BAD
         self.known[id(t)] = d
         return d

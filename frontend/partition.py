@@ -88,8 +88,7 @@ def assign_regions(gm: torch.fx.GraphModule, rules: Sequence[Rule]) -> tuple[lis
             regions.append(Region(marker[0], "mark", marker[1], [node]))
             current_key = ("mark", len(regions))
             continue
-        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node) \
-                and isinstance(meta_val(node.args[0]), (tuple, list)):
+        if _is_tuple_unpack(node):
             _region_of(regions, node.args[0]).nodes.append(node)  # keep tuple unpacking with its producer
             continue
         key, rule = seq_key.get(node), None
@@ -167,9 +166,12 @@ def isolate_barriers(regions: list[Region], ba: BatchAnalysis) -> list[Region]:
 
 def _batch_free(node: torch.fx.Node, ba: BatchAnalysis) -> bool:
     """A node that touches no batch data and is not a tuple's unpacking (which stays with its producer)."""
-    unpack = (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node)
-              and isinstance(meta_val(node.args[0]), (tuple, list)))
-    return node not in ba.touches and node not in ba.coupling and not is_marker(node) and not unpack
+    return node not in ba.touches and node not in ba.coupling and not is_marker(node) and not _is_tuple_unpack(node)
+
+
+def _is_tuple_unpack(node: torch.fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node)
+            and isinstance(meta_val(node.args[0]), (tuple, list)))
 
 
 def _is_wait_of(node: torch.fx.Node, producers: list[torch.fx.Node]) -> bool:

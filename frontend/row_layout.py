@@ -16,7 +16,8 @@ from typing import Any
 import sympy
 import torch
 
-__all__ = ["Layout", "layout_of", "reshaped", "ROW_WISE_OPS", "treats_rows_apart"]
+__all__ = ["Layout", "size_expr", "size_prod", "layout_of", "reshaped", "regroups", "ROW_WISE_OPS",
+           "treats_rows_apart"]
 
 Layout = tuple[sympy.Expr, sympy.Expr]
 """``(O, I)``: in the tensor's row-major element order, element ``(a·B + b)·I + i`` (``a < O``, ``i < I``) belongs
@@ -28,12 +29,14 @@ ROW_WISE_OPS = frozenset({"aten::addmm", "aten::mm", "aten::clone", "aten::_to_c
 any grouping of batch items into that dim survives them (the analysis still checks the op's own rule)."""
 
 
-def _expr(x: Any) -> sympy.Expr:
+def size_expr(x: Any) -> sympy.Expr:
+    """A size (an int or a ``SymInt``) as a sympy expression."""
     return x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(int(x))
 
 
-def _prod(xs: Any) -> sympy.Expr:
-    return sympy.expand(sympy.Mul(*[_expr(x) for x in xs]))
+def size_prod(xs: Any) -> sympy.Expr:
+    """The product of sizes, expanded."""
+    return sympy.expand(sympy.Mul(*[size_expr(x) for x in xs]))
 
 
 def _whole(x: sympy.Expr, batch: sympy.Symbol) -> bool:
@@ -44,25 +47,30 @@ def _whole(x: sympy.Expr, batch: sympy.Symbol) -> bool:
 
 def layout_of(t: torch.Tensor, dim: int, outer: sympy.Expr, batch: sympy.Symbol) -> Layout:
     """The layout of ``t`` with the batch at ``dim`` as ``outer·B·k`` rows (``outer`` 1: the batch is outer)."""
-    k = sympy.simplify(_expr(t.shape[dim]) / (outer * batch))
-    return sympy.expand(_prod(t.shape[:dim]) * outer), sympy.expand(k * _prod(t.shape[dim + 1:]))
+    k = sympy.simplify(size_expr(t.shape[dim]) / (outer * batch))
+    return sympy.expand(size_prod(t.shape[:dim]) * outer), sympy.expand(k * size_prod(t.shape[dim + 1:]))
 
 
 def reshaped(layout: Layout, out: torch.Tensor, batch: sympy.Symbol) -> tuple[int, sympy.Expr] | None:
     """Where a view of a tensor with ``layout`` holds the batch: ``(dim, outer)`` (``outer`` 1 when the batch is
     outer in that dim), or ``None`` when no single dim holds each item's rows in one pattern."""
-    hits = [i for i, s in enumerate(out.shape) if batch in _expr(s).free_symbols]
+    hits = [i for i, s in enumerate(out.shape) if batch in size_expr(s).free_symbols]
     if len(hits) != 1:
         return None
     d = hits[0]
     o_total, inner = layout
-    outer = sympy.simplify(o_total / _prod(out.shape[:d]))
+    outer = sympy.simplify(o_total / size_prod(out.shape[:d]))
     if not _whole(outer, batch):
         return None
-    k = sympy.simplify(_expr(out.shape[d]) / (outer * batch))
-    if not _whole(k, batch) or sympy.expand(k * _prod(out.shape[d + 1:]) - inner) != 0:
+    k = sympy.simplify(size_expr(out.shape[d]) / (outer * batch))
+    if not _whole(k, batch) or sympy.expand(k * size_prod(out.shape[d + 1:]) - inner) != 0:
         return None
     return d, outer
+
+
+def regroups(src: torch.Tensor, out: torch.Tensor) -> str:
+    """Why a view of ``src`` as ``out`` couples: it interleaves batch items."""
+    return f"it regroups the batch dim: {tuple(src.shape)} -> {tuple(out.shape)} interleaves batch items"
 
 
 def treats_rows_apart(op: Any) -> bool:
