@@ -44,12 +44,13 @@ def is_available() -> bool:
 
 
 def enable(model: Any, *, strategy: Any = "nanoflow", nano_batches: int | None = 2, executor: str = "auto",
-           rules: Any = None, verify: bool = False, config: Any = None) -> Any:
+           rules: Any = None, verify: bool = False, config: Any = None, row_wise_experts: bool = True) -> Any:
     """Route every forward of the transformers ``model`` through dynaflow; returns the installed hook.
 
     The options are those of :func:`dynaflow.compile`. ``model.generate(...)`` must then use a static cache
     (``cache_implementation="static"`` or a ``StaticCache`` passed as ``cache=``). Enabling again replaces the
-    previous hook. Raises :class:`dynaflow.ConfigError` when transformers is missing or the model is not a
+    previous hook. ``row_wise_experts`` runs each MoE experts module as one row-wise op, so MoE layers split
+    without a barrier (see :mod:`._experts`); False leaves them to the batch analysis. Raises :class:`dynaflow.ConfigError` when transformers is missing or the model is not a
     decoder-only transformers model.
     """
     from dynaflow.errors import ConfigError
@@ -62,7 +63,7 @@ def enable(model: Any, *, strategy: Any = "nanoflow", nano_batches: int | None =
     from dynaflow.integrations.transformers import _hooks
 
     return _hooks.enable(model, strategy=strategy, nano_batches=nano_batches, executor=executor, rules=rules,
-                         verify=verify, config=config)
+                         verify=verify, config=config, row_wise_experts=row_wise_experts)
 
 
 def disable(model: Any) -> bool:

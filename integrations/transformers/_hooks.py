@@ -28,6 +28,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import dynaflow
 from dynaflow.errors import CaptureError, ConfigError
+from dynaflow.integrations.transformers import _experts
 
 __all__ = ["DynaflowForward", "enable"]
 
@@ -47,9 +48,10 @@ class DynaflowForward:
 
     _dynaflow_hook = True
 
-    def __init__(self, model: torch.nn.Module, options: dict[str, Any]):
+    def __init__(self, model: torch.nn.Module, options: dict[str, Any], row_wise_experts: bool = True):
         self.model = model
         self.options = dict(options)
+        self.row_wise_experts = row_wise_experts
         self._own_forward = type(model).forward.__get__(model)
         # generate() reads the forward's signature to decide what to pass (position_ids for left padding,
         # logits_to_keep): the hook must advertise the model's own parameters, not (*args, **kwargs).
@@ -205,6 +207,8 @@ class DynaflowForward:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def install(self) -> "DynaflowForward":
+        if self.row_wise_experts:
+            _experts.wrap(self.model)
         self.model.forward = self
         self.model.generation_config.disable_compile = True
         return self
@@ -212,6 +216,7 @@ class DynaflowForward:
     def remove(self) -> None:
         if self.model.__dict__.get("forward") is self:
             del self.model.forward
+        _experts.unwrap(self.model)
         self.model.generation_config.disable_compile = self._saved_disable_compile
 
     def explain(self) -> str:
@@ -255,7 +260,7 @@ def _check_static(cache: Any) -> None:
         raise ConfigError("An offloaded StaticCache is not supported by dynaflow; create it with offloading=False.")
 
 
-def enable(model: Any, **options: Any) -> DynaflowForward:
+def enable(model: Any, row_wise_experts: bool = True, **options: Any) -> DynaflowForward:
     if not isinstance(model, transformers.PreTrainedModel) or not hasattr(model, "generate"):
         raise ConfigError(
             f"dynaflow.integrations.transformers.enable(model) needs a transformers PreTrainedModel with generate(); "
@@ -273,6 +278,6 @@ def enable(model: Any, **options: Any) -> DynaflowForward:
             "replace it. Remove that override first."
         )
     options = {k: v for k, v in options.items() if v is not None or k == "nano_batches"}
-    hook = DynaflowForward(model, options).install()
+    hook = DynaflowForward(model, options, row_wise_experts).install()
     log.info("dynaflow enabled on %s: %r", type(model).__name__, hook)
     return hook
