@@ -22,8 +22,8 @@ import torch
 from dynaflow import knobs
 from dynaflow.errors import BackendError
 from dynaflow.timeline import Timeline, TimelineEvent
-from dynaflow.backend.launch import (Executor, ExecutorContext, StepContext, records_autograd, run_launch, run_serial,
-                                     step_loop)
+from dynaflow.backend.launch import (Executor, ExecutorContext, StepContext, raised_by_a_launch, records_autograd,
+                                     run_launch, run_serial, step_loop)
 from dynaflow.backend.program import CONST, Launch, Program
 
 __all__ = ["Executor", "SerialExecutor", "ThreadExecutor", "run_launch", "reader_counts"]
@@ -186,10 +186,10 @@ class ThreadExecutor(Executor):
             if crew is not None:
                 self._checkin(crew)
         if step.failed is not None:
-            if isinstance(step.failed, BackendError):
+            # one policy on every executor: a segment's own exception as is (with its note), ours a BackendError
+            if isinstance(step.failed, BackendError) or raised_by_a_launch(step.failed):
                 raise step.failed
-            notes = "".join(f"\n{n}" for n in getattr(step.failed, "__notes__", ()))
-            raise BackendError(f"A lane failed while running the program: {step.failed!r}{notes}") from step.failed
+            raise BackendError(f"A lane failed while running the program: {step.failed!r}") from step.failed
         if ctx.timeline is not None:
             events = tuple(sorted((e for lane in per_lane for e in lane or ()), key=lambda e: e.start))
             self.last_timeline = Timeline(events, self.name)

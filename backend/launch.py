@@ -34,8 +34,8 @@ from dynaflow.segmented import OutRef
 from dynaflow.timeline import Timeline, TimelineEvent
 from dynaflow.backend.program import Launch, Program, Wait, empty_laid_out, fetch
 
-__all__ = ["Executor", "ExecutorContext", "StepContext", "run_launch", "step_loop", "run_serial", "NOLOCK",
-           "records_autograd"]
+__all__ = ["Executor", "ExecutorContext", "StepContext", "run_launch", "raised_by_a_launch", "step_loop", "run_serial",
+           "NOLOCK", "records_autograd"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,16 @@ class StepContext:
         return replace(self, env=env, timeline=None)
 
 
+LAUNCH_NOTE = "dynaflow: raised by"
+"""How the note that :func:`run_launch` adds to a segment's own exception starts."""
+
+
+def raised_by_a_launch(exc: BaseException) -> bool:
+    """Whether ``exc`` is a segment's own exception (the model's code or a kernel it calls), which every executor
+    lets through unchanged but for a note saying where; anything else a lane raises is dynaflow's failure."""
+    return any(str(n).startswith(LAUNCH_NOTE) for n in getattr(exc, "__notes__", ()))
+
+
 def run_launch(launch: Launch, step: StepContext) -> None:
     """Fetch arguments, call the segment, store outputs, and write merged outputs into their buffers.
 
@@ -100,7 +110,7 @@ def run_launch(launch: Launch, step: StepContext) -> None:
         else:
             out = launch.fn(*args)
     except Exception as exc:  # the model's own error, kept as is, with where in the split step it was raised
-        exc.add_note(f"dynaflow: raised by {launch.op} (segment {launch.segment.name!r}, {launch.segment.kind.value}) "
+        exc.add_note(f"{LAUNCH_NOTE} {launch.op} (segment {launch.segment.name!r}, {launch.segment.kind.value}) "
                      f"in a step split {step.program.split}. If eager runs this model, the split is at fault: tag "
                      "that segment 'barrier' and please report it")
         raise

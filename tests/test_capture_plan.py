@@ -138,7 +138,9 @@ def test_missing_wait_gives_a_wrong_answer_or_a_failure_on_the_thread_executor()
         try:
             bad = ThreadExecutor(wait_timeout=10).run(delayed(broken), inputs)
         except BackendError as exc:
-            assert "lane failed" in str(exc) or "waited" in str(exc)
+            assert "waited" in str(exc), exc
+        except TypeError as exc:  # the consumer's segment ran on a value not there yet
+            assert any(n.startswith("dynaflow: raised by") for n in exc.__notes__), exc
         else:
             assert not torch.equal(bad, ref), "the race went unnoticed"
 
