@@ -537,13 +537,13 @@ def test_batch_rows_interleaved_inside_one_node_split_only_when_restored(name):
 
 @pytest.mark.parametrize("batch_first", [False, True], ids=["seq-first", "batch-first"])
 def test_multihead_attention_splits_and_equals_eager(batch_first):
-    """``nn.MultiheadAttention`` (outputs and averaged weights; a key padding mask sequence first): one node
-    whose projections interleave the batch rows. It splits and equals eager (it was a barrier)."""
+    """``nn.MultiheadAttention`` (outputs and averaged weights, with a key padding mask): one node whose
+    projections interleave the batch rows. It splits and equals eager (it was a barrier)."""
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(8, 2, batch_first=batch_first).eval()
 
-    def fn(x):  # sequence first: pad the keys whose first feature exceeds 1 ([batch, keys] mask)
-        return mha(x, x, x, key_padding_mask=None if batch_first else x[..., 0].transpose(0, 1) > 1.0)
+    def fn(x):  # pad the keys whose first feature exceeds 1 (a [batch, keys] mask)
+        return mha(x, x, x, key_padding_mask=(x[..., 0] if batch_first else x[..., 0].transpose(0, 1)) > 1.0)
 
     compiled = dynaflow.compile(fn, batch_dim=0 if batch_first else 1, **RR)
     for batch in (4, 5):
