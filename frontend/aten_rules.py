@@ -41,6 +41,14 @@ class AtenCall:
     batch: sympy.Symbol
     out: Any = None
     """The op's (fake) result."""
+    steps: Callable[[Any], Any] = lambda t: None
+    """For a batch-position tensor made inside the node (``arange(0, k·B, k)``: one value per batch row, the
+    first of its ``k`` rows of a folded tensor), ``k``; ``None`` for every other tensor."""
+
+    def step(self, name: str) -> Any:
+        """:attr:`steps` of tensor argument ``name`` (``None`` when it holds no batch positions)."""
+        t = self._arg(name)
+        return self.steps(t) if isinstance(t, torch.Tensor) else None
 
     def dim(self, name: str) -> Placement:
         """The batch dim of tensor argument ``name`` (``None`` when batch-free or not given); a name the op's
@@ -75,21 +83,25 @@ class _Entry:
     rule: BatchRule
     sizes: frozenset[str]
     makes_batch: bool
+    positions: tuple[str, tuple[int, ...]] | None = None
 
 
 _RULES: dict[str, _Entry] = {}
 
 
 def register_batch_rule(ops: str | Iterable[str], rule: BatchRule, sizes: Sequence[str] = (),
-                        makes_batch: bool = False) -> None:
+                        makes_batch: bool = False, positions: tuple[str, tuple[int, ...]] | None = None) -> None:
     """Register ``rule`` for ops named ``"ns::name"`` (every overload) or ``"ns::name.overload"``.
 
     ``sizes`` lists the arguments that may hold the batch size (a view's ``size``): elsewhere a value
     derived from the batch size couples (each nano-batch would see its own size). ``makes_batch``: the op
     may give a batch-free input a batch dim from a size (a factory, ``expand``): each row holds the same values.
+    ``positions = (argument, outputs)``: the argument that may hold batch positions made in the same node
+    (offsets of the batch rows, checked by the rule through :meth:`AtenCall.step`), and the outputs that hold
+    positions in turn. Positions differ per nano-batch, so any other use of them couples.
     """
     for op in [ops] if isinstance(ops, str) else ops:
-        _RULES[op] = _Entry(rule, frozenset(sizes), makes_batch)
+        _RULES[op] = _Entry(rule, frozenset(sizes), makes_batch, positions)
 
 
 def _names(op: Any) -> tuple[str, str]:

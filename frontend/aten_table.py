@@ -290,6 +290,24 @@ def _embedding(call: AtenCall) -> str | None:
     return "it looks rows up in a batch-carrying table" if call.dim("weight") is not None else None
 
 
+def _embedding_bag(call: AtenCall) -> str | None:
+    """``F.embedding_bag`` on a 2-D input: each row of the input is one bag, so the op is row-local when its
+    ``offsets`` are the batch rows' own (``arange(0, k·B, k)`` over the flattened ``[B·k]`` indices)."""
+    if call.dim("weight") is not None:
+        return "it looks rows up in a batch-carrying table"
+    step = call.step("offsets")
+    if step is None or call.dim("indices") != 0 or call.args.get("include_last_offset"):
+        return ("its bags are given by offsets that are not one bag per batch row (a 1-D input with offsets: the "
+                "bags of a nano-batch start at another offset)")
+    indices = call.args["indices"]
+    if sympy.simplify(size_expr(indices.shape[0]) - step * call.batch) != 0:
+        return f"its {tuple(indices.shape)} indices are not {step} per batch row"
+    weights = call.args.get("per_sample_weights")
+    if weights is not None and (call.dim("per_sample_weights") != 0 or tuple(weights.shape) != tuple(indices.shape)):
+        return "its per-sample weights are not laid out like its indices"
+    return None
+
+
 def _factory(call: AtenCall) -> str | None:
     return None
 
@@ -352,6 +370,8 @@ register_batch_rule([_A + "index_copy", _A + "index_copy_", _A + "index_add", _A
 register_batch_rule(_A + "index.Tensor", _index)
 register_batch_rule([_A + "index_put", _A + "index_put_", _A + "_index_put_impl_", _A + "_unsafe_index_put"], _index_put)
 register_batch_rule(_A + "embedding", _embedding)
+register_batch_rule((_A + "_embedding_bag", _A + "_embedding_bag_forward_only"), _embedding_bag,
+                    positions=("offsets", (1,)))  # offset2bag holds each index's bag: a position
 register_batch_rule(_A + "cat", _cat)
 register_batch_rule(_A + "constant_pad_nd", _pad)
 register_batch_rule(_A + "repeat", _repeat)

@@ -220,7 +220,10 @@ class BatchAnalysis:
                 return f"{reason} [{call.op}]"
         if sym_in and not used_sym:
             return "it uses the batch size as a value (dynaflow cannot follow it into a shape)"
-        if any(isinstance(t, torch.Tensor) and place.is_interleaved(t) for t in torch.utils._pytree.tree_leaves(result)):
+        results = [t for t in torch.utils._pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
+        if any(id(t) in place.positions for t in results):
+            return "its result holds batch positions (from an arange over the batch size), which differ per nano-batch"
+        if any(place.is_interleaved(t) for t in results):
             return "its result holds the batch rows interleaved with other rows (a view folded outer rows into them)"
         return None
 
@@ -256,12 +259,22 @@ class BatchAnalysis:
         entry = rule_for(op)
         if entry is None:
             return f"dynaflow has no batch rule for {op}", bool(syms)
+        src = bound.get("self")
+        if op._schema.name in _SAME_VALUES and place.step(src) is not None and len(outs) == 1:
+            place.positions[id(outs[0])] = place.step(src)  # the same positions under another name
+            return None, bool(syms)
+        reason = place.read_positions(bound, entry)
+        if reason:
+            return reason, bool(syms)
         stray = [n for n in syms if n not in entry.sizes]
         if stray:
             if op._schema.name == "aten::arange":
+                step = _position_step(bound, self.batch)
+                if step is not None and len(outs) == 1:  # the rows' offsets, for an op that reads them to come
+                    place.positions[id(outs[0])] = step
+                    return None, True
                 return "it creates batch-position values (arange over the batch size)", True
             return f"it uses the batch size as a value (argument {stray[0]!r})", True
-        src = bound.get("self")
         if op._schema.name in _RESHAPES and isinstance(src, torch.Tensor) and place(src) is not None and len(outs) == 1:
             return place.reshape(src, outs[0]), bool(syms)  # the layout decides, interleaved or not
         interleaved = [t for t in tensors if place.is_interleaved(t)]
@@ -274,11 +287,15 @@ class BatchAnalysis:
         if out_batch and not batch_in and not entry.makes_batch:
             return "it lays a batch-free tensor out as batch rows", bool(syms)
         try:
-            reason = entry.rule(AtenCall(op, bound, place, self.batch, call.out))
+            reason = entry.rule(AtenCall(op, bound, place, self.batch, call.out, place.step))
         except KeyError as exc:  # a rule naming an argument this overload lacks proves nothing: it couples
             return f"dynaflow's batch rule does not fit this overload ({exc.args[0]})", bool(syms)
+        except Exception as exc:  # noqa: BLE001 - a rule that fails proves nothing either (a user's rule included)
+            return f"its batch rule raised {type(exc).__name__}: {str(exc)[:120]}", bool(syms)
         if reason:
             return reason, bool(syms)
+        for i in entry.positions[1] if entry.positions else ():
+            place.positions[id(outs[i])] = POSITIONS
         if batch_in and outs and not out_batch and not entry.makes_batch:
             return "its result has no batch dim: it reduces over or picks from the rows of the batch", bool(syms)
         for arg in op._schema.arguments:
@@ -374,6 +391,23 @@ class _Placements:
         self.batch = batch
         self.outer: dict[int, sympy.Expr] = {}
         """Tensors whose batch dim holds ``outer·B·k`` rows, the batch in the middle (:mod:`.row_layout`)."""
+        self.positions: dict[int, Any] = {}
+        """Tensors of batch positions: ``arange(0, k·B, k)`` (its ``k``), or an op's output declared to hold
+        positions (:data:`POSITIONS`). Each nano-batch computes its own, so only a declared reader may use them."""
+
+    def step(self, t: Any) -> Any:
+        return self.positions.get(id(t)) if isinstance(t, torch.Tensor) else None
+
+    def read_positions(self, bound: dict[str, Any], entry: Any) -> str | None:
+        """Why an op may not read the batch positions among its arguments (None when it reads none, or only in
+        the argument its rule declares)."""
+        allowed = entry.positions[0] if entry.positions else None
+        for name, v in bound.items():
+            for t in v if isinstance(v, (list, tuple)) else (v,):
+                if isinstance(t, torch.Tensor) and id(t) in self.positions and name != allowed:
+                    return ("it computes with batch positions (an arange over the batch size), which differ per "
+                            "nano-batch")
+        return None
 
     def __call__(self, t: Any) -> int | None:
         if not isinstance(t, torch.Tensor):
@@ -431,6 +465,29 @@ class _Placements:
             d = hits[0] if self.batch not in k.free_symbols and k.is_integer else _BAD
         self.known[id(t)] = d
         return d
+
+
+_SAME_VALUES = frozenset({"aten::detach", "aten::alias", "aten::lift_fresh", "aten::lift_fresh_copy", "aten::clone"})
+"""Ops whose result holds the values of their input, in its layout: batch positions stay positions."""
+POSITIONS = "positions"
+"""The step of a tensor of batch positions that no rule may read as offsets (an op's position output)."""
+
+
+def _position_step(bound: dict[str, Any], batch: sympy.Symbol) -> Any:
+    """``k`` when an arange is ``arange(0, k·B, k)`` over integers (row ``b``'s first of ``k`` rows), else None."""
+    start, end, step = bound.get("start", 0), bound.get("end"), bound.get("step", 1)
+    dtype = bound.get("dtype")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1 or not _is_zero(start):
+        return None
+    if dtype is not None and (dtype.is_floating_point or dtype.is_complex):
+        return None
+    if not isinstance(end, (int, torch.SymInt)) or sympy.simplify(size_expr(end) - step * batch) != 0:
+        return None
+    return step
+
+
+def _is_zero(x: Any) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, torch.SymInt)) and sympy.simplify(size_expr(x)) == 0
 
 
 _RESHAPES = frozenset({"aten::view", "aten::_unsafe_view", "aten::reshape", "aten::view_copy"})

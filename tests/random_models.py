@@ -64,6 +64,7 @@ UNARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     .reshape(h.shape[0], D),
     "pixel_shuffle": lambda h, w: F.pixel_shuffle(h.view(-1, 4, 1, D // 4), 2).reshape(h.shape[0], D),
     "nll_per_row": lambda h, w: h + F.cross_entropy(h, (h[:, 0].abs() * 5).long() % D, reduction="none")[:, None],
+    "bag_per_row": lambda h, w: h + F.embedding_bag((h[:, :3].abs() * 5).long() % D, w, mode="mean"),  # a bag a row
     # coupling
     "sum_rows": lambda h, w: h + h.sum(0, keepdim=True),
     "mean_all": lambda h, w: h - h.mean(),
@@ -72,6 +73,8 @@ UNARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "roll_rows": lambda h, w: torch.roll(h, 1, 0),
     "norm_over_rows": lambda h, w: F.layer_norm(h.T, (h.shape[0],)).T,
     "row_index": lambda h, w: h + torch.arange(h.shape[0], dtype=h.dtype)[:, None] * 0.01,
+    "bags_of_flat_ids": lambda h, w: h + F.embedding_bag((h[:, 0].abs() * 5).long() % D, w,
+                                                         torch.arange(0, h.shape[0] - 1, 2))[:1],  # own offsets
     "batch_size_value": lambda h, w: h * (1.0 / h.shape[0]),
     "tril_rows": lambda h, w: torch.tril(torch.ones(h.shape[0], h.shape[0])) @ h * 0.1,
     "gram": lambda h, w: h @ (h.T @ h) * 0.01,

@@ -554,3 +554,73 @@ def test_multihead_attention_splits_and_equals_eager(batch_first):
                 torch.testing.assert_close(got, want)
     assert [s.kind for s in compiled.last_graph.segmented.segments] == [dynaflow.SegmentKind.SPLIT], \
         compiled.explain()
+
+
+# -- batch positions made inside one node (``arange(0, k·B, k)``: F.embedding_bag's offsets) -----------------
+_BAGS = torch.randn(20, 6, generator=torch.Generator().manual_seed(11))
+
+
+def _bag_offsets(ids: torch.Tensor) -> torch.Tensor:
+    return torch.arange(0, ids.numel(), ids.shape[1])
+
+
+_POSITIONS = {
+    # name: (body of a one-node op on ids [B, 4] and a table [20, 6], whether the batch analysis may split it)
+    "bag_per_row": (lambda ids, w: torch.embedding_bag(w, ids.reshape(-1), _bag_offsets(ids))[0], True),
+    "positions_as_values": (lambda ids, w: w[ids].sum(1) + torch.arange(ids.shape[0]).unsqueeze(1), False),
+    "positions_returned": (lambda ids, w: torch.arange(ids.shape[0]), False),
+    "bag_of_each_index": (lambda ids, w: aten._embedding_bag(w, ids.reshape(-1), _bag_offsets(ids), False, 2)[1]
+                          .view(-1, 4).float() @ w[:4], False),  # offset2bag (mode max): each index's bag number
+    "columns_as_bags": (lambda ids, w: torch.embedding_bag(w, ids.t().reshape(-1), _bag_offsets(ids))[0], False),
+    "offsets_of_other_rows": (lambda ids, w: torch.embedding_bag(w, ids.repeat(1, 2).reshape(-1), _bag_offsets(ids))[0],
+                              False),  # 4 per bag over 8 indices per row: bag b is half of row b // 2
+}
+_PLIB = torch.library.Library("dftest_positions", "DEF")
+for _name, (_body, _) in _POSITIONS.items():
+    _PLIB.define(f"{_name}(Tensor ids, Tensor w) -> Tensor")
+    _PLIB.impl(_name, _body, "CompositeImplicitAutograd")
+
+
+@pytest.mark.parametrize("name", sorted(_POSITIONS))
+def test_batch_positions_inside_one_node_split_only_as_offsets_of_their_rows(name):
+    """An arange over the batch inside one node gives each nano-batch its own positions (0.. its size). They
+    split only as the offsets of their own rows (one bag per row of ``F.embedding_bag``); added to values,
+    returned, regrouped or shifted they are a barrier. Either way the result equals eager."""
+    body, splits = _POSITIONS[name]
+    op = getattr(torch.ops.dftest_positions, name)
+    compiled = dynaflow.compile(lambda ids, w: op(ids, w) * 1.5, **RR)
+    for batch in (4, 5, 2):
+        ids = torch.randint(0, 20, (batch, 4), generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, _BAGS), body(ids, _BAGS) * 1.5)
+    kinds = {s.kind for g in compiled.graphs for s in g.segmented.segments}
+    assert (dynaflow.SegmentKind.BARRIER not in kinds) == splits, compiled.explain()
+
+
+@pytest.mark.parametrize("mode,weighted,padding_idx", [("sum", False, None), ("sum", True, None),
+                                                       ("mean", False, 3), ("max", False, None)])
+def test_embedding_bag_of_rows_splits_and_equals_eager(mode, weighted, padding_idx):
+    """``nn.EmbeddingBag`` on a 2-D input (a bag per row: DLRM's sparse features) splits; on a flat input with
+    its own offsets a nano-batch's bags would start elsewhere, so that stays a barrier."""
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(20, 6, mode=mode, padding_idx=padding_idx).eval()
+
+    def rows(ids, w):
+        return bag(ids, per_sample_weights=w if weighted else None) * 2
+
+    def flat(ids, offsets):
+        return bag(ids, offsets) * 2
+
+    compiled = dynaflow.compile(rows, **RR)
+    for batch in (4, 5, 3):
+        g = torch.Generator().manual_seed(batch)
+        ids, w = torch.randint(0, 20, (batch, 3), generator=g), torch.rand(batch, 3, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, w), rows(ids, w))
+    assert [s.kind for s in compiled.last_graph.segmented.segments] == [dynaflow.SegmentKind.SPLIT], \
+        compiled.explain()
+    compiled = dynaflow.compile(flat, **RR)
+    ids, offsets = torch.randint(0, 20, (10,)), torch.tensor([0, 2, 3, 7])
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, offsets), flat(ids, offsets))
+    assert dynaflow.SegmentKind.SPLIT not in {s.kind for s in compiled.last_graph.segmented.segments}
