@@ -11,12 +11,18 @@ rounds of ``--calls`` calls each):
   is) wins, so it takes the same path;
 * ``dynaflow sequential`` — a planned program on the serial executor (Dynamo, planning lookup, step loop).
 
+A second table times greedy decoding of a tiny transformers Llama (4 layers, hidden 64, batch 4, static cache)
+per generated token: eager ``generate`` against the same ``generate`` through the transformers hook. Each
+step writes its inputs (the KV cache) in place, so it also pays the per-call check that no written input
+overlaps another one.
+
     python benchmarks/call_overhead.py          # writes benchmarks/results/call_overhead_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -75,10 +81,66 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = {**provenance("call_overhead", dry_run=bool(args.dry_run)), "model": "Linear(64,64)-GELU-Linear(64,64), "
               "batch 4, fp32, no_grad", "calls": args.calls, "repeats": args.repeats, "rows": rows,
               "direct_calls": direct}
+    if importlib.util.find_spec("transformers") is not None:
+        report["decode"] = {"model": "LlamaForCausalLM 4 layers, hidden 64, batch 4, prompt 8, static cache, greedy",
+                            "tokens": args.tokens, "repeats": args.decode_repeats, "rows": decode_rows(args)}
     width = max(len(r["path"]) for r in rows)
     print("\n".join([f"{'path':<{width}}  {'µs/call':>8}  {'over eager':>10}"] +  # noqa: T201 - the table
                     [f"{r['path']:<{width}}  {r['median_us']:8.1f}  {r['over_eager_us']:10.1f}" for r in rows]))
     return report
+
+
+def decode_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per-token time of greedy ``generate`` on a tiny Llama, eager and through the transformers hook."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dynaflow.integrations import transformers as df_hf
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    lm = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(2, 128, (4, 8), generator=torch.Generator().manual_seed(1))
+    new = args.tokens
+
+    def generate() -> torch.Tensor:
+        return lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, cache_implementation="static", pad_token_id=0)
+
+    paths = {"eager generate": {}, "dynaflow sequential, 1 nano-batch": dict(strategy="sequential", nano_batches=1),
+             "dynaflow nanoflow, 2 nano-batches": dict(strategy="nanoflow", nano_batches=2)}
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    hooks: dict[str, Any] = {}
+    with torch.no_grad():
+        ref = generate()
+        for name, options in paths.items():  # capture and warm every path once, checking the tokens
+            if options:
+                hooks[name] = df_hf.enable(lm, executor="serial", **options)
+            try:
+                assert torch.equal(generate(), ref), name
+            finally:
+                df_hf.disable(lm)
+        for _ in range(args.decode_repeats):
+            for name in paths:
+                hook = hooks.get(name)
+                if hook is not None:
+                    hook.install()  # the same hook each time: its graphs are captured once
+                try:
+                    t0 = time.perf_counter()
+                    generate()
+                    samples[name].append((time.perf_counter() - t0) / new * 1e6)
+                finally:
+                    if hook is not None:
+                        hook.remove()
+    rows = [{"path": name, "median_us_per_token": statistics.median(v), "min_us_per_token": min(v)}
+            for name, v in samples.items()]
+    for r in rows:
+        r["over_eager_us"] = r["median_us_per_token"] - rows[0]["median_us_per_token"]
+    width = max(len(r["path"]) for r in rows)
+    print("\n".join([f"{'decode path':<{width}}  {'µs/token':>8}  {'over eager':>10}"] +  # noqa: T201 - the table
+                    [f"{r['path']:<{width}}  {r['median_us_per_token']:8.1f}  {r['over_eager_us']:10.1f}"
+                     for r in rows]))
+    return rows
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -86,10 +148,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--calls", type=int, default=500, help="calls per timed round")
     ap.add_argument("--repeats", type=int, default=21, help="timed rounds per path (interleaved)")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/call_overhead_cpu.json)")
+    ap.add_argument("--tokens", type=int, default=32, help="tokens generated per timed decode run")
+    ap.add_argument("--decode-repeats", type=int, default=7, help="timed decode runs per path (interleaved)")
     ap.add_argument("--dry-run", action="store_true", help="a few calls only; checks the plumbing")
     args = ap.parse_args(argv)
     if args.dry_run:
-        args.calls, args.repeats = 5, 3
+        args.calls, args.repeats, args.tokens, args.decode_repeats = 5, 3, 3, 1
     return args
 
 

@@ -216,16 +216,31 @@ def _span(t: torch.Tensor) -> tuple[int, int, int]:
 
 def overlapping_writes(inputs: Sequence[Any], written: Sequence[int]) -> tuple[int, int] | None:
     """A pair (written input, other input) whose memory overlaps, or None. Split into nano-batches, a write
-    through one view would land in rows the other view's nano-batches have already read (or not yet)."""
+    through one view would land in rows the other view's nano-batches have already read (or not yet).
+
+    Runs on every call: inputs are grouped by storage first, so only tensors sharing a written input's storage
+    (rare) have their byte spans computed."""
+    storage: dict[int, int] = {}
     for i in written:
         a = inputs[i] if i < len(inputs) else None
-        if not isinstance(a, torch.Tensor) or a.device.type == "meta":
+        if isinstance(a, torch.Tensor) and a.device.type != "meta":
+            storage[i] = a.untyped_storage().data_ptr()
+    if not storage:
+        return None
+    ptrs = set(storage.values())
+    sharing: dict[int, list[int]] = {}
+    for j, b in enumerate(inputs):
+        if isinstance(b, torch.Tensor) and b.device.type != "meta":
+            p = b.untyped_storage().data_ptr()
+            if p in ptrs:
+                sharing.setdefault(p, []).append(j)
+    for i, p in storage.items():
+        others = [j for j in sharing.get(p, ()) if j != i]
+        if not others:
             continue
-        pa, sa, ea = _span(a)
-        for j, b in enumerate(inputs):
-            if j == i or not isinstance(b, torch.Tensor) or b.device.type == "meta":
-                continue
-            pb, sb, eb = _span(b)
-            if pa == pb and sa < eb and sb < ea:
+        _, sa, ea = _span(inputs[i])
+        for j in others:
+            _, sb, eb = _span(inputs[j])
+            if sa < eb and sb < ea:
                 return i, j
     return None

@@ -15,3 +15,5 @@ def test_dry_run_every_path_and_the_floor_skips_dynamo(tmp_path):
     assert [r["path"] for r in report["rows"]][0] == "eager" and len(report["rows"]) == 5
     assert report["direct_calls"]["dynaflow eager"] > 0 and report["direct_calls"]["dynaflow auto"] > 0
     assert report["direct_calls"]["dynaflow sequential"] == 0 and (tmp_path / "co.json").exists()
+    if "decode" in report:  # transformers installed: the decode paths ran (and gave eager's tokens)
+        assert len(report["decode"]["rows"]) == 3 and all(r["median_us_per_token"] > 0 for r in report["decode"]["rows"])
