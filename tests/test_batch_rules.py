@@ -188,6 +188,9 @@ def test_overlap_detection_uses_storage_and_byte_ranges():
     assert overlapping_writes([t[:, 0:2], t[:, 2:4]], [0]) == (0, 1)  # interleaved columns share a byte range
     assert overlapping_writes([t[0:5], torch.zeros(5, 4)], [0]) is None
     assert overlapping_writes([t[0:5], t[0:5]], [1]) == (1, 0)
+    # several storages, several written inputs: only views of a written input's storage are compared
+    assert overlapping_writes([t[0:2], torch.zeros(3), t[2:4], t[3:5], t.T], [1, 2]) == (2, 3)
+    assert overlapping_writes([t[0:2], torch.zeros(3), t[2:4]], [1, 2]) is None
 
 
 def test_explain_names_barrier_nodes_and_why():
