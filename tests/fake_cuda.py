@@ -73,11 +73,20 @@ class FakeGraph:
             REAL_RUN_LAUNCH(launch, step.with_env(scratch))
             for s, old in zip(launch.out_slots, captured):  # what the capture made, even if its slot was freed
                 if isinstance(old, torch.Tensor) and old is not scratch[s]:
-                    old.copy_(scratch[s])
+                    _distinct(old).copy_(_distinct(scratch[s]))
                     scratch[s] = old  # later launches read (and write) the captured address, as on the device
 
 
 REAL_RUN_LAUNCH = launch_mod.run_launch
+
+
+def _distinct(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with each broadcast dim (stride 0) narrowed to one element: the memory an expanded output really
+    has, which a replay writes once (``copy_`` refuses a destination whose elements share memory)."""
+    for d, (size, stride) in enumerate(zip(t.shape, t.stride())):
+        if stride == 0 and size > 1:
+            t = t.narrow(d, 0, 1)
+    return t
 
 
 @contextlib.contextmanager

@@ -302,13 +302,26 @@ def test_static_cache_is_allocated_as_the_models_own_first_update_would():
 def test_generate_on_the_cuda_executors_lowering_with_cuda_faked(hf_models, cuda_graphs):
     """The GPU floor benchmark's transformers path (``executor="cuda"``, with and without CUDA graphs) on CPU
     tensors with torch.cuda's streams, events and graphs faked (``tests/fake_cuda.py``): tokens and logits
-    equal eager, and under graphs the decode steps replay a capture (the cache counter updated inside it)."""
+    equal eager, and under graphs the decode steps replay a capture (the cache counter updated inside it).
+    ``generate`` runs six times on one hook, each with a fresh cache (written inputs that moved), with left
+    padding and without (then the prefill's mask is one batch-free mask expanded over the batch)."""
     from fake_cuda import faked_cuda
 
-    model, refs = hf_models("llama")
-    with faked_cuda():
-        out, hook = _generate(model, 3, strategy="nanoflow", executor="cuda", config={"cuda_graphs": cuda_graphs})
-    assert_same_generation(out, refs[3])
+    model, _ = hf_models("llama")
+    ids, mask = prompts(3)
+    runs = [(ids, mask), (ids.clamp(min=1), torch.ones_like(mask))]
+    with grad_off():
+        refs = [model.generate(i, **gen_kwargs(m, cache_implementation="static")) for i, m in runs]
+    with faked_cuda(), grad_off():
+        hook = df_hf.enable(model, nano_batches=2, strategy="nanoflow", executor="cuda",
+                            config={"cuda_graphs": cuda_graphs})
+        try:
+            for k in range(6):
+                i, m = runs[k % 2]
+                assert_same_generation(model.generate(i, **gen_kwargs(m, cache_implementation="static")),
+                                       refs[k % 2])
+        finally:
+            df_hf.disable(model)
     modes = {g.last_capture.mode.name if g.last_capture is not None else None for g in hook.compiled.graphs}
     assert modes == ({"GRAPH"} if cuda_graphs else {None}), modes
 
