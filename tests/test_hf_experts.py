@@ -129,3 +129,25 @@ def test_a_freed_module_is_a_clear_error():
     with pytest.raises(dynaflow.BackendError, match="is gone"):
         torch.ops.dynaflow_hf.experts(10**9, torch.zeros(2, 4), torch.zeros(2, 1, dtype=torch.long),
                                       torch.ones(2, 1), [])
+
+
+def test_plain_compile_of_a_moe_model_splits_with_row_wise_experts():
+    """``dynaflow.compile(model)`` without the generate hook: ``row_wise_experts(model)`` switches the experts to
+    the row-wise op, so the forward splits without a barrier and equals eager; switched off, the sort is back."""
+    model = build("mixtral")
+    ids, mask = prompts()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, use_cache=False).logits
+    barriers_of = {}
+    for on in (True, False):
+        torch._dynamo.reset()
+        assert df_hf.row_wise_experts(model, on) == (model.config.num_hidden_layers if on else 0)
+        compiled = dynaflow.compile(lambda i, m: model(i, attention_mask=m, use_cache=False).logits,
+                                    strategy="nanoflow", nano_batches=2, executor="serial")
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, mask), want, rtol=1e-5, atol=1e-5)
+        barriers_of[on] = [s.reason for g in compiled.graphs for s in g.segmented.segments
+                           if s.kind is dynaflow.SegmentKind.BARRIER]
+    df_hf.row_wise_experts(model, False)
+    assert not any("sort" in r for r in barriers_of[True]), barriers_of[True]
+    assert sum("sort" in r for r in barriers_of[False]) == model.config.num_hidden_layers, barriers_of[False]

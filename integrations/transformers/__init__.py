@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-__all__ = ["is_available", "enable", "disable", "is_enabled", "hook_of"]
+__all__ = ["is_available", "enable", "disable", "is_enabled", "hook_of", "row_wise_experts"]
 
 MIN_VERSION = (5, 0)
 """The cache API used here (``StaticCache(config=..., max_cache_len=...)``, the ``cache=`` forward argument,
@@ -84,3 +84,21 @@ def hook_of(model: Any) -> Any:
 def is_enabled(model: Any) -> bool:
     """Whether :func:`enable` routed this model's forward through dynaflow."""
     return hook_of(model) is not None
+
+
+def row_wise_experts(model: Any, on: bool = True) -> int:
+    """Run each MoE experts module of ``model`` as one row-wise op (``on=True``), as :func:`enable` does, or
+    restore the modules' own forwards (``on=False``); returns how many modules were switched on. For
+    ``dynaflow.compile(model)`` on a transformers MoE model without the generate hook: MoE layers then split
+    instead of joining at the experts' sort by expert (see ``docs/integrations/transformers.md``)."""
+    from dynaflow.errors import ConfigError
+
+    if not is_available():
+        raise ConfigError("dynaflow.integrations.transformers.row_wise_experts needs transformers >= 5.0; install "
+                          "it with `pip install 'transformers>=5'`.")
+    from dynaflow.integrations.transformers import _experts
+
+    if on:
+        return _experts.wrap(model)
+    _experts.unwrap(model)
+    return 0
