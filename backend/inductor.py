@@ -67,13 +67,24 @@ def replace_fns(program: Program, fns: dict[int, Callable[..., Any]]) -> Program
     return dataclasses.replace(program, streams=streams, serial_order=order)
 
 
+def eager_faithful_options() -> dict[str, Any]:
+    """Inductor options that keep a segment's answer eager's: ``fallback_random`` draws random numbers from the
+    eager generators in eager order (dropout in training); ``emulate_precision_casts`` rounds at every dtype
+    cast as eager does (``x.half().float()``, a bf16 model's intermediates), where Inductor would otherwise keep
+    the wider value; ``triton.cudagraphs`` off, since the executor owns graph capture."""
+    import torch._inductor.config as inductor_config
+
+    options: dict[str, Any] = {"triton.cudagraphs": False, "fallback_random": True}
+    if hasattr(inductor_config, "emulate_precision_casts"):
+        options["emulate_precision_casts"] = True
+    return options
+
+
 class InductorSegments:
     """Compiles a Program's segments with Inductor (see the module docstring); caches per program."""
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
-        # fallback_random: random ops draw from the eager generators in eager order, so a segment with dropout
-        # in training gives eager's answer (Inductor's own RNG draws other numbers)
-        self.options = {"triton.cudagraphs": False, "fallback_random": True, **(options or {})}
+        self.options = {**eager_faithful_options(), **(options or {})}
         self._compiled: dict[tuple[str, tuple[Any, ...], int | None], Callable[..., Any]] = {}
         self._programs: dict[int, tuple[Program, Program]] = {}
         self._lock = threading.Lock()

@@ -123,3 +123,16 @@ def test_segments_on_a_partitioned_lane_compile_for_the_lanes_sms(monkeypatch):
     assert torch._C._get_sm_carveout_experimental() == before
     keys = {k[2] for k in ind._compiled}
     assert keys == {132 - 96, 132 - 36}
+
+
+def test_dtype_casts_round_as_in_eager():
+    """``x.half().float()`` inside an Inductor segment rounds to half as eager does (Inductor alone keeps the
+    float value: ``emulate_precision_casts``), so the segment's answer is eager's bit for bit."""
+    def fn(x):
+        return (torch.nn.functional.gelu(x) * 3).half().float() * 1.5
+
+    c = dynaflow.compile(fn, strategy="round_robin", nano_batches=2, executor="serial", config={"inductor": True})
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), fn(x), rtol=0, atol=0)
+    assert c.last_graph._inductor.num_compiled >= 1
