@@ -53,7 +53,14 @@ def _slice(call: AtenCall) -> str | None:
     start, end, step = call.args.get("start"), call.args.get("end"), call.args.get("step", 1)
     whole = (start in (None, 0) and step == 1 and
              (end is None or (isinstance(end, int) and end >= _BIG) or size_expr(end) == size_expr(src.shape[d])))
-    return None if whole else "it takes a slice of the rows along the batch dim"
+    if whole or _empty(call.out):  # no rows at all (a workspace cut to size 0): the same for every nano-batch
+        return None
+    return "it takes a slice of the rows along the batch dim"
+
+
+def _empty(t: object) -> bool:
+    """A tensor with no elements whatever the batch size (a concrete 0 in its shape)."""
+    return isinstance(t, torch.Tensor) and any(isinstance(s, int) and s == 0 for s in t.shape)
 
 
 def _along_arg(dim_name: str, what: str, input: str = "self") -> BatchRule:

@@ -296,7 +296,7 @@ class BatchAnalysis:
             return reason, bool(syms)
         for i in entry.positions[1] if entry.positions else ():
             place.positions[id(outs[i])] = POSITIONS
-        if batch_in and outs and not out_batch and not entry.makes_batch:
+        if batch_in and outs and not out_batch and not entry.makes_batch and not all(map(_no_elements, outs)):
             return "its result has no batch dim: it reduces over or picks from the rows of the batch", bool(syms)
         for arg in op._schema.arguments:
             if arg.alias_info is not None and arg.alias_info.is_write:
@@ -484,6 +484,11 @@ def _position_step(bound: dict[str, Any], batch: sympy.Symbol) -> Any:
     if not isinstance(end, (int, torch.SymInt)) or sympy.simplify(size_expr(end) - step * batch) != 0:
         return None
     return step
+
+
+def _no_elements(t: torch.Tensor) -> bool:
+    """A result with no elements whatever the batch size: every nano-batch makes the same empty tensor."""
+    return any(isinstance(s, int) and s == 0 for s in t.shape)
 
 
 def _is_zero(x: Any) -> bool:

@@ -627,3 +627,23 @@ def test_embedding_bag_of_rows_splits_and_equals_eager(mode, weighted, padding_i
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids, offsets), flat(ids, offsets))
     assert dynaflow.SegmentKind.SPLIT not in {s.kind for s in compiled.last_graph.segmented.segments}
+
+
+@pytest.mark.parametrize("rows,splits", [(0, True), (1, False)])
+def test_a_slice_to_no_rows_splits_and_any_other_couples(rows, splits):
+    """vLLM's modular MoE kernel cuts its workspaces from one batch-sized buffer, a workspace it does not need
+    to zero rows (``buf.flatten()[:0].view(0)``): every nano-batch gets the same empty tensor, so that slice is
+    row-local. Keeping the first row is not."""
+    def fn(x):
+        workspace = torch.empty(x.shape[0] * 8)
+        unused = workspace.flatten()[:0].view(0)
+        return x * 2 + unused.sum() + x[:rows].sum()
+
+    compiled = dynaflow.compile(fn, **RR)
+    for batch in (4, 5):
+        x = torch.randn(batch, 8, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), fn(x))
+    reasons = [s.reason for s in compiled.last_graph.segmented.segments if s.kind is dynaflow.SegmentKind.BARRIER]
+    assert (reasons == []) == splits, compiled.explain()
+    assert all("slice of the rows" in r for r in reasons), reasons

@@ -32,8 +32,8 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _run(model: Path, mode: str, out: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(CASE), str(model), mode, str(out)], env=_env(**env),
+def _run(model: Path, mode: str, out: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CASE), str(model), mode, str(out), *extra], env=_env(**env),
                           capture_output=True, text=True, timeout=TIMEOUT)
 
 
@@ -76,6 +76,23 @@ def test_vllm_engine_tokens_equal_eager_with_nano_batches(engine_ref, tmp_path, 
     assert steps.get(nano, 0) > 0, f"no step ran with {nano} nano-batches: {steps}"
     # tokens alone cannot tell a kernel that silently ran whole: every vLLM kernel in this model has a rule and
     # every token input is unified, so nothing may be a barrier
+    assert got["barriers"] == []
+
+
+def test_vllm_engine_mixtral_splits_its_moe_layers(engine_ref, tmp_path):  # engine_ref: vLLM is importable
+    """A MoE model on the real engine: vLLM's fused-MoE kernel (a declared row rule) and the workspaces its
+    modular kernel cuts from one buffer (sliced to zero rows when unused) split; tokens equal eager."""
+    model = tmp_path / "tiny-mixtral"
+    _ok(_run(model, "make-model", tmp_path / "unused.json", "mixtral"), "make the model")
+    ref = tmp_path / "eager.json"
+    _ok(_run(model, "eager", ref, VLLM_ENABLE_V1_MULTIPROCESSING="0"), "eager reference")
+    out = tmp_path / "dynaflow.json"
+    proc = _run(model, "dynaflow", out, DYNAFLOW_VLLM="1", DYNAFLOW_VERIFY="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                DYNAFLOW_VLLM_OPTIONS=json.dumps({"nano_batches": 2, "executor": "serial"}))
+    _ok(proc, "dynaflow mixtral nano_batches=2")
+    got = json.loads(out.read_text())
+    assert got["tokens"] == json.loads(ref.read_text())["tokens"]
+    assert int(got["steps_by_nano_batches"].get("2", 0)) > 0, got["steps_by_nano_batches"]
     assert got["barriers"] == []
 
 

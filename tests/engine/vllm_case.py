@@ -1,4 +1,5 @@
-"""One engine run, in its own process: ``python vllm_case.py MODEL_DIR MODE OUT.json``.
+"""One engine run, in its own process: ``python vllm_case.py MODEL_DIR MODE OUT.json`` (``make-model`` takes an
+architecture after OUT: ``llama``, the default, or ``mixtral``).
 
 MODE ``eager`` builds ``LLM(..., enforce_eager=True)``; ``piecewise`` asks for vLLM's mode 3; ``dynaflow`` builds
 it with dynaflow as vLLM's whole-graph compile backend (options from ``DYNAFLOW_VLLM_OPTIONS``, vLLM's default ``custom_ops``). Either way it
@@ -19,15 +20,21 @@ NEW_TOKENS = 12
 VOCAB = 256
 
 
-def make_model(path: str) -> None:
-    """A tiny random Llama saved for vLLM (head_dim 32: vLLM's CPU attention kernel needs it)."""
+def make_model(path: str, arch: str = "llama") -> None:
+    """A tiny random Llama (or Mixtral: vLLM's fused-MoE kernel and its workspaces) saved for vLLM (head_dim 32:
+    vLLM's CPU attention kernel needs it)."""
     import torch
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(path)
+    if arch == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**common, num_local_experts=4,
+                                                                           num_experts_per_tok=2))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    model.to(torch.float32).save_pretrained(path)
 
 
 def prompts() -> list[list[int]]:
@@ -74,7 +81,7 @@ def run(path: str, mode: str) -> dict:
 if __name__ == "__main__":
     model, mode, out = sys.argv[1:4]
     if mode == "make-model":
-        make_model(model)
+        make_model(model, *sys.argv[4:5])
     else:
         with open(out, "w") as f:
             json.dump(run(model, mode), f)
