@@ -26,7 +26,7 @@ import sympy
 import torch
 
 __all__ = ["AtenCall", "BatchRule", "register_batch_rule", "rule_for", "has_rule", "along_dims", "last_dims", "rows",
-           "pointwise", "ruled_ops", "RANDOM_AWARE"]
+           "pointwise", "ruled_ops", "no_elements", "RANDOM_AWARE"]
 
 Placement = int | None
 
@@ -237,6 +237,12 @@ def aligned(call: AtenCall, tensors: Sequence[torch.Tensor], out_ndim: int) -> s
                 return (f"it combines the batch rows with a batch-free tensor of shape {tuple(t.shape)} that is "
                         f"not broadcast along the batch dim")
     return None
+
+
+def no_elements(t: Any) -> bool:
+    """A tensor with no elements whatever the batch size (a concrete 0 in its shape): every nano-batch makes the
+    same empty tensor, so an op whose result it is picks nothing from the rows."""
+    return isinstance(t, torch.Tensor) and any(isinstance(s, int) and s == 0 for s in t.shape)
 
 
 def out_ndim(tensors: Sequence[torch.Tensor]) -> int:

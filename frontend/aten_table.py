@@ -13,8 +13,8 @@ from typing import Sequence
 import sympy
 import torch
 
-from dynaflow.frontend.aten_rules import (AtenCall, BatchRule, aligned, along_dims, last_dims, norm_dim, out_ndim,
-                                          pointwise, register_batch_rule)
+from dynaflow.frontend.aten_rules import (AtenCall, BatchRule, aligned, along_dims, last_dims, no_elements, norm_dim,
+                                          out_ndim, pointwise, register_batch_rule)
 from dynaflow.frontend.row_layout import layout_of, regroups, reshaped, size_expr
 
 __all__: list[str] = []
@@ -53,14 +53,9 @@ def _slice(call: AtenCall) -> str | None:
     start, end, step = call.args.get("start"), call.args.get("end"), call.args.get("step", 1)
     whole = (start in (None, 0) and step == 1 and
              (end is None or (isinstance(end, int) and end >= _BIG) or size_expr(end) == size_expr(src.shape[d])))
-    if whole or _empty(call.out):  # no rows at all (a workspace cut to size 0): the same for every nano-batch
+    if whole or no_elements(call.out):  # no rows at all (a workspace cut to size 0): the same for every nano-batch
         return None
     return "it takes a slice of the rows along the batch dim"
-
-
-def _empty(t: object) -> bool:
-    """A tensor with no elements whatever the batch size (a concrete 0 in its shape)."""
-    return isinstance(t, torch.Tensor) and any(isinstance(s, int) and s == 0 for s in t.shape)
 
 
 def _along_arg(dim_name: str, what: str, input: str = "self") -> BatchRule:
@@ -303,7 +298,7 @@ def _embedding_bag(call: AtenCall) -> str | None:
     if call.dim("weight") is not None:
         return "it looks rows up in a batch-carrying table"
     step = call.step("offsets")
-    if step is None or call.dim("indices") != 0 or call.args.get("include_last_offset"):
+    if not isinstance(step, int) or call.dim("indices") != 0 or call.args.get("include_last_offset"):
         return ("its bags are given by offsets that are not one bag per batch row (a 1-D input with offsets: the "
                 "bags of a nano-batch start at another offset)")
     indices = call.args["indices"]

@@ -25,7 +25,7 @@ import torch
 import torch.fx
 
 from dynaflow.frontend import aten_table  # noqa: F401  (fills the rule registry with ATen's ops)
-from dynaflow.frontend.aten_rules import RANDOM_AWARE, AtenCall, rule_for
+from dynaflow.frontend.aten_rules import RANDOM_AWARE, AtenCall, no_elements, rule_for
 from dynaflow.frontend.aten_trace import Dispatched, bind, fake_mode_of, lower_node
 from dynaflow.frontend.effects import storage_root, write_targets
 from dynaflow.frontend.row_layout import layout_of, regroups, reshaped, size_expr, treats_rows_apart
@@ -296,7 +296,7 @@ class BatchAnalysis:
             return reason, bool(syms)
         for i in entry.positions[1] if entry.positions else ():
             place.positions[id(outs[i])] = POSITIONS
-        if batch_in and outs and not out_batch and not entry.makes_batch and not all(map(_no_elements, outs)):
+        if batch_in and outs and not out_batch and not entry.makes_batch and not all(map(no_elements, outs)):
             return "its result has no batch dim: it reduces over or picks from the rows of the batch", bool(syms)
         for arg in op._schema.arguments:
             if arg.alias_info is not None and arg.alias_info.is_write:
@@ -484,11 +484,6 @@ def _position_step(bound: dict[str, Any], batch: sympy.Symbol) -> Any:
     if not isinstance(end, (int, torch.SymInt)) or sympy.simplify(size_expr(end) - step * batch) != 0:
         return None
     return step
-
-
-def _no_elements(t: torch.Tensor) -> bool:
-    """A result with no elements whatever the batch size: every nano-batch makes the same empty tensor."""
-    return any(isinstance(s, int) and s == 0 for s in t.shape)
 
 
 def _is_zero(x: Any) -> bool:
