@@ -79,17 +79,20 @@ def test_vllm_engine_tokens_equal_eager_with_nano_batches(engine_ref, tmp_path, 
     assert got["barriers"] == []
 
 
-def test_vllm_engine_mixtral_splits_its_moe_layers(engine_ref, tmp_path):  # engine_ref: vLLM is importable
-    """A MoE model on the real engine: vLLM's fused-MoE kernel (a declared row rule) and the workspaces its
-    modular kernel cuts from one buffer (sliced to zero rows when unused) split; tokens equal eager."""
-    model = tmp_path / "tiny-mixtral"
-    _ok(_run(model, "make-model", tmp_path / "unused.json", "mixtral"), "make the model")
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "gemma2", "gpt2"])
+def test_vllm_engine_other_architectures(engine_ref, tmp_path, arch):  # engine_ref: vLLM is importable
+    """More of vLLM's model classes on the real engine, 2 nano-batches: MoE layers (vLLM's fused-MoE kernel, a
+    declared row rule, and the workspaces its modular kernel cuts from one batch-sized buffer, an unused one
+    sliced to zero rows), Gemma 2's soft-capping and sliding-window layers, GPT-2's learned positions. Tokens
+    equal eager; no segment runs whole."""
+    model = tmp_path / f"tiny-{arch}"
+    _ok(_run(model, "make-model", tmp_path / "unused.json", arch), "make the model")
     ref = tmp_path / "eager.json"
     _ok(_run(model, "eager", ref, VLLM_ENABLE_V1_MULTIPROCESSING="0"), "eager reference")
     out = tmp_path / "dynaflow.json"
     proc = _run(model, "dynaflow", out, DYNAFLOW_VLLM="1", DYNAFLOW_VERIFY="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
                 DYNAFLOW_VLLM_OPTIONS=json.dumps({"nano_batches": 2, "executor": "serial"}))
-    _ok(proc, "dynaflow mixtral nano_batches=2")
+    _ok(proc, f"dynaflow {arch} nano_batches=2")
     got = json.loads(out.read_text())
     assert got["tokens"] == json.loads(ref.read_text())["tokens"]
     assert int(got["steps_by_nano_batches"].get("2", 0)) > 0, got["steps_by_nano_batches"]

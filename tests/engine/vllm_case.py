@@ -1,5 +1,5 @@
 """One engine run, in its own process: ``python vllm_case.py MODEL_DIR MODE OUT.json`` (``make-model`` takes an
-architecture after OUT: ``llama``, the default, or ``mixtral``).
+architecture of :data:`ARCHS` after OUT; ``llama`` by default).
 
 MODE ``eager`` builds ``LLM(..., enforce_eager=True)``; ``piecewise`` asks for vLLM's mode 3; ``dynaflow`` builds
 it with dynaflow as vLLM's whole-graph compile backend (options from ``DYNAFLOW_VLLM_OPTIONS``, vLLM's default ``custom_ops``). Either way it
@@ -20,21 +20,30 @@ NEW_TOKENS = 12
 VOCAB = 256
 
 
+ARCHS = {
+    # name: (transformers config class, model class, config fields beside the common ones)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(head_dim=32, num_experts=4, num_experts_per_tok=2,
+                                                                moe_intermediate_size=64)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=32)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=128, n_layer=2, n_head=4, n_positions=256)),
+}
+"""Tiny random models for the engine: Llama, MoE layers (vLLM's fused-MoE kernel and its workspaces, with and
+without q/k norms), Gemma 2 (soft-capping, sliding-window layers) and GPT-2 (learned positions, fused QKV)."""
+
+
 def make_model(path: str, arch: str = "llama") -> None:
-    """A tiny random Llama (or Mixtral: vLLM's fused-MoE kernel and its workspaces) saved for vLLM (head_dim 32:
-    vLLM's CPU attention kernel needs it)."""
+    """A tiny random ``arch`` (:data:`ARCHS`) saved for vLLM (head_dim 32: vLLM's CPU attention kernel needs it)."""
     import torch
     import transformers
 
-    common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256)
+    config, model, extra = ARCHS[arch]
+    common = {} if arch == "gpt2" else dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     torch.manual_seed(0)
-    if arch == "mixtral":
-        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**common, num_local_experts=4,
-                                                                           num_experts_per_tok=2))
-    else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    model.to(torch.float32).save_pretrained(path)
+    lm = getattr(transformers, model)(getattr(transformers, config)(vocab_size=VOCAB, **common, **extra))
+    lm.to(torch.float32).save_pretrained(path)
 
 
 def prompts() -> list[list[int]]:
