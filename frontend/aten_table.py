@@ -161,6 +161,8 @@ def _pad(call: AtenCall) -> str | None:
 
 
 def _repeat(call: AtenCall) -> str | None:
+    """Tiling: a batch-free input tiled the batch size times (``weight.repeat(B)`` in ``F.instance_norm``) is a
+    periodic tensor whose batch rows are all the same; a batch input may not be tiled along its batch dim."""
     d = call.dim("self")
     if d is None:
         return None
@@ -225,16 +227,31 @@ def _attention(q: str, k: str, v: str, mask: str | None, dropout: str = "dropout
     return rule
 
 
+_PER_CHANNEL = ("weight", "bias", "running_mean", "running_var")
+
+
 def _batch_norm(training_arg: str | bool) -> BatchRule:
-    """Batch norm: per-channel statistics of the whole batch in training mode (couples); stored running
-    statistics in eval mode (``training_arg=False``, or the argument is false), row-local off dim 1."""
+    """Batch norm: per-channel statistics over every dim but the channel dim (1) in training mode, stored
+    running statistics in eval mode (``training_arg=False``, or the argument is false).
+
+    With the batch off dim 1, training mode couples (statistics over the batch) and eval mode is row-local.
+    With the batch in the channel dim (``F.instance_norm`` folds ``(B, C, L)`` into ``(1, B·C, L)``) each batch
+    row is a channel of its own, normalized by its own statistics: row-local when every per-channel tensor
+    given holds the batch at dim 0 too (instance norm's repeated weight), and in training mode no running
+    statistics are updated."""
     def rule(call: AtenCall) -> str | None:
         d = call.dim("input")
         if d is None:
             return None
-        if training_arg is not False and call.args.get(training_arg, True):
-            return "it normalizes with statistics over the batch (batch norm in training mode)"
-        return "batch norm normalizes per channel (dim 1), which holds the batch" if d == 1 else None
+        training = training_arg is not False and call.args.get(training_arg, True)
+        if d != 1:
+            return "it normalizes with statistics over the batch (batch norm in training mode)" if training else None
+        given = [n for n in _PER_CHANNEL if isinstance(call.args.get(n), torch.Tensor)]
+        if any(call.dim(n) != 0 for n in given):
+            return "batch norm normalizes per channel (dim 1), which holds the batch, with per-channel tensors that do not"
+        if training and any(n.startswith("running") for n in given):
+            return "it updates running statistics of channels that hold the batch (batch norm in training mode)"
+        return None
 
     return rule
 
@@ -376,7 +393,7 @@ register_batch_rule((_A + "_embedding_bag", _A + "_embedding_bag_forward_only"),
                     positions=("offsets", (1,)))  # offset2bag holds each index's bag: a position
 register_batch_rule(_A + "cat", _cat)
 register_batch_rule(_A + "constant_pad_nd", _pad)
-register_batch_rule(_A + "repeat", _repeat)
+register_batch_rule(_A + "repeat", _repeat, sizes=("repeats",), makes_batch=True)
 register_batch_rule([_A + "tril", _A + "triu", _A + "tril_", _A + "triu_"], last_dims(2))
 
 # matmuls and attention

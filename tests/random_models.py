@@ -64,6 +64,8 @@ UNARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     .reshape(h.shape[0], D),
     "pixel_shuffle": lambda h, w: F.pixel_shuffle(h.view(-1, 4, 1, D // 4), 2).reshape(h.shape[0], D),
     "nll_per_row": lambda h, w: h + F.cross_entropy(h, (h[:, 0].abs() * 5).long() % D, reduction="none")[:, None],
+    "instance_norm": lambda h, w: F.instance_norm(h.view(h.shape[0], 4, D // 4), weight=w[0, :4], bias=w[1, :4])
+    .reshape(h.shape[0], D),
     "bag_per_row": lambda h, w: h + F.embedding_bag((h[:, :3].abs() * 5).long() % D, w, mode="mean"),  # a bag a row
     # coupling
     "sum_rows": lambda h, w: h + h.sum(0, keepdim=True),

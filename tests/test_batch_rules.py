@@ -243,7 +243,7 @@ def _op_fns(draw):
         "cat", "pad", "repeat", "tril", "mm_right", "mm_left", "bmm", "layer_norm", "view_merge", "view_split",
         "expand", "diagonal", "argmax", "logsumexp", "native_group_norm", "constant_fill", "index", "embedding", "sdpa", "gather_row0", "linear",
         "pixel_shuffle", "pixel_unshuffle", "im2col", "col2im", "upsample", "reflection_pad", "channel_shuffle",
-        "nll_loss",
+        "nll_loss", "batch_norm",
     ]))
     if family in ("pixel_shuffle", "pixel_unshuffle", "im2col", "upsample", "channel_shuffle"):
         op = {"pixel_shuffle": lambda x: aten.pixel_shuffle.default(x, 2),
@@ -349,6 +349,12 @@ def _op_fns(draw):
     if family == "diagonal" and ndim >= 2:
         e = (d + 1) % ndim
         return family, lambda x: aten.diagonal.default(x, 0, d, e), ndim, None
+    if family == "batch_norm":  # per-channel weights (batch data when the batch is the channel dim)
+        training = draw(st.booleans())
+        return family, lambda x: aten.native_batch_norm.default(
+            x, torch.linspace(0.5, 1.5, x.shape[1]), torch.linspace(-1.0, 1.0, x.shape[1]), None if training else
+            torch.linspace(-0.2, 0.2, x.shape[1]), None if training else torch.linspace(0.5, 2.0, x.shape[1]),
+            training, 0.1, 1e-5)[0], 3, None
     if family == "native_group_norm":
         return family, lambda x: aten.native_group_norm.default(x, None, None, x.shape[0], x.shape[1], 1, 2, 1e-5)[0], 2, (2, 4)
     return "constant_fill", lambda x: aten.new_zeros.default(x, [x.shape[d], 2]) + 1, ndim, None
@@ -647,3 +653,32 @@ def test_a_slice_to_no_rows_splits_and_any_other_couples(rows, splits):
     reasons = [s.reason for s in compiled.last_graph.segmented.segments if s.kind is dynaflow.SegmentKind.BARRIER]
     assert (reasons == []) == splits, compiled.explain()
     assert all("slice of the rows" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("name,make,splits", [
+    ("affine", lambda: nn.InstanceNorm2d(4, affine=True), True),
+    ("plain", lambda: nn.InstanceNorm2d(4), True),
+    ("tracked_eval", lambda: nn.InstanceNorm2d(4, affine=True, track_running_stats=True).eval(), True),
+    ("tracked_train", lambda: nn.InstanceNorm2d(4, affine=True, track_running_stats=True).train(), False),
+])
+def test_instance_norm_splits_unless_it_updates_running_statistics(name, make, splits):
+    """``F.instance_norm`` folds ``(B, C, H, W)`` into ``(1, B·C, H, W)``, tiles its weight ``B`` times and runs
+    batch norm in training mode: every batch row is a channel of its own, so it splits (it was a barrier: the
+    tiling used the batch size, and training-mode batch norm was read as statistics over the batch). Updating
+    running statistics averages over the batch, so that stays a barrier; outputs and statistics equal eager."""
+    torch.manual_seed(0)
+    model, reference = make(), make()
+    if model.weight is not None:
+        with torch.no_grad():
+            model.weight.uniform_(0.5, 1.5)
+            model.bias.uniform_(-0.5, 0.5)
+    reference.load_state_dict(model.state_dict())
+    compiled = dynaflow.compile(model, **RR)
+    for batch in (4, 5):
+        x = torch.randn(batch, 4, 5, 6, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), reference(x))
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+    reasons = [s.reason for s in compiled.last_graph.segmented.segments if s.kind is dynaflow.SegmentKind.BARRIER]
+    assert (reasons == []) == splits, compiled.explain()
