@@ -349,6 +349,12 @@ register_batch_rule(_A + "arange", _factory)  # any batch-size argument couples 
 register_batch_rule([_A + "copy_", _A + "copy", _A + "fill_", _A + "fill", _A + "zero_", _A + "zero",
                      _A + "masked_fill", _A + "masked_fill_", _A + "where", _A + "_to_copy", _A + "type_as",
                      _A + "clamp", _A + "clamp_", _A + "lerp", _A + "lerp_", _A + "_conj_physical"], pointwise)
+# elementwise ops ATen does not tag pointwise
+# (``_prelu_kernel`` gets its weight already shaped to broadcast, ``(1, C, 1, ...)``)
+register_batch_rule([_A + "hardswish", _A + "hardswish_", _A + "polar", _A + "real", _A + "imag",
+                     _A + "_prelu_kernel"], pointwise)
+register_batch_rule(_A + "isin", lambda c: "the set it tests against holds the batch"
+                    if c.dim("test_elements") is not None else None)
 register_batch_rule(_A + "native_dropout", _dropout)
 
 # reductions and scans along dims

@@ -24,7 +24,7 @@ import sympy
 import torch
 import torch.fx
 
-from dynaflow.frontend import aten_table  # noqa: F401  (fills the rule registry with ATen's ops)
+from dynaflow.frontend import aten_math, aten_table  # noqa: F401  (fill the rule registry with ATen's ops)
 from dynaflow.frontend.aten_rules import RANDOM_AWARE, AtenCall, no_elements, rule_for
 from dynaflow.frontend.aten_trace import Dispatched, bind, fake_mode_of, lower_node
 from dynaflow.frontend.effects import storage_root, write_targets

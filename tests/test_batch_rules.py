@@ -243,7 +243,8 @@ def _op_fns(draw):
         "cat", "pad", "repeat", "tril", "mm_right", "mm_left", "bmm", "layer_norm", "view_merge", "view_split",
         "expand", "diagonal", "argmax", "logsumexp", "native_group_norm", "constant_fill", "index", "embedding", "sdpa", "gather_row0", "linear",
         "pixel_shuffle", "pixel_unshuffle", "im2col", "col2im", "upsample", "reflection_pad", "channel_shuffle",
-        "nll_loss", "batch_norm",
+        "nll_loss", "batch_norm", "linalg", "cdist", "bucketize", "searchsorted", "elementwise_extra", "grid_sample",
+        "affine_grid", "max_unpool",
     ]))
     if family in ("pixel_shuffle", "pixel_unshuffle", "im2col", "upsample", "channel_shuffle"):
         op = {"pixel_shuffle": lambda x: aten.pixel_shuffle.default(x, 2),
@@ -349,6 +350,50 @@ def _op_fns(draw):
     if family == "diagonal" and ndim >= 2:
         e = (d + 1) % ndim
         return family, lambda x: aten.diagonal.default(x, 0, d, e), ndim, None
+    if family == "linalg":  # a batch of 3x3 problems; the batch may land in the matrix dims (then it couples)
+        which = draw(st.sampled_from(["inv", "det", "slogdet", "eigh", "qr", "svd", "solve", "solve_vec", "cholesky",
+                                      "lu_solve", "triangular", "matrix_exp"]))
+
+        def spd(x):
+            return x @ x.transpose(-1, -2) + 3 * torch.eye(3)
+
+        op = {"inv": lambda x: torch.linalg.inv(spd(x)), "det": lambda x: torch.linalg.det(spd(x)),
+              "slogdet": lambda x: torch.linalg.slogdet(spd(x))[1], "eigh": lambda x: torch.linalg.eigvalsh(spd(x)),
+              "qr": lambda x: torch.linalg.qr(x)[1].abs(), "svd": lambda x: torch.linalg.svdvals(x),
+              "solve": lambda x: torch.linalg.solve(spd(x), x), "solve_vec": lambda x: torch.linalg.solve(spd(x), x[..., 0]),
+              "cholesky": lambda x: torch.linalg.cholesky(spd(x)),
+              "lu_solve": lambda x: (lambda f: torch.linalg.lu_solve(f[0], f[1], x))(torch.linalg.lu_factor(spd(x))),
+              "triangular": lambda x: torch.linalg.solve_triangular(torch.linalg.cholesky(spd(x)), x, upper=False),
+              "matrix_exp": lambda x: torch.linalg.matrix_exp(x * 0.1)}[which]
+        return f"linalg_{which}", op, 3, (2, 3, 3)
+    if family == "cdist":  # against itself (batch in the leading dim or the rows) or a batch-free point set
+        other = draw(st.sampled_from(["self", "fixed"]))
+        return family, (lambda x: torch.cdist(x, x.flip(-1))) if other == "self" else (
+            lambda x: torch.cdist(x, torch.linspace(-1, 1, 2 * SHAPE[1]).view(2, SHAPE[1]))), 2, (3, 4)
+    if family == "bucketize":
+        return family, lambda x: torch.bucketize(x, torch.tensor([-1.0, 0.0, 0.5])).float(), ndim, None
+    if family == "searchsorted":
+        return family, lambda x: torch.searchsorted(torch.tensor([-1.0, 0.0, 0.5]), x.contiguous()).float(), ndim, None
+    if family == "elementwise_extra":
+        which = draw(st.sampled_from(["hardswish", "log_sigmoid", "isin", "prelu"]))
+        op = {"hardswish": lambda x: aten.hardswish.default(x), "log_sigmoid": lambda x: aten.log_sigmoid_forward(x)[0],
+              "isin": lambda x: torch.isin((x * 3).round(), torch.tensor([0.0, 1.0])).float(),
+              "prelu": lambda x: torch.nn.functional.prelu(  # a weight per channel (one when they are the batch)
+                  x, torch.linspace(0.1, 0.3, SHAPE[1]) if SHAPE[-1] != 1 else torch.tensor([0.2]))}[which]
+        return which, op, 3, (2, 3, 2)
+    if family == "grid_sample":  # a grid per sample made from it, or a fixed one (the batch then in the channels)
+        shared = draw(st.booleans())
+        return family, lambda x: torch.nn.functional.grid_sample(
+            x, torch.linspace(-1, 1, SHAPE[0] * 8).view(SHAPE[0], 2, 2, 2) if shared and SHAPE[-1] != 0
+            else x[:, :2].permute(0, 2, 3, 1).tanh(), align_corners=False), 4, (2, 3, 4, 4)
+    if family == "affine_grid":
+        return family, lambda x: aten.affine_grid_generator.default(x, [x.shape[0], 1, 4, 5], False), 3, (3, 2, 3)
+    if family == "max_unpool":
+        def unpool(x):
+            pooled = aten.max_pool2d_with_indices.default(x, [2, 2])
+            return aten.max_unpool2d.default(pooled[0], pooled[1], [4, 4])
+
+        return family, unpool, 4, (2, 3, 4, 4)
     if family == "batch_norm":  # per-channel weights (batch data when the batch is the channel dim)
         training = draw(st.booleans())
         return family, lambda x: aten.native_batch_norm.default(
@@ -448,7 +493,7 @@ def test_a_rule_naming_an_argument_the_op_lacks_couples():
 
 
 UNRULED = [aten.trace.default, aten.histc.default, aten.nonzero.default, aten.masked_select.default,
-           aten.searchsorted.Tensor, aten.kron.default, aten.cross.default, aten.linalg_cross.default,
+           aten.kron.default, aten.cross.default, aten.linalg_cross.default,
            aten.take.default, aten.put.default, aten.unique_dim.default, aten.rot90.default, aten.cholesky.default,
            aten.addbmm.default, aten.block_diag.default, aten.tensordot.default]
 
@@ -682,3 +727,33 @@ def test_instance_norm_splits_unless_it_updates_running_statistics(name, make, s
         torch.testing.assert_close(model.state_dict()[key], value, msg=key)
     reasons = [s.reason for s in compiled.last_graph.segmented.segments if s.kind is dynaflow.SegmentKind.BARRIER]
     assert (reasons == []) == splits, compiled.explain()
+
+
+_THETA = torch.tensor([[0.9, 0.1, 0.0], [-0.1, 0.9, 0.1]])
+_CENTROIDS = torch.randn(5, 6, generator=torch.Generator().manual_seed(3))
+BATCHED_MATH = {
+    # name: a model of x [B, 6, 6, 6] built from ATen's batched math (rules in frontend/aten_math.py)
+    "spatial_transformer": lambda x: F.grid_sample(
+        x, F.affine_grid(_THETA.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False), align_corners=False),
+    "distances_to_centroids": lambda x: torch.cdist(x.flatten(2).transpose(1, 2)[..., :6], _CENTROIDS).softmax(-1),
+    "bucketize": lambda x: torch.bucketize(x, torch.tensor([-1.0, 0.0, 1.0])).float() + x,
+    "batched_solve": lambda x: torch.linalg.solve(x[:, 0] @ x[:, 0].transpose(1, 2) + 6 * torch.eye(6), x[:, 1]),
+    "inverse_and_logdet": lambda x: torch.linalg.inv(x[:, 0] @ x[:, 0].mT + torch.eye(6)) * torch.linalg.slogdet(
+        x[:, 1] @ x[:, 1].mT + torch.eye(6))[1][:, None, None],
+    "mobilenet_activations": lambda x: F.prelu(F.hardswish(x), torch.full((6,), 0.1)) + F.logsigmoid(x),
+    "unpool": lambda x: F.max_unpool2d(*F.max_pool2d(x, 2, return_indices=True), 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BATCHED_MATH))
+def test_batched_math_splits_and_equals_eager(name):
+    """Ops that solve one problem per row (matrices, point sets, sampling grids): split, never a barrier, and
+    equal to eager at three batch sizes through Dynamo (each was a barrier: no rule)."""
+    fn = BATCHED_MATH[name]
+    compiled = dynaflow.compile(fn, **RR)
+    for batch in (3, 4, 6):
+        x = torch.randn(batch, 6, 6, 6, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), fn(x), rtol=1e-4, atol=1e-5)
+    kinds = {s.kind for g in compiled.graphs for s in g.segmented.segments}
+    assert kinds == {dynaflow.SegmentKind.SPLIT}, compiled.explain()
