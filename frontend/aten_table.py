@@ -248,7 +248,8 @@ def _batch_norm(training_arg: str | bool) -> BatchRule:
             return "it normalizes with statistics over the batch (batch norm in training mode)" if training else None
         given = [n for n in _PER_CHANNEL if isinstance(call.args.get(n), torch.Tensor)]
         if any(call.dim(n) != 0 for n in given):
-            return "batch norm normalizes per channel (dim 1), which holds the batch, with per-channel tensors that do not"
+            return ("batch norm normalizes per channel (dim 1), which holds the batch, with per-channel tensors "
+                    "that do not")
         if training and any(n.startswith("running") for n in given):
             return "it updates running statistics of channels that hold the batch (batch norm in training mode)"
         return None

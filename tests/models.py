@@ -170,6 +170,14 @@ def hf_input(batch: int, seq: int = HF_SEQ, seed: int = 1) -> torch.Tensor:
 
 
 # -- grad mode for test calls ---------------------------------------------------------------------------
+def assert_same_generation(out, ref, tol: float = 1e-4) -> None:
+    """Two ``generate(..., return_dict_in_generate=True, output_logits=True)`` results: tokens equal, and every
+    step's logits close (so equal tokens are not the luck of a tiny random model)."""
+    assert torch.equal(out.sequences, ref.sequences), (out.sequences, ref.sequences)
+    for got, want in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
 def grad_off(mode: str = "no_grad"):
     """The no-autograd context a test calls a model in: ``"no_grad"`` (the default) or ``"inference"``.
 

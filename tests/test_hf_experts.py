@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import dynaflow
+from models import assert_same_generation
 
 transformers = pytest.importorskip("transformers")
 from dynaflow.integrations import transformers as df_hf  # noqa: E402
@@ -58,9 +59,7 @@ def generate(model: torch.nn.Module, **enable: Any) -> tuple[Any, Any, Any]:
             out = model.generate(ids, **kw)
         finally:
             df_hf.disable(model)
-    assert torch.equal(out.sequences, ref.sequences), (out.sequences, ref.sequences)
-    for got, want in zip(out.logits, ref.logits, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_same_generation(out, ref)
     return ref, out, hook
 
 
