@@ -150,3 +150,28 @@ def test_plain_compile_of_a_moe_model_splits_with_row_wise_experts():
     df_hf.row_wise_experts(model, False)
     assert not any("sort" in r for r in barriers_of[True]), barriers_of[True]
     assert sum("sort" in r for r in barriers_of[False]) == model.config.num_hidden_layers, barriers_of[False]
+
+
+def test_the_op_computes_from_the_weights_it_is_given():
+    """The op is a function of its arguments: a deep copy of a switched model (its modules still registered
+    under the original's handles) computes with its own weights, as do dynaflow's sandbox copies."""
+    import copy
+
+    model = build("mixtral")
+    df_hf.row_wise_experts(model)
+    try:
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.mul_(1.5)
+        g = torch.Generator().manual_seed(0)
+        hidden, index = torch.randn(5, 64, generator=g), torch.randint(0, 4, (5, 2), generator=g)
+        weights = torch.rand(5, 2, generator=g)
+        for m in (model, twin):
+            experts = m.model.layers[0].mlp.experts
+            with torch.no_grad():
+                torch.testing.assert_close(experts(hidden, index, weights),  # through the op
+                                           experts._dynaflow_own_forward(hidden, index, weights), rtol=0, atol=0)
+        assert twin.model.layers[0].mlp.experts._dynaflow_handle == model.model.layers[0].mlp.experts._dynaflow_handle
+    finally:
+        df_hf.row_wise_experts(model, False)

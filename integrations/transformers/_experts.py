@@ -9,14 +9,18 @@ While the hook is enabled, each experts module's forward runs its configured imp
 custom op ``dynaflow_hf::experts`` with a batch rule that says what the implementation guarantees: each row
 of ``hidden_states``, ``top_k_index`` and ``top_k_weights`` is treated on its own (the vLLM integration
 declares its fused-MoE kernel the same way). Only implementations whose code was read for this are wrapped
-(:data:`ROW_WISE`); any other, and every call with autograd on, runs the module's own forward.
+(:data:`ROW_WISE`); any other, and every call with autograd on, runs the module's own forward. The op
+computes from the weights it is passed (a shallow twin of the module holds them), so dynaflow's sandbox
+copies and a deep copy of the model compute with their own weights.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
+import types
 import weakref
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -43,7 +47,7 @@ def _experts(handle: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     if module is None:
         raise BackendError(f"{OP_NAME}: experts module #{handle} is gone (the model was freed while a compiled "
                            "step still refers to it). Re-enable dynaflow on the model.")
-    out = module._dynaflow_own_forward(hidden_states, top_k_index, top_k_weights)
+    out = type(module).forward(_with_tensors(module, params), hidden_states, top_k_index, top_k_weights)
     if out.shape != hidden_states.shape or out.dtype != hidden_states.dtype:
         raise BackendError(
             f"{OP_NAME}: {type(module).__name__} returned {tuple(out.shape)} {out.dtype} for hidden_states "
@@ -51,6 +55,22 @@ def _experts(handle: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor
             "dtype. Disable dynaflow's experts op with enable(..., row_wise_experts=False) and please report it."
         )
     return out.clone() if _aliases(out, hidden_states) else out
+
+
+def _with_tensors(module: torch.nn.Module, tensors: list[torch.Tensor]) -> torch.nn.Module:
+    """A shallow twin of ``module`` holding ``tensors`` as its own parameters and buffers: the op computes from
+    the tensors it is given (the caller's weights, a sandbox's copies, a deep copy's), never from shared state,
+    and mutates nothing another thread could see."""
+    names = _tensor_names(module)
+    if len(names) != len(tensors):
+        raise BackendError(f"{OP_NAME}: {type(module).__name__} holds {len(names)} tensors but the call passed "
+                           f"{len(tensors)}; re-enable dynaflow on the model.")
+    twin = copy.copy(module)
+    twin._parameters = dict(module._parameters)
+    twin._buffers = dict(module._buffers)
+    for (kind, name), t in zip(names, tensors):
+        getattr(twin, kind)[name] = t
+    return twin
 
 
 @_experts.register_fake
@@ -73,30 +93,41 @@ def is_experts(module: torch.nn.Module) -> bool:
             and hasattr(getattr(module, "config", None), "_experts_implementation"))
 
 
-def _forward(module: torch.nn.Module, own: Callable[..., torch.Tensor], handle: int) -> Callable[..., torch.Tensor]:
-    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                *args: Any, **kwargs: Any) -> torch.Tensor:
-        if (args or kwargs or torch.is_grad_enabled()
-                or module.config._experts_implementation not in ROW_WISE or hidden_states.dim() != 2):
-            return own(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-        params = [t for t in itertools.chain(module.parameters(), module.buffers())]
-        return torch.ops.dynaflow_hf.experts(handle, hidden_states, top_k_index, top_k_weights, params)
+def _tensor_names(module: torch.nn.Module) -> list[tuple[str, str]]:
+    return ([("_parameters", n) for n, t in module._parameters.items() if t is not None]
+            + [("_buffers", n) for n, t in module._buffers.items() if t is not None])
 
-    return forward
+
+def _tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The module's own parameters and buffers (not its submodules'), in :func:`_tensor_names` order."""
+    return [getattr(module, kind)[name] for kind, name in _tensor_names(module)]
+
+
+def _row_wise_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                      top_k_weights: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The experts module's forward while wrapped (bound to the module, so a copy of the module calls its own)."""
+    own = self._dynaflow_own_forward
+    if (args or kwargs or torch.is_grad_enabled()
+            or self.config._experts_implementation not in ROW_WISE or hidden_states.dim() != 2):
+        return own(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+    return torch.ops.dynaflow_hf.experts(self._dynaflow_handle, hidden_states, top_k_index, top_k_weights,
+                                         _tensors_of(self))
 
 
 def wrap(model: torch.nn.Module) -> int:
     """Route each experts module of ``model`` through the row-wise op (see the module docstring); returns how
-    many were wrapped. Idempotent."""
+    many were switched over. Idempotent; a copy of a wrapped module gets a registration of its own."""
     n = 0
     for module in model.modules():
-        if not is_experts(module) or "_dynaflow_own_forward" in module.__dict__:
+        if not is_experts(module):
             continue
-        own = module.forward
+        if "_dynaflow_own_forward" in module.__dict__ and _MODULES.get(module._dynaflow_handle) is module:
+            continue
         handle = next(_HANDLES)
         _MODULES[handle] = module
-        module._dynaflow_own_forward = own
-        module.forward = _forward(module, own, handle)
+        module.__dict__["_dynaflow_handle"] = handle
+        module.__dict__["_dynaflow_own_forward"] = type(module).forward.__get__(module)
+        module.__dict__["forward"] = types.MethodType(_row_wise_forward, module)
         n += 1
     return n
 
@@ -105,5 +136,5 @@ def unwrap(model: torch.nn.Module) -> None:
     """Undo :func:`wrap`."""
     for module in model.modules():
         if "_dynaflow_own_forward" in module.__dict__:
-            del module.__dict__["forward"]
-            del module.__dict__["_dynaflow_own_forward"]
+            for key in ("forward", "_dynaflow_own_forward", "_dynaflow_handle"):
+                module.__dict__.pop(key, None)
