@@ -160,6 +160,19 @@ def _pad(call: AtenCall) -> str | None:
     return None
 
 
+def _restride(call: AtenCall) -> str | None:
+    """``as_strided`` that only restates the strides of size-1 dims (a reduction's result laid out in its
+    input's memory format): every element keeps its address, so the batch rows keep theirs."""
+    src = call.args["self"]
+    size, stride = list(call.args["size"]), list(call.args["stride"])
+    offset = call.args.get("storage_offset")
+    same = (len(size) == src.dim() and all(size_expr(a) == size_expr(b) for a, b in zip(size, src.shape))
+            and (offset is None or size_expr(offset) == size_expr(src.storage_offset()))
+            and all(size_expr(n) == 1 or size_expr(a) == size_expr(b)
+                    for n, a, b in zip(size, stride, src.stride())))
+    return None if same else "it reinterprets the memory of the batch rows (as_strided)"
+
+
 def _repeat(call: AtenCall) -> str | None:
     """Tiling: a batch-free input tiled the batch size times (``weight.repeat(B)`` in ``F.instance_norm``) is a
     periodic tensor whose batch rows are all the same; a batch input may not be tiled along its batch dim."""
@@ -401,6 +414,7 @@ register_batch_rule((_A + "_embedding_bag", _A + "_embedding_bag_forward_only"),
 register_batch_rule(_A + "cat", _cat)
 register_batch_rule(_A + "constant_pad_nd", _pad)
 register_batch_rule(_A + "repeat", _repeat, sizes=("repeats",), makes_batch=True)
+register_batch_rule([_A + "as_strided", _A + "as_strided_"], _restride, sizes=("size", "stride"))
 register_batch_rule([_A + "tril", _A + "triu", _A + "tril_", _A + "triu_"], last_dims(2))
 
 # matmuls and attention

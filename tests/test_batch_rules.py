@@ -757,3 +757,21 @@ def test_batched_math_splits_and_equals_eager(name):
             torch.testing.assert_close(compiled(x), fn(x), rtol=1e-4, atol=1e-5)
     kinds = {s.kind for g in compiled.graphs for s in g.segmented.segments}
     assert kinds == {dynaflow.SegmentKind.SPLIT}, compiled.explain()
+
+
+@pytest.mark.parametrize("name,fn,splits", [
+    # Swin's pooler: the pooled (B, C, 1, 1) result is restrided to its transposed input's memory format
+    ("pool_transposed", lambda x: torch.flatten(nn.functional.adaptive_avg_pool1d(x.transpose(1, 2), 1), 1), True),
+    ("overlapping_rows", lambda x: x.contiguous().as_strided((x.shape[0], 6, 8), (8, 8, 1)) * 1, False),
+    ("rows_of_another_length", lambda x: x.contiguous().as_strided((x.shape[0], 5, 8), (40, 8, 1)) * 1, False),
+])
+def test_as_strided_splits_only_when_it_keeps_every_address(name, fn, splits):
+    """``as_strided`` that restates only the strides of size-1 dims keeps every element where it is: row-local.
+    One that makes rows overlap or shifts them reads other rows' memory: a barrier."""
+    compiled = dynaflow.compile(fn, **RR)
+    for batch in (4, 5):
+        x = torch.randn(batch + 1, 6, 8, generator=torch.Generator().manual_seed(batch))[:batch]
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), fn(x))
+    reasons = [s.reason for s in compiled.last_graph.segmented.segments if s.kind is dynaflow.SegmentKind.BARRIER]
+    assert (reasons == []) == splits, compiled.explain()
