@@ -10,8 +10,8 @@ custom op ``dynaflow_hf::experts`` with a batch rule that says what the implemen
 of ``hidden_states``, ``top_k_index`` and ``top_k_weights`` is treated on its own (the vLLM integration
 declares its fused-MoE kernel the same way). Only implementations whose code was read for this are wrapped
 (:data:`ROW_WISE`); any other, and every call with autograd on, runs the module's own forward. The op
-computes from the weights it is passed (a shallow twin of the module holds them), so dynaflow's sandbox
-copies and a deep copy of the model compute with their own weights.
+computes from the weights it is passed (a shallow twin of the module holds them), so the split check's
+clones and a deep copy of the model compute with their own weights.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _experts(handle: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor
 
 def _with_tensors(module: torch.nn.Module, tensors: list[torch.Tensor]) -> torch.nn.Module:
     """A shallow twin of ``module`` holding ``tensors`` as its own parameters and buffers: the op computes from
-    the tensors it is given (the caller's weights, a sandbox's copies, a deep copy's), never from shared state,
+    the tensors it is given (the caller's weights, the split check's clones, a deep copy's), never from shared state,
     and mutates nothing another thread could see."""
     names = _tensor_names(module)
     if len(names) != len(tensors):
