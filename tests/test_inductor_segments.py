@@ -125,14 +125,22 @@ def test_segments_on_a_partitioned_lane_compile_for_the_lanes_sms(monkeypatch):
     assert keys == {132 - 96, 132 - 36}
 
 
+CPU_EMULATES_CASTS = torch.torch_version.TorchVersion(torch.__version__) >= "2.13"
+"""Inductor's C++ backend honours ``emulate_precision_casts`` from torch 2.13; torch 2.11's ignores it (measured:
+the compat tier's answer differs from eager's by half-precision rounding)."""
+
+
 def test_dtype_casts_round_as_in_eager():
     """``x.half().float()`` inside an Inductor segment rounds to half as eager does (Inductor alone keeps the
-    float value: ``emulate_precision_casts``), so the segment's answer is eager's bit for bit."""
+    float value: ``emulate_precision_casts``), so the segment's answer is eager's bit for bit, where Inductor
+    honours the option; elsewhere within half precision."""
     def fn(x):
         return (torch.nn.functional.gelu(x) * 3).half().float() * 1.5
 
     c = dynaflow.compile(fn, strategy="round_robin", nano_batches=2, executor="serial", config={"inductor": True})
     x = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(c(x), fn(x), rtol=0, atol=0)
+        tol = 0 if CPU_EMULATES_CASTS else 1e-3
+        torch.testing.assert_close(c(x), fn(x), rtol=tol, atol=tol * 10)
     assert c.last_graph._inductor.num_compiled >= 1
+    assert c.last_graph._inductor.options["emulate_precision_casts"] is True
