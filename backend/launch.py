@@ -88,11 +88,14 @@ class StepContext:
 LAUNCH_NOTE = "dynaflow: raised by"
 """How the note that :func:`run_launch` adds to a segment's own exception starts."""
 
+_RAISED_BY_A_LAUNCH = "_dynaflow_raised_by_a_launch"
+"""The attribute :func:`run_launch` sets on a segment's own exception (a marker, so no message is parsed)."""
+
 
 def raised_by_a_launch(exc: BaseException) -> bool:
     """Whether ``exc`` is a segment's own exception (the model's code or a kernel it calls), which every executor
     lets through unchanged but for a note saying where; anything else a lane raises is dynaflow's failure."""
-    return any(str(n).startswith(LAUNCH_NOTE) for n in getattr(exc, "__notes__", ()))
+    return getattr(exc, _RAISED_BY_A_LAUNCH, False) is True
 
 
 def run_launch(launch: Launch, step: StepContext) -> None:
@@ -113,6 +116,7 @@ def run_launch(launch: Launch, step: StepContext) -> None:
         exc.add_note(f"{LAUNCH_NOTE} {launch.op} (segment {launch.segment.name!r}, {launch.segment.kind.value}) "
                      f"in a step split {step.program.split}. If eager runs this model, the split is at fault: tag "
                      "that segment 'barrier' and please report it")
+        setattr(exc, _RAISED_BY_A_LAUNCH, True)  # every exception has a __dict__ (BaseException's)
         raise
     outs = out if launch.returns_tuple else (out,)
     for slot, value in zip(launch.out_slots, outs):

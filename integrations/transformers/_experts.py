@@ -60,11 +60,13 @@ def _experts(handle: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor
 def _with_tensors(module: torch.nn.Module, tensors: list[torch.Tensor]) -> torch.nn.Module:
     """A shallow twin of ``module`` holding ``tensors`` as its own parameters and buffers: the op computes from
     the tensors it is given (the caller's weights, the split check's clones, a deep copy's), never from shared state,
-    and mutates nothing another thread could see."""
+    and mutates nothing another thread could see. When they are the module's own, the module itself serves."""
     names = _tensor_names(module)
     if len(names) != len(tensors):
         raise BackendError(f"{OP_NAME}: {type(module).__name__} holds {len(names)} tensors but the call passed "
                            f"{len(tensors)}; re-enable dynaflow on the model.")
+    if all(getattr(module, kind)[name] is t for (kind, name), t in zip(names, tensors)):
+        return module  # the module's own tensors (every call but the split check's): no twin needed
     twin = copy.copy(module)
     twin._parameters = dict(module._parameters)
     twin._buffers = dict(module._buffers)

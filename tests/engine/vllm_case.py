@@ -20,13 +20,17 @@ NEW_TOKENS = 12
 VOCAB = 256
 
 
+LLAMA_LIKE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+"""The size fields of every architecture here whose config names them the Llama way (head_dim 128 / 4 = 32)."""
+
 ARCHS = {
-    # name: (transformers config class, model class, config fields beside the common ones)
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(head_dim=32, num_experts=4, num_experts_per_tok=2,
-                                                                moe_intermediate_size=64)),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=32)),
+    # name: (transformers config class, model class, config fields)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", LLAMA_LIKE),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(LLAMA_LIKE, head_dim=32, num_experts=4,
+                                                                num_experts_per_tok=2, moe_intermediate_size=64)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(LLAMA_LIKE, head_dim=32)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=128, n_layer=2, n_head=4, n_positions=256)),
 }
 """Tiny random models for the engine: Llama, MoE layers (vLLM's fused-MoE kernel and its workspaces, with and
@@ -38,11 +42,9 @@ def make_model(path: str, arch: str = "llama") -> None:
     import torch
     import transformers
 
-    config, model, extra = ARCHS[arch]
-    common = {} if arch == "gpt2" else dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config, model, fields = ARCHS[arch]
     torch.manual_seed(0)
-    lm = getattr(transformers, model)(getattr(transformers, config)(vocab_size=VOCAB, **common, **extra))
+    lm = getattr(transformers, model)(getattr(transformers, config)(vocab_size=VOCAB, **fields))
     lm.to(torch.float32).save_pretrained(path)
 
 
