@@ -23,7 +23,7 @@ from dynaflow.compiled_graph import CompiledGraph
 from dynaflow.config import DynaflowConfig
 from dynaflow.errors import CaptureError, ConfigError, DynaflowError, PartitionError
 from dynaflow.frontend import graph_breaks
-from dynaflow.frontend.capture import (SHARED_BACKEND, GraphEntry, batch_size_of, check_outputs, flat_io,
+from dynaflow.frontend.capture import (SHARED_BACKEND, GraphEntry, batch_size_of, check_layouts, check_outputs, flat_io,
                                        mark_batch_dynamic, no_graph_error, run_dynamo)
 from dynaflow.ir import Schedule
 from dynaflow.planning import Plan
@@ -136,6 +136,7 @@ class Compiled:
 
     def _call_fx(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         flat = list(self._flatten(*args, **kwargs))
+        check_layouts(flat)
         if batch_size_of(flat, self.config.batch_dim) == 0:  # no rows: nothing to split or overlap
             return self.model(*args, **kwargs)
         if not self.graphs:
@@ -210,10 +211,12 @@ def _release_graphs(graphs: list[CompiledGraph]) -> None:
 
 
 def _config(config: DynaflowConfig | dict[str, Any] | None, **options: Any) -> DynaflowConfig:
-    if isinstance(config, dict):
-        config = DynaflowConfig.from_dict(config)
+    """``config`` (a DynaflowConfig, a dict of options or None) with the options passed by keyword applied."""
+    if config is not None and not isinstance(config, DynaflowConfig):
+        config = DynaflowConfig.from_dict(config)  # a dict, or a ConfigError naming what was passed
     base = config or DynaflowConfig()
     changed = {k: v for k, v in options.items() if v is not _UNSET}
+    DynaflowConfig.check_names(changed)
     return base.replace(**changed) if changed else base
 
 
@@ -231,14 +234,32 @@ def compile(
     strict: bool = _UNSET,
     verify: bool = _UNSET,
     config: DynaflowConfig | dict[str, Any] | None = None,
+    **options: Any,
 ) -> Compiled:
-    """Compile ``model`` (an ``nn.Module``, a function, or a ``torch.fx.GraphModule``) for nano-batch overlap.
+    """Compile ``model`` (an ``nn.Module``, a function, a ``torch.fx.GraphModule`` or a
+    ``torch.export.ExportedProgram``) for nano-batch overlap.
 
-    The result is called like the model and returns outputs equal to eager execution.
+    The result is called like the model and returns outputs equal to eager execution. Any other
+    :class:`~dynaflow.config.DynaflowConfig` option may be passed by keyword too (``cuda_graphs=True``,
+    ``strategy_options={...}``); it overrides the same option in ``config``.
     """
     cfg = _config(config, strategy=strategy, nano_batches=nano_batches, rules=rules, executor=executor,
-                  batch_dim=batch_dim, strict=strict, verify=verify)
-    return Compiled(model, cfg)
+                  batch_dim=batch_dim, strict=strict, verify=verify, **options)
+    return Compiled(_compilable(model), cfg)
+
+
+def _compilable(model: Any) -> Callable[..., Any]:
+    """``model`` as something Dynamo captures: an ExportedProgram becomes its module; what Dynamo cannot capture
+    (TorchScript, a non-callable) is a :class:`ConfigError` that says what to pass instead."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return model.module()
+    if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
+        raise ConfigError(f"dynaflow.compile cannot capture a TorchScript {type(model).__name__} (torch.compile does "
+                          "not trace TorchScript). Pass the nn.Module or function before torch.jit.script/trace.")
+    if not callable(model):
+        raise ConfigError(f"dynaflow.compile needs an nn.Module, a function, a torch.fx.GraphModule or an "
+                          f"ExportedProgram; got {type(model).__name__} ({model!r:.80}).")
+    return model
 
 
 def parallelize(obj: Any = None, **options: Any) -> Any:

@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from dynaflow.errors import ConfigError, did_you_mean
 
@@ -83,6 +83,12 @@ class DynaflowConfig:
             raise ConfigError(
                 f"nano_batches={self.nano_batches!r} must be an int >= 1 (or None to let the strategy choose)."
             )
+        for name in ("strict", "verify"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False.")
+        if not isinstance(self.strategy_options, Mapping):
+            raise ConfigError(f"strategy_options={self.strategy_options!r} must be a dict of the strategy's options, "
+                              "e.g. strategy_options={'sm_counts': {'compute': 100, 'memory': 32}}.")
         if not isinstance(self.batch_dim, int) or self.batch_dim < 0:
             raise ConfigError(f"batch_dim={self.batch_dim!r} must be a non-negative int (the batch dimension index).")
         if self.cost_link is not None:
@@ -132,11 +138,20 @@ class DynaflowConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DynaflowConfig":
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in names:
-                raise ConfigError(f"Unknown dynaflow option {key!r}.{did_you_mean(key, names)} Valid options: {', '.join(names)}.")
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"dynaflow options must be a dict (or a DynaflowConfig), not {type(data).__name__} "
+                              f"({data!r}); e.g. config={{'cuda_graphs': True}}.")
+        cls.check_names(data)
         return cls(**dict(data))
+
+    @classmethod
+    def check_names(cls, keys: Iterable[str]) -> None:
+        """A :class:`ConfigError` for the first of ``keys`` that is not an option, with the closest one."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in keys:
+            if key not in names:
+                raise ConfigError(f"Unknown dynaflow option {key!r}.{did_you_mean(str(key), names)} "
+                                  f"Valid options: {', '.join(names)}.")
 
     def replace(self, **changes: Any) -> "DynaflowConfig":
         return dataclasses.replace(self, **changes)

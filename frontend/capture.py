@@ -17,7 +17,7 @@ from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
 from dynaflow.errors import CaptureError, ConfigError, DynaflowError
 
-__all__ = ["batch_size_of", "mark_batch_dynamic", "symbolize", "check_outputs", "flat_io", "GraphEntry",
+__all__ = ["batch_size_of", "check_layouts", "mark_batch_dynamic", "symbolize", "check_outputs", "flat_io", "GraphEntry",
            "SharedBackend", "SHARED_BACKEND", "run_dynamo", "no_graph_error"]
 
 
@@ -35,6 +35,19 @@ def batch_size_of(tensors: Sequence[Any], batch_dim: int, where: str = "inputs")
     )
 
 
+def check_layouts(leaves: Sequence[Any]) -> None:
+    """A :class:`ConfigError` for an input tensor dynaflow cannot split: nested (jagged) or sparse. Their rows
+    are not slices of one strided tensor, and Dynamo captures neither as a graph input."""
+    for i, t in enumerate(leaves):
+        if isinstance(t, torch.Tensor) and (t.is_nested or t.layout is not torch.strided):
+            kind = "a nested (jagged) tensor" if t.is_nested else f"a {t.layout} tensor"
+            raise ConfigError(
+                f"Input {i} is {kind}; dynaflow splits strided dense tensors only (rows are slices along the batch "
+                "dim). Pass it dense (t.to_dense(), or torch.nested.to_padded_tensor(t, 0) with a mask), or call "
+                "the model without dynaflow for this input."
+            )
+
+
 def mark_batch_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any], batch_dim: int) -> int:
     """Mark dim ``batch_dim`` dynamic on every input tensor whose size there equals the batch size.
 
@@ -42,6 +55,7 @@ def mark_batch_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any], batch_dim:
     """
     flat = not kwargs and all(isinstance(a, torch.Tensor) for a in args)  # the common call: no tree to walk
     leaves = args if flat else pytree.tree_leaves((args, kwargs))
+    check_layouts(leaves)
     batch = batch_size_of(leaves, batch_dim)
     if batch >= 2:
         for t in leaves:

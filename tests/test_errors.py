@@ -472,3 +472,56 @@ def test_lowering_an_unverified_cross_lane_deadlock_fails_fast():
     rest = [op for op in nano_graph.ops if op not in first_main + first_side]
     bad = Schedule.from_lanes("deadlock", nano_graph.split, {Lane("main"): first_main + rest, Lane("side"): first_side})
     _raises(BackendError, lambda: lower(graph.segmented, nano_graph, bad), "Program deadlocks")
+
+
+@pytest.mark.parametrize("config", [3, "cuda_graphs", ["verify"]], ids=["int", "str", "list"])
+def test_config_that_is_not_a_dict(config):
+    _raises(ConfigError, lambda: dynaflow.compile(make_mlp(), config=config), "must be a dict",
+            type(config).__name__)
+
+
+def test_any_option_may_be_passed_by_keyword():
+    """``compile(model, strategy_options=..., verify=...)`` equals passing them in ``config``; a keyword
+    overrides the same option in ``config``; an unknown keyword is a ConfigError with the closest name."""
+    model, x = make_mlp(), mlp_input(6)
+    with grad_off():
+        ref = model(x)
+        c = dynaflow.compile(model, strategy="nanoflow", strategy_options={"nano_batches": 3}, executor="serial",
+                             config={"strategy_options": {"nano_batches": 2}})
+        torch.testing.assert_close(c(x), ref, atol=1e-5, rtol=1e-5)  # a split GEMM may round differently
+    assert c.config.strategy_options == {"nano_batches": 3}
+    assert len(c.last_graph.last_plan.split.sizes) == 3
+    _raises(ConfigError, lambda: dynaflow.compile(model, cuda_graph=True), "'cuda_graph'", "cuda_graphs")
+    _raises(ConfigError, lambda: dynaflow.compile(model, strategy_options=[("nano_batches", 2)]),
+            "strategy_options=", "must be a dict")
+
+
+@pytest.mark.parametrize("name", ["verify", "strict"])
+def test_flags_must_be_bools(name):
+    _raises(ConfigError, lambda: dynaflow.compile(make_mlp(), **{name: "yes"}), f"{name}='yes'", "True or False")
+
+
+def test_what_dynamo_cannot_capture_is_a_config_error():
+    model = make_mlp()
+    _raises(ConfigError, lambda: dynaflow.compile(3), "got int", "nn.Module")
+    _raises(ConfigError, lambda: dynaflow.compile(torch.jit.script(model)), "TorchScript", "before torch.jit")
+
+
+def test_an_exported_program_is_compiled_as_its_module():
+    model, x = make_mlp(), mlp_input(6)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    with grad_off():
+        c = dynaflow.compile(ep, strategy="round_robin", nano_batches=2, executor="serial")
+        torch.testing.assert_close(c(x), model(x), atol=1e-5, rtol=1e-5)  # a split GEMM may round differently
+    assert len(c.last_graph.last_plan.split.sizes) == 2
+
+
+@pytest.mark.parametrize("make, kind", [
+    (lambda: torch.nested.nested_tensor([torch.randn(2, 16), torch.randn(3, 16)], layout=torch.jagged), "nested"),
+    (lambda: mlp_input(6).to_sparse(), "sparse_coo"),
+], ids=["nested", "sparse"])
+def test_inputs_that_are_not_strided_dense(make, kind):
+    x = make()
+    for c in (dynaflow.compile(make_mlp(), strategy="round_robin", nano_batches=2),
+              dynaflow.compile(torch.fx.symbolic_trace(make_mlp()), strategy="round_robin", nano_batches=2)):
+        _raises(ConfigError, lambda: c(x), "Input 0", kind, "to_dense")
