@@ -161,7 +161,8 @@ class SplitConfig:
         if nano_batches < 1 or nano_batches > batch_size:
             raise ConfigError(
                 f"nano_batches={nano_batches} is invalid for a batch of {batch_size} rows: it must be "
-                f"between 1 and the batch size ({batch_size}). Pass nano_batches<= {batch_size}."
+                f"between 1 and the batch size ({batch_size}). Pass nano_batches<= {batch_size}, or leave "
+                "nano_batches unset (None) so the strategy picks per batch size and a batch of 1 runs whole."
             )
         base, extra = divmod(batch_size, nano_batches)
         return cls(tuple(base + (1 if i < extra else 0) for i in range(nano_batches)))
