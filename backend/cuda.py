@@ -149,8 +149,10 @@ class CudaExecutor(Executor):
         """The streams (and granted SM partitions) the program's lanes run on."""
         return self._state(program).lanes
 
-    def run(self, program: Program, inputs: Sequence[Any], *, capture: bool | None = None) -> Any:
-        """One step. ``capture`` overrides ``config.cuda_graphs`` for this call (``False``: eager).
+    def run(self, program: Program, inputs: Sequence[Any], *, capture: bool | None = None,
+            fingerprints: Sequence[Any] | None = None) -> Any:
+        """One step. ``capture`` overrides ``config.cuda_graphs`` for this call (``False``: eager);
+        ``fingerprints``: the inputs' :func:`~dynaflow.backend.graph_steps.fingerprint`\ s, when the caller has them.
 
         Steps of one program take turns: the host issues one at a time, and each step's work waits on the
         device for the previous step's (its ``done`` event), whichever stream called it: they share the
@@ -164,7 +166,7 @@ class CudaExecutor(Executor):
             if state.done is not None and not outer and caller != state.done_on:
                 caller.wait_event(state.done)  # on the same stream as the last step, stream order already holds
             graphs = self.config.cuda_graphs if capture is None else capture
-            out = self.graphs.run(program, inputs) if graphs else self._eager_step(state, inputs)
+            out = self.graphs.run(program, inputs, fingerprints) if graphs else self._eager_step(state, inputs)
             if not outer:
                 if state.done is None:
                     state.done = torch.cuda.Event()
@@ -409,7 +411,7 @@ class CudaExecutor(Executor):
             return self.outputs(program, env)
         keep = (set(program.output_slots.values()) if static is None else static) - viewed
         copied = clone_keeping_aliases({s: env[s] for s in keep if isinstance(env[s], torch.Tensor)})
-        return self.outputs(program, [copied.get(i, v) for i, v in enumerate(env)])
+        return self.outputs(program, {s: copied.get(s, env[s]) for s in program.output_slots.values()})
 
     def _finish_timeline(self, start: Any, timing: list[tuple[str, str, str, Any, Any]] | None) -> None:
         if timing is None:
@@ -527,6 +529,8 @@ def clone_keeping_aliases(tensors: dict[int, torch.Tensor]) -> dict[int, torch.T
     """A clone of each tensor, where tensors whose bytes overlap (an output and its view) stay views of one
     clone of the bytes they span, as eager's outputs share storage. Disjoint ones (merge buffers of one arena)
     are cloned on their own."""
+    if len(tensors) == 1:  # the common step (logits): nothing to keep aliased
+        return {k: t.clone() for k, t in tensors.items()}
     spans = sorted((_byte_span(t), k) for k, t in tensors.items())
     out: dict[int, torch.Tensor] = {}
     group: list[int] = []

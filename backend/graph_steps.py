@@ -183,13 +183,15 @@ class GraphSteps:
     def clear(self) -> None:
         self._entries.clear()
 
-    def run(self, program: Program, inputs: Sequence[Any]) -> Any:
-        """One step: an eager warm-up while the signature is new, else a (captured, then) replayed step."""
+    def run(self, program: Program, inputs: Sequence[Any], fps: Sequence[Fingerprint | None] | None = None) -> Any:
+        """One step: an eager warm-up while the signature is new, else a (captured, then) replayed step.
+        ``fps``: the inputs' fingerprints, when the caller computed them already."""
         with self._lock:
-            return self._run(program, inputs)
+            return self._run(program, inputs, fps)
 
-    def _run(self, program: Program, inputs: Sequence[Any]) -> Any:
-        fps = [fingerprint(x) for x in inputs]
+    def _run(self, program: Program, inputs: Sequence[Any], fps: Sequence[Fingerprint | None] | None) -> Any:
+        if fps is None:
+            fps = [fingerprint(x) for x in inputs]
         key = (id(program), signature(inputs, fps))
         hit = self._entries.get(key)
         if hit is None or hit[0] is not program:

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ContextManager, Iterable, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Mapping, Sequence
 
 import torch
 
@@ -272,7 +272,7 @@ class Executor:
         return env
 
     @staticmethod
-    def outputs(program: Program, env: list[Any]) -> Any:
+    def outputs(program: Program, env: Sequence[Any] | Mapping[int, Any]) -> Any:
         def build(t: Any) -> Any:
             if isinstance(t, OutRef):
                 return env[program.output_slots[t.name]]

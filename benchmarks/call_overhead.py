@@ -84,6 +84,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if importlib.util.find_spec("transformers") is not None:
         report["decode"] = {"model": "LlamaForCausalLM 4 layers, hidden 64, batch 4, prompt 8, static cache, greedy",
                             "tokens": args.tokens, "repeats": args.decode_repeats, "rows": decode_rows(args)}
+        report["graphed_step"] = {"model": "workload (c) at tiny size: LlamaForCausalLM 2 layers, hidden 64, "
+                                  "StaticCache, one decode step", "calls": args.calls, "repeats": args.repeats,
+                                  "rows": graphed_rows(args)}
     width = max(len(r["path"]) for r in rows)
     print("\n".join([f"{'path':<{width}}  {'µs/call':>8}  {'over eager':>10}"] +  # noqa: T201 - the table
                     [f"{r['path']:<{width}}  {r['median_us']:8.1f}  {r['over_eager_us']:10.1f}" for r in rows]))
@@ -141,6 +144,78 @@ def decode_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                     [f"{r['path']:<{width}}  {r['median_us_per_token']:8.1f}  {r['over_eager_us']:10.1f}"
                      for r in rows]))
     return rows
+
+
+def graphed_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Host time of one CUDA-graphed decode step (the GPU-floor benchmark's workload (c) path: the transformers
+    hook, ``executor="cuda"``, ``cuda_graphs=True``) with torch.cuda faked on CPU and the replay itself a
+    no-op: what dynaflow's front end and step cost the host before and after the replay, which on a GPU is time
+    a launch-bound step waits. Next to it, Dynamo alone on the same model (a backend that replays a memo): the
+    guards and frame every torch.compile path pays, ``reduce-overhead`` included."""
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+    import fake_cuda
+    import workloads
+    from dynaflow.integrations import transformers as df_hf
+
+    rows = []
+    for batch in (1, 4):
+        w = workloads.hf_decode(batch, tiny=True, device="cpu", dtype=torch.float32)
+
+        def memo_backend(gm: torch.fx.GraphModule, _: Any) -> Callable[..., Any]:
+            memo: list[Any] = []
+            return lambda *a: memo[0] if memo else memo.append(gm(*a)) or memo[0]
+
+        compiled = torch.compile(w.model, backend=memo_backend, dynamic=None)
+        floor = lambda *a, **k: compiled(*a, **k)  # noqa: E731 - Workload.step tests its fn for truth
+        paths: dict[str, Any] = {"Dynamo alone (memo backend)": None, "dynaflow sequential +graphs": "sequential",
+                                 "dynaflow nanoflow 2 +graphs": "nanoflow"}
+        hooks: dict[str, Any] = {}
+        with torch.no_grad(), fake_cuda.faked_cuda():
+            ref = w.step()
+            for name, strategy in paths.items():  # capture (fake replay re-runs the launches) and check once
+                if strategy is not None:
+                    hooks[name] = df_hf.enable(w.model, strategy=strategy, nano_batches=2 if batch > 1 else 1,
+                                               executor="cuda", config={"cuda_graphs": True})
+                try:
+                    for _ in range(4):
+                        out = w.step() if strategy is not None else w.step(floor)
+                    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+                finally:
+                    df_hf.disable(w.model)
+            replay = fake_cuda.FakeGraph.replay
+            fake_cuda.FakeGraph.replay = lambda self: None  # from here on only the host path is timed
+            try:
+                samples = _interleaved(w, paths, hooks, floor, args)
+            finally:
+                fake_cuda.FakeGraph.replay = replay
+        base = statistics.median(samples["Dynamo alone (memo backend)"])
+        for name, v in samples.items():
+            rows.append({"batch": batch, "path": name, "median_us": statistics.median(v), "min_us": min(v),
+                         "over_dynamo_us": statistics.median(v) - base})
+    width = max(len(r["path"]) for r in rows)
+    print("\n".join([f"{'graphed step (host)':<{width}}  batch  {'µs/step':>8}  {'over Dynamo':>11}"] +  # noqa: T201
+                    [f"{r['path']:<{width}}  {r['batch']:5d}  {r['median_us']:8.1f}  {r['over_dynamo_us']:11.1f}"
+                     for r in rows]))
+    return rows
+
+
+def _interleaved(w: Any, paths: dict[str, Any], hooks: dict[str, Any], floor: Any,
+                 args: argparse.Namespace) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(args.repeats):
+        for name in paths:
+            hook = hooks.get(name)
+            if hook is not None:
+                hook.install()
+            try:
+                t0 = time.perf_counter()
+                for _ in range(args.calls):
+                    w.step() if hook is not None else w.step(floor)
+                samples[name].append((time.perf_counter() - t0) / args.calls * 1e6)
+            finally:
+                if hook is not None:
+                    hook.remove()
+    return samples
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:

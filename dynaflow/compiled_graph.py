@@ -24,6 +24,7 @@ from dynaflow.backend.launch import records_autograd
 from dynaflow.backend.capture_sizes import (CaptureChoice, Mode, barrier_names, choose_capture_size, copy_back_written,
                                       input_specs, pad_inputs, unpad_outputs)
 from dynaflow.backend.comm import DistributedPlanner
+from dynaflow.backend.graph_steps import fingerprint
 from dynaflow.backend.inductor import InductorSegments
 from dynaflow.config import DynaflowConfig
 from dynaflow.cost import CostModel
@@ -88,6 +89,10 @@ class CompiledGraph:
         self._original: torch.fx.GraphModule | None = None
         """The captured graph before partitioning: what the ``eager`` strategy runs."""
         self._written_inputs: tuple[int, ...] = ()
+        self._overlap_memo: tuple[tuple[Any, ...], tuple[int, int] | None] | None = None
+        """(input fingerprints, :func:`overlapping_writes` verdict) of the last call that checked."""
+        self._input_specs: tuple[Any, ...] = ()
+        """:func:`input_specs` of the partitioned graph (fixed once prepared)."""
         """Inputs the graph writes in place: overlapping views of them run the graph unsplit."""
         self._unsplit_logged: set[str] = set()
         self._weights: list[torch.Tensor] = []
@@ -120,6 +125,7 @@ class CompiledGraph:
         self._written_inputs = tuple(sorted(roles.written))
         self.segmented = dataclasses.replace(
             partition(gm, batch_dim=self.config.batch_dim, rules=rules, strict=self.config.strict), inputs=roles)
+        self._input_specs = input_specs(self.segmented)
         self.costs = CostContext(self.segmented, self.config, self.label)
         self.distributed = DistributedPlanner(self.segmented.segments, self.config.distributed_agree,
                                               self.config.lane_communicators, strategy_name(self.strategy))
@@ -318,7 +324,7 @@ class CompiledGraph:
         unsafe = [f"barrier segment {n!r} sees the whole batch" for n in barrier_names(self.segmented)]
         if self._batch_source is None:
             unsafe.append("the batch size is not read from an input tensor")
-        roles, specs = self.segmented.inputs, input_specs(self.segmented)
+        roles, specs = self.segmented.inputs, self._input_specs
         unsafe += [f"static input {roles.name(i)!r} has the batch dim, and a padded copy of it would not be the "
                    "declared tensor" for i in sorted(roles.declared) if specs[i].kind is ValueKind.BATCH]
         unsafe += [f"an output views input {roles.name(i)!r}, and would view its padded copy" for i in
@@ -334,7 +340,8 @@ class CompiledGraph:
         on the cuda executor), and narrow the outputs back. ``executor`` overrides the resolved one (tests)."""
         assert self.segmented is not None
         batch = self.batch_size(inputs)
-        unsplit = self.unsplit_reason(inputs)
+        fps = [fingerprint(x) for x in inputs]  # once per call: the overlap check and the capture's binding
+        unsplit = self.unsplit_reason(inputs, fps)
         if unsplit is not None:
             # overlapping inputs: a graph's input copies would break the aliasing eager sees; autograd: a replay
             # records no autograd history, so the backward would miss it
@@ -345,7 +352,7 @@ class CompiledGraph:
             choice = CaptureChoice(batch, batch, Mode.EAGER, "an output views an input that is not dense")
         else:
             choice = self.capture_for(batch)
-        specs = input_specs(self.segmented)
+        specs = self._input_specs
         padded = pad_inputs(inputs, specs, batch, choice.size) if choice.padded else list(inputs)
         plan = self.plan_for(padded)  # planned even when the call runs unsplit: a strategy's errors surface
         if unsplit is not None:
@@ -356,22 +363,32 @@ class CompiledGraph:
                 f"{self.label}: cuda_graphs=True needs the cuda executor (inputs on a CUDA device), but the "
                 f"{getattr(ex, 'name', ex)!r} executor was chosen. Set cuda_graphs=False for CPU runs."
             )
-        out = ex.run(self.program_for(plan, padded), padded, capture=choice.mode is Mode.GRAPH)
+        known = {"fingerprints": fps} if not choice.padded and getattr(ex, "captures_graphs", False) else {}
+        out = ex.run(self.program_for(plan, padded), padded, capture=choice.mode is Mode.GRAPH, **known)
         if choice.padded:
             copy_back_written(inputs, padded, self._written_inputs, specs, batch)
         self.last_capture = choice
         self._ran(plan, ex)
         return unpad_outputs(out, self.segmented, batch, choice.size)
 
-    def unsplit_reason(self, inputs: Sequence[Any]) -> str | None:
+    def unsplit_reason(self, inputs: Sequence[Any], fps: Sequence[Any] | None = None) -> str | None:
         """Why this call must run as one nano-batch in program order, or ``None``:
 
         * its inputs overlap a view the graph writes (``a = t[0:6]; b = t[3:9]``): split, a write through one
           view would land in rows of the other at the wrong time;
         * autograd records it (training): no executor overlaps lanes then, and split, a nano-batch's in-place
-          write would bump the version of a tensor another nano-batch saved for backward."""
+          write would bump the version of a tensor another nano-batch saved for backward.
+
+        ``fps``: the inputs' :func:`fingerprint`\ s, when the caller has them. The overlap verdict is kept for the
+        last fingerprints seen: equal fingerprints mean the same byte spans, so the same verdict."""
         if self._written_inputs:
-            overlap = overlapping_writes(inputs, self._written_inputs)
+            key = tuple(fps if fps is not None else [fingerprint(x) for x in inputs])
+            memo = self._overlap_memo
+            if memo is not None and memo[0] == key:
+                overlap = memo[1]
+            else:
+                overlap = overlapping_writes(inputs, self._written_inputs)
+                self._overlap_memo = (key, overlap)
             if overlap is not None:
                 return f"inputs {overlap[0]} and {overlap[1]} overlap in memory and one is written in place"
         if records_autograd(inputs) or records_autograd(self._weights):

@@ -179,6 +179,23 @@ def test_overlapping_input_views_run_unsplit():
     assert compiled.last_graph.last_plan.split.num == 2
 
 
+def test_the_overlap_verdict_follows_the_inputs_from_call_to_call():
+    """The verdict is kept for the last inputs' fingerprints (pointer, shape, strides): a call whose views move
+    into or out of overlap, with the same shapes, is checked again; a repeat of the same views is not."""
+    def f(a, b):
+        a.add_(1)
+        return b * 2
+
+    compiled = dynaflow.compile(f, **RR)
+    t = torch.arange(24.0).reshape(24, 1)
+    ref_t = t.clone()
+    for lo in (0, 3, 3, 6, 0, 6, 3):  # b = rows 6 - lo .. 12 - lo: it overlaps a = rows 0 .. 6 for lo > 0
+        out = compiled(t[0:6], t[6 - lo:12 - lo])
+        ref = f(ref_t[0:6], ref_t[6 - lo:12 - lo])
+        assert torch.equal(out, ref) and torch.equal(t, ref_t), lo
+        assert compiled.last_graph.last_plan.split.num == (1 if lo else 2), lo  # lo > 0: b overlaps a
+
+
 def test_overlap_detection_uses_storage_and_byte_ranges():
     from dynaflow.frontend.differential import overlapping_writes
 
