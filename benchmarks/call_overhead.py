@@ -168,13 +168,13 @@ def graphed_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         compiled = torch.compile(w.model, backend=memo_backend, dynamic=None)
         floor = lambda *a, **k: compiled(*a, **k)  # noqa: E731 - Workload.step tests its fn for truth
         paths: dict[str, Any] = {"Dynamo alone (memo backend)": None, "dynaflow sequential +graphs": "sequential",
-                                 "dynaflow nanoflow 2 +graphs": "nanoflow"}
+                                 "dynaflow nanoflow +graphs": "nanoflow"}
         hooks: dict[str, Any] = {}
         with torch.no_grad(), fake_cuda.faked_cuda():
             ref = w.step()
             for name, strategy in paths.items():  # capture (fake replay re-runs the launches) and check once
                 if strategy is not None:
-                    hooks[name] = df_hf.enable(w.model, strategy=strategy, nano_batches=2 if batch > 1 else 1,
+                    hooks[name] = df_hf.enable(w.model, strategy=strategy, nano_batches=NANO[strategy, batch],
                                                executor="cuda", config={"cuda_graphs": True})
                 try:
                     for _ in range(4):
@@ -190,13 +190,17 @@ def graphed_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 fake_cuda.FakeGraph.replay = replay
         base = statistics.median(samples["Dynamo alone (memo backend)"])
         for name, v in samples.items():
-            rows.append({"batch": batch, "path": name, "median_us": statistics.median(v), "min_us": min(v),
+            rows.append({"batch": batch, "path": name, "nano_batches": NANO.get((paths[name], batch)), "median_us": statistics.median(v), "min_us": min(v),
                          "over_dynamo_us": statistics.median(v) - base})
     width = max(len(r["path"]) for r in rows)
     print("\n".join([f"{'graphed step (host)':<{width}}  batch  {'µs/step':>8}  {'over Dynamo':>11}"] +  # noqa: T201
                     [f"{r['path']:<{width}}  {r['batch']:5d}  {r['median_us']:8.1f}  {r['over_dynamo_us']:11.1f}"
                      for r in rows]))
     return rows
+
+
+NANO = {("sequential", 1): 1, ("sequential", 4): 1, ("nanoflow", 1): 1, ("nanoflow", 4): 2}
+"""Nano-batches per (strategy, batch) of the graphed-step table: a batch of one runs whole."""
 
 
 def _interleaved(w: Any, paths: dict[str, Any], hooks: dict[str, Any], floor: Any,

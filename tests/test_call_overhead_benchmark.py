@@ -20,5 +20,5 @@ def test_dry_run_every_path_and_the_floor_skips_dynamo(tmp_path):
     if "graphed_step" in report:  # the graphed decode step's host path ran (and equalled eager) at batch 1 and 4
         rows = report["graphed_step"]["rows"]
         assert {(r["batch"], r["path"]) for r in rows} == {(b, p) for b in (1, 4) for p in (
-            "Dynamo alone (memo backend)", "dynaflow sequential +graphs", "dynaflow nanoflow 2 +graphs")}
+            "Dynamo alone (memo backend)", "dynaflow sequential +graphs", "dynaflow nanoflow +graphs")}
         assert all(r["median_us"] > 0 for r in rows)
