@@ -33,8 +33,8 @@ from dynaflow.errors import BackendError
 from dynaflow.segmented import InputRoles
 from dynaflow.backend.program import Program
 
-__all__ = ["Capturer", "GraphSteps", "InputPlan", "StaticInputError", "fingerprint", "plan_inputs", "signature",
-           "is_persistent"]
+__all__ = ["Capturer", "GraphSteps", "InputFingerprints", "InputPlan", "StaticInputError", "fingerprint", "plan_inputs",
+           "signature", "is_persistent"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,38 @@ def fingerprint(x: Any) -> Fingerprint | None:
     if not isinstance(x, torch.Tensor):
         return None
     return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device)
+
+
+class InputFingerprints:
+    """:func:`fingerprint` of every input of one graph, call after call, cheaply for its parameters.
+
+    With ``guarded`` (a graph Dynamo captured, whose guards check each lifted parameter's shape, strides,
+    dtype and device), a persistent input (:func:`is_persistent`) that is the same tensor object at the same
+    data pointer as in the last call keeps its last fingerprint: a model's weights cost one pointer read each.
+    A weight swapped for new storage (``param.data = new``) has a new pointer and is fingerprinted anew."""
+
+    def __init__(self, guarded: bool) -> None:
+        self.guarded = guarded
+        self._last: tuple[tuple[int, ...], list[Any], list[int], list[Fingerprint | None]] | None = None
+        """(persistent positions, their tensors, their data pointers, every input's fingerprint) of the last
+        call, replaced as one tuple so a concurrent caller never pairs one call's pointers with another's."""
+
+    def __call__(self, inputs: Sequence[Any]) -> list[Fingerprint | None]:
+        last = self._last
+        if last is not None and len(last[3]) == len(inputs):
+            positions, tensors, ptrs, fps = last
+            same = all(inputs[i] is t for i, t in zip(positions, tensors))
+            if same and [t.data_ptr() for t in tensors] == ptrs:
+                kept = set(positions)
+                fresh = [fp if i in kept else fingerprint(x) for i, (fp, x) in enumerate(zip(fps, inputs))]
+                self._last = (positions, tensors, ptrs, fresh)
+                return fresh
+        fresh = [fingerprint(x) for x in inputs]
+        if self.guarded:
+            positions = tuple(i for i, x in enumerate(inputs) if is_persistent(x))
+            tensors = [inputs[i] for i in positions]
+            self._last = (positions, tensors, [t.data_ptr() for t in tensors], fresh)
+        return fresh
 
 
 def signature(inputs: Sequence[Any], fps: Sequence[Fingerprint | None] | None = None) -> tuple[Any, ...]:

@@ -24,7 +24,7 @@ from dynaflow.backend.launch import records_autograd
 from dynaflow.backend.capture_sizes import (CaptureChoice, Mode, barrier_names, choose_capture_size, copy_back_written,
                                       input_specs, pad_inputs, unpad_outputs)
 from dynaflow.backend.comm import DistributedPlanner
-from dynaflow.backend.graph_steps import fingerprint
+from dynaflow.backend.graph_steps import InputFingerprints
 from dynaflow.backend.inductor import InductorSegments
 from dynaflow.config import DynaflowConfig
 from dynaflow.cost import CostModel
@@ -93,6 +93,8 @@ class CompiledGraph:
         """(input fingerprints, :func:`overlapping_writes` verdict) of the last call that checked."""
         self._input_specs: tuple[Any, ...] = ()
         """:func:`input_specs` of the partitioned graph (fixed once prepared)."""
+        self._fingerprints = InputFingerprints(guarded=False)
+        """The inputs' fingerprints per call; a graph Dynamo captured trusts its guards for the parameters."""
         """Inputs the graph writes in place: overlapping views of them run the graph unsplit."""
         self._unsplit_logged: set[str] = set()
         self._weights: list[torch.Tensor] = []
@@ -115,6 +117,7 @@ class CompiledGraph:
         if from_fx:
             gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
             symbolize(gm, list(example_inputs or ()), self.config.batch_dim)
+        self._fingerprints = InputFingerprints(guarded=not from_fx)
         src = find_batch_source(gm, self.config.batch_dim)
         self._batch_source = (src[1], src[2]) if src else None
         rules = self.config.rules if self.config.rules is not None else self.strategy.rules()
@@ -340,7 +343,7 @@ class CompiledGraph:
         on the cuda executor), and narrow the outputs back. ``executor`` overrides the resolved one (tests)."""
         assert self.segmented is not None
         batch = self.batch_size(inputs)
-        fps = [fingerprint(x) for x in inputs]  # once per call: the overlap check and the capture's binding
+        fps = self._fingerprints(inputs)  # once per call: the overlap check and the capture's binding
         unsplit = self.unsplit_reason(inputs, fps)
         if unsplit is not None:
             # overlapping inputs: a graph's input copies would break the aliasing eager sees; autograd: a replay
@@ -382,7 +385,7 @@ class CompiledGraph:
         ``fps``: the inputs' :func:`fingerprint`\ s, when the caller has them. The overlap verdict is kept for the
         last fingerprints seen: equal fingerprints mean the same byte spans, so the same verdict."""
         if self._written_inputs:
-            key = tuple(fps if fps is not None else [fingerprint(x) for x in inputs])
+            key = tuple(fps if fps is not None else self._fingerprints(inputs))
             memo = self._overlap_memo
             if memo is not None and memo[0] == key:
                 overlap = memo[1]

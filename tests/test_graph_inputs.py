@@ -364,3 +364,47 @@ def test_an_output_that_views_an_input_is_never_padded_or_captured_from_a_stride
         capture = first.last_capture  # a strided input is a graph of its own (Dynamo guards on strides)
         assert capture.mode.value == "eager", capture
         assert ("not dense" if strided else "views input") in capture.reason, capture
+
+
+@pytest.mark.parametrize("how", ["in place", "new storage"])
+def test_weights_updated_between_steps_are_read_by_the_next_replay(fake_cuda, how):
+    """A serving engine's weight update between graphed steps: written in place (``copy_``), the replay reads
+    the new values; swapped for new storage (``param.data = new``), the step is captured again. Outputs equal
+    eager with the new weights every step."""
+    model, x, cache = Reads(), torch.randn(4, D), torch.randn(4, L, D)
+    ref_model = Reads()
+    c = _compile(model)
+    with torch.no_grad():
+        for step in range(8):
+            if step in (4, 6):
+                new = ref_model.lin.weight * (1.5 if step == 4 else 0.5)
+                ref_model.lin.weight.copy_(new)
+                if how == "in place":
+                    model.lin.weight.copy_(new)
+                else:
+                    model.lin.weight.data = new.clone()
+            torch.testing.assert_close(c(x, cache), ref_model(x, cache), atol=1e-6, rtol=1e-6)
+    assert _steps(c).recaptures == (0 if how == "in place" else 2)
+
+
+def test_input_fingerprints_reread_only_what_may_have_changed(monkeypatch):
+    """A guarded graph's parameters keep their fingerprint while they are the same tensors at the same
+    pointers; everything else is fingerprinted on every call, and an unguarded graph fingerprints all."""
+    from dynaflow.backend import graph_steps
+
+    calls: list[int] = []
+    real = graph_steps.fingerprint
+    monkeypatch.setattr(graph_steps, "fingerprint", lambda x: calls.append(1) or real(x))
+    w, b, x = nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(3)), torch.randn(2, 3)
+    for guarded, second in ((True, 1), (False, 3)):
+        fps = graph_steps.InputFingerprints(guarded)
+        calls.clear()
+        first = fps([w, x, b])
+        again = fps([w, x.clone(), b])
+        assert len(calls) == 3 + second and first[0] == again[0] and first[1][0] != again[1][0]
+    fps = graph_steps.InputFingerprints(True)
+    fps([w, x, b])
+    w.data = torch.randn(3, 3)  # new storage, same Parameter: re-read
+    assert fps([w, x, b])[0] == real(w)
+    other = nn.Parameter(w.data.view(9)[:9].view(3, 3).t())  # another object at the same pointer: re-read
+    assert fps([other, x, b])[0] == real(other) != real(w)
