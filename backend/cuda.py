@@ -152,7 +152,8 @@ class CudaExecutor(Executor):
     def run(self, program: Program, inputs: Sequence[Any], *, capture: bool | None = None,
             fingerprints: Sequence[Any] | None = None) -> Any:
         """One step. ``capture`` overrides ``config.cuda_graphs`` for this call (``False``: eager);
-        ``fingerprints``: the inputs' :func:`~dynaflow.backend.graph_steps.fingerprint`\ s, when the caller has them.
+        ``fingerprints``: the inputs' fingerprints (:func:`~dynaflow.backend.graph_steps.fingerprint`), when the caller
+        has them.
 
         Steps of one program take turns: the host issues one at a time, and each step's work waits on the
         device for the previous step's (its ``done`` event), whichever stream called it: they share the

@@ -89,13 +89,13 @@ class CompiledGraph:
         self._original: torch.fx.GraphModule | None = None
         """The captured graph before partitioning: what the ``eager`` strategy runs."""
         self._written_inputs: tuple[int, ...] = ()
+        """Inputs the graph writes in place: overlapping views of them run the graph unsplit."""
         self._overlap_memo: tuple[tuple[Any, ...], tuple[int, int] | None] | None = None
         """(input fingerprints, :func:`overlapping_writes` verdict) of the last call that checked."""
         self._input_specs: tuple[Any, ...] = ()
         """:func:`input_specs` of the partitioned graph (fixed once prepared)."""
         self._fingerprints = InputFingerprints(guarded=False)
         """The inputs' fingerprints per call; a graph Dynamo captured trusts its guards for the parameters."""
-        """Inputs the graph writes in place: overlapping views of them run the graph unsplit."""
         self._unsplit_logged: set[str] = set()
         self._weights: list[torch.Tensor] = []
         """Tensors the graph reads as attributes (an fx-traced module's weights; Dynamo passes them as inputs)."""
@@ -382,8 +382,9 @@ class CompiledGraph:
         * autograd records it (training): no executor overlaps lanes then, and split, a nano-batch's in-place
           write would bump the version of a tensor another nano-batch saved for backward.
 
-        ``fps``: the inputs' :func:`fingerprint`\ s, when the caller has them. The overlap verdict is kept for the
-        last fingerprints seen: equal fingerprints mean the same byte spans, so the same verdict."""
+        ``fps``: the inputs' fingerprints (:func:`~dynaflow.backend.graph_steps.fingerprint`), when the caller has
+        them. The overlap verdict is kept for the last fingerprints seen: equal fingerprints mean the same byte
+        spans, so the same verdict."""
         if self._written_inputs:
             key = tuple(fps if fps is not None else self._fingerprints(inputs))
             memo = self._overlap_memo
