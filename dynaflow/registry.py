@@ -7,7 +7,9 @@ plugins published under an entry-point group. Unknown names raise an error listi
 Nothing named by a string is called unless it is registered (in code or by an entry point) or is a
 subclass of the registry's base class, checked *before* the call: a ``"module:attr"`` string naming any
 other callable (``"os:system"``) is refused. :meth:`Registry.load` is the entry for specs read from data
-files (YAML strategy files, the autotune cache): the same rules, and errors name the file.
+files (YAML strategy files, the autotune cache): the same rules, errors name the file, and a data file never
+imports a module (importing runs the module's top-level code): its ``"module:Class"`` must name a module the
+program has imported already.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import sys
 from importlib import metadata
 from typing import Callable, Generic, Mapping, TypeVar
 
@@ -81,15 +84,17 @@ class Registry(Generic[T]):
             raise self.error(f"{source}: the options of {self.kind} {spec!r} must be a mapping of option names "
                              f"to values; got {type(options).__name__}.")
         try:
+            if ":" in spec:
+                return self._make(self._import_class(spec, may_import=False), spec, dict(options))
             return self.resolve(spec, **options)
         except self.error as exc:
             raise self.error(f"{source}: {exc}") from None
 
     def load_class(self, spec: str, *, source: str) -> type:
         """The class a data file's ``"module:Class"`` names, checked to subclass the base class without calling
-        anything it names; errors name ``source``."""
+        anything it names or importing its module; errors name ``source``."""
         try:
-            return self._import_class(spec)
+            return self._import_class(spec, may_import=False)
         except self.error as exc:
             raise self.error(f"{source}: {exc}") from None
 
@@ -139,10 +144,11 @@ class Registry(Generic[T]):
             raise self.error(f"{self.kind} {label!r} produced {obj!r}, which is not a {self.base.__name__}.")
         return obj
 
-    def _import_class(self, spec: str) -> type:
+    def _import_class(self, spec: str, *, may_import: bool = True) -> type:
         """The class ``spec`` (``"module:Class"``) names, refused unless it subclasses the base class: nothing
-        it names is called before this check (a data file naming ``"os:system"`` must run nothing)."""
-        obj = self._import(spec)
+        it names is called before this check (a data file naming ``"os:system"`` must run nothing). Without
+        ``may_import`` (a spec from a data file) the module must be imported already."""
+        obj = self._import(spec, may_import)
         if not (isinstance(obj, type) and issubclass(obj, self.base)):
             what = f"the class {obj.__qualname__}" if isinstance(obj, type) else f"{type(obj).__name__} {obj!r}"
             raise self.error(
@@ -152,8 +158,14 @@ class Registry(Generic[T]):
             )
         return obj
 
-    def _import(self, spec: str) -> Callable[..., T]:
+    def _import(self, spec: str, may_import: bool = True) -> Callable[..., T]:
         module, _, attr = spec.partition(":")
+        if not may_import and module not in sys.modules:
+            raise self.error(
+                f"{self.kind} {spec!r}: module {module!r} is not imported, and a data file never imports code "
+                f"(importing runs the module). Import it in your program first (import {module}), or name a "
+                f"registered {self.kind} ({', '.join(self.available())})."
+            )
         try:
             mod = importlib.import_module(module)
         except ImportError as exc:

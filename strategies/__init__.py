@@ -50,7 +50,8 @@ def register_strategy(name_or_cls: Any = None, *, replace: bool = False) -> Any:
 
 def load_strategy(path: str | os.PathLike[str]) -> Strategy:
     """A strategy from a YAML (or JSON) file: ``name`` (a registered name or ``"pkg.module:Class"`` naming a
-    Strategy subclass; nothing else named in the file is ever called) plus its options, e.g. ``{name: nanoflow, nano_batches: 3, sm_counts: {compute: 96, memory: 36}}``.
+    Strategy subclass of a module the program imported already; the file never imports or calls anything
+    else) plus its options, e.g. ``{name: nanoflow, nano_batches: 3, sm_counts: {compute: 96, memory: 36}}``.
     Unknown keys are rejected with the nearest valid option name."""
     import yaml
 

@@ -160,3 +160,43 @@ def test_concurrent_processes_lose_no_cache_entries(tmp_path):
     data = json.loads(open(path).read())
     assert len(data) == 800
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def _module_that_touches(tmp_path, monkeypatch, name: str) -> None:
+    """A module on sys.path whose import creates the PWN file and which defines a Strategy subclass."""
+    (tmp_path / f"{name}.py").write_text(
+        f"open({str(tmp_path / PWN)!r}, 'w').close()\n"
+        "from dynaflow.strategies import RoundRobin\n"
+        "class Mine(RoundRobin):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+
+
+def test_a_data_file_never_imports_a_module(tmp_path, monkeypatch):
+    """Importing runs a module's top-level code, so a YAML strategy file (or an autotune candidate) may name a
+    'module:Class' only from a module the program imported itself; once imported, the same file loads."""
+    _module_that_touches(tmp_path, monkeypatch, "df_side_effect_mod")
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: 'df_side_effect_mod:Mine'\nnano_batches: 2\n")
+    with pytest.raises(StrategyError) as info:
+        load_strategy(path)
+    msg = str(info.value)
+    assert str(path) in msg and "is not imported" in msg and "import df_side_effect_mod" in msg
+    with pytest.raises(StrategyError, match="is not imported"):
+        registry.load_class("df_side_effect_mod:Mine", source="a cache")
+    assert not (tmp_path / PWN).exists() and "df_side_effect_mod" not in sys.modules
+    import df_side_effect_mod  # noqa: F401 - the program's own import: its side effect is the program's
+
+    assert type(load_strategy(path)).__name__ == "Mine"
+
+
+def test_a_cache_entry_naming_an_unimported_module_imports_nothing(tmp_path, monkeypatch):
+    mod_dir = tmp_path / "mods"
+    mod_dir.mkdir()
+    _module_that_touches(mod_dir, monkeypatch, "df_side_effect_cache_mod")
+    entry = {"schema": CACHE_SCHEMA, "candidate": {"strategy": "df_side_effect_cache_mod:Mine", "options": {}}}
+    path, _ = _seed_cache(tmp_path, monkeypatch, entry)
+    with pytest.raises(StrategyError) as info:
+        _run_auto()
+    assert path in str(info.value) and "is not imported" in str(info.value)
+    assert not (mod_dir / PWN).exists() and "df_side_effect_cache_mod" not in sys.modules
