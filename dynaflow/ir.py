@@ -11,6 +11,7 @@ All IR objects are small frozen dataclasses whose repr reads like what they desc
 from __future__ import annotations
 
 import enum
+import operator
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -132,7 +133,7 @@ class SplitConfig:
     consumer, the value is merged into a full-batch buffer and re-sliced (views, no copies beyond the merge)."""
 
     def __post_init__(self) -> None:
-        sizes = tuple(int(s) for s in self.sizes)
+        sizes = as_ints(self.sizes, "SplitConfig sizes", "rows per nano-batch, e.g. SplitConfig((3, 3))")
         object.__setattr__(self, "sizes", sizes)
         if self.stages:
             stages = tuple(sorted((str(r), tuple(int(x) for x in sz)) for r, sz in dict(self.stages).items()))
@@ -277,6 +278,17 @@ class InputInfo:
 
 
 PHASES = ("prefill", "decode")
+
+
+def as_ints(values: object, what: str, example: str) -> tuple[int, ...]:
+    """``values`` as a tuple of ints (Python or NumPy ints, 0-d integer tensors), or a :class:`ConfigError` naming
+    ``what``: a string or a float is not a size (``int("33")`` would quietly read one)."""
+    if isinstance(values, (str, bytes)):
+        raise ConfigError(f"{what} must be a sequence of ints ({example}); got the string {values!r}.")
+    try:
+        return tuple(operator.index(v) for v in values)  # type: ignore[union-attr]
+    except TypeError:
+        raise ConfigError(f"{what} must be a sequence of ints ({example}); got {values!r}.") from None
 
 
 @dataclass(frozen=True, order=True)

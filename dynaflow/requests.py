@@ -13,6 +13,9 @@ import contextvars
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from dynaflow.errors import ConfigError
+from dynaflow.ir import PHASES, as_ints
+
 __all__ = ["RequestLayout", "requests", "current_requests"]
 
 
@@ -22,6 +25,22 @@ class RequestLayout:
 
     lengths: tuple[int, ...]
     phases: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        lengths = as_ints(self.lengths, "dynaflow.requests lengths", "rows per request, e.g. [5, 1, 1]")
+        if any(n < 0 for n in lengths):  # zero rows pass here: a step with no rows is never split
+            raise ConfigError(f"dynaflow.requests lengths {lengths}: each is a request's rows along the batch dim, "
+                              "so none may be negative.")
+        object.__setattr__(self, "lengths", lengths)
+        if self.phases is not None:
+            phases = (self.phases,) if isinstance(self.phases, str) else tuple(self.phases)
+            bad = [p for p in phases if p not in PHASES]
+            if bad or len(phases) != len(lengths):
+                raise ConfigError(
+                    f"dynaflow.requests phases {phases}: give one phase per request ({len(lengths)}), each one of "
+                    f"{PHASES}" + (f"; {bad[0]!r} is not." if bad else ".")
+                )
+            object.__setattr__(self, "phases", phases)
 
     def __repr__(self) -> str:
         phases = f", phases={'/'.join(p[0] for p in self.phases)}" if self.phases else ""
@@ -40,7 +59,7 @@ def requests(lengths: Sequence[int], phases: Sequence[str] | None = None) -> Ite
         with dynaflow.requests([5, 1, 1], ["prefill", "decode", "decode"]):
             logits = compiled(tokens)
     """
-    layout = RequestLayout(tuple(int(n) for n in lengths), tuple(phases) if phases is not None else None)
+    layout = RequestLayout(lengths, phases)
     token = _CURRENT.set(layout)
     try:
         yield layout

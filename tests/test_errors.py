@@ -525,3 +525,21 @@ def test_inputs_that_are_not_strided_dense(make, kind):
     for c in (dynaflow.compile(make_mlp(), strategy="round_robin", nano_batches=2),
               dynaflow.compile(torch.fx.symbolic_trace(make_mlp()), strategy="round_robin", nano_batches=2)):
         _raises(ConfigError, lambda: c(x), "Input 0", kind, "to_dense")
+
+
+@pytest.mark.parametrize("lengths, phases, needles", [
+    ([3, -1], None, ("(3, -1)", "negative")),
+    (["3", 3], None, ("must be a sequence of ints",)),
+    ("33", None, ("the string '33'",)),
+    ([2.5, 3], None, ("must be a sequence of ints",)),
+    ([3, 3], ["decode"], ("one phase per request (2)",)),
+    ([3, 3], ["decode", "zzz"], ("'zzz' is not",)),
+], ids=["negative", "str-item", "str", "float", "phase-count", "phase-name"])
+def test_request_layouts_are_checked_when_declared(lengths, phases, needles):
+    _raises(ConfigError, lambda: dynaflow.requests(lengths, phases).__enter__(), *needles)
+
+
+def test_split_sizes_must_be_ints():
+    _raises(ConfigError, lambda: dynaflow.SplitConfig("33"), "the string '33'")
+    _raises(ConfigError, lambda: dynaflow.SplitConfig((1.5, 2)), "must be a sequence of ints")
+    assert dynaflow.SplitConfig((torch.tensor(3), 2)).sizes == (3, 2)
