@@ -35,6 +35,10 @@ def batch_size_of(tensors: Sequence[Any], batch_dim: int, where: str = "inputs")
     )
 
 
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter, type(None), int, float, bool, str})
+"""Argument types that are pytree leaves (checked by exact type, the fast path of :func:`mark_batch_dynamic`)."""
+
+
 def check_layouts(leaves: Sequence[Any]) -> None:
     """A :class:`ConfigError` for an input tensor dynaflow cannot split: nested (jagged) or sparse. Their rows
     are not slices of one strided tensor, and Dynamo captures neither as a graph input."""
@@ -53,7 +57,9 @@ def mark_batch_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any], batch_dim:
 
     Returns the batch size. Size-1 batches are left static (Dynamo specialises 0/1 sizes).
     """
-    flat = not kwargs and all(isinstance(a, torch.Tensor) for a in args)  # the common call: no tree to walk
+    # the common calls need no tree walk: positional arguments that are tensors, plain values or objects pytree
+    # does not open (a transformers cache)
+    flat = not kwargs and all(type(a) in _PLAIN or pytree.tree_is_leaf(a) for a in args)
     leaves = args if flat else pytree.tree_leaves((args, kwargs))
     check_layouts(leaves)
     batch = batch_size_of(leaves, batch_dim)

@@ -19,6 +19,8 @@ _KINDS = ("graph_break", "unimplemented")
 def _snapshot() -> dict[tuple[str, str], int]:
     from torch._dynamo.utils import counters
 
+    if not (counters["graph_break"] or counters["unimplemented"]):  # the common case, read on every call
+        return {}
     return {(kind, reason): n for kind in _KINDS for reason, n in counters[kind].items()}
 
 
