@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if importlib.util.find_spec("transformers") is not None:
         report["decode"] = {"model": "LlamaForCausalLM 4 layers, hidden 64, batch 4, prompt 8, static cache, greedy",
                             "tokens": args.tokens, "repeats": args.decode_repeats, "rows": decode_rows(args)}
-        report["graphed_step"] = {"model": "workload (c) at tiny size: LlamaForCausalLM 2 layers, hidden 64, "
-                                  "StaticCache, one decode step", "calls": args.calls, "repeats": args.repeats,
+        report["graphed_step"] = {"model": "workload (c) at tiny size: LlamaForCausalLM 2 (and 32) layers, "
+                                  "hidden 64, StaticCache, one decode step", "calls": args.calls, "repeats": args.repeats,
                                   "rows": graphed_rows(args)}
     width = max(len(r["path"]) for r in rows)
     print("\n".join([f"{'path':<{width}}  {'µs/call':>8}  {'over eager':>10}"] +  # noqa: T201 - the table
@@ -158,8 +158,8 @@ def graphed_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     from dynaflow.integrations import transformers as df_hf
 
     rows = []
-    for batch in (1, 4):
-        w = workloads.hf_decode(batch, tiny=True, device="cpu", dtype=torch.float32)
+    for batch, layers in ((1, 2), (4, 2), (1, 32)):  # 32 layers: Llama-8B's count of weight tensors and caches
+        w = workloads.hf_decode(batch, tiny=True, device="cpu", dtype=torch.float32, layers=layers)
 
         def memo_backend(gm: torch.fx.GraphModule, _: Any) -> Callable[..., Any]:
             memo: list[Any] = []
@@ -190,12 +190,12 @@ def graphed_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 fake_cuda.FakeGraph.replay = replay
         base = statistics.median(samples["Dynamo alone (memo backend)"])
         for name, v in samples.items():
-            rows.append({"batch": batch, "path": name, "nano_batches": NANO.get((paths[name], batch)), "median_us": statistics.median(v), "min_us": min(v),
+            rows.append({"batch": batch, "layers": layers, "path": name, "nano_batches": NANO.get((paths[name], batch)), "median_us": statistics.median(v), "min_us": min(v),
                          "over_dynamo_us": statistics.median(v) - base})
     width = max(len(r["path"]) for r in rows)
-    print("\n".join([f"{'graphed step (host)':<{width}}  batch  {'µs/step':>8}  {'over Dynamo':>11}"] +  # noqa: T201
-                    [f"{r['path']:<{width}}  {r['batch']:5d}  {r['median_us']:8.1f}  {r['over_dynamo_us']:11.1f}"
-                     for r in rows]))
+    print("\n".join([f"{'graphed step (host)':<{width}}  batch  layers  {'µs/step':>8}  {'over Dynamo':>11}"] +  # noqa: T201
+                    [f"{r['path']:<{width}}  {r['batch']:5d}  {r['layers']:6d}  {r['median_us']:8.1f}  "
+                     f"{r['over_dynamo_us']:11.1f}" for r in rows]))
     return rows
 
 

@@ -23,6 +23,8 @@ workload`` unpacks the three.
 
 from __future__ import annotations
 
+import dataclasses
+
 import inspect
 import logging
 import os
@@ -261,11 +263,14 @@ def cache_counters(cache: Any) -> list[torch.Tensor]:
 
 
 def hf_decode(batch: int = 1, *, tiny: bool = False, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
-              seed: int = 0) -> Workload:
-    """Workload (c): one decode step of a random-weight transformers Llama with a StaticCache."""
+              seed: int = 0, layers: int | None = None) -> Workload:
+    """Workload (c): one decode step of a random-weight transformers Llama with a StaticCache (``layers``
+    overrides the shape's layer count)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     s = HFShape.tiny() if tiny else HFShape()
+    if layers is not None:
+        s = dataclasses.replace(s, layers=layers)
     cfg = LlamaConfig(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
                       num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
                       max_position_embeddings=max(2048, s.max_cache_len), attn_implementation="sdpa")

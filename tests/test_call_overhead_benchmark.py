@@ -19,6 +19,6 @@ def test_dry_run_every_path_and_the_floor_skips_dynamo(tmp_path):
         assert len(report["decode"]["rows"]) == 3 and all(r["median_us_per_token"] > 0 for r in report["decode"]["rows"])
     if "graphed_step" in report:  # the graphed decode step's host path ran (and equalled eager) at batch 1 and 4
         rows = report["graphed_step"]["rows"]
-        assert {(r["batch"], r["path"]) for r in rows} == {(b, p) for b in (1, 4) for p in (
+        assert {(r["batch"], r["layers"], r["path"]) for r in rows} == {(b, n, p) for b, n in ((1, 2), (4, 2), (1, 32)) for p in (
             "Dynamo alone (memo backend)", "dynaflow sequential +graphs", "dynaflow nanoflow +graphs")}
         assert all(r["median_us"] > 0 for r in rows)
