@@ -63,25 +63,29 @@ class InputFingerprints:
 
     def __init__(self, guarded: bool) -> None:
         self.guarded = guarded
-        self._last: tuple[tuple[int, ...], list[Any], list[int], list[Fingerprint | None]] | None = None
-        """(persistent positions, their tensors, their data pointers, every input's fingerprint) of the last
-        call, replaced as one tuple so a concurrent caller never pairs one call's pointers with another's."""
+        self._last: tuple[tuple[int, ...], tuple[int, ...], list[Any], list[int], list[Fingerprint | None]] | None = None
+        """(persistent positions, the other positions, the persistent tensors, their data pointers, every input's
+        fingerprint) of the last call, replaced as one tuple so a concurrent caller never pairs one call's
+        pointers with another's."""
 
     def __call__(self, inputs: Sequence[Any]) -> list[Fingerprint | None]:
         last = self._last
-        if last is not None and len(last[3]) == len(inputs):
-            positions, tensors, ptrs, fps = last
+        if last is not None and len(last[4]) == len(inputs):
+            positions, others, tensors, ptrs, fps = last
             same = all(inputs[i] is t for i, t in zip(positions, tensors))
             if same and [t.data_ptr() for t in tensors] == ptrs:
-                kept = set(positions)
-                fresh = [fp if i in kept else fingerprint(x) for i, (fp, x) in enumerate(zip(fps, inputs))]
-                self._last = (positions, tensors, ptrs, fresh)
+                fresh = list(fps)
+                for i in others:
+                    fresh[i] = fingerprint(inputs[i])
+                self._last = (positions, others, tensors, ptrs, fresh)
                 return fresh
         fresh = [fingerprint(x) for x in inputs]
         if self.guarded:
-            positions = tuple(i for i, x in enumerate(inputs) if is_persistent(x))
+            persistent = [is_persistent(x) for x in inputs]
+            positions = tuple(i for i, p in enumerate(persistent) if p)
+            others = tuple(i for i, p in enumerate(persistent) if not p)
             tensors = [inputs[i] for i in positions]
-            self._last = (positions, tensors, [t.data_ptr() for t in tensors], fresh)
+            self._last = (positions, others, tensors, [t.data_ptr() for t in tensors], fresh)
         return fresh
 
 
