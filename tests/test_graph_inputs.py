@@ -408,3 +408,49 @@ def test_input_fingerprints_reread_only_what_may_have_changed(monkeypatch):
     assert fps([w, x, b])[0] == real(w)
     other = nn.Parameter(w.data.view(9)[:9].view(3, 3).t())  # another object at the same pointer: re-read
     assert fps([other, x, b])[0] == real(other) != real(w)
+
+
+class _RecordingCapturer:
+    """Records what each step did: ``eager``, ``capture`` or ``replay``, with the non-tensor it saw."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, object]] = []
+
+    def eager(self, program, inputs):
+        self.log.append(("eager", inputs[2]))
+
+    def capture(self, program, inputs):
+        self.log.append(("capture", inputs[2]))
+        return list(inputs)
+
+    def replay(self, program, captured):
+        self.log.append(("replay", captured[2]))
+
+    def results(self, program, captured, inputs, bound):
+        return None
+
+
+def test_a_call_like_the_last_reuses_its_capture_and_any_change_is_seen():
+    """The steady step compares only the fingerprints that changed (and the non-tensors): a new non-tensor
+    value, a new shape, or a weight at a new pointer is still a new signature or a move."""
+    from dynaflow.backend.graph_steps import GraphSteps, InputFingerprints
+
+    class Prog:
+        inputs = InputRoles()
+
+    program, rec = Prog(), _RecordingCapturer()
+    steps, fps = GraphSteps(rec, warmups=1), InputFingerprints(guarded=True)
+    w, x = nn.Parameter(torch.randn(3, 3)), torch.randn(2, 3)
+
+    def step(*inputs):
+        n = len(rec.log)
+        steps.run(program, list(inputs), fps(list(inputs)))
+        return [what for what, _ in rec.log[n:]], rec.log[-1][1]
+
+    assert [step(w, x, 1) for _ in range(3)] == [(["eager"], 1), (["capture", "replay"], 1), (["replay"], 1)]
+    assert step(w, x, 2) == (["eager"], 2)  # another non-tensor value: another signature
+    assert step(w, x, 1) == (["replay"], 1)  # back: the first capture
+    assert step(w, torch.randn(5, 3), 1) == (["eager"], 1)  # another shape: another signature
+    w.data = torch.randn(3, 3)  # the weight moves: captured again, reading the new storage
+    assert step(w, x, 1) == (["capture", "replay"], 1) and steps.recaptures == 1
+    assert step(w, x, 1) == (["replay"], 1)
