@@ -90,7 +90,7 @@ class CompiledGraph:
         """The captured graph before partitioning: what the ``eager`` strategy runs."""
         self._written_inputs: tuple[int, ...] = ()
         """Inputs the graph writes in place: overlapping views of them run the graph unsplit."""
-        self._overlap_memo: tuple[tuple[Any, ...], tuple[int, int] | None] | None = None
+        self._overlap_memo: tuple[list[Any], tuple[int, int] | None] | None = None
         """(input fingerprints, :func:`overlapping_writes` verdict) of the last call that checked."""
         self._input_specs: tuple[Any, ...] = ()
         """:func:`input_specs` of the partitioned graph (fixed once prepared)."""
@@ -386,7 +386,7 @@ class CompiledGraph:
         them. The overlap verdict is kept for the last fingerprints seen: equal fingerprints mean the same byte
         spans, so the same verdict."""
         if self._written_inputs:
-            key = tuple(fps if fps is not None else self._fingerprints(inputs))
+            key = list(fps) if fps is not None else self._fingerprints(inputs)  # never mutated: compared as is
             memo = self._overlap_memo
             if memo is not None and memo[0] == key:
                 overlap = memo[1]
