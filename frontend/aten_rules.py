@@ -26,7 +26,7 @@ import sympy
 import torch
 
 __all__ = ["AtenCall", "BatchRule", "register_batch_rule", "rule_for", "has_rule", "along_dims", "last_dims", "rows",
-           "pointwise", "ruled_ops", "no_elements", "RANDOM_AWARE"]
+           "dim_set", "pointwise", "ruled_ops", "no_elements", "RANDOM_AWARE"]
 
 Placement = int | None
 
@@ -149,7 +149,7 @@ def norm_dim(d: int, ndim: int) -> int:
     return d % max(ndim, 1)
 
 
-def _dims(value: Any, ndim: int) -> set[int] | None:
+def dim_set(value: Any, ndim: int) -> set[int] | None:
     """A dim argument as a set of normalized dims; ``None`` for "every dim" (``None`` or ``[]``)."""
     if value is None:
         return None
@@ -169,7 +169,7 @@ def along_dims(*arg_names: str, default: Any = None, input: str = "self") -> Bat
         ndim = call.ndim(input)
         work: set[int] = set()
         for name in arg_names:
-            dims = _dims(call.args.get(name, default), ndim)
+            dims = dim_set(call.args.get(name, default), ndim)
             if dims is None:
                 return f"it works along every dim of its input ({name}=all), the batch dim {d} included"
             work |= dims

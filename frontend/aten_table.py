@@ -13,8 +13,8 @@ from typing import Sequence
 import sympy
 import torch
 
-from dynaflow.frontend.aten_rules import (AtenCall, BatchRule, aligned, along_dims, last_dims, no_elements, norm_dim,
-                                          out_ndim, pointwise, register_batch_rule)
+from dynaflow.frontend.aten_rules import (AtenCall, BatchRule, aligned, along_dims, dim_set, last_dims, no_elements,
+                                          norm_dim, out_ndim, pointwise, register_batch_rule)
 from dynaflow.frontend.row_layout import layout_of, regroups, reshaped, size_expr
 
 __all__: list[str] = []
@@ -37,6 +37,19 @@ def _view(call: AtenCall) -> str | None:
     src, out = call.args["self"], call.out
     where = reshaped(layout_of(src, d, sympy.Integer(1), call.batch), out, call.batch)
     return None if where is not None and where[1] == 1 else regroups(src, out)
+
+
+def _squeeze(call: AtenCall) -> str | None:
+    """``squeeze`` keeps a dim of the whole batch (Dynamo's batch size is at least 2) but would drop it from a
+    nano-batch of one row, changing every op after it: row-local only when the dims it squeezes exclude it."""
+    d = call.dim("self")
+    if d is None:
+        return None
+    dims = dim_set(call.args.get("dim"), call.ndim("self"))
+    if dims is None or d in dims:
+        return ("it squeezes the batch dim, which a nano-batch of one row would lose "
+                "(name the dims to squeeze: x.squeeze(-1))")
+    return None
 
 
 # -- slicing and indexing -----------------------------------------------------------------------------------
@@ -347,11 +360,12 @@ def _factory(call: AtenCall) -> str | None:
 
 # -- the table ------------------------------------------------------------------------------------------------
 _A = "aten::"
-for _name in ("t", "transpose", "permute", "unsqueeze", "squeeze", "alias", "detach", "detach_", "clone", "_to_copy",
+for _name in ("t", "transpose", "permute", "unsqueeze", "alias", "detach", "detach_", "clone", "_to_copy",
               "lift_fresh", "lift_fresh_copy", "view_as_real", "view_as_complex", "_conj", "resolve_conj",
               "resolve_neg", "contiguous", "_assert_tensor_metadata", "to", "expand_copy", "permute_copy",
-              "transpose_copy", "unsqueeze_copy", "squeeze_copy", "t_copy", "alias_copy", "clone_", "positive"):
+              "transpose_copy", "unsqueeze_copy", "t_copy", "alias_copy", "clone_", "positive"):
     register_batch_rule(_A + _name, _free)
+register_batch_rule([_A + "squeeze", _A + "squeeze_copy"], _squeeze)
 register_batch_rule(_A + "expand", _free, sizes=("size",), makes_batch=True)
 register_batch_rule([_A + "view", _A + "_unsafe_view", _A + "reshape", _A + "view_copy"], _view,
                     sizes=("size", "shape"))

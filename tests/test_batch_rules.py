@@ -114,6 +114,7 @@ CASES = {
                           (6, 8)),
     "gram_softmax": (lambda: Around(lambda h: (h @ h.t()).softmax(-1) @ h), (6, 8)),
     "cdist_min": (lambda: Around(lambda h: torch.cdist(h, h).min(-1).values[:, None] * h), (6, 8)),
+    "squeeze_all": (lambda: Around(lambda h: h[:, None].squeeze() * 2), (6, 8)),
 }
 
 
@@ -147,6 +148,28 @@ def test_issue_cases_equal_eager_and_strict_names_the_node(name):
     assert "node '" in message and "node: %" in message, message
     if name not in TORCH_MODULES:  # the source line of the user's code (torch's own modules carry none)
         assert "test_batch_rules.py" in message, message
+
+
+@pytest.mark.parametrize("batch, nano", [(3, 2), (5, 3), (2, 2), (4, 3)])
+@pytest.mark.parametrize("form", ["squeeze()", "squeeze(0)", "squeeze((0, 1))"])
+def test_squeeze_keeps_the_batch_dim_of_a_one_row_nano_batch(form, batch, nano):
+    """A no-op on the whole batch (Dynamo's batch size is at least 2), ``squeeze`` would drop the batch dim of
+    a nano-batch of one row, so the op after it reduces another dim: it runs on the whole batch instead."""
+    squeeze = {"squeeze()": lambda h: h.squeeze(), "squeeze(0)": lambda h: h.squeeze(0),
+               "squeeze((0, 1))": lambda h: h.squeeze((0, 1))}[form]
+    torch.manual_seed(0)
+    model = Around(lambda h: squeeze(h[:, None]).sum(1, keepdim=True) * h)
+    x = torch.randn(batch, 8)
+    with torch.no_grad():
+        ref = model(x)
+        compiled = dynaflow.compile(copy.deepcopy(model), strategy="round_robin", nano_batches=nano, executor="serial")
+        torch.testing.assert_close(compiled(x), ref, atol=1e-5, rtol=1e-5)
+    kept = [s for s in compiled.last_graph.segmented.segments if s.kind.value == "barrier"]
+    assert any("squeezes the batch dim" in (s.reason or "") for s in kept), compiled.explain()
+    with torch.no_grad():  # a named other dim keeps the split
+        named = dynaflow.compile(Around(lambda h: h[:, None].squeeze(1) * 2), **RR)
+        named(x)
+    assert all(s.kind.value != "barrier" for s in named.last_graph.segmented.segments), named.explain()
 
 
 def test_sequence_first_attention_suggests_batch_dim_1():
@@ -261,7 +284,7 @@ def _op_fns(draw):
         "expand", "diagonal", "argmax", "logsumexp", "native_group_norm", "constant_fill", "index", "embedding", "sdpa", "gather_row0", "linear",
         "pixel_shuffle", "pixel_unshuffle", "im2col", "col2im", "upsample", "reflection_pad", "channel_shuffle",
         "nll_loss", "batch_norm", "linalg", "cdist", "bucketize", "searchsorted", "elementwise_extra", "grid_sample",
-        "affine_grid", "max_unpool",
+        "affine_grid", "max_unpool", "squeeze",
     ]))
     if family in ("pixel_shuffle", "pixel_unshuffle", "im2col", "upsample", "channel_shuffle"):
         op = {"pixel_shuffle": lambda x: aten.pixel_shuffle.default(x, 2),
@@ -314,6 +337,11 @@ def _op_fns(draw):
     if family == "unsqueeze":
         e = draw(st.integers(0, ndim))
         return family, lambda x: aten.unsqueeze.default(x, e), ndim, None
+    if family == "squeeze":  # a 1-row nano-batch must not lose its batch dim
+        which = draw(st.sampled_from(["all", "dim", "dims"]))
+        op = {"all": lambda x: aten.squeeze.default(x), "dim": lambda x: aten.squeeze.dim(x, d),
+              "dims": lambda x: aten.squeeze.dims(x, [d, (d + 1) % ndim])}[which]
+        return f"squeeze_{which}", lambda x: op(x) * 2, ndim, None
     if family == "select":
         return family, lambda x: aten.select.int(x, d, 0), ndim, None
     if family == "slice":
