@@ -27,7 +27,7 @@ import torch.fx
 from dynaflow.frontend import aten_math, aten_table  # noqa: F401  (fill the rule registry with ATen's ops)
 from dynaflow.frontend.aten_rules import RANDOM_AWARE, AtenCall, no_elements, rule_for
 from dynaflow.frontend.aten_trace import Dispatched, bind, fake_mode_of, lower_node
-from dynaflow.frontend.effects import storage_root, write_targets
+from dynaflow.frontend.effects import META_INPLACE, storage_root, write_targets
 from dynaflow.frontend.row_layout import layout_of, regroups, reshaped, size_expr, treats_rows_apart
 from dynaflow.frontend.rules import op_short_name
 
@@ -189,7 +189,7 @@ class BatchAnalysis:
 
     def _check_lowered(self, node: torch.fx.Node, sym_in: bool) -> str | None:
         short = _short(node)
-        if short in _META_INPLACE:
+        if short in META_INPLACE:
             return f"it changes a tensor's shape or strides in place ({short})"
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), meta_val)
         seed: dict[int, Any] = {}
@@ -492,8 +492,6 @@ def _is_zero(x: Any) -> bool:
 
 _RESHAPES = frozenset({"aten::view", "aten::_unsafe_view", "aten::reshape", "aten::view_copy"})
 """Views that regroup dims: placed by the layout they keep (:mod:`.row_layout`), interleaved or not."""
-_META_INPLACE = {"t_", "transpose_", "squeeze_", "unsqueeze_", "resize_", "resize_as_", "as_strided_", "set_",
-                 "swapdims_", "swapaxes_"}
 _ATEN_OF = {torch._C._nn.linear: torch.ops.aten.linear.default,
             torch.nn.functional.linear: torch.ops.aten.linear.default}
 """Torch functions that are exactly one ATen op with a rule: checked as that op, without lowering."""

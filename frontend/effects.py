@@ -15,14 +15,16 @@ safe, a missing one is a wrong answer.
 from __future__ import annotations
 
 import operator
+import weakref
+from typing import Any, Callable
 
 import torch
 import torch.fx
 
 from dynaflow.frontend.rules import op_short_name
 
-__all__ = ["is_inplace", "write_target", "write_targets", "storage_root", "view_base", "is_view", "aliases_of",
-           "reads_metadata_only", "effect_pairs"]
+__all__ = ["META_INPLACE", "is_inplace", "write_target", "write_targets", "storage_root", "view_base", "is_view",
+           "aliases_of", "reads_metadata_only", "effect_pairs"]
 
 _VIEW_OPS = {
     "getitem", "view", "view_as", "reshape", "reshape_as", "_unsafe_view", "narrow", "select", "slice",
@@ -102,6 +104,25 @@ def write_targets(node: torch.fx.Node) -> tuple[torch.fx.Node, ...]:
     norm updates in training, else ``out=``, else the first argument of ``x.add_(1)``, ``x += 1``, ``x[i] = v``."""
     if node.op not in ("call_function", "call_method"):
         return ()
+    return _cached(node, _WRITES, lambda: tuple(dict.fromkeys((*_named_writes(node), *_dispatched_writes(node)))))
+
+
+_WRITES = "dynaflow_writes"
+
+
+def _cached(node: torch.fx.Node, key: str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` kept in ``node.meta[key]`` for the node's current arguments: a pass that rewires them
+    (``replace_input_with``), or a graph copy (which shares ``meta`` with the original's nodes), recomputes."""
+    hit = node.meta.get(key)
+    if hit is not None and hit[0] is node.args and hit[1] is node.kwargs:
+        return hit[2]
+    value = compute()
+    node.meta[key] = (node.args, node.kwargs, value)
+    return value
+
+
+def _named_writes(node: torch.fx.Node) -> tuple[torch.fx.Node, ...]:
+    """Writes the call form shows: running statistics, schema-marked arguments, ``out=``, ``x.add_``, ``x += y``."""
     stats = [t for t in _running_stats_written(node) if isinstance(t, torch.fx.Node)]
     if stats:
         return tuple(dict.fromkeys(stats))
@@ -118,6 +139,96 @@ def write_targets(node: torch.fx.Node) -> tuple[torch.fx.Node, ...]:
         return ()
     target = node.kwargs.get("out", node.args[0] if node.args else None)
     return (target,) if isinstance(target, torch.fx.Node) else ()
+
+
+def _dispatched_writes(node: torch.fx.Node) -> tuple[torch.fx.Node, ...]:
+    """Writes only the ATen ops show (``F.relu(x, inplace=True)``, ``torch._foreach_add_([x[0]], 1)``, a torch
+    function that writes an argument): run on its traced fake values, every ATen op the node dispatches is read
+    for arguments its schema marks written (``Tensor(a!)``), and each written storage is traced back to the input
+    nodes holding it. A node that cannot be run, or a shape-changing in-place op (running it would change the
+    traced values), has the writes its call form shows."""
+    inputs = [n for n in node.all_input_nodes if isinstance(_val(n), torch.Tensor)]
+    if not inputs or op_short_name(node) in META_INPLACE:
+        return ()
+    key = _shape_key(node, inputs)
+    memo = _MEMO.setdefault(node.graph, {})
+    if key is not None and key in memo:
+        return tuple(inputs[i] for i in memo[key])
+    found = _run_for_writes(node, inputs)
+    if key is not None:
+        memo[key] = tuple(inputs.index(n) for n in found)
+    return found
+
+
+_MEMO: "weakref.WeakKeyDictionary[torch.fx.Graph, dict[Any, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
+"""Per graph, the written inputs (by position) of the nodes run so far, by :func:`_shape_key`: the layers of a
+deep model run each distinct call once."""
+
+
+def _shape_key(node: torch.fx.Node, inputs: list[torch.fx.Node]) -> Any:
+    """Equal for two nodes making the same call on values of the same shapes, strides and dtypes whose inputs
+    share storage in the same pattern; ``None`` when an argument cannot be keyed."""
+    storages: dict[int, int] = {}
+    ok = True
+
+    def key_of(a: Any) -> Any:
+        nonlocal ok
+        if isinstance(a, torch.fx.Node):
+            v = _val(a)
+            if isinstance(v, torch.Tensor):
+                root = storages.setdefault(v.untyped_storage()._cdata, len(storages))
+                return ("T", str(tuple(v.shape)), str(v.stride()), v.dtype, v.device.type, root)
+            if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                return ("S", str(v.node.expr))
+            if isinstance(v, (int, float, bool, str, type(None))):
+                return ("V", v)
+        elif isinstance(a, (list, tuple)):
+            return tuple(key_of(x) for x in a)
+        elif isinstance(a, dict):
+            return tuple((k, key_of(x)) for k, x in a.items())
+        elif isinstance(a, slice):
+            return ("slice", key_of(a.start), key_of(a.stop), key_of(a.step))
+        elif a is Ellipsis or isinstance(a, (int, float, bool, str, type(None), torch.dtype, torch.device,
+                                             torch.layout, torch.memory_format)):
+            return a
+        ok = False
+        return None
+
+    try:
+        key = (node.op, node.target, key_of(node.args), key_of(node.kwargs))
+        hash(key)
+    except TypeError:  # an unhashable target
+        return None
+    return key if ok else None
+
+
+def _run_for_writes(node: torch.fx.Node, inputs: list[torch.fx.Node]) -> tuple[torch.fx.Node, ...]:
+    from dynaflow.frontend.aten_trace import bind, fake_mode_of, lower_node
+
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), _val)
+    mode = fake_mode_of((args, kwargs))
+    if mode is None:
+        return ()
+    try:
+        calls, _ = lower_node(node.graph.owning_module, node, args, kwargs, mode)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - not runnable on fakes: the call form decides
+        return ()
+    written: set[int] = set()
+    for call in calls:
+        if not call.op._schema.is_mutable:
+            continue
+        bound = bind(call.op, call.args, call.kwargs)
+        for arg in call.op._schema.arguments:
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                for t in torch.utils._pytree.tree_leaves(bound.get(arg.name)):
+                    if isinstance(t, torch.Tensor):
+                        written.add(t.untyped_storage()._cdata)
+    return tuple(n for n in inputs if _val(n).untyped_storage()._cdata in written)  # type: ignore[union-attr]
+
+
+META_INPLACE = {"t_", "transpose_", "squeeze_", "unsqueeze_", "resize_", "resize_as_", "as_strided_", "set_",
+                 "swapdims_", "swapaxes_"}
+"""In-place ops that change a tensor's shape or strides: never run on the traced values (it would change them)."""
 
 
 def _writes_first_argument(node: torch.fx.Node) -> bool:
@@ -176,10 +287,11 @@ def view_base(node: torch.fx.Node) -> torch.fx.Node | None:
         return next((b for b in _element_bases(node) if b is not None), None)
     if not isinstance(_val(node), torch.Tensor):
         return None
-    if _PROBED not in node.meta:
+    def probe() -> torch.fx.Node | None:
         probed = _probe(node)
-        node.meta[_PROBED] = probed[0] if probed is not None else _first_tensor(node)
-    return node.meta[_PROBED]
+        return probed[0] if probed is not None else _first_tensor(node)
+
+    return _cached(node, _PROBED, probe)
 
 
 _PROBED = "dynaflow_view_base"
@@ -203,15 +315,14 @@ def _first_tensor(node: torch.fx.Node) -> torch.fx.Node | None:
 
 def _element_bases(node: torch.fx.Node) -> list[torch.fx.Node | None]:
     """Per result of ``node`` (a call returning several tensors), the input whose storage it shares."""
-    if _PROBED_ELEMENTS not in node.meta:
+    def probe() -> list[torch.fx.Node | None]:
         n = len(_val(node))  # type: ignore[arg-type]
         if op_short_name(node) in _VIEW_OPS:
-            bases: list[torch.fx.Node | None] = [node.args[0]] * n  # type: ignore[list-item]
-        else:
-            probed = _probe(node)
-            bases = list(probed) if probed is not None and len(probed) == n else [_first_tensor(node)] * n
-        node.meta[_PROBED_ELEMENTS] = bases
-    return node.meta[_PROBED_ELEMENTS]
+            return [node.args[0]] * n  # type: ignore[list-item]
+        probed = _probe(node)
+        return list(probed) if probed is not None and len(probed) == n else [_first_tensor(node)] * n
+
+    return _cached(node, _PROBED_ELEMENTS, probe)
 
 
 def _probe(node: torch.fx.Node) -> list[torch.fx.Node | None] | None:

@@ -7,6 +7,7 @@ batch-free length counter updated in place must be updated once per step, not on
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import pytest
@@ -661,3 +662,96 @@ def test_dim_order_is_read_from_strides():
     assert dim_order(x.T.contiguous().T) == (1, 0)
     assert dim_order(torch.randn(2, 3, 4).permute(2, 0, 1).contiguous().permute(1, 2, 0)) == (2, 0, 1)
     assert dim_order(x[:, ::2]) is None  # not dense: no layout to copy
+
+
+# -- writes the call form hides: ``inplace=True`` arguments, ``_foreach_*_`` lists -------------------------------
+class _Written(nn.Module):
+    """``Linear(8, 8)``, then a write that only the ATen ops it dispatches show, among reads of the written value."""
+
+    def __init__(self, fn, train: bool = False):
+        super().__init__()
+        self.lin, self.fn = nn.Linear(HID, HID), fn
+        self.train(train)
+
+    def forward(self, x):
+        return self.fn(self.lin(x))
+
+
+def _row_relu(v):
+    nn.ReLU(inplace=True)(v[0])            # a write of one row (a barrier) into a split segment's value
+    return v * 2
+
+
+def _center_then_relu(v):
+    c = v - v.mean(0, keepdim=True)        # a barrier reads v, then v is overwritten
+    torch.nn.functional.relu(v, inplace=True)
+    return c, v
+
+
+def _leaky_after_cumsum(v):
+    w = v.cumsum(0)
+    torch.nn.functional.leaky_relu(v, 0.1, True)  # positional ``inplace``
+    return w, v
+
+
+def _foreach_row(v):
+    torch._foreach_add_([v[0]], 5.0)        # the written tensor is an element of a list argument
+    return v * 2
+
+
+def _dropout_inplace(v):
+    nn.functional.dropout(v, 0.5, training=True, inplace=True)
+    return v * 2
+
+
+HIDDEN_WRITES = {"row_relu": _row_relu, "center_then_relu": _center_then_relu,
+                 "leaky_after_cumsum": _leaky_after_cumsum, "foreach_row": _foreach_row,
+                 "dropout_inplace": _dropout_inplace}
+
+
+@pytest.mark.parametrize("nano", [2, 3])
+@pytest.mark.parametrize("strategy", split_strategies())
+@pytest.mark.parametrize("name", sorted(HIDDEN_WRITES))
+def test_writes_seen_only_in_the_dispatched_ops_equal_eager(name, strategy, nano):
+    """Dynamo records ``F.relu(v, inplace=True)`` and ``torch._foreach_add_([v[0]], 5)`` as calls whose name and
+    schema show no write; missed, a split segment kept reading its own stale copy of ``v``."""
+    torch.manual_seed(0)
+    model = _Written(HIDDEN_WRITES[name], train=name == "dropout_inplace")
+    x = torch.randn(6, HID)
+    compiled = dynaflow.compile(copy.deepcopy(model), strategy=strategy, nano_batches=nano, executor="serial")
+    with grad_off():
+        torch.manual_seed(1)
+        ref = model(x)
+        torch.manual_seed(1)
+        out = compiled(x)
+    torch.testing.assert_close(out, ref)
+
+
+def test_write_targets_follow_the_dispatched_ops():
+    """The written input nodes of calls whose name and schema hide the write, read from their ATen ops."""
+    from dynaflow.frontend.effects import write_targets
+
+    def f(x):
+        v = x * 2
+        torch.nn.functional.relu(v, inplace=True)
+        torch._foreach_mul_([v[0], x[1]], 3.0)
+        return torch.nn.functional.relu(v) + x
+
+    gm = torch.compile(f, backend=_graph_of, dynamic=True)
+    with grad_off():
+        gm(torch.randn(4, HID))
+    graph = _CAPTURED[-1]
+    writes = {n.name: tuple(t.name for t in write_targets(n)) for n in graph.graph.nodes if write_targets(n)}
+    relus = [n for n in graph.graph.nodes if "relu" in str(n.target)]
+    assert writes[relus[0].name] == ("v",), writes   # inplace=True
+    assert relus[-1].name not in writes, writes       # the plain call writes nothing
+    foreach = next(n for n in graph.graph.nodes if "foreach" in str(n.target))
+    assert len(writes[foreach.name]) == 2, writes     # both list elements: a row of v and a row of x
+
+
+_CAPTURED: list = []
+
+
+def _graph_of(gm, example_inputs):
+    _CAPTURED.append(gm)
+    return gm
