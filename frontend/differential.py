@@ -205,42 +205,44 @@ def mutated_inputs(gm: torch.fx.GraphModule) -> tuple[int, ...]:
     return tuple(sorted(_written_args(gm)))
 
 
-def _span(t: torch.Tensor) -> tuple[int, int, int]:
-    """(storage pointer, first byte, one past the last byte) of a tensor's elements."""
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """(first byte, one past the last byte) of a tensor's elements, as addresses."""
     if t.numel() == 0:
-        return t.untyped_storage().data_ptr(), 0, 0
+        return 0, 0
     extent = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
-    start = t.storage_offset() * t.element_size()
-    return t.untyped_storage().data_ptr(), start, start + extent * t.element_size()
+    start = t.data_ptr()
+    return start, start + extent * t.element_size()
+
+
+def _storage_range(t: torch.Tensor) -> tuple[int, int]:
+    """The address range of a tensor's whole storage."""
+    storage = t.untyped_storage()
+    start = storage.data_ptr()
+    return start, start + storage.nbytes()
 
 
 def overlapping_writes(inputs: Sequence[Any], written: Sequence[int]) -> tuple[int, int] | None:
     """A pair (written input, other input) whose memory overlaps, or None. Split into nano-batches, a write
     through one view would land in rows the other view's nano-batches have already read (or not yet).
 
-    Runs on every call: inputs are grouped by storage first, so only tensors sharing a written input's storage
-    (rare) have their byte spans computed."""
-    storage: dict[int, int] = {}
+    Memory, not storage objects, is compared: two storages may share it (``torch.from_numpy`` of overlapping
+    numpy slices, ``from_dlpack``). Runs when the inputs' fingerprints change: only tensors whose storage's
+    address range meets a written input's (rare) have their byte spans computed."""
+    ranges: list[tuple[int, int, int]] = []
     for i in written:
         a = inputs[i] if i < len(inputs) else None
         if isinstance(a, torch.Tensor) and a.device.type != "meta":
-            storage[i] = a.untyped_storage().data_ptr()
-    if not storage:
+            ranges.append((i, *_storage_range(a)))
+    if not ranges:
         return None
-    ptrs = set(storage.values())
-    sharing: dict[int, list[int]] = {}
     for j, b in enumerate(inputs):
-        if isinstance(b, torch.Tensor) and b.device.type != "meta":
-            p = b.untyped_storage().data_ptr()
-            if p in ptrs:
-                sharing.setdefault(p, []).append(j)
-    for i, p in storage.items():
-        others = [j for j in sharing.get(p, ()) if j != i]
-        if not others:
+        if not isinstance(b, torch.Tensor) or b.device.type == "meta":
             continue
-        _, sa, ea = _span(inputs[i])
-        for j in others:
-            _, sb, eb = _span(inputs[j])
-            if sa < eb and sb < ea:
-                return i, j
+        lo, hi = _storage_range(b)
+        for i, wlo, whi in ranges:
+            if i != j and lo < whi and wlo < hi and inputs[i].device == b.device:
+                sa, ea = _span(inputs[i])
+                sb, eb = _span(b)
+                if sa < eb and sb < ea:
+                    return i, j
     return None

@@ -202,6 +202,28 @@ def test_overlapping_input_views_run_unsplit():
     assert compiled.last_graph.last_plan.split.num == 2
 
 
+def test_inputs_sharing_memory_through_two_storages_run_unsplit():
+    """``torch.from_numpy`` of overlapping numpy slices gives two storage objects over the same memory: the
+    overlap check compares addresses, not storage objects."""
+    np = pytest.importorskip("numpy")
+
+    def f(a, b):
+        a.add_(1)
+        return b * 2
+
+    arr = np.arange(12.0, dtype=np.float32).reshape(12, 1)
+    ref_arr = arr.copy()
+    compiled = dynaflow.compile(f, **RR)
+    a, b = torch.from_numpy(arr[0:6]), torch.from_numpy(arr[3:9])
+    assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    out = compiled(a, b)
+    ref = f(torch.from_numpy(ref_arr[0:6]), torch.from_numpy(ref_arr[3:9]))
+    assert torch.equal(out, ref) and (arr == ref_arr).all()
+    assert compiled.last_graph.last_plan.split.num == 1
+    compiled(torch.from_numpy(arr[0:6]), torch.from_numpy(arr[6:12]))  # disjoint memory: split
+    assert compiled.last_graph.last_plan.split.num == 2
+
+
 def test_the_overlap_verdict_follows_the_inputs_from_call_to_call():
     """The verdict is kept for the last inputs' fingerprints (pointer, shape, strides): a call whose views move
     into or out of overlap, with the same shapes, is checked again; a repeat of the same views is not."""
