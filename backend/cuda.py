@@ -32,7 +32,7 @@ first runs two real eager steps (Inductor compiles happen even earlier, in
 :class:`~dynaflow.backend.inductor.InductorSegments`). Outputs are returned as clones
 (``copy_outputs=True``, the default: safe to keep across steps) or as the static output tensors that the
 next replay overwrites (``copy_outputs=False``: no copy, for a caller that consumes each step's outputs
-before the next). In eager mode only outputs living in the merge-buffer arena are cloned (other outputs
+before the next; one passed back as an input is copied in, never read from the memory the step writes). In eager mode only outputs living in the merge-buffer arena are cloned (other outputs
 are fresh tensors anyway). Padding batches up to capture sizes happens above the executor
 (:mod:`dynaflow.backend.capture_sizes`); a padded input is a fresh tensor each step, so it is copied.
 
@@ -59,7 +59,7 @@ from dynaflow.nanocontext import current_nano_context
 from dynaflow.timeline import Timeline, TimelineEvent
 from dynaflow.backend.arena import ALIGN
 from dynaflow.backend.launch import NOLOCK, Executor, ExecutorContext, StepContext, records_autograd, step_loop
-from dynaflow.backend.graph_steps import GraphSteps
+from dynaflow.backend.graph_steps import GraphSteps, in_ranges, storage_range
 from dynaflow.backend.graphs import CapturePlan, Piece, capture_plan, waits_before
 from dynaflow.backend.program import CONST, Program, Wait
 from dynaflow.backend.streams import LaneStream, make_lane_streams
@@ -109,6 +109,9 @@ class _State:
     """Launch id → SMs torch's carveout holds back while it runs: launches on a lane with an SM partition."""
     buffers: dict[int, torch.Tensor] | None = None
     arena: torch.Tensor | None = None
+    static: list[tuple[int, int]] | None = None
+    """Address ranges of the arena and the live captures' outputs (:meth:`CudaExecutor._static_ranges`);
+    ``None``: to be computed (after the arena is made or a step is captured)."""
     steps: int = 0
     turn: Any = field(default_factory=threading.RLock)
     """Held while a step is issued (a step's eager warm-ups run inside it)."""
@@ -167,13 +170,53 @@ class CudaExecutor(Executor):
             if state.done is not None and not outer and caller != state.done_on:
                 caller.wait_event(state.done)  # on the same stream as the last step, stream order already holds
             graphs = self.config.cuda_graphs if capture is None else capture
-            out = self.graphs.run(program, inputs, fingerprints) if graphs else self._eager_step(state, inputs)
+            static = () if self.config.copy_outputs else self._static_ranges(state)
+            if static:  # the caller may hold (and pass back) tensors of the buffers this step writes
+                inputs = self._off_static_buffers(program, inputs, static, copy=not graphs)
+            out = (self.graphs.run(program, inputs, fingerprints, avoid=static) if graphs
+                   else self._eager_step(state, inputs))
             if not outer:
                 if state.done is None:
                     state.done = torch.cuda.Event()
                 state.done.record(caller)
                 state.done_on = caller
             return out
+
+    def _static_ranges(self, state: _State) -> list[tuple[int, int]]:
+        """Address ranges of the buffers a step of this program writes its outputs into and returns uncloned
+        under ``copy_outputs=False``: the merge-buffer arena and each live capture's output tensors (outputs
+        that view an input excepted: those are the caller's own)."""
+        if state.static is None:
+            ranges = [storage_range(state.arena)] if state.arena is not None else []
+            program = state.program
+            for g in self.graphs.captured(program):
+                inputs = {storage_range(t) for t in g.env[:program.num_inputs] if isinstance(t, torch.Tensor)}
+                for slot in set(program.output_slots.values()):
+                    t = g.env[slot]
+                    if isinstance(t, torch.Tensor) and storage_range(t) not in inputs:
+                        ranges.append(storage_range(t))
+            state.static = ranges
+        return state.static
+
+    def _off_static_buffers(self, program: Program, inputs: Sequence[Any], static: Sequence[tuple[int, int]],
+                            copy: bool) -> Sequence[Any]:
+        """Inputs in a static output buffer (``static``: a decode loop passing back what the last step returned
+        uncloned) are copied for an eager step (a capture copies them in: ``GraphSteps.run(avoid=)``); one the step
+        writes is refused: its write and the step's new outputs would land in the same memory."""
+        hit = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and in_ranges(x.data_ptr(), static)]
+        if not hit:
+            return inputs
+        written = [i for i in hit if i in program.inputs.written]
+        if written:
+            i = written[0]
+            raise BackendError(
+                f"Input {program.inputs.name(i)!r} (graph input {i}, shape {tuple(inputs[i].shape)}) is an output "
+                "this executor returned uncloned (copy_outputs=False), and the step writes it in place: the write "
+                "and the step's new outputs would share that memory. Pass a copy (x.clone()), or set "
+                "copy_outputs=True.")
+        if not copy:
+            return inputs
+        return [x.clone() if i in hit else x for i, x in enumerate(inputs)]
 
     def _eager_step(self, state: _State, inputs: Sequence[Any]) -> Any:
         program = state.program
@@ -277,7 +320,7 @@ class CudaExecutor(Executor):
             total += (t.numel() * t.element_size() + ALIGN - 1) // ALIGN * ALIGN
         device = next(iter(specs.values())).device
         arena = torch.empty(total, dtype=torch.uint8, device=device)
-        state.arena = arena
+        state.arena, state.static = arena, None
         state.buffers = {
             s: arena.narrow(0, offsets[s], t.numel() * t.element_size()).view(t.dtype).as_strided(t.shape, t.stride())
             for s, t in specs.items()
@@ -337,6 +380,7 @@ class CudaExecutor(Executor):
         caller.wait_stream(cap)
         for t, before in saved:
             t.copy_(before)
+        state.static = None  # this capture's outputs are static buffers now, an earlier one's no longer
         log.info("captured %s for %r", plan, program)
         return _Graphed(plan, graphs, env)
 

@@ -36,7 +36,7 @@ from dynaflow.segmented import InputRoles
 from dynaflow.backend.program import Program
 
 __all__ = ["Capturer", "GraphSteps", "InputFingerprints", "InputPlan", "StaticInputError", "fingerprint", "plan_inputs",
-           "signature", "is_persistent"]
+           "signature", "is_persistent", "in_ranges", "storage_range"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,17 @@ class InputFingerprints:
             tensors = [inputs[i] for i in positions]
             self._last = (positions, others, tensors, [t.data_ptr() for t in tensors], fresh)
         return fresh
+
+
+def storage_range(t: torch.Tensor) -> tuple[int, int]:
+    """The ``[start, end)`` addresses of a tensor's whole storage."""
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
+def in_ranges(ptr: int, ranges: Sequence[tuple[int, int]]) -> bool:
+    """Whether address ``ptr`` lies in one of the ``[start, end)`` ranges."""
+    return any(lo <= ptr < hi for lo, hi in ranges)
 
 
 def signature(inputs: Sequence[Any], fps: Sequence[Fingerprint | None] | None = None) -> tuple[Any, ...]:
@@ -232,6 +243,8 @@ class GraphSteps:
         threads take turns, as they would for any CUDA graph)."""
         self._last: tuple[Program, Sequence[Fingerprint | None], tuple[Any, ...], Any] | None = None
         """(program, fingerprints, signature, entry) of the latest call, so a call like it skips the lookup."""
+        self._avoid: Sequence[tuple[int, int]] = ()
+        """The current call's ``avoid`` ranges (see :meth:`run`)."""
 
     def captured(self, program: Program) -> list[Any]:
         """The captures of ``program``, one per input signature captured so far."""
@@ -263,11 +276,20 @@ class GraphSteps:
                 return None
         return hit
 
-    def run(self, program: Program, inputs: Sequence[Any], fps: Sequence[Fingerprint | None] | None = None) -> Any:
+    def run(self, program: Program, inputs: Sequence[Any], fps: Sequence[Fingerprint | None] | None = None,
+            avoid: Sequence[tuple[int, int]] = ()) -> Any:
         """One step: an eager warm-up while the signature is new, else a (captured, then) replayed step.
-        ``fps``: the inputs' fingerprints, when the caller computed them already."""
+        ``fps``: the inputs' fingerprints, when the caller computed them already. ``avoid``: address ranges no
+        input is read in place from, however stable (the capturer's static output buffers, which a caller given
+        them uncloned may pass back: a replay writes there); such inputs are copied in."""
         with self._lock:
+            self._avoid = avoid
             return self._run(program, inputs, fps)
+
+    def _may_stay(self, entry: _Entry, i: int) -> bool:
+        """Whether input ``i`` may be read in place as far as :meth:`run`'s ``avoid`` goes."""
+        fp = entry.last[i]
+        return not (self._avoid and fp is not None and in_ranges(fp[0], self._avoid))
 
     def _run(self, program: Program, inputs: Sequence[Any], fps: Sequence[Fingerprint | None] | None) -> Any:
         if fps is None:
@@ -296,9 +318,9 @@ class GraphSteps:
 
     def _stable(self, entry: _Entry) -> frozenset[int]:
         streaks = [entry.streak(i) for i in range(len(entry.last))]
-        if entry.captures >= self.max_captures - 1:  # the last capture: only what never moved stays in place
-            return frozenset(i for i, n in enumerate(streaks) if n == entry.calls)
-        return frozenset(i for i, n in enumerate(streaks) if n > self.warmups)
+        least = entry.calls if entry.captures >= self.max_captures - 1 else self.warmups + 1
+        # the last capture: only what never moved stays in place
+        return frozenset(i for i, n in enumerate(streaks) if n >= least and self._may_stay(entry, i))
 
     def _capture(self, program: Program, entry: _Entry, inputs: Sequence[Any]) -> None:
         plan = plan_inputs(inputs, self._stable(entry), program.inputs)
@@ -329,7 +351,8 @@ class GraphSteps:
             if plan.in_place[i] == "declared":
                 raise StaticInputError(_moved_message(program.inputs, i, entry.bound[i], inputs[i]))
             moved.append(program.inputs.name(i))
-        settled = [program.inputs.name(i) for i in plan.copied if entry.streak(i) > self.warmups]
+        settled = [program.inputs.name(i) for i in plan.copied if entry.streak(i) > self.warmups and
+                   self._may_stay(entry, i)]
         if moved or (settled and entry.captures < self.max_captures):
             log.info("%r: capturing again (%s)", program, "; ".join(
                 ([f"moved: {', '.join(moved)}"] if moved else []) + ([f"now stable: {', '.join(settled)}"] if settled else [])))

@@ -217,8 +217,7 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 def _storage_range(t: torch.Tensor) -> tuple[int, int]:
     """The address range of a tensor's whole storage."""
     storage = t.untyped_storage()
-    start = storage.data_ptr()
-    return start, start + storage.nbytes()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
 
 
 def overlapping_writes(inputs: Sequence[Any], written: Sequence[int]) -> tuple[int, int] | None:

@@ -454,3 +454,60 @@ def test_a_call_like_the_last_reuses_its_capture_and_any_change_is_seen():
     w.data = torch.randn(3, 3)  # the weight moves: captured again, reading the new storage
     assert step(w, x, 1) == (["capture", "replay"], 1) and steps.recaptures == 1
     assert step(w, x, 1) == (["replay"], 1)
+
+
+class Feedback(nn.Module):
+    """``y`` and a value that reads the input after ``y`` is made: fed back as the next input, ``x`` is ``y``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.tanh(self.fc(x))
+        return y, x.sum(0) * y.sum(0)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("strategy", ["sequential", "nanoflow", "round_robin"])
+def test_an_uncloned_output_fed_back_as_the_next_input_equals_eager(fake_cuda, strategy, graphs):
+    """With ``copy_outputs=False`` a step returns its static buffers (the merge arena, a capture's outputs); a
+    decode loop passes one back as the next input. The step must not read that input from the memory it
+    writes its new outputs into: it is copied in, as a moved input is."""
+    model = Feedback().eval()
+    compiled = dynaflow.compile(Feedback().eval(), strategy=strategy, nano_batches=2, executor="cuda",
+                                config={"cuda_graphs": graphs, "copy_outputs": False})
+    x = torch.randn(6, D)
+    ref_x = x.clone()
+    with torch.no_grad():
+        for step in range(WARMUPS + 4):
+            y, s = compiled(x)
+            ref_y, ref_s = model(ref_x)
+            torch.testing.assert_close(y, ref_y, msg=f"step {step}")
+            torch.testing.assert_close(s, ref_s, msg=f"step {step}")
+            x, ref_x = y, ref_y
+
+
+class WritesInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        x.add_(y)
+        return y * 2
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_an_uncloned_output_fed_back_into_a_written_input_is_refused(fake_cuda, graphs):
+    """Written in place, the fed-back input and the step's new outputs would be the same memory."""
+    compiled = _compile(WritesInput(), copy_outputs=False, cuda_graphs=graphs)
+    with torch.no_grad():
+        for _ in range(WARMUPS + 2):  # until the outputs live in the arena or the capture's buffers
+            out = compiled(torch.randn(6, D))
+        with pytest.raises(dynaflow.BackendError, match="copy_outputs=False.*x.clone"):
+            compiled(out)
+        compiled(out.clone())  # a copy is fine
