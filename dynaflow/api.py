@@ -23,6 +23,7 @@ from dynaflow.compiled_graph import CompiledGraph
 from dynaflow.config import DynaflowConfig
 from dynaflow.errors import CaptureError, ConfigError, DynaflowError, PartitionError
 from dynaflow.frontend import graph_breaks
+from dynaflow.frontend.graph_inputs import bound_arguments, tensors_within
 from dynaflow.frontend.capture import (SHARED_BACKEND, GraphEntry, batch_size_of, check_layouts, check_outputs, flat_io,
                                        mark_batch_dynamic, no_graph_error, run_dynamo)
 from dynaflow.ir import Schedule
@@ -57,6 +58,9 @@ class Compiled:
         """Call keys (:func:`call_key`) of calls that run the model itself, skipping Dynamo (see ``__call__``)."""
         self.direct_calls = 0
         """Calls that ran the model itself because the eager floor won their bucket."""
+        self._static_names = tuple(e for e in config.static_inputs if isinstance(e, str))
+        """``static_inputs`` entries that may name a forward argument: its tensors are found in the call itself
+        (a cache object's attributes too), since Dynamo's input names are lossy."""
         weakref.finalize(self, _release_graphs, self.graphs)
         self._fx = isinstance(model, torch.fx.GraphModule)
         if self._fx:
@@ -68,15 +72,18 @@ class Compiled:
         except (AttributeError, TypeError):
             pass
 
-    def graph_for(self, entry: GraphEntry) -> CompiledGraph:
+    def graph_for(self, entry: GraphEntry, inputs: Sequence[Any] = ()) -> CompiledGraph:
         """This model's CompiledGraph for a graph Dynamo captured (made on first use, from a private copy of
-        the captured graph: partitioning rewrites it, and other Compiled objects may share the capture)."""
+        the captured graph: partitioning rewrites it, and other Compiled objects may share the capture);
+        ``inputs``: the graph's inputs in this call."""
         with self._lock:
             graph = self._by_entry.get(entry)
             if graph is None:
                 label = f"graph{len(self.graphs)}"
                 try:
-                    graph = CompiledGraph(entry.copy_gm(), self.config, self.strategy, label=label).prepare()
+                    graph = CompiledGraph(entry.copy_gm(), self.config, self.strategy, label=label)
+                    graph.static_found = self._static_positions(inputs)
+                    graph.prepare()
                 except DynaflowError:
                     raise
                 except Exception as exc:  # a user rule (a Where predicate) or a strategy's rules() raised
@@ -92,9 +99,26 @@ class Compiled:
                 self.graphs.append(graph)
             return graph
 
+    def _static_positions(self, inputs: Sequence[Any]) -> dict[str, tuple[int, ...]]:
+        """Per ``static_inputs`` name of a forward argument, the graph inputs that are tensors inside that
+        argument in the call in flight (by identity)."""
+        call = getattr(self._local, "call", None)
+        if not self._static_names or call is None:
+            return {}
+        arguments = bound_arguments(self.model, *call)
+        found = {}
+        for name in self._static_names:
+            ids = {id(t) for t in tensors_within(arguments.get(name))}
+            hit = tuple(i for i, x in enumerate(inputs) if id(x) in ids)
+            if hit:
+                found[name] = hit
+        return found
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._fx:
             return self._call_fx(args, kwargs)
+        if self._static_names:
+            self._local.call = (args, kwargs)
         batch = self._local.batch = mark_batch_dynamic(args, kwargs, self.config.batch_dim)
         if batch == 0:  # no rows: nothing to split or overlap
             return self.model(*args, **kwargs)
@@ -110,7 +134,7 @@ class Compiled:
             graph_breaks.record_since(breaks, now)
             self.graph_breaks += [b for b in now if b not in self.graph_breaks]
         if not self._checked:
-            check_outputs(out)
+            check_outputs(out, inputs=(args, kwargs))
             self._checked = True
         if sum(g.calls for g in self.graphs) == before:
             raise no_graph_error(self.model, now)

@@ -100,6 +100,9 @@ class CompiledGraph:
         self._weights: list[torch.Tensor] = []
         """Tensors the graph reads as attributes (an fx-traced module's weights; Dynamo passes them as inputs)."""
         self._differential_done = False
+        self.static_found: dict[str, tuple[int, ...]] = {}
+        """Per ``static_inputs`` name of a forward argument, the inputs found inside it in the first call (set
+        by ``Compiled`` before :meth:`prepare`)."""
         self._warned_static = False
         self.batch_marked = False
         """Set by ``dynaflow.compile``: the batch was marked dynamic, so a static batch here means Dynamo
@@ -124,7 +127,7 @@ class CompiledGraph:
         self._original = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # partitioning rewrites gm
         self._weights = [w for n in gm.graph.find_nodes(op="get_attr")
                          if isinstance(w := fetch_attr(gm, str(n.target)), torch.Tensor)]
-        roles = input_roles(gm, self.config.static_inputs)
+        roles = input_roles(gm, self.config.static_inputs, self.static_found)
         self._written_inputs = tuple(sorted(roles.written))
         self.segmented = dataclasses.replace(
             partition(gm, batch_dim=self.config.batch_dim, rules=rules, strict=self.config.strict), inputs=roles)

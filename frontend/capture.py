@@ -16,6 +16,7 @@ import torch.utils._pytree as pytree
 from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
 from dynaflow.errors import CaptureError, ConfigError, DynaflowError
+from dynaflow.frontend.graph_inputs import objects_within
 
 __all__ = ["batch_size_of", "check_layouts", "mark_batch_dynamic", "symbolize", "check_outputs", "flat_io", "GraphEntry",
            "SharedBackend", "SHARED_BACKEND", "run_dynamo", "no_graph_error"]
@@ -123,15 +124,22 @@ def flat_io(gm: torch.fx.GraphModule) -> tuple[Any, Any]:
     return flatten, codegen.process_outputs
 
 
-def check_outputs(out: Any, who: str = "The model") -> None:
-    """Raise :class:`CaptureError` unless ``out`` is a tensor or (nested) tuples/lists/dicts of tensors."""
+def check_outputs(out: Any, who: str = "The model", inputs: Any = None) -> None:
+    """Raise :class:`CaptureError` unless ``out`` is a tensor or (nested) tuples/lists/dicts of tensors; other
+    values are allowed only where they are objects the call was given (``inputs``): a transformers cache passed
+    in and returned, which Dynamo hands back as it is."""
     leaves, spec = pytree.tree_flatten(out)
-    bad = [type(x).__name__ for x in leaves if not isinstance(x, torch.Tensor) and x is not None]
-    if bad:
+    odd = [x for x in leaves if not isinstance(x, torch.Tensor) and x is not None]
+    if odd and inputs is not None:
+        given = {id(o) for o in objects_within(inputs)}
+        odd = [x for x in odd if id(x) not in given]
+    if odd:
+        bad = sorted({type(x).__name__ for x in odd})
         raise CaptureError(
-            f"{who} returned {type(out).__name__} holding non-tensor values ({', '.join(sorted(set(bad)))}); dynaflow "
-            "needs a tensor or tuples/lists/dicts of tensors, because every output is split and merged along the "
-            "batch. Return tensors only (for transformers models pass use_cache=False, or return_dict with tensors)."
+            f"{who} returned {type(out).__name__} holding non-tensor values ({', '.join(bad)}); dynaflow "
+            "needs a tensor or tuples/lists/dicts of tensors (or objects it was passed, such as a cache), because "
+            "every output is split and merged along the batch. Return tensors only (for transformers models pass "
+            "use_cache=False, or return_dict with tensors)."
         )
 
 
@@ -177,7 +185,7 @@ class GraphEntry:
                 "A graph captured for dynaflow.compile ran outside a dynaflow.Compiled call (Dynamo reused its cache "
                 "entry for another torch.compile wrapper). Call the model through the object dynaflow.compile returns."
             )
-        return stack[-1].graph_for(self)(*inputs)
+        return stack[-1].graph_for(self, inputs)(*inputs)
 
 
 class SharedBackend:

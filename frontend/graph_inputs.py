@@ -10,8 +10,9 @@ placeholder's position.
 
 from __future__ import annotations
 
+import inspect
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -21,7 +22,8 @@ from dynaflow.frontend.differential import mutated_inputs
 from dynaflow.frontend.effects import storage_root
 from dynaflow.segmented import InputRoles
 
-__all__ = ["input_name", "input_label", "input_roles", "output_aliased_inputs"]
+__all__ = ["input_name", "input_label", "input_roles", "output_aliased_inputs", "bound_arguments", "tensors_within",
+           "objects_within"]
 
 _ARG = re.compile(r"L\['(\w+)'\]")
 _SOURCE = re.compile(r"L\['(\w+)'\](?:\.tensors\[.*\])?")  # the argument (or a tensor of it), not its size
@@ -80,9 +82,62 @@ def _matches(entry: str, label: str, node: torch.fx.Node) -> bool:
     return entry in (label, str(node.target)) or label.startswith(entry + "[") or label.startswith(entry + ".")
 
 
-def input_roles(gm: torch.fx.GraphModule, static_inputs: Sequence[Any] = ()) -> InputRoles:
+def bound_arguments(fn: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The call's arguments by the names of ``fn``'s (a module's ``forward``) parameters; keywords a ``**kwargs``
+    parameter takes keep their own names. Empty when the call does not bind."""
+    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+    try:
+        bound = inspect.signature(target).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+def objects_within(value: Any, depth: int = 6) -> list[Any]:
+    """Every object inside an argument, itself first: the items of lists, tuples and dicts, and the attributes
+    of other objects (a transformers ``StaticCache``'s layers and their ``keys`` and ``values``), ``depth``
+    levels down; modules and classes are not opened."""
+    out: list[Any] = []
+    seen: set[int] = set()
+
+    def walk(v: Any, left: int) -> None:
+        if id(v) in seen or left < 0:
+            return
+        seen.add(id(v))
+        out.append(v)
+        if isinstance(v, torch.Tensor):
+            return
+        if isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x, left - 1)
+        elif isinstance(v, Mapping):
+            for x in v.values():
+                walk(x, left - 1)
+        elif hasattr(v, "__dict__") and not isinstance(v, (type, torch.nn.Module)):
+            for x in vars(v).values():
+                walk(x, left - 1)
+
+    walk(value, depth)
+    return out
+
+
+def tensors_within(value: Any, depth: int = 6) -> list[torch.Tensor]:
+    """The tensors among :func:`objects_within`."""
+    return [v for v in objects_within(value, depth) if isinstance(v, torch.Tensor)]
+
+
+def input_roles(gm: torch.fx.GraphModule, static_inputs: Sequence[Any] = (),
+                found: Mapping[str, Sequence[int]] | None = None) -> InputRoles:
     """The roles of ``gm``'s inputs; an entry of ``static_inputs`` that names no tensor input raises
-    :class:`ConfigError` listing the inputs there are."""
+    :class:`ConfigError` listing the inputs there are. ``found``: per entry naming a forward argument, the
+    inputs the call passed inside it (:func:`tensors_within`), whatever Dynamo named them."""
     nodes = list(gm.graph.find_nodes(op="placeholder"))
     labels = tuple(input_label(n) for n in nodes)
     declared: set[int] = set()
@@ -94,6 +149,7 @@ def input_roles(gm: torch.fx.GraphModule, static_inputs: Sequence[Any] = ()) -> 
             hit = [entry]
         else:
             hit = [i for i, (n, lab) in enumerate(zip(nodes, labels)) if _matches(str(entry), lab, n)]
+            hit = sorted({*hit, *(found or {}).get(str(entry), ())})
             if not hit:
                 raise ConfigError(f"static_inputs: {entry!r} names no input of the graph.{did_you_mean(str(entry), labels)} "
                                   f"Its inputs are: {', '.join(labels)}.")

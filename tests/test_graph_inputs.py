@@ -511,3 +511,61 @@ def test_an_uncloned_output_fed_back_into_a_written_input_is_refused(fake_cuda, 
         with pytest.raises(dynaflow.BackendError, match="copy_outputs=False.*x.clone"):
             compiled(out)
         compiled(out.clone())  # a copy is fine
+
+
+class _Cache:
+    """A cache object passed as one argument: its tensors are attributes (as in a transformers ``StaticCache``)."""
+
+    def __init__(self, rows: int) -> None:
+        self.layers = [type("Layer", (), {})() for _ in range(2)]
+        for layer in self.layers:
+            layer.keys = torch.randn(rows, L, D)
+
+
+class ReadsCacheObject(Reads):
+    def forward(self, x: torch.Tensor, cache: _Cache) -> torch.Tensor:
+        h = torch.relu(self.lin(x))
+        return self.out(h + cache.layers[0].keys.mean(1) + cache.layers[1].keys.mean(1))
+
+
+@pytest.mark.parametrize("keyword", [False, True])
+def test_static_inputs_name_an_argument_whose_tensors_are_attributes(fake_cuda, keyword):
+    """Dynamo names the tensors of ``cache.layers[0].keys`` ``L_cache_layers_0_keys``; the argument's name covers
+    them all, found in the call itself (by identity), whether the argument is passed by position or keyword."""
+    compiled = _compile(ReadsCacheObject(), static_inputs=["cache"])
+    cache, x = _Cache(6), torch.randn(6, D)
+    with torch.no_grad():
+        compiled(x=x, cache=cache) if keyword else compiled(x, cache)
+    roles = compiled.last_graph.segmented.inputs
+    declared = sorted(roles.name(i) for i in roles.declared)
+    assert len(declared) == 2 and all("cache" in n for n in declared), declared
+
+
+def test_static_inputs_name_a_transformers_static_cache():
+    """A decode loop over a ``StaticCache`` passed by keyword, returned with the logits (``use_cache=True``):
+    every tensor of the cache is declared (keys, values, lengths), read in place, and each step equals eager."""
+    from fake_cuda import faked_cuda
+    from models import hf_input, make_llama
+    from transformers import StaticCache
+
+    model = make_llama().eval()  # transformers' modules load before torch.cuda is faked
+    compiled = dynaflow.compile(make_llama().eval(), strategy="nanoflow", nano_batches=2, executor="cuda",
+                                cuda_graphs=True, static_inputs=["cache"])
+    cfg = model.config
+    caches = [StaticCache(config=cfg, max_cache_len=16) for _ in range(2)]
+    ids = hf_input(4)
+    with faked_cuda(), torch.no_grad():
+        for step in range(WARMUPS + 3):
+            pos = torch.arange(ids.shape[1]) if step == 0 else torch.tensor([ids.shape[1] + step - 1])
+            tokens = ids if step == 0 else next_ids
+            ref = model(input_ids=tokens, cache=caches[0], cache_position=pos, use_cache=True)
+            out = compiled(input_ids=tokens, cache=caches[1], cache_position=pos, use_cache=True)
+            assert out.cache is caches[1]
+            torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+            next_ids = ref.logits[:, -1:].argmax(-1)
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        torch.testing.assert_close(b.keys, a.keys, rtol=1e-4, atol=1e-4)
+    roles = compiled.last_graph.segmented.inputs
+    declared = {roles.name(i) for i in roles.declared}
+    for part in ("keys", "values"):  # Dynamo's names for them vary with the torch version
+        assert sum(n.endswith(part) for n in declared) == cfg.num_hidden_layers, declared
