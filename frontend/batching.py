@@ -171,6 +171,10 @@ class BatchAnalysis:
             return f"it uses {bad_in.name!r}, whose value holds the batch but not as one dim ({self.bad[bad_in]})"
         if problem:
             return problem
+        if self.dims[node] == SYM and any(u.op == "output" for u in node.users) and not (
+                isinstance(val, torch.SymInt) and val.node.expr == self.batch):
+            return (f"it returns an int computed from the batch size ({val}), which a nano-batch would compute from "
+                    "its own rows")
         if self.dims[node] == SYM or (not out_batch and not batch_in and _is_number(val)):
             return None  # size arithmetic: its users decide whether the batch size is used as a shape
         if _is_marker(node):

@@ -401,7 +401,8 @@ def read_back(split: torch.fx.GraphModule, segments: list[Segment], ba: BatchAna
         names = []
         for j, out in enumerate(out_nodes):
             vname = f"{seg.name}.{out.name if isinstance(out, torch.fx.Node) else j}"
-            values[vname] = _classify(vname, ba, meta_val(out) if isinstance(out, torch.fx.Node) else out, seg.name, j)
+            values[vname] = _classify(vname, ba, meta_val(out) if isinstance(out, torch.fx.Node) else out, seg.name, j,
+                                      whole=seg.kind is SegmentKind.BARRIER)
             names.append(vname)
         if multi:
             for user in node.users:
@@ -458,13 +459,16 @@ def fetch_attr(root: torch.nn.Module, target: str) -> Any:
     return obj
 
 
-def _classify(name: str, ba: BatchAnalysis, val: Any, source: str, index: int) -> Value:
+def _classify(name: str, ba: BatchAnalysis, val: Any, source: str, index: int, whole: bool = False) -> Value:
+    """What a boundary value is; ``whole``: its producer runs once on the whole batch (a barrier)."""
     dims, _ = ba.classify(val)
     if isinstance(dims, int) and not isinstance(dims, bool):
         return Value(name, ValueKind.BATCH, dims, source, index, dim_order(val))
     if dims == SYM:
         if isinstance(val, torch.SymInt) and val.node.expr == ba.batch:
             return Value(name, ValueKind.BATCH_SIZE, None, source, index)
+        if whole:  # computed from the whole batch's size: the value eager has, the same for every reader
+            return Value(name, ValueKind.FREE, None, source, index)
         raise PartitionError(
             f"Boundary value {name!r} is an int derived from the batch size ({val}) that crosses a segment boundary; "
             "dynaflow cannot split it. Compute it inside the segment that uses it."

@@ -172,6 +172,30 @@ def test_squeeze_keeps_the_batch_dim_of_a_one_row_nano_batch(form, batch, nano):
     assert all(s.kind.value != "barrier" for s in named.last_graph.segmented.segments), named.explain()
 
 
+class _CountsRows(nn.Module):
+    """A Python counter of the rows seen: Dynamo returns its new value, ``seen + B``, as a graph output."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.seen = nn.Linear(8, 8), 0
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return self.lin(x) * self.seen
+
+
+def test_an_int_computed_from_the_batch_size_and_returned_is_the_whole_batchs():
+    """``seen + B`` leaves the graph (the attribute's new value): computed per nano-batch it would use the
+    nano-batch's size, so its node runs on the whole batch (it was a PartitionError that named no fix)."""
+    model = _CountsRows()
+    compiled = dynaflow.compile(copy.deepcopy(model), **RR)
+    with torch.no_grad():
+        for batch in (6, 5, 7, 4):
+            x = torch.randn(batch, 8)
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    assert compiled.model.seen == model.seen == 22
+
+
 def test_sequence_first_attention_suggests_batch_dim_1():
     model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0).eval()
     with pytest.raises(BatchCouplingError, match="batch_dim=1"), torch.no_grad():
