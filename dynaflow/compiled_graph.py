@@ -184,7 +184,10 @@ class CompiledGraph:
         return plan
 
     def input_info(self, batch: int, inputs: Sequence[Any], layout: RequestLayout | None = None) -> InputInfo:
-        return describe_inputs(inputs, batch, layout).info(self.config.nano_batches, self.label)
+        n = self.config.nano_batches
+        if n is not None and batch < n and self.batch_hint is not None and self.batch_hint() not in (0, batch):
+            n = batch  # a graph after a graph break holds fewer rows than the call the count was asked for
+        return describe_inputs(inputs, batch, layout).info(n, self.label)
 
     def _split(self, info: InputInfo, inputs: Sequence[Any] = (), tuned: Strategy | None = None) -> SplitConfig:
         strategy = tuned or self.strategy

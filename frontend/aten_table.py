@@ -82,23 +82,30 @@ def _along_arg(dim_name: str, what: str, input: str = "self") -> BatchRule:
     return rule
 
 
-def _index_rows(dim_name: str, index: str, sources: Sequence[str], what: str) -> BatchRule:
-    """index_select / gather / scatter / index_copy: the indexed dim is not the batch dim, the index is
-    batch-free unless it and every data tensor hold the batch at the same dim (gather, scatter)."""
+def _index_rows(dim_name: str, index: str, sources: Sequence[str], what: str, along_dim: bool = False) -> BatchRule:
+    """gather / scatter (``index`` as large as the data, ``along_dim=False``) and index_copy / index_add /
+    index_fill (a 1-D ``index`` of positions along ``dim``, ``along_dim=True``). Row-local when the indexed dim is
+    not the batch dim and every data tensor holds the batch at one dim with one size; a gather or scatter index
+    holds it there too (row ``i`` of the index pairs with row ``i`` of the data, so a batch-free table or a data
+    tensor with ``k·B`` rows would pair differently per nano-batch), a 1-D index is batch-free (each row gets
+    every position it lists)."""
     def rule(call: AtenCall) -> str | None:
-        data = [n for n in ("self", *sources) if n in call.args]
-        dims = {call.dim(n) for n in data if isinstance(call.args.get(n), torch.Tensor)}
+        data = [n for n in ("self", *sources) if isinstance(call.args.get(n), torch.Tensor)]
         d_index = call.dim(index)
-        if d_index is None and dims == {None}:
+        placed = [call.dim(n) for n in data]
+        if d_index is None and all(d is None for d in placed):
             return None
-        batch_dims = {x for x in dims | {d_index} if x is not None}
-        ndim = call.ndim("self")
-        if len(batch_dims) != 1 or norm_dim(call.args.get(dim_name, 0), max(ndim, 1)) in batch_dims:
+        if along_dim and d_index is not None:
+            return f"it {what} at the positions a batch-carrying index lists, which every row gets"
+        dim = norm_dim(call.args.get(dim_name, 0), max(call.ndim("self"), 1))
+        if any(d is None for d in placed) or (not along_dim and d_index is None):
+            return f"it {what} between batch rows and a batch-free tensor (or index), pairing rows by position"
+        tensors = [call.args[n] for n in data] + ([] if along_dim else [call.args[index]])
+        dims = placed + ([] if along_dim else [d_index])
+        if len(set(dims)) != 1 or dims[0] == dim:
             return f"it {what} rows across the batch"
-        if d_index is not None and None in dims and call.dim("self") is not None:
-            return f"it {what} with a batch index into a batch-free tensor"
-        if d_index is None and any(call.dim(n) is None for n in data if isinstance(call.args.get(n), torch.Tensor)):
-            return f"it {what} between batch rows and a batch-free tensor"
+        if len({size_expr(t.shape[d]) for t, d in zip(tensors, dims)}) != 1:
+            return f"it {what} between tensors holding different numbers of rows per batch item"
         return None
 
     return rule
@@ -419,7 +426,7 @@ register_batch_rule(_A + "gather", _index_rows("dim", "index", (), "gathers"))
 register_batch_rule([_A + "scatter", _A + "scatter_", _A + "scatter_add", _A + "scatter_add_", _A + "scatter_reduce",
                      _A + "scatter_reduce_"], _index_rows("dim", "index", ("src",), "scatters"))
 register_batch_rule([_A + "index_copy", _A + "index_copy_", _A + "index_add", _A + "index_add_", _A + "index_fill",
-                     _A + "index_fill_"], _index_rows("dim", "index", ("source",), "writes"))
+                     _A + "index_fill_"], _index_rows("dim", "index", ("source",), "writes", along_dim=True))
 register_batch_rule(_A + "index.Tensor", _index)
 register_batch_rule([_A + "index_put", _A + "index_put_", _A + "_index_put_impl_", _A + "_unsafe_index_put"], _index_put)
 register_batch_rule(_A + "embedding", _embedding)

@@ -172,6 +172,72 @@ def test_squeeze_keeps_the_batch_dim_of_a_one_row_nano_batch(form, batch, nano):
     assert all(s.kind.value != "barrier" for s in named.last_graph.segmented.segments), named.explain()
 
 
+class _Table(nn.Module):
+    """``Linear(8, 8)`` and a batch-free ``(16, 8)`` table for the indexing cases below."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.lin, self.tab, self.fn = nn.Linear(8, 8), nn.Parameter(torch.randn(16, 8)), fn
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+def _ids(x, k=8):
+    return (x.abs() * 7).long() % k
+
+
+INDEXING = {
+    # row i of the index reads row i of a batch-free table: the row's position in the batch matters
+    "gather_batch_free_table": lambda m, x: torch.gather(m.tab, 1, _ids(m.lin(x))),
+    # data with 2 rows per batch item against an index with one: row i pairs with row i, not with item i
+    "gather_two_rows_per_item": lambda m, x: torch.gather(m.lin(x).repeat_interleave(2, 0), 1, _ids(x)),
+    "scatter_two_rows_per_item": lambda m, x: torch.scatter(m.lin(x).repeat_interleave(2, 0), 1, _ids(x), x),
+    "scatter_add_two_rows_per_item": lambda m, x: m.lin(x).repeat_interleave(2, 0).scatter_add(1, _ids(x), x),
+    # a 1-D index built from the rows: every row gets every column it lists
+    "index_fill_batch_index": lambda m, x: m.lin(x).index_fill(1, _ids(x[:, 0]), 0.0),
+    "index_add_batch_index": lambda m, x: m.lin(x).index_add(1, _ids(x[:, 0]), x[:, :1].expand(-1, x.shape[0])),
+    # row-local: the same rows everywhere (kept split)
+    "gather_same_rows": lambda m, x: torch.gather(m.lin(x), 1, _ids(x)),
+    "index_copy_batch_free_index": lambda m, x: m.lin(x).index_copy(1, torch.tensor([3, 1]), x[:, :2] * 2),
+}
+
+
+@pytest.mark.parametrize("batch, nano", [(6, 2), (5, 3), (7, 2)])
+@pytest.mark.parametrize("name", sorted(INDEXING))
+def test_gather_scatter_and_index_ops_pair_rows_as_eager_does(name, batch, nano):
+    torch.manual_seed(0)
+    model = _Table(INDEXING[name])
+    x = torch.randn(batch, 8)
+    compiled = dynaflow.compile(copy.deepcopy(model), strategy="round_robin", nano_batches=nano, executor="serial")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    barriers = [s for s in compiled.last_graph.segmented.segments if s.kind.value == "barrier"]
+    assert bool(barriers) == (name not in ("gather_same_rows", "index_copy_batch_free_index")), compiled.explain()
+
+
+def test_a_graph_after_a_break_with_fewer_rows_than_nano_batches_runs_with_fewer():
+    """``nano_batches`` is asked for the call's batch; a graph after a graph break may hold fewer rows."""
+    class Halves(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            keep = (torch.arange(x.shape[0]) % 2 == 0).nonzero().squeeze(1)  # a graph break: data-dependent rows
+            return self.lin(self.lin(x)[keep])
+
+    torch.manual_seed(0)
+    model = Halves()
+    compiled = dynaflow.compile(copy.deepcopy(model), strategy="round_robin", nano_batches=3, executor="serial")
+    with torch.no_grad():
+        for batch in (6, 4):
+            x = torch.randn(batch, 8)
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(dynaflow.ConfigError, match="nano_batches=3 is invalid for a batch of 2 rows"), torch.no_grad():
+        compiled(torch.randn(2, 8))  # the call's own batch: the count is an error, as documented
+
+
 class _CountsRows(nn.Module):
     """A Python counter of the rows seen: Dynamo returns its new value, ``seen + B``, as a graph output."""
 
