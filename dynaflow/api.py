@@ -12,6 +12,7 @@ import functools
 import inspect
 import logging
 import threading
+import types
 import weakref
 from typing import Any, Callable, Sequence, TextIO
 
@@ -295,6 +296,8 @@ def parallelize(obj: Any = None, **options: Any) -> Any:
     def deco(target: Any) -> Any:
         if isinstance(target, type) and issubclass(target, torch.nn.Module):
             return _parallelize_class(target, options)
+        if inspect.isfunction(target) and next(iter(inspect.signature(target).parameters), None) == "self":
+            return _ParallelMethod(target, options)
         if callable(target):
             return compile(target, **options)
         raise CaptureError(f"@dynaflow.parallelize decorates a function or an nn.Module subclass; got {target!r}.")
@@ -302,26 +305,59 @@ def parallelize(obj: Any = None, **options: Any) -> Any:
     return deco(obj) if obj is not None else deco
 
 
+class _ParallelMethod:
+    """``@dynaflow.parallelize`` on a method (``def forward(self, x)``): each instance compiles its bound method
+    on first use; the compiled object is kept beside the instance, not in it (copies and pickles stay plain)."""
+
+    def __init__(self, fn: Callable[..., Any], options: dict[str, Any]) -> None:
+        self.fn, self.options = fn, options
+        self._per: "weakref.WeakKeyDictionary[Any, Compiled]" = weakref.WeakKeyDictionary()
+        functools.update_wrapper(self, fn)
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        compiled = self._per.get(instance)
+        if compiled is None:
+            compiled = self._per[instance] = compile(types.MethodType(self.fn, instance), **self.options)
+        return compiled
+
+    def __call__(self, instance: Any, *args: Any, **kwargs: Any) -> Any:  # called through the class
+        return self.__get__(instance)(*args, **kwargs)
+
+
+_INSTANCES: "weakref.WeakKeyDictionary[torch.nn.Module, Compiled]" = weakref.WeakKeyDictionary()
+"""The compiled object of each instance of a ``@dynaflow.parallelize`` class, kept beside it (not in its
+``__dict__``), so ``copy.deepcopy`` and ``torch.save`` of the instance copy the module only."""
+
+
 def _parallelize_class(cls: type[torch.nn.Module], options: dict[str, Any]) -> type[torch.nn.Module]:
     module_call = torch.nn.Module.__call__
 
     def __call__(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        compiled = self.__dict__.get("_dynaflow_compiled")
+        compiled = _INSTANCES.get(self)
         if compiled is None:
-            def run(*a: Any, **k: Any) -> Any:
-                return module_call(self, *a, **k)
+            me = weakref.ref(self)  # the compiled object must not keep its instance alive
 
-            compiled = compile(run, **options)
-            self.__dict__["_dynaflow_compiled"] = compiled
+            def run(*a: Any, **k: Any) -> Any:
+                return module_call(me(), *a, **k)
+
+            compiled = _INSTANCES[self] = compile(run, **options)
         return compiled(*args, **kwargs)
 
     cls.__call__ = __call__  # type: ignore[method-assign]
-    cls.dynaflow = property(lambda self: self.__dict__.get("_dynaflow_compiled"))  # type: ignore[attr-defined]
+    cls.dynaflow = property(lambda self: _INSTANCES.get(self))  # type: ignore[attr-defined]
     return cls
 
 
-def dynaflow_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None) -> CompiledGraph:
-    """The ``torch.compile(model, backend="dynaflow", options={...})`` backend."""
+def dynaflow_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None,
+                     mode: str | None = None) -> CompiledGraph:
+    """The ``torch.compile(model, backend="dynaflow", options={...})`` backend. ``mode`` (torch.compile's
+    Inductor modes) has no meaning here: it is refused by name."""
+    if mode is not None:
+        raise ConfigError(f"torch.compile(..., backend='dynaflow', mode={mode!r}): modes are Inductor's. Pass dynaflow "
+                          "options instead: options={'cuda_graphs': True} (what mode='reduce-overhead' does) or "
+                          "{'inductor': True}.")
     cfg = DynaflowConfig.from_dict(options or {})
     return CompiledGraph(gm, cfg, get_strategy(cfg.strategy, **dict(cfg.strategy_options))).prepare()
 

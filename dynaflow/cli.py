@@ -8,6 +8,7 @@ import sys
 from typing import Sequence
 
 from dynaflow import cli_demo, cli_model
+from dynaflow.errors import DynaflowError
 
 __all__ = ["main", "demo", "parser"]
 
@@ -55,7 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.print_help()
         return 0
     args = p.parse_args(argv)
-    return COMMANDS[args.command][1](args)
+    try:
+        return COMMANDS[args.command][1](args)
+    except DynaflowError as exc:  # a message that names the fix: no traceback
+        print(f"dynaflow {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,9 +40,12 @@ def add_arguments(p: argparse.ArgumentParser, *, timed: bool) -> None:
 def load_example(file: str, entry: str = "example") -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     """Import ``file`` and call its ``entry()``: ``(model, args, kwargs)``."""
     path = Path(file)
-    spec = importlib.util.spec_from_file_location(path.stem, path) if path.is_file() else None
+    if not path.is_file():
+        raise ConfigError(f"{file}: no such file.")
+    spec = importlib.util.spec_from_file_location(path.stem, path) if path.suffix == ".py" else None
     if spec is None or spec.loader is None:
-        raise ConfigError(f"{file}: no such Python file.")
+        raise ConfigError(f"{file}: not a Python file (.py) defining {entry}(); a strategy YAML file goes to "
+                          "dynaflow.load_strategy, not to this command.")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     fn = getattr(module, entry, None)
@@ -53,6 +56,9 @@ def load_example(file: str, entry: str = "example") -> tuple[Any, tuple[Any, ...
         raise ConfigError(f"{file}:{entry}() returned {type(got).__name__}; it must return (model, args) or "
                           "(model, args, kwargs).")
     model, args, kwargs = got if len(got) == 3 else (*got, {})
+    if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
+        raise ConfigError(f"{file}:{entry}() returned args of type {type(args).__name__} and kwargs of type "
+                          f"{type(kwargs).__name__}; args must be a tuple (one input: (x,)) and kwargs a dict.")
     return model, tuple(args), dict(kwargs)
 
 
@@ -64,9 +70,15 @@ def _compiled(ns: argparse.Namespace) -> tuple[Any, Any, Any, bool]:
     fast = dynaflow.compile(model, strategy=ns.strategy, nano_batches=ns.nano_batches, executor=ns.executor)
     with torch.no_grad():
         ref, got = model(*args, **kwargs), fast(*args, **kwargs)
-    same = all(torch.allclose(x, y, atol=1e-5, rtol=1e-5) for x, y in
-               zip(pytree.tree_leaves(got), pytree.tree_leaves(ref)) if isinstance(x, torch.Tensor))
+    got_leaves, ref_leaves = pytree.tree_leaves(got), pytree.tree_leaves(ref)
+    same = len(got_leaves) == len(ref_leaves) and all(map(_same_leaf, got_leaves, ref_leaves))
     return (lambda: model(*args, **kwargs)), (lambda: fast(*args, **kwargs)), fast, same
+
+
+def _same_leaf(x: Any, y: Any) -> bool:
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+        return x.shape == y.shape and torch.allclose(x, y, atol=1e-5, rtol=1e-5)
+    return not isinstance(x, torch.Tensor) and not isinstance(y, torch.Tensor) and bool(x == y)
 
 
 def explain(ns: argparse.Namespace) -> int:

@@ -332,7 +332,8 @@ class CompiledGraph:
             return hit
         unsafe = [f"barrier segment {n!r} sees the whole batch" for n in barrier_names(self.segmented)]
         if self._batch_source is None:
-            unsafe.append("the batch size is not read from an input tensor")
+            unsafe.append("this graph's batch size is static: PyTorch captures a batch of 1 as a graph of its own"
+                          if batch == 1 else "the batch size is static in this graph (not read from an input tensor)")
         roles, specs = self.segmented.inputs, self._input_specs
         unsafe += [f"static input {roles.name(i)!r} has the batch dim, and a padded copy of it would not be the "
                    "declared tensor" for i in sorted(roles.declared) if specs[i].kind is ValueKind.BATCH]

@@ -46,9 +46,10 @@ class DynaflowConfig:
     cost_link: Any = None
     """Interconnect the cost model assumes for collectives: a ``dynaflow.network.LINKS`` name (``"nvlink4"``,
     ``"pcie5"``, ``"ib_ndr"``) or a Link; ``None`` = the device table's own link."""
-    cost_device: str | None = None
+    cost_device: Any = None
     """Device the cost model (``executor="sim"``, ``strategy="auto"``) assumes: a key of
-    ``dynaflow.cost.DEVICES`` such as ``"h200"`` (what-if planning on a CPU machine); ``None`` = the inputs' device."""
+    ``dynaflow.cost.DEVICES`` such as ``"h200"`` (what-if planning on a CPU machine) or a ``DeviceSpec``;
+    ``None`` = the inputs' device."""
     inductor: bool = False
     """Compile every segment (except ones tagged ``no-inductor``) with TorchInductor, once per nano-batch
     shape, warmed before the first step runs (and before any CUDA-graph capture)."""
@@ -96,7 +97,11 @@ class DynaflowConfig:
 
             link(self.cost_link)  # unknown link names fail here, with the known ones listed
         if self.cost_device is not None:
-            from dynaflow.cost import device_spec
+            from dynaflow.cost import DeviceSpec, device_spec
+
+            if not isinstance(self.cost_device, (str, DeviceSpec)):
+                raise ConfigError(f"cost_device={self.cost_device!r} must be a device name such as 'h200' (a key of "
+                                  "dynaflow.cost.DEVICES), a DeviceSpec, or None for the inputs' device.")
 
             device_spec(self.cost_device)  # unknown names fail here, with the known ones listed
         if self.distributed_agree not in (None, True, False):

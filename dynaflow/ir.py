@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import networkx as nx
 
-from dynaflow.errors import ConfigError
+from dynaflow.errors import ConfigError, ScheduleError
 
 __all__ = [
     "Resource",
@@ -240,6 +240,12 @@ class InputInfo:
         if self.request_lengths is not None:
             lengths = tuple(int(n) for n in self.request_lengths)
             object.__setattr__(self, "request_lengths", lengths)
+            if any(n < 1 for n in lengths) and sum(lengths) == self.batch_size:
+                empty = next(i for i, n in enumerate(lengths) if n < 1)
+                raise ConfigError(
+                    f"request_lengths={lengths}: request {empty} has no rows; leave requests without rows out of "
+                    "dynaflow.requests(...) (every request listed holds at least one row of the batch)."
+                )
             if any(n < 1 for n in lengths) or sum(lengths) != self.batch_size:
                 raise ConfigError(
                     f"request_lengths={lengths} must be positive and sum to the batch size {self.batch_size} "
@@ -436,6 +442,12 @@ class Schedule:
     lanes: tuple[Lane, ...]
     order: tuple[tuple[NanoOp, ...], ...]
     notes: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        bad = next((lane for lane in self.lanes if not isinstance(lane, Lane)), None)
+        if bad is not None:
+            raise ScheduleError(f"Schedule of strategy {self.strategy!r}: lane {bad!r} is a {type(bad).__name__}, not "
+                                f"a dynaflow.Lane; key the lanes by Lane objects, e.g. {{Lane({str(bad)!r}): [ops]}}.")
 
     @classmethod
     def from_lanes(

@@ -73,9 +73,13 @@ def save_profiles(profiles: list[Profile], path: str | os.PathLike[str]) -> str:
 def load_profiles(path: str | os.PathLike[str]) -> list[Profile]:
     """Read a file written by :func:`save_profiles`."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"Cannot read profile file {os.fspath(path)!r}: {exc}. Write it with "
                           "dynaflow.profile(model, *inputs).save(path).") from None
-    return [Profile.from_json(p) for p in data.get("profiles", [])]
+    profiles = data.get("profiles", []) if isinstance(data, dict) else None
+    if not isinstance(profiles, list) or not all(isinstance(p, dict) for p in profiles):
+        raise ConfigError(f"Profile file {os.fspath(path)!r} holds {type(data).__name__} data, not "
+                          "{'profiles': [...]} as dynaflow.profile(model, *inputs).save(path) writes it.")
+    return [Profile.from_json(p) for p in profiles]

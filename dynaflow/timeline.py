@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
+
+from dynaflow.errors import ConfigError
 
 __all__ = ["TimelineEvent", "Timeline", "to_perfetto", "plot"]
 
@@ -66,8 +68,17 @@ class Timeline:
         )
 
 
+def _check(timeline: Any, who: str) -> None:
+    if not isinstance(timeline, Timeline):
+        raise ConfigError(
+            f"{who} needs a Timeline, got {type(timeline).__name__}. compiled.last_timeline is None before the first "
+            "call, and after a call that ran the captured graph as is (strategy 'eager', or 'auto' when its eager "
+            "floor won: no launches to time). Pick a splitting strategy (e.g. strategy='sequential') to record one.")
+
+
 def to_perfetto(timeline: Timeline, path: str | os.PathLike[str]) -> str:
     """Write ``timeline`` as Chrome trace-event JSON (opens in ui.perfetto.dev or chrome://tracing)."""
+    _check(timeline, "to_perfetto")
     lanes: Sequence[str] = timeline.lanes
     events: list[dict[str, object]] = [
         {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"dynaflow ({timeline.executor})"}}
@@ -101,6 +112,7 @@ _COLOURS = {"compute": "#4C72B0", "memory": "#DD8452", "network": "#55A868", "tr
 def plot(timeline: Timeline, path: str | os.PathLike[str], title: str | None = None) -> str:
     """Draw ``timeline`` as a Gantt chart PNG: one row per lane, bars coloured by resource, the nano-batch
     id on each bar (``all`` for whole-batch ops). Needs matplotlib (``pip install dynaflow[plot]``)."""
+    _check(timeline, "plot")
     from dynaflow.optional import require
 
     require("matplotlib", "dynaflow.timeline.plot").use("Agg", force=False)

@@ -268,6 +268,8 @@ class TuneSetup:
     replayable: bool = True
     """Running the step again to time it changes nothing the caller sees (see ``GraphPlanner.setup``)."""
     distributed: Any = None
+    cost: str = ""
+    """The cost model's description (``config.cost``): it ranks the candidates, so it is part of the cache key."""
 
 
 class Tuner:
@@ -332,7 +334,7 @@ class Tuner:
         ``lockstep_batch``: the ranks search together; candidates come from the smallest batch among them so
         every rank tries the same list, times are the maximum over ranks, and the disk cache is not used
         (ranks could disagree about what it holds)."""
-        key = f"{setup.model}|{bucket}|{setup.device}|{info.dtype}|{setup.executor}|{self.strategy!r}"
+        key = f"{setup.model}|{bucket}|{setup.device}|{info.dtype}|{setup.executor}|{setup.cost}|{self.strategy!r}"
         dist = setup.distributed if lockstep_batch is not None else None
         cache = TuneCache() if self.spec.cache and dist is None else None
         cached = self._from_cache(cache, key, bucket, info)

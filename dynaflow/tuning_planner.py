@@ -106,5 +106,6 @@ class GraphPlanner:
         graphs = bool(getattr(executors.factory(name), "captures_graphs", False)) and not graph.config.cuda_graphs
         return TuneSetup(model_hash(graph.segmented), frozenset(s.resource for s in graph.segmented.segments),
                          graph.costs.num_sms(facts), spec.sm_granularity, spec.name, graph.config.executor,
-                         graphs, not graph.config.cuda_graphs, replayable(graph.segmented), graph.distributed)
+                         graphs, not graph.config.cuda_graphs, replayable(graph.segmented), graph.distributed,
+                         cost=repr(graph.config.cost))
 

@@ -106,13 +106,15 @@ def flat_io(gm: torch.fx.GraphModule) -> tuple[Any, Any]:
     """``(flatten(*args, **kwargs) -> list, unflatten(outputs) -> tree)`` honouring a pytree codegen (export).
 
     Keyword arguments are bound to ``gm.forward``'s signature first, as calling the GraphModule would do, so an
-    exported ``forward(self, x, *, scale)`` takes ``scale=`` (the codegen's ``process_inputs`` is positional only).
+    exported ``forward(self, x, *, scale)`` takes ``scale=`` (the codegen's ``process_inputs`` is positional only),
+    and left-out arguments take their defaults.
     """
     codegen = gm.graph._codegen
     signature = inspect.signature(gm.forward)
+    arity = len(signature.parameters)
 
     def flatten(*args: Any, **kwargs: Any) -> list[Any]:
-        if kwargs:
+        if kwargs or len(args) < arity:  # keywords, or defaults to fill in
             try:
                 bound = signature.bind(*args, **kwargs)
             except TypeError as exc:

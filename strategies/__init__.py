@@ -57,9 +57,9 @@ def load_strategy(path: str | os.PathLike[str]) -> Strategy:
 
     path = os.fspath(path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise StrategyError(f"Cannot read strategy file {path!r}: {exc}") from None
     if not isinstance(data, dict) or "name" not in data:
         raise StrategyError(f"Strategy file {path!r} must be a mapping with a 'name' key (and the strategy's options); "

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from dynaflow.errors import StrategyError
+from dynaflow.errors import StrategyError, did_you_mean
 from dynaflow.phase_bound import PhaseBound
 from dynaflow.ir import InputInfo, NanoGraph, Resource, Schedule, SplitConfig
 from dynaflow.strategies.base import SearchSpace, SearchSpec, Strategy
@@ -111,6 +111,9 @@ class Auto(Strategy):
         """Measured candidates that split decode rows off (``prefill_decode``) must finish them within this
         factor of their standalone time (:mod:`dynaflow.phase_bound`); ``None``: no bound."""
         self.max_nano_batches = max_nano_batches
+        if strategies is not None and (isinstance(strategies, str) or not all(isinstance(n, str) for n in strategies)):
+            raise StrategyError(f"Strategy 'auto': strategies={strategies!r} must be a list of registered strategy "
+                                "names, e.g. strategies=['nanoflow', 'two_batch_overlap'].")
         self.strategies = tuple(strategies) if strategies else None
         """Registered names to search; ``None``: every registered strategy (a user's registered one too)."""
         self.measure_top_k = measure_top_k
@@ -137,6 +140,11 @@ class Auto(Strategy):
         from dynaflow.strategies.registry import registry
 
         space = SearchSpace(info, frozenset(resources), num_sms, granularity, self.max_nano_batches, self.sm_steps)
+        names = [name for name, _ in registry.classes()]
+        unknown = [n for n in self.strategies or () if n not in names]
+        if unknown:
+            raise StrategyError(f"Strategy 'auto': strategies names {unknown[0]!r}, which is not registered."
+                                f"{did_you_mean(unknown[0], names)} Registered: {', '.join(names)}.")
         out = list(floors)
         for name, cls in registry.classes():
             if self.strategies is not None and name not in self.strategies:
@@ -156,10 +164,14 @@ class Auto(Strategy):
         return self._fallback.plan(graph, split)
 
     def describe(self) -> str:
-        return (f"autotuned per {self.buckets} bucket over {', '.join(self.strategies or ['every registered strategy'])} (up to {self.max_nano_batches} nano-batches), "
+        over = (f"{len(self.fixed)} given candidates" if self.fixed is not None
+                else ", ".join(self.strategies or ["every registered strategy"]))
+        return (f"autotuned per {self.buckets} bucket over {over} (up to {self.max_nano_batches} nano-batches), "
                 f"measuring the best {self.measure_top_k}")
 
     def __repr__(self) -> str:
         bound = self.decode_bound.factor if self.decode_bound is not None else None
-        return (f"Auto(max_nano_batches={self.max_nano_batches}, measure_top_k={self.measure_top_k}, "
-                f"buckets={self.buckets!r}, decode_bound={bound})")
+        space = (f"strategies={list(self.strategies)!r}, " if self.strategies is not None else "") + (
+            f"candidates={[repr(c) for c in self.fixed]!r}, " if self.fixed is not None else "")
+        return (f"Auto({space}max_nano_batches={self.max_nano_batches}, measure_top_k={self.measure_top_k}, "
+                f"repeats={self.repeats}, sm_steps={self.sm_steps}, buckets={self.buckets!r}, decode_bound={bound})")

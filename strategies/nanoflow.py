@@ -10,6 +10,8 @@ pre1(i+1)`` — so nano-batch 0's next attention is ready while nano-batch 1's c
 
 from __future__ import annotations
 
+import math
+
 from typing import Mapping, Sequence
 
 from dynaflow.errors import StrategyError
@@ -62,7 +64,8 @@ class NanoFlow(Strategy):
         if unknown:
             raise StrategyError(f"Strategy 'nanoflow': sm_counts names unknown lane {unknown[0]!r}; lanes are "
                                 f"{[r.value for r in Resource]}.")
-        if weights is not None and (not weights or any(w <= 0 for w in weights)):
+        if weights is not None and (isinstance(weights, (str, bytes)) or not weights or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0 for w in weights)):
             raise StrategyError(f"Strategy 'nanoflow': weights={list(weights)} must be positive numbers, one per nano-batch.")
         self.weights = tuple(float(w) for w in weights) if weights else None
 

@@ -56,11 +56,23 @@ def test_explain_and_bench_run_a_model_file(capsys):
     assert "3 interleaved calls each" in out and "ratio" in out
 
 
-def test_a_model_file_without_example_names_the_contract(tmp_path):
+def test_a_model_file_without_example_names_the_contract(tmp_path, capsys):
     bad = tmp_path / "m.py"
     bad.write_text("x = 1\n")
-    with pytest.raises(dynaflow.ConfigError, match=r"defines no function example\(\)"):
-        main(["explain", str(bad)])
+    assert main(["explain", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "ConfigError" in err and "defines no function example()" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("import torch\ndef example():\n    return torch.nn.Linear(4, 4), torch.randn(3, 4)\n", "args must be a tuple"),
+    (None, "not a Python file"),
+])
+def test_odd_model_files_get_a_message_not_a_traceback(tmp_path, capsys, content, expected):
+    path = tmp_path / ("m.py" if content is not None else "strategy.yaml")
+    path.write_text(content if content is not None else "name: nanoflow\n")
+    assert main(["explain", str(path)]) == 2
+    assert expected in capsys.readouterr().err
 
 
 def test_demo_prints_interleaved_medians_with_spread_and_capture_alone(capsys, tmp_path):

@@ -14,8 +14,11 @@ Tolerances (measured on the 2-core x86 CPU dev box, torch 2.13 CPU):
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 import dynaflow
 from models import (HF_FACTORIES, split_strategies, FeedForward, grad_off, make_coupled, make_mlp, make_transformer, hf_input, mlp_input,
@@ -492,3 +495,45 @@ def test_thread_executor_frees_intermediates_at_their_last_use():
     assert len(alive) == program.num_launches
     assert max(alive) < intermediates // 2, (max(alive), intermediates)  # never close to everything held
     assert alive[-1] <= len(program.output_slots) + len(program.buffers)
+
+
+def test_parallelize_decorates_a_method():
+    """On ``def forward(self, x)`` each instance compiles its bound method (``self`` bound, as for a method)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        @dynaflow.parallelize(strategy="round_robin", nano_batches=2, executor="serial")
+        def forward(self, x):
+            return self.lin(x).relu()
+
+    torch.manual_seed(0)
+    a, b = Net(), Net()
+    x = torch.randn(6, 8)
+    with grad_off():
+        for net in (a, b, a):
+            torch.testing.assert_close(net(x), net.lin(x).relu())
+    assert Net.__dict__["forward"].__get__(a) is a.forward  # one compiled object per instance
+
+
+@dynaflow.parallelize(strategy="round_robin", nano_batches=2, executor="serial")
+class _SavedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_a_parallelized_module_instance_copies_and_saves_after_its_first_call(tmp_path):
+    net = _SavedNet()
+    x = torch.randn(4, 8)
+    with grad_off():
+        net(x)
+        twin = copy.deepcopy(net)  # an EMA copy, a checkpoint
+        torch.save(net, tmp_path / "net.pt")
+        assert twin.dynaflow is None and net.dynaflow is not None
+        torch.testing.assert_close(twin(x), net(x))
+        assert twin.dynaflow is not None and twin.dynaflow is not net.dynaflow

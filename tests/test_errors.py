@@ -543,3 +543,58 @@ def test_split_sizes_must_be_ints():
     _raises(ConfigError, lambda: dynaflow.SplitConfig("33"), "the string '33'")
     _raises(ConfigError, lambda: dynaflow.SplitConfig((1.5, 2)), "must be a sequence of ints")
     assert dynaflow.SplitConfig((torch.tensor(3), 2)).sizes == (3, 2)
+
+
+def test_a_timeline_that_was_not_recorded_is_named(tmp_path):
+    compiled = dynaflow.compile(make_mlp(), strategy="eager", executor="serial")
+    with torch.no_grad():
+        compiled(mlp_input(4))
+    assert compiled.last_timeline is None  # the captured graph ran as is: no launches to time
+    _raises(ConfigError, lambda: dynaflow.timeline.to_perfetto(compiled.last_timeline, tmp_path / "t.json"),
+            "needs a Timeline, got NoneType", "strategy='sequential'")
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "null", '"text"', '{"profiles": 3}'])
+def test_a_profile_file_of_another_shape_is_a_config_error(tmp_path, content):
+    path = tmp_path / "p.json"
+    path.write_text(content)
+    from dynaflow.profiles import load_profiles
+    _raises(ConfigError, lambda: load_profiles(path), str(path), "dynaflow.profile(model, *inputs).save(path)")
+
+
+@pytest.mark.parametrize("device", [3, ["h200"], b"h200"])
+def test_cost_device_must_be_a_name(device):
+    _raises(ConfigError, lambda: dynaflow.compile(make_mlp(), cost_device=device), "cost_device=", "'h200'")
+
+
+def test_a_strategy_file_that_is_not_text(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_bytes(b"\xff\xfe\x00name: nanoflow")
+    _raises(StrategyError, lambda: dynaflow.load_strategy(path), "Cannot read strategy file", "utf-8")
+
+
+def test_a_graph_module_called_without_its_defaulted_arguments():
+    class WithDefault(nn.Module):
+        def forward(self, x, y, scale=2.0):
+            return x * scale + y
+
+    gm = torch.fx.symbolic_trace(WithDefault())
+    compiled = dynaflow.compile(gm, strategy="round_robin", nano_batches=2, executor="serial")
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    torch.testing.assert_close(compiled(x, y), gm(x, y))
+    torch.testing.assert_close(compiled(x, y, 3.0), gm(x, y, 3.0))
+
+
+def test_small_misuses_name_the_fix():
+    from dynaflow.ir import InputInfo
+    from dynaflow.strategies import get
+
+    _raises(ConfigError, lambda: InputInfo(7, "cpu", "float32", request_lengths=(3, 0, 4)),
+            "request 1 has no rows", "leave requests without rows out")
+    _raises(StrategyError, lambda: get("nanoflow", weights=[float("nan"), 1.0]), "must be positive numbers")
+    _raises(ScheduleError, lambda: Schedule.from_lanes("mine", dynaflow.SplitConfig((2,)), {"main": []}),
+            "lane 'main' is a str", "Lane('main')")
+    with pytest.raises(Exception) as info:  # torch wraps a backend's error in its BackendCompilerFailed
+        torch.compile(make_mlp(), backend="dynaflow", mode="max-autotune")(mlp_input(4))
+    assert isinstance(info.value.__cause__ or info.value.inner_exception, ConfigError), info.value
+    assert "options={'cuda_graphs': True}" in str(info.value)

@@ -490,3 +490,31 @@ def test_random_stage_splits_and_schedules_match_eager(data):
             outs[executor] = compiled(x)
     assert torch.equal(outs["serial"], outs["thread"])
     assert torch.equal(outs["serial"], ref), (main, memory, planner)
+
+
+def test_the_autotune_cache_is_keyed_by_the_search_space(tmp_path, monkeypatch):
+    """Two ``Auto``s with disjoint strategy lists on the same model share no cache entry: each winner is from its
+    own search space (the key held ``repr(Auto)``, which left the list out)."""
+    monkeypatch.setenv("DYNAFLOW_CACHE_DIR", str(tmp_path))
+    model = TwoStage().eval()
+    table = TableCost({"A_0": lambda r: r * MS, "B_0": lambda r: r * MS})
+    x = torch.randn(6, 4)
+    for only in ("nanoflow", "round_robin"):
+        torch._dynamo.reset()
+        compiled = dynaflow.compile(model, strategy=Auto(strategies=[only], measure_top_k=0), executor="serial",
+                                    config={"cost": table})
+        with grad_off():
+            compiled(x)
+        (result,) = compiled.last_graph.tuned.values()
+        assert not result.from_cache
+        assert result.winner.candidate.strategy in (only, "sequential", "eager"), result.winner
+    assert len(json.loads((tmp_path / "autotune.json").read_text())) == 2
+
+
+def test_auto_strategy_names_are_checked():
+    with pytest.raises(dynaflow.StrategyError, match="must be a list of registered strategy names"):
+        Auto(strategies="nanoflow")
+    compiled = dynaflow.compile(TwoStage().eval(), strategy=Auto(strategies=["nanoflw"], cache=False),
+                                executor="serial")
+    with pytest.raises(dynaflow.StrategyError, match="'nanoflw', which is not registered.*nanoflow"), grad_off():
+        compiled(torch.randn(6, 4))
