@@ -67,6 +67,8 @@ UNARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "instance_norm": lambda h, w: F.instance_norm(h.view(h.shape[0], 4, D // 4), weight=w[0, :4], bias=w[1, :4])
     .reshape(h.shape[0], D),
     "bag_per_row": lambda h, w: h + F.embedding_bag((h[:, :3].abs() * 5).long() % D, w, mode="mean"),  # a bag a row
+    "squeeze_named": lambda h, w: h[:, None].squeeze(1) * 1.0,
+    "gather_same_rows": lambda h, w: torch.gather(h, 1, (h.abs() * 3).long() % D),
     # coupling
     "sum_rows": lambda h, w: h + h.sum(0, keepdim=True),
     "mean_all": lambda h, w: h - h.mean(),
@@ -89,6 +91,9 @@ UNARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "nll_mean": lambda h, w: h + F.cross_entropy(h, (h[:, 0].abs() * 5).long() % D),
     "pad_rows": lambda h, w: F.pad(h, (0, 0, 1, 0))[:-1],
     "index_add_rows": lambda h, w: torch.zeros_like(h).index_add_(0, torch.arange(h.shape[0]).flip(0), h),
+    "squeeze_all": lambda h, w: h[:, None].squeeze() * 1.0,  # drops the batch dim of a one-row nano-batch
+    "gather_table": lambda h, w: torch.gather(w.repeat(2, 1), 1, (h.abs() * 3).long() % D),  # row i of a table
+    "index_fill_rows": lambda h, w: h.index_fill(1, (h[:, 0].abs() * 3).long() % D, 0.0),  # every row's columns
     # copies and in-place writes
     "column_major": lambda h, w: h.T.contiguous().T,  # a copy on many rows, a view of ``h`` on one
     "set_row0": lambda h, w: _written(h, lambda y: y.__setitem__(0, 1.0)),
@@ -102,11 +107,12 @@ BINARY: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Ten
     "cross_rows": lambda a, b, w: a @ (b.T @ a) * 0.01,
 }
 SPECIAL = ("batch_norm", "cache_write", "cut", "graph_break", "write_earlier", "inplace_result", "write_earlier_row",
-           "write_input", "write_through_split", "view_of")
+           "write_input", "write_through_split", "view_of", "write_earlier_kw", "write_row_foreach")
 """Ops :class:`RandomModel` runs itself: a BatchNorm (train or eval), a ``dynaflow.mark`` segment cut, a Dynamo
 graph break (the step becomes several captured graphs), a write of the batch's rows into a module buffer
 (a cache) read back after, an in-place write of an earlier value (or of the
-model's first input, or through one result of ``tensor_split``; or its result used on), a plain view of an earlier value."""
+model's first input, or through one result of ``tensor_split``; or its result used on), a plain view of an earlier value,
+writes that only the dispatched ATen op shows (``inplace=True``, a ``_foreach_*_`` list)."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +177,12 @@ class RandomModel(nn.Module):
             elif op.name == "write_through_split":
                 torch.tensor_split(a, 2, dim=1)[0].mul_(1.1)
                 v = a * 1.0
+            elif op.name == "write_earlier_kw":  # the write shows only in the ATen op it dispatches
+                F.leaky_relu(a, 0.5, inplace=True)
+                v = a
+            elif op.name == "write_row_foreach":  # a write through an element of a list argument
+                torch._foreach_mul_([a[-1]], 1.5)
+                v = a + 0
             elif op.name == "write_input":
                 xs[0].add_(0.25)
                 v = xs[0] * 1.0 + a

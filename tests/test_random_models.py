@@ -263,8 +263,12 @@ def test_many_random_models_train_like_eager(program, strategy, nano, executor, 
     Program(1, (Op("linear", 0), Op("batch_norm", 1, train=True), Op("sum_rows", 2)), (3,)),
     Program(1, (Op("view_of", 0), Op("linear", 0), Op("write_earlier_row", 1), Op("median_mask", 2)), (4,)),
     Program(1, (Op("first_row", 0), Op("write_earlier", 0)), (1, 2)),
+    Program(1, (Op("linear", 0), Op("sum_rows", 1), Op("write_earlier_kw", 1), Op("gelu", 1)), (2, 4)),
+    Program(1, (Op("linear", 0), Op("write_row_foreach", 1), Op("gelu", 1)), (2, 3)),
+    Program(1, (Op("linear", 0), Op("squeeze_all", 1), Op("softmax", 2)), (3,)),
+    Program(1, (Op("linear", 0), Op("gather_table", 1), Op("index_fill_rows", 2)), (3,)),
 ], ids=["copy-or-view", "input-alias", "row-write-copy", "batch-free-draw", "layout-draw", "norm-stats", "input-view-write",
-        "row-read-by-all"])
+        "row-read-by-all", "inplace-kwarg", "foreach-row", "squeeze-one-row", "row-pairing-index"])
 @pytest.mark.parametrize("strategy,executor", [("round_robin", "thread"), ("nanoflow", "serial"), ("auto", "serial")])
 def test_found_programs_equal_eager(program, strategy, executor):
     check_against_eager(program, strategy, 2, executor, [6, 3, 5])
