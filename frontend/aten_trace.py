@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Dispatched", "lower_node", "fake_mode_of", "bind"]
+__all__ = ["Dispatched", "lower_node", "fake_mode_of", "bind", "call_key"]
 
 
 @dataclass(frozen=True)
@@ -95,3 +95,51 @@ def bind(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, An
         bound[name] = value
     bound.update(kwargs)
     return bound
+
+
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+_SYM = (torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def call_key(node: torch.fx.Node, tensor_key: Callable[[torch.fx.Node, torch.Tensor], Any]) -> Any:
+    """A key equal for two nodes making the same call on values of the same kind (the layers of a deep model),
+    so a verdict found by running one node holds for the others: the op, the target, and every argument by
+    value (plain constants), by expression (symbolic sizes) or by ``tensor_key`` (input node, its traced
+    tensor); ``None`` when an argument cannot be keyed or the target is unhashable."""
+    if node.op == "call_module":
+        return None
+    ok = True
+
+    def key_of(a: Any) -> Any:
+        nonlocal ok
+        if isinstance(a, torch.fx.Node):
+            v = a.meta.get("val", a.meta.get("example_value"))
+            if isinstance(v, torch.Tensor):
+                return ("T", tensor_key(a, v))
+            if isinstance(v, _SYM):
+                return ("S", str(v.node.expr))
+            if isinstance(v, (int, float, bool, str, type(None))):
+                return ("V", v)
+        elif isinstance(a, (list, tuple)):
+            return tuple(key_of(x) for x in a)
+        elif isinstance(a, dict):
+            return tuple((k, key_of(x)) for k, x in a.items())
+        elif isinstance(a, slice):
+            return ("slice", key_of(a.start), key_of(a.stop), key_of(a.step))
+        elif a is Ellipsis:
+            return "..."
+        elif isinstance(a, _PLAIN):
+            return a
+        elif isinstance(a, _SYM):
+            return ("S", str(a.node.expr))
+        ok = False
+        return None
+
+    key = (node.op, node.target, key_of(node.args), key_of(node.kwargs))
+    if not ok:
+        return None
+    try:
+        hash(key)
+    except TypeError:  # an unhashable target or constant
+        return None
+    return key

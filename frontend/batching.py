@@ -26,7 +26,7 @@ import torch.fx
 
 from dynaflow.frontend import aten_math, aten_table  # noqa: F401  (fill the rule registry with ATen's ops)
 from dynaflow.frontend.aten_rules import RANDOM_AWARE, AtenCall, no_elements, rule_for
-from dynaflow.frontend.aten_trace import Dispatched, bind, fake_mode_of, lower_node
+from dynaflow.frontend.aten_trace import Dispatched, bind, call_key, fake_mode_of, lower_node
 from dynaflow.frontend.effects import META_INPLACE, storage_root, write_targets
 from dynaflow.frontend.row_layout import layout_of, regroups, reshaped, size_expr, treats_rows_apart
 from dynaflow.frontend.rules import op_short_name
@@ -312,43 +312,8 @@ class BatchAnalysis:
     def _key(self, node: torch.fx.Node) -> Any:
         """A cache key that is equal for nodes doing the same thing to values of the same shapes and batch
         dims (the layers of a deep model); ``None`` when an argument cannot be keyed."""
-        parts: list[Any] = [node.op, node.target if node.op != "call_module" else None]
-        if node.op == "call_module":
-            return None
-        ok = True
-
-        def key_of(a: Any) -> Any:
-            nonlocal ok
-            if isinstance(a, torch.fx.Node):
-                v = meta_val(a)
-                if isinstance(v, torch.Tensor):
-                    return ("T", self.dims.get(a), str(tuple(v.shape)), str(v.stride()), v.dtype, v.device.type,
-                            a in self.bad)
-                if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-                    return ("S", str(v.node.expr))
-                if isinstance(v, (int, float, bool, str, type(None))):
-                    return ("V", v)
-                ok = False
-                return None
-            if isinstance(a, (list, tuple)):
-                return tuple(key_of(x) for x in a)
-            if isinstance(a, slice):
-                return ("slice", key_of(a.start), key_of(a.stop), key_of(a.step))
-            if a is Ellipsis:
-                return "..."
-            if isinstance(a, dict):
-                return tuple((k, key_of(x)) for k, x in a.items())
-            if isinstance(a, (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
-                              torch.memory_format)):
-                return a
-            if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-                return ("S", str(a.node.expr))
-            ok = False
-            return None
-
-        parts.append(key_of(node.args))
-        parts.append(key_of(node.kwargs))
-        return tuple(parts) if ok else None
+        return call_key(node, lambda a, v: (self.dims.get(a), str(tuple(v.shape)), str(v.stride()), v.dtype,
+                                           v.device.type, a in self.bad))
 
     def _state_update(self, node: torch.fx.Node) -> str | None:
         """An in-place write into a batch-free graph input or buffer (a step counter): it must run once per step.

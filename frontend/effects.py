@@ -168,38 +168,15 @@ deep model run each distinct call once."""
 def _shape_key(node: torch.fx.Node, inputs: list[torch.fx.Node]) -> Any:
     """Equal for two nodes making the same call on values of the same shapes, strides and dtypes whose inputs
     share storage in the same pattern; ``None`` when an argument cannot be keyed."""
+    from dynaflow.frontend.aten_trace import call_key
+
     storages: dict[int, int] = {}
-    ok = True
 
-    def key_of(a: Any) -> Any:
-        nonlocal ok
-        if isinstance(a, torch.fx.Node):
-            v = _val(a)
-            if isinstance(v, torch.Tensor):
-                root = storages.setdefault(v.untyped_storage()._cdata, len(storages))
-                return ("T", str(tuple(v.shape)), str(v.stride()), v.dtype, v.device.type, root)
-            if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-                return ("S", str(v.node.expr))
-            if isinstance(v, (int, float, bool, str, type(None))):
-                return ("V", v)
-        elif isinstance(a, (list, tuple)):
-            return tuple(key_of(x) for x in a)
-        elif isinstance(a, dict):
-            return tuple((k, key_of(x)) for k, x in a.items())
-        elif isinstance(a, slice):
-            return ("slice", key_of(a.start), key_of(a.stop), key_of(a.step))
-        elif a is Ellipsis or isinstance(a, (int, float, bool, str, type(None), torch.dtype, torch.device,
-                                             torch.layout, torch.memory_format)):
-            return a
-        ok = False
-        return None
+    def tensor_key(_: torch.fx.Node, v: torch.Tensor) -> Any:
+        root = storages.setdefault(v.untyped_storage()._cdata, len(storages))
+        return str(tuple(v.shape)), str(v.stride()), v.dtype, v.device.type, root
 
-    try:
-        key = (node.op, node.target, key_of(node.args), key_of(node.kwargs))
-        hash(key)
-    except TypeError:  # an unhashable target
-        return None
-    return key if ok else None
+    return call_key(node, tensor_key)
 
 
 def _run_for_writes(node: torch.fx.Node, inputs: list[torch.fx.Node]) -> tuple[torch.fx.Node, ...]:
