@@ -101,18 +101,17 @@ class Compiled:
             return graph
 
     def _static_positions(self, inputs: Sequence[Any]) -> dict[str, tuple[int, ...]]:
-        """Per ``static_inputs`` name of a forward argument, the graph inputs that are tensors inside that
-        argument in the call in flight (by identity)."""
+        """Per ``static_inputs`` name of an argument of the call in flight, the graph inputs that are tensors
+        inside it (by identity; none for a graph after a graph break that does not read it, or a ``None``)."""
         call = getattr(self._local, "call", None)
         if not self._static_names or call is None:
             return {}
         arguments = bound_arguments(self.model, *call)
         found = {}
         for name in self._static_names:
-            ids = {id(t) for t in tensors_within(arguments.get(name))}
-            hit = tuple(i for i, x in enumerate(inputs) if id(x) in ids)
-            if hit:
-                found[name] = hit
+            if name in arguments:  # an argument of the call: a graph not reading it declares nothing
+                ids = {id(t) for t in tensors_within(arguments[name])}
+                found[name] = tuple(i for i, x in enumerate(inputs) if id(x) in ids)
         return found
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -100,6 +100,8 @@ class BatchAnalysis:
         self.touches: set[torch.fx.Node] = set()
         self.bad: dict[torch.fx.Node, str] = {}
         """Nodes whose value holds the batch but not as one whole dim (two dims, not a multiple)."""
+        self.whole_graph: str | None = None
+        """Why no segment of the graph may split (its traced values cannot be trusted), or ``None``."""
         self._mode: Any = None
         self._cache: dict[Any, str | None] = cache if cache is not None else {}
         """Verdicts per (target, argument shapes and batch dims): shared by the analyses of one graph."""
@@ -150,10 +152,25 @@ class BatchAnalysis:
             if reason:
                 self.coupling[node] = reason
             elif node not in self.coupling:
-                state = self._state_update(node)
+                state = self._state_update(node) or self._self_overlap(node)
                 if state:
                     self.coupling[node] = state
+            if _short(node) in META_INPLACE and storage_root(node.args[0]).op != "placeholder":
+                self.whole_graph = (f"node {node.name!r} changes the shape or strides of a value computed in the graph "
+                                    f"in place ({_short(node)}); the traced shapes of that value are the changed ones")
         return self
+
+    def _self_overlap(self, node: torch.fx.Node) -> str | None:
+        """An in-place write whose source is another view of the tensor it writes (``v.copy_(v[:, :1])``): whether
+        PyTorch accepts the overlap depends on the strides, which differ between the whole batch and one row."""
+        targets = write_targets(node)
+        for target in targets:
+            root = storage_root(target)
+            for a in self._inputs(node):  # another written view (rotary's q and k of one qkv) is its own write
+                if a not in targets and isinstance(meta_val(a), torch.Tensor) and storage_root(a) is root:
+                    return (f"it writes {target.name!r} in place from {a.name!r}, a view of the same tensor; "
+                            "PyTorch's overlap check differs between the whole batch and a nano-batch")
+        return None
 
     def _node_reason(self, node: torch.fx.Node, val: Any, problem: str | None) -> str | None:
         """Why ``node`` couples the batch, or None when it is row-local (or touches no batch data)."""

@@ -29,7 +29,7 @@ __all__ = ["META_INPLACE", "is_inplace", "write_target", "write_targets", "stora
 _VIEW_OPS = {
     "getitem", "view", "view_as", "reshape", "reshape_as", "_unsafe_view", "narrow", "select", "slice",
     "transpose", "t", "permute", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "unflatten",
-    "as_strided", "alias", "detach", "unbind", "split", "chunk", "movedim", "diagonal", "contiguous",
+    "as_strided", "alias", "detach", "unbind", "split", "chunk", "movedim", "diagonal", "contiguous", "ravel",
 }
 """Ops whose result may share storage with their first argument."""
 
@@ -190,7 +190,8 @@ def _run_for_writes(node: torch.fx.Node, inputs: list[torch.fx.Node]) -> tuple[t
         calls, _ = lower_node(node.graph.owning_module, node, args, kwargs, mode)  # type: ignore[arg-type]
     except Exception:  # noqa: BLE001 - not runnable on fakes: the call form decides
         return ()
-    written: set[int] = set()
+    by_id = {id(_val(n)): n for n in inputs}
+    found: list[torch.fx.Node] = []
     for call in calls:
         if not call.op._schema.is_mutable:
             continue
@@ -198,9 +199,14 @@ def _run_for_writes(node: torch.fx.Node, inputs: list[torch.fx.Node]) -> tuple[t
         for arg in call.op._schema.arguments:
             if arg.alias_info is not None and arg.alias_info.is_write:
                 for t in torch.utils._pytree.tree_leaves(bound.get(arg.name)):
-                    if isinstance(t, torch.Tensor):
-                        written.add(t.untyped_storage()._cdata)
-    return tuple(n for n in inputs if _val(n).untyped_storage()._cdata in written)  # type: ignore[union-attr]
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    if id(t) in by_id:  # an input itself (``copy_(v, v[:, :1])`` writes ``v``, not the view)
+                        found.append(by_id[id(t)])
+                    else:  # a view made inside the node: every input sharing its storage may be written
+                        storage = t.untyped_storage()._cdata
+                        found += [n for n in inputs if _val(n).untyped_storage()._cdata == storage]  # type: ignore[union-attr]
+    return tuple(dict.fromkeys(found))
 
 
 META_INPLACE = {"t_", "transpose_", "squeeze_", "unsqueeze_", "resize_", "resize_as_", "as_strided_", "set_",

@@ -136,8 +136,9 @@ def tensors_within(value: Any, depth: int = 6) -> list[torch.Tensor]:
 def input_roles(gm: torch.fx.GraphModule, static_inputs: Sequence[Any] = (),
                 found: Mapping[str, Sequence[int]] | None = None) -> InputRoles:
     """The roles of ``gm``'s inputs; an entry of ``static_inputs`` that names no tensor input raises
-    :class:`ConfigError` listing the inputs there are. ``found``: per entry naming a forward argument, the
-    inputs the call passed inside it (:func:`tensors_within`), whatever Dynamo named them."""
+    :class:`ConfigError` listing the inputs there are. ``found``: per entry naming an argument of the call, the
+    inputs the call passed inside it (:func:`tensors_within`), whatever Dynamo named them (none: the graph does
+    not read that argument, which is no error)."""
     nodes = list(gm.graph.find_nodes(op="placeholder"))
     labels = tuple(input_label(n) for n in nodes)
     declared: set[int] = set()
@@ -150,6 +151,8 @@ def input_roles(gm: torch.fx.GraphModule, static_inputs: Sequence[Any] = (),
         else:
             hit = [i for i, (n, lab) in enumerate(zip(nodes, labels)) if _matches(str(entry), lab, n)]
             hit = sorted({*hit, *(found or {}).get(str(entry), ())})
+            if not hit and str(entry) in (found or {}):
+                continue  # an argument of the call that this graph does not read (after a graph break, a None)
             if not hit:
                 raise ConfigError(f"static_inputs: {entry!r} names no input of the graph.{did_you_mean(str(entry), labels)} "
                                   f"Its inputs are: {', '.join(labels)}.")

@@ -231,6 +231,8 @@ def _kind(region: Region, hints: frozenset[str], ba: BatchAnalysis, strict: bool
         return SegmentKind.SPLIT, "static batch: one nano-batch only"
     if "barrier" in hints:
         return SegmentKind.BARRIER, "tagged 'barrier'"
+    if ba.whole_graph is not None:
+        return SegmentKind.BARRIER, ba.whole_graph
     coupled = ba.reasons(region.nodes)
     if coupled and "batch-local" not in hints:
         node, why = coupled[0]

@@ -21,7 +21,7 @@ from dynaflow.frontend.rules import op_short_name
 
 __all__ = ["StaleCopy", "Home", "stale_copies", "written_storage_users"]
 
-MAYBE_VIEW_OPS = {"contiguous", "reshape", "reshape_as", "flatten"}
+MAYBE_VIEW_OPS = {"contiguous", "reshape", "reshape_as", "flatten", "ravel"}
 """Views whose result is a copy or a view depending on strides, which differ between the whole batch and a
 row slice of it (``x.T.contiguous()`` copies on many rows and aliases ``x`` on one)."""
 

@@ -569,3 +569,37 @@ def test_static_inputs_name_a_transformers_static_cache():
     declared = {roles.name(i) for i in roles.declared}
     for part in ("keys", "values"):  # Dynamo's names for them vary with the torch version
         assert sum(n.endswith(part) for n in declared) == cfg.num_hidden_layers, declared
+
+
+class WritesThenBreaks(nn.Module):
+    """Writes ``cache``, then a graph break: the graph after it does not read ``cache`` (nor an absent ``extra``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.a(x)
+        cache.add_(h)
+        torch._dynamo.graph_break()
+        return self.b(h) if extra is None else self.b(h) + extra
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_static_input_some_graph_does_not_read_declares_nothing_there(fake_cuda, graphs):
+    """A name of a forward argument is no error for a graph that lacks it (after a graph break, or a ``None``
+    optional argument); a name that is no argument still is."""
+    model = WritesThenBreaks()
+    compiled = dynaflow.compile(WritesThenBreaks(), strategy="nanoflow", nano_batches=2, executor="cuda",
+                                cuda_graphs=graphs, static_inputs=["cache", "extra"])
+    cache, ref_cache = torch.zeros(4, D), torch.zeros(4, D)
+    with torch.no_grad():
+        for step in range(WARMUPS + 2):
+            x = torch.randn(4, D)
+            extra = None if step % 2 else torch.randn(4, D)
+            torch.testing.assert_close(compiled(x, cache, extra=extra), model(x, ref_cache, extra=extra))
+    torch.testing.assert_close(cache, ref_cache)
+    typo = dynaflow.compile(WritesThenBreaks(), executor="cuda", cuda_graphs=graphs, static_inputs=["cahce"])
+    with pytest.raises(ConfigError, match="'cahce' names no input"), torch.no_grad():
+        typo(torch.randn(4, D), torch.zeros(4, D))
