@@ -32,8 +32,9 @@ first runs two real eager steps (Inductor compiles happen even earlier, in
 :class:`~dynaflow.backend.inductor.InductorSegments`). Outputs are returned as clones
 (``copy_outputs=True``, the default: safe to keep across steps) or as the static output tensors that the
 next replay overwrites (``copy_outputs=False``: no copy, for a caller that consumes each step's outputs
-before the next; one passed back as an input is copied in, never read from the memory the step writes). In eager mode only outputs living in the merge-buffer arena are cloned (other outputs
-are fresh tensors anyway). Padding batches up to capture sizes happens above the executor
+before the next; one passed back as an input is copied in, never read from the memory the step writes).
+In eager mode only outputs living in the merge-buffer arena are cloned (other outputs are fresh tensors
+anyway). Padding batches up to capture sizes happens above the executor
 (:mod:`dynaflow.backend.capture_sizes`); a padded input is a fresh tensor each step, so it is copied.
 
 **Timeline** (``gpu_timeline=True``): a pair of timing events around every launch; the executor

@@ -155,7 +155,8 @@ class BatchAnalysis:
                 state = self._state_update(node) or self._self_overlap(node)
                 if state:
                     self.coupling[node] = state
-            if _short(node) in META_INPLACE and storage_root(node.args[0]).op != "placeholder":
+            changed = node.args[0] if node.args and _short(node) in META_INPLACE else None
+            if isinstance(changed, torch.fx.Node) and storage_root(changed).op != "placeholder":
                 self.whole_graph = (f"node {node.name!r} changes the shape or strides of a value computed in the graph "
                                     f"in place ({_short(node)}); the traced shapes of that value are the changed ones")
         return self
