@@ -152,7 +152,7 @@ class BatchAnalysis:
             if reason:
                 self.coupling[node] = reason
             elif node not in self.coupling:
-                state = self._state_update(node) or self._self_overlap(node)
+                state = self._state_update(node) or self._self_overlap(node) or self._misaligned_write(node)
                 if state:
                     self.coupling[node] = state
             changed = node.args[0] if node.args and _short(node) in META_INPLACE else None
@@ -160,6 +160,24 @@ class BatchAnalysis:
                 self.whole_graph = (f"node {node.name!r} changes the shape or strides of a value computed in the graph "
                                     f"in place ({_short(node)}); the traced shapes of that value are the changed ones")
         return self
+
+    def _misaligned_write(self, node: torch.fx.Node) -> str | None:
+        """An in-place write through a view whose batch items do not sit where its storage's items sit
+        (``x.view(4, -1)[0].fill_(0)`` of a ``(B, 4)`` ``x``: element ``i`` of the view is not item ``i``). Split,
+        a nano-batch would write into rows of the storage that other nano-batches own and read."""
+        for target in write_targets(node):
+            root = storage_root(target)
+            if target is root or self.batch is None:
+                continue
+            t, r = meta_val(target), meta_val(root)
+            dt, dr = self.dims.get(target), self.dims.get(root)
+            if not isinstance(t, torch.Tensor) or not isinstance(r, torch.Tensor) or (dt is None and dr is None):
+                continue
+            if not (isinstance(dt, int) and isinstance(dr, int) and _item_stride(t, dt, self.batch) is not None
+                    and _item_stride(t, dt, self.batch) == _item_stride(r, dr, self.batch)):
+                return (f"it writes {target.name!r} in place, a view of {root.name!r} whose batch items are laid out "
+                        "differently from that tensor's: a nano-batch would write rows other nano-batches own")
+        return None
 
     def _self_overlap(self, node: torch.fx.Node) -> str | None:
         """An in-place write whose source is another view of the tensor it writes (``v.copy_(v[:, :1])``): whether
@@ -471,6 +489,15 @@ def _position_step(bound: dict[str, Any], batch: sympy.Symbol) -> Any:
     if not isinstance(end, (int, torch.SymInt)) or sympy.simplify(size_expr(end) - step * batch) != 0:
         return None
     return step
+
+
+def _item_stride(t: torch.Tensor, d: int, batch: sympy.Symbol) -> sympy.Expr | None:
+    """The distance in elements from one batch item to the next along dim ``d`` (``k`` rows per item times the
+    dim's stride), or ``None`` when the dim does not hold ``k·B`` rows."""
+    k = sympy.simplify(size_expr(t.shape[d]) / batch)
+    if batch in k.free_symbols or not k.is_integer:
+        return None
+    return sympy.expand(k * size_expr(t.stride()[d]))
 
 
 def _is_zero(x: Any) -> bool:

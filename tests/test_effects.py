@@ -13,6 +13,7 @@ import operator
 import pytest
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 import dynaflow
@@ -792,3 +793,30 @@ def test_views_whose_shape_or_aliasing_differs_on_one_row_equal_eager(name, batc
         assert a.shape == b.shape
         torch.testing.assert_close(b, a)
     torch.testing.assert_close(df_x, ref_x)
+
+
+VIEW_WRITES = {
+    # a view of (B, 4) laid out (4, B): its element i is not item i, so a nano-batch's write lands in others' rows
+    "fill_through_view_4_b": lambda m, x: (x.view(4, -1)[0].fill_(0), m.lin(x))[1],
+    "relu_through_view_4_b": lambda m, x: (lambda h: (F.relu(h.view(4, -1), inplace=True), h + 0)[1])(m.lin(x)),
+    "add_through_reshape_4_b": lambda m, x: (x.reshape(4, -1).add_(1), x + 0)[1],
+    # aligned views keep their split: a column of each row, and the rows flattened (k elements per item)
+    "column_write": lambda m, x: (x[:, 0].mul_(2), m.lin(x))[1],
+    "flat_write": lambda m, x: (x.view(-1).mul_(2), m.lin(x))[1],
+}
+
+
+@pytest.mark.parametrize("batch, nano", [(6, 2), (5, 3)])
+@pytest.mark.parametrize("name", sorted(VIEW_WRITES))
+def test_writes_through_views_that_regroup_the_batch_equal_eager(name, batch, nano):
+    torch.manual_seed(0)
+    model = _Padded(VIEW_WRITES[name])
+    x = torch.randn(batch, 4)
+    ref_x, df_x = x.clone(), x.clone()
+    compiled = dynaflow.compile(copy.deepcopy(model), strategy="round_robin", nano_batches=nano, executor="serial")
+    with grad_off():
+        torch.testing.assert_close(compiled(df_x), model(ref_x))
+    torch.testing.assert_close(df_x, ref_x)
+    if name in ("column_write", "flat_write"):  # aligned: nothing runs whole
+        assert all(s.kind is not dynaflow.SegmentKind.BARRIER for s in compiled.last_graph.segmented.segments), \
+            compiled.explain()
