@@ -170,7 +170,7 @@ _OWNERS = threading.local()
 class GraphEntry:
     """What Dynamo caches for one captured graph. One :class:`SharedBackend` serves every owner, so models of
     one class share Dynamo's cache entries (no recompile limit after many compiles, and the cache holds no
-    model); each call runs the calling owner's ``graph_for(entry)`` for this capture."""
+    model); each call runs the calling owner's ``graph_for(entry, inputs)`` for this capture."""
 
     def __init__(self, gm: torch.fx.GraphModule):
         self.gm = gm  # never the example inputs: Dynamo keeps this entry, and they hold the model's weights

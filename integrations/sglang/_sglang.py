@@ -10,7 +10,7 @@ import copy
 import dataclasses
 import logging
 import re
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -141,9 +141,10 @@ class SglangStep:
         self._batch = 0
         self._compiled = torch.compile(fn, backend=SHARED_BACKEND, dynamic=None)
 
-    def graph_for(self, entry: GraphEntry) -> CompiledGraph:
+    def graph_for(self, entry: GraphEntry, inputs: Sequence[Any] = ()) -> CompiledGraph:
         """This step's CompiledGraph for a graph Dynamo captured (the frontend's shared Dynamo hook asks the
-        owner whose call is in flight); planned on first use from a private copy of the capture."""
+        owner whose call is in flight, with the graph's inputs); planned on first use from a private copy of the
+        capture."""
         graph = self._by_entry.get(entry)
         if graph is None:
             graph = make_graph(entry.copy_gm(), [], self.opts, label=f"sglang{len(self.graphs)}")
