@@ -131,7 +131,8 @@ class Compiled:
         try:
             out = run_dynamo(self, self._compiled, args, kwargs, self.model, self.config.batch_dim, batch)
         finally:
-            self._local.call = None  # the call's arguments are not kept past it
+            if self._static_names:
+                self._local.call = None  # the call's arguments are not kept past it
             graph_breaks.record_since(breaks, now)
             self.graph_breaks += [b for b in now if b not in self.graph_breaks]
         if not self._checked:
