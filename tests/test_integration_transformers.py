@@ -25,6 +25,8 @@ if not df_hf.is_available():
 import transformers  # noqa: E402
 from transformers import DynamicCache, StaticCache  # noqa: E402
 
+from dynaflow.integrations.transformers._hooks import OUTPUT_CACHE_FIELD, cache_parameter  # noqa: E402
+
 NEW_TOKENS = 4
 PAD = 0
 
@@ -128,11 +130,12 @@ def test_user_static_cache_is_written_in_place(hf_models, name):
     cfg = model.config
     caches = [StaticCache(config=cfg, max_cache_len=16) for _ in range(2)]
     with grad_off():
-        ref = model.generate(ids, **gen_kwargs(mask, cache=caches[0]))
+        arg = cache_parameter(model)  # ``cache`` (recent 5.x) or ``past_key_values`` (5.17, the GPU machine's)
+        ref = model.generate(ids, **gen_kwargs(mask, **{arg: caches[0]}))
         df_hf.enable(model, strategy="round_robin", nano_batches=2, executor="thread")
         try:
             ptrs = None
-            out = model.generate(ids, **gen_kwargs(mask, cache=caches[1]))
+            out = model.generate(ids, **gen_kwargs(mask, **{arg: caches[1]}))
             ptrs = [layer.keys.data_ptr() for layer in caches[1].layers]
         finally:
             df_hf.disable(model)
@@ -155,7 +158,7 @@ def test_forward_without_cache_matches_eager():
         finally:
             df_hf.disable(model)
     torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
-    assert out.cache is None
+    assert getattr(out, OUTPUT_CACHE_FIELD) is None
 
 
 # -- switch and lifecycle ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any
 __all__ = ["is_available", "enable", "disable", "is_enabled", "hook_of", "row_wise_experts"]
 
 MIN_VERSION = (5, 0)
-"""The cache API used here (``StaticCache(config=..., max_cache_len=...)``, the ``cache=`` forward argument,
+"""The cache API used here (``StaticCache(config=..., max_cache_len=...)``, the ``cache=`` forward argument (``past_key_values=`` before 5.2x),
 ``StaticLayer.cumulative_length``) is the one of transformers 5."""
 
 

@@ -31,7 +31,7 @@ __all__ = ["ROW_WISE", "OP_NAME", "is_experts", "wrap", "unwrap"]
 
 ROW_WISE = frozenset({"grouped_mm", "batched_mm"})
 """``config._experts_implementation`` values that compute each token's output from its own row alone
-(read in ``transformers.integrations.moe``: sort or repeat by expert, grouped or batched GEMMs, weighted
+(read in ``transformers.integrations.moe`` of 5.17 and 5.24: sort or repeat by expert, grouped or batched GEMMs, weighted
 sum over the token's top-k, scatter back). Both have no host sync, so they run under CUDA graph capture."""
 
 OP_NAME = "dynaflow_hf::experts"
@@ -89,9 +89,10 @@ def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def is_experts(module: torch.nn.Module) -> bool:
-    """Whether ``module`` is a transformers experts module dispatched by ``use_experts_implementation``."""
+    """Whether ``module`` is a transformers experts module dispatched by ``use_experts_implementation`` (its
+    decorator wraps the forward and sets ``has_gate`` in every 5.x read: 5.17 and 5.24)."""
     forward = type(module).forward
-    return (hasattr(forward, "__wrapped__") and hasattr(module, "_is_expert_parallel")
+    return (hasattr(forward, "__wrapped__") and hasattr(module, "has_gate")
             and hasattr(getattr(module, "config", None), "_experts_implementation"))
 
 

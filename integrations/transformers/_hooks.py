@@ -38,6 +38,16 @@ SUPPORTED_KWARGS = ("input_ids", "attention_mask", "position_ids", "cache", "pas
                     "return_dict", "logits_to_keep", "output_attentions", "output_hidden_states")
 """The forward arguments the hook understands; any other argument given a value is refused."""
 
+OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+"""The cache's field in ``CausalLMOutputWithPast``: ``cache`` in recent transformers 5.x, ``past_key_values``
+before (5.17, the GPU machine's version)."""
+
+
+def cache_parameter(model: torch.nn.Module) -> str:
+    """The name of ``model.forward``'s cache argument (``cache``, or ``past_key_values`` in older 5.x), read off
+    the signature: passing the other name lands in ``**kwargs`` and the model runs without its cache."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
 
 class DynaflowForward:
     """Installed as ``model.forward`` (on the instance): runs each call through a :class:`dynaflow.Compiled`.
@@ -56,6 +66,7 @@ class DynaflowForward:
         # generate() reads the forward's signature to decide what to pass (position_ids for left padding,
         # logits_to_keep): the hook must advertise the model's own parameters, not (*args, **kwargs).
         self.__signature__ = inspect.signature(self._own_forward)
+        self._cache_arg = cache_parameter(model)
         self._saved_disable_compile = getattr(model.generation_config, "disable_compile", False)
         self.compiled = dynaflow.compile(self._step, **options)
         self.calls = 0
@@ -68,8 +79,8 @@ class DynaflowForward:
     def _step(self, input_ids: torch.Tensor, attention_mask: Any, position_ids: Any, cache: Any,
               logits_to_keep: int = 0) -> torch.Tensor:
         out = self._own_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                cache=cache, use_cache=cache is not None, return_dict=True,
-                                logits_to_keep=logits_to_keep)
+                                use_cache=cache is not None, return_dict=True, logits_to_keep=logits_to_keep,
+                                **{self._cache_arg: cache})
         return out.logits
 
     # -- the hook ----------------------------------------------------------------------------------------
@@ -89,13 +100,13 @@ class DynaflowForward:
         self.calls += 1
         if call["return_dict"] is False:
             return (logits, cache) if cache is not None else (logits,)
-        return CausalLMOutputWithPast(logits=logits, cache=cache)
+        return CausalLMOutputWithPast(logits=logits, **{OUTPUT_CACHE_FIELD: cache})
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         if len(args) > 1:
             raise ConfigError(
                 f"dynaflow's transformers forward takes input_ids as its only positional argument; got {len(args)} "
-                "positional arguments. Pass the others by keyword (attention_mask=..., cache=...)."
+                f"positional arguments. Pass the others by keyword (attention_mask=..., {self._cache_arg}=...)."
             )
         call = dict(kwargs)
         if args:
@@ -114,7 +125,8 @@ class DynaflowForward:
                 raise ConfigError(f"{flag}=True is not supported under dynaflow (only logits are returned); "
                                   f"pass {flag}=False or disable dynaflow for this call.")
         if "cache" in call and "past_key_values" in call and call["past_key_values"] is not None:
-            raise ConfigError("Pass the cache once, as cache=... (past_key_values is its deprecated name).")
+            raise ConfigError(f"Pass the cache once, as {self._cache_arg}=... (cache and past_key_values name the "
+                              "same argument).")
         cache = call.get("cache", call.get("past_key_values"))
         ids = call.get("input_ids")
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
@@ -130,8 +142,8 @@ class DynaflowForward:
             raise ConfigError(
                 f"model(...) was called with use_cache={use_cache} and no cache (input_ids {tuple(ids.shape)}), so "
                 "transformers would create a DynamicCache, which dynaflow cannot split in place. Use "
-                "model.generate(..., cache_implementation='static'), pass cache=StaticCache(config=model.config, "
-                "max_cache_len=N), or call the model with use_cache=False."
+                f"model.generate(..., cache_implementation='static'), pass {self._cache_arg}=StaticCache("
+                "config=model.config, max_cache_len=N), or call the model with use_cache=False."
             )
         if cache is not None and not use_cache:
             cache = None
@@ -190,8 +202,8 @@ class DynaflowForward:
         quiet.setLevel(logging.CRITICAL)
         try:
             with _tensors_restored(self.model), FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-                self._own_forward(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), cache=probe,
-                                  use_cache=True, return_dict=True)
+                self._own_forward(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device),
+                                  use_cache=True, return_dict=True, **{self._cache_arg: probe})
         except Exception as exc:  # noqa: BLE001 - a probe: what it reached is used, the rest falls back below
             log.debug("the KV-shape probe of %s stopped early: %s", type(self.model).__name__, exc)
         finally:
