@@ -66,7 +66,10 @@ def mark_batch_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any], batch_dim:
     batch = batch_size_of(leaves, batch_dim)
     if batch >= 2:
         for t in leaves:
-            if isinstance(t, torch.Tensor) and t.dim() > batch_dim and t.shape[batch_dim] == batch:
+            if (isinstance(t, torch.Tensor) and t.dim() > batch_dim and t.shape[batch_dim] == batch
+                    and batch_dim not in getattr(t, "_dynamo_weak_dynamic_indices", ())):
+                # marked once per tensor: a decode loop passes the same caches every step, and the mark (a
+                # Dynamo-disabled call) costs microseconds of host time the GPU would wait on
                 torch._dynamo.maybe_mark_dynamic(t, batch_dim)
     return batch
 

@@ -16,12 +16,26 @@ __all__ = ["recording", "snapshot", "record_since"]
 _KINDS = ("graph_break", "unimplemented")
 
 
+_LAST: list[object] = [None, -1, {}]
+"""(Dynamo's frame counter object, its total, the snapshot then): the reasons are counted only while Dynamo
+converts a frame, which first bumps ``counters["frames"]["total"]``, so an unchanged total (of the same counter
+object: ``torch._dynamo.reset()`` replaces it) means an unchanged snapshot. A process whose models broke graphs
+anywhere would otherwise rebuild a dict of every reason on every call."""
+
+
 def _snapshot() -> dict[tuple[str, str], int]:
     from torch._dynamo.utils import counters
 
-    if not (counters["graph_break"] or counters["unimplemented"]):  # the common case, read on every call
-        return {}
-    return {(kind, reason): n for kind in _KINDS for reason, n in counters[kind].items()}
+    frames = counters["frames"]
+    total = frames.get("total", 0)
+    if _LAST[0] is frames and _LAST[1] == total:
+        return _LAST[2]  # type: ignore[return-value]
+    if not (counters["graph_break"] or counters["unimplemented"]):  # nothing ever broke a graph
+        snap: dict[tuple[str, str], int] = {}
+    else:
+        snap = {(kind, reason): n for kind in _KINDS for reason, n in counters[kind].items()}
+    _LAST[:] = [frames, total, snap]
+    return snap
 
 
 def snapshot() -> dict[tuple[str, str], int]:

@@ -1,5 +1,5 @@
 """CUDA graphs without input copies, on a GPU: a steady step with stable inputs issues no device-to-device
-memcpy (counted with ``torch.profiler``), the same step with fresh inputs does (so the count can fail), and
+memcpy beyond its merge writes (counted with ``torch.profiler``), the same step with fresh inputs does (so the count can fail), and
 every output equals eager. The CPU twin of these checks is ``tests/test_graph_inputs.py``."""
 
 from __future__ import annotations
@@ -59,8 +59,13 @@ def test_a_steady_step_with_stable_inputs_copies_nothing(strategy, nano):
         torch.testing.assert_close(out, model(x, cache), atol=3e-2, rtol=3e-2)
         steady = _memcpys(lambda: c(x, cache))
         fresh = _memcpys(lambda: c(x.clone(), cache.clone()))
-    assert steady == [], f"a steady step copied: {steady}"
-    assert len(fresh) >= 1, "the profiler saw no copy even for fresh inputs: the count cannot fail"
+    # A split step writes each nano-batch's slice of a merged output into its full-batch buffer: a contiguous
+    # slice is one device-to-device memcpy node of the graph (seen on an H200: two for nanoflow x2). Those
+    # are the computation; anything beyond them is an input copied in.
+    program = c.graphs[0].last_plan.program
+    merges = sum(len(launch.merges) for launch in program.serial_order)
+    assert len(steady) <= merges, f"a steady step copied beyond its {merges} merge writes: {steady}"
+    assert len(fresh) > len(steady), f"fresh inputs were not copied in ({fresh}): the count cannot fail"
 
 
 def test_a_declared_static_cache_stays_in_place_on_the_gpu():
