@@ -60,7 +60,7 @@ from dynaflow.nanocontext import current_nano_context
 from dynaflow.timeline import Timeline, TimelineEvent
 from dynaflow.backend.arena import ALIGN
 from dynaflow.backend.launch import NOLOCK, Executor, ExecutorContext, StepContext, records_autograd, step_loop
-from dynaflow.backend.graph_steps import GraphSteps, in_ranges, storage_range
+from dynaflow.backend.graph_steps import CaptureFailed, GraphSteps, in_ranges, storage_range
 from dynaflow.backend.graphs import CapturePlan, Piece, capture_plan, waits_before
 from dynaflow.backend.program import CONST, Program, Wait
 from dynaflow.backend.streams import LaneStream, make_lane_streams
@@ -372,15 +372,17 @@ class CudaExecutor(Executor):
         # after it, so the step's writes happen once, on replay
         saved = [(env[i], env[i].clone()) for i in sorted(program.inputs.written)
                  if not plan.whole and isinstance(env[i], torch.Tensor)]
-        for piece in plan.pieces:
-            if piece.graph:
-                graphs[piece.index] = self._capture_piece(state, piece, step, cap)
-            else:
-                with torch.cuda.stream(cap):
-                    self._issue(state, piece, step, cap, frees=False)
-        caller.wait_stream(cap)
-        for t, before in saved:
-            t.copy_(before)
+        try:
+            for piece in plan.pieces:
+                if piece.graph:
+                    graphs[piece.index] = self._capture_piece(state, piece, step, cap)
+                else:
+                    with torch.cuda.stream(cap):
+                        self._issue(state, piece, step, cap, frees=False)
+        finally:  # a failed capture too: the step then runs eagerly (GraphSteps), on inputs as they were
+            caller.wait_stream(cap)
+            for t, before in saved:
+                t.copy_(before)
         state.static = None  # this capture's outputs are static buffers now, an earlier one's no longer
         log.info("captured %s for %r", plan, program)
         return _Graphed(plan, graphs, env)
@@ -393,11 +395,11 @@ class CudaExecutor(Executor):
                 self._issue(state, piece, step, cap, frees=True, only=own)
         except Exception as exc:
             segs = sorted({launch.segment.name for launch in piece.order})
-            raise BackendError(
+            raise CaptureFailed(
                 f"CUDA-graph capture of {piece!r} (segments {', '.join(segs[:6])}{' ...' if len(segs) > 6 else ''}) "
                 f"failed: {type(exc).__name__}: {exc}. A segment that synchronises with the host or allocates "
                 "outside the graph pool cannot be captured: tag it 'no-cudagraph' (it then runs eagerly "
-                "between graph pieces), or set cuda_graphs=False."
+                "between graph pieces), or set cuda_graphs=False to silence this."
             ) from exc
         return graph
 

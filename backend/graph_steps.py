@@ -35,12 +35,18 @@ from dynaflow.errors import BackendError
 from dynaflow.segmented import InputRoles
 from dynaflow.backend.program import Program
 
-__all__ = ["Capturer", "GraphSteps", "InputFingerprints", "InputPlan", "StaticInputError", "fingerprint", "plan_inputs",
+__all__ = ["Capturer", "CaptureFailed", "GraphSteps", "InputFingerprints", "InputPlan", "StaticInputError", "fingerprint",
+           "plan_inputs",
            "signature", "is_persistent", "in_ranges", "storage_range"]
 
 log = logging.getLogger(__name__)
 
 Fingerprint = tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]
+
+
+class CaptureFailed(BackendError):
+    """A step could not be recorded as a graph (a segment synchronises with the host, copies from pageable host
+    memory, or allocates outside the graph's pool). :class:`GraphSteps` then runs that signature uncaptured."""
 
 
 class StaticInputError(BackendError):
@@ -198,6 +204,8 @@ class _Entry:
     bound_fp: list[Fingerprint | None] = field(default_factory=list)
     captured: Any = None
     captures: int = 0
+    failed: str | None = None
+    """Why capturing this signature failed (:class:`CaptureFailed`): its steps then run uncaptured."""
 
     def observe(self, fps: Sequence[Fingerprint | None]) -> None:
         self.calls += 1
@@ -249,6 +257,10 @@ class GraphSteps:
     def captured(self, program: Program) -> list[Any]:
         """The captures of ``program``, one per input signature captured so far."""
         return [e.captured for p, e in self._entries.values() if p is program and e.captured is not None]
+
+    def failure(self, program: Program) -> str | None:
+        """Why capturing ``program`` failed for some input signature (:class:`CaptureFailed`), or ``None``."""
+        return next((e.failed for p, e in self._entries.values() if p is program and e.failed is not None), None)
 
     def forget(self, program: Program) -> None:
         """Drop every capture of ``program``."""
@@ -307,10 +319,17 @@ class GraphSteps:
         self.copies = 0
         self.last_plan = None
         entry.observe(fps)
-        if entry.captured is None and entry.calls <= self.warmups:
+        if entry.failed is not None or (entry.captured is None and entry.calls <= self.warmups):
             return self.capturer.eager(program, inputs)
         if entry.captured is None or not self._bind(program, entry, inputs):
-            self._capture(program, entry, inputs)
+            try:
+                self._capture(program, entry, inputs)
+            except CaptureFailed as exc:
+                # the answer does not need the graph: this signature runs as eager steps from now on (a warning
+                # once, and ``failures`` for explain()), rather than failing a call eager would have run
+                entry.captured, entry.failed = None, str(exc)
+                log.warning("%r: runs without CUDA graphs for this input signature: %s", program, exc)
+                return self.capturer.eager(program, inputs)
         self.capturer.replay(program, entry.captured)
         self._copy_back(entry, inputs)
         self.last_plan = entry.plan

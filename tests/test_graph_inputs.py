@@ -603,3 +603,30 @@ def test_a_static_input_some_graph_does_not_read_declares_nothing_there(fake_cud
     typo = dynaflow.compile(WritesThenBreaks(), executor="cuda", cuda_graphs=graphs, static_inputs=["cahce"])
     with pytest.raises(ConfigError, match="'cahce' names no input"), torch.no_grad():
         typo(torch.randn(4, D), torch.zeros(4, D))
+
+
+class _FailingCapturer(_SlowCapturer):
+    """A capturer whose capture fails, as a CUDA-graph capture does on a copy from pageable host memory."""
+
+    captures = 0
+
+    def capture(self, program, inputs):
+        from dynaflow.backend.graph_steps import CaptureFailed
+
+        self.captures += 1
+        raise CaptureFailed("CUDA-graph capture of Piece(0, graph, 3 launches) failed: RuntimeError: Cannot copy "
+                            "between CPU and CUDA tensors during CUDA graph capture")
+
+
+def test_a_signature_whose_capture_fails_runs_eagerly_and_is_not_captured_again(caplog):
+    from dynaflow.backend.graph_steps import GraphSteps
+
+    cap = _FailingCapturer()
+    steps = GraphSteps(cap, warmups=1)
+    program = type("P", (), {"inputs": InputRoles()})()
+    with caplog.at_level("WARNING", logger="dynaflow.backend.graph_steps"):
+        got = [steps.run(program, [torch.full((3,), float(i))]) for i in range(5)]
+    assert got == [3.0 * i for i in range(5)]  # every call answered, by the eager step
+    assert cap.captures == 1
+    assert "Cannot copy between CPU and CUDA" in steps.failure(program)
+    assert sum("runs without CUDA graphs" in r.message for r in caplog.records) == 1
