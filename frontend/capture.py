@@ -95,7 +95,9 @@ def symbolize(gm: torch.fx.GraphModule, inputs: Sequence[Any], batch_dim: int) -
         else:
             fakes.append(t)
     try:
-        with mode:
+        # the caller's dispatch modes (torch's CUDA sanitizer reads every tensor's data pointer) must not see
+        # the fake tensors of this analysis
+        with torch.utils._python_dispatch._disable_current_modes(), mode:
             _RecordValues(gm, mode).run(*fakes)
     except Exception as exc:
         raise CaptureError(
@@ -244,6 +246,14 @@ def no_graph_error(model: Any, breaks: Sequence[str] = ()) -> CaptureError:
             "nn.RNN modules (it runs them eagerly), so there was no graph for dynaflow to split. Compile the "
             "layers around the RNN instead (dynaflow.compile on the submodules before and after it), or write "
             "the recurrence with nn.LSTMCell / nn.GRUCell in a Python loop."
+        )
+    modes = [type(m).__name__ for m in torch.utils._python_dispatch._get_current_dispatch_mode_stack()]
+    if modes:
+        return CaptureError(
+            f"torch.compile ran {type(model).__name__} without handing any graph to dynaflow: a dispatch mode is "
+            f"active ({', '.join(modes)}; torch's CUDA sanitizer, TORCH_CUDA_SANITIZER=1, is one), and Dynamo "
+            "runs frames eagerly under one. Pass dynaflow.compile a torch.fx.symbolic_trace(model) (no Dynamo "
+            "involved), or call the model outside the mode."
         )
     if breaks:
         return CaptureError(
