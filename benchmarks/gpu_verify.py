@@ -9,6 +9,8 @@ Steps (each a subprocess with its own time limit, so one hang cannot eat the lea
   and under ``compute-sanitizer --tool racecheck`` where it is on PATH;
 * ``floor``   — ``gpu_floor.py --quick``: dynaflow next to the hand-written baselines on the three workloads
   of issue 13, with the must-show checks (JSON, timeline PNGs; ≤ 8 minutes on one H100);
+* ``host``    — ``host_path.py``: where a dense-decode step's host time goes (eager, Dynamo alone, dynaflow with
+  and without CUDA graphs): the per-call time that keeps ``auto`` under eager on workload (a);
 * ``ladder``  — ``overlap_ladder.py``: dense decode, 8 layers, what each overlap mechanism adds (pipelining,
   partitions, SM-limited GEMMs, SM-efficient attention) over the eager CUDA graph with stock kernels and with
   the same kernels (issue 16);
@@ -53,7 +55,7 @@ from _results import provenance, write  # noqa: E402
 
 log = logging.getLogger("bench")
 
-STEPS = ("tests", "races", "floor", "ladder", "overlap", "offload", "attnbw", "pd", "sim")
+STEPS = ("tests", "races", "floor", "host", "ladder", "overlap", "offload", "attnbw", "pd", "sim")
 
 FLOOR_TIMEOUT_S = 480
 """The floor step's limit: ``gpu_floor.py --quick`` spends a 420 s budget on its workloads (each in a
@@ -101,6 +103,8 @@ def steps(names: Sequence[str], out: str, dry_run: bool) -> list[Step]:
         elif name == "floor":
             plan.append(Step(name, (py, bench("gpu_floor.py"), "--quick", "--out", os.path.join(out, "gpu_floor.json"),
                                     *dry), FLOOR_TIMEOUT_S))
+        elif name == "host":
+            plan.append(Step(name, (py, bench("host_path.py"), "--out", os.path.join(out, "host_path.json"), *dry), 120))
         elif name == "ladder":
             plan.append(Step(name, (py, bench("overlap_ladder.py"), "--out", os.path.join(out, "overlap_ladder.json"),
                                     *dry), 480))

@@ -17,7 +17,7 @@ def test_plan_covers_every_gpu_check_and_writes_into_out(tmp_path):
     plan = gpu_verify.steps(gpu_verify.STEPS, str(tmp_path), dry_run=False)
     names = [s.name for s in plan]
     assert names[:4] == ["tests", "races-intact", "races-broken", "races-torch-sanitizer"]
-    assert names[-7:] == ["floor", "ladder", "overlap", "offload", "attnbw", "pd", "sim"]  # the floor benchmark after the tests and races, before overlap
+    assert names[-8:] == ["floor", "host", "ladder", "overlap", "offload", "attnbw", "pd", "sim"]  # the floor benchmark after the tests and races, before overlap
     assert all(s.timeout_s <= 540 for s in plan)  # each fits one 10-minute remote call
     assert dict(plan[3].env) == {"TORCH_CUDA_SANITIZER": "1"} and "--broken" in plan[3].argv
     for s in plan:
@@ -31,7 +31,7 @@ def test_plan_covers_every_gpu_check_and_writes_into_out(tmp_path):
 
 def test_dry_run_plan_skips_the_races_and_shrinks_the_benchmarks(tmp_path):
     plan = gpu_verify.steps(gpu_verify.STEPS, str(tmp_path), dry_run=True)
-    assert [s.name for s in plan] == ["tests", "floor", "ladder", "overlap", "offload", "attnbw", "pd", "sim"]
+    assert [s.name for s in plan] == ["tests", "floor", "host", "ladder", "overlap", "offload", "attnbw", "pd", "sim"]
     assert all("--dry-run" in s.argv for s in plan[1:])
 
 
