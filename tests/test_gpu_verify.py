@@ -24,7 +24,7 @@ def test_plan_covers_every_gpu_check_and_writes_into_out(tmp_path):
         outs = [a for a in s.argv if a.startswith(str(tmp_path))]
         assert all(os.path.dirname(a) == str(tmp_path) for a in outs)
     assert "--device" in plan[-1].argv and "cuda" in plan[-1].argv
-    floor = plan[-7]
+    floor = plan[-8]
     assert "--quick" in floor.argv and floor.timeout_s <= 480  # gpu_floor.py --quick fits 8 minutes on one H100
     assert floor.argv[1].endswith("gpu_floor.py") and os.path.join(str(tmp_path), "gpu_floor.json") in floor.argv
 
