@@ -159,9 +159,10 @@ class CompiledGraph:
 
     def _plan_for(self, inputs: Sequence[Any]) -> Plan:
         batch = self.batch_size(inputs)
-        if not self._differential_done and batch >= 2 and (self.config.verify or knobs.verify_splits()):
-            assert self.segmented is not None
-            check_split_equals_whole(self.segmented, inputs, batch)
+        if not self._differential_done and batch >= 2:  # the knob is read on the graph's first split call only
+            if self.config.verify or knobs.verify_splits():
+                assert self.segmented is not None
+                check_split_equals_whole(self.segmented, inputs, batch)
             self._differential_done = True
         layout = current_requests()
         tuned = self._lockstep_tune(batch, inputs, layout)

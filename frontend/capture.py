@@ -53,15 +53,31 @@ def check_layouts(leaves: Sequence[Any]) -> None:
             )
 
 
+def _leaves(x: Any, out: list[Any]) -> None:
+    """``pytree.tree_leaves(x)`` appended to ``out``, without pytree's per-node dispatch for the containers a
+    call is made of (tuples, lists, dicts: walked here in pytree's order); anything else goes to pytree."""
+    kind = type(x)
+    if kind in _PLAIN:
+        out.append(x)
+    elif kind is tuple or kind is list:
+        for a in x:
+            _leaves(a, out)
+    elif kind is dict:
+        for a in x.values():
+            _leaves(a, out)
+    else:
+        out.extend(pytree.tree_leaves(x))
+
+
 def mark_batch_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any], batch_dim: int) -> int:
     """Mark dim ``batch_dim`` dynamic on every input tensor whose size there equals the batch size.
 
     Returns the batch size. Size-1 batches are left static (Dynamo specialises 0/1 sizes).
     """
-    # the common calls need no tree walk: positional arguments that are tensors, plain values or objects pytree
-    # does not open (a transformers cache)
-    flat = not kwargs and all(type(a) in _PLAIN or pytree.tree_is_leaf(a) for a in args)
-    leaves = args if flat else pytree.tree_leaves((args, kwargs))
+    leaves: list[Any] = []
+    _leaves(args, leaves)
+    if kwargs:
+        _leaves(kwargs, leaves)
     check_layouts(leaves)
     batch = batch_size_of(leaves, batch_dim)
     if batch >= 2:
