@@ -22,7 +22,7 @@ UNIT = r"(?:x\b|%|\s?(?:µs|us|ms|ns|s|sec|seconds?|min|minutes?|TFLOP/s|GFLOP/s
 MEASUREMENT = re.compile(rf"(?<![\w./=])({NUMBER}{UNIT})")
 SETTING = re.compile(r"assum|timeout|default|data sheet|target|limit|budget|set to|configur", re.IGNORECASE)
 """Words that mark a number as a setting, an assumption or a goal rather than a measurement."""
-RESULTS = re.compile(r"benchmarks/results/([\w.\-]+\.json)")
+RESULTS = re.compile(r"benchmarks/results/((?:[\w.\-]+/)?[\w.\-]+\.json)")
 UNREACHABLE = {
     r"\blent\b": "a machine lent to the authors",
     r"\bsessions?\b": "the authors' working sessions",
