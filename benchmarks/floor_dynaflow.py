@@ -89,6 +89,19 @@ def build(w: Workload, row: DynaflowRow, executor: str, timeline: bool = False) 
     return runner
 
 
+def settle(runner: Runner, reset: Any = None, limit: int = 64) -> int:
+    """Call the row until ``auto``'s floor check (:mod:`dynaflow.floor_check`) has decided every kind of call it
+    probes, so the timed calls run the path it kept; returns the calls made."""
+    checks = [k.floor_check for k in runner.keep if hasattr(k, "floor_check")]
+    n = 0
+    while n < limit and any(c.active for c in checks):
+        if reset is not None:
+            reset()
+        runner.call()
+        n += 1
+    return n
+
+
 def describe(runner: Runner) -> dict[str, Any]:
     """After the first call: the lanes the cuda executor made (with granted SMs) and, for ``auto``, the head
     of ``explain()`` (what it measured and picked)."""
@@ -101,6 +114,7 @@ def describe(runner: Runner) -> dict[str, Any]:
     except Exception as exc:  # informational only
         info["lanes_error"] = f"{type(exc).__name__}: {exc}"
     if compiled.strategy.name == "auto":
+        info["floor_check"] = [repr(v) for v in compiled.floor_check.verdicts]
         try:
             info["explain"] = compiled.explain()[:3000]
         except Exception as exc:

@@ -116,6 +116,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if "error" not in r and c.program is not None:
                     r["lanes"] = [repr(lane) for lane in c.program.lanes]
         c = _compile(dynaflow, work["split_kv"], dynaflow.strategies.get("auto", cache=False), {}, executor, False)
+        for _ in range(64):  # auto's floor check decides (dynaflow.floor_check) before the row is timed
+            work["split_kv"].step(c)
+            if not c.floor_check.active:
+                break
         r = row("auto (split-KV model)", "split_kv", lambda: work["split_kv"].step(c))
         tuned = [t for g in c.graphs for t in g.tuned.values()]
         if tuned and "error" not in r:

@@ -23,6 +23,7 @@ from dynaflow.backend import Program, check_executor_name
 from dynaflow.compiled_graph import CompiledGraph
 from dynaflow.config import DynaflowConfig
 from dynaflow.errors import CaptureError, ConfigError, DynaflowError, PartitionError
+from dynaflow.floor_check import FloorCheck
 from dynaflow.frontend import graph_breaks
 from dynaflow.frontend.graph_inputs import bound_arguments, tensors_within
 from dynaflow.frontend.capture import (SHARED_BACKEND, GraphEntry, batch_size_of, check_layouts, check_outputs, flat_io,
@@ -59,6 +60,8 @@ class Compiled:
         """Call keys (:func:`call_key`) of calls that run the model itself, skipping Dynamo (see ``__call__``)."""
         self.direct_calls = 0
         """Calls that ran the model itself because the eager floor won their bucket."""
+        self.floor_check = FloorCheck()
+        """``auto``'s whole-call comparison with the model itself (:mod:`dynaflow.floor_check`)."""
         self._static_names = tuple(e for e in config.static_inputs if isinstance(e, str))
         """``static_inputs`` entries that may name a forward argument: its tensors are found in the call itself
         (a cache object's attributes too), since Dynamo's input names are lossy."""
@@ -125,6 +128,21 @@ class Compiled:
         if self._as_is and call_key(args, kwargs) in self._as_is:
             self.direct_calls += 1
             return self.model(*args, **kwargs)
+        if self.floor_check.active:
+            key = call_key(args, kwargs)
+            out, verdict = self.floor_check.run(key, f"calls like this batch-{batch} one", lambda: self._direct(args, kwargs),
+                                                lambda: self._through_dynaflow(args, kwargs, batch), _on_cuda(args, kwargs))
+            if verdict is not None and not verdict.keeps_dynaflow:
+                self._as_is.add(key)
+            return out
+        return self._through_dynaflow(args, kwargs, batch)
+
+    def _direct(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self._local.call = None
+        self.direct_calls += 1
+        return self.model(*args, **kwargs)
+
+    def _through_dynaflow(self, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int) -> Any:
         before = sum(g.calls for g in self.graphs)
         breaks = graph_breaks.snapshot()
         now: list[str] = []
@@ -148,13 +166,17 @@ class Compiled:
         bucket): later calls with the same :func:`call_key` run the model itself, without Dynamo's guards and
         frame (~10-30 µs a call), so the floor is plain eager. Only for a call Dynamo ran as one graph (a model
         without graph breaks) and not in distributed lockstep, where every rank must plan. The key holds every
-        argument's shape (a decode step after a prefill of the same batch is a call of its own)."""
+        argument's shape (a decode step after a prefill of the same batch is a call of its own). A call ``auto``
+        planned (a split, a CUDA graph) is put on probation instead: :mod:`dynaflow.floor_check` times the next
+        calls like it whole, through dynaflow and as the model itself, and the faster keeps them."""
         if self.graph_breaks or sum(g.calls for g in self.graphs) != calls_before + 1:
             return  # not one graph for the whole forward
         graph = self.last_graph
-        if graph is None or not graph.ran_as_is:
+        if graph is None or (graph.distributed is not None and graph.distributed.agreeing):
             return
-        if graph.distributed is not None and graph.distributed.agreeing:
+        if not graph.ran_as_is:
+            if self.strategy.name == "auto":  # a planned call: time it whole against the model itself
+                self.floor_check.start(call_key(args, kwargs))
             return
         self._as_is.add(call_key(args, kwargs))
         log.info("%s: calls like this one (batch %d) run the model itself from now on (the eager floor won their "
@@ -202,6 +224,9 @@ class Compiled:
         """Segments, tags, split config and schedule table of every captured graph; printed to ``file``."""
         head = f"dynaflow: strategy {self.strategy.name!r} ({self.strategy.describe()}), executor {self.config.executor!r}"
         body = [g.explain() for g in self.graphs] or ["(not captured yet: call the model once)"]
+        if self.floor_check.verdicts:
+            body.append("auto's floor check (whole calls, dynaflow against the model itself):\n"
+                        + "\n".join(f"  - {v!r}" for v in self.floor_check.verdicts))
         if self.graph_breaks:
             body.insert(0, f"graph breaks ({len(self.graphs)} graphs, each planned on its own):\n"
                         + "\n".join(f"  - {reason}" for reason in self.graph_breaks))
@@ -371,6 +396,15 @@ def _register() -> None:
 
 
 _register()
+
+
+def _on_cuda(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether the call has a CUDA tensor among its arguments (one level into tuples, lists and dicts)."""
+    for a in (*args, *kwargs.values()):
+        for t in (a if isinstance(a, (tuple, list)) else a.values() if isinstance(a, dict) else (a,)):
+            if isinstance(t, torch.Tensor) and t.is_cuda:
+                return True
+    return False
 
 
 def call_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
