@@ -190,9 +190,9 @@ class DistributedPlanner:
     def agreeing(self) -> bool:
         """Whether ranks agree on the split: ``distributed_agree`` True, or None with collectives in the graph,
         and torch.distributed initialized with more than one rank in the agreement group."""
-        if self.agree_option is False or not distributed.initialized():
-            return False
-        if self.agree_option is None and not self.groups:
+        if self.agree_option is False or (self.agree_option is None and not self.groups):
+            return False  # decided without asking torch.distributed: this is read on every call
+        if not distributed.initialized():
             return False
         return distributed.group_size(self._group()) > 1
 
