@@ -481,6 +481,11 @@ class CompiledGraph:
             out.append(f"\nbatch={split.batch_size}: {plan.split} -> {plan.graph}")
             out.append(plan.schedule.table(plan.graph))
             out.append(repr(plan.program))
+            for ex in self._executors.values():
+                steps = getattr(ex, "graphs", None)
+                failed = steps.failure(plan.program) if hasattr(steps, "failure") else None
+                if failed:
+                    out.append(f"  runs without CUDA graphs (its capture failed): {failed.splitlines()[0][:300]}")
         return "\n".join(out)
 
 

@@ -350,3 +350,29 @@ def test_training_steps_run_without_graphs_and_with_fresh_merge_buffers(fake_cud
             torch.testing.assert_close(c(x), model(x))
     if cuda_graphs:
         assert c.last_graph.last_capture.mode.value == "graph"
+
+
+def test_a_step_whose_capture_fails_runs_eagerly_says_why_and_equals_eager(fake_cuda, monkeypatch, caplog):
+    """A segment that copies from pageable host memory cannot be captured (seen with Falcon on an H200): the
+    signature runs as eager steps, every answer equals eager, one warning, and ``explain()`` says why."""
+    from fake_cuda import FakeGraph
+
+    capturing = launch_mod.run_launch
+
+    def refuse_in_capture(launch, step):
+        if FakeGraph.active is not None and launch.segment.name == "glue_0":
+            raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture unless the CPU "
+                               "tensor is pinned.")
+        return capturing(launch, step)
+
+    monkeypatch.setattr(launch_mod, "run_launch", refuse_in_capture)
+    model = make_transformer()
+    x = transformer_input(6)
+    torch._dynamo.reset()
+    c = dynaflow.compile(model, strategy="nanoflow", nano_batches=2, executor="cuda", config={"cuda_graphs": True})
+    with torch.no_grad(), caplog.at_level("WARNING", logger="dynaflow.backend.graph_steps"):
+        ref = model(x)
+        for _ in range(5):
+            torch.testing.assert_close(c(x), ref, rtol=1e-5, atol=1e-5)
+    assert sum("runs without CUDA graphs" in r.message for r in caplog.records) == 1
+    assert "runs without CUDA graphs (its capture failed): CUDA-graph capture of" in c.explain()
