@@ -4,7 +4,7 @@ The GPU-floor benchmark times each call with CUDA events and a sync after it, as
 tokens does: host time spent before the first kernel (or the graph replay) reaches the GPU is time the step
 waits. This script measures, on workload (a) (dense decode), per configuration:
 
-* ``gpu_ms``: the floor benchmark's timing (events around one call, sync after);
+* ``gpu_ms``: the floor benchmark's timing (``floor_measure.median_ms``: events around one call, sync after);
 * ``host_us``: host time to issue one call on an idle GPU (``perf_counter`` around the call, no sync inside);
 * the CUDA runtime calls one steady call makes (``torch.profiler``: graph launches, kernel launches, memcpys,
   event records, syncs) and the top host functions of 200 calls (``cProfile``).
@@ -35,25 +35,9 @@ import torch  # noqa: E402
 
 import workloads  # noqa: E402
 from _results import provenance, write  # noqa: E402
+from floor_measure import median_ms  # noqa: E402
 
 log = logging.getLogger("host_path")
-
-
-def _gpu_ms(fn: Callable[[], Any], cuda: bool, repeats: int = 30) -> float:
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def _host_us(fn: Callable[[], Any], cuda: bool, repeats: int = 30) -> float:
@@ -152,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 fn = make()
                 for _ in range(5):
                     fn()
-                rec["gpu_ms"] = _gpu_ms(fn, cuda)
+                rec["gpu_ms"] = median_ms(fn, repeats=30, warmup=0, cuda=cuda)  # the floor benchmark's timing
                 rec["host_us"] = _host_us(fn, cuda)
                 rec["runtime_calls_per_step"] = _runtime_calls(fn, cuda)
                 rec["top_functions"] = _top_functions(fn, 100 if cuda else 20)

@@ -1,0 +1,23 @@
+"""``benchmarks/host_path.py --dry-run`` on CPU: every configuration that needs no GPU runs, is timed both ways,
+and names its top host functions (the GPU run adds the CUDA runtime calls and the graphed rows)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import host_path  # noqa: E402
+
+
+def test_dry_run_times_every_cpu_configuration(tmp_path):
+    out = tmp_path / "host_path.json"
+    assert host_path.main(["--dry-run", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["config"]: r for r in report["rows"]}
+    assert set(rows) == {"eager", "Dynamo alone (graph as is)", "dynaflow eager strategy", "dynaflow sequential"}
+    for name, r in rows.items():
+        assert "error" not in r, (name, r.get("traceback"))
+        assert r["gpu_ms"] > 0 and r["host_us"] > 0 and "function calls" in r["top_functions"]
+    assert report["dry_run"] and report["gpu"] is None
