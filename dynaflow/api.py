@@ -130,8 +130,9 @@ class Compiled:
             return self.model(*args, **kwargs)
         if self.floor_check.active:
             key = call_key(args, kwargs)
-            out, verdict = self.floor_check.run(key, f"calls like this batch-{batch} one", lambda: self._direct(args, kwargs),
-                                                lambda: self._through_dynaflow(args, kwargs, batch), _on_cuda(args, kwargs))
+            out, verdict = self.floor_check.run(
+                key, f"calls like this batch-{batch} one", lambda: self._direct(args, kwargs),
+                lambda: self._through_dynaflow(args, kwargs, batch), _on_cuda(args, kwargs))
             if verdict is not None and not verdict.keeps_dynaflow:
                 self._as_is.add(key)
             return out
