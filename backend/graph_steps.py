@@ -36,8 +36,7 @@ from dynaflow.segmented import InputRoles
 from dynaflow.backend.program import Program
 
 __all__ = ["Capturer", "CaptureFailed", "GraphSteps", "InputFingerprints", "InputPlan", "StaticInputError", "fingerprint",
-           "plan_inputs",
-           "signature", "is_persistent", "in_ranges", "storage_range"]
+           "plan_inputs", "signature", "is_persistent", "in_ranges", "storage_range"]
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +325,7 @@ class GraphSteps:
                 self._capture(program, entry, inputs)
             except CaptureFailed as exc:
                 # the answer does not need the graph: this signature runs as eager steps from now on (a warning
-                # once, and ``failures`` for explain()), rather than failing a call eager would have run
+                # once, and :meth:`failure` for explain()), rather than failing a call eager would have run
                 entry.captured, entry.failed = None, str(exc)
                 log.warning("%r: runs without CUDA graphs for this input signature: %s", program, exc)
                 return self.capturer.eager(program, inputs)
