@@ -29,7 +29,7 @@ from dynaflow.frontend.graph_inputs import bound_arguments, tensors_within
 from dynaflow.frontend.capture import (SHARED_BACKEND, GraphEntry, batch_size_of, check_layouts, check_outputs, flat_io,
                                        mark_batch_dynamic, no_graph_error, run_dynamo)
 from dynaflow.ir import Schedule
-from dynaflow.planning import Plan
+from dynaflow.planning import Plan, describe_inputs
 from dynaflow.requests import current_requests
 from dynaflow.strategies import Strategy, get as get_strategy
 from dynaflow.timeline import Timeline
@@ -132,7 +132,8 @@ class Compiled:
             key = call_key(args, kwargs)
             out, verdict = self.floor_check.run(
                 key, f"calls like this batch-{batch} one", lambda: self._direct(args, kwargs),
-                lambda: self._through_dynaflow(args, kwargs, batch), _on_cuda(args, kwargs))
+                lambda: self._through_dynaflow(args, kwargs, batch),
+                describe_inputs(torch.utils._pytree.tree_leaves((args, kwargs)), batch).on_cuda)
             if verdict is not None and not verdict.keeps_dynaflow:
                 self._as_is.add(key)
             return out
@@ -397,15 +398,6 @@ def _register() -> None:
 
 
 _register()
-
-
-def _on_cuda(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether the call has a CUDA tensor among its arguments (one level into tuples, lists and dicts)."""
-    for a in (*args, *kwargs.values()):
-        for t in (a if isinstance(a, (tuple, list)) else a.values() if isinstance(a, dict) else (a,)):
-            if isinstance(t, torch.Tensor) and t.is_cuda:
-                return True
-    return False
 
 
 def call_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
