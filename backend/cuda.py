@@ -405,6 +405,10 @@ class CudaExecutor(Executor):
 
     def replay(self, program: Program, g: _Graphed) -> None:
         """Replay every piece in order (uncapturable pieces run eagerly into the captured tensors)."""
+        if not self.config.gpu_timeline and all(p.graph for p in g.plan.pieces):  # the steady step: launches only
+            for piece in g.plan.pieces:
+                g.graphs[piece.index].replay()
+            return
         state = self._state(program)
         caller = torch.cuda.current_stream()
         step = StepContext(program, g.env, current_nano_context(), NOLOCK)
@@ -422,6 +426,8 @@ class CudaExecutor(Executor):
         self._finish_timeline(start, timing)
 
     def results(self, program: Program, g: _Graphed, inputs: Sequence[Any], bound: Sequence[Any]) -> Any:
+        if not program.inputs.aliased:
+            return self._outputs(program, g.env)
         aliased = [(bound[i], inputs[i]) for i in sorted(program.inputs.aliased)
                    if isinstance(bound[i], torch.Tensor) and isinstance(inputs[i], torch.Tensor)]
         return self._outputs(program, g.env, rebase=aliased)
@@ -447,7 +453,7 @@ class CudaExecutor(Executor):
         viewed: set[int] = set()
         if rebase:  # only graph replays of programs whose outputs view inputs pay for this
             env = list(env)
-            for s in set(program.output_slots.values()):
+            for s in program.distinct_output_slots:
                 t = env[s]
                 hit = next(((b, x) for b, x in rebase if isinstance(t, torch.Tensor) and _overlaps(t, b)), None)
                 if hit is not None:
@@ -457,9 +463,12 @@ class CudaExecutor(Executor):
                     viewed.add(s)
         if not self.config.copy_outputs:
             return self.outputs(program, env)
-        keep = (set(program.output_slots.values()) if static is None else static) - viewed
+        slots = program.distinct_output_slots
+        keep = slots if static is None and not viewed else [s for s in slots if s not in viewed and
+                                                              (static is None or s in static)]
         copied = clone_keeping_aliases({s: env[s] for s in keep if isinstance(env[s], torch.Tensor)})
-        return self.outputs(program, {s: copied.get(s, env[s]) for s in program.output_slots.values()})
+        return self.outputs(program, copied if len(copied) == len(slots) else
+                            {s: copied.get(s, env[s]) for s in slots})
 
     def _finish_timeline(self, start: Any, timing: list[tuple[str, str, str, Any, Any]] | None) -> None:
         if timing is None:
@@ -560,7 +569,8 @@ def partition_sms(lane: LaneStream) -> int | None:
 
 def _capturing() -> bool:
     """Whether the caller's stream is being captured into a CUDA graph (not by this executor)."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    # before CUDA is initialised nothing can be capturing (and is_initialized, unlike is_available, asks no driver)
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def _timing_event(stream: Any) -> Any:

@@ -79,8 +79,8 @@ class InputFingerprints:
         last = self._last
         if last is not None and len(last[4]) == len(inputs):
             positions, others, tensors, ptrs, fps = last
-            now = [inputs[i] for i in positions]
-            if all(map(operator.is_, now, tensors)) and list(map(torch.Tensor.data_ptr, tensors)) == ptrs:
+            if (all(map(operator.is_, map(inputs.__getitem__, positions), tensors))
+                    and list(map(torch.Tensor.data_ptr, tensors)) == ptrs):
                 fresh = list(fps)
                 for i in others:
                     fresh[i] = fingerprint(inputs[i])
@@ -280,10 +280,10 @@ class GraphSteps:
         _, last_fps, sig, hit = last
         for i in itertools.compress(range(len(fps)), map(operator.is_not, fps, last_fps)):
             fp = fps[i]
-            if fp is None or _part(fp, inputs[i]) != sig[i]:
+            if fp is None or (fp != last_fps[i] and _part(fp, inputs[i]) != sig[i]):  # equal storage: equal part
                 return None
         for i in itertools.compress(range(len(fps)), map(operator.is_, fps, itertools.repeat(None))):
-            if _part(None, inputs[i]) != sig[i]:  # a non-tensor's value is its signature
+            if ("V", repr(inputs[i])) != sig[i]:  # a non-tensor's value is its signature (:func:`_part`)
                 return None
         return hit
 
@@ -297,6 +297,24 @@ class GraphSteps:
             self._avoid = avoid
             return self._run(program, inputs, fps)
 
+    def _steady(self, program: Program, inputs: Sequence[Any], fps: Sequence[Fingerprint | None]) -> _Entry | None:
+        """The latest call's entry when this call changes nothing :meth:`_run` acts on: the same program, every
+        input at the same storage with the same non-tensor values, and a capture that reads every input in place
+        with no input moved since. The full path would then count the call, find nothing to bind, copy or
+        capture, and replay; this does the same with one list comparison."""
+        last = self._last
+        if last is None or last[0] is not program or last[1] != fps:
+            return None
+        entry = last[3][1]
+        plan = entry.plan
+        if entry.captured is None or entry.failed is not None or plan is None or plan.copied or entry.moved:
+            return None
+        sig = last[2]
+        for i in itertools.compress(range(len(fps)), map(operator.is_, fps, itertools.repeat(None))):
+            if ("V", repr(inputs[i])) != sig[i]:  # a non-tensor's value is its signature (:func:`_part`)
+                return None
+        return entry
+
     def _may_stay(self, entry: _Entry, i: int) -> bool:
         """Whether input ``i`` may be read in place as far as :meth:`run`'s ``avoid`` goes."""
         fp = entry.last[i]
@@ -305,6 +323,13 @@ class GraphSteps:
     def _run(self, program: Program, inputs: Sequence[Any], fps: Sequence[Fingerprint | None] | None) -> Any:
         if fps is None:
             fps = [fingerprint(x) for x in inputs]
+        steady = self._steady(program, inputs, fps)
+        if steady is not None:  # the decode loop's step: what the path below would do, minus its bookkeeping
+            steady.calls += 1
+            self.copies = 0
+            self.capturer.replay(program, steady.captured)
+            self.last_plan = steady.plan
+            return self.capturer.results(program, steady.captured, inputs, steady.bound)
         hit = self._same_as_last(program, inputs, fps)
         if hit is None:
             sig = signature(inputs, fps)

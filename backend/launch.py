@@ -273,6 +273,10 @@ class Executor:
 
     @staticmethod
     def outputs(program: Program, env: Sequence[Any] | Mapping[int, Any]) -> Any:
+        flat = program.flat_output_slots
+        if flat is not None:
+            return tuple([env[s] for s in flat])
+
         def build(t: Any) -> Any:
             if isinstance(t, OutRef):
                 return env[program.output_slots[t.name]]

@@ -10,6 +10,8 @@ lane is dropped. Every executor (serial, thread, later cuda and sim) runs the sa
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -128,6 +130,20 @@ class Program:
     @property
     def num_launches(self) -> int:
         return len(self.serial_order)
+
+    @functools.cached_property
+    def flat_output_slots(self) -> tuple[int, ...] | None:
+        """The slot of each output when the output structure is a flat tuple of values (what Dynamo's graphs
+        return), else ``None``: the outputs are then one tuple built without walking the structure."""
+        tree = self.output_tree
+        if type(tree) is not tuple or not all(type(t) is OutRef for t in tree):
+            return None
+        return tuple(self.output_slots[t.name] for t in tree)
+
+    @functools.cached_property
+    def distinct_output_slots(self) -> tuple[int, ...]:
+        """The slots the outputs are read from, each once (several outputs may be one value)."""
+        return tuple(sorted(set(self.output_slots.values())))
 
     def listing(self) -> str:
         """The program as text: one block per lane."""

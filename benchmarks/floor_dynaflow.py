@@ -1,5 +1,6 @@
 """The dynaflow rows of the GPU-floor benchmark: ``auto`` and every registered strategy × {eager streams,
-``cuda_graphs=True``} × {plain, disjoint SM partitions where the strategy takes them}.
+``cuda_graphs=True``} × {plain, disjoint SM partitions where the strategy takes them}, and ``sequential`` with
+Inductor-compiled segments in CUDA graphs (the row beside ``reduce-overhead``).
 
 :func:`matrix` lists the configurations; :func:`build` compiles one for a workload and returns a
 :class:`~baselines.Runner`, so dynaflow rows are timed and checked exactly like the hand-written ones.
@@ -35,18 +36,22 @@ class DynaflowRow:
     nano: int | None
     graphs: bool
     sm: tuple[int, int] | None = None
+    inductor: bool = False
+    """Segments compiled by TorchInductor (``inductor=True``): the row to set beside ``reduce-overhead``."""
 
     @property
     def name(self) -> str:
         nano = "" if self.nano is None else f" nano={self.nano}"
         sm = f" SM {self.sm[0]}+{self.sm[1]}" if self.sm else ""
-        return f"dynaflow {self.strategy}{nano}{sm}" + (" +graphs" if self.graphs else "")
+        return (f"dynaflow {self.strategy}{nano}{sm}" + (" +inductor" if self.inductor else "")
+                + (" +graphs" if self.graphs else ""))
 
     def options(self) -> dict[str, Any]:
         return SM_OPTIONS[self.strategy](*self.sm) if self.sm else {}
 
     def config(self, timeline: bool = False) -> dict[str, Any]:
-        return {"cuda_graphs": self.graphs, "gpu_timeline": timeline, "strategy_options": self.options()}
+        return {"cuda_graphs": self.graphs, "gpu_timeline": timeline, "strategy_options": self.options(),
+                "inductor": self.inductor}
 
 
 def registered() -> list[str]:
@@ -64,6 +69,8 @@ def matrix(strategies: list[str] | None, env: Env) -> list[DynaflowRow]:
         for sm in [None] + ([env.sm_split] if env.cuda and env.sm_split and name in SM_OPTIONS else []):
             for graphs in (False, True) if env.cuda else (False,):
                 rows.append(DynaflowRow(name, NANO.get(name, 2), graphs, sm))
+        if name == "sequential" and env.cuda:  # Inductor's kernels in one CUDA graph: reduce-overhead's mechanism
+            rows.append(DynaflowRow(name, 1, True, None, inductor=True))
     return rows
 
 

@@ -18,8 +18,8 @@ Time limits: on a GPU each workload runs in its own subprocess, killed when its 
 is spent (the rows it finished are kept; a CUDA error in one workload cannot poison the next); a row
 that runs past ``--row-limit-s`` is interrupted and recorded as an error; a row not started for want of
 time is recorded as skipped. ``--quick`` keeps the rows the checks need and the most telling others:
-strategies ``auto``, ``sequential``, ``nanoflow``; ``reduce-overhead`` on a-2L and c-b1 (check 3 needs
-it), SM partitions on a-2L only.
+strategies ``auto``, ``sequential``, ``nanoflow``; ``reduce-overhead`` and dynaflow ``sequential`` with
+Inductor segments in CUDA graphs on a-2L and c-b1 (check 3 compares them), SM partitions on a-2L only.
 
 Output: one JSON (``--out``, default ``benchmarks/results/gpu_floor.json``) with GPU name, torch version,
 date and command (``_results.provenance``), every row, the checks, and a timeline PNG of each workload's
@@ -36,6 +36,7 @@ import logging
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,7 +102,7 @@ def plan(w: Workload, env: Env, args: argparse.Namespace) -> list[Planned]:
         rows.append(Planned(len(rows), shown, "baseline", lambda fn=BASELINES[name]: fn(w, env)))
     strategies = args.strategies or (list(QUICK_STRATEGIES) if args.quick else None)
     for row in floor_dynaflow.matrix(strategies, env):
-        if row.sm and not sm:
+        if (row.sm and not sm) or (row.inductor and not ro):  # Inductor rows go where reduce-overhead does
             continue
         if row.nano and row.nano > max(w.batch, 1):  # batch 1: one nano-batch (named as it runs)
             row = floor_dynaflow.DynaflowRow(row.strategy, max(w.batch, 1), row.graphs, row.sm)
@@ -112,6 +113,8 @@ def plan(w: Workload, env: Env, args: argparse.Namespace) -> list[Planned]:
         if p.name in ("eager", "eager graph"):
             return 0 if p.name == "eager" else 1
         if p.name == "reduce-overhead":
+            return 4 if w.family == "hf_decode" else 7
+        if p.dyn is not None and p.dyn.inductor:  # beside reduce-overhead: check 3 compares the two
             return 4 if w.family == "hf_decode" else 7
         if p.dyn is not None:
             return {"auto": 2, "sequential": 3, "nanoflow": 5}.get(p.dyn.strategy, 8)
@@ -218,6 +221,66 @@ def timeline(w: Workload, rows: list[dict[str, Any]], planned: dict[str, Planned
     return rec
 
 
+def pairs(w: Workload, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The (dynaflow row, baseline) pairs a check compares, among the rows that ran and equal eager: every
+    ``auto`` row against eager, and on dense decode ``sequential`` + graphs against the eager graph. Not on the
+    transformers workload, whose dynaflow rows hook the model's forward (a baseline beside it would run the hook)."""
+    if w.family == "hf_decode":
+        return []
+    ok = {r["row"] for r in rows if r.get("ms") is not None and r.get("equal")}
+    out = [(r, "eager") for r in sorted(ok) if r.startswith("dynaflow auto") and "eager" in ok]
+    if w.family == "dense_decode" and floor_report.SEQ_GRAPHS in ok and "eager graph" in ok:
+        out.append((floor_report.SEQ_GRAPHS, "eager graph"))
+    return out
+
+
+def paired(w: Workload, rows: tuple[Planned, Planned], args: argparse.Namespace, cuda: bool,
+           limit: float | None) -> dict[str, Any]:
+    """Time two rows again, alternating blocks of calls (A B B A ...), so that clock and thermal drift between
+    the rows' own slots in the run cannot decide a ratio a check reads: ``ratio`` is the baseline's median over
+    the dynaflow row's (> 1: dynaflow is faster)."""
+    dyn, base = rows
+    rec: dict[str, Any] = {"type": "paired", "workload": w.name, "row": dyn.name, "baseline": base.name}
+    runners: list[Runner] = []
+    t0 = time.perf_counter()
+    try:
+        with time_limit(limit, f"paired {dyn.name!r} / {base.name!r}"):
+            resets = []
+            for p in rows:
+                runner = p.make()
+                runners.append(runner)
+                parts = [r for r in (w.reset, runner.reset) if r is not None]
+                reset = (lambda parts=parts: [r() for r in parts]) if parts else None
+                resets.append(reset)
+                if reset is not None:
+                    reset()
+                runner.call()
+                if p.kind == "dynaflow":
+                    floor_dynaflow.settle(runner, reset)
+            times: list[list[float]] = [[], []]
+            block = max(5, args.repeats // 3)
+            for k in range(args.pair_rounds):
+                for i in ((0, 1) if k % 2 == 0 else (1, 0)):
+                    times[i].append(median_ms(runners[i].call, repeats=block, warmup=2, cuda=cuda, reset=resets[i]))
+            dyn_ms, base_ms = statistics.median(times[0]), statistics.median(times[1])
+            rec.update(ms=dyn_ms, baseline_ms=base_ms, ratio=base_ms / dyn_ms, rounds=args.pair_rounds, block=block,
+                       blocks_ms=[[round(t, 4) for t in ts] for ts in times])
+    except Exception as exc:  # recorded; the checks then read the rows' own times
+        rec["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+    finally:
+        for runner in runners:
+            with contextlib.suppress(Exception):
+                runner.close()
+        floor_dynaflow.unhook(w)
+        runners.clear()
+        _release(cuda)
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    if rec.get("ratio") is not None:
+        log.info("%-8s paired %s / %s: %.3f ms vs %.3f ms = %.3fx", w.name, dyn.name, base.name, rec["ms"],
+                 rec["baseline_ms"], rec["ratio"])
+    return rec
+
+
 def _env(args: argparse.Namespace) -> Env:
     cuda = not args.dry_run
     if not cuda:
@@ -264,6 +327,12 @@ def run_workload(name: str, builder: Callable[..., Workload], args: argparse.Nam
             rec["order"] = p.order
             rows.append(rec)
             emit(rec)
+        by_name = {p.name: p for p in planned}
+        for dyn, base in ([] if broken else pairs(w, rows)):
+            left = deadline - time.perf_counter()
+            if left < args.min_row_s:
+                break
+            emit(paired(w, (by_name[dyn], by_name[base]), args, cuda, min(args.row_limit_s or left, left)))
         if not broken and deadline - time.perf_counter() > args.min_row_s:
             tl = timeline(w, rows, {p.name: p for p in planned}, args, out_dir)
             if tl is not None:
@@ -275,6 +344,7 @@ def _worker_argv(args: argparse.Namespace, name: str, out: str, deadline_s: floa
     argv = [sys.executable, os.path.abspath(__file__), "--worker", name, "--worker-out", out,
             "--deadline-s", f"{deadline_s:.1f}", "--repeats", str(args.repeats), "--warmup", str(args.warmup),
             "--executor", args.executor, "--row-limit-s", str(args.row_limit_s), "--min-row-s", str(args.min_row_s),
+            "--pair-rounds", str(args.pair_rounds),
             "--out", args.out_path]
     for flag, on in (("--dry-run", args.dry_run), ("--quick", args.quick)):
         if on:
@@ -321,6 +391,7 @@ def assemble(records: list[dict[str, Any]], name: str, problem: str | None, seco
     rows = sorted((r for r in records if r["type"] == "row"), key=lambda r: r["order"])
     entry = {k: v for k, v in head.items() if k != "type"}
     entry.update(rows=rows, seconds=round(seconds, 1), status=problem or "complete")
+    entry["paired"] = [{k: v for k, v in r.items() if k != "type"} for r in records if r["type"] == "paired"]
     tl = next((r for r in records if r["type"] == "timeline"), None)
     entry["timeline"] = {k: v for k, v in tl.items() if k != "type"} if tl else None
     for r in rows:
@@ -429,6 +500,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "--dry-run: gpu_floor_dry_run.json in the temp folder); timeline PNGs go beside it")
     ap.add_argument("--repeats", type=int, default=30, help="timed calls per row (at least 20 on a GPU)")
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--pair-rounds", type=int, default=8,
+                    help="alternating blocks per side when a check's two rows are timed again side by side")
     ap.add_argument("--strategies", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
                     help="dynaflow strategies (default: auto and every registered one; --quick: auto,sequential,nanoflow)")
     ap.add_argument("--executor", default=None, help="dynaflow executor (default cuda; serial on --dry-run)")
@@ -445,6 +518,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.dry_run:
         args.repeats, args.warmup = min(args.repeats, 5), min(args.warmup, 2)
+        args.pair_rounds = min(args.pair_rounds, 2)
     elif args.repeats < 20:
         ap.error("--repeats must be at least 20 on a GPU (medians of fewer are noise)")
     args.executor = args.executor or ("serial" if args.dry_run else "cuda")

@@ -7,7 +7,8 @@ waits. This script measures, on workload (a) (dense decode), per configuration:
 * ``gpu_ms``: the floor benchmark's timing (``floor_measure.median_ms``: events around one call, sync after);
 * ``host_us``: host time to issue one call on an idle GPU (``perf_counter`` around the call, no sync inside);
 * the CUDA runtime calls one steady call makes (``torch.profiler``: graph launches, kernel launches, memcpys,
-  event records, syncs) and the top host functions of 200 calls (``cProfile``).
+  event records, syncs), the caching allocator's counters per call (``torch.cuda.memory_stats``: a
+  ``cudaMalloc`` per step shows as ``num_device_alloc``) and the top host functions of 200 calls (``cProfile``).
 
     python benchmarks/host_path.py --out host_path.json          # on a GPU (≈ 1 minute)
     python benchmarks/host_path.py --dry-run --out /tmp/hp.json  # tiny sizes on CPU: the plumbing
@@ -69,6 +70,24 @@ def _runtime_calls(fn: Callable[[], Any], cuda: bool, calls: int = 3) -> dict[st
         if e.name.startswith(("cuda", "cu")) or "Memcpy" in e.name or "memcpy" in e.name:
             count[e.name] += 1
     return {k: v / calls for k, v in count.most_common(20)}
+
+
+_ALLOCATOR_STATS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "allocation.all.allocated",
+                    "segment.all.allocated")
+
+
+def _allocator_calls(fn: Callable[[], Any], cuda: bool, calls: int = 20) -> dict[str, float]:
+    """The caching allocator's counters per steady step (``torch.cuda.memory_stats``): a step that reaches
+    ``cudaMalloc`` (``num_device_alloc``) instead of the allocator's cache shows here without the profiler."""
+    if not cuda:
+        return {}
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_stats()
+    return {k: (after.get(k, 0) - before.get(k, 0)) / calls for k in _ALLOCATOR_STATS}
 
 
 def _top_functions(fn: Callable[[], Any], calls: int = 200, top: int = 30) -> str:
@@ -139,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 rec["gpu_ms"] = median_ms(fn, repeats=30, warmup=0, cuda=cuda)  # the floor benchmark's timing
                 rec["host_us"] = _host_us(fn, cuda)
                 rec["runtime_calls_per_step"] = _runtime_calls(fn, cuda)
+                rec["allocator_per_step"] = _allocator_calls(fn, cuda)
                 rec["top_functions"] = _top_functions(fn, 100 if cuda else 20)
             except Exception as exc:  # noqa: BLE001 - one failing config is recorded, the others still run
                 rec["error"] = f"{type(exc).__name__}: {exc}"
@@ -148,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{rec.get('host_us', float('nan')):.1f}", rec.get("error", ""))
             if rec.get("runtime_calls_per_step"):
                 log.info("    runtime calls/step: %s", rec["runtime_calls_per_step"])
+                log.info("    allocator/step: %s", rec["allocator_per_step"])
     report = provenance("host_path", dry_run=args.dry_run, workload=w.description, rows=rows)
     write(report, args.out)
     return 0

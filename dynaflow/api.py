@@ -125,27 +125,34 @@ class Compiled:
         batch = self._local.batch = mark_batch_dynamic(args, kwargs, self.config.batch_dim)
         if batch == 0:  # no rows: nothing to split or overlap
             return self.model(*args, **kwargs)
-        if self._as_is and call_key(args, kwargs) in self._as_is:
+        key = call_key(args, kwargs) if self._as_is or self.floor_check.active else None
+        if key is not None and key in self._as_is:
             self.direct_calls += 1
             return self.model(*args, **kwargs)
         if self.floor_check.active:
-            key = call_key(args, kwargs)
+            assert key is not None
             out, verdict = self.floor_check.run(
                 key, f"calls like this batch-{batch} one", lambda: self._direct(args, kwargs),
-                lambda: self._through_dynaflow(args, kwargs, batch),
+                lambda: self._through_dynaflow(args, kwargs, batch, key),
                 describe_inputs(torch.utils._pytree.tree_leaves((args, kwargs)), batch).on_cuda)
             if verdict is not None and not verdict.keeps_dynaflow:
                 self._as_is.add(key)
             return out
-        return self._through_dynaflow(args, kwargs, batch)
+        return self._through_dynaflow(args, kwargs, batch, key)
 
     def _direct(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._local.call = None
         self.direct_calls += 1
         return self.model(*args, **kwargs)
 
-    def _through_dynaflow(self, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int) -> Any:
-        before = sum(g.calls for g in self.graphs)
+    def _graph_calls(self) -> int:
+        graphs = self.graphs
+        return graphs[0].calls if len(graphs) == 1 else sum(g.calls for g in graphs)
+
+    def _through_dynaflow(self, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, key: Any = None) -> Any:
+        """One call through Dynamo and the captured graphs. ``key``: the call's :func:`call_key`, when the caller
+        computed it already."""
+        before = self._graph_calls()
         breaks = graph_breaks.snapshot()
         now: list[str] = []
         try:
@@ -158,12 +165,14 @@ class Compiled:
         if not self._checked:
             check_outputs(out, inputs=(args, kwargs))
             self._checked = True
-        if sum(g.calls for g in self.graphs) == before:
+        after = self._graph_calls()
+        if after == before:
             raise no_graph_error(self.model, now)
-        self._note_as_is(args, kwargs, batch, before)
+        if after == before + 1 and not self.graph_breaks:
+            self._note_as_is(args, kwargs, batch, key)
         return out
 
-    def _note_as_is(self, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, calls_before: int) -> None:
+    def _note_as_is(self, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, key: Any = None) -> None:
         """After a call whose one graph ran as captured (``auto`` measured its eager floor fastest for this
         bucket): later calls with the same :func:`call_key` run the model itself, without Dynamo's guards and
         frame (~10-30 µs a call), so the floor is plain eager. Only for a call Dynamo ran as one graph (a model
@@ -171,16 +180,14 @@ class Compiled:
         argument's shape (a decode step after a prefill of the same batch is a call of its own). A call ``auto``
         planned (a split, a CUDA graph) is put on probation instead: :mod:`dynaflow.floor_check` times the next
         calls like it whole, through dynaflow and as the model itself, and the faster keeps them."""
-        if self.graph_breaks or sum(g.calls for g in self.graphs) != calls_before + 1:
-            return  # not one graph for the whole forward
-        graph = self.last_graph
+        graph = self.graphs[0] if len(self.graphs) == 1 else self.last_graph
         if graph is None or (graph.distributed is not None and graph.distributed.agreeing):
             return
         if not graph.ran_as_is:
             if self.strategy.name == "auto":  # a planned call: time it whole against the model itself
-                self.floor_check.start(call_key(args, kwargs))
+                self.floor_check.start(key if key is not None else call_key(args, kwargs))
             return
-        self._as_is.add(call_key(args, kwargs))
+        self._as_is.add(key if key is not None else call_key(args, kwargs))
         log.info("%s: calls like this one (batch %d) run the model itself from now on (the eager floor won their "
                  "bucket)", graph.label, batch)
 

@@ -230,8 +230,10 @@ class CompiledGraph:
     def _lockstep_tune(self, batch: int, inputs: Sequence[Any], layout: RequestLayout | None) -> Strategy | None:
         """``strategy="auto"`` with ranks agreeing on the split: the strategy for this call, decided with the
         other ranks (``None`` in every other case: the ordinary per-batch path decides)."""
+        if self.distributed is None or not self.distributed.agreeing:
+            return None
         tuner = self.tuner
-        if tuner is None or self.distributed is None or not self.distributed.agreeing:
+        if tuner is None:
             return None
         return tuner.lockstep(self.input_info(batch, inputs, layout), inputs, lambda: self._planner.setup(inputs),
                               self.distributed)

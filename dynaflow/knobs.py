@@ -42,10 +42,24 @@ __all__ = [
 _overrides: dict[str, str] = {}
 
 
+_KEYS: dict[str, object] = {}
+"""``os.environ``'s own key for each knob name. Some knobs are read on every call, and ``os.environ.get`` of an
+unset name raises and catches a KeyError inside (about a microsecond of host time a GPU step may wait on);
+the mapping ``os.environ`` keeps (and updates on every set and delete) answers the same in a dict lookup."""
+
+
 def _get(name: str, default: str) -> str:
     if name in _overrides:
         return _overrides[name]
-    return os.environ.get(name, default)
+    env = os.environ
+    data = getattr(env, "_data", None)
+    if type(data) is not dict or type(env) is not os._Environ:  # not CPython's os.environ: the public path
+        return env.get(name, default)
+    key = _KEYS.get(name)
+    if key is None:
+        key = _KEYS[name] = env.encodekey(name)
+    raw = data.get(key)
+    return default if raw is None else env.decodevalue(raw)
 
 
 def debug_level() -> int:

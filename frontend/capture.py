@@ -79,11 +79,12 @@ def mark_batch_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any], batch_dim:
     if kwargs:
         _leaves(kwargs, leaves)
     check_layouts(leaves)
-    batch = batch_size_of(leaves, batch_dim)
+    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+    batch = batch_size_of(tensors, batch_dim)
     if batch >= 2:
-        for t in leaves:
-            if (isinstance(t, torch.Tensor) and t.dim() > batch_dim and t.shape[batch_dim] == batch
-                    and batch_dim not in getattr(t, "_dynamo_weak_dynamic_indices", ())):
+        for t in tensors:
+            if (batch_dim not in getattr(t, "_dynamo_weak_dynamic_indices", ()) and t.dim() > batch_dim
+                    and t.shape[batch_dim] == batch):
                 # marked once per tensor: a decode loop passes the same caches every step, and the mark (a
                 # Dynamo-disabled call) costs microseconds of host time the GPU would wait on
                 torch._dynamo.maybe_mark_dynamic(t, batch_dim)

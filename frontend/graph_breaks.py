@@ -9,7 +9,7 @@ collects the reasons that appear while a model is being captured.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 __all__ = ["recording", "snapshot", "record_since"]
 
@@ -23,9 +23,16 @@ object: ``torch._dynamo.reset()`` replaces it) means an unchanged snapshot. A pr
 anywhere would otherwise rebuild a dict of every reason on every call."""
 
 
-def _snapshot() -> dict[tuple[str, str], int]:
-    from torch._dynamo.utils import counters
+_COUNTERS: list[object] = []
+"""Dynamo's ``counters`` mapping, imported on first use (it is cleared on ``torch._dynamo.reset()``, never replaced)."""
 
+
+def _snapshot() -> dict[tuple[str, str], int]:
+    if not _COUNTERS:
+        from torch._dynamo.utils import counters
+
+        _COUNTERS.append(counters)
+    counters: Any = _COUNTERS[0]
     frames = counters["frames"]
     total = frames.get("total", 0)
     if _LAST[0] is frames and _LAST[1] == total:
@@ -45,7 +52,10 @@ def snapshot() -> dict[tuple[str, str], int]:
 
 def record_since(before: dict[tuple[str, str], int], into: list[str]) -> None:
     """Append to ``into`` the first line of every graph-break reason Dynamo counted since ``before``."""
-    for key, n in _snapshot().items():
+    now = _snapshot()
+    if now is before:  # no frame converted since: the same snapshot object
+        return
+    for key, n in now.items():
         if n > before.get(key, 0):
             line = _summary(key[1])
             if line not in into:

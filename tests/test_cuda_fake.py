@@ -50,7 +50,7 @@ def test_eager_cuda_path_matches_serial_and_follows_the_stream_protocol(fake_cud
         assert fake_cuda.frees, "cross-lane values must be record_stream-ed on their reading lanes before freeing"
 
 
-def test_merge_buffers_read_by_a_barrier_move_into_the_arena(fake_cuda):
+def test_merge_buffers_read_by_a_barrier_move_into_the_arena(fake_cuda, monkeypatch):
     """A merge buffer that only a barrier reads is freed at its last use; the probe must still measure it."""
     from models import make_coupled, mlp_input
 
@@ -58,12 +58,19 @@ def test_merge_buffers_read_by_a_barrier_move_into_the_arena(fake_cuda):
     p, inputs, _ = program_of(model, mlp_input(6), "nanoflow", 2)
     assert set(p.buffers) - set(p.output_slots.values())  # a buffer only the barrier reads
     ex = cuda_mod.CudaExecutor()
+    cloned: list[set[int]] = []
+    real = cuda_mod.clone_keeping_aliases
+    monkeypatch.setattr(cuda_mod, "clone_keeping_aliases", lambda t: cloned.append(set(t)) or real(t))
     with torch.no_grad():
         ref = SerialExecutor().run(p, inputs)
         for _ in range(3):
-            torch.testing.assert_close(ex.run(p, inputs), ref, atol=1e-6, rtol=1e-6)
+            out = ex.run(p, inputs)
+            torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+            assert out.data_ptr() != ex._state(p).arena.data_ptr()  # copy_outputs=True: outside the arena
     st = ex._state(p)
     assert set(st.buffers) == set(p.buffers) and st.arena is not None
+    # copy_outputs clones the outputs living in the arena, never a buffer only the step itself reads
+    assert cloned and all(keys <= set(p.output_slots.values()) for keys in cloned)
 
 
 def test_views_of_static_buffers_when_copy_outputs_is_false(fake_cuda):

@@ -49,6 +49,9 @@ def test_dry_run_writes_the_json_with_provenance_and_every_workload(quick_dry_ru
         assert kinds == sorted(kinds), "baselines are listed before the dynaflow rows"
         nano = min(2, w["batch"])  # batch 1 runs (and is named) with one nano-batch
         assert {"dynaflow auto", "dynaflow sequential nano=1", f"dynaflow nanoflow nano={nano}"} <= {r["row"] for r in w["rows"]}
+        # auto timed again beside eager, in alternating blocks (not on transformers: its rows hook the model)
+        paired = [(p["row"], p["baseline"]) for p in w["paired"] if p.get("ratio")]
+        assert paired == ([] if w["family"] == "hf_decode" else [("dynaflow auto", "eager")]), w["paired"]
 
 
 def test_every_dry_run_row_that_ran_equals_eager(quick_dry_run):
@@ -158,7 +161,10 @@ def test_matrix_covers_auto_and_every_registered_strategy():
     assert [r.strategy for r in cpu][0] == "auto" and {r.strategy for r in cpu} == set(available())
     assert not any(r.graphs or r.sm for r in cpu)
     gpu = floor_dynaflow.matrix(None, baselines.Env(cuda=True, num_sms=132, sm_split=(80, 52)))
-    assert len(gpu) == 2 * len(cpu) + 2 * len(floor_dynaflow.SM_OPTIONS)
+    assert len(gpu) == 2 * len(cpu) + 2 * len(floor_dynaflow.SM_OPTIONS) + 1  # + sequential with Inductor
+    ind = [r for r in gpu if r.inductor]
+    assert [r.name for r in ind] == ["dynaflow sequential nano=1 +inductor +graphs"]
+    assert ind[0].config()["inductor"] and ind[0].config()["cuda_graphs"]
     nf = next(r for r in gpu if r.strategy == "nanoflow" and r.sm and r.graphs)
     assert nf.name == "dynaflow nanoflow nano=2 SM 80+52 +graphs"
     assert nf.config()["strategy_options"] == {"sm_counts": {"compute": 80, "memory": 52}} and nf.config()["cuda_graphs"]
@@ -296,3 +302,35 @@ def test_checks_fail_on_a_failed_row_skip_a_missing_one_and_catch_wrong_outputs(
     assert got[("a-2L", "2.")]["status"] == "SKIP" and got[("c-b1", "3.")]["status"] == "SKIP"
     assert got[("all", "ou")]["status"] == "FAIL" and "a-2L/dynaflow nanoflow nano=2" in got[("all", "ou")]["detail"]
     assert "ERROR StrategyError" in floor_report.table([a, c])
+
+
+def test_a_check_reads_the_side_by_side_timing_of_its_two_rows_where_there_is_one():
+    """Rows timed minutes apart carry the GPU's clock drift between them; the run times a check's two rows again
+    in alternating blocks, and that ratio decides (the rows' own ratio is still shown)."""
+    a = _wl("a-2L", "dense_decode", {"eager": 5.7, "eager graph": 5.45, "dynaflow auto": 5.72,
+                                     floor_report.SEQ_GRAPHS: 5.73})
+    a["paired"] = [{"row": floor_report.SEQ_GRAPHS, "baseline": "eager graph", "ms": 5.70, "baseline_ms": 5.62,
+                    "ratio": 5.62 / 5.70, "rounds": 8},
+                   {"row": "dynaflow auto", "baseline": "eager", "error": "RuntimeError: lost"}]
+    got = {ch["check"][:2]: ch for ch in floor_report.checks([a])}
+    seq = got["2."]
+    assert seq["status"] == "PASS" and seq["value"] == pytest.approx(5.62 / 5.70)  # the rows alone: 5.45/5.73 fails
+    assert "side by side" in seq["detail"] and "in their own rows" in seq["detail"]
+    assert got["1."]["value"] == pytest.approx(5.7 / 5.72) and "side by side" not in got["1."]["detail"]
+
+
+def test_pairs_are_the_checks_rows_that_ran_and_equal_eager():
+    rows = [{"row": n, "ms": 1.0, "equal": True} for n in ("eager", "eager graph", "dynaflow auto",
+                                                            "dynaflow auto +graphs", floor_report.SEQ_GRAPHS)]
+    rows.append({"row": "dynaflow nanoflow nano=2", "ms": 1.0, "equal": False})
+
+    class W:
+        family = "dense_decode"
+
+    assert gpu_floor.pairs(W(), rows) == [("dynaflow auto", "eager"), ("dynaflow auto +graphs", "eager"),
+                                          (floor_report.SEQ_GRAPHS, "eager graph")]
+    W.family = "hf_decode"  # its dynaflow rows hook the model: a baseline beside one would run the hook
+    assert gpu_floor.pairs(W(), rows) == []
+    rows[0]["equal"] = False
+    W.family = "mix"
+    assert gpu_floor.pairs(W(), rows) == []
