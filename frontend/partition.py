@@ -30,6 +30,7 @@ from dynaflow.frontend.collectives import check_waits, functionalize_inplace, ho
 from dynaflow.frontend.collectives import describe as describe_collectives
 from dynaflow.frontend.batching import SYM, BatchAnalysis, analyze, candidate_symbols, find_batch_symbol, meta_val
 from dynaflow.frontend.effects import effect_pairs
+from dynaflow.frontend.index_constants import lift_index_lists
 from dynaflow.frontend.markers import is_marker, marker_args
 from dynaflow.frontend.rules import Rule, Seq, as_rule, default_rules, module_stack, op_name, op_short_name
 from dynaflow.frontend.stale_copies import stale_copies, written_storage_users
@@ -275,6 +276,7 @@ def partition(
     graph_text = gm.print_readable(print_output=False) if hasattr(gm, "print_readable") else str(gm.graph)
     user_rules = [as_rule(r) for r in rules] if rules is not None else []
     hoist_waits(gm)  # a collective and its wait_tensor stay in one segment
+    lift_index_lists(gm)  # x[..., [-2], :]: no host-to-device copy of the list per call (nor in a graph capture)
     functionalize_inplace(gm)  # in-place dist.all_reduce: later readers depend on the collective
     has_markers = any(is_marker(n) for n in gm.graph.nodes)
     active = user_rules if rules is not None else ([] if has_markers else default_rules())

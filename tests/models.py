@@ -161,6 +161,15 @@ def make_mixtral(seed: int = 0) -> nn.Module:
     return _build(MixtralForCausalLM, cfg, seed=seed)
 
 
+def make_falcon(seed: int = 0) -> nn.Module:
+    """Multi-query attention (one KV head) and a fused QKV split by list indices (``fused_qkv[..., [-2], :]``)."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    cfg = FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=HF_VOCAB,
+                       multi_query=True, bos_token_id=1, eos_token_id=1, attn_implementation="sdpa")
+    return _build(FalconForCausalLM, cfg, seed=seed)
+
+
 HF_FACTORIES = {"llama": make_llama, "mixtral": make_mixtral}
 
 

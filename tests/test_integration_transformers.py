@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import dynaflow
-from models import HF_FACTORIES, HF_VOCAB, grad_off, split_strategies
+from models import HF_FACTORIES, HF_VOCAB, grad_off, make_falcon, split_strategies
 from models import assert_same_generation as same_generation
 
 from dynaflow.integrations import transformers as df_hf
@@ -62,7 +62,7 @@ class _Models:
 
     def __call__(self, name: str):
         if name not in self._built:
-            model = HF_FACTORIES[name]().eval()
+            model = {**HF_FACTORIES, "falcon": make_falcon}[name]().eval()
             refs = {}
             with grad_off():
                 for batch in (3, 4):
@@ -301,15 +301,17 @@ def test_static_cache_is_allocated_as_the_models_own_first_update_would():
 
 
 @pytest.mark.parametrize("cuda_graphs", [False, True], ids=["streams", "cuda-graphs"])
-def test_generate_on_the_cuda_executors_lowering_with_cuda_faked(hf_models, cuda_graphs):
+@pytest.mark.parametrize("family", ["llama", "falcon"])
+def test_generate_on_the_cuda_executors_lowering_with_cuda_faked(hf_models, family, cuda_graphs):
     """The GPU floor benchmark's transformers path (``executor="cuda"``, with and without CUDA graphs) on CPU
     tensors with torch.cuda's streams, events and graphs faked (``tests/fake_cuda.py``): tokens and logits
     equal eager, and under graphs the decode steps replay a capture (the cache counter updated inside it).
     ``generate`` runs six times on one hook, each with a fresh cache (written inputs that moved), with left
-    padding and without (then the prefill's mask is one batch-free mask expanded over the batch)."""
+    padding and without (then the prefill's mask is one batch-free mask expanded over the batch). Falcon's
+    fused-QKV split indexes with a Python list, which once copied a CPU index tensor into the capture."""
     from fake_cuda import faked_cuda
 
-    model, _ = hf_models("llama")
+    model, _ = hf_models(family)
     ids, mask = prompts(3)
     runs = [(ids, mask), (ids.clamp(min=1), torch.ones_like(mask))]
     with grad_off():
