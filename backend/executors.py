@@ -158,6 +158,8 @@ class ThreadExecutor(Executor):
     def run(self, program: Program, inputs: Sequence[Any], *, capture: bool = False) -> Any:
         if len(program.lanes) > 1 and records_autograd(inputs):
             return self._run_on_caller(program, inputs)
+        if not program.lanes:  # nothing to launch (a graph that held only a marker): no lane to run on
+            return _run_in_order(self, program, inputs)
         ctx = self.begin_step(program, inputs)
         timeout = self.wait_timeout if self.wait_timeout is not None else knobs.wait_timeout()
         cached = self._readers.get(id(program))

@@ -272,3 +272,12 @@ def test_many_random_models_train_like_eager(program, strategy, nano, executor, 
 @pytest.mark.parametrize("strategy,executor", [("round_robin", "thread"), ("nanoflow", "serial"), ("auto", "serial")])
 def test_found_programs_equal_eager(program, strategy, executor):
     check_against_eager(program, strategy, 2, executor, [6, 3, 5])
+
+
+@pytest.mark.parametrize("strategy", ["prefill_decode", "nanoflow", "sequential"])
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_a_graph_with_nothing_to_launch_runs_on_every_executor(strategy, executor):
+    """Dynamo hands over a graph that holds only a marker (``dynaflow.mark`` before a graph break): its program
+    has no launches, and ``prefill_decode`` plans it onto no lane at all. Found by the search: the thread
+    executor indexed its first lane."""
+    check_against_eager(Program(1, (Op("cut", 0), Op("graph_break", 0)), (1,)), strategy, 2, executor, [2, 5])
