@@ -120,6 +120,12 @@ def _part(fp: Fingerprint | None, x: Any) -> Any:
     return (fp[1], fp[3], fp[4]) if fp is not None else ("V", repr(x))
 
 
+def _same_values(inputs: Sequence[Any], fps: Sequence[Fingerprint | None], sig: tuple[Any, ...]) -> bool:
+    """Whether every non-tensor input (``fps[i] is None``) has the value ``sig`` holds for it (:func:`_part`)."""
+    return all(_part(None, inputs[i]) == sig[i]
+               for i in itertools.compress(range(len(fps)), map(operator.is_, fps, itertools.repeat(None))))
+
+
 def is_persistent(x: Any) -> bool:
     """Parameters and buffers keep their storage across calls: captured in place, never copied."""
     return isinstance(x, torch.nn.Parameter) or getattr(x, "_dynamo_static_input_type", None) is not None
@@ -282,10 +288,7 @@ class GraphSteps:
             fp = fps[i]
             if fp is None or (fp != last_fps[i] and _part(fp, inputs[i]) != sig[i]):  # equal storage: equal part
                 return None
-        for i in itertools.compress(range(len(fps)), map(operator.is_, fps, itertools.repeat(None))):
-            if ("V", repr(inputs[i])) != sig[i]:  # a non-tensor's value is its signature (:func:`_part`)
-                return None
-        return hit
+        return hit if _same_values(inputs, fps, sig) else None
 
     def run(self, program: Program, inputs: Sequence[Any], fps: Sequence[Fingerprint | None] | None = None,
             avoid: Sequence[tuple[int, int]] = ()) -> Any:
@@ -309,11 +312,7 @@ class GraphSteps:
         plan = entry.plan
         if entry.captured is None or entry.failed is not None or plan is None or plan.copied or entry.moved:
             return None
-        sig = last[2]
-        for i in itertools.compress(range(len(fps)), map(operator.is_, fps, itertools.repeat(None))):
-            if ("V", repr(inputs[i])) != sig[i]:  # a non-tensor's value is its signature (:func:`_part`)
-                return None
-        return entry
+        return entry if _same_values(inputs, fps, last[2]) else None
 
     def _may_stay(self, entry: _Entry, i: int) -> bool:
         """Whether input ``i`` may be read in place as far as :meth:`run`'s ``avoid`` goes."""

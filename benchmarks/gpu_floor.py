@@ -131,6 +131,19 @@ def _release(cuda: bool) -> None:
         torch.cuda.empty_cache()
 
 
+def _reset_of(w: Workload, runner: Runner) -> Callable[[], None] | None:
+    """What runs before each call of ``runner``, untimed: the workload's reset, then the runner's own."""
+    parts = [r for r in (w.reset, runner.reset) if r is not None]
+    if not parts:
+        return None
+
+    def reset() -> None:
+        for r in parts:
+            r()
+
+    return reset
+
+
 def measure(w: Workload, name: str, kind: str, make: Callable[[], Runner], ref: Any, args: argparse.Namespace,
             cuda: bool, limit: float | None) -> dict[str, Any]:
     """Build, check against eager, time: one row's record (with ``error`` or ``skipped`` instead where so)."""
@@ -140,8 +153,7 @@ def measure(w: Workload, name: str, kind: str, make: Callable[[], Runner], ref: 
     try:
         with time_limit(limit, f"row {name!r}"):
             runner = make()
-            resets = [r for r in (w.reset, runner.reset) if r is not None]
-            reset = (lambda: [r() for r in resets]) if resets else None
+            reset = _reset_of(w, runner)
             if reset is not None:
                 reset()
             out = runner.call()
@@ -200,9 +212,9 @@ def timeline(w: Workload, rows: list[dict[str, Any]], planned: dict[str, Planned
     try:
         runner = floor_dynaflow.build(w, row, args.executor, timeline=True)
         for _ in range(2):
-            for r in (w.reset, runner.reset):
-                if r is not None:
-                    r()
+            reset = _reset_of(w, runner)
+            if reset is not None:
+                reset()
             runner.call()
         tl = runner.keep[-1].last_timeline
         if tl is None or not tl.events:
@@ -249,8 +261,7 @@ def paired(w: Workload, rows: tuple[Planned, Planned], args: argparse.Namespace,
             for p in rows:
                 runner = p.make()
                 runners.append(runner)
-                parts = [r for r in (w.reset, runner.reset) if r is not None]
-                reset = (lambda parts=parts: [r() for r in parts]) if parts else None
+                reset = _reset_of(w, runner)
                 resets.append(reset)
                 if reset is not None:
                     reset()

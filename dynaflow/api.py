@@ -180,7 +180,7 @@ class Compiled:
         argument's shape (a decode step after a prefill of the same batch is a call of its own). A call ``auto``
         planned (a split, a CUDA graph) is put on probation instead: :mod:`dynaflow.floor_check` times the next
         calls like it whole, through dynaflow and as the model itself, and the faster keeps them."""
-        graph = self.graphs[0] if len(self.graphs) == 1 else self.last_graph
+        graph = self.last_graph
         if graph is None or (graph.distributed is not None and graph.distributed.agreeing):
             return
         if not graph.ran_as_is:
@@ -209,6 +209,8 @@ class Compiled:
     # -- inspection -----------------------------------------------------------------------------------
     @property
     def last_graph(self) -> CompiledGraph | None:
+        if len(self.graphs) == 1:  # the common model (no graph break): read on every call
+            return self.graphs[0]
         ran = [g for g in self.graphs if g.last_plan is not None]
         if ran:
             return max(ran, key=lambda g: g.last_call_seq)
