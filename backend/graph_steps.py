@@ -122,6 +122,8 @@ def _part(fp: Fingerprint | None, x: Any) -> Any:
 
 def _same_values(inputs: Sequence[Any], fps: Sequence[Fingerprint | None], sig: tuple[Any, ...]) -> bool:
     """Whether every non-tensor input (``fps[i] is None``) has the value ``sig`` holds for it (:func:`_part`)."""
+    if None not in fps:  # tensors only (no fingerprint is None): nothing to compare
+        return True
     return all(_part(None, inputs[i]) == sig[i]
                for i in itertools.compress(range(len(fps)), map(operator.is_, fps, itertools.repeat(None))))
 

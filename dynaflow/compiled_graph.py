@@ -50,6 +50,24 @@ log = logging.getLogger(__name__)
 _CALL_SEQ = itertools.count()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Repeat:
+    """What :meth:`CompiledGraph.run_captured` decided for one call, kept for the next call that repeats it: the
+    same input fingerprints (so the same batch, overlaps and layouts), under ``no_grad``, with no request layout
+    and the same forced executor. Every decision below is a function of those, so a repeat skips making them."""
+
+    fps: list[Any]
+    config: DynaflowConfig
+    forced: str | None
+    choice: CaptureChoice
+    plan: "Plan"
+    executor: Any
+    program: Program
+
+    def __repr__(self) -> str:
+        return f"_Repeat({self.plan.split!r}, {self.choice.mode.name.lower()} on {getattr(self.executor, 'name', '?')})"
+
+
 class CompiledGraph:
     """One captured fx graph: partitioned once, planned per batch size, run by an executor."""
 
@@ -96,6 +114,8 @@ class CompiledGraph:
         """:func:`input_specs` of the partitioned graph (fixed once prepared)."""
         self._fingerprints = InputFingerprints(guarded=False)
         """The inputs' fingerprints per call; a graph Dynamo captured trusts its guards for the parameters."""
+        self._repeat: _Repeat | None = None
+        """The decisions of the latest ``cuda_graphs`` call, for a call that repeats it (see :class:`_Repeat`)."""
         self._unsplit_logged: set[str] = set()
         self._weights: list[torch.Tensor] = []
         """Tensors the graph reads as attributes (an fx-traced module's weights; Dynamo passes them as inputs)."""
@@ -311,6 +331,7 @@ class CompiledGraph:
                     ex.close()
                 except Exception as exc:  # noqa: BLE001 - releasing must not raise from a finalizer
                     log.debug("closing executor %r failed: %s", ex, exc)
+            self._repeat = None
             self._executors.clear()
             self.plans.clear()
             self._by_split.clear()
@@ -352,8 +373,17 @@ class CompiledGraph:
         """One call under ``cuda_graphs=True``: pad to the capture size, plan and run at that size (captured
         on the cuda executor), and narrow the outputs back. ``executor`` overrides the resolved one (tests)."""
         assert self.segmented is not None
-        batch = self.batch_size(inputs)
         fps = self._fingerprints(inputs)  # once per call: the overlap check and the capture's binding
+        repeat = self._repeat
+        if (repeat is not None and executor is None and repeat.fps == fps and not torch.is_grad_enabled()
+                and current_requests() is None and repeat.config is self.config
+                and knobs.forced_executor() == repeat.forced):  # a decode loop's step: decided as the last one
+            out = repeat.executor.run(repeat.program, inputs, capture=repeat.choice.mode is Mode.GRAPH,
+                                      fingerprints=fps)
+            self.last_capture = repeat.choice
+            self._ran(repeat.plan, repeat.executor)
+            return out
+        batch = self.batch_size(inputs)
         unsplit = self.unsplit_reason(inputs, fps)
         if unsplit is not None:
             # overlapping inputs: a graph's input copies would break the aliasing eager sees; autograd: a replay
@@ -377,12 +407,22 @@ class CompiledGraph:
                 f"{getattr(ex, 'name', ex)!r} executor was chosen. Set cuda_graphs=False for CPU runs."
             )
         known = {"fingerprints": fps} if not choice.padded and getattr(ex, "captures_graphs", False) else {}
-        out = ex.run(self.program_for(plan, padded), padded, capture=choice.mode is Mode.GRAPH, **known)
+        program = self.program_for(plan, padded)
+        self._repeat = (_Repeat(fps, self.config, knobs.forced_executor(), choice, plan, ex, program)
+                        if known and executor is None and unsplit is None and self._repeatable() else None)
+        out = ex.run(program, padded, capture=choice.mode is Mode.GRAPH, **known)
         if choice.padded:
             copy_back_written(inputs, padded, self._written_inputs, specs, batch)
         self.last_capture = choice
         self._ran(plan, ex)
         return unpad_outputs(out, self.segmented, batch, choice.size)
+
+    def _repeatable(self) -> bool:
+        """Whether this call's decisions follow from its fingerprints alone (see :class:`_Repeat`): the batch is
+        read off an input's shape, no request layout or distributed agreement enters the plan, and autograd is
+        off (so whether it records does not hang on ``requires_grad``, which a fingerprint does not hold)."""
+        return (self._batch_source is not None and current_requests() is None and not torch.is_grad_enabled()
+                and (self.distributed is None or not self.distributed.agreeing))
 
     def unsplit_reason(self, inputs: Sequence[Any], fps: Sequence[Any] | None = None) -> str | None:
         """Why this call must run as one nano-batch in program order, or ``None``:

@@ -636,3 +636,47 @@ def test_a_signature_whose_capture_fails_runs_eagerly_and_is_not_captured_again(
     assert cap.captures == 1
     assert "Cannot copy between CPU and CUDA" in steps.failure(program)
     assert sum("runs without CUDA graphs" in r.message for r in caplog.records) == 1
+
+
+def test_a_repeated_call_reuses_its_decisions_and_any_change_is_seen(fake_cuda, monkeypatch):
+    """A call that repeats the last one (same fingerprints, ``no_grad``, no request layout, the same forced
+    executor) skips planning; a new batch, a request layout, autograd or ``DYNAFLOW_EXECUTOR`` is planned anew."""
+    model, ref_model = Reads(), Reads()
+    c = _compile(model)
+    x, cache = torch.randn(6, D), torch.randn(6, L, D)
+    with torch.no_grad():
+        c(x, cache)
+    graph = c.graphs[0]
+    planned: list[int] = []
+    real = graph.plan_for
+    monkeypatch.setattr(graph, "plan_for", lambda inputs: planned.append(1) or real(inputs))
+
+    def check(xs: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+        out = c(xs, cs)
+        torch.testing.assert_close(out, ref_model(xs, cs))
+        return out
+
+    with torch.no_grad():
+        for _ in range(4):
+            check(x, cache)
+        assert not planned  # the decode loop's step: decided as the first
+        check(x[:4], cache[:4])
+        assert planned and graph.last_plan.split.batch_size == 4
+        check(x, cache)
+        planned.clear()
+        with dynaflow.requests([2, 4]):
+            check(x, cache)
+        assert planned and graph.last_plan.split.sizes == (2, 4)  # the layout's boundaries, not an even split
+        check(x, cache)
+        assert graph.last_plan.split.sizes == (3, 3)
+        monkeypatch.setenv("DYNAFLOW_EXECUTOR", "serial")
+        with pytest.raises(dynaflow.errors.BackendError, match="needs the cuda executor"):
+            c(x, cache)
+        monkeypatch.delenv("DYNAFLOW_EXECUTOR")
+        check(x, cache)
+    out = check(x, cache)  # autograd on (a graph of its own for Dynamo): unsplit, with the history eager records
+    assert out.grad_fn is not None and "autograd" in c.last_graph.last_capture.reason
+    with torch.no_grad():
+        planned.clear()
+        check(x, cache)
+        assert not planned and c.last_graph is graph
