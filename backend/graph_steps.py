@@ -70,21 +70,27 @@ class InputFingerprints:
 
     def __init__(self, guarded: bool) -> None:
         self.guarded = guarded
-        self._last: tuple[tuple[int, ...], tuple[int, ...], list[Any], list[int], list[Fingerprint | None]] | None = None
+        self._ptrs_equal = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+        """torch's one-call check that tensors still have given data pointers (CUDA builds; cudagraph trees use
+        it for the same purpose): one C++ loop instead of a Python call per weight."""
+        self._last: tuple[tuple[int, ...], tuple[int, ...], list[Any], list[int], list[Fingerprint | None],
+                          list[int]] | None = None
         """(persistent positions, the other positions, the persistent tensors, their data pointers, every input's
-        fingerprint) of the last call, replaced as one tuple so a concurrent caller never pairs one call's
-        pointers with another's."""
+        fingerprint, the indices ``0..n-1`` of the persistent tensors) of the last call, replaced as one tuple so a
+        concurrent caller never pairs one call's pointers with another's."""
 
     def __call__(self, inputs: Sequence[Any]) -> list[Fingerprint | None]:
         last = self._last
         if last is not None and len(last[4]) == len(inputs):
-            positions, others, tensors, ptrs, fps = last
+            positions, others, tensors, ptrs, fps, every = last
+            equal = self._ptrs_equal
             if (all(map(operator.is_, map(inputs.__getitem__, positions), tensors))
-                    and list(map(torch.Tensor.data_ptr, tensors)) == ptrs):
+                    and (equal(tensors, ptrs, every) if equal is not None
+                         else list(map(torch.Tensor.data_ptr, tensors)) == ptrs)):
                 fresh = list(fps)
                 for i in others:
                     fresh[i] = fingerprint(inputs[i])
-                self._last = (positions, others, tensors, ptrs, fresh)
+                self._last = (positions, others, tensors, ptrs, fresh, every)
                 return fresh
         fresh = [fingerprint(x) for x in inputs]
         if self.guarded:
@@ -92,7 +98,8 @@ class InputFingerprints:
             positions = tuple(i for i, p in enumerate(persistent) if p)
             others = tuple(i for i, p in enumerate(persistent) if not p)
             tensors = [inputs[i] for i in positions]
-            self._last = (positions, others, tensors, [t.data_ptr() for t in tensors], fresh)
+            self._last = (positions, others, tensors, [t.data_ptr() for t in tensors], fresh,
+                          list(range(len(tensors))))
         return fresh
 
 

@@ -410,6 +410,30 @@ def test_input_fingerprints_reread_only_what_may_have_changed(monkeypatch):
     assert fps([other, x, b])[0] == real(other) != real(w)
 
 
+def test_input_fingerprints_check_weights_in_one_call_where_torch_has_it(monkeypatch):
+    """On CUDA builds torch has ``_tensors_data_ptrs_at_indices_equal`` (lists only, pointers by index); the
+    weights are checked through it, and a weight at new storage is still re-read. A stand-in with the same
+    calling convention plays it on this CPU build."""
+    from dynaflow.backend import graph_steps
+
+    checked: list[int] = []
+
+    def ptrs_equal(tensors, data_ptrs, indices):
+        assert type(tensors) is list and type(data_ptrs) is list and type(indices) is list  # pybind11 py::list&
+        checked.append(len(indices))
+        return all(tensors[i].data_ptr() == data_ptrs[i] for i in indices)
+
+    monkeypatch.setattr(torch._C, "_tensors_data_ptrs_at_indices_equal", ptrs_equal, raising=False)
+    w, b, x = nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(3)), torch.randn(2, 3)
+    fps = graph_steps.InputFingerprints(True)
+    first = fps((w, x, b))
+    assert fps((w, x, b)) == first and checked == [2]
+    w.data = torch.randn(3, 3)  # new storage, same Parameter: re-read
+    moved = fps((w, x, b))
+    assert moved[0] == graph_steps.fingerprint(w) != first[0] and moved[2] == first[2]
+    assert fps((w, x, b)) == moved and checked == [2, 2, 2]
+
+
 class _RecordingCapturer:
     """Records what each step did: ``eager``, ``capture`` or ``replay``, with the non-tensor it saw."""
 
