@@ -6,6 +6,8 @@ waits. This script measures, on workload (a) (dense decode), per configuration:
 
 * ``gpu_ms``: the floor benchmark's timing (``floor_measure.median_ms``: events around one call, sync after);
 * ``host_us``: host time to issue one call on an idle GPU (``perf_counter`` around the call, no sync inside);
+* ``pre_replay_us``: for a graphed call, host time from its start to its first graph replay: what the GPU waits
+  for (the rest of the call overlaps the replayed work);
 * the CUDA runtime calls one steady call makes (``torch.profiler``: graph launches, kernel launches, memcpys,
   event records, syncs), the caching allocator's counters per call (``torch.cuda.memory_stats``: a
   ``cudaMalloc`` per step shows as ``num_device_alloc``) and the top host functions of 200 calls (``cProfile``).
@@ -52,6 +54,38 @@ def _host_us(fn: Callable[[], Any], cuda: bool, repeats: int = 30) -> float:
     if cuda:
         torch.cuda.synchronize()
     return statistics.median(times)
+
+
+def _pre_replay_us(fn: Callable[[], Any], cuda: bool, graph_cls: Any = None, repeats: int = 30) -> float | None:
+    """Host time from the call's start to its first CUDA-graph replay (``graph_cls.replay``, patched to stamp
+    the time), median over ``repeats`` calls on an idle GPU: the part of a graphed step's host path the GPU
+    waits for. The rest of the call overlaps the replayed work. ``None`` for a call that replays no graph."""
+    cls = graph_cls if graph_cls is not None else (torch.cuda.CUDAGraph if cuda else None)
+    if cls is None:
+        return None
+    stamps: list[float] = []
+    real = cls.replay
+
+    def replay(self: Any, *a: Any, **k: Any) -> Any:
+        stamps.append(time.perf_counter())
+        return real(self, *a, **k)
+
+    cls.replay = replay
+    times = []
+    try:
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            stamps.clear()
+            t = time.perf_counter()
+            fn()
+            if stamps:
+                times.append((stamps[0] - t) * 1e6)
+    finally:
+        cls.replay = real
+    if cuda:
+        torch.cuda.synchronize()
+    return statistics.median(times) if times else None
 
 
 def _runtime_calls(fn: Callable[[], Any], cuda: bool, calls: int = 3) -> dict[str, float]:
@@ -157,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                     fn()
                 rec["gpu_ms"] = median_ms(fn, repeats=30, warmup=0, cuda=cuda)  # the floor benchmark's timing
                 rec["host_us"] = _host_us(fn, cuda)
+                rec["pre_replay_us"] = _pre_replay_us(fn, cuda)
                 rec["runtime_calls_per_step"] = _runtime_calls(fn, cuda)
                 rec["allocator_per_step"] = _allocator_calls(fn, cuda)
                 rec["top_functions"] = _top_functions(fn, 100 if cuda else 20)
@@ -164,8 +199,10 @@ def main(argv: list[str] | None = None) -> int:
                 rec["error"] = f"{type(exc).__name__}: {exc}"
                 rec["traceback"] = traceback.format_exc()[-3000:]
             rows.append(rec)
-            log.info("%-48s gpu %8s ms  host %8s us  %s", name, f"{rec.get('gpu_ms', float('nan')):.3f}",
-                     f"{rec.get('host_us', float('nan')):.1f}", rec.get("error", ""))
+            pre = rec.get("pre_replay_us")
+            log.info("%-48s gpu %8s ms  host %8s us  before the replay %8s us  %s", name,
+                     f"{rec.get('gpu_ms', float('nan')):.3f}", f"{rec.get('host_us', float('nan')):.1f}",
+                     "-" if pre is None else f"{pre:.1f}", rec.get("error", ""))
             if rec.get("runtime_calls_per_step"):
                 log.info("    runtime calls/step: %s", rec["runtime_calls_per_step"])
                 log.info("    allocator/step: %s", rec["allocator_per_step"])

@@ -21,3 +21,27 @@ def test_dry_run_times_every_cpu_configuration(tmp_path):
         assert "error" not in r, (name, r.get("traceback"))
         assert r["gpu_ms"] > 0 and r["host_us"] > 0 and "function calls" in r["top_functions"]
     assert report["dry_run"] and report["gpu"] is None
+
+
+def test_pre_replay_time_is_the_wait_before_the_first_replay():
+    """Measured with a stand-in graph class: the host time up to the first replay, not the work after it; a
+    call that replays nothing has none."""
+    import time
+
+    class Graph:
+        def replay(self) -> None:
+            pass
+
+    g, original = Graph(), Graph.replay
+
+    def call() -> None:
+        time.sleep(0.004)  # the host path before the replay
+        g.replay()
+        time.sleep(0.05)  # after it: overlaps the GPU's work, not counted
+        g.replay()
+
+    pre = host_path._pre_replay_us(call, False, graph_cls=Graph, repeats=3)
+    assert pre is not None and 4000 <= pre < 40000
+    assert Graph.replay is original  # the stamp is taken off again
+    assert host_path._pre_replay_us(lambda: None, False, graph_cls=Graph, repeats=2) is None
+    assert host_path._pre_replay_us(call, False) is None  # no GPU, no graph class: nothing to time
