@@ -53,10 +53,12 @@ _CALL_SEQ = itertools.count()
 @dataclasses.dataclass(frozen=True)
 class _Repeat:
     """What :meth:`CompiledGraph.run_captured` decided for one call, kept for the next call that repeats it: the
-    same input fingerprints (so the same batch, overlaps and layouts), under ``no_grad``, with no request layout
-    and the same forced executor. Every decision below is a function of those, so a repeat skips making them."""
+    same input fingerprints (so the same overlaps and layouts) and batch size, under ``no_grad``, with no request
+    layout and the same forced executor. Every decision below is a function of those, so a repeat skips making
+    them."""
 
     fps: list[Any]
+    batch: int
     config: DynaflowConfig
     forced: str | None
     choice: CaptureChoice
@@ -377,7 +379,9 @@ class CompiledGraph:
         repeat = self._repeat
         if (repeat is not None and executor is None and repeat.fps == fps and not torch.is_grad_enabled()
                 and current_requests() is None and repeat.config is self.config
-                and knobs.forced_executor() == repeat.forced):  # a decode loop's step: decided as the last one
+                and knobs.forced_executor() == repeat.forced
+                and (self._batch_source is not None or self.batch_size(inputs) == repeat.batch)):
+            # a decode loop's step: decided as the last one (a static batch is the caller's, asked again)
             out = repeat.executor.run(repeat.program, inputs, capture=repeat.choice.mode is Mode.GRAPH,
                                       fingerprints=fps)
             self.last_capture = repeat.choice
@@ -408,7 +412,7 @@ class CompiledGraph:
             )
         known = {"fingerprints": fps} if not choice.padded and getattr(ex, "captures_graphs", False) else {}
         program = self.program_for(plan, padded)
-        self._repeat = (_Repeat(fps, self.config, knobs.forced_executor(), choice, plan, ex, program)
+        self._repeat = (_Repeat(fps, batch, self.config, knobs.forced_executor(), choice, plan, ex, program)
                         if known and executor is None and unsplit is None and self._repeatable() else None)
         out = ex.run(program, padded, capture=choice.mode is Mode.GRAPH, **known)
         if choice.padded:
@@ -418,10 +422,10 @@ class CompiledGraph:
         return unpad_outputs(out, self.segmented, batch, choice.size)
 
     def _repeatable(self) -> bool:
-        """Whether this call's decisions follow from its fingerprints alone (see :class:`_Repeat`): the batch is
-        read off an input's shape, no request layout or distributed agreement enters the plan, and autograd is
-        off (so whether it records does not hang on ``requires_grad``, which a fingerprint does not hold)."""
-        return (self._batch_source is not None and current_requests() is None and not torch.is_grad_enabled()
+        """Whether this call's decisions follow from its fingerprints and batch size alone (see :class:`_Repeat`):
+        no request layout or distributed agreement enters the plan, and autograd is off (so whether it records
+        does not hang on ``requires_grad``, which a fingerprint does not hold)."""
+        return (current_requests() is None and not torch.is_grad_enabled()
                 and (self.distributed is None or not self.distributed.agreeing))
 
     def unsplit_reason(self, inputs: Sequence[Any], fps: Sequence[Any] | None = None) -> str | None:

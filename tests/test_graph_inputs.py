@@ -704,3 +704,30 @@ def test_a_repeated_call_reuses_its_decisions_and_any_change_is_seen(fake_cuda, 
         planned.clear()
         check(x, cache)
         assert not planned and c.last_graph is graph
+
+
+class BatchFreeTail(nn.Module):
+    """A graph break, then a graph whose inputs hold no batch dim: its batch is the caller's, not its inputs'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.lin(x)
+        torch._dynamo.graph_break()
+        return y, self.lin.weight.sum(0) * 2
+
+
+def test_a_repeat_of_a_graph_without_the_batch_in_its_inputs_follows_the_callers_batch(fake_cuda):
+    """Equal fingerprints are not the same call when the batch comes from the caller: a new batch is planned."""
+    model, ref = BatchFreeTail(), BatchFreeTail()
+    c = _compile(model, "sequential", 1)
+    with torch.no_grad():
+        for batch in (6, 6, 6, 4, 4, 6):
+            x = torch.randn(batch, D)
+            for got, want in zip(c(x), ref(x)):
+                torch.testing.assert_close(got, want)
+            tail = c.graphs[-1]
+            assert tail._batch_source is None and tail.last_plan.split.batch_size == batch
