@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -61,6 +62,8 @@ class FloorCheck:
         self._probes: dict[Any, _Probe] = {}
         self._decided: set[Any] = set()
         self.verdicts: list[Verdict] = []
+        self._lock = threading.Lock()
+        """Guards the bookkeeping (not the timed calls): callers on several threads share one check."""
 
     @property
     def active(self) -> bool:
@@ -68,22 +71,26 @@ class FloorCheck:
 
     def start(self, key: Any) -> None:
         """Put calls with ``key`` on probation (after the call that planned them), once per key."""
-        if key not in self._decided:
-            self._probes.setdefault(key, _Probe())
+        with self._lock:
+            if key not in self._decided:
+                self._probes.setdefault(key, _Probe())
 
     def run(self, key: Any, what: str, floor: Callable[[], Any], dynaflow: Callable[[], Any],
             cuda: bool) -> tuple[Any, Verdict | None]:
         """One call of ``key``: the path whose turn it is, timed; the verdict when this call completed the probe.
-        Returns ``(output, verdict)``; a key not on probation runs ``dynaflow``."""
+        Returns ``(output, verdict)``; a key not on probation runs ``dynaflow``. Callers on other threads may
+        run at the same time: each call's turn and time are booked under a lock, and one call gives the verdict."""
         probe = self._probes.get(key)
         if probe is None or (cuda and torch.cuda.is_current_stream_capturing()):
             return dynaflow(), None  # inside a caller's graph capture nothing may synchronise
-        times, calls = probe.times, probe.calls
-        # the path with more calls left goes next: dynaflow warms up first, then the two alternate
-        path = max(("dynaflow", "floor"), key=lambda p: WARMUP[p] + SAMPLES - calls[p])
+        with self._lock:
+            calls = probe.calls
+            # the path with more calls left goes next: dynaflow warms up first, then the two alternate
+            path = max(("dynaflow", "floor"), key=lambda p: WARMUP[p] + SAMPLES - calls[p])
+            calls[path] += 1
+            timed = calls[path] > WARMUP[path]
         fn = floor if path == "floor" else dynaflow
-        calls[path] += 1
-        if calls[path] <= WARMUP[path]:
+        if not timed:
             return fn(), None
         if cuda:
             torch.cuda.synchronize()
@@ -91,12 +98,15 @@ class FloorCheck:
         out = fn()
         if cuda:
             torch.cuda.synchronize()
-        times[path].append(time.perf_counter() - t0)
-        if min(len(v) for v in times.values()) < SAMPLES:
-            return out, None
-        del self._probes[key]
-        self._decided.add(key)
-        verdict = Verdict(what, statistics.median(times["floor"]), statistics.median(times["dynaflow"]))
-        self.verdicts.append(verdict)
+        elapsed = time.perf_counter() - t0
+        with self._lock:
+            times = probe.times
+            times[path].append(elapsed)
+            if self._probes.get(key) is not probe or min(len(v) for v in times.values()) < SAMPLES:
+                return out, None  # more samples to come, or another thread's call gave the verdict
+            del self._probes[key]
+            self._decided.add(key)
+            verdict = Verdict(what, statistics.median(times["floor"]), statistics.median(times["dynaflow"]))
+            self.verdicts.append(verdict)
         log.info("auto's floor check: %r", verdict)
         return out, verdict

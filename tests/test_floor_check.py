@@ -118,3 +118,36 @@ def test_a_tie_goes_to_the_model_itself(monkeypatch):
     check.start("k")
     _, verdicts = _run(check, floor_s=1.0, dynaflow_s=1.0, calls=20, monkeypatch=monkeypatch)
     assert len(verdicts) == 1 and not verdicts[0].keeps_dynaflow
+
+
+def test_callers_on_several_threads_share_one_probe_and_get_one_verdict():
+    """Threads calling one key while it is on probation: every call returns its own path's output, the probe
+    books each turn once, and exactly one call gives the verdict (before, two finishing calls raced on it)."""
+    import threading
+    import time as real_time
+
+    check = FloorCheck()
+    check.start("k")
+    barrier = threading.Barrier(8)
+    verdicts, outputs, errors = [], [], []
+
+    def caller(i: int) -> None:
+        try:
+            barrier.wait()
+            for _ in range(6):
+                def slow(tag: str) -> str:
+                    real_time.sleep(0.001)  # the timed call: other threads' calls run meanwhile
+                    return tag
+                out, v = check.run("k", "calls like these", lambda: slow("F"), lambda: slow("D"), cuda=False)
+                outputs.append(out)
+                verdicts.extend([v] if v is not None else [])
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(outputs) == 48 and set(outputs) <= {"F", "D"}
+    assert len(verdicts) == 1 and len(check.verdicts) == 1 and not check.active
