@@ -61,7 +61,8 @@ def fingerprint(x: Any) -> Fingerprint | None:
 
 
 class InputFingerprints:
-    """:func:`fingerprint` of every input of one graph, call after call, cheaply for its parameters.
+    """:func:`fingerprint` of every input of one graph, call after call, cheaply for its parameters. The list
+    returned is never mutated; a call whose fingerprints all equal the last call's gets the last list itself.
 
     With ``guarded`` (a graph Dynamo captured, whose guards check each lifted parameter's shape, strides,
     dtype and device), a persistent input (:func:`is_persistent`) that is the same tensor object at the same
@@ -87,9 +88,15 @@ class InputFingerprints:
             if (all(map(operator.is_, map(inputs.__getitem__, positions), tensors))
                     and (equal(tensors, ptrs, every) if equal is not None
                          else list(map(torch.Tensor.data_ptr, tensors)) == ptrs)):
-                fresh = list(fps)
+                fresh = None
                 for i in others:
-                    fresh[i] = fingerprint(inputs[i])
+                    fp = fingerprint(inputs[i])
+                    if fp != fps[i]:
+                        if fresh is None:
+                            fresh = list(fps)
+                        fresh[i] = fp
+                if fresh is None:  # nothing moved: the last list itself, which callers compare by identity first
+                    return fps
                 self._last = (positions, others, tensors, ptrs, fresh, every)
                 return fresh
         fresh = [fingerprint(x) for x in inputs]
@@ -315,7 +322,7 @@ class GraphSteps:
         with no input moved since. The full path would then count the call, find nothing to bind, copy or
         capture, and replay; this does the same with one list comparison."""
         last = self._last
-        if last is None or last[0] is not program or last[1] != fps:
+        if last is None or last[0] is not program or (last[1] is not fps and last[1] != fps):
             return None
         entry = last[3][1]
         plan = entry.plan

@@ -377,7 +377,8 @@ class CompiledGraph:
         assert self.segmented is not None
         fps = self._fingerprints(inputs)  # once per call: the overlap check and the capture's binding
         repeat = self._repeat
-        if (repeat is not None and executor is None and repeat.fps == fps and not torch.is_grad_enabled()
+        if (repeat is not None and executor is None and (repeat.fps is fps or repeat.fps == fps)
+                and not torch.is_grad_enabled()
                 and current_requests() is None and repeat.config is self.config
                 and knobs.forced_executor() == repeat.forced
                 and (self._batch_source is not None or self.batch_size(inputs) == repeat.batch)):

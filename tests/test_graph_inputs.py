@@ -431,7 +431,9 @@ def test_input_fingerprints_check_weights_in_one_call_where_torch_has_it(monkeyp
     w.data = torch.randn(3, 3)  # new storage, same Parameter: re-read
     moved = fps((w, x, b))
     assert moved[0] == graph_steps.fingerprint(w) != first[0] and moved[2] == first[2]
-    assert fps((w, x, b)) == moved and checked == [2, 2, 2]
+    assert fps((w, x, b)) is moved and checked == [2, 2, 2]  # nothing moved: the last list itself
+    other = fps((w, x.clone(), b))  # the activation at new storage: a new list
+    assert other is not moved and other[1] != moved[1] and other[0] is moved[0]
 
 
 class _RecordingCapturer:
