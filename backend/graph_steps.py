@@ -134,12 +134,14 @@ def _part(fp: Fingerprint | None, x: Any) -> Any:
     return (fp[1], fp[3], fp[4]) if fp is not None else ("V", repr(x))
 
 
-def _same_values(inputs: Sequence[Any], fps: Sequence[Fingerprint | None], sig: tuple[Any, ...]) -> bool:
-    """Whether every non-tensor input (``fps[i] is None``) has the value ``sig`` holds for it (:func:`_part`)."""
-    if None not in fps:  # tensors only (no fingerprint is None): nothing to compare
-        return True
-    return all(_part(None, inputs[i]) == sig[i]
-               for i in itertools.compress(range(len(fps)), map(operator.is_, fps, itertools.repeat(None))))
+def _non_tensors(fps: Sequence[Fingerprint | None]) -> tuple[int, ...]:
+    """The positions of the non-tensor inputs (those without a fingerprint)."""
+    return tuple(i for i, fp in enumerate(fps) if fp is None)
+
+
+def _same_values(inputs: Sequence[Any], positions: Sequence[int], sig: tuple[Any, ...]) -> bool:
+    """Whether each non-tensor input (at ``positions``) has the value ``sig`` holds for it (:func:`_part`)."""
+    return all(_part(None, inputs[i]) == sig[i] for i in positions)
 
 
 def is_persistent(x: Any) -> bool:
@@ -270,8 +272,9 @@ class GraphSteps:
         self._lock = threading.RLock()
         """One step at a time: a replay reads and writes the capture's fixed buffers (callers on several
         threads take turns, as they would for any CUDA graph)."""
-        self._last: tuple[Program, Sequence[Fingerprint | None], tuple[Any, ...], Any] | None = None
-        """(program, fingerprints, signature, entry) of the latest call, so a call like it skips the lookup."""
+        self._last: tuple[Program, Sequence[Fingerprint | None], tuple[Any, ...], Any, tuple[int, ...]] | None = None
+        """(program, fingerprints, signature, entry, the non-tensor positions) of the latest call, so a call like
+        it skips the lookup."""
         self._avoid: Sequence[tuple[int, int]] = ()
         """The current call's ``avoid`` ranges (see :meth:`run`)."""
 
@@ -299,12 +302,12 @@ class GraphSteps:
         last = self._last
         if last is None or last[0] is not program or len(last[1]) != len(fps):
             return None
-        _, last_fps, sig, hit = last
+        _, last_fps, sig, hit, values = last
         for i in itertools.compress(range(len(fps)), map(operator.is_not, fps, last_fps)):
             fp = fps[i]
             if fp is None or (fp != last_fps[i] and _part(fp, inputs[i]) != sig[i]):  # equal storage: equal part
                 return None
-        return hit if _same_values(inputs, fps, sig) else None
+        return hit if _same_values(inputs, values, sig) else None  # the non-tensors sit where they sat last
 
     def run(self, program: Program, inputs: Sequence[Any], fps: Sequence[Fingerprint | None] | None = None,
             avoid: Sequence[tuple[int, int]] = ()) -> Any:
@@ -328,7 +331,7 @@ class GraphSteps:
         plan = entry.plan
         if entry.captured is None or entry.failed is not None or plan is None or plan.copied or entry.moved:
             return None
-        return entry if _same_values(inputs, fps, last[2]) else None
+        return entry if _same_values(inputs, last[4], last[2]) else None
 
     def _may_stay(self, entry: _Entry, i: int) -> bool:
         """Whether input ``i`` may be read in place as far as :meth:`run`'s ``avoid`` goes."""
@@ -351,9 +354,9 @@ class GraphSteps:
             hit = self._entries.get((id(program), sig))
             if hit is None or hit[0] is not program:
                 hit = self._entries[(id(program), sig)] = (program, _Entry())
-            self._last = (program, fps, sig, hit)
+            self._last = (program, fps, sig, hit, _non_tensors(fps))
         else:
-            self._last = (program, fps, self._last[2], hit)  # type: ignore[index]
+            self._last = (program, fps, self._last[2], hit, self._last[4])  # type: ignore[index]
         entry = hit[1]
         self.copies = 0
         self.last_plan = None
