@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 _CALL_SEQ = itertools.count()
 
 
+_MISS = object()
+"""What :meth:`CompiledGraph._run_repeat` returns for a call that does not repeat the last graphed one."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _Repeat:
     """What :meth:`CompiledGraph.run_captured` decided for one call, kept for the next call that repeats it: the
@@ -193,6 +197,7 @@ class CompiledGraph:
         if cached is None:
             info = self.input_info(batch, inputs, layout)
             cached = self._splits[key] = (info, self._split(info, inputs, tuned))
+            self._repeat = None  # a new split may have a new winner (auto): no call repeats an older decision
         info, split = cached
         if self.distributed is not None and self.distributed.agreeing:  # every rank, every call
             chooser = self._strategy_for.get(split, self.strategy)
@@ -376,18 +381,10 @@ class CompiledGraph:
         on the cuda executor), and narrow the outputs back. ``executor`` overrides the resolved one (tests)."""
         assert self.segmented is not None
         fps = self._fingerprints(inputs)  # once per call: the overlap check and the capture's binding
-        repeat = self._repeat
-        if (repeat is not None and executor is None and (repeat.fps is fps or repeat.fps == fps)
-                and not torch.is_grad_enabled()
-                and current_requests() is None and repeat.config is self.config
-                and knobs.forced_executor() == repeat.forced
-                and (self._batch_source is not None or self.batch_size(inputs) == repeat.batch)):
-            # a decode loop's step: decided as the last one (a static batch is the caller's, asked again)
-            out = repeat.executor.run(repeat.program, inputs, capture=repeat.choice.mode is Mode.GRAPH,
-                                      fingerprints=fps)
-            self.last_capture = repeat.choice
-            self._ran(repeat.plan, repeat.executor)
-            return out
+        if executor is None:
+            out = self._run_repeat(inputs, fps)
+            if out is not _MISS:
+                return out
         batch = self.batch_size(inputs)
         unsplit = self.unsplit_reason(inputs, fps)
         if unsplit is not None:
@@ -421,6 +418,20 @@ class CompiledGraph:
         self.last_capture = choice
         self._ran(plan, ex)
         return unpad_outputs(out, self.segmented, batch, choice.size)
+
+    def _run_repeat(self, inputs: Sequence[Any], fps: list[Any]) -> Any:
+        """Run a call that repeats the last graphed one (see :class:`_Repeat`) as that one was decided; ``_MISS``
+        for any other call."""
+        repeat = self._repeat
+        if (repeat is None or not (repeat.fps is fps or repeat.fps == fps) or torch.is_grad_enabled()
+                or current_requests() is not None or repeat.config is not self.config
+                or knobs.forced_executor() != repeat.forced
+                or (self._batch_source is None and self.batch_size(inputs) != repeat.batch)):
+            return _MISS  # (a static batch is the caller's: asked again)
+        out = repeat.executor.run(repeat.program, inputs, capture=repeat.choice.mode is Mode.GRAPH, fingerprints=fps)
+        self.last_capture = repeat.choice
+        self._ran(repeat.plan, repeat.executor)
+        return out
 
     def _repeatable(self) -> bool:
         """Whether this call's decisions follow from its fingerprints and batch size alone (see :class:`_Repeat`):
@@ -488,6 +499,10 @@ class CompiledGraph:
             self._record[id(self)] = inputs
         if self.config.cuda_graphs:
             return self.run_captured(inputs)
+        if self._repeat is not None:  # auto measured this bucket fastest as a graph, and this call may repeat it
+            out = self._run_repeat(inputs, self._fingerprints(inputs))
+            if out is not _MISS:
+                return out
         plan = self.plan_for(inputs)  # planned even when the call runs unsplit: a strategy's errors surface
         unsplit = self.unsplit_reason(inputs)
         if unsplit:

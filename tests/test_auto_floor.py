@@ -275,3 +275,25 @@ def test_auto_on_a_graph_with_nothing_to_time_never_divides_by_zero():
                   for s, o in (("sequential", {}), ("round_robin", {"nano_batches": 2})))
     result = autotune([seq, split], "b", lambda c: (SplitConfig.whole(4), 0.0), {seq: 2e-6, split: 1e-6}.get)
     assert result.winner.candidate == split and "1.00x predicted" in result.reason
+
+
+def test_a_bucket_auto_runs_as_a_graph_repeats_without_planning_and_a_new_bucket_is_planned(fake_cuda, monkeypatch):
+    """A decode loop's step in a bucket ``auto`` measured fastest as a graph skips planning, as a
+    ``cuda_graphs=True`` call does; another batch is planned (and tuned) anew, and every answer equals eager."""
+    _fake_clock(monkeypatch, graphed_s=1e-3, eager_s=2e-3)
+    model = Reads().eval()
+    c = dynaflow.compile(model, strategy=_auto(), executor="cuda")
+    x, cache = torch.randn(6, D), torch.randn(6, L, D)
+    with torch.no_grad():
+        for _ in range(4):
+            torch.testing.assert_close(c(x, cache), model(x, cache), atol=1e-5, rtol=1e-5)
+        g = c.graphs[0]
+        planned: list[int] = []
+        real = g.plan_for
+        monkeypatch.setattr(g, "plan_for", lambda inputs: planned.append(1) or real(inputs))
+        for _ in range(3):
+            torch.testing.assert_close(c(x, cache), model(x, cache), atol=1e-5, rtol=1e-5)
+        assert not planned and g.last_capture is not None
+        torch.testing.assert_close(c(x[:4], cache[:4]), model(x[:4], cache[:4]), atol=1e-5, rtol=1e-5)
+        assert planned and g.last_plan.split.batch_size == 4
+        assert len(g.tuned) == 2
