@@ -212,8 +212,11 @@ NANO = {("sequential", 1): 1, ("sequential", 4): 1, ("nanoflow", 1): 1, ("nanofl
 """Nano-batches per (strategy, batch) of the graphed-step table: a batch of one runs whole."""
 
 
-def _interleaved(w: Any, paths: dict[str, Any], hooks: dict[str, Any], floor: Any,
-                 args: argparse.Namespace) -> dict[str, list[float]]:
+def _rounds(w: Any, paths: dict[str, Any], hooks: dict[str, Any], floor: Any, args: argparse.Namespace,
+            time_round: Callable[[Callable[..., Any]], list[float]]) -> dict[str, list[float]]:
+    """``args.repeats`` rounds over the paths in turn, each path's hook installed for its round only;
+    ``time_round(model)`` times one round of calls of ``model`` (the hooked model, or Dynamo alone's ``floor``)
+    on the workload's inputs and returns its samples."""
     samples: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(args.repeats):
         for name in paths:
@@ -221,38 +224,41 @@ def _interleaved(w: Any, paths: dict[str, Any], hooks: dict[str, Any], floor: An
             if hook is not None:
                 hook.install()
             try:
-                t0 = time.perf_counter()
-                for _ in range(args.calls):
-                    w.step() if hook is not None else w.step(floor)
-                samples[name].append((time.perf_counter() - t0) / args.calls * 1e6)
+                samples[name] += time_round(w.model if hook is not None else floor)
             finally:
                 if hook is not None:
                     hook.remove()
     return samples
 
 
+def _interleaved(w: Any, paths: dict[str, Any], hooks: dict[str, Any], floor: Any,
+                 args: argparse.Namespace) -> dict[str, list[float]]:
+    """Per path, µs per step over rounds of ``args.calls`` whole steps (``reset`` included)."""
+    def time_round(model: Callable[..., Any]) -> list[float]:
+        t0 = time.perf_counter()
+        for _ in range(args.calls):
+            w.step(model)
+        return [(time.perf_counter() - t0) / args.calls * 1e6]
+
+    return _rounds(w, paths, hooks, floor, args, time_round)
+
+
 def _before_replay(w: Any, paths: dict[str, Any], hooks: dict[str, Any], floor: Any, args: argparse.Namespace,
                    stamps: list[float]) -> dict[str, list[float]]:
     """Per path, µs from each call's start to its replay (``stamps``, appended by the replay or the memo):
     on a GPU the part of the host path a step waits for, since the work after the replay overlaps it."""
-    out: dict[str, list[float]] = {name: [] for name in paths}
-    for _ in range(args.repeats):
-        for name in paths:
-            hook = hooks.get(name)
-            if hook is not None:
-                hook.install()
-            try:
-                for _ in range(max(args.calls // 10, 1)):
-                    if w.reset is not None:
-                        w.reset()
-                    stamps.clear()
-                    t0 = time.perf_counter()
-                    (w.model if hook is not None else floor)(*w.inputs, **w.kwargs)
-                    out[name].append((stamps[0] - t0) * 1e6)
-            finally:
-                if hook is not None:
-                    hook.remove()
-    return out
+    def time_round(model: Callable[..., Any]) -> list[float]:
+        out = []
+        for _ in range(max(args.calls // 10, 1)):
+            if w.reset is not None:
+                w.reset()
+            stamps.clear()
+            t0 = time.perf_counter()
+            model(*w.inputs, **w.kwargs)
+            out.append((stamps[0] - t0) * 1e6)
+        return out
+
+    return _rounds(w, paths, hooks, floor, args, time_round)
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
