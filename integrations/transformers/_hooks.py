@@ -37,6 +37,8 @@ log = logging.getLogger("dynaflow.integrations.transformers")
 SUPPORTED_KWARGS = ("input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
                     "return_dict", "logits_to_keep", "output_attentions", "output_hidden_states")
 """The forward arguments the hook understands; any other argument given a value is refused."""
+_SUPPORTED = frozenset(SUPPORTED_KWARGS)
+"""The same, as a set: one subset test per call."""
 
 OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 """The cache's field in ``CausalLMOutputWithPast``: ``cache`` in recent transformers 5.x, ``past_key_values``
@@ -113,7 +115,8 @@ class DynaflowForward:
             if "input_ids" in call:
                 raise ConfigError("input_ids was given both positionally and by keyword.")
             call["input_ids"] = args[0]
-        unknown = sorted(k for k, v in call.items() if k not in SUPPORTED_KWARGS and v is not None)
+        unknown = () if _SUPPORTED.issuperset(call) else sorted(
+            k for k, v in call.items() if k not in _SUPPORTED and v is not None)
         if unknown:
             raise ConfigError(
                 f"dynaflow runs this model's forward with {', '.join(SUPPORTED_KWARGS[:7])}; it got unsupported "
