@@ -499,12 +499,14 @@ class CompiledGraph:
             self._record[id(self)] = inputs
         if self.config.cuda_graphs:
             return self.run_captured(inputs)
+        fps = None
         if self._repeat is not None:  # auto measured this bucket fastest as a graph, and this call may repeat it
-            out = self._run_repeat(inputs, self._fingerprints(inputs))
+            fps = self._fingerprints(inputs)
+            out = self._run_repeat(inputs, fps)
             if out is not _MISS:
                 return out
         plan = self.plan_for(inputs)  # planned even when the call runs unsplit: a strategy's errors surface
-        unsplit = self.unsplit_reason(inputs)
+        unsplit = self.unsplit_reason(inputs, fps)
         if unsplit:
             plan = self._unsplit_plan(inputs, unsplit)
         strategy = self._strategy_for.get(plan.split, self.strategy)

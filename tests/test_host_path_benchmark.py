@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import host_path  # noqa: E402
 
@@ -23,10 +25,18 @@ def test_dry_run_times_every_cpu_configuration(tmp_path):
     assert report["dry_run"] and report["gpu"] is None
 
 
-def test_pre_replay_time_is_the_wait_before_the_first_replay():
-    """Measured with a stand-in graph class: the host time up to the first replay, not the work after it; a
-    call that replays nothing has none."""
-    import time
+def test_pre_replay_time_is_the_wait_before_the_first_replay(monkeypatch):
+    """Measured with a stand-in graph class and a fake clock: the host time up to the first replay, not the
+    work after it; a call that replays nothing has none."""
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(host_path, "time", clock)
 
     class Graph:
         def replay(self) -> None:
@@ -35,13 +45,12 @@ def test_pre_replay_time_is_the_wait_before_the_first_replay():
     g, original = Graph(), Graph.replay
 
     def call() -> None:
-        time.sleep(0.004)  # the host path before the replay
+        clock.now += 0.004  # the host path before the replay
         g.replay()
-        time.sleep(0.05)  # after it: overlaps the GPU's work, not counted
+        clock.now += 0.05  # after it: overlaps the GPU's work, not counted
         g.replay()
 
-    pre = host_path._pre_replay_us(call, False, graph_cls=Graph, repeats=3)
-    assert pre is not None and 4000 <= pre < 40000
+    assert host_path._pre_replay_us(call, False, graph_cls=Graph, repeats=3) == pytest.approx(4000.0)
     assert Graph.replay is original  # the stamp is taken off again
     assert host_path._pre_replay_us(lambda: None, False, graph_cls=Graph, repeats=2) is None
     assert host_path._pre_replay_us(call, False) is None  # no GPU, no graph class: nothing to time
