@@ -104,16 +104,21 @@ class Compiled:
             return graph
 
     def _static_positions(self, inputs: Sequence[Any]) -> dict[str, tuple[int, ...]]:
-        """Per ``static_inputs`` name of an argument of the call in flight, the graph inputs that are tensors
-        inside it (by identity; none for a graph after a graph break that does not read it, or a ``None``)."""
+        """Per ``static_inputs`` name that resolves in the call in flight (an argument, a path inside one such as
+        ``caches.k``, or a module attribute path such as ``l.weight``), the graph inputs that are tensors inside
+        what it names, by identity. None for a graph that does not read it: one after a graph break, or a
+        ``None`` argument. A name that resolves nowhere is left to :func:`input_roles`, which matches it against
+        the graph's input labels or refuses it by name."""
         call = getattr(self._local, "call", None)
         if not self._static_names or call is None:
             return {}
         arguments = bound_arguments(self.model, *call)
         found = {}
         for name in self._static_names:
-            if name in arguments:  # an argument of the call: a graph not reading it declares nothing
-                ids = {id(t) for t in tensors_within(arguments[name])}
+            target = _resolve_path(name, arguments, self.model)
+            if target is not _UNRESOLVED:
+                ids = {id(t) for t in (_module_tensors(target) if isinstance(target, torch.nn.Module)
+                                       else tensors_within(target))}
                 found[name] = tuple(i for i, x in enumerate(inputs) if id(x) in ids)
         return found
 
@@ -248,6 +253,45 @@ class Compiled:
 
     def __repr__(self) -> str:
         return f"dynaflow.Compiled({type(self.model).__name__}, strategy={self.strategy.name!r}, graphs={len(self.graphs)})"
+
+
+_UNRESOLVED = object()
+
+
+def _resolve_path(name: str, arguments: dict[str, Any], model: Any) -> Any:
+    """What a ``static_inputs`` name reaches: an argument of the call, then dotted steps into it (dict keys, list
+    indices, attributes; a ``None`` on the way is an argument this call leaves out); else the same steps from the
+    model itself (``"l.weight"``), which must reach tensors. ``_UNRESOLVED`` when neither does (a typo, or a
+    label only Dynamo's graph knows)."""
+    first, *rest = name.split(".")
+    if first in arguments:
+        obj = _walk(arguments[first], rest)
+        if obj is not _UNRESOLVED:
+            return obj
+    obj = _walk(model, [first, *rest])
+    if obj is None or (isinstance(obj, torch.nn.Module) and not _module_tensors(obj)) or (
+            not isinstance(obj, torch.nn.Module) and not tensors_within(obj)):
+        return _UNRESOLVED  # a model attribute that holds no tensor (a flag, a method): no input to declare
+    return obj
+
+
+def _walk(obj: Any, steps: Sequence[str]) -> Any:
+    for step in steps:
+        if obj is None:
+            return None
+        if isinstance(obj, dict):
+            obj = obj.get(step, _UNRESOLVED)
+        elif isinstance(obj, (list, tuple)) and step.isdigit():
+            obj = obj[int(step)] if int(step) < len(obj) else _UNRESOLVED
+        else:
+            obj = getattr(obj, step, _UNRESOLVED)
+        if obj is _UNRESOLVED:
+            return obj
+    return obj
+
+
+def _module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
 
 
 def _named_static_inputs(model: Callable[..., Any], config: DynaflowConfig) -> DynaflowConfig:

@@ -142,10 +142,10 @@ def autotune(
             split, seconds = predict(cand)
             trials.append(Trial(cand, split, seconds))
         except DynaflowError as exc:
+            if not trials:  # the baseline: the same error (a ConfigError for a bad option), with the bucket
+                raise type(exc)(f"autotune {bucket}: the sequential baseline could not be planned: {exc}") from None
             trials.append(Trial(cand, None, None, note=f"not applicable: {str(exc).splitlines()[0][:80]}"))
     base = trials[0]
-    if base.predicted is None:
-        raise DynaflowError(f"autotune {bucket}: the sequential baseline could not be planned: {base.note}")
     eligible = [t for t in trials if t.predicted is not None and t.predicted <= base.predicted * (1 + 1e-9)]
     trials = [t if t in eligible or t.predicted is None else Trial(t.candidate, t.split, t.predicted,
                                                                    note="predicted slower than sequential")

@@ -152,15 +152,16 @@ def check_outputs(out: Any, who: str = "The model", inputs: Any = None) -> None:
     """Raise :class:`CaptureError` unless ``out`` is a tensor or (nested) tuples/lists/dicts of tensors; other
     values are allowed only where they are objects the call was given (``inputs``): a transformers cache passed
     in and returned, which Dynamo hands back as it is."""
-    leaves, spec = pytree.tree_flatten(out)
-    odd = [x for x in leaves if not isinstance(x, torch.Tensor) and x is not None]
+    leaves, _ = pytree.tree_flatten_with_path(out)
+    odd = [(path, x) for path, x in leaves if not isinstance(x, torch.Tensor) and x is not None]
     if odd and inputs is not None:
         given = {id(o) for o in objects_within(inputs)}
-        odd = [x for x in odd if id(x) not in given]
+        odd = [(path, x) for path, x in odd if id(x) not in given]
     if odd:
-        bad = sorted({type(x).__name__ for x in odd})
+        bad = ", ".join(f"{type(x).__name__} at output{pytree.keystr(path)}" if path else
+                        f"{type(x).__name__}, which dynaflow does not look inside" for path, x in odd[:4])
         raise CaptureError(
-            f"{who} returned {type(out).__name__} holding non-tensor values ({', '.join(bad)}); dynaflow "
+            f"{who} returned {type(out).__name__} holding non-tensor values ({bad}); dynaflow "
             "needs a tensor or tuples/lists/dicts of tensors (or objects it was passed, such as a cache), because "
             "every output is split and merged along the batch. Return tensors only (for transformers models pass "
             "use_cache=False, or return_dict with tensors)."

@@ -47,8 +47,11 @@ def test_nano_batches_below_one_or_not_int_rejected_at_compile(bad):
             f"nano_batches={bad!r}", "must be an int >= 1")
 
 
-@pytest.mark.parametrize("strategy", ["sequential", "round_robin", "nanoflow"])
+@pytest.mark.parametrize("strategy", ["sequential", "round_robin", "nanoflow", "auto"])
 def test_nano_batches_above_batch_size_rejected_on_call(strategy):
+    """The same ConfigError whatever the strategy (``auto`` plans its sequential baseline with the option)."""
+    if strategy == "auto":
+        strategy = dynaflow.strategies.Auto(cache=False, measure_top_k=0)
     compiled = dynaflow.compile(make_mlp(), strategy=strategy, nano_batches=6)  # fine at compile time
     with grad_off():
         _raises(ConfigError, lambda: compiled(mlp_input(5)),
@@ -272,8 +275,9 @@ class _ReturnsDictWithInt(nn.Module):
         return {"y": x + 1, "n": 3}
 
 
-@pytest.mark.parametrize("model, bad_type", [(_ReturnsStrAndTensor(), "str"), (_ReturnsObject(), "_Box"),
-                                             (_ReturnsDictWithInt(), "int")])
+@pytest.mark.parametrize("model, bad_type", [(_ReturnsStrAndTensor(), "str"),
+                                             (_ReturnsObject(), "_Box, which dynaflow does not look inside"),
+                                             (_ReturnsDictWithInt(), "int at output['n']")])
 def test_model_returning_non_tensor(model, bad_type):
     compiled = dynaflow.compile(model, nano_batches=2)
     _raises(CaptureError, lambda: compiled(mlp_input(4)), "non-tensor values", bad_type, "Return tensors only")

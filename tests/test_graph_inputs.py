@@ -637,6 +637,63 @@ def test_a_static_input_some_graph_does_not_read_declares_nothing_there(fake_cud
         typo(torch.randn(4, D), torch.zeros(4, D))
 
 
+@pytest.mark.parametrize("name", ["a.weight", "a", "cache"])
+def test_a_path_in_static_inputs_is_no_error_in_a_graph_that_does_not_read_it(fake_cuda, name):
+    """A module attribute path (``a.weight``, a submodule ``a``) names tensors only the graph before the break
+    reads: the graph after it declares nothing, as for an argument; the graph that reads it keeps it in place.
+    Paths that reach nothing, or no tensor, are still refused by name."""
+    model = WritesThenBreaks()
+    compiled = dynaflow.compile(WritesThenBreaks(), strategy="nanoflow", nano_batches=2, executor="cuda",
+                                cuda_graphs=True, static_inputs=[name])
+    cache, ref_cache = torch.zeros(4, D), torch.zeros(4, D)
+    with torch.no_grad():
+        for _ in range(WARMUPS + 2):
+            x = torch.randn(4, D)
+            torch.testing.assert_close(compiled(x, cache), model(x, ref_cache))
+    torch.testing.assert_close(cache, ref_cache)
+    first = compiled.graphs[0].segmented.inputs
+    assert {first.name(i) for i in first.declared} == ({"cache"} if name == "cache" else
+                                                       {n for n in first.names if n.startswith("a.")} if name == "a"
+                                                       else {"a.weight"}) and first.declared
+    assert not compiled.graphs[1].segmented.inputs.declared
+    for wrong in ("a.wieght", "training"):
+        typo = dynaflow.compile(WritesThenBreaks(), executor="cuda", cuda_graphs=True, static_inputs=[wrong])
+        with pytest.raises(ConfigError, match=f"'{wrong}' names no input"), torch.no_grad():
+            typo(torch.randn(4, D), torch.zeros(4, D))
+
+
+def test_a_dotted_path_into_an_argument_names_the_tensors_there(fake_cuda):
+    """``caches.k`` reaches a dict argument's entry: declared where read, nothing where the argument is ``None``."""
+
+    class DictCache(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.l = nn.Linear(D, D)
+
+        def forward(self, x: torch.Tensor, caches: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+            h = self.l(x)
+            torch._dynamo.graph_break()
+            if caches is not None:
+                caches["k"].add_(h)
+                h = h + caches["k"]
+            return h
+
+    model = DictCache()
+    compiled = dynaflow.compile(DictCache(), strategy="nanoflow", nano_batches=2, executor="cuda", cuda_graphs=True,
+                                static_inputs=["caches.k"])
+    k, ref_k = torch.zeros(4, D), torch.zeros(4, D)
+    with torch.no_grad():
+        for step in range(WARMUPS + 3):
+            x = torch.randn(4, D)
+            use = step % 3 != 2
+            torch.testing.assert_close(compiled(x, caches={"k": k} if use else None),
+                                       model(x, caches={"k": ref_k} if use else None))
+    torch.testing.assert_close(k, ref_k)
+    reads = [g.segmented.inputs for g in compiled.graphs if g.segmented.inputs.declared]
+    assert len(reads) == 1 and len(reads[0].declared) == 1 and "k" in reads[0].name(next(iter(reads[0].declared)))
+
+
 class _FailingCapturer(_SlowCapturer):
     """A capturer whose capture fails, as a CUDA-graph capture does on a copy from pageable host memory."""
 
