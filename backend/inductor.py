@@ -1,7 +1,8 @@
 """TorchInductor per segment: compile every (segment, nano-batch shape) once and warm it before use.
 
 ``InductorSegments.program_for(program, inputs)`` returns a copy of ``program`` whose launches call
-compiled segments. On the first call for a program it runs the step once in serial order on the real
+compiled segments. On the first call for a program and its inputs' shapes (a program serves every length of a
+dynamic dim other than the batch, such as the sequence) it runs the step once in serial order on the real
 inputs; each launch's arguments give the example shapes, so a segment is compiled once per distinct
 argument signature (in practice once per nano-batch size) and that compiled callable is shared by every
 launch with the same signature. The compile and the first (warm-up) call both happen in this run, so by
@@ -86,7 +87,8 @@ class InductorSegments:
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         self.options = {**eager_faithful_options(), **(options or {})}
         self._compiled: dict[tuple[str, tuple[Any, ...], int | None], Callable[..., Any]] = {}
-        self._programs: dict[int, tuple[Program, Program]] = {}
+        self._programs: dict[tuple[int, tuple[Any, ...]], tuple[Program, Program]] = {}
+        """(program id, its inputs' shapes) → (program, compiled copy)."""
         self._lock = threading.Lock()
 
     @property
@@ -94,23 +96,44 @@ class InductorSegments:
         """Distinct (segment, signature) compiles so far."""
         return len(self._compiled)
 
+    def compiled(self, program: Program, inputs: Sequence[Any]) -> Program | None:
+        """The compiled version of ``program`` for inputs shaped as these, if there is one already."""
+        hit = self._programs.get(_key(program, inputs))
+        return hit[1] if hit is not None and hit[0] is program else None
+
     def program_for(self, program: Program, inputs: Sequence[Any]) -> Program:
-        """The compiled (and warmed) version of ``program``; compiles on the first call for it."""
-        hit = self._programs.get(id(program))
-        if hit is not None and hit[0] is program:
-            return hit[1]
+        """The compiled (and warmed) version of ``program`` for these inputs' shapes; compiles on the first call
+        for them."""
+        hit = self.compiled(program, inputs)
+        if hit is not None:
+            return hit
         with self._lock:
             compiled = self._compile(program, inputs)
-            self._programs[id(program)] = (program, compiled)
+            self._programs[_key(program, inputs)] = (program, compiled)
         return compiled
+
+    def run_compiling(self, program: Program, inputs: Sequence[Any]) -> Any:
+        """The real step of ``program``, compiling each launch as the step reaches it (in serial order, on the
+        calling thread), and its outputs; later calls get the compiled program from :meth:`program_for`. For a
+        step that may not run twice (:func:`~dynaflow.segment_timing.replayable`: an op that writes state no
+        argument shows, such as an engine's step counter), where the warm-up of :meth:`program_for` would repeat
+        the effect."""
+        from dynaflow.backend.launch import Executor
+
+        with self._lock:
+            compiled, env = self._compile_warm(program, inputs)
+            self._programs[_key(program, inputs)] = (program, compiled)
+        return Executor.outputs(program, env)
 
     def _compile(self, program: Program, inputs: Sequence[Any]) -> Program:
         """Compile every launch and warm it in one step that leaves no trace (:mod:`dynaflow.sandbox`): the
         executor runs the real step right after, so the inputs' writes and random draws must happen once."""
         with sandboxed(inputs, program.inputs.written) as private:
-            return self._compile_warm(program, private)
+            return self._compile_warm(program, private)[0]
 
-    def _compile_warm(self, program: Program, inputs: Sequence[Any]) -> Program:
+    def _compile_warm(self, program: Program, inputs: Sequence[Any]) -> tuple[Program, list[Any]]:
+        """Run the step once in serial order, compiling each launch on its arguments there; the compiled program
+        and the step's value slots (holding its outputs)."""
         from dynaflow.backend.launch import Executor, StepContext, run_launch
 
         step = StepContext(program, Executor.new_env(program, inputs), current_nano_context())
@@ -141,7 +164,7 @@ class InductorSegments:
             for slot in frees:
                 env[slot] = None
         log.info("inductor: %d segment compiles for %r", len(self._compiled), program)
-        return replace_fns(program, fns)
+        return replace_fns(program, fns), env
 
     def _compile_one(self, launch: Launch, args: Sequence[Any]) -> Callable[..., Any]:
         fn = launch.fn
@@ -156,6 +179,12 @@ class InductorSegments:
                 f"{[tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]}: {exc}. Tag the segment "
                 "'no-inductor' to run it uncompiled."
             ) from exc
+
+
+def _key(program: Program, inputs: Sequence[Any]) -> tuple[int, tuple[Any, ...]]:
+    """What a compiled program is kept under: the program and its inputs' shapes (a dynamic dim other than the
+    batch, which the program's split fixes, gives each of its sizes static-shape compiles of its own)."""
+    return id(program), tuple([x.shape for x in inputs if isinstance(x, torch.Tensor)])
 
 
 def compile_carveouts(program: Program, inputs: Sequence[Any]) -> dict[int, int]:

@@ -114,6 +114,8 @@ class CompiledGraph:
         """The captured graph before partitioning: what the ``eager`` strategy runs."""
         self._written_inputs: tuple[int, ...] = ()
         """Inputs the graph writes in place: overlapping views of them run the graph unsplit."""
+        self._replayable = True
+        """Whether a step may run twice without a trace (:func:`replayable`): what an Inductor warm-up needs."""
         self._overlap_memo: tuple[list[Any], tuple[int, int] | None] | None = None
         """(input fingerprints, :func:`overlapping_writes` verdict) of the last call that checked."""
         self._input_specs: tuple[Any, ...] = ()
@@ -158,6 +160,7 @@ class CompiledGraph:
         self.segmented = dataclasses.replace(
             partition(gm, batch_dim=self.config.batch_dim, rules=rules, strict=self.config.strict), inputs=roles)
         self._input_specs = input_specs(self.segmented)
+        self._replayable = replayable(self.segmented)
         self.costs = CostContext(self.segmented, self.config, self.label)
         self.distributed = DistributedPlanner(self.segmented.segments, self.config.distributed_agree,
                                               self.config.lane_communicators, strategy_name(self.strategy))
@@ -186,9 +189,12 @@ class CompiledGraph:
     def _plan_for(self, inputs: Sequence[Any]) -> Plan:
         batch = self.batch_size(inputs)
         if not self._differential_done and batch >= 2:  # the knob is read on the graph's first split call only
-            if self.config.verify or knobs.verify_splits():
+            if (self.config.verify or knobs.verify_splits()) and self._replayable:
                 assert self.segmented is not None
                 check_split_equals_whole(self.segmented, inputs, batch)
+            elif self.config.verify or knobs.verify_splits():  # it runs segments twice: effects no argument shows too
+                log.info("%s: the split check is skipped: an op of this graph may write state no argument shows "
+                         "(an opaque call or a library op), so running its segments again would repeat that", self.label)
             self._differential_done = True
         layout = current_requests()
         tuned = self._lockstep_tune(batch, inputs, layout)
@@ -345,14 +351,31 @@ class CompiledGraph:
             self._splits.clear()
             self.last_plan = None
 
-    def program_for(self, plan: Plan, inputs: Sequence[Any]) -> Program:
+    def program_for(self, plan: Plan, inputs: Sequence[Any], aliased: bool = False) -> Program:
         """The program to run: the planned one, or (``inductor=True``) its copy with every segment compiled by
-        Inductor for its nano-batch shapes and warmed on these inputs."""
-        if not self.config.inductor:
+        Inductor for its nano-batch shapes and warmed on these inputs. ``aliased``: the inputs overlap in memory
+        while one is written (:meth:`unsplit_reason`); such a call runs the planned program, since Inductor
+        compiles a segment for inputs that do not alias and its guards do not tell views of one tensor apart."""
+        if not self.config.inductor or aliased:
             return plan.program
         if self._inductor is None:
             self._inductor = InductorSegments()
         return self._inductor.program_for(plan.program, inputs)
+
+    def _compiles_in_step(self, plan: Plan, inputs: Sequence[Any], aliased: bool) -> bool:
+        """Whether this call's step compiles its segments as it runs them (:meth:`InductorSegments.run_compiling`):
+        the first call of a program under ``inductor=True`` whose step may not run twice (not
+        :func:`replayable`), so that no warm-up repeats an effect dynaflow cannot see."""
+        if not self.config.inductor or aliased or self._replayable:
+            return False
+        if self._inductor is None:
+            self._inductor = InductorSegments()
+        return self._inductor.compiled(plan.program, inputs) is None
+
+    def _aliased(self, inputs: Sequence[Any], fps: Sequence[Any] | None = None) -> bool:
+        """Whether inputs overlap in memory while one is written (what Inductor must not see); checked only under
+        ``inductor=True``."""
+        return bool(self.config.inductor and self._written_inputs and self._overlap(inputs, fps) is not None)
 
     def capture_for(self, batch: int) -> CaptureChoice:
         """Which capture size a batch runs at (``cuda_graphs=True``), padding up when that is safe."""
@@ -409,10 +432,16 @@ class CompiledGraph:
                 f"{getattr(ex, 'name', ex)!r} executor was chosen. Set cuda_graphs=False for CPU runs."
             )
         known = {"fingerprints": fps} if not choice.padded and getattr(ex, "captures_graphs", False) else {}
-        program = self.program_for(plan, padded)
-        self._repeat = (_Repeat(fps, batch, self.config, knobs.forced_executor(), choice, plan, ex, program)
-                        if known and executor is None and unsplit is None and self._repeatable() else None)
-        out = ex.run(program, padded, capture=choice.mode is Mode.GRAPH, **known)
+        aliased = unsplit is not None and self._aliased(inputs, fps)  # (a padded call's inputs overlap none)
+        if self._compiles_in_step(plan, padded, aliased):  # a step that may not run twice: compiled as it runs, eagerly
+            self._repeat = None
+            out = self._inductor.run_compiling(plan.program, padded)  # type: ignore[union-attr]
+            ex = None
+        else:
+            program = self.program_for(plan, padded, aliased)
+            self._repeat = (_Repeat(fps, batch, self.config, knobs.forced_executor(), choice, plan, ex, program)
+                            if known and executor is None and unsplit is None and self._repeatable() else None)
+            out = ex.run(program, padded, capture=choice.mode is Mode.GRAPH, **known)
         if choice.padded:
             copy_back_written(inputs, padded, self._written_inputs, specs, batch)
         self.last_capture = choice
@@ -452,19 +481,23 @@ class CompiledGraph:
         them. The overlap verdict is kept for the last fingerprints seen: equal fingerprints mean the same byte
         spans, so the same verdict."""
         if self._written_inputs:
-            key = list(fps) if fps is not None else self._fingerprints(inputs)  # never mutated: compared as is
-            memo = self._overlap_memo
-            if memo is not None and memo[0] == key:
-                overlap = memo[1]
-            else:
-                overlap = overlapping_writes(inputs, self._written_inputs)
-                self._overlap_memo = (key, overlap)
+            overlap = self._overlap(inputs, fps)
             if overlap is not None:
                 return f"inputs {overlap[0]} and {overlap[1]} overlap in memory and one is written in place"
         if records_autograd(inputs) or records_autograd(self._weights):
             return ("autograd records this step (for inference, call the model under torch.no_grad() or "
                     "torch.inference_mode() to keep the split)")
         return None
+
+    def _overlap(self, inputs: Sequence[Any], fps: Sequence[Any] | None) -> tuple[int, int] | None:
+        """:func:`overlapping_writes` of the inputs, kept for the last fingerprints seen."""
+        key = list(fps) if fps is not None else self._fingerprints(inputs)  # never mutated: compared as is
+        memo = self._overlap_memo
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        overlap = overlapping_writes(inputs, self._written_inputs)
+        self._overlap_memo = (key, overlap)
+        return overlap
 
     def _unsplit_plan(self, inputs: Sequence[Any], reason: str) -> Plan:
         """One nano-batch, program order (see :meth:`unsplit_reason`)."""
@@ -515,7 +548,12 @@ class CompiledGraph:
         if strategy.graphs:  # auto measured this bucket faster as a graph
             return self.run_captured(inputs)
         ex = self.executor_for(plan, inputs)
-        out = ex.run(self.program_for(plan, inputs), inputs)
+        aliased = self._aliased(inputs, fps)
+        if self._compiles_in_step(plan, inputs, aliased):
+            out = self._inductor.run_compiling(plan.program, inputs)  # type: ignore[union-attr]
+            self._ran(plan, None)
+            return out
+        out = ex.run(self.program_for(plan, inputs, aliased), inputs)
         self._ran(plan, ex)
         return out
 

@@ -144,3 +144,84 @@ def test_dtype_casts_round_as_in_eager():
         torch.testing.assert_close(c(x), fn(x), rtol=tol, atol=tol * 10)
     assert c.last_graph._inductor.num_compiled >= 1
     assert c.last_graph._inductor.options["emulate_precision_casts"] is True
+
+
+_LIN = torch.nn.Linear(8, 8)
+
+
+def _writes_a_reads_b(a, b):
+    a.add_(_LIN(a))                                # writes ``a`` in place ...
+    return _LIN(b) * 2 + a.sum(-1, keepdim=True)   # ... and reads ``b``, which may overlap it
+
+
+@pytest.mark.parametrize("strategy, nano", [("round_robin", 2), ("sequential", 1)])
+def test_inputs_that_overlap_a_written_one_run_uncompiled_and_equal_eager(strategy, nano):
+    """Inductor compiles a segment for inputs that do not alias (and its guards do not tell views of one tensor
+    apart), so a call whose inputs overlap while one is written runs the planned program: eager's answer, also
+    after the same program was compiled for a call with disjoint inputs."""
+    c = dynaflow.compile(_writes_a_reads_b, strategy=strategy, nano_batches=nano, executor="serial", inductor=True)
+    with torch.no_grad():
+        for rows in ((slice(0, 6), slice(6, 12)), (slice(0, 6), slice(3, 9)), (slice(0, 6), slice(6, 12))):
+            base = torch.randn(12, 8)
+            ref = base.clone()
+            want = _writes_a_reads_b(ref[rows[0]], ref[rows[1]])
+            torch.testing.assert_close(c(base[rows[0]], base[rows[1]]), want, **TOL)
+            torch.testing.assert_close(base, ref, **TOL)
+
+
+_HIDDEN = {"calls": 0}
+
+
+@torch.library.custom_op("dynaflow_test::counted_scale", mutates_args=())
+def _counted_scale(x: torch.Tensor) -> torch.Tensor:
+    _HIDDEN["calls"] += 1  # state no argument shows, as an engine's step counter
+    return x * _HIDDEN["calls"]
+
+
+@_counted_scale.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _Counted(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.b(_counted_scale(self.a(x)))
+
+
+@pytest.mark.parametrize("strategy, nano", [("sequential", 1), ("nanoflow", 2)])
+def test_a_step_that_may_not_run_twice_compiles_as_it_runs_once(strategy, nano):
+    """An op that writes hidden state makes the step not replayable: its first call per program and shapes is the
+    real step, compiling each segment as it reaches it, not a warm-up followed by the step (which would run the
+    op twice)."""
+    model = _Counted().eval()
+    c = dynaflow.compile(model, strategy=strategy, nano_batches=nano, executor="serial", inductor=True)
+    with torch.no_grad():
+        for call, batch in enumerate((4, 4, 6, 4)):
+            x = torch.randn(batch, 8)
+            _HIDDEN["calls"] = 10 * call
+            want, eager_state = model(x), _HIDDEN["calls"]
+            _HIDDEN["calls"] = 10 * call
+            torch.testing.assert_close(c(x), want, **TOL)
+            assert _HIDDEN["calls"] == eager_state, (call, batch)
+    assert c.last_graph._inductor.num_compiled >= 1
+
+
+def test_each_length_of_a_dynamic_dim_gets_its_own_compiles():
+    """A program serves every sequence length of its batch split; each length is compiled and warmed before the
+    executor runs it (so no segment recompiles inside a lane, and Dynamo's recompile limit is never reached)."""
+    model = make_transformer(layers=1)
+    c = dynaflow.compile(model, strategy="sequential", nano_batches=1, executor="serial", inductor=True)
+    lengths = (3, 4, 5, 6, 7, 8, 9, 10, 11, 3)
+    with torch.no_grad():
+        for s in lengths:
+            x = torch.randn(2, s, 16, generator=torch.Generator().manual_seed(s))
+            torch.testing.assert_close(c(x), model(x), **TOL)
+    ind = c.last_graph._inductor
+    assert len({shapes for _, shapes in ind._programs}) == len(set(lengths))
+    assert all(_compiled_fn(l.fn) for _, compiled in ind._programs.values() for l in compiled.serial_order
+               if "no-inductor" not in l.segment.hints)
