@@ -72,15 +72,25 @@ def time_segments(seg: SegmentedModule, inputs: Sequence[Any], batch: int, sizes
     return timings
 
 
+def _pure_leaf(owner: torch.nn.Module, target: str) -> bool:
+    """Whether a ``call_module`` leaf (a GraphModule from ``symbolic_trace``) changes nothing when run again: a
+    torch.nn module without buffers (a user's leaf, or BatchNorm's running stats, may update its own state)."""
+    try:
+        module = owner.get_submodule(target)
+    except AttributeError:
+        return False
+    return type(module).__module__.startswith("torch.nn.") and next(module.buffers(), None) is None
+
+
 _VISIBLE_EFFECTS = {"aten", "prims", "_c10d_functional", "c10d_functional", "dynaflow"}
 """Op namespaces whose writes are all declared in their schemas (what dynaflow copies before timing a step)."""
 
 
 def replayable(seg: SegmentedModule) -> bool:
     """Whether timing a step (running it again, on private copies of the inputs it writes) leaves everything as
-    it was: no segment is an opaque callable, and no op comes from a library whose kernels may write state that
-    is not an argument (an engine's KV cache reached through its forward context), unless its segment is tagged
-    ``pure`` (the user's word for it)."""
+    it was: no segment is an opaque callable or a leaf module that may update its own state, and no op comes from
+    a library whose kernels may write state that is not an argument (an engine's KV cache reached through its
+    forward context), unless its segment is tagged ``pure`` (the user's word for it)."""
     for call in seg.calls:
         if PURE in call.segment.hints:
             continue
@@ -88,6 +98,8 @@ def replayable(seg: SegmentedModule) -> bool:
         if graph is None:
             return False
         for node in graph.nodes:
+            if node.op == "call_module" and not _pure_leaf(call.module, str(node.target)):
+                return False
             if node.op != "call_function":
                 continue
             target = node.target

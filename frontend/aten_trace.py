@@ -17,7 +17,7 @@ import torch
 import torch.fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Dispatched", "lower_node", "fake_mode_of", "bind", "call_key"]
+__all__ = ["Dispatched", "lower_node", "fake_mode_of", "bind", "call_key", "call_module_on_fakes"]
 
 
 @dataclass(frozen=True)
@@ -75,10 +75,19 @@ def lower_node(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple[Any, .
         if node.op == "call_method":
             out = getattr(args[0], str(node.target))(*args[1:], **kwargs)
         elif node.op == "call_module":
-            out = gm.get_submodule(str(node.target))(*args, **kwargs)
+            out = call_module_on_fakes(gm.get_submodule(str(node.target)), mode, args, kwargs)
         else:
             out = node.target(*args, **kwargs)
     return rec.calls, out
+
+
+def call_module_on_fakes(module: torch.nn.Module, mode: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Call a ``call_module`` node's module with its parameters and buffers as fake tensors of ``mode``: an
+    in-place update of its own state (BatchNorm's running stats in training, a step counter) then writes a fake,
+    which the analysis sees, and never the module's real tensors."""
+    state = {name: mode.from_tensor(t) for name, t in (*module.named_parameters(remove_duplicate=False),
+                                                         *module.named_buffers(remove_duplicate=False))}
+    return torch.func.functional_call(module, state, args, kwargs, tie_weights=False, strict=False)
 
 
 _SCHEMA_NAMES: dict[Any, tuple[tuple[str, Any], ...]] = {}

@@ -251,6 +251,9 @@ class BatchAnalysis:
                 calls, result = lower_node(self.gm, node, args, kwargs, mode)
             except Exception as exc:  # noqa: BLE001 - anything we cannot analyse couples
                 return f"dynaflow cannot lower it to ATen ops ({type(exc).__name__}: {str(exc)[:120]})"
+        hidden = _hidden_write(calls, (args, kwargs))
+        if hidden:
+            return hidden
         place = _Placements(seed, self.batch)
         used_sym = False
         for call in calls:
@@ -476,6 +479,35 @@ _SAME_VALUES = frozenset({"aten::detach", "aten::alias", "aten::lift_fresh", "at
 """Ops whose result holds the values of their input, in its layout: batch positions stay positions."""
 POSITIONS = "positions"
 """The step of a tensor of batch positions that no rule may read as offsets (an op's position output)."""
+
+
+def _hidden_write(calls: list[Dispatched], given: Any) -> str | None:
+    """Why the node couples if one of its ATen ops writes a tensor the node was neither given nor made (its
+    module's own state, such as BatchNorm's running stats or a step counter in a ``call_module`` leaf, or a
+    global): split, that write would happen once per nano-batch. Tensors count by storage, so a view the node
+    made of such state is that state."""
+    known = {_storage(t) for t in torch.utils._pytree.tree_leaves(given) if isinstance(t, torch.Tensor)}
+    for call in calls:
+        schema = call.op._schema
+        bound = bind(call.op, call.args, call.kwargs)
+        for arg in schema.arguments:
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                for t in torch.utils._pytree.tree_leaves(bound.get(arg.name)):
+                    if isinstance(t, torch.Tensor) and _storage(t) not in known:
+                        return (f"it writes a tensor it was not given ({arg.name} {tuple(t.shape)} of {call.op}: a "
+                                "module's own state or a global), which a split would update once per nano-batch")
+        outs = call.out if isinstance(call.out, (tuple, list)) else (call.out,)
+        for ret, t in zip(schema.returns, outs):
+            if ret.alias_info is None and isinstance(t, torch.Tensor):  # a new tensor, not a view of an argument
+                known.add(_storage(t))
+    return None
+
+
+def _storage(t: torch.Tensor) -> Any:
+    try:
+        return t.untyped_storage()._cdata
+    except Exception:  # noqa: BLE001 - a tensor without storage (a sparse or nested one): itself
+        return ("tensor", id(t))
 
 
 def _position_step(bound: dict[str, Any], batch: sympy.Symbol) -> Any:

@@ -17,6 +17,7 @@ from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
 from dynaflow.errors import CaptureError, ConfigError, DynaflowError
 from dynaflow.frontend.graph_inputs import objects_within
+from dynaflow.frontend.aten_trace import call_module_on_fakes
 
 __all__ = ["batch_size_of", "check_layouts", "mark_batch_dynamic", "symbolize", "check_outputs", "flat_io", "GraphEntry",
            "SharedBackend", "SHARED_BACKEND", "run_dynamo", "no_graph_error"]
@@ -117,6 +118,12 @@ def symbolize(gm: torch.fx.GraphModule, inputs: Sequence[Any], batch_dim: int) -
         with torch.utils._python_dispatch._disable_current_modes(), mode:
             _RecordValues(gm, mode).run(*fakes)
     except Exception as exc:
+        if "DataDependent" in type(exc).__name__:  # a value read as a Python number: no fake tensor holds it
+            raise CaptureError(
+                f"The GraphModule reads a tensor's value as a Python number (float(t), t.item(), a branch on it), so "
+                f"dynaflow cannot analyse it on fake tensors ({type(exc).__name__}: {str(exc)[:200]}). Pass the "
+                "nn.Module itself to dynaflow.compile: Dynamo captures around such reads."
+            ) from exc
         raise CaptureError(
             f"Could not propagate a symbolic batch dim through the GraphModule ({type(exc).__name__}: {exc}). "
             "If it was made by torch.export with a static batch, export it with "
@@ -176,6 +183,9 @@ class _RecordValues(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule, mode: Any):
         super().__init__(gm)
         self.mode = mode
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return call_module_on_fakes(self.fetch_attr(target), self.mode, tuple(args), dict(kwargs))
 
     def run_node(self, n: torch.fx.Node) -> Any:
         out = super().run_node(n)

@@ -455,6 +455,64 @@ def test_cumsum_over_batch_is_a_barrier_in_an_exported_graph():
         torch.testing.assert_close(compiled(x), model(x), **TOL)
 
 
+class _StepCounter(torch.nn.Module):
+    """A leaf that updates its own buffer in place (a step counter, as an EMA or BatchNorm's counters do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.step.add_(1)
+        return x * self.step
+
+
+class _CountsSteps(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.counter = torch.nn.Linear(16, 16), _StepCounter()
+
+    def forward(self, x):
+        return self.counter(self.lin(x))
+
+
+class _KeepsCounterLeaf(torch.fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, _StepCounter) or super().is_leaf_module(m, qualname)
+
+
+@pytest.mark.parametrize("nano", [1, 2])
+def test_a_leaf_module_that_writes_its_own_state_runs_once_per_step(nano):
+    """A ``call_module`` leaf of a GraphModule writing its buffer: the analysis runs it on fake state (the real
+    buffer is not bumped by it), and the write makes it a barrier (split, it would run once per nano-batch)."""
+    ref, mine = _CountsSteps().eval(), _CountsSteps().eval()
+    gm = torch.fx.GraphModule(mine, _KeepsCounterLeaf().trace(mine))
+    compiled = dynaflow.compile(gm, strategy="round_robin", nano_batches=nano, executor="serial")
+    with grad_off():
+        for _ in range(3):
+            x = mlp_input(8)
+            torch.testing.assert_close(compiled(x), ref(x), **TOL)
+            assert gm.counter.step.item() == ref.counter.step.item()
+    if nano == 2:
+        assert any(s.kind is dynaflow.SegmentKind.BARRIER and "not given" in s.reason
+                   for s in compiled.last_graph.segmented.segments)
+
+
+def test_batchnorm_in_training_through_symbolic_trace_counts_each_step_once():
+    """``symbolic_trace`` keeps BatchNorm a leaf: its running stats and ``num_batches_tracked`` end as eager's."""
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16)).train()
+    mine = copy.deepcopy(ref)
+    compiled = dynaflow.compile(torch.fx.symbolic_trace(mine), strategy="nanoflow", nano_batches=2, executor="serial")
+    with grad_off():
+        for _ in range(3):
+            x = mlp_input(8)
+            torch.testing.assert_close(compiled(x), ref(x), **TOL)
+    for name, buf in ref[1].named_buffers():
+        torch.testing.assert_close(dict(mine[1].named_buffers())[name], buf, **TOL)
+
+
 def test_exported_linear_segments_are_compute_bound():
     model = make_mlp()
     x = mlp_input(6)
