@@ -122,7 +122,10 @@ class Compiled:
                 found[name] = tuple(i for i, x in enumerate(inputs) if id(x) in ids)
         return found
 
+    @torch._dynamo.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Never traced by an outer torch.compile (a parent module compiled whole, or dynaflow inside dynaflow):
+        # the outer graph breaks here and this call runs through dynaflow's own capture.
         if self._fx:
             return self._call_fx(args, kwargs)
         if self._static_names:
@@ -199,17 +202,29 @@ class Compiled:
     def _call_fx(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         flat = list(self._flatten(*args, **kwargs))
         check_layouts(flat)
-        if batch_size_of(flat, self.config.batch_dim) == 0:  # no rows: nothing to split or overlap
+        batch = batch_size_of(flat, self.config.batch_dim)
+        if batch == 0:  # no rows: nothing to split or overlap
             return self.model(*args, **kwargs)
-        if not self.graphs:
-            graph = CompiledGraph(self.model, self.config, self.strategy).prepare(flat, from_fx=True)
-            self.graphs.append(graph)
-        out = self.graphs[0](*flat)
+        out = self._fx_graph(flat, batch)(*flat)
         out = self._unflatten(out)
         if not self._checked:
             check_outputs(out)
             self._checked = True
         return out
+
+    def _fx_graph(self, flat: list[Any], batch: int) -> CompiledGraph:
+        """The prepared graph for a GraphModule call: the one whose batch dim is symbolic, else one prepared at
+        this batch (a first call of one row, or an export with a static batch, leaves the batch static: another
+        batch is prepared anew, which makes it symbolic or says why it cannot be)."""
+        for graph in self.graphs:
+            if graph.segmented is not None and (graph.segmented.batch_symbol is not None or graph.fx_batch == batch):
+                return graph
+        with self._lock:
+            graph = CompiledGraph(self.model, self.config, self.strategy, label=f"graph{len(self.graphs)}")
+            graph.prepare(flat, from_fx=True)
+            graph.fx_batch = batch
+            self.graphs.append(graph)
+        return graph
 
     # -- inspection -----------------------------------------------------------------------------------
     @property

@@ -114,6 +114,8 @@ class CompiledGraph:
         """The captured graph before partitioning: what the ``eager`` strategy runs."""
         self._written_inputs: tuple[int, ...] = ()
         """Inputs the graph writes in place: overlapping views of them run the graph unsplit."""
+        self.fx_batch = 0
+        """For a GraphModule compiled directly: the batch of the call it was prepared on."""
         self._replayable = True
         """Whether a step may run twice without a trace (:func:`replayable`): what an Inductor warm-up needs."""
         self._overlap_memo: tuple[list[Any], tuple[int, int] | None] | None = None

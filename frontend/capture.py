@@ -275,6 +275,14 @@ def no_graph_error(model: Any, breaks: Sequence[str] = ()) -> CaptureError:
             "layers around the RNN instead (dynaflow.compile on the submodules before and after it), or write "
             "the recurrence with nn.LSTMCell / nn.GRUCell in a Python loop."
         )
+    inplace = [name or "the model" for name, m in (model.named_modules() if isinstance(model, torch.nn.Module) else ())
+               if getattr(m, "_compiled_call_impl", None) is not None]
+    if inplace:
+        return CaptureError(
+            f"torch.compile ran {type(model).__name__} without handing any graph to dynaflow: {', '.join(inplace[:3])} "
+            "was compiled in place with module.compile(), so calling it runs that torch.compile instead. Pass the "
+            "module to dynaflow.compile before calling .compile() on it (or undo it: module._compiled_call_impl = None)."
+        )
     modes = [type(m).__name__ for m in torch.utils._python_dispatch._get_current_dispatch_mode_stack()]
     if modes:
         return CaptureError(

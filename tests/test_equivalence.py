@@ -513,6 +513,51 @@ def test_batchnorm_in_training_through_symbolic_trace_counts_each_step_once():
         torch.testing.assert_close(dict(mine[1].named_buffers())[name], buf, **TOL)
 
 
+def test_a_graph_module_first_called_with_one_row_still_splits_larger_batches():
+    """A first call of one row leaves the prepared batch static; a larger batch is prepared anew, symbolic."""
+    model = make_mlp()
+    compiled = dynaflow.compile(torch.fx.symbolic_trace(model), strategy="round_robin", executor="serial")
+    with grad_off():
+        for batch in (1, 4, 6, 1, 5):
+            x = mlp_input(batch)
+            torch.testing.assert_close(compiled(x), model(x), **TOL)
+    split = {b: p.split.sizes for g in compiled.graphs for b, p in g.plans.items()}
+    assert split[4] == (2, 2) and split[6] == (3, 3) and split[1] == (1,)
+
+
+def test_an_export_with_a_static_batch_called_with_another_batch_says_how_to_export_it():
+    model = make_mlp()
+    compiled = dynaflow.compile(torch.export.export(model, (mlp_input(4),)), strategy="round_robin", nano_batches=2)
+    with grad_off():
+        torch.testing.assert_close(compiled(mlp_input(4)), model(mlp_input(4)), **TOL)
+        with pytest.raises(dynaflow.CaptureError, match="dynamic_shapes"):
+            compiled(mlp_input(6))
+
+
+@pytest.mark.parametrize("outer", ["torch.compile", "dynaflow"])
+def test_a_dynaflow_model_inside_a_compiled_parent_runs_through_dynaflow(outer):
+    """The outer capture breaks its graph at the dynaflow call (Dynamo cannot trace dynaflow's own capture)."""
+    child = make_mlp()
+    fast_child = dynaflow.compile(child, strategy="round_robin", nano_batches=2, executor="serial")
+    pre = torch.nn.Linear(16, 16)
+    parent = lambda x: fast_child(torch.relu(pre(x)))  # noqa: E731
+    compiled = (torch.compile(parent, backend="eager") if outer == "torch.compile"
+                else dynaflow.compile(parent, strategy="sequential", executor="serial"))
+    with grad_off():
+        for batch in (4, 6):
+            x = mlp_input(batch)
+            torch.testing.assert_close(compiled(x), child(torch.relu(pre(x))), **TOL)
+    assert fast_child.last_graph.last_plan.split.num == 2
+
+
+def test_a_module_compiled_in_place_first_is_named_in_the_error():
+    model = make_transformer()
+    model.compile(backend="eager")
+    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=2)
+    with grad_off(), pytest.raises(dynaflow.CaptureError, match=r"compiled in place with module\.compile\(\)"):
+        compiled(transformer_input(4))
+
+
 def test_exported_linear_segments_are_compute_bound():
     model = make_mlp()
     x = mlp_input(6)
