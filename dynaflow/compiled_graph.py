@@ -196,7 +196,8 @@ class CompiledGraph:
                 check_split_equals_whole(self.segmented, inputs, batch)
             elif self.config.verify or knobs.verify_splits():  # it runs segments twice: effects no argument shows too
                 log.info("%s: the split check is skipped: an op of this graph may write state no argument shows "
-                         "(an opaque call or a library op), so running its segments again would repeat that", self.label)
+                         "(an opaque call, a library op, a leaf module with buffers), and running its segments again "
+                         "would repeat that", self.label)
             self._differential_done = True
         layout = current_requests()
         tuned = self._lockstep_tune(batch, inputs, layout)
@@ -435,7 +436,7 @@ class CompiledGraph:
             )
         known = {"fingerprints": fps} if not choice.padded and getattr(ex, "captures_graphs", False) else {}
         aliased = unsplit is not None and self._aliased(inputs, fps)  # (a padded call's inputs overlap none)
-        if self._compiles_in_step(plan, padded, aliased):  # a step that may not run twice: compiled as it runs, eagerly
+        if self._compiles_in_step(plan, padded, aliased):  # a step that may not run twice: compiled as it runs
             self._repeat = None
             out = self._inductor.run_compiling(plan.program, padded)  # type: ignore[union-attr]
             ex = None
