@@ -85,8 +85,9 @@ def call_module_on_fakes(module: torch.nn.Module, mode: Any, args: tuple[Any, ..
     """Call a ``call_module`` node's module with its parameters and buffers as fake tensors of ``mode``: an
     in-place update of its own state (BatchNorm's running stats in training, a step counter) then writes a fake,
     which the analysis sees, and never the module's real tensors."""
-    state = {name: mode.from_tensor(t) for name, t in (*module.named_parameters(remove_duplicate=False),
-                                                         *module.named_buffers(remove_duplicate=False))}
+    state = {name: mode.from_tensor(t, static_shapes=True)  # weights' sizes are constants, as in Dynamo's graphs
+             for name, t in (*module.named_parameters(remove_duplicate=False),
+                             *module.named_buffers(remove_duplicate=False))}
     return torch.func.functional_call(module, state, args, kwargs, tie_weights=False, strict=False)
 
 
