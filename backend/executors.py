@@ -15,7 +15,8 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -119,6 +120,35 @@ class _Crew:
         self.pool.shutdown(wait=False)
 
 
+@dataclass(frozen=True)
+class _CallerModes:
+    """The caller's thread-local modes that a worker lane runs under: autograd, inference mode and autocast
+    (per device type), all per thread in torch, so a worker would otherwise run without them."""
+
+    grad: bool
+    inference: bool
+    autocast: tuple[tuple[str, torch.dtype], ...]
+    """(device type, dtype) of each autocast the caller is in."""
+
+    @classmethod
+    def now(cls) -> "_CallerModes":
+        casts = tuple((dev, torch.get_autocast_dtype(dev)) for dev in _AUTOCAST_DEVICES if torch.is_autocast_enabled(dev))
+        return cls(torch.is_grad_enabled(), torch.is_inference_mode_enabled(), casts)
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.set_grad_enabled(self.grad))
+            if self.inference:  # inference_mode(False) would re-enable grad: entered only when the caller is in it
+                stack.enter_context(torch.inference_mode())
+            for dev, dtype in self.autocast:
+                stack.enter_context(torch.autocast(dev, dtype=dtype))
+            yield
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
 class ThreadExecutor(Executor):
     """One worker thread per lane (lane 0 on the calling thread); events are real synchronisation.
 
@@ -168,7 +198,7 @@ class ThreadExecutor(Executor):
         step = _Step(ctx, timeout, cached[1])
         per_lane: list[list[TimelineEvent] | None] = [[] if ctx.timeline is not None else None for _ in program.lanes]
         futures = []
-        grad = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        grad = _CallerModes.now()
         crew = self._checkout(len(program.lanes) - 1) if len(program.lanes) > 1 else None
         try:
             if crew is not None:
@@ -208,11 +238,9 @@ class ThreadExecutor(Executor):
         return _run_in_order(self, program, inputs)
 
     def _lane(self, program: Program, li: int, step: _Step, out: list[TimelineEvent] | None,
-              grad: tuple[bool, bool]) -> None:
+              modes: "_CallerModes") -> None:
         try:
-            # autograd and inference modes are thread-local: workers take the caller's
-            # (inference_mode(False) would re-enable grad, so it is only entered when the caller is in it)
-            with torch.set_grad_enabled(grad[0]), (torch.inference_mode() if grad[1] else contextlib.nullcontext()):
+            with modes.entered():
                 step_loop(step.ctx, program.streams[li], events=step.events, wait_timeout=step.timeout,
                           lane=program.lanes[li].name, after=step.release, timeline=out)
         except BaseException as exc:  # noqa: BLE001 - every failure must wake the other lanes

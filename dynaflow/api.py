@@ -59,7 +59,8 @@ class Compiled:
         self._as_is: set[tuple[Any, ...]] = set()
         """Call keys (:func:`call_key`) of calls that run the model itself, skipping Dynamo (see ``__call__``)."""
         self.direct_calls = 0
-        """Calls that ran the model itself because the eager floor won their bucket."""
+        """Calls that ran the model itself: the eager floor won their bucket, or a torch.func transform is active."""
+        self._warned_transform = False
         self.floor_check = FloorCheck()
         """``auto``'s whole-call comparison with the model itself (:mod:`dynaflow.floor_check`)."""
         self._static_names = tuple(e for e in config.static_inputs if isinstance(e, str))
@@ -126,6 +127,8 @@ class Compiled:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # Never traced by an outer torch.compile (a parent module compiled whole, or dynaflow inside dynaflow):
         # the outer graph breaks here and this call runs through dynaflow's own capture.
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return self._in_transform(args, kwargs)
         if self._fx:
             return self._call_fx(args, kwargs)
         if self._static_names:
@@ -147,6 +150,17 @@ class Compiled:
                 self._as_is.add(key)
             return out
         return self._through_dynaflow(args, kwargs, batch, key)
+
+    def _in_transform(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A call inside a torch.func transform (``vmap``, ``grad``, ``jacrev``): the model itself runs. The
+        transform's state is per thread, which lanes on other threads would not see, and Dynamo, asked to capture
+        under it, gives up on the model's code for every later call too."""
+        if not self._warned_transform:
+            self._warned_transform = True
+            log.info("%s called inside a torch.func transform: the model runs itself there, unsplit",
+                     type(self.model).__name__)
+        self.direct_calls += 1
+        return self.model(*args, **kwargs)
 
     def _direct(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._local.call = None

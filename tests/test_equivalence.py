@@ -373,6 +373,39 @@ def test_inference_mode_output_has_no_autograd_history(executor):
     torch.testing.assert_close(out, ref, **TOL)
 
 
+@pytest.mark.parametrize("executor", ["serial", "thread"])
+def test_a_call_inside_a_torch_func_transform_runs_the_model_and_later_calls_still_split(executor):
+    """Under vmap or grad the model runs itself (the transform's state is per thread, and Dynamo asked to capture
+    under it would give up on the model's code for later calls too); calls after it are split as before."""
+    model = make_mlp()
+    compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor=executor)
+    x = mlp_input(6)
+    with grad_off():
+        torch.testing.assert_close(compiled(x), model(x), **TOL)
+        torch.testing.assert_close(torch.vmap(compiled)(x.unsqueeze(1)), torch.vmap(model)(x.unsqueeze(1)), **TOL)
+    torch.testing.assert_close(torch.func.grad(lambda t: compiled(t).sum())(x),
+                               torch.func.grad(lambda t: model(t).sum())(x), **TOL)
+    with grad_off():
+        torch.testing.assert_close(compiled(mlp_input(8)), model(mlp_input(8)), **TOL)
+    assert compiled.last_graph.last_plan.split.sizes == (4, 4) and compiled.direct_calls == 2
+
+
+@pytest.mark.parametrize("executor", ["serial", "thread"])
+@pytest.mark.parametrize("strategy", ["round_robin", "nanoflow"])
+def test_every_lane_runs_under_the_callers_autocast(executor, strategy):
+    """Autocast is per thread in torch: the thread executor's worker lanes take the caller's, so every nano-batch
+    computes in bfloat16 as eager does (was: float32 rows from the worker lane)."""
+    model = make_mlp()
+    compiled = dynaflow.compile(model, strategy=strategy, nano_batches=2, executor=executor)
+    x = mlp_input(8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = compiled(x), model(x)
+        on_slices = torch.cat([model(x[:4]), model(x[4:])])  # what each nano-batch computes, in bfloat16
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert compiled.last_graph.last_plan.split.sizes == (4, 4)
+    torch.testing.assert_close(out, on_slices, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("executor", ["serial", "thread", "sim"])
 def test_executors_keep_no_grad(executor):
     model = make_mlp()
