@@ -198,13 +198,13 @@ class ThreadExecutor(Executor):
         step = _Step(ctx, timeout, cached[1])
         per_lane: list[list[TimelineEvent] | None] = [[] if ctx.timeline is not None else None for _ in program.lanes]
         futures = []
-        grad = _CallerModes.now()
+        modes = _CallerModes.now()
         crew = self._checkout(len(program.lanes) - 1) if len(program.lanes) > 1 else None
         try:
             if crew is not None:
                 for li in range(1, len(program.lanes)):
-                    futures.append(crew.pool.submit(self._lane, program, li, step, per_lane[li], grad))
-            self._lane(program, 0, step, per_lane[0], grad)
+                    futures.append(crew.pool.submit(self._lane, program, li, step, per_lane[li], modes))
+            self._lane(program, 0, step, per_lane[0], modes)
             for f in futures:
                 f.result(timeout=timeout * max(1, program.num_launches))
         except FutureTimeout:
