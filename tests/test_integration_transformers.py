@@ -384,3 +384,5 @@ def test_bad_logits_to_keep_is_refused(llama_enabled):
     ids, _ = prompts(3)
     with pytest.raises(dynaflow.ConfigError, match=r"logits_to_keep must be an int >= 0.*-1"):
         llama_enabled(ids, use_cache=False, logits_to_keep=-1)
+    with pytest.raises(dynaflow.ConfigError, match=r"logits_to_keep must be an int >= 0.*tensor"):
+        llama_enabled(ids, use_cache=False, logits_to_keep=torch.tensor([1, 2]))  # was a raw RuntimeError

@@ -152,7 +152,8 @@ class DynaflowForward:
             cache = None
         return {"input_ids": ids, "attention_mask": call.get("attention_mask"),
                 "position_ids": call.get("position_ids"), "cache": cache,
-                "return_dict": call.get("return_dict"), "logits_to_keep": call.get("logits_to_keep") or 0}
+                "return_dict": call.get("return_dict"),
+                "logits_to_keep": 0 if call.get("logits_to_keep") is None else call["logits_to_keep"]}
 
     def _prepare_cache(self, cache: Any, ids: torch.Tensor) -> None:
         """Check the cache is a static one of this batch; allocate it now if it is still lazy. Done once per
