@@ -128,8 +128,8 @@ class InductorSegments:
     def _compile(self, program: Program, inputs: Sequence[Any]) -> Program:
         """Compile every launch and warm it in one step that leaves no trace (:mod:`dynaflow.sandbox`): the
         executor runs the real step right after, so the inputs' writes and random draws must happen once."""
-        with sandboxed(inputs, program.inputs.written) as private:
-            return self._compile_warm(program, private)[0]
+        with sandboxed(inputs, program.inputs.written) as box:
+            return self._compile_warm(program, box.inputs)[0]
 
     def _compile_warm(self, program: Program, inputs: Sequence[Any]) -> tuple[Program, list[Any]]:
         """Run the step once in serial order, compiling each launch on its arguments there; the compiled program

@@ -406,7 +406,7 @@ def parallelize(obj: Any = None, **options: Any) -> Any:
     def deco(target: Any) -> Any:
         if isinstance(target, type) and issubclass(target, torch.nn.Module):
             return _parallelize_class(target, options)
-        if inspect.isfunction(target) and next(iter(inspect.signature(target).parameters), None) == "self":
+        if inspect.isfunction(target) and _looks_like_a_method(target):
             return _ParallelMethod(target, options)
         if callable(target):
             return compile(target, **options)
@@ -415,14 +415,31 @@ def parallelize(obj: Any = None, **options: Any) -> Any:
     return deco(obj) if obj is not None else deco
 
 
+def _looks_like_a_method(fn: Callable[..., Any]) -> bool:
+    """Whether a function is (likely) a method: its first parameter is ``self``, or it is defined in a class body
+    (``Net.forward``, whatever its first parameter is called) and takes an argument."""
+    params = list(inspect.signature(fn).parameters)
+    if params[:1] == ["self"]:
+        return True
+    scope = fn.__qualname__.split(".")[:-1]
+    return bool(params) and bool(scope) and scope[-1] != "<locals>"
+
+
 class _ParallelMethod:
     """``@dynaflow.parallelize`` on a method (``def forward(self, x)``): each instance compiles its bound method
-    on first use; the compiled object is kept beside the instance, not in it (copies and pickles stay plain)."""
+    on first use; the compiled object is kept beside the instance, not in it (copies and pickles stay plain).
+    Called with no instance (under ``@staticmethod``, or through the class with another first argument), it is
+    the plain function, compiled once."""
 
     def __init__(self, fn: Callable[..., Any], options: dict[str, Any]) -> None:
         self.fn, self.options = fn, options
         self._per: "weakref.WeakKeyDictionary[Any, Compiled]" = weakref.WeakKeyDictionary()
+        self._owner: type | None = None
+        self._plain: Compiled | None = None
         functools.update_wrapper(self, fn)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._owner = owner  # set in a class body (a @staticmethod on top hides it: that one has no instance)
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
@@ -432,8 +449,14 @@ class _ParallelMethod:
             compiled = self._per[instance] = compile(types.MethodType(self.fn, instance), **self.options)
         return compiled
 
-    def __call__(self, instance: Any, *args: Any, **kwargs: Any) -> Any:  # called through the class
-        return self.__get__(instance)(*args, **kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        owner = self._owner
+        if args and (isinstance(args[0], owner) if owner is not None else next(
+                iter(inspect.signature(self.fn).parameters)) == "self"):  # through the class: Net.forward(net, x)
+            return self.__get__(args[0])(*args[1:], **kwargs)
+        if self._plain is None:
+            self._plain = compile(self.fn, **self.options)
+        return self._plain(*args, **kwargs)
 
 
 _INSTANCES: "weakref.WeakKeyDictionary[torch.nn.Module, Compiled]" = weakref.WeakKeyDictionary()

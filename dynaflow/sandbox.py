@@ -4,7 +4,9 @@ dynaflow runs a step again on the caller's inputs to measure or prepare it. Such
 the caller sees afterwards: the inputs the graph writes in place (a KV cache row, a step counter, a norm's
 running statistics) are written only on private copies, and the global random number generators (dropout in
 training draws from them) are put back as they were, so the caller's next call — and next draw — give what
-eager would.
+eager would. A run repeated on the same copies (timing takes several) starts each time from the caller's
+values (:meth:`Sandbox.reset`): a static KV cache's fill level advances with every step, and a copy stepped
+ten times would index past the cache's end where the caller's one step does not.
 """
 
 from __future__ import annotations
@@ -14,12 +16,32 @@ from typing import Any, Collection, Iterator, Sequence
 
 import torch
 
-__all__ = ["private_writes", "rng_preserved", "sandboxed"]
+__all__ = ["Sandbox", "private_writes", "rng_preserved", "sandboxed"]
 
 
 def private_writes(inputs: Sequence[Any], written: Collection[int]) -> list[Any]:
     """``inputs`` with every input the graph writes in place replaced by a copy (the others shared)."""
     return [x.clone() if i in written and isinstance(x, torch.Tensor) else x for i, x in enumerate(inputs)]
+
+
+class Sandbox:
+    """The inputs of runs that leave no trace: ``inputs`` holds private copies of the ones the graph writes,
+    which :meth:`reset` puts back to the caller's values in place (their addresses stay, so a CUDA graph captured
+    on them replays on the reset values)."""
+
+    def __init__(self, inputs: Sequence[Any], written: Collection[int]):
+        self.inputs = private_writes(inputs, written)
+        self._pairs = [(mine, theirs) for mine, theirs in zip(self.inputs, inputs)
+                       if mine is not theirs and isinstance(mine, torch.Tensor)]
+
+    def reset(self) -> None:
+        """Every private copy holds the caller's values again: the next run starts where the caller's does."""
+        with torch.no_grad():
+            for mine, theirs in self._pairs:
+                mine.copy_(theirs)
+
+    def __repr__(self) -> str:
+        return f"Sandbox({len(self._pairs)} private of {len(self.inputs)} inputs)"
 
 
 @contextlib.contextmanager
@@ -36,7 +58,7 @@ def rng_preserved() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def sandboxed(inputs: Sequence[Any], written: Collection[int]) -> Iterator[list[Any]]:
-    """Inputs for a run that leaves no trace (:func:`private_writes`), with the generators preserved."""
+def sandboxed(inputs: Sequence[Any], written: Collection[int]) -> Iterator[Sandbox]:
+    """A :class:`Sandbox` for these inputs, with the generators preserved."""
     with rng_preserved():
-        yield private_writes(inputs, written)
+        yield Sandbox(inputs, written)

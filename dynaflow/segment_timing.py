@@ -51,12 +51,13 @@ def time_segments(seg: SegmentedModule, inputs: Sequence[Any], batch: int, sizes
     sync = torch.cuda.synchronize if executor == "cuda" else None
     timings: dict[str, dict[int, float]] = {s.name: {} for s in seg.segments}
     try:
-        with knobs.scope(DYNAFLOW_TIMELINE=1), sandboxed(inputs, seg.inputs.written) as flat_all:
+        with knobs.scope(DYNAFLOW_TIMELINE=1), sandboxed(inputs, seg.inputs.written) as box:
             for rows in sizes:
-                flat = narrow_inputs(seg, flat_all, batch, rows)
+                flat = narrow_inputs(seg, box.inputs, batch, rows)
                 program = make_plan(seg, Sequential(), InputInfo(rows), SplitConfig.whole(rows), label=label).program
                 samples: dict[str, list[float]] = {s.name: [] for s in seg.segments}
                 for i in range(repeats + 1):
+                    box.reset()  # each run starts from the caller's values: a static cache's fill level too
                     ex.run(program, flat)
                     if sync:
                         sync()

@@ -81,13 +81,21 @@ class TuneResult:
         return f"TuneResult({self.bucket}: {self.winner.candidate!r} of {len(self.trials)} candidates)"
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int, sync: Callable[[], None] | None = None) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up run."""
+def median_seconds(fn: Callable[[], Any], repeats: int, sync: Callable[[], None] | None = None,
+                   before: Callable[[], None] | None = None) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up run; ``before`` runs ahead of each
+    run, untimed (a sandbox's reset)."""
+    if before:
+        before()
     fn()
     if sync:
         sync()
     times = []
     for _ in range(repeats):
+        if before:
+            before()
+            if sync:
+                sync()
         t0 = time.perf_counter()
         fn()
         if sync:

@@ -63,16 +63,18 @@ class GraphPlanner:
         state is dropped afterwards."""
         graph = self.graph
         sync = torch.cuda.synchronize if describe_inputs(inputs, 0).on_cuda else None
-        with sandboxed(inputs, graph.segmented.inputs.written) as flat:
+        with sandboxed(inputs, graph.segmented.inputs.written) as box:
+            flat = box.inputs  # each run starts from the caller's values (box.reset): a cache's fill level too
             if passthrough:  # the captured graph as is: the eager floor
-                return median_seconds(lambda: graph.run_passthrough(flat), repeats, sync)
+                return median_seconds(lambda: graph.run_passthrough(flat), repeats, sync, box.reset)
             ex, program = graph.executor_for(plan, inputs), graph.program_for(plan, flat)
             capture = True if graphs else None
             try:
                 if capture:
                     for _ in range(WARMUP_CALLS):  # eager warm-ups and the capture, not timed
+                        box.reset()
                         ex.run(program, flat, capture=True)
-                return median_seconds(lambda: ex.run(program, flat, capture=capture), repeats, sync)
+                return median_seconds(lambda: ex.run(program, flat, capture=capture), repeats, sync, box.reset)
             finally:
                 ex.forget(program)
 
@@ -85,10 +87,11 @@ class GraphPlanner:
         ex = executors.resolve(name, **({"gpu_timeline": True} if name == "cuda" else {}))
         out: list[Timeline] = []
         try:
-            with knobs.scope(DYNAFLOW_TIMELINE=1), sandboxed(inputs, graph.segmented.inputs.written) as flat:
-                program = graph.program_for(plan, flat)
+            with knobs.scope(DYNAFLOW_TIMELINE=1), sandboxed(inputs, graph.segmented.inputs.written) as box:
+                program = graph.program_for(plan, box.inputs)
                 for i in range(repeats + 1):
-                    ex.run(program, flat)
+                    box.reset()
+                    ex.run(program, box.inputs)
                     if i and ex.last_timeline is not None:
                         out.append(ex.last_timeline)
         finally:

@@ -63,13 +63,40 @@ def test_a_graph_that_writes_its_inputs_is_measured_on_copies(strategy):
     assert result.winner.measured is not None  # it used to predict only when the graph writes its inputs
 
 
+class Appends(nn.Module):
+    """A static cache: each step writes its rows at the cache's fill level and advances the level, a tensor
+    written in place (transformers' ``StaticLayer.cumulative_length``)."""
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        cache.index_copy_(1, torch.arange(1) + level, x.unsqueeze(1))
+        level.add_(1)
+        return cache.sum(1) * 2
+
+
+@pytest.mark.parametrize("executor", ["serial", "cuda"])
+def test_each_timed_run_starts_from_the_callers_cache_fill_level(fake_cuda, executor):
+    """Timing repeats a step on private copies; each repeat must start from the caller's values. A copy stepped
+    again and again advanced the level past the cache's end: a raw IndexError on a step eager runs (``generate``
+    with a static cache under ``auto``, one step before the cache is full)."""
+    model = Appends()
+    c = dynaflow.compile(model, strategy=_auto(), executor=executor)
+    x, cache, level = torch.randn(6, D), torch.zeros(6, 4, D), torch.tensor(3)
+    ref_cache, ref_level = cache.clone(), level.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(c(x, cache, level), model(x, ref_cache, ref_level))
+    torch.testing.assert_close(cache, ref_cache)
+    assert int(level) == int(ref_level) == 4
+    (result,) = c.graphs[0].tuned.values()
+    assert result.winner.measured is not None
+
+
 def _fake_clock(monkeypatch, graphed_s: float, eager_s: float, passthrough_s: float = 1.0) -> list[bool]:
     """Measured time by how the candidate ran: the real executor runs (outputs are checked), the clock is fixed."""
     seen: list[bool] = []
     real = tuning_planner.median_seconds
 
-    def median_seconds(fn, repeats, sync=None):
-        real(fn, 1, sync)
+    def median_seconds(fn, repeats, sync=None, before=None):
+        real(fn, 1, sync, before)
         if getattr(median_seconds, "passthrough", False):
             return passthrough_s
         graphed = bool(getattr(median_seconds, "graphs", False))

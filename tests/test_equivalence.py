@@ -653,6 +653,39 @@ def test_parallelize_decorates_a_method():
     assert Net.__dict__["forward"].__get__(a) is a.forward  # one compiled object per instance
 
 
+def test_parallelize_on_a_method_whatever_its_first_parameter_is_called():
+    """A method whose first parameter is not named ``self`` is still a method (it used to be compiled as a plain
+    function: ``TypeError: missing 1 required positional argument``); under ``@staticmethod`` it has no instance and
+    compiles once as a function; through the class, ``Net.forward(net, x)`` is the bound method's compile."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        @dynaflow.parallelize(strategy="round_robin", nano_batches=2, executor="serial")
+        def forward(me, x):
+            return me.lin(x).relu()
+
+        @staticmethod
+        @dynaflow.parallelize(strategy="round_robin", nano_batches=2, executor="serial")
+        def act(x):
+            return torch.tanh(x) * 2
+
+    torch.manual_seed(0)
+    a, b = Net(), Net()
+    x = torch.randn(6, 8)
+    with grad_off():
+        for net in (a, b, a):
+            torch.testing.assert_close(net(x), net.lin(x).relu())
+        torch.testing.assert_close(Net.forward(b, x), b.lin(x).relu())
+        for _ in range(2):
+            torch.testing.assert_close(Net.act(x), torch.tanh(x) * 2)
+            torch.testing.assert_close(a.act(x + 1), torch.tanh(x + 1) * 2)
+    method, static = Net.__dict__["forward"], Net.__dict__["act"].__func__
+    assert method.__get__(a) is a.forward and len(method._per) == 2
+    assert static._plain is not None and not static._per and static._plain.graphs[0].last_plan.split.num == 2
+
+
 @dynaflow.parallelize(strategy="round_robin", nano_batches=2, executor="serial")
 class _SavedNet(nn.Module):
     def __init__(self):

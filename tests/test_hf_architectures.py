@@ -84,12 +84,14 @@ SLOW_RUNS = [("round_robin", "thread"), ("two_batch_overlap", "thread"), ("seque
              ("auto", "serial"), ("nanoflow", "cuda"), ("nanoflow", "cuda-graphs")]
 
 
-def build(name: str) -> torch.nn.Module:
+def build(name: str, **overrides: Any) -> torch.nn.Module:
     cls_name, config, _ = ARCHS[name]
     cls = getattr(transformers, cls_name, None)
     if cls is None:
         pytest.skip(f"transformers {transformers.__version__} has no {cls_name}")
     cfg = config()
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
     if name != "resnet":
         cfg._attn_implementation = "eager" if name in EAGER_ATTENTION else "sdpa"
     torch.manual_seed(0)
@@ -194,7 +196,7 @@ def test_generate_with_a_static_cache_equals_eager(name):
         hook = df_hf.enable(model, strategy="nanoflow", nano_batches=2, executor="serial")
         try:
             if name in SLIDING_WINDOW:
-                with pytest.raises(dynaflow.ConfigError, match="sliding-window"):
+                with pytest.raises(dynaflow.ConfigError, match="sliding-window layers .*sliding_window=None"):
                     model.generate(ids, **kw)
                 return
             out = model.generate(ids, **kw)
@@ -202,3 +204,45 @@ def test_generate_with_a_static_cache_equals_eager(name):
             df_hf.disable(model)
     assert_same_generation(out, ref)
     assert hook.calls == 4 and all(g.last_plan.split.num == 2 for g in hook.compiled.graphs)
+
+
+def _generate_kw(batch: int = 4) -> tuple[torch.Tensor, dict[str, Any]]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, VOCAB, (batch, 7), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(batch):
+        ids[row, : row % 3], mask[row, : row % 3] = 0, 0
+    return ids, dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                     return_dict_in_generate=True, output_logits=True, cache_implementation="static")
+
+
+@pytest.mark.parametrize("name", sorted(SLIDING_WINDOW))
+def test_a_sliding_window_family_built_as_the_refusal_says_equals_eager(name):
+    """The refusal of a sliding-window static cache names the config setting behind it and the fix; a model built
+    that way (no window, every layer full attention) generates through dynaflow as eager does."""
+    from dynaflow.integrations import transformers as df_hf
+
+    torch._dynamo.reset()
+    model = build(name)
+    ids, kw = _generate_kw()
+    with grad_off():
+        df_hf.enable(model, strategy="nanoflow", nano_batches=2, executor="serial")
+        try:
+            with pytest.raises(dynaflow.ConfigError, match=r"config \(sliding_window=\d+") as err:
+                model.generate(ids, **kw)
+        finally:
+            df_hf.disable(model)
+    assert "sliding_window=None" in str(err.value) and "'full_attention'" in str(err.value)
+    full = {"sliding_window": None}
+    if getattr(model.config, "layer_types", None) is not None:  # gemma2 has them; mistral has none to set
+        full["layer_types"] = ["full_attention"] * model.config.num_hidden_layers
+    model = build(name, **full)
+    with grad_off():
+        ref = model.generate(ids, **kw)
+        hook = df_hf.enable(model, strategy="nanoflow", nano_batches=2, executor="serial")
+        try:
+            out = model.generate(ids, **kw)
+        finally:
+            df_hf.disable(model)
+    assert_same_generation(out, ref)
+    assert all(g.last_plan.split.num == 2 for g in hook.compiled.graphs)

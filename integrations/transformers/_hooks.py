@@ -164,7 +164,7 @@ class DynaflowForward:
                 and len(prepared[2]) == len(cache.layers)
                 and all(l.keys is k and l.values is v for l, (k, v) in zip(cache.layers, prepared[2]))):
             return
-        _check_static(cache)
+        _check_static(cache, self.model.config)
         layers = list(cache.layers)
         if not all(layer.is_initialized for layer in layers):
             if self._kv_dims is None:
@@ -260,10 +260,21 @@ def _tensors_restored(model: torch.nn.Module) -> Iterator[None]:
                     del d[key]
 
 
-def _check_static(cache: Any) -> None:
+def _check_static(cache: Any, config: Any) -> None:
     if not isinstance(cache, Cache):
         raise ConfigError(f"cache must be a transformers StaticCache; got {type(cache).__name__}.")
     bad = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer})
+    if isinstance(cache, StaticCache) and bad and all("Sliding" in name for name in bad):
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        setting = ", ".join(f"{k}={getattr(text, k)!r}" for k in ("sliding_window", "layer_types")
+                            if getattr(text, k, None) is not None)
+        raise ConfigError(
+            f"cache=StaticCache has sliding-window layers ({', '.join(bad)}), from the model's config ({setting}): "
+            "dynaflow splits a static cache of full-attention StaticLayer layers only (a sliding layer's ring "
+            "buffer is not a view of each nano-batch's rows). Fix: build the model from a config without a sliding "
+            "window (sliding_window=None, every layer_types entry 'full_attention') where full attention suits it, "
+            "or run it without dynaflow."
+        )
     if not isinstance(cache, StaticCache) or bad:
         raise ConfigError(
             f"cache={type(cache).__name__} (layers: {', '.join(bad) or 'static'}): dynaflow needs a StaticCache of "
