@@ -59,8 +59,9 @@ class Compiled:
         self._as_is: set[tuple[Any, ...]] = set()
         """Call keys (:func:`call_key`) of calls that run the model itself, skipping Dynamo (see ``__call__``)."""
         self.direct_calls = 0
-        """Calls that ran the model itself: the eager floor won their bucket, or a torch.func transform is active."""
-        self._warned_transform = False
+        """Calls that ran the model itself: the eager floor won their bucket, a torch.func transform is active, or
+        Dynamo ran the call eagerly after earlier calls were split (its recompile limit)."""
+        self._warned_transform = self._warned_fallback = False
         self.floor_check = FloorCheck()
         """``auto``'s whole-call comparison with the model itself (:mod:`dynaflow.floor_check`)."""
         self._static_names = tuple(e for e in config.static_inputs if isinstance(e, str))
@@ -189,9 +190,23 @@ class Compiled:
             self._checked = True
         after = self._graph_calls()
         if after == before:
-            raise no_graph_error(self.model, now)
+            if before == 0:  # never a graph: this model cannot be split as called (the error says why and how)
+                raise no_graph_error(self.model, now)
+            return self._fell_back(out, now)
         if after == before + 1 and not self.graph_breaks:
             self._note_as_is(args, kwargs, batch, key)
+        return out
+
+    def _fell_back(self, out: Any, breaks: Sequence[str]) -> Any:
+        """A call Dynamo ran eagerly after earlier calls gave dynaflow graphs (its recompile limit, reached by
+        ordinary changes between calls): the model has run, effects included, so its answer is returned, with a
+        warning the first time, rather than an error after the effects."""
+        self.direct_calls += 1
+        if not self._warned_fallback:
+            self._warned_fallback = True
+            log.warning("%s: Dynamo ran this call eagerly, without a graph for dynaflow (the answer is eager's, "
+                        "unsplit); later calls like it will too: %s", type(self.model).__name__,
+                        no_graph_error(self.model, breaks))
         return out
 
     def _note_as_is(self, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int, key: Any = None) -> None:

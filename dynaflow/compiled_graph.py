@@ -33,7 +33,7 @@ from dynaflow.frontend.batching import find_batch_source
 from dynaflow.frontend.capture import batch_size_of, symbolize
 from dynaflow.frontend.differential import check_split_equals_whole, overlapping_writes
 from dynaflow.frontend.graph_inputs import input_roles
-from dynaflow.segment_timing import halving_sizes, replayable, time_segments
+from dynaflow.segment_timing import halving_sizes, replay_blocker, time_segments
 from dynaflow.frontend.partition import dense_order, fetch_attr, partition
 from dynaflow.ir import InputInfo, SplitConfig
 from dynaflow.planning import CostContext, Plan, describe_inputs, make_plan, split_with, strategy_name
@@ -117,6 +117,7 @@ class CompiledGraph:
         self.fx_batch = 0
         """For a GraphModule compiled directly: the batch of the call it was prepared on."""
         self._replayable = True
+        self._replay_blocker: str | None = None
         """Whether a step may run twice without a trace (:func:`replayable`): what an Inductor warm-up needs."""
         self._overlap_memo: tuple[list[Any], tuple[int, int] | None] | None = None
         """(input fingerprints, :func:`overlapping_writes` verdict) of the last call that checked."""
@@ -162,7 +163,8 @@ class CompiledGraph:
         self.segmented = dataclasses.replace(
             partition(gm, batch_dim=self.config.batch_dim, rules=rules, strict=self.config.strict), inputs=roles)
         self._input_specs = input_specs(self.segmented)
-        self._replayable = replayable(self.segmented)
+        self._replay_blocker = replay_blocker(self.segmented)
+        self._replayable = self._replay_blocker is None
         self.costs = CostContext(self.segmented, self.config, self.label)
         self.distributed = DistributedPlanner(self.segmented.segments, self.config.distributed_agree,
                                               self.config.lane_communicators, strategy_name(self.strategy))
@@ -195,9 +197,12 @@ class CompiledGraph:
                 assert self.segmented is not None
                 check_split_equals_whole(self.segmented, inputs, batch)
             elif self.config.verify or knobs.verify_splits():  # it runs segments twice: effects no argument shows too
-                log.info("%s: the split check is skipped: an op of this graph may write state no argument shows "
-                         "(an opaque call, a library op, a leaf module with buffers), and running its segments again "
-                         "would repeat that", self.label)
+                # verify=True asked for this check on this model: say loudly that it did not run (the knob is on in
+                # whole test suites, where an INFO line will do)
+                log.log(logging.WARNING if self.config.verify else logging.INFO,
+                        "%s: the split check (verify) is skipped: %s, and running the segments again would repeat "
+                        "that. Tag that segment 'pure' if running it again changes nothing, and the check runs",
+                        self.label, self._replay_blocker)
             self._differential_done = True
         layout = current_requests()
         tuned = self._lockstep_tune(batch, inputs, layout)

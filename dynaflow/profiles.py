@@ -75,7 +75,7 @@ def load_profiles(path: str | os.PathLike[str]) -> list[Profile]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # (nesting too deep)
         raise ConfigError(f"Cannot read profile file {os.fspath(path)!r}: {exc}. Write it with "
                           "dynaflow.profile(model, *inputs).save(path).") from None
     profiles = data.get("profiles", []) if isinstance(data, dict) else None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import reprlib
 import sys
 from importlib import metadata
 from typing import Callable, Generic, Mapping, TypeVar
@@ -79,7 +80,7 @@ class Registry(Generic[T]):
         a subclass of the base class (strings only: a data file cannot hold objects). Errors name ``source``."""
         if not isinstance(spec, str):
             raise self.error(f"{source}: a {self.kind} must be named by a string (a registered name or "
-                             f"'pkg.module:Class'); got {type(spec).__name__} {spec!r}.")
+                             f"'pkg.module:Class'); got {type(spec).__name__} {_short(spec)}.")
         if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
             raise self.error(f"{source}: the options of {self.kind} {spec!r} must be a mapping of option names "
                              f"to values; got {type(options).__name__}.")
@@ -150,7 +151,7 @@ class Registry(Generic[T]):
         ``may_import`` (a spec from a data file) the module must be imported already."""
         obj = self._import(spec, may_import)
         if not (isinstance(obj, type) and issubclass(obj, self.base)):
-            what = f"the class {obj.__qualname__}" if isinstance(obj, type) else f"{type(obj).__name__} {obj!r}"
+            what = f"the class {obj.__qualname__}" if isinstance(obj, type) else f"a {type(obj).__name__}"
             raise self.error(
                 f"{self.kind} {spec!r} names {what}, which is not a {self.base.__name__} subclass; refused without "
                 f"calling it. Name a {self.base.__name__} subclass ('pkg.module:Class') or a registered "
@@ -170,10 +171,10 @@ class Registry(Generic[T]):
             mod = importlib.import_module(module)
         except ImportError as exc:
             raise self.error(f"{self.kind} {spec!r}: cannot import module {module!r} ({exc}).") from exc
-        try:
-            return getattr(mod, attr)
+        try:  # a data file's name is looked up in the module's namespace: no module __getattr__ (a lazy import) runs
+            return getattr(mod, attr) if may_import else inspect.getattr_static(mod, attr)
         except AttributeError:
-            names = [n for n in dir(mod) if not n.startswith("_")]
+            names = [n for n in vars(mod) if not n.startswith("_")]
             raise self.error(
                 f"{self.kind} {spec!r}: module {module!r} has no attribute {attr!r}.{did_you_mean(attr, names)}"
             ) from None
@@ -192,6 +193,17 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind}: {', '.join(sorted(self._factories))})"
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = 6
+_SHORT.maxlevel = 3
+
+
+def _short(value: object) -> str:
+    """``repr`` cut short: a data file's value in a message (YAML aliases make a 300-byte file a 200 MB list)."""
+    return _SHORT.repr(value)
 
 
 def _option_names(factory: Callable[..., object]) -> list[str]:

@@ -24,7 +24,7 @@ from dynaflow.sandbox import private_writes, sandboxed
 from dynaflow.segmented import SegmentedModule
 from dynaflow.strategies import Sequential
 
-__all__ = ["time_segments", "private_writes", "halving_sizes", "replayable", "PURE"]
+__all__ = ["time_segments", "private_writes", "halving_sizes", "replayable", "replay_blocker", "PURE"]
 
 PURE = "pure"
 """The segment hint that declares its ops free of hidden writes (see :data:`dynaflow.ir.HINTS`)."""
@@ -92,15 +92,21 @@ def replayable(seg: SegmentedModule) -> bool:
     it was: no segment is an opaque callable or a leaf module that may update its own state, and no op comes from
     a library whose kernels may write state that is not an argument (an engine's KV cache reached through its
     forward context), unless its segment is tagged ``pure`` (the user's word for it)."""
+    return replay_blocker(seg) is None
+
+
+def replay_blocker(seg: SegmentedModule) -> str | None:
+    """What makes a step not :func:`replayable` (the segment and the op), or None."""
     for call in seg.calls:
         if PURE in call.segment.hints:
             continue
+        where = f"segment {call.segment.name!r}"
         graph = getattr(call.module, "graph", None)
         if graph is None:
-            return False
+            return f"{where} is an opaque callable"
         for node in graph.nodes:
             if node.op == "call_module" and not _pure_leaf(call.module, str(node.target)):
-                return False
+                return f"{where} calls leaf module {node.target!r}, which may update its own state"
             if node.op != "call_function":
                 continue
             target = node.target
@@ -111,5 +117,5 @@ def replayable(seg: SegmentedModule) -> bool:
             else:
                 continue  # torch functions and Python callables: traced, their effects are in the graph
             if ns not in _VISIBLE_EFFECTS:
-                return False
-    return True
+                return f"{where} calls {target}, a library op that may write state no argument shows"
+    return None

@@ -104,7 +104,7 @@ class TuneCache:
             if not isinstance(data, dict):
                 raise ValueError(f"the top level is a {type(data).__name__}, not an object")
             return data
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError; nesting too deep
             if not locked:  # re-check under the lock: a writer may have replaced it meanwhile
                 try:
                     with self._locked():

@@ -200,6 +200,39 @@ _OWNERS = threading.local()
 """``stack``: the owners (compiled models) whose call is in flight on this Python thread (innermost last)."""
 
 
+class _HookGuards:
+    """Dynamo guards on every module's hook dicts in the compiles dynaflow starts. By default Dynamo skips them
+    (``skip_nnmodule_hook_guards``), so a forward hook or pre-hook added to a submodule after the first call would
+    be ignored by the cached graph: a silently different answer. The setting is switched off from the start of a
+    compile on a thread with a dynaflow call in flight to its end (Dynamo's compile callbacks), so the calls that
+    hit the cache pay nothing for it. ``torch._dynamo.reset()`` drops the callbacks: each call re-installs them
+    when they are gone (:meth:`install`, a list lookup)."""
+
+    def __init__(self) -> None:
+        self._saved: list[Any] = []
+        self._start, self._end = self.start, self.end  # one bound method each, found again by identity
+
+    def start(self, *_: Any) -> None:
+        config = torch._dynamo.config
+        self._saved.append(config.skip_nnmodule_hook_guards)
+        if getattr(_OWNERS, "stack", None):
+            config.skip_nnmodule_hook_guards = False
+
+    def end(self, *_: Any) -> None:
+        if self._saved:
+            torch._dynamo.config.skip_nnmodule_hook_guards = self._saved.pop()
+
+    def install(self) -> None:
+        handler = torch._dynamo.callback_handler
+        if self._start not in handler.start_callbacks:
+            self._saved.clear()
+            handler.register_start_callback(self._start)
+            handler.register_end_callback(self._end)
+
+
+_HOOK_GUARDS = _HookGuards()
+
+
 class GraphEntry:
     """What Dynamo caches for one captured graph. One :class:`SharedBackend` serves every owner, so models of
     one class share Dynamo's cache entries (no recompile limit after many compiles, and the cache holds no
@@ -237,6 +270,7 @@ def run_dynamo(owner: Any, compiled: Callable[..., Any], args: tuple[Any, ...], 
                model: Any, batch_dim: int, batch: int) -> Any:
     """Call ``compiled`` (a ``torch.compile`` of ``model`` on :data:`SHARED_BACKEND`) with ``owner`` answering
     the captured graphs; Dynamo's exceptions become dynaflow errors that say what to change."""
+    _HOOK_GUARDS.install()
     _OWNERS.stack = stack = getattr(_OWNERS, "stack", [])
     stack.append(owner)
     try:

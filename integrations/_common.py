@@ -198,9 +198,9 @@ def parse_options(options: Mapping[str, Any] | str | None, source: str) -> dict[
     if isinstance(options, str):
         try:
             options = json.loads(options)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise IntegrationError(f"{source}: options must be a JSON object, e.g. '{{\"nano_batches\": 2}}'; "
-                                   f"got {options!r} ({exc}).") from None
+                                   f"got {options[:200]!r} ({exc}).") from None
     if not isinstance(options, Mapping):
         raise IntegrationError(f"{source}: options must be a JSON object / dict; got {type(options).__name__}.")
     data = dict(options)

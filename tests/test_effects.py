@@ -8,6 +8,7 @@ batch-free length counter updated in place must be updated once per step, not on
 from __future__ import annotations
 
 import copy
+import logging
 import operator
 
 import pytest
@@ -820,3 +821,43 @@ def test_writes_through_views_that_regroup_the_batch_equal_eager(name, batch, na
     if name in ("column_write", "flat_write"):  # aligned: nothing runs whole
         assert all(s.kind is not dynaflow.SegmentKind.BARRIER for s in compiled.last_graph.segmented.segments), \
             compiled.explain()
+
+
+@torch.library.custom_op("dftest_verify::center_rows", mutates_args=())
+def _center_rows(x: torch.Tensor) -> torch.Tensor:
+    return x - x.mean(0, keepdim=True)  # couples the rows
+
+
+@_center_rows.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class _Centered(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.ops.dftest_verify.center_rows(self.a(x)))
+
+
+def test_verify_true_says_loudly_when_it_cannot_check_and_checks_a_segment_tagged_pure(caplog):
+    """``verify=True`` runs segments again; a library op may write state no argument shows, so such a graph is not
+    checked. That was an INFO line: with a wrong user batch rule the answer was wrong and nothing said the check had
+    not run. It is a WARNING naming the segment, the op and the fix (tag it 'pure'), which makes the check run."""
+    from dynaflow.frontend.aten_rules import register_batch_rule
+
+    register_batch_rule("dftest_verify::center_rows", lambda call: None)  # the user's (wrong) word: row-local
+    torch.manual_seed(0)
+    model, x = _Centered().eval(), torch.randn(6, 8)
+    c = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor="serial", verify=True)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, "dynaflow"):
+        c(x)
+    (msg,) = [r.getMessage() for r in caplog.records if "split check (verify) is skipped" in r.getMessage()]
+    assert "dftest_verify.center_rows" in msg and "'pure'" in msg and "segment " in msg
+    rules = [dynaflow.Op("dftest_verify.center_rows", tags=("pure",))]
+    c = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor="serial", verify=True,
+                         config={"rules": rules})
+    with torch.no_grad(), pytest.raises(dynaflow.BatchCouplingError, match="center_rows"):
+        c(x)

@@ -15,6 +15,7 @@ Tolerances (measured on the 2-core x86 CPU dev box, torch 2.13 CPU):
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -706,3 +707,70 @@ def test_a_parallelized_module_instance_copies_and_saves_after_its_first_call(tm
         assert twin.dynaflow is None and net.dynaflow is not None
         torch.testing.assert_close(twin(x), net(x))
         assert twin.dynaflow is not None and twin.dynaflow is not net.dynaflow
+
+
+@pytest.mark.parametrize("reset_first", [False, True])
+def test_hooks_added_to_a_submodule_after_the_first_call_run_as_in_eager(reset_first):
+    """Dynamo skips guards on module hook dicts by default, so a cached graph ignored a forward hook, a pre-hook
+    or a side-effect hook added to a submodule after the first call (a different answer, no error). dynaflow's
+    compiles guard on them, also after ``torch._dynamo.reset()`` (which drops Dynamo's compile callbacks)."""
+    if reset_first:
+        torch._dynamo.reset()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Net()
+    fast = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor="serial")
+    x = torch.randn(6, 8)
+    seen: list[int] = []
+    with grad_off():
+        torch.testing.assert_close(fast(x), model(x))
+        doubled = model.a.register_forward_hook(lambda mod, inp, out: out * 2)
+        torch.testing.assert_close(fast(x), model(x))
+        shifted = model.b.register_forward_pre_hook(lambda mod, inp: (inp[0] + 1,))
+        torch.testing.assert_close(fast(x), model(x))
+        doubled.remove()
+        shifted.remove()
+        torch.testing.assert_close(fast(x), model(x))
+        model.a.register_forward_hook(lambda mod, inp, out: seen.append(out.shape[0]))
+        fast(x)
+    assert sum(seen) == 6  # once per row: the hook ran in the split step, on each nano-batch's rows
+    assert fast.graphs[-1].last_plan.split.num == 2
+
+
+def test_a_call_dynamo_runs_eagerly_after_split_calls_returns_its_answer_once(caplog):
+    """Ordinary changes between calls (an int attribute Dynamo specialises on) reach Dynamo's recompile limit;
+    Dynamo then runs the call eagerly. dynaflow raised its no-graph error after that run, so the answer was thrown
+    away and the model's effects (BatchNorm's running stats) had happened: a caller retrying in eager counted the
+    step twice. Now the eager answer is returned, with one warning."""
+    class Deep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn, self.depth = nn.Linear(8, 8), nn.BatchNorm1d(8), 1
+
+        def forward(self, x):
+            for _ in range(self.depth):
+                x = torch.tanh(self.a(x))
+            return self.bn(x)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Deep()
+    ref = copy.deepcopy(model)
+    fast = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor="serial")
+    x = torch.randn(6, 8)
+    with grad_off(), torch._dynamo.config.patch(recompile_limit=2), caplog.at_level(logging.WARNING, "dynaflow"):
+        for depth in range(1, 6):
+            model.depth = ref.depth = depth
+            torch.testing.assert_close(fast(x), ref(x))
+            assert int(model.bn.num_batches_tracked) == int(ref.bn.num_batches_tracked) == depth
+            torch.testing.assert_close(model.bn.running_mean, ref.bn.running_mean)
+    assert fast.direct_calls >= 2 and fast.graphs[0].calls >= 1
+    assert len([r for r in caplog.records if "ran this call eagerly" in r.getMessage()]) == 1

@@ -105,8 +105,9 @@ def test_a_malformed_cache_entry_warns_naming_the_file_and_tunes_again(tmp_path,
     assert json.loads(open(path).read())[key]["schema"] == CACHE_SCHEMA  # the entry was rewritten
 
 
-@pytest.mark.parametrize("content", [b"\x80\x81\xff\xfe binary", b'{"truncated": ', b"[1, 2, 3]"],
-                         ids=["binary", "truncated", "list"])
+@pytest.mark.parametrize("content", [b"\x80\x81\xff\xfe binary", b'{"truncated": ', b"[1, 2, 3]",
+                                     b"[" * 100_000 + b"]" * 100_000],
+                         ids=["binary", "truncated", "list", "nested-too-deep"])
 def test_a_corrupt_cache_file_is_moved_aside_and_tuning_runs_again(tmp_path, monkeypatch, caplog, content):
     monkeypatch.setenv("DYNAFLOW_CACHE_DIR", str(tmp_path))
     path = tmp_path / "autotune.json"
@@ -200,3 +201,49 @@ def test_a_cache_entry_naming_an_unimported_module_imports_nothing(tmp_path, mon
         _run_auto()
     assert path in str(info.value) and "is not imported" in str(info.value)
     assert not (mod_dir / PWN).exists() and "df_side_effect_cache_mod" not in sys.modules
+
+
+def test_a_data_file_naming_a_lazy_module_attribute_runs_no_module_code(tmp_path, monkeypatch):
+    """A ``"module:attr"`` from a data file is looked up in the module's namespace: a module ``__getattr__`` (PEP 562,
+    transformers' lazy modules import a submodule there) does not run, nor does the named object's ``__repr__``."""
+    import types
+
+    ran: list[str] = []
+    mod = types.ModuleType("dynaflow_probe_lazy")
+
+    def lazy(name: str) -> object:
+        ran.append(f"__getattr__({name})")
+        raise AttributeError(name)
+
+    class Loud:
+        def __repr__(self) -> str:
+            ran.append("__repr__")
+            return "<loud>"
+
+    mod.__getattr__, mod.loud = lazy, Loud()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "dynaflow_probe_lazy", mod)
+    for attr, says in (("Missing", "has no attribute 'Missing'"), ("loud", "names a Loud, which is not a Strategy")):
+        path = tmp_path / f"{attr}.yaml"
+        path.write_text(f"name: 'dynaflow_probe_lazy:{attr}'\n")
+        with pytest.raises(StrategyError, match=says):
+            load_strategy(path)
+    path = tmp_path / "env.yaml"
+    path.write_text("name: 'os:environ'\n")
+    with pytest.raises(StrategyError) as info:
+        load_strategy(path)
+    assert ran == [] and "PATH" not in str(info.value) and len(str(info.value)) < 1000
+
+
+def test_a_yaml_alias_bomb_gets_a_short_error(tmp_path):
+    """Nine nested YAML aliases make a 300-byte file a list of 10**8 items; the error names its type and a cut
+    repr (it formatted all of it: ~200 MB of message, 800 MB of memory)."""
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for i, (prev, name) in enumerate(zip("abcdefgh", "bcdefghi")):
+        lines.append(f"{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, "
+                     f"*{prev}, *{prev}]")
+    lines.append("name: *i")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(StrategyError, match="must be named by a string") as info:
+        load_strategy(path)
+    assert len(str(info.value)) < 2000
