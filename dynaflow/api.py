@@ -27,7 +27,7 @@ from dynaflow.floor_check import FloorCheck
 from dynaflow.frontend import graph_breaks
 from dynaflow.frontend.graph_inputs import bound_arguments, tensors_within
 from dynaflow.frontend.capture import (SHARED_BACKEND, GraphEntry, batch_size_of, check_layouts, check_outputs, flat_io,
-                                       mark_batch_dynamic, no_graph_error, run_dynamo)
+                                       fx_state, mark_batch_dynamic, no_graph_error, run_dynamo)
 from dynaflow.ir import Schedule
 from dynaflow.planning import Plan, describe_inputs
 from dynaflow.requests import current_requests
@@ -71,6 +71,8 @@ class Compiled:
         self._fx = isinstance(model, torch.fx.GraphModule)
         if self._fx:
             self._flatten, self._unflatten = flat_io(model)
+            self._fx_state = fx_state(model)
+            self._fx_seen: tuple[Any, ...] | None = None
         else:
             self._compiled = torch.compile(model, backend=SHARED_BACKEND, dynamic=None)
         try:
@@ -234,6 +236,15 @@ class Compiled:
         batch = batch_size_of(flat, self.config.batch_dim)
         if batch == 0:  # no rows: nothing to split or overlap
             return self.model(*args, **kwargs)
+        state = self._fx_state()
+        if state != self._fx_seen:  # weights, leaves or their modes changed since the graphs were prepared
+            with self._lock:
+                if self._fx_seen is not None and self.graphs:
+                    log.info("%s: the GraphModule's attributes changed since it was prepared: preparing it again",
+                             type(self.model).__name__)
+                    _release_graphs(self.graphs)
+                    self.graphs.clear()
+                self._fx_seen = state
         out = self._fx_graph(flat, batch)(*flat)
         out = self._unflatten(out)
         if not self._checked:

@@ -87,9 +87,9 @@ class DynaflowConfig:
         for name in ("strict", "verify"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False.")
-        if not isinstance(self.strategy_options, Mapping):
-            raise ConfigError(f"strategy_options={self.strategy_options!r} must be a dict of the strategy's options, "
-                              "e.g. strategy_options={'sm_counts': {'compute': 100, 'memory': 32}}.")
+        if not isinstance(self.strategy_options, Mapping) or not all(isinstance(k, str) for k in self.strategy_options):
+            raise ConfigError(f"strategy_options={self.strategy_options!r} must be a dict of the strategy's options "
+                              "by name, e.g. strategy_options={'sm_counts': {'compute': 100, 'memory': 32}}.")
         if not isinstance(self.batch_dim, int) or self.batch_dim < 0:
             raise ConfigError(f"batch_dim={self.batch_dim!r} must be a non-negative int (the batch dimension index).")
         if self.cost_link is not None:
@@ -112,8 +112,8 @@ class DynaflowConfig:
                                               or not isinstance(self.wait_timeout, (int, float))):
             raise ConfigError(f"wait_timeout={self.wait_timeout!r} must be a number of seconds > 0 (e.g. 60), "
                               f"not {type(self.wait_timeout).__name__}; or None to use DYNAFLOW_WAIT_TIMEOUT.")
-        if self.wait_timeout is not None and self.wait_timeout <= 0:
-            raise ConfigError(f"wait_timeout={self.wait_timeout!r} must be > 0 seconds.")
+        if self.wait_timeout is not None and not self.wait_timeout > 0:  # (NaN is not > 0 either)
+            raise ConfigError(f"wait_timeout={self.wait_timeout!r} must be > 0 seconds (float('inf') waits forever).")
         self._check_cuda_options()
 
     def _check_cuda_options(self) -> None:

@@ -139,7 +139,7 @@ class Registry(Generic[T]):
             )
         try:
             obj = factory(**kwargs)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:  # a data file's option of the wrong type or value
             raise self.error(f"{self.kind} {label!r} rejected its options {sorted(kwargs)}: {exc}") from exc
         if not isinstance(obj, self.base):
             raise self.error(f"{self.kind} {label!r} produced {obj!r}, which is not a {self.base.__name__}.")

@@ -345,7 +345,7 @@ class Tuner:
         key = f"{setup.model}|{bucket}|{setup.device}|{info.dtype}|{setup.executor}|{setup.cost}|{self.strategy!r}"
         dist = setup.distributed if lockstep_batch is not None else None
         cache = TuneCache() if self.spec.cache and dist is None else None
-        cached = self._from_cache(cache, key, bucket, info)
+        cached = self._from_cache(cache, key, bucket, info, setup)
         if cached is not None:
             return cached
         space = _canonical_info(info, lockstep_batch) if dist is not None else info
@@ -374,8 +374,12 @@ class Tuner:
             log.info("%s\n%s", self.planner.label, result.table())
         return result.winner.candidate.build()
 
-    def _from_cache(self, cache: "TuneCache | None", key: str, bucket: str, info: InputInfo) -> Any:
+    def _from_cache(self, cache: "TuneCache | None", key: str, bucket: str, info: InputInfo, setup: TuneSetup) -> Any:
         hit = cache.get(key) if cache is not None else None
+        if hit is not None and hit[0].graphs and not setup.graphs:  # an edited (or foreign) entry: never measured so
+            log.warning("autotune cache %s: ignoring entry %r: it runs %s as a CUDA graph, which the %r executor "
+                        "does not capture here; tuning again", cache.path, key, hit[0].strategy, setup.executor)
+            hit = None
         built = cache.build(key, hit[0]) if cache is not None and hit is not None else None
         if hit is None or built is None:
             return None

@@ -19,7 +19,7 @@ from dynaflow.errors import CaptureError, ConfigError, DynaflowError
 from dynaflow.frontend.graph_inputs import objects_within
 from dynaflow.frontend.aten_trace import call_module_on_fakes
 
-__all__ = ["batch_size_of", "check_layouts", "mark_batch_dynamic", "symbolize", "check_outputs", "flat_io", "GraphEntry",
+__all__ = ["batch_size_of", "check_layouts", "mark_batch_dynamic", "symbolize", "check_outputs", "flat_io", "fx_state", "GraphEntry",
            "SharedBackend", "SHARED_BACKEND", "run_dynamo", "no_graph_error"]
 
 
@@ -153,6 +153,38 @@ def flat_io(gm: torch.fx.GraphModule) -> tuple[Any, Any]:
         return list(codegen.process_inputs(*args))
 
     return flatten, codegen.process_outputs
+
+
+def fx_state(gm: torch.fx.GraphModule) -> Callable[[], tuple[Any, ...]]:
+    """A function giving what a GraphModule's graph reads from the module besides its inputs: each ``get_attr``
+    tensor and each ``call_module`` leaf with its mode, parameters, buffers and hooks, by identity, dtype and
+    device. dynaflow prepares a GraphModule once; a change here (``load_state_dict(assign=True)``, a replaced
+    submodule, ``.half()``, ``train()``) must prepare it again, as eager would see it."""
+    gets = sorted({str(n.target) for n in gm.graph.find_nodes(op="get_attr")})
+    leaves = sorted({str(n.target) for n in gm.graph.find_nodes(op="call_module")})
+
+    def find(path: str) -> Any:
+        obj: Any = gm
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        return obj
+
+    def tensor(t: Any) -> tuple[Any, ...]:
+        return (id(t), t.dtype, t.device) if isinstance(t, torch.Tensor) else (id(t),)
+
+    def state() -> tuple[Any, ...]:
+        out: list[Any] = [tensor(find(path)) for path in gets]
+        for path in leaves:
+            m = find(path)
+            out.append(id(m))
+            if isinstance(m, torch.nn.Module):
+                for sub in m.modules():
+                    out.append((sub.training, len(sub._forward_hooks), len(sub._forward_pre_hooks)))
+                    out += [tensor(t) for t in sub._parameters.values()]
+                    out += [tensor(t) for t in sub._buffers.values()]
+        return tuple(out)
+
+    return state
 
 
 def check_outputs(out: Any, who: str = "The model", inputs: Any = None) -> None:

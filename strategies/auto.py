@@ -101,8 +101,9 @@ class Auto(Strategy):
         super().__init__(None)
         if not isinstance(max_nano_batches, int) or max_nano_batches < 1:
             raise StrategyError(f"Strategy 'auto': max_nano_batches={max_nano_batches!r} must be an int >= 1.")
-        if measure_top_k < 0 or repeats < 1:
-            raise StrategyError(f"Strategy 'auto': measure_top_k={measure_top_k} must be >= 0 and repeats={repeats} >= 1.")
+        for name, value, low in (("measure_top_k", measure_top_k, 0), ("repeats", repeats, 1), ("sm_steps", sm_steps, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise StrategyError(f"Strategy 'auto': {name}={value!r} must be an int >= {low}.")
         if buckets not in ("pow2", "exact"):
             raise StrategyError(f"Strategy 'auto': buckets={buckets!r} must be 'pow2' (tune once per power-of-two "
                                 "bucket of rows and requests, the default) or 'exact' (tune every batch size).")

@@ -49,6 +49,8 @@ class TwoBatchOverlap(Strategy):
         if not isinstance(stagger, int) or stagger < 0:
             raise StrategyError(f"Strategy 'two_batch_overlap': stagger={stagger!r} must be an int >= 0 (stages).")
         valid = {r.value for r in Resource}
+        if isinstance(overlap, str):  # one resource named alone (a YAML file's `overlap: memory`)
+            overlap = (overlap,)
         bad = [r for r in overlap if r not in valid]
         if bad:
             raise StrategyError(f"Strategy 'two_batch_overlap': overlap={list(overlap)} names {bad[0]!r}; "

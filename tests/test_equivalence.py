@@ -774,3 +774,48 @@ def test_a_call_dynamo_runs_eagerly_after_split_calls_returns_its_answer_once(ca
             torch.testing.assert_close(model.bn.running_mean, ref.bn.running_mean)
     assert fast.direct_calls >= 2 and fast.graphs[0].calls >= 1
     assert len([r for r in caplog.records if "ran this call eagerly" in r.getMessage()]) == 1
+
+
+class _ShiftNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Linear(8, 8), nn.BatchNorm1d(8)
+        self.register_buffer("shift", torch.randn(8))
+
+    def forward(self, x):
+        return self.bn(self.a(x)) + self.shift
+
+
+@pytest.mark.parametrize("change", ["assign-state", "new-submodule", "new-buffer", "half", "train"])
+def test_a_graph_module_changed_after_its_first_call_runs_as_changed(change):
+    """A GraphModule is prepared once; attributes replaced afterwards (``load_state_dict(assign=True)``, a new
+    submodule or buffer, ``.half()``) were not seen (old weights, float32 out), and a BatchNorm leaf prepared in
+    eval mode stayed split after ``train()`` (each nano-batch normalised by its own rows, stats updated twice)."""
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(_ShiftNet().eval())
+    ref = copy.deepcopy(gm)
+    fast = dynaflow.compile(gm, strategy="round_robin", nano_batches=2, executor="serial")
+    x = torch.randn(6, 8)
+    with grad_off():
+        torch.testing.assert_close(fast(x), ref(x))
+        for m in (gm, ref):
+            torch.manual_seed(1)
+            if change == "assign-state":
+                m.load_state_dict({k: torch.rand_like(v) + 0.5 if v.is_floating_point() else v
+                                   for k, v in m.state_dict().items()}, assign=True)
+            elif change == "new-submodule":
+                m.a = nn.Linear(8, 8)
+            elif change == "new-buffer":
+                m.shift = torch.randn(8)
+            elif change == "half":
+                m.half()
+            else:
+                m.train()
+        if change == "half":
+            x = x.half()
+        for _ in range(2):
+            out, want = fast(x), ref(x)
+            assert out.dtype == want.dtype
+            torch.testing.assert_close(out, want)
+            torch.testing.assert_close(gm.bn.running_mean, ref.bn.running_mean)
+            assert int(gm.bn.num_batches_tracked) == int(ref.bn.num_batches_tracked)

@@ -602,3 +602,14 @@ def test_small_misuses_name_the_fix():
         torch.compile(make_mlp(), backend="dynaflow", mode="max-autotune")(mlp_input(4))
     assert isinstance(info.value.__cause__ or info.value.inner_exception, ConfigError), info.value
     assert "options={'cuda_graphs': True}" in str(info.value)
+
+
+@pytest.mark.parametrize("options, says", [
+    (dict(strategy_options={1: 2}), "strategy_options=.* by name"),
+    (dict(wait_timeout=float("nan")), "wait_timeout=nan must be > 0"),
+], ids=["non-string-option-name", "nan-timeout"])
+def test_config_values_refused_at_compile(options, says):
+    """A non-string option name was a raw TypeError; a NaN timeout was accepted, and every thread-executor call
+    then failed with 'did not finish within nans'."""
+    with pytest.raises(ConfigError, match=says):
+        dynaflow.compile(nn.Linear(4, 4), strategy="round_robin", executor="thread", **options)

@@ -15,6 +15,7 @@ import torch
 
 import dynaflow
 from dynaflow.errors import StrategyError
+from dynaflow.profiles import load_profiles
 from dynaflow.strategies import Auto, Candidate, load_strategy, registry
 from dynaflow.tune import CACHE_SCHEMA, Trial, TuneCache, TuneResult
 from models import grad_off, make_mlp, mlp_input
@@ -94,7 +95,10 @@ def test_a_cache_entry_naming_os_system_is_refused_and_names_the_file(tmp_path, 
     {"schema": CACHE_SCHEMA, "candidate": "nanoflow"},
     {"candidate": {"strategy": "nanoflow", "options": {}}},  # an entry of an older schema
     ["not", "a", "dict"],
-], ids=["options-list", "unknown-strategy", "unknown-option", "candidate-str", "no-schema", "entry-list"])
+    {"schema": CACHE_SCHEMA, "candidate": {"strategy": "nanoflow", "options": {"sm_counts": "ab"}}},
+    {"schema": CACHE_SCHEMA, "candidate": {"strategy": "nanoflow", "options": {"nano_batches": 2}, "graphs": True}},
+], ids=["options-list", "unknown-strategy", "unknown-option", "candidate-str", "no-schema", "entry-list",
+        "option-of-wrong-type", "graphs-on-cpu"])
 def test_a_malformed_cache_entry_warns_naming_the_file_and_tunes_again(tmp_path, monkeypatch, caplog, entry):
     path, key = _seed_cache(tmp_path, monkeypatch, entry)
     with caplog.at_level(logging.WARNING):
@@ -247,3 +251,31 @@ def test_a_yaml_alias_bomb_gets_a_short_error(tmp_path):
     with pytest.raises(StrategyError, match="must be named by a string") as info:
         load_strategy(path)
     assert len(str(info.value)) < 2000
+
+
+@pytest.mark.parametrize("text, says", [
+    ("name: nanoflow\nsm_counts: ab\n", "rejected its options"),
+    ("name: nanoflow\nstage_nano_batches: [memory]\n", "rejected its options"),
+    ("name: auto\nmeasure_top_k: 1.5\n", "measure_top_k=1.5 must be an int"),
+    ("name: auto\nrepeats: 2.5\n", "repeats=2.5 must be an int"),
+], ids=["sm-counts-str", "stages-list", "top-k-float", "repeats-float"])
+def test_a_strategy_file_option_of_the_wrong_type_is_a_strategy_error(tmp_path, text, says):
+    """They were a raw ValueError from inside the strategy, or accepted and a raw TypeError at the first call."""
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(StrategyError, match=says) as info:
+        load_strategy(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_resource_named_alone_in_a_strategy_file_is_one_resource(tmp_path):
+    path = tmp_path / "tbo.yaml"
+    path.write_text("name: two_batch_overlap\noverlap: memory\n")
+    assert load_strategy(path).overlap == ("memory",)  # it was split into characters
+
+
+def test_a_profile_file_nested_too_deep_is_a_config_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(dynaflow.ConfigError, match="Cannot read profile file"):
+        load_profiles(path)
