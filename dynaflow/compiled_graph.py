@@ -33,7 +33,7 @@ from dynaflow.frontend.batching import find_batch_source
 from dynaflow.frontend.capture import batch_size_of, symbolize
 from dynaflow.frontend.differential import check_split_equals_whole, overlapping_writes
 from dynaflow.frontend.graph_inputs import input_roles
-from dynaflow.segment_timing import halving_sizes, replay_blocker, time_segments
+from dynaflow.segment_timing import halving_sizes, replay_blocker, replayable, time_segments
 from dynaflow.frontend.partition import dense_order, fetch_attr, partition
 from dynaflow.ir import InputInfo, SplitConfig
 from dynaflow.planning import CostContext, Plan, describe_inputs, make_plan, split_with, strategy_name

@@ -335,6 +335,7 @@ class NanoGraph:
         self.segment_deps = tuple(sorted(set(segment_deps), key=lambda e: (self.index(e[1]), self.index(e[0]))))
         for prod, cons in self.segment_deps:
             self._connect(self._by_name[prod], self._by_name[cons])
+        nx.freeze(self.g)  # strategies read it; the schedule they return is verified against it
 
     def split_of(self, seg: Segment | NanoOp | str) -> SplitConfig:
         """The split a segment runs with: the main sizes, or its resource's stage sizes."""
@@ -448,6 +449,15 @@ class Schedule:
         if bad is not None:
             raise ScheduleError(f"Schedule of strategy {self.strategy!r}: lane {bad!r} is a {type(bad).__name__}, not "
                                 f"a dynaflow.Lane; key the lanes by Lane objects, e.g. {{Lane({str(bad)!r}): [ops]}}.")
+        shape = isinstance(self.order, tuple) and all(  # (the count per lane is verify_schedule's to check)
+            isinstance(ops, tuple) and all(isinstance(op, NanoOp) for op in ops) for ops in self.order)
+        if not shape:
+            got = type(self.order).__name__
+            if isinstance(self.order, (tuple, list)):
+                got += f" of {[type(o).__name__ for o in self.order][:4]}"
+            raise ScheduleError(
+                f"Schedule of strategy {self.strategy!r}: order must hold one tuple of NanoOps per lane; got {got}. "
+                "Build it with Schedule.from_lanes(strategy, split, {lane: [ops]}).")
 
     @classmethod
     def from_lanes(

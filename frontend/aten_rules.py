@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import sympy
 import torch
 
+from dynaflow.errors import ConfigError
+
 __all__ = ["AtenCall", "BatchRule", "register_batch_rule", "rule_for", "has_rule", "along_dims", "last_dims", "rows",
            "dim_set", "pointwise", "ruled_ops", "no_elements", "RANDOM_AWARE"]
 
@@ -100,7 +102,15 @@ def register_batch_rule(ops: str | Iterable[str], rule: BatchRule, sizes: Sequen
     (offsets of the batch rows, checked by the rule through :meth:`AtenCall.step`), and the outputs that hold
     positions in turn. Positions differ per nano-batch, so any other use of them couples.
     """
-    for op in [ops] if isinstance(ops, str) else ops:
+    names = [ops] if isinstance(ops, str) else list(ops) if isinstance(ops, Iterable) else [ops]
+    bad = [op for op in names if not isinstance(op, str) or op.count("::") != 1 or not all(op.split("::"))]
+    if bad:
+        raise ConfigError(f"register_batch_rule({bad[0]!r}, ...): name ops as 'namespace::name' or "
+                             "'namespace::name.overload' (e.g. 'aten::softmax', 'mylib::rmsnorm').")
+    if not callable(rule):
+        raise ConfigError(f"register_batch_rule({names[0]!r}, {rule!r}): the rule must be a callable taking the "
+                             "op's AtenCall (see dynaflow.frontend.aten_rules.rows) and returning None when it splits.")
+    for op in names:
         _RULES[op] = _Entry(rule, frozenset(sizes), makes_batch, positions)
 
 

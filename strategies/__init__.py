@@ -45,6 +45,8 @@ def register_strategy(name_or_cls: Any = None, *, replace: bool = False) -> Any:
 
     if isinstance(name_or_cls, type):
         return deco(name_or_cls)
+    if name_or_cls is not None and not isinstance(name_or_cls, str):  # register_strategy(a_function): not a class
+        raise StrategyError(f"register_strategy needs a Strategy subclass or a name; got {name_or_cls!r}.")
     return deco
 
 

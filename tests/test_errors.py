@@ -613,3 +613,49 @@ def test_config_values_refused_at_compile(options, says):
     then failed with 'did not finish within nans'."""
     with pytest.raises(ConfigError, match=says):
         dynaflow.compile(nn.Linear(4, 4), strategy="round_robin", executor="thread", **options)
+
+
+@pytest.mark.parametrize("args, says", [
+    ((123, lambda call: None), "name ops as 'namespace::name'"),
+    (("softmax", lambda call: None), "name ops as 'namespace::name'"),
+    (("mylib::op", 3), "the rule must be a callable"),
+], ids=["int-name", "no-namespace", "rule-not-callable"])
+def test_register_batch_rule_refuses_what_can_never_match_or_run(args, says):
+    """A name without a namespace never matches an op (the rule was silently unused); a rule that is not callable
+    failed at the first call; an int name was a raw TypeError."""
+    from dynaflow.frontend.aten_rules import register_batch_rule
+
+    with pytest.raises(ConfigError, match=says):
+        register_batch_rule(*args)
+
+
+def test_register_strategy_given_a_function_is_refused():
+    from dynaflow.strategies import register_strategy
+
+    def plan(graph):
+        return None
+
+    with pytest.raises(StrategyError, match="needs a Strategy subclass or a name"):
+        register_strategy(plan)  # it returned the decorator and registered nothing
+
+
+def test_a_schedule_whose_order_is_not_tuples_of_nano_ops_names_the_strategy():
+    from dynaflow.ir import SplitConfig
+
+    op = NanoOp("seg", 0)
+    with pytest.raises(ScheduleError, match="'mine': order must hold one tuple of NanoOps per lane; got tuple of"):
+        Schedule("mine", SplitConfig.whole(2), (Lane("a"),), (op,))  # type: ignore[arg-type]
+
+
+def test_a_strategy_cannot_edit_the_graph_its_schedule_is_verified_against():
+    """A strategy that removed the graph's edges made a reversed order pass verification; the step then failed
+    with a raw TypeError blaming the split."""
+    class Editor(dynaflow.Strategy):
+        name = "edits_graph"
+
+        def plan(self, graph, split):
+            graph.g.remove_edges_from(list(graph.g.edges))
+            return Schedule.from_lanes(self.name, split, {Lane("main"): list(reversed(graph.ops))})
+
+    with grad_off(), pytest.raises(StrategyError, match="'edits_graph'.plan\\(\\) raised NetworkXError: Frozen graph"):
+        dynaflow.compile(make_mlp(), strategy=Editor(), executor="serial")(mlp_input(4))

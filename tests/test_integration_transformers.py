@@ -375,8 +375,8 @@ def test_sliding_window_cache_is_refused(llama_enabled):
                         num_key_value_heads=2, vocab_size=HF_VOCAB, sliding_window=4)
     cache = StaticCache(config=cfg, max_cache_len=16)
     ids, mask = prompts(3)
-    with pytest.raises(dynaflow.ConfigError, match=r"cache=StaticCache \(layers: StaticSlidingWindowLayer\).*"
-                                                  r"sliding-window"):
+    with pytest.raises(dynaflow.ConfigError, match=r"cache=StaticCache has sliding-window layers "
+                                                  r"\(StaticSlidingWindowLayer\).*build the cache from it"):
         llama_enabled(ids, attention_mask=mask, cache=cache)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import networkx as nx
 import pytest
 from hypothesis import given, strategies as st
 
@@ -211,6 +212,7 @@ def test_nanograph_segment_deps_are_deduplicated_and_ordered():
 
 def test_verify_graph_rejects_cross_nano_edge():
     g = _graph(2, batch=4)
+    g.g = nx.DiGraph(g.g)  # a thawed copy (a NanoGraph's own is frozen)
     g.g.add_edge(NanoOp("a", 0), NanoOp("c", 1))
     with pytest.raises(ScheduleError, match=r"crosses nano-batches"):
         verify_graph(g)
@@ -218,6 +220,7 @@ def test_verify_graph_rejects_cross_nano_edge():
 
 def test_verify_graph_rejects_cycle():
     g = _graph(2, batch=4)
+    g.g = nx.DiGraph(g.g)
     g.g.add_edge(NanoOp("e", 0), NanoOp("a", 0))
     with pytest.raises(ScheduleError, match=r"cycle"):
         verify_graph(g)

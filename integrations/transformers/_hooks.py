@@ -268,12 +268,15 @@ def _check_static(cache: Any, config: Any) -> None:
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         setting = ", ".join(f"{k}={getattr(text, k)!r}" for k in ("sliding_window", "layer_types")
                             if getattr(text, k, None) is not None)
+        fix = ("build the model from a config without a sliding window (sliding_window=None, every layer_types "
+               "entry 'full_attention') where full attention suits it, or run it without dynaflow") if setting else (
+               "the model's own config has no sliding window: build the cache from it, "
+               "StaticCache(config=model.config, max_cache_len=N), or generate(..., cache_implementation='static')")
         raise ConfigError(
-            f"cache=StaticCache has sliding-window layers ({', '.join(bad)}), from the model's config ({setting}): "
-            "dynaflow splits a static cache of full-attention StaticLayer layers only (a sliding layer's ring "
-            "buffer is not a view of each nano-batch's rows). Fix: build the model from a config without a sliding "
-            "window (sliding_window=None, every layer_types entry 'full_attention') where full attention suits it, "
-            "or run it without dynaflow."
+            f"cache=StaticCache has sliding-window layers ({', '.join(bad)})"
+            + (f", from the model's config ({setting})" if setting else "") + ": dynaflow splits a static cache of "
+            "full-attention StaticLayer layers only (a sliding layer's ring buffer is not a view of each nano-batch's "
+            f"rows). Fix: {fix}."
         )
     if not isinstance(cache, StaticCache) or bad:
         raise ConfigError(
