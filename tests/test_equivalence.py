@@ -634,30 +634,11 @@ def test_thread_executor_frees_intermediates_at_their_last_use():
     assert alive[-1] <= len(program.output_slots) + len(program.buffers)
 
 
-def test_parallelize_decorates_a_method():
-    """On ``def forward(self, x)`` each instance compiles its bound method (``self`` bound, as for a method)."""
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(8, 8)
-
-        @dynaflow.parallelize(strategy="round_robin", nano_batches=2, executor="serial")
-        def forward(self, x):
-            return self.lin(x).relu()
-
-    torch.manual_seed(0)
-    a, b = Net(), Net()
-    x = torch.randn(6, 8)
-    with grad_off():
-        for net in (a, b, a):
-            torch.testing.assert_close(net(x), net.lin(x).relu())
-    assert Net.__dict__["forward"].__get__(a) is a.forward  # one compiled object per instance
-
-
-def test_parallelize_on_a_method_whatever_its_first_parameter_is_called():
-    """A method whose first parameter is not named ``self`` is still a method (it used to be compiled as a plain
-    function: ``TypeError: missing 1 required positional argument``); under ``@staticmethod`` it has no instance and
-    compiles once as a function; through the class, ``Net.forward(net, x)`` is the bound method's compile."""
+def test_parallelize_decorates_a_method_whatever_its_first_parameter_is_called():
+    """On ``def forward(self, x)`` each instance compiles its bound method. A method whose first parameter is not
+    named ``self`` is still a method (it used to be compiled as a plain function: ``TypeError: missing 1 required
+    positional argument``); under ``@staticmethod`` it has no instance and compiles once as a function; through the
+    class, ``Net.forward(net, x)`` is the bound method's compile."""
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -666,6 +647,10 @@ def test_parallelize_on_a_method_whatever_its_first_parameter_is_called():
         @dynaflow.parallelize(strategy="round_robin", nano_batches=2, executor="serial")
         def forward(me, x):
             return me.lin(x).relu()
+
+        @dynaflow.parallelize(strategy="round_robin", nano_batches=2, executor="serial")
+        def doubled(self, x):
+            return self.lin(x) * 2
 
         @staticmethod
         @dynaflow.parallelize(strategy="round_robin", nano_batches=2, executor="serial")
@@ -682,8 +667,11 @@ def test_parallelize_on_a_method_whatever_its_first_parameter_is_called():
         for _ in range(2):
             torch.testing.assert_close(Net.act(x), torch.tanh(x) * 2)
             torch.testing.assert_close(a.act(x + 1), torch.tanh(x + 1) * 2)
+        for net in (a, b):
+            torch.testing.assert_close(net.doubled(x), net.lin(x) * 2)
     method, static = Net.__dict__["forward"], Net.__dict__["act"].__func__
-    assert method.__get__(a) is a.forward and len(method._per) == 2
+    assert method.__get__(a) is a.forward and len(method._per) == 2  # one compiled object per instance
+    assert Net.__dict__["doubled"].__get__(b) is b.doubled
     assert static._plain is not None and not static._per and static._plain.graphs[0].last_plan.split.num == 2
 
 
