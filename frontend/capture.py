@@ -360,9 +360,11 @@ def no_graph_error(model: Any, breaks: Sequence[str] = ()) -> CaptureError:
     if breaks:
         return CaptureError(
             f"torch.compile ran {type(model).__name__} without handing any graph to dynaflow: Dynamo broke the "
-            "graph before any op it captured, and a graph break inside a loop runs the rest of the frame "
-            "eagerly:\n" + "\n".join(f"  - {b}" for b in breaks) + "\nMove the graph break out "
-            "of the loop, or compile the parts before and after it with dynaflow.compile on their own."
+            "graph before it captured any op, and ran the rest eagerly. Its reasons:\n"
+            + "\n".join(f"  - {b}" for b in breaks) + "\nAn op whose output shape depends on the values (torch.unique, "
+            "nonzero) or that reads a value as a Python number breaks the graph; a break inside a loop runs the rest of "
+            "the frame eagerly. Compile the parts before and after that op with dynaflow.compile on their own, or move "
+            "the break out of the loop."
         )
     return CaptureError(
         "torch.compile ran the model without handing any graph to dynaflow (Dynamo fell back to eager, e.g. "

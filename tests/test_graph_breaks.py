@@ -67,6 +67,19 @@ class _BreaksInALoopFirst(torch.nn.Module):
 
 def test_a_model_dynamo_captures_nothing_of_names_the_graph_break():
     compiled = dynaflow.compile(_BreaksInALoopFirst(), strategy="round_robin", nano_batches=2, executor="serial")
-    with pytest.raises(dynaflow.CaptureError, match=r"broke the graph before any op(.|\n)*graph_break\(\)(.|\n)*out of "
-                       r"the loop"):
+    with pytest.raises(dynaflow.CaptureError, match=r"broke the graph before it captured any op(.|\n)*graph_break\(\)"
+                       r"(.|\n)*out of the loop"):
+        compiled(torch.randn(4, 8))
+
+
+class _UniqueOnly(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.unique(x)
+
+
+def test_a_model_whose_first_op_has_a_value_dependent_shape_is_told_so_not_about_loops():
+    """Dynamo breaks the graph on ``torch.unique`` and captures nothing; the error named only a graph break inside
+    a loop (there is none here)."""
+    compiled = dynaflow.compile(_UniqueOnly(), strategy="round_robin", nano_batches=2, executor="serial")
+    with pytest.raises(dynaflow.CaptureError, match=r"(?s)Dynamic shape operator.*output shape depends on the values"):
         compiled(torch.randn(4, 8))
