@@ -291,6 +291,17 @@ class Compiled:
         g = self.last_graph
         return g.last_plan.program if g and g.last_plan else None
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise ConfigError(self._no_copy("pickled"))
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        raise ConfigError(self._no_copy("copied"))
+
+    def _no_copy(self, what: str) -> str:
+        return (f"A dynaflow.Compiled of {type(self.model).__name__} cannot be {what}: it holds lane threads, locks "
+                "and captured graphs. Copy or save the model itself (copy.deepcopy(model), torch.save(model."
+                "state_dict())) and call dynaflow.compile on the copy.")
+
     def explain(self, file: TextIO | None = None) -> str:
         """Segments, tags, split config and schedule table of every captured graph; printed to ``file``."""
         head = f"dynaflow: strategy {self.strategy.name!r} ({self.strategy.describe()}), executor {self.config.executor!r}"

@@ -659,3 +659,19 @@ def test_a_strategy_cannot_edit_the_graph_its_schedule_is_verified_against():
 
     with grad_off(), pytest.raises(StrategyError, match="'edits_graph'.plan\\(\\) raised NetworkXError: Frozen graph"):
         dynaflow.compile(make_mlp(), strategy=Editor(), executor="serial")(mlp_input(4))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "copy", "pickle"])
+@pytest.mark.parametrize("called", [False, True])
+def test_a_compiled_model_cannot_be_copied_and_says_what_to_copy(how, called):
+    """It raised a raw TypeError (a lock, a queue, a local lambda cannot be pickled)."""
+    import copy
+    import pickle
+
+    compiled = dynaflow.compile(make_mlp(), strategy="round_robin", nano_batches=2, executor="thread")
+    if called:
+        with grad_off():
+            compiled(mlp_input(4))
+    fn = {"deepcopy": copy.deepcopy, "copy": copy.copy, "pickle": pickle.dumps}[how]
+    with pytest.raises(ConfigError, match=r"cannot be (copied|pickled).*dynaflow.compile on the copy"):
+        fn(compiled)
