@@ -136,7 +136,9 @@ class SplitConfig:
         sizes = as_ints(self.sizes, "SplitConfig sizes", "rows per nano-batch, e.g. SplitConfig((3, 3))")
         object.__setattr__(self, "sizes", sizes)
         if self.stages:
-            stages = tuple(sorted((str(r), tuple(int(x) for x in sz)) for r, sz in dict(self.stages).items()))
+            example = "rows per nano-batch, e.g. stages=(('memory', (2, 2, 2)),)"
+            stages = tuple(sorted((str(r), as_ints(sz, f"SplitConfig stage {r!r} sizes", example))
+                                  for r, sz in dict(self.stages).items()))
             object.__setattr__(self, "stages", stages)
             for r, sz in stages:
                 if r not in {x.value for x in Resource}:

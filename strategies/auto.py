@@ -101,7 +101,8 @@ class Auto(Strategy):
         super().__init__(None)
         if not isinstance(max_nano_batches, int) or max_nano_batches < 1:
             raise StrategyError(f"Strategy 'auto': max_nano_batches={max_nano_batches!r} must be an int >= 1.")
-        for name, value, low in (("measure_top_k", measure_top_k, 0), ("repeats", repeats, 1), ("sm_steps", sm_steps, 1)):
+        counts = (("measure_top_k", measure_top_k, 0), ("repeats", repeats, 1), ("sm_steps", sm_steps, 1))
+        for name, value, low in counts:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise StrategyError(f"Strategy 'auto': {name}={value!r} must be an int >= {low}.")
         if buckets not in ("pow2", "exact"):

@@ -675,3 +675,12 @@ def test_a_compiled_model_cannot_be_copied_and_says_what_to_copy(how, called):
     fn = {"deepcopy": copy.deepcopy, "copy": copy.copy, "pickle": pickle.dumps}[how]
     with pytest.raises(ConfigError, match=r"cannot be (copied|pickled).*dynaflow.compile on the copy"):
         fn(compiled)
+
+
+@pytest.mark.parametrize("stage", [("1", "3"), (1.5, 2.5)], ids=["strings", "floats"])
+def test_split_config_stage_sizes_are_ints_like_the_main_sizes(stage):
+    """Stage sizes went through ``int()``: strings were read as numbers and (1.5, 2.5) became (1, 2)."""
+    from dynaflow.ir import SplitConfig
+
+    with pytest.raises(ConfigError, match="stage 'memory' sizes must be a sequence of ints"):
+        SplitConfig((2, 2), stages=(("memory", stage),))
