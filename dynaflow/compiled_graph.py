@@ -116,9 +116,8 @@ class CompiledGraph:
         """Inputs the graph writes in place: overlapping views of them run the graph unsplit."""
         self.fx_batch = 0
         """For a GraphModule compiled directly: the batch of the call it was prepared on."""
-        self._replayable = True
         self._replay_blocker: str | None = None
-        """Whether a step may run twice without a trace (:func:`replayable`): what an Inductor warm-up needs."""
+        """What makes a step unable to run twice without a trace (:func:`replay_blocker`), or None."""
         self._overlap_memo: tuple[list[Any], tuple[int, int] | None] | None = None
         """(input fingerprints, :func:`overlapping_writes` verdict) of the last call that checked."""
         self._input_specs: tuple[Any, ...] = ()
@@ -164,7 +163,6 @@ class CompiledGraph:
             partition(gm, batch_dim=self.config.batch_dim, rules=rules, strict=self.config.strict), inputs=roles)
         self._input_specs = input_specs(self.segmented)
         self._replay_blocker = replay_blocker(self.segmented)
-        self._replayable = self._replay_blocker is None
         self.costs = CostContext(self.segmented, self.config, self.label)
         self.distributed = DistributedPlanner(self.segmented.segments, self.config.distributed_agree,
                                               self.config.lane_communicators, strategy_name(self.strategy))
@@ -369,6 +367,11 @@ class CompiledGraph:
         if self._inductor is None:
             self._inductor = InductorSegments()
         return self._inductor.program_for(plan.program, inputs)
+
+    @property
+    def _replayable(self) -> bool:
+        """Whether a step may run twice without a trace (:func:`replayable`): what an Inductor warm-up needs."""
+        return self._replay_blocker is None
 
     def _compiles_in_step(self, plan: Plan, inputs: Sequence[Any], aliased: bool) -> bool:
         """Whether this call's step compiles its segments as it runs them (:meth:`InductorSegments.run_compiling`):
