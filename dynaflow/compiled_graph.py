@@ -444,20 +444,25 @@ class CompiledGraph:
             )
         known = {"fingerprints": fps} if not choice.padded and getattr(ex, "captures_graphs", False) else {}
         aliased = unsplit is not None and self._aliased(inputs, fps)  # (a padded call's inputs overlap none)
-        if self._compiles_in_step(plan, padded, aliased):  # a step that may not run twice: compiled as it runs
-            self._repeat = None
-            out = self._inductor.run_compiling(plan.program, padded)  # type: ignore[union-attr]
-            ex = None
-        else:
-            program = self.program_for(plan, padded, aliased)
-            self._repeat = (_Repeat(fps, batch, self.config, knobs.forced_executor(), choice, plan, ex, program)
-                            if known and executor is None and unsplit is None and self._repeatable() else None)
-            out = ex.run(program, padded, capture=choice.mode is Mode.GRAPH, **known)
+        self._repeat = None
+        out, ex, program = self._execute(plan, padded, ex, aliased, capture=choice.mode is Mode.GRAPH, **known)
+        if program is not None and known and executor is None and unsplit is None and self._repeatable():
+            self._repeat = _Repeat(fps, batch, self.config, knobs.forced_executor(), choice, plan, ex, program)
         if choice.padded:
             copy_back_written(inputs, padded, self._written_inputs, specs, batch)
         self.last_capture = choice
         self._ran(plan, ex)
         return unpad_outputs(out, self.segmented, batch, choice.size)
+
+    def _execute(self, plan: Plan, inputs: Sequence[Any], ex: Any, aliased: bool,
+                 **run: Any) -> tuple[Any, Any, Program | None]:
+        """Run ``plan`` on ``inputs``: on ``ex`` (its program from :meth:`program_for`), or compiled as it runs
+        when its step may not run twice (:meth:`_compiles_in_step`). Returns the outputs, the executor that ran
+        them and the program it ran (both ``None`` for a step compiled as it ran)."""
+        if self._compiles_in_step(plan, inputs, aliased):
+            return self._inductor.run_compiling(plan.program, inputs), None, None  # type: ignore[union-attr]
+        program = self.program_for(plan, inputs, aliased)
+        return ex.run(program, inputs, **run), ex, program
 
     def _run_repeat(self, inputs: Sequence[Any], fps: list[Any]) -> Any:
         """Run a call that repeats the last graphed one (see :class:`_Repeat`) as that one was decided; ``_MISS``
@@ -558,13 +563,7 @@ class CompiledGraph:
             return self.run_passthrough(inputs, plan)
         if strategy.graphs:  # auto measured this bucket faster as a graph
             return self.run_captured(inputs)
-        ex = self.executor_for(plan, inputs)
-        aliased = self._aliased(inputs, fps)
-        if self._compiles_in_step(plan, inputs, aliased):
-            out = self._inductor.run_compiling(plan.program, inputs)  # type: ignore[union-attr]
-            self._ran(plan, None)
-            return out
-        out = ex.run(self.program_for(plan, inputs, aliased), inputs)
+        out, ex, _ = self._execute(plan, inputs, self.executor_for(plan, inputs), self._aliased(inputs, fps))
         self._ran(plan, ex)
         return out
 
