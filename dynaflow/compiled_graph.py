@@ -506,12 +506,19 @@ class CompiledGraph:
         return None
 
     def _overlap(self, inputs: Sequence[Any], fps: Sequence[Any] | None) -> tuple[int, int] | None:
-        """:func:`overlapping_writes` of the inputs, kept for the last fingerprints seen."""
+        """:func:`overlapping_writes` of the inputs, kept for the last fingerprints seen. After a call without
+        overlap, only the inputs whose fingerprints changed are checked (a decode step's new token ids, not its
+        weights and caches): equal fingerprints mean equal byte spans."""
         key = list(fps) if fps is not None else self._fingerprints(inputs)  # never mutated: compared as is
         memo = self._overlap_memo
-        if memo is not None and memo[0] == key:
-            return memo[1]
-        overlap = overlapping_writes(inputs, self._written_inputs)
+        among = None
+        if memo is not None:
+            last, verdict = memo
+            if last == key:
+                return verdict
+            if verdict is None and len(last) == len(key):
+                among = [k for k, (now, was) in enumerate(zip(key, last)) if now is not was and now != was]
+        overlap = overlapping_writes(inputs, self._written_inputs, among)
         self._overlap_memo = (key, overlap)
         return overlap
 

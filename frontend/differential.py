@@ -13,7 +13,7 @@ executor provides) are not run.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 import torch.fx
@@ -220,13 +220,17 @@ def _storage_range(t: torch.Tensor) -> tuple[int, int]:
     return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
 
 
-def overlapping_writes(inputs: Sequence[Any], written: Sequence[int]) -> tuple[int, int] | None:
+def overlapping_writes(inputs: Sequence[Any], written: Sequence[int],
+                       among: Collection[int] | None = None) -> tuple[int, int] | None:
     """A pair (written input, other input) whose memory overlaps, or None. Split into nano-batches, a write
     through one view would land in rows the other view's nano-batches have already read (or not yet).
 
     Memory, not storage objects, is compared: two storages may share it (``torch.from_numpy`` of overlapping
     numpy slices, ``from_dlpack``). Runs when the inputs' fingerprints change: only tensors whose storage's
-    address range meets a written input's (rare) have their byte spans computed."""
+    address range meets a written input's (rare) have their byte spans computed. ``among``: the positions whose
+    tensors changed since a call of the same inputs found no overlap; only pairs with one of them can overlap
+    now (the others' byte spans are the ones checked then), so only those are checked."""
+    moved = None if among is None else frozenset(among)
     ranges: list[tuple[int, int, int]] = []
     for i in written:
         a = inputs[i] if i < len(inputs) else None
@@ -234,6 +238,19 @@ def overlapping_writes(inputs: Sequence[Any], written: Sequence[int]) -> tuple[i
             ranges.append((i, *_storage_range(a)))
     if not ranges:
         return None
+    every = moved is None or any(i in moved for i, _, _ in ranges)  # a moved write meets every other input
+    for j, b in enumerate(inputs):
+        if not isinstance(b, torch.Tensor) or b.device.type == "meta" or not (every or j in moved):  # type: ignore[operator]
+            continue
+        lo, hi = _storage_range(b)
+        for i, wlo, whi in ranges:
+            if (i != j and lo < whi and wlo < hi and inputs[i].device == b.device
+                    and (moved is None or i in moved or j in moved)):
+                sa, ea = _span(inputs[i])
+                sb, eb = _span(b)
+                if sa < eb and sb < ea:
+                    return i, j
+    return None
     for j, b in enumerate(inputs):
         if not isinstance(b, torch.Tensor) or b.device.type == "meta":
             continue

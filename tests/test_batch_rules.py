@@ -329,6 +329,23 @@ def test_the_overlap_verdict_follows_the_inputs_from_call_to_call():
         ref = f(ref_t[0:6], ref_t[6 - lo:12 - lo])
         assert torch.equal(out, ref) and torch.equal(t, ref_t), lo
         assert compiled.last_graph.last_plan.split.num == (1 if lo else 2), lo  # lo > 0: b overlaps a
+    for lo in (0, 3, 0, 6, 5, 6, 0):  # now the written view moves (a = rows lo .. lo + 6) and b stays put
+        out = compiled(t[lo:lo + 6], t[6:12])
+        ref = f(ref_t[lo:lo + 6], ref_t[6:12])
+        assert torch.equal(out, ref) and torch.equal(t, ref_t), lo
+        assert compiled.last_graph.last_plan.split.num == (1 if lo else 2), lo
+
+
+def test_an_overlap_check_after_a_clean_call_looks_at_the_moved_inputs_only():
+    """``among``: the positions that changed since a call without overlap. Pairs of unchanged inputs are not
+    looked at again; any pair with a moved side is, whether the moved side is the written one or not."""
+    from dynaflow.frontend.differential import overlapping_writes
+
+    t = torch.zeros(10, 4)
+    assert overlapping_writes([t[0:5], t[4:9], t[3:4]], [0], among=[2]) == (0, 2)  # moved reader meets the write
+    assert overlapping_writes([t[0:5], t[4:9], t[3:4]], [0], among=[0]) == (0, 1)  # moved write meets every input
+    assert overlapping_writes([t[0:5], t[4:9], t[6:7]], [0], among=[2]) is None  # (0, 1) was not moved
+    assert overlapping_writes([t[0:5], t[4:9]], [0], among=[]) is None
 
 
 def test_overlap_detection_uses_storage_and_byte_ranges():
