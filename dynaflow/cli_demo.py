@@ -12,13 +12,32 @@ import torch
 
 from dynaflow.timing import interleave
 
-__all__ = ["add_arguments", "demo", "run", "say"]
+__all__ = ["add_arguments", "at_least", "demo", "run", "say"]
 
 
 def say(text: str = "") -> None:
     """The commands' output goes to stdout (logging is for diagnostics)."""
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+HEADS = 8
+"""Attention heads of the demo's models: ``--hidden`` must be a multiple of it."""
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int ``>= low`` (argparse prints the message and exits 2 otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is too small: it must be an int >= {low}")
+        return value
+
+    parse.__name__ = f"int >= {low}"  # what argparse names in its message
+    return parse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,14 +51,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sim: outputs computed serially, timeline predicted by the cost model")
     p.add_argument("--cost-device", default=None, help="device the cost model assumes for --executor sim / "
                    "--strategy auto (e.g. h200 for a what-if on CPU)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=20, help="interleaved eager/dynaflow pairs timed")
+    p.add_argument("--batch", type=at_least(1), default=8)
+    p.add_argument("--seq", type=at_least(1), default=64)
+    p.add_argument("--hidden", type=_hidden, default=256, help=f"a multiple of {HEADS} (the attention heads)")
+    p.add_argument("--layers", type=at_least(0), default=4)
+    p.add_argument("--repeats", type=at_least(1), default=20, help="interleaved eager/dynaflow pairs timed")
     p.add_argument("--trace", default="dynaflow_trace.json", help="Perfetto / Chrome trace output path")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the last step's timeline as a Gantt chart PNG")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _hidden(text: str) -> int:
+    value = at_least(HEADS)(text)
+    if value % HEADS:
+        raise argparse.ArgumentTypeError(f"{value} is not a multiple of {HEADS} (the demo models' attention heads)")
+    return value
 
 
 def _build(args: argparse.Namespace) -> tuple[torch.nn.Module, Callable[[torch.nn.Module], Any], str]:
@@ -50,9 +76,9 @@ def _build(args: argparse.Namespace) -> tuple[torch.nn.Module, Callable[[torch.n
         say("transformers is not installed: falling back to dynaflow's built-in transformer")
         args.model = "builtin"
     if args.model == "llama":
-        model = models.llama_from_config(hidden=args.hidden, layers=args.layers)
+        model = models.llama_from_config(hidden=args.hidden, layers=args.layers, heads=HEADS)
         return model, lambda m: m(input_ids=ids, use_cache=False).logits, "transformers LlamaForCausalLM"
-    model = models.TinyTransformer(vocab=1024, dim=args.hidden, heads=8, hidden=4 * args.hidden, layers=args.layers).eval()
+    model = models.TinyTransformer(vocab=1024, dim=args.hidden, heads=HEADS, hidden=4 * args.hidden, layers=args.layers).eval()
     return model, lambda m: m(ids), "dynaflow.models.TinyTransformer"
 
 

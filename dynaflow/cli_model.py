@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from dynaflow.cli_demo import say
+from dynaflow.cli_demo import at_least, say
 from dynaflow.errors import ConfigError
 from dynaflow.timing import interleave
 
@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser, *, timed: bool) -> None:
     p.add_argument("--nano-batches", type=int, default=2)
     p.add_argument("--executor", default="auto", choices=["auto", "serial", "thread", "sim"])
     if timed:
-        p.add_argument("--repeats", type=int, default=20, help="interleaved eager/dynaflow pairs timed")
+        p.add_argument("--repeats", type=at_least(1), default=20, help="interleaved eager/dynaflow pairs timed")
 
 
 def load_example(file: str, entry: str = "example") -> tuple[Any, tuple[Any, ...], dict[str, Any]]:

@@ -92,3 +92,20 @@ def test_spread_and_interleave():
     order: list[str] = []
     result = interleave(lambda: order.append("a"), lambda: order.append("b"), pairs=3, warmup=1)
     assert order == ["a", "b", "a", "b", "b", "a", "a", "b"] and result.pairs == 3
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["demo", "--batch", "0"], "argument --batch: 0 is too small: it must be an int >= 1"),
+    (["demo", "--seq", "x"], "argument --seq: 'x' is not an int"),
+    (["demo", "--hidden", "12"], "argument --hidden: 12 is not a multiple of 8"),
+    (["demo", "--repeats", "0"], "argument --repeats: 0 is too small"),
+    (["demo", "--layers", "-1"], "argument --layers: -1 is too small: it must be an int >= 0"),
+    (["bench", "--repeats", "0", "model.py"], "argument --repeats: 0 is too small"),
+])
+def test_out_of_range_sizes_are_refused_before_a_model_is_built(capsys, argv, expected):
+    """A batch, sequence or width the demo models cannot take is an argparse error naming the option, not a
+    traceback from transformers; a zero repeat count is refused instead of timing one pair anyway."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert expected in capsys.readouterr().err
