@@ -11,7 +11,9 @@ The file defines ``example()`` (or the function named by ``--entry``) returning 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from dynaflow.errors import ConfigError
 from dynaflow.timing import interleave
 
 __all__ = ["add_arguments", "load_example", "explain", "bench"]
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser, *, timed: bool) -> None:
@@ -69,10 +73,26 @@ def _compiled(ns: argparse.Namespace) -> tuple[Any, Any, Any, bool]:
     model, args, kwargs = load_example(ns.file, ns.entry)
     fast = dynaflow.compile(model, strategy=ns.strategy, nano_batches=ns.nano_batches, executor=ns.executor)
     with torch.no_grad():
-        ref, got = model(*args, **kwargs), fast(*args, **kwargs)
+        ref = _eager_reference(model, args, kwargs, f"{ns.file}:{ns.entry}()")
+        got = fast(*args, **kwargs)
     got_leaves, ref_leaves = pytree.tree_leaves(got), pytree.tree_leaves(ref)
     same = len(got_leaves) == len(ref_leaves) and all(map(_same_leaf, got_leaves, ref_leaves))
     return (lambda: model(*args, **kwargs)), (lambda: fast(*args, **kwargs)), fast, same
+
+
+def _eager_reference(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], who: str) -> Any:
+    """The model's eager output on a copy of the inputs (a model that writes an input in place would otherwise
+    hand dynaflow's call inputs eager already changed). A model that fails eagerly is the example's error."""
+    try:
+        args, kwargs = copy.deepcopy((args, kwargs))
+    except Exception:  # inputs that cannot be copied (an open handle, a lock): eager sees them as they are
+        log.debug("%s: inputs not copyable, the eager reference runs on them as they are", who, exc_info=True)
+    try:
+        return model(*args, **kwargs)
+    except Exception as exc:
+        raise ConfigError(f"{who}'s model raised when run eagerly, before dynaflow: {type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. Fix the example so that "
+                          "model(*args, **kwargs) runs in plain PyTorch.") from exc
 
 
 def _same_leaf(x: Any, y: Any) -> bool:

@@ -67,6 +67,8 @@ def test_a_model_file_without_example_names_the_contract(tmp_path, capsys):
 @pytest.mark.parametrize("content, expected", [
     ("import torch\ndef example():\n    return torch.nn.Linear(4, 4), torch.randn(3, 4)\n", "args must be a tuple"),
     (None, "not a Python file"),
+    ("import torch\ndef example():\n    return torch.nn.Linear(4, 4), (torch.randn(3, 5),)\n",
+     "m.py:example()'s model raised when run eagerly, before dynaflow: RuntimeError: mat1 and mat2 shapes"),
 ])
 def test_odd_model_files_get_a_message_not_a_traceback(tmp_path, capsys, content, expected):
     path = tmp_path / ("m.py" if content is not None else "strategy.yaml")
@@ -109,3 +111,13 @@ def test_out_of_range_sizes_are_refused_before_a_model_is_built(capsys, argv, ex
         main(argv)
     assert exc.value.code == 2
     assert expected in capsys.readouterr().err
+
+
+def test_a_model_that_writes_its_input_is_compared_on_a_copy(tmp_path, capsys):
+    """Eager's reference call runs on a copy of the inputs: a model that writes an input in place does not hand
+    dynaflow's call an input eager already changed (which would print a false NO)."""
+    path = tmp_path / "m.py"
+    path.write_text("import torch\ndef f(x):\n    x.add_(1)\n    return x * 2\n"
+                    "def example():\n    return f, (torch.ones(4, 3),)\n")
+    assert main(["explain", str(path)]) == 0
+    assert "outputs match eager: yes" in capsys.readouterr().out
