@@ -59,8 +59,8 @@ class Compiled:
         self._as_is: set[tuple[Any, ...]] = set()
         """Call keys (:func:`call_key`) of calls that run the model itself, skipping Dynamo (see ``__call__``)."""
         self.direct_calls = 0
-        """Calls that ran the model itself: the eager floor won their bucket, a torch.func transform is active, or
-        Dynamo ran the call eagerly after earlier calls were split (its recompile limit)."""
+        """Calls that ran the model itself: a batch of 0 rows, the eager floor won their bucket, a torch.func
+        transform is active, or Dynamo ran the call eagerly after earlier calls were split (its recompile limit)."""
         self._warned_transform = self._warned_fallback = False
         self.floor_check = FloorCheck()
         """``auto``'s whole-call comparison with the model itself (:mod:`dynaflow.floor_check`)."""
@@ -138,6 +138,7 @@ class Compiled:
             self._local.call = (args, kwargs)
         batch = self._local.batch = mark_batch_dynamic(args, kwargs, self.config.batch_dim)
         if batch == 0:  # no rows: nothing to split or overlap
+            self.direct_calls += 1
             return self.model(*args, **kwargs)
         key = call_key(args, kwargs) if self._as_is or self.floor_check.active else None
         if key is not None and key in self._as_is:
@@ -235,6 +236,7 @@ class Compiled:
         check_layouts(flat)
         batch = batch_size_of(flat, self.config.batch_dim)
         if batch == 0:  # no rows: nothing to split or overlap
+            self.direct_calls += 1
             return self.model(*args, **kwargs)
         state = self._fx_state()
         if state != self._fx_seen:  # weights, leaves or their modes changed since the graphs were prepared
@@ -305,7 +307,10 @@ class Compiled:
     def explain(self, file: TextIO | None = None) -> str:
         """Segments, tags, split config and schedule table of every captured graph; printed to ``file``."""
         head = f"dynaflow: strategy {self.strategy.name!r} ({self.strategy.describe()}), executor {self.config.executor!r}"
-        body = [g.explain() for g in self.graphs] or ["(not captured yet: call the model once)"]
+        body = [g.explain() for g in self.graphs] or [
+            f"(not captured yet: {self.direct_calls} call(s) ran the model itself, unsplit: a batch of 0 rows, or "
+            "inside a torch.func transform; a call with rows captures it)" if self.direct_calls else
+            "(not captured yet: call the model once)"]
         if self.floor_check.verdicts:
             body.append("auto's floor check (whole calls, dynaflow against the model itself):\n"
                         + "\n".join(f"  - {v!r}" for v in self.floor_check.verdicts))

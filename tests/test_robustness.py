@@ -108,6 +108,7 @@ def test_an_empty_batch_returns_the_eager_answer(strategy):
     with grad_off():
         out = compiled(x)
         assert out.shape == model(x).shape == (0, 8)
+        assert compiled.direct_calls == 1 and "1 call(s) ran the model itself" in compiled.explain()
         torch.testing.assert_close(compiled(mlp_input(5)), model(mlp_input(5)))  # and later batches still split
 
 
@@ -115,4 +116,4 @@ def test_an_empty_batch_on_an_fx_graph_module_returns_the_eager_answer():
     gm = torch.fx.symbolic_trace(make_mlp())
     compiled = dynaflow.compile(gm, strategy="nanoflow")
     with grad_off():
-        assert compiled(mlp_input(0)).shape == (0, 8)
+        assert compiled(mlp_input(0)).shape == (0, 8) and compiled.direct_calls == 1
