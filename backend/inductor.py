@@ -8,6 +8,10 @@ argument signature (in practice once per nano-batch size) and that compiled call
 launch with the same signature. The compile and the first (warm-up) call both happen in this run, so by
 the time an executor runs the program — and before any CUDA-graph capture — nothing compiles anymore.
 
+Before compiling, each run of launches that follow one another on a lane with no wait between becomes one launch
+(:func:`~dynaflow.backend.fuse.fuse_runs`): one Dynamo entry per run instead of one per segment, and Inductor
+fuses across the segments' edges; a step of one nano-batch in program order is one compile.
+
 Why one ``torch.compile(copy_of_segment, dynamic=False)`` per signature: each copy of an fx
 GraphModule has its own code object, so Dynamo's per-code-object recompile limit is never hit however
 many nano sizes there are, and a static-shape compile generates the best kernels for that size.
@@ -35,6 +39,7 @@ from dynaflow import knobs
 from dynaflow.errors import BackendError
 from dynaflow.nanocontext import current_nano_context
 from dynaflow.sandbox import sandboxed
+from dynaflow.backend.fuse import fuse_runs
 from dynaflow.backend.program import Launch, Program, fetch
 from dynaflow.backend.sm_partitions import launch_carveouts, planned_sms, sm_carveout
 
@@ -84,9 +89,11 @@ def eager_faithful_options() -> dict[str, Any]:
 class InductorSegments:
     """Compiles a Program's segments with Inductor (see the module docstring); caches per program."""
 
-    def __init__(self, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, options: dict[str, Any] | None = None, fuse: bool = True) -> None:
         self.options = {**eager_faithful_options(), **(options or {})}
-        self._compiled: dict[tuple[str, tuple[Any, ...], int | None], Callable[..., Any]] = {}
+        self.fuse = fuse
+        """Compile each run of consecutive launches on a lane as one unit (:func:`~dynaflow.backend.fuse.fuse_runs`)."""
+        self._compiled: dict[tuple[str, tuple[Any, ...], int | None, Any], Callable[..., Any]] = {}
         self._programs: dict[tuple[int, tuple[Any, ...]], tuple[Program, Program]] = {}
         """(program id, its inputs' shapes) → (program, compiled copy)."""
         self._lock = threading.Lock()
@@ -136,6 +143,8 @@ class InductorSegments:
         and the step's value slots (holding its outputs)."""
         from dynaflow.backend.launch import Executor, StepContext, run_launch
 
+        if self.fuse:
+            program = fuse_runs(program)
         step = StepContext(program, Executor.new_env(program, inputs), current_nano_context())
         env = step.env
         carveouts = compile_carveouts(program, inputs)
@@ -146,7 +155,7 @@ class InductorSegments:
             else:
                 args = [fetch(a, env) for a in launch.args]
                 carveout = carveouts.get(id(launch))
-                key = (launch.segment.name, signature(args), carveout)
+                key = (launch.segment.name, signature(args), carveout, getattr(launch.fn, "fuse_key", None))
                 fn = self._compiled.get(key)
                 if fn is None:
                     fn = self._compiled[key] = self._compile_one(launch, args)

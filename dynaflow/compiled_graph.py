@@ -364,9 +364,14 @@ class CompiledGraph:
         compiles a segment for inputs that do not alias and its guards do not tell views of one tensor apart."""
         if not self.config.inductor or aliased:
             return plan.program
+        return self._inductor_segments().program_for(plan.program, inputs)
+
+    def _inductor_segments(self) -> InductorSegments:
+        """The graph's Inductor compiles; runs of launches are fused except for the ``sim`` executor, which
+        predicts each segment's time from its cost model by name."""
         if self._inductor is None:
-            self._inductor = InductorSegments()
-        return self._inductor.program_for(plan.program, inputs)
+            self._inductor = InductorSegments(fuse="sim" not in (self.config.executor, knobs.forced_executor()))
+        return self._inductor
 
     @property
     def _replayable(self) -> bool:
@@ -379,9 +384,7 @@ class CompiledGraph:
         :func:`replayable`), so that no warm-up repeats an effect dynaflow cannot see."""
         if not self.config.inductor or aliased or self._replayable:
             return False
-        if self._inductor is None:
-            self._inductor = InductorSegments()
-        return self._inductor.compiled(plan.program, inputs) is None
+        return self._inductor_segments().compiled(plan.program, inputs) is None
 
     def _aliased(self, inputs: Sequence[Any], fps: Sequence[Any] | None = None) -> bool:
         """Whether inputs overlap in memory while one is written (what Inductor must not see); checked only under

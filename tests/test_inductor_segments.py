@@ -24,7 +24,7 @@ def _compiled_fn(fn) -> bool:
 
 
 @pytest.mark.parametrize("executor", ["serial", "thread"])
-def test_inductor_compiles_once_per_nano_size_and_matches_eager(executor):
+def test_inductor_compiles_once_and_matches_eager(executor):
     model = make_mlp()
     c = dynaflow.compile(model, strategy="nanoflow", nano_batches=2, executor=executor, config={"inductor": True})
     x = mlp_input(5)
@@ -33,16 +33,25 @@ def test_inductor_compiles_once_per_nano_size_and_matches_eager(executor):
         torch.testing.assert_close(out, model(x), **TOL)
         g = c.graphs[0]
         compiled = g._inductor
-        assert compiled is not None and compiled.num_compiled == 2  # sizes 3 and 2 of one segment
+        assert compiled is not None and compiled.num_compiled == 1  # the lane's launches (rows 3 and 2): one run
         x2 = mlp_input(5, seed=4)
         torch.testing.assert_close(c(x2), model(x2), **TOL)
-        assert compiled.num_compiled == 2  # the second call compiles nothing
+        assert compiled.num_compiled == 1  # the second call compiles nothing
         assert c.program is g.last_plan.program  # the planned program stays the inspectable one
+
+
+def test_unfused_compiles_once_per_nano_size():
+    p, inputs, _ = program_of(make_mlp(), mlp_input(5), "nanoflow", 2)
+    ind = InductorSegments(fuse=False)
+    with torch.no_grad():
+        q = ind.program_for(p, inputs)
+        assert ind.num_compiled == 2  # sizes 3 and 2 of one segment
+        torch.testing.assert_close(SerialExecutor().run(q, inputs), SerialExecutor().run(p, inputs), **TOL)
 
 
 def test_even_split_shares_one_compile_across_nano_batches():
     p, inputs, _ = program_of(make_mlp(), mlp_input(8), "nanoflow", 2)
-    ind = InductorSegments()
+    ind = InductorSegments(fuse=False)
     with torch.no_grad():
         q = ind.program_for(p, inputs)
         assert ind.num_compiled == 1

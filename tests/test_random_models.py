@@ -64,11 +64,12 @@ replays), odd sizes into the same input tensors (read in place once stable), eve
 
 
 def check_against_eager(program: Program, strategy: str, nano: int, executor: str, batches: list[int],
-                        requests: bool = False) -> None:
+                        requests: bool = False, config: dict | None = None) -> None:
     """Run ``program`` compiled and eager on each batch size of ``batches`` and compare everything a step leaves;
-    ``requests``: calls declare a request layout (one long request, then one-token ones)."""
+    ``requests``: calls declare a request layout (one long request, then one-token ones); ``config``: more
+    config options."""
     with faked_cuda() if executor in GRAPH_EXECUTORS else contextlib.nullcontext():
-        _check(program, strategy, nano, executor, batches, requests or strategy == "prefill_decode")
+        _check(program, strategy, nano, executor, batches, requests or strategy == "prefill_decode", config or {})
 
 
 class RandomSchedule(Strategy):
@@ -113,15 +114,16 @@ def _layout(batch: int) -> contextlib.AbstractContextManager:
     return dynaflow.requests(lengths, ["prefill" if n > 1 else "decode" for n in lengths])
 
 
-def _check(program: Program, strategy: str, nano: int, executor: str, batches: list[int], requests: bool) -> None:
+def _check(program: Program, strategy: str, nano: int, executor: str, batches: list[int], requests: bool,
+           config: dict) -> None:
     torch._dynamo.reset()  # every program is the same forward code: a fresh cache, no recompile limit
     reference = RandomModel(program).eval()
     model = copy.deepcopy(reference)
     if executor in GRAPH_EXECUTORS:
-        options = dict(executor="cuda", config=GRAPH_EXECUTORS[executor] or None)
+        options = dict(executor="cuda", config={**GRAPH_EXECUTORS[executor], **config} or None)
         batches = [b for b in batches for _ in range(GRAPH_CALLS)]
     else:
-        options = dict(executor=executor)
+        options = dict(executor=executor, config=config or None)
     compiled = dynaflow.compile(model, **_strategy(strategy, nano, program), **options)
     held: dict[int, list[torch.Tensor]] = {}  # per batch size: the tensors a stable caller passes every time
     for step, batch in enumerate(batches):
