@@ -165,9 +165,12 @@ class InductorSegments:
                         run_launch(dataclasses.replace(launch, fn=fn), step)  # compiles + warms
                 except Exception as exc:
                     shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
+                    names = list(dict.fromkeys(launch.segment.name.split("+")))  # a run may hold nano-batches of one
+                    what = (f"segment {names[0]!r}" if len(names) == 1 else
+                            f"the run of segments {', '.join(map(repr, names))} (compiled as one)")
                     raise BackendError(
-                        f"Inductor failed on segment {launch.segment.name!r} ({launch.op}) with argument shapes "
-                        f"{shapes}: {type(exc).__name__}: {exc}. Tag the segment 'no-inductor' (e.g. a marker or rule "
+                        f"Inductor failed on {what} ({launch.op}) with argument shapes {shapes}: "
+                        f"{type(exc).__name__}: {exc}. Tag the failing segment 'no-inductor' (e.g. a marker or rule "
                         "with tags={'no-inductor'}) to run it uncompiled, or set inductor=False."
                     ) from exc
             for slot in frees:

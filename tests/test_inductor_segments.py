@@ -82,7 +82,7 @@ def test_signature_distinguishes_shapes_dtypes_and_ints():
 
 def test_inductor_failure_names_the_segment_and_the_fix():
     p, inputs, _ = program_of(make_mlp(), mlp_input(4), "nanoflow", 2)
-    ind = InductorSegments()
+    ind = InductorSegments(fuse=False)
 
     def boom(launch, args):
         def fn(*a):
@@ -91,6 +91,23 @@ def test_inductor_failure_names_the_segment_and_the_fix():
 
     ind._compile_one = boom  # type: ignore[method-assign]
     with pytest.raises(BackendError, match=r"Inductor failed on segment '.*'.*codegen exploded.*no-inductor"):
+        with torch.no_grad():
+            ind.program_for(p, inputs)
+
+
+def test_inductor_failure_on_a_fused_run_names_its_segments():
+    p, inputs, _ = program_of(make_transformer(), transformer_input(4), "sequential", 1)
+    ind = InductorSegments()
+
+    def boom(launch, args):
+        def fn(*a):
+            raise RuntimeError("codegen exploded")
+        return fn
+
+    ind._compile_one = boom  # type: ignore[method-assign]
+    first, second = p.serial_order[0].segment.name, p.serial_order[1].segment.name
+    with pytest.raises(BackendError, match=rf"the run of segments '{first}', '{second}', .*compiled as one.*"
+                                           r"codegen exploded.*failing segment 'no-inductor'"):
         with torch.no_grad():
             ind.program_for(p, inputs)
 
