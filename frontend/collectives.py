@@ -65,7 +65,8 @@ def functionalize_inplace(gm: torch.fx.GraphModule) -> int:
     Segments are ordered by data dependencies only; a reader of ``t`` in another segment would not depend on
     the segment holding the in-place copy and could run before it. The copy itself is dropped when ``t`` is a
     fresh intermediate; it stays when ``t`` is a graph input, a weight, or may be a view of another tensor (the
-    caller or readers of the base can observe the write). Returns the number of rewrites.
+    caller or readers of the base can observe the write). A ``t`` with a view of its own (taken before the
+    collective, read after it) is not rewritten: the view must see the write. Returns the number of rewrites.
     """
     done = 0
     order = _position(gm)
@@ -77,6 +78,10 @@ def functionalize_inplace(gm: torch.fx.GraphModule) -> int:
             continue
         target, result = node.args[0], node.args[1]
         if not isinstance(target, torch.fx.Node):
+            continue
+        if any(u is not node and _may_alias(u) for u in target.users):
+            # a view of ``t`` reads its memory: left as written, the in-place copy is ordered before every reader
+            # of that memory by the write analysis (frontend/effects.py), as any in-place write is
             continue
         here = order(node)
         for user in list(target.users):

@@ -373,6 +373,11 @@ def cut(gm: torch.fx.GraphModule, region_index: dict[torch.fx.Node, int]) -> tor
             raise PartitionError(f"internal: node {node.format_node()} was not assigned to a segment")
         return region_index[node]
 
+    renamed = [n for n in gm.graph.nodes if n.name == "self"]
+    for n in renamed:  # kept as a segment's placeholder name, ``self`` would be its forward's own first parameter
+        n._rename("self_")  # (torch's reduce_scatter_tensor with scatter_dim != 0 names a node so; so may a model)
+    if renamed:
+        gm.recompile()
     return split_module(gm, None, callback, keep_original_order=True, keep_original_node_name=True)
 
 

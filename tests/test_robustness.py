@@ -117,3 +117,19 @@ def test_an_empty_batch_on_an_fx_graph_module_returns_the_eager_answer():
     compiled = dynaflow.compile(gm, strategy="nanoflow")
     with grad_off():
         assert compiled(mlp_input(0)).shape == (0, 8) and compiled.direct_calls == 1
+
+
+@pytest.mark.parametrize("strategy", ["sequential", "nanoflow"])
+def test_a_value_named_self_crosses_segments(strategy):
+    """A local named ``self`` (or the node torch's ``reduce_scatter_tensor(scatter_dim=1)`` names so) becomes an fx
+    node ``self``; kept as a segment's placeholder name it would shadow the segment forward's own ``self``."""
+    w = torch.randn(8, 8)
+
+    def f(x):
+        h = torch.relu(x @ w)
+        self = h * 3  # noqa: PLW0642 - the point of the test
+        return self.sum(0, keepdim=True) + self  # a barrier (a sum over the batch) reading it
+
+    x = torch.randn(4, 8)
+    with grad_off():
+        assert torch.equal(dynaflow.compile(f, strategy=strategy, nano_batches=2)(x), f(x))
