@@ -30,10 +30,10 @@ import torch.fx
 from dynaflow import distributed
 from dynaflow.collective_ops import is_collective, group_name_of, set_group_name
 from dynaflow.errors import BackendError, ScheduleError
-from dynaflow.ir import NanoGraph, NanoOp, Schedule, SplitConfig
+from dynaflow.ir import ALL, NanoGraph, NanoOp, Schedule, SplitConfig
 from dynaflow.backend.program import Launch, Program
 
-__all__ = ["groups_of", "lane_assignment", "check_collective_order", "order_text", "bind_communicators",
+__all__ = ["groups_of", "lane_assignment", "check_collective_order", "order_text", "order_key", "bind_communicators",
            "has_collectives", "DistributedPlanner"]
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,30 @@ def order_text(program: Program) -> str:
     return "\n".join(f"{k}: {' '.join(v)}" for k, v in sorted(seq.items()))
 
 
+def order_key(program: Program) -> str:
+    """What ranks must hold alike (:func:`order_text` is what an error shows): per lane, the collective launches
+    in order, each as segment, nano-batch and collectives, with each process group named by its first
+    appearance (``g0``, ``g1``...): the groups' own names differ by rank when each rank's tensor-parallel group
+    is another group of the world. In a step of one nano-batch every op is the whole batch (``all``): a batch of
+    one captures a graph of its own, whose ops say ``nb0`` where the dynamic graph's say ``all``."""
+    canonical: dict[str, str] = {}
+    whole = program.split.num == 1
+    lines = []
+    for lane, instrs in zip(program.lanes, program.streams):
+        ops = []
+        for ins in instrs:
+            if isinstance(ins, Launch) and ins.segment.collectives:
+                names = []
+                for c in ins.segment.collectives:
+                    name, _, group = c.rpartition("@")
+                    names.append(f"{name}@{canonical.setdefault(group, f'g{len(canonical)}')}")
+                nano = "all" if whole or ins.op.nano == ALL else f"nb{ins.op.nano}"
+                ops.append(f"{ins.op.segment}[{nano}]:{'+'.join(names)}")
+        if ops:
+            lines.append(f"{lane.name}: {' '.join(ops)}")
+    return "\n".join(lines)
+
+
 def _rebind(fn: Callable[..., Any], names: dict[str, str]) -> Callable[..., Any]:
     gm = getattr(fn, "__self__", None)
     if not isinstance(gm, torch.fx.GraphModule):
@@ -176,7 +200,7 @@ class DistributedPlanner:
         self.agree_option = agree
         self.lane_communicators = lane_communicators
         self.strategy = strategy
-        self._seen: set[int] = set()
+        self._seen: set[tuple[int, Any]] = set()
         self._fresh = True
         self._lockstep = False
         self._made: set[tuple[str, str]] = set()
@@ -197,13 +221,23 @@ class DistributedPlanner:
         return distributed.group_size(self._group()) > 1
 
     def agree(self, split: SplitConfig, resplit: Callable[[int], SplitConfig] | None = None) -> SplitConfig:
+        """The split all ranks use (one all_reduce). It is *fresh* when this graph has not planned it before
+        on some rank: which graphs a rank holds is its own (a batch of one, or an input with other strides,
+        captures a graph on that rank alone), so the ranks' planned splits are compared in the same
+        all_reduce, and any difference makes the call fresh on every rank."""
         if not self.agreeing:
             return split
-        split = distributed.agree_split(split, self._group(), resplit)
+        split, same = distributed.agree_split_state(split, self._group(), resplit, repr(sorted(self._seen)))
         if not self._lockstep:
-            self._fresh = split.num not in self._seen
-            self._seen.add(split.num)
+            key = (split.num, split.stages)
+            self._fresh = not same or key not in self._seen
+            self._seen.add(key)
         return split
+
+    def fail(self) -> None:
+        """This rank's split failed before the agreement: the other ranks, waiting in it, raise too."""
+        if self.agreeing:
+            distributed.fail_agreement(self._group())
 
     def agree_key(self, key: str, batch: int) -> tuple[bool, int]:
         """Whether every rank holds ``key`` now, and the smallest batch (see :func:`distributed.agree_key`)."""
@@ -223,7 +257,7 @@ class DistributedPlanner:
             self._fresh, self._lockstep = fresh, False
 
     def finish(self, schedule: Schedule, graph: NanoGraph, program: Program) -> Program:
-        """Check the collective order, bind lane communicators, compare orders across ranks (when fresh)."""
+        """Check the collective order, compare orders across ranks (when fresh), bind lane communicators."""
         check_collective_order(schedule, graph, self.lane_communicators)
         if not has_collectives(graph):
             return program
@@ -240,10 +274,14 @@ class DistributedPlanner:
             self._made.add((group, lane))
             return distributed.lane_group(group, lane)
 
-        program = bind_communicators(program, graph, make, self.lane_communicators)
-        if agreeing and self._fresh:
-            distributed.check_same_order(order_text(program), self._group(), self.strategy)
-        return program
+        self.check(program)  # before any communicator is made: ranks whose lanes differ fail here
+        return bind_communicators(program, graph, make, self.lane_communicators)
+
+    def check(self, program: Program) -> None:
+        """Compare the collective order across ranks when this call is fresh; also for a plan this rank made
+        before, since another rank may be planning it now (and waits in this check)."""
+        if self._fresh and self.groups and self.agreeing:
+            distributed.check_same_order(order_text(program), self._group(), self.strategy, order_key(program))
 
     def describe(self) -> str:
         """One line for ``explain()``: groups, whether ranks agree on the split, which lanes got communicators."""

@@ -28,7 +28,7 @@ from dynaflow.backend.graph_steps import InputFingerprints
 from dynaflow.backend.inductor import InductorSegments
 from dynaflow.config import DynaflowConfig
 from dynaflow.cost import CostModel
-from dynaflow.errors import BackendError, BatchCouplingError
+from dynaflow.errors import BackendError, BatchCouplingError, DynaflowError
 from dynaflow.frontend.batching import find_batch_source
 from dynaflow.frontend.capture import batch_size_of, symbolize
 from dynaflow.frontend.differential import check_split_equals_whole, overlapping_writes
@@ -117,7 +117,8 @@ class CompiledGraph:
         self.fx_batch = 0
         """For a GraphModule compiled directly: the batch of the call it was prepared on."""
         self._replay_blocker: str | None = None
-        """What makes a step unable to run twice without a trace (:func:`replay_blocker`), or None."""
+        """What makes a step unable to run twice without a trace (:func:`replay_blocker`; a collective, which a
+        rank running it again would issue alone), or None."""
         self._overlap_memo: tuple[list[Any], tuple[int, int] | None] | None = None
         """(input fingerprints, :func:`overlapping_writes` verdict) of the last call that checked."""
         self._input_specs: tuple[Any, ...] = ()
@@ -162,7 +163,9 @@ class CompiledGraph:
         self.segmented = dataclasses.replace(
             partition(gm, batch_dim=self.config.batch_dim, rules=rules, strict=self.config.strict), inputs=roles)
         self._input_specs = input_specs(self.segmented)
-        self._replay_blocker = replay_blocker(self.segmented)
+        self._replay_blocker = replay_blocker(self.segmented) or next(
+            (f"segment {s.name!r} issues collectives ({', '.join(s.collectives)}) that the other ranks would not "
+             "issue with it" for s in self.segmented.segments if s.collectives), None)
         self.costs = CostContext(self.segmented, self.config, self.label)
         self.distributed = DistributedPlanner(self.segmented.segments, self.config.distributed_agree,
                                               self.config.lane_communicators, strategy_name(self.strategy))
@@ -206,12 +209,19 @@ class CompiledGraph:
         tuned = self._lockstep_tune(batch, inputs, layout)
         key = (batch, layout, id(tuned) if tuned is not None else None)
         cached = self._splits.get(key)
+        agreeing = self.distributed is not None and self.distributed.agreeing
         if cached is None:
             info = self.input_info(batch, inputs, layout)
-            cached = self._splits[key] = (info, self._split(info, inputs, tuned))
+            try:
+                cached = self._splits[key] = (info, self._split(info, inputs, tuned))
+            except DynaflowError:
+                if agreeing:  # the other ranks wait in the agreement: they raise too
+                    self.distributed.fail()  # type: ignore[union-attr]
+                raise
             self._repeat = None  # a new split may have a new winner (auto): no call repeats an older decision
         info, split = cached
-        if self.distributed is not None and self.distributed.agreeing:  # every rank, every call
+        if agreeing:  # every rank, every call
+            assert self.distributed is not None
             chooser = self._strategy_for.get(split, self.strategy)
             split = self.distributed.agree(split, lambda n: chooser.split_config(
                 dataclasses.replace(info, requested_nano_batches=n)))
@@ -220,6 +230,8 @@ class CompiledGraph:
         plan = self._by_split.get(split)
         if plan is None:
             plan = self._by_split[split] = self.plan_split(info, split)
+        elif agreeing:
+            self.distributed.check(plan.program)  # type: ignore[union-attr]
         self.plans[batch] = plan
         return plan
 

@@ -34,6 +34,7 @@ from dynaflow.errors import ConfigError, ScheduleError
 from dynaflow.ir import SplitConfig
 
 __all__ = ["available", "initialized", "world_size", "resolve_group", "group_size", "agree_split",
+           "agree_split_state", "fail_agreement",
            "agree_key", "max_over_ranks", "check_same_order", "lane_group", "fingerprint", "clear_lane_groups"]
 
 log = logging.getLogger(__name__)
@@ -131,31 +132,58 @@ def agree_split(proposal: SplitConfig, group: Any = None, resplit: Any = None) -
 
     ``resplit(n)`` (optional) re-asks the strategy for ``n`` nano-batches when this rank proposed another
     count; its answer is used when it has ``n`` parts, else the even split. Ranks with equal batch sizes but
-    different sizes all take the even split. One ``all_reduce(MIN)`` of six ints; without an initialized
-    group (or with one rank) the proposal is returned unchanged.
+    different splits (sizes or per-resource stages) all take the even split. One ``all_reduce(MIN)`` of eight
+    ints; without an initialized group (or with one rank) the proposal is returned unchanged.
     """
+    return agree_split_state(proposal, group, resplit)[0]
+
+
+def agree_split_state(proposal: SplitConfig, group: Any = None, resplit: Any = None,
+                      state: str = "") -> tuple[SplitConfig, bool]:
+    """:func:`agree_split`, and whether every rank holds the same ``state`` (a text of what the caller planned
+    before), in the same all_reduce. Raises :class:`ScheduleError` when another rank's planning failed
+    (:func:`fail_agreement`)."""
     group = _multi_rank(group)
     if group is None:
-        return proposal
+        return proposal, True
     import torch.distributed as dist
 
     n, batch = proposal.num, proposal.batch_size
-    h = _hash63(repr(proposal.sizes))
-    n_min, neg_n_max, b_min, neg_b_max, h_min, neg_h_max = _all_reduce_min([n, -n, batch, -batch, h, -h], group)
+    h = _hash63(repr((proposal.sizes, proposal.stages)))
+    s = _hash63(state)
+    n_min, neg_n_max, b_min, neg_b_max, h_min, neg_h_max, s_min, neg_s_max = _all_reduce_min(
+        [n, -n, batch, -batch, h, -h, s, -s], group)
+    if n_min <= FAILED:
+        raise ScheduleError(f"Planning failed on another rank (see its error) while rank {dist.get_rank()} "
+                            f"proposed {proposal}: this rank stops too rather than wait for it.")
+    same_state = s_min == -neg_s_max
     n_agreed = min(n_min, batch)
     same_everywhere = n_min == -neg_n_max and b_min == -neg_b_max and h_min == -neg_h_max
     if same_everywhere:
-        return proposal
+        return proposal, same_state
     split = proposal
     if n != n_agreed:
         split = resplit(n_agreed) if resplit is not None else None
         if not isinstance(split, SplitConfig) or split.num != n_agreed or split.batch_size != batch:
             split = SplitConfig.even(batch, n_agreed)
     if b_min == -neg_b_max and (n_min != -neg_n_max or h_min != -neg_h_max):
-        split = SplitConfig.even(batch, n_agreed)  # same batch everywhere: identical sizes on every rank
+        split = SplitConfig.even(batch, n_agreed)  # same batch everywhere: identical splits on every rank
     if split != proposal:
         log.info("dynaflow.distributed: rank %d proposed %s; ranks agreed on %s", dist.get_rank(), proposal, split)
-    return dataclasses.replace(split, labels=None) if split.labels and split is not proposal else split
+    return (dataclasses.replace(split, labels=None) if split.labels and split is not proposal else split), same_state
+
+
+FAILED = 0
+"""The nano-batch count :func:`fail_agreement` proposes: no real split has it."""
+
+
+def fail_agreement(group: Any = None) -> None:
+    """Take part in the split agreement for a rank whose own planning failed (its caller raises that error):
+    the other ranks, waiting in it, raise :class:`ScheduleError` instead of waiting until the group's
+    timeout."""
+    group = _multi_rank(group)
+    if group is not None:
+        _all_reduce_min([FAILED] * 8, group)
 
 
 def agree_key(key: str, batch: int, group: Any = None) -> tuple[bool, int]:
@@ -187,15 +215,15 @@ def fingerprint(order: Iterable[tuple[str, Sequence[str]]]) -> str:
     return "\n".join(f"{comm}: {' '.join(ops)}" for comm, ops in sorted(order, key=lambda x: x[0]))
 
 
-def check_same_order(text: str, group: Any = None, strategy: str = "?") -> None:
-    """Raise :class:`ScheduleError` on every rank unless all ranks of ``group`` hold the same ``text``
-    (see :func:`fingerprint`). One ``all_reduce(MIN)`` of two ints."""
+def check_same_order(text: str, group: Any = None, strategy: str = "?", key: str | None = None) -> None:
+    """Raise :class:`ScheduleError` on every rank unless all ranks of ``group`` hold the same ``key`` (default
+    ``text``; see :func:`fingerprint`); the error shows ``text``. One ``all_reduce(MIN)`` of two ints."""
     group = _multi_rank(group)
     if group is None:
         return
     import torch.distributed as dist
 
-    h = _hash63(text)
+    h = _hash63(text if key is None else key)
     lo, neg_hi = _all_reduce_min([h, -h], group)
     if lo != -neg_hi:
         raise ScheduleError(

@@ -304,8 +304,89 @@ def case_auto() -> dict[str, Any]:
     return out
 
 
+def _edge(label: str, fails: list[str], model: Any, xs: list[torch.Tensor], expect: str | None = None,
+          **options: Any) -> None:
+    """Run ``model`` through dynaflow on this rank's inputs ``xs`` (one call each) against eager; ``expect``: the
+    DynaflowError class name every call must raise instead (never a hang, never a raw error)."""
+    import dynaflow
+
+    torch._dynamo.reset()
+    fast = dynaflow.compile(model, **options)
+    with torch.no_grad():
+        for step, x in enumerate(xs):
+            want = model(x)
+            try:
+                got = fast(x)
+            except dynaflow.DynaflowError as exc:
+                if expect is None or type(exc).__name__ != expect:
+                    fails.append(f"{label} step {step}: {type(exc).__name__}: {exc}")
+                return
+            except Exception as exc:  # noqa: BLE001 - a raw error is the failure this reports
+                fails.append(f"{label} step {step}: raw {type(exc).__name__}: {exc}")
+                return
+            if expect is not None:
+                fails.append(f"{label} step {step}: ran, where {expect} was expected")
+                return
+            d = _close(got, want)
+            if d is not None:
+                fails.append(f"{label} step {step}: max diff {d:.3g}")
+
+
+def case_edges() -> dict[str, Any]:
+    """What ranks may differ in and eager takes: a view of a tensor reduced in place, a reduce_scatter along
+    dim 1 (torch names a node ``self``), one rank holding a batch of one, a graph one rank alone recaptures,
+    rank-specific groups, and the per-rank mistakes that must fail on every rank rather than hang."""
+    import torch.distributed._functional_collectives as fc
+    from dynaflow.strategies.nanoflow import NanoFlow
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    w = torch.randn(8, 8, generator=torch.Generator().manual_seed(rank)) * 0.3
+    world_group = dist.group.WORLD
+    fails: list[str] = []
+
+    def view_of_reduced(x):
+        h = torch.relu(x @ w)
+        v = h.view(-1, 2, 4)  # taken before the in-place all_reduce: it sees the sum
+        dist.all_reduce(h)
+        return v + 0
+
+    def scatter_dim1(x):
+        return fc.reduce_scatter_tensor(torch.relu(x @ w), "sum", 1, world_group) + 1
+
+    def two_reduces(x):
+        h = fc.all_reduce(torch.relu(x @ w), "sum", world_group)
+        return fc.all_reduce(torch.tanh(h @ w), "sum", world_group) + h
+
+    def global_norm(x):
+        h = torch.relu(x @ w)
+        return h / fc.all_reduce(h.square().sum(), "sum", world_group).sqrt()
+
+    own = [dist.new_group([r], timeout=TIMEOUT) for r in range(world)][rank]  # a group name of its own per rank
+
+    def own_then_world(x):
+        h = fc.all_reduce(torch.relu(x @ w), "sum", own)
+        return fc.all_reduce(torch.tanh(h @ w), "sum", world_group) + h
+
+    x6 = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    for strategy in ("sequential", "nanoflow"):
+        _edge(f"view of reduced {strategy}", fails, view_of_reduced, [x6], strategy=strategy, nano_batches=2)
+        _edge(f"reduce_scatter dim 1 {strategy}", fails, scatter_dim1, [x6[:4]], strategy=strategy, nano_batches=2)
+        _edge(f"rank-specific groups {strategy}", fails, own_then_world, [x6], strategy=strategy, nano_batches=2)
+    _edge("batch 1 on one rank", fails, global_norm, [torch.randn([6, 1][rank], 8)], strategy="nanoflow")
+    column_major = x6[:4].t().contiguous().t()  # same values; rank 1 alone captures a graph for its strides
+    _edge("a graph one rank recaptures", fails, two_reduces, [x6[:4], column_major if rank else x6[:4]],
+          strategy="nanoflow", nano_batches=2)
+    _edge("per-rank stage splits", fails, two_reduces, [x6[:2], x6],
+          strategy=NanoFlow(nano_batches=2, stage_nano_batches={"network": 2 + rank}))
+    _edge("per-rank lanes", fails, two_reduces, [x6], strategy=["nanoflow", "round_robin"][rank % 2], nano_batches=2,
+          expect="ScheduleError")
+    _edge("one rank's split refused", fails, global_norm, [x6 if rank == 0 else x6[:1]], nano_batches=2,
+          strategy="nanoflow", expect="ScheduleError" if rank == 0 else "ConfigError")
+    return {"fails": fails}
+
+
 CASES: dict[str, Callable[[], dict[str, Any]]] = {"tp": case_tp, "moe": case_moe, "checks": case_checks,
-                                                  "auto": case_auto}
+                                                  "auto": case_auto, "edges": case_edges}
 
 
 def main() -> None:
