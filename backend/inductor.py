@@ -171,7 +171,9 @@ class InductorSegments:
                     raise BackendError(
                         f"Inductor failed on {what} ({launch.op}) with argument shapes {shapes}: "
                         f"{type(exc).__name__}: {exc}. Tag the failing segment 'no-inductor' (e.g. a marker or rule "
-                        "with tags={'no-inductor'}) to run it uncompiled, or set inductor=False."
+                        "with tags={'no-inductor'}) to run it uncompiled, or set inductor=False"
+                        + (" (DYNAFLOW_INDUCTOR_FUSE=0 compiles the run segment by segment, which says which one "
+                           "fails)." if len(names) > 1 else ".")
                     ) from exc
             for slot in frees:
                 env[slot] = None

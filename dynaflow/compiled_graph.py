@@ -379,10 +379,11 @@ class CompiledGraph:
         return self._inductor_segments().program_for(plan.program, inputs)
 
     def _inductor_segments(self) -> InductorSegments:
-        """The graph's Inductor compiles; runs of launches are fused except for the ``sim`` executor, which
-        predicts each segment's time from its cost model by name."""
+        """The graph's Inductor compiles; runs of launches are fused (``DYNAFLOW_INDUCTOR_FUSE``) except for the
+        ``sim`` executor, which predicts each segment's time from its cost model by name."""
         if self._inductor is None:
-            self._inductor = InductorSegments(fuse="sim" not in (self.config.executor, knobs.forced_executor()))
+            self._inductor = InductorSegments(fuse=knobs.inductor_fuse() and "sim" not in (
+                self.config.executor, knobs.forced_executor()))
         return self._inductor
 
     @property

@@ -18,6 +18,8 @@ variable                     meaning                                            
 ``DYNAFLOW_PROGRESS``        autotune progress bar: 1 on, 0 off, unset = on a tty     unset
 ``DYNAFLOW_SM_CARVEOUT``     launches on an SM-partitioned lane size their grids for  1
                              its SMs (torch's SM carveout); 0 turns it off
+``DYNAFLOW_INDUCTOR_FUSE``   ``inductor=True`` compiles each run of launches on a     1
+                             lane as one unit; 0 compiles segment by segment
 ``DYNAFLOW_VLLM``            the vLLM plugin turns dynaflow on (compile backend)     0
 ``DYNAFLOW_VLLM_OPTIONS``    JSON dynaflow options for the vLLM integration          unset
 ``DYNAFLOW_SGLANG``          the SGLang plugin routes torch.compile via dynaflow     0
@@ -35,7 +37,7 @@ from typing import Iterator
 
 __all__ = [
     "debug_level", "verify", "verify_splits", "wait_timeout", "forced_executor", "record_timeline", "cache_dir", "progress",
-    "sm_carveout",
+    "sm_carveout", "inductor_fuse",
     "integration_enabled", "integration_options", "scope",
 ]
 
@@ -139,6 +141,12 @@ def sm_carveout() -> bool:
     """``DYNAFLOW_SM_CARVEOUT``: launches on a lane with an SM partition run under torch's SM carveout for the
     SMs the lane lacks (on by default; off measures what it adds)."""
     return _get("DYNAFLOW_SM_CARVEOUT", "1") not in ("", "0", "false", "False")
+
+
+def inductor_fuse() -> bool:
+    """``DYNAFLOW_INDUCTOR_FUSE``: under ``inductor=True`` each run of launches on a lane compiles as one unit (on by
+    default; 0 compiles segment by segment: what fusion adds, or a way around a failure of a fused compile)."""
+    return _get("DYNAFLOW_INDUCTOR_FUSE", "1") not in ("", "0", "false", "False")
 
 
 def integration_enabled(host: str) -> bool:

@@ -134,3 +134,15 @@ FUSED_EXECUTORS = ["serial", "thread", "cuda", "cuda-graphs"]
 def test_fused_random_models_equal_eager(program: RandomProgram, strategy, nano, executor, batches, requests):
     with fused_not_compiled():
         check_against_eager(program, strategy, nano, executor, batches, requests, config={"inductor": True})
+
+
+def test_the_fuse_knob_compiles_segment_by_segment():
+    from dynaflow import knobs
+
+    model = make_transformer()
+    x = transformer_input(6)
+    with knobs.scope(DYNAFLOW_INDUCTOR_FUSE=0), torch.no_grad(), fused_not_compiled():
+        c = dynaflow.compile(model, strategy="sequential", nano_batches=1, executor="serial",
+                             config={"inductor": True})
+        assert torch.equal(c(x), model(x))
+    assert not c.last_graph._inductor.fuse and c.last_graph._inductor.num_compiled == c.program.num_launches > 1
