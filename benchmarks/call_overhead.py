@@ -11,7 +11,9 @@ rounds of ``--calls`` calls each):
   is) wins, so it takes the same path;
 * ``dynaflow sequential`` — a planned program on the serial executor (Dynamo, planning lookup, step loop).
 
-A second table times greedy decoding of a tiny transformers Llama (4 layers, hidden 64, batch 4, static cache)
+Further tables: Inductor-compiled decode steps without graphs (``torch.compile`` against dynaflow's
+``inductor=True``, its runs fused and segment by segment), and a graphed step's host path. The decode table
+times greedy decoding of a tiny transformers Llama (4 layers, hidden 64, batch 4, static cache)
 per generated token: eager ``generate`` against the same ``generate`` through the transformers hook. Each
 step writes its inputs (the KV cache) in place, so it also pays the per-call check that no written input
 overlaps another one.
@@ -87,6 +89,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["graphed_step"] = {"model": "workload (c) at tiny size: LlamaForCausalLM 2 (and 32) layers, "
                                   "hidden 64, StaticCache, one decode step", "calls": args.calls, "repeats": args.repeats,
                                   "rows": graphed_rows(args)}
+        report["inductor_step"] = {"model": "workload (c) at tiny size: LlamaForCausalLM 2 layers, hidden 64, "
+                                   "StaticCache, one decode step at batch 1, serial executor (no graphs)",
+                                   "calls": args.calls // 5, "repeats": args.repeats, "rows": inductor_rows(args)}
     width = max(len(r["path"]) for r in rows)
     print("\n".join([f"{'path':<{width}}  {'µs/call':>8}  {'over eager':>10}"] +  # noqa: T201 - the table
                     [f"{r['path']:<{width}}  {r['median_us']:8.1f}  {r['over_eager_us']:10.1f}" for r in rows]))
@@ -204,6 +209,46 @@ def graphed_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                      f"{'before replay':>13}  {'over Dynamo':>11}"] +
                     [f"{r['path']:<{width}}  {r['batch']:5d}  {r['layers']:6d}  {r['median_us']:8.1f}  "
                      f"{r['over_dynamo_us']:11.1f}  {r['before_replay_us']:13.1f}  {r['before_replay_over_dynamo_us']:11.1f}"
+                     for r in rows]))
+    return rows
+
+
+def inductor_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Time per step of Inductor-compiled paths on a CPU, without graphs: where each compiled launch's Dynamo
+    entry (its guards) is host time a step pays. ``torch.compile`` of the whole model against dynaflow
+    ``sequential`` with ``inductor=True``, its runs of launches fused (one compile for the step, the default) and
+    segment by segment (``DYNAFLOW_INDUCTOR_FUSE=0``)."""
+    import dynaflow
+    import workloads
+    from dynaflow import knobs
+
+    w = workloads.hf_decode(1, tiny=True, device="cpu", dtype=torch.float32, layers=2)
+    options = dict(strategy="sequential", nano_batches=1, executor="serial", config={"inductor": True})
+    whole = torch.compile(w.model)
+    paths: dict[str, Any] = {"eager": w.model, "torch.compile (inductor)": lambda *a, **k: whole(*a, **k),
+                             "dynaflow sequential +inductor, runs fused": dynaflow.compile(w.model, **options),
+                             "dynaflow sequential +inductor, per segment": dynaflow.compile(w.model, **options)}
+    calls = max(args.calls // 5, 1)
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    with torch.no_grad():
+        ref = w.step()
+        for name, fn in paths.items():  # compile and warm, each checked against eager
+            with knobs.scope(DYNAFLOW_INDUCTOR_FUSE=int("per segment" not in name)):
+                for _ in range(3):
+                    out = w.step(fn)
+            torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        for _ in range(args.repeats):
+            for name, fn in paths.items():
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    w.step(fn)
+                samples[name].append((time.perf_counter() - t0) / calls * 1e6)
+    launches = {name: fn.last_graph._inductor.num_compiled for name, fn in paths.items() if hasattr(fn, "last_graph")}
+    rows = [{"path": name, "median_us": statistics.median(v), "min_us": min(v), "compiles": launches.get(name)}
+            for name, v in samples.items()]
+    width = max(len(r["path"]) for r in rows)
+    print("\n".join([f"{'inductor step (CPU)':<{width}}  {'µs/step':>8}  compiles"] +  # noqa: T201 - the table
+                    [f"{r['path']:<{width}}  {r['median_us']:8.1f}  {r['compiles'] if r['compiles'] is not None else '-'}"
                      for r in rows]))
     return rows
 

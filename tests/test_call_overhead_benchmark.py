@@ -23,3 +23,7 @@ def test_dry_run_every_path_and_the_floor_skips_dynamo(tmp_path):
             "Dynamo alone (memo backend)", "dynaflow sequential +graphs", "dynaflow nanoflow +graphs")}
         assert all(r["median_us"] > 0 and r["before_replay_us"] > 0 for r in rows)  # (medians of separate samples:
         # their ratio is a measurement, for the benchmark's report, not for a test)
+    if "inductor_step" in report:  # the Inductor paths ran (and equalled eager): fused, one compile for the step
+        compiles = {r["path"]: r["compiles"] for r in report["inductor_step"]["rows"]}
+        assert compiles["dynaflow sequential +inductor, runs fused"] == 1
+        assert compiles["dynaflow sequential +inductor, per segment"] > 1
