@@ -50,7 +50,7 @@ def unify_token_dims(gm: torch.fx.GraphModule, layout: Mapping[str, int], engine
             raise IntegrationError(
                 f"{engine} input {node.name!r} ({name}) has {size.node.hint} rows at dim {layout[name]} but "
                 f"{token[0]!r} has {token[1].node.hint}: dynaflow takes every declared token input "
-                f"({sorted(layout)}) to hold the step's tokens. Run with nano_batches=1.")
+                f"({sorted(layout)}) to hold the step's tokens.")
         else:
             torch._check(size == token[1])
         unified.append(node.name)
@@ -61,5 +61,5 @@ def unify_token_dims(gm: torch.fx.GraphModule, layout: Mapping[str, int], engine
             raise IntegrationError(
                 f"{engine} graph input {node.name!r} has a dynamic shape {tuple(val.shape)} but is not one of the "
                 f"token inputs dynaflow knows ({sorted(layout)}); it cannot tell whether its rows are the step's "
-                "tokens. Run with nano_batches=1, or report the model's forward signature to dynaflow.")
+                "tokens. Report the model's forward signature to dynaflow.")
     return unified

@@ -51,7 +51,7 @@ def test_mrope_positions_use_their_last_dim():
 
 def test_token_inputs_of_different_sizes_are_refused():
     gm = _capture(forward, torch.zeros(6, dtype=torch.long), torch.arange(7))
-    with pytest.raises(IntegrationError, match=r"positions.*\(positions\) has 7 rows.*input_ids.*has 6.*nano_batches=1"):
+    with pytest.raises(IntegrationError, match=r"positions.*\(positions\) has 7 rows.*input_ids.*has 6.*step's tokens"):
         _layout.unify_token_dims(gm)
 
 

@@ -11,6 +11,7 @@ import bisect
 import collections
 import dataclasses
 import logging
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -45,12 +46,22 @@ ATTENTION_RULE = Where(_reads_host_state, name="attention", tags=("memory", "nan
 """vLLM's attention ops (and the aliases of the buffers they fill) as their own nano-context segments."""
 
 
-def make_step(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Mapping[str, Any]) -> "VllmStep":
-    """Partition vLLM's whole Dynamo graph (attention ops in their own nano-context segments)."""
+def make_step(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Mapping[str, Any]) -> Any:
+    """Partition vLLM's whole Dynamo graph (attention ops in their own nano-context segments); a graph with a
+    dynamic input whose rows dynaflow cannot tell from the step's tokens (vLLM's transformers backend passes
+    ``input_ids`` of shape ``(1, tokens)`` through ``**kwargs``) is handed back as is, with a warning."""
     _setup.check_aot_compile()
     _setup.check_cuda_graphs()
     _layout.register_kernel_rules()
-    _layout.unify_token_dims(gm)
+    try:
+        _layout.unify_token_dims(gm)
+    except IntegrationError as exc:  # inputs whose rows dynaflow cannot tell: this graph runs as vLLM captured it
+        # a warning, not only a log line: the engine's processes configure no logging for dynaflow, and a user who
+        # turned dynaflow on must hear that this graph runs without it
+        warnings.warn(f"{exc} dynaflow runs this vLLM graph unsplit, as vLLM captured it.", RuntimeWarning,
+                      stacklevel=2)
+        AS_IS.append(str(exc))
+        return gm
     thread_mutations(gm, is_host_op)
     if not any(_reads_host_state(n) for n in gm.graph.nodes):
         log.info("vLLM graph has no forward-context op; it is planned like any model")
@@ -76,6 +87,9 @@ def _token_positions(gm: torch.fx.GraphModule) -> tuple[tuple[int, int], ...]:
             out.append((i, _layout.TOKEN_INPUTS[name] % val.dim()))
     return tuple(out)
 
+
+AS_IS: list[str] = []
+"""Why each graph dynaflow handed back to vLLM unsplit (an input whose rows it cannot tell) was, oldest first."""
 
 STEPS: list["VllmStep"] = []
 """Every step callable made in this process, oldest first (for explain() and tests)."""

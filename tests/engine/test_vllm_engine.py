@@ -99,6 +99,22 @@ def test_vllm_engine_other_architectures(engine_ref, tmp_path, arch):  # engine_
     assert got["barriers"] == []
 
 
+def test_a_graph_whose_inputs_dynaflow_cannot_place_runs_as_vllm_captured_it(engine_ref, tmp_path):
+    """vLLM's transformers backend (OLMo 2 here) passes ``input_ids`` as ``(1, tokens)`` through ``**kwargs``:
+    dynaflow cannot tell those rows from the step's tokens, so it hands the graph back to vLLM unsplit with a
+    warning naming the input, and the engine generates eager's tokens (it used to fail to start)."""
+    model = tmp_path / "tiny-olmo2"
+    _ok(_run(model, "make-model", tmp_path / "unused.json", "olmo2"), "make the model")
+    ref = tmp_path / "eager.json"
+    _ok(_run(model, "eager", ref, VLLM_ENABLE_V1_MULTIPROCESSING="0"), "eager reference")
+    out = tmp_path / "dynaflow.json"
+    proc = _run(model, "dynaflow", out, DYNAFLOW_VLLM="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                DYNAFLOW_VLLM_OPTIONS=json.dumps({"nano_batches": 2, "executor": "serial"}))
+    _ok(proc, "dynaflow olmo2 nano_batches=2")
+    assert json.loads(out.read_text())["tokens"] == json.loads(ref.read_text())["tokens"]
+    assert "not one of the token inputs" in proc.stderr and "runs this vLLM graph unsplit" in proc.stderr
+
+
 def test_piecewise_on_cpu_is_refused_by_name(engine_ref, tmp_path):
     model, _ = engine_ref
     proc = _run(model, "piecewise", tmp_path / "x.json", DYNAFLOW_VLLM="1",

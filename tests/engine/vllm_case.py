@@ -32,9 +32,11 @@ ARCHS = {
                                                                 num_experts_per_tok=2, moe_intermediate_size=64)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(LLAMA_LIKE, head_dim=32)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=128, n_layer=2, n_head=4, n_positions=256)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(LLAMA_LIKE)),  # vLLM runs it through its transformers backend
 }
 """Tiny random models for the engine: Llama, MoE layers (vLLM's fused-MoE kernel and its workspaces, with and
-without q/k norms), Gemma 2 (soft-capping, sliding-window layers) and GPT-2 (learned positions, fused QKV)."""
+without q/k norms), Gemma 2 (soft-capping, sliding-window layers), GPT-2 (learned positions, fused QKV) and OLMo 2,
+which vLLM 0.32 runs through its transformers backend (``input_ids`` of shape ``(1, tokens)`` through ``**kwargs``)."""
 
 
 def make_model(path: str, arch: str = "llama") -> None:
