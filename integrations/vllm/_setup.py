@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import vllm
 import vllm.envs as vllm_envs
 
+from dynaflow import knobs
 from dynaflow.integrations._common import IntegrationError
 from dynaflow.integrations.vllm import _metadata, _piecewise
 from dynaflow.integrations.vllm._settings import BACKEND_QUALNAME, SUPPORTED, max_nano_batches, options
@@ -80,11 +81,12 @@ def cpu_executor(executor: str, c_kernels: bool) -> str:
 
     if not (c_kernels and current_platform.is_cpu()):
         return executor
-    if executor == "thread":
-        raise IntegrationError(
-            "dynaflow option executor='thread' on vLLM's CPU platform: vLLM's CPU kernels (_C.onednn_mm and "
-            "friends) are not thread-safe, so running segments on several threads gives wrong answers or heap "
-            "corruption. Use executor='serial' (or 'auto', which is serial here).")
+    for name, value in (("dynaflow option executor", executor), ("DYNAFLOW_EXECUTOR", knobs.forced_executor())):
+        if value == "thread":  # the knob overrides the option wherever an executor is made: refused as well
+            raise IntegrationError(
+                f"{name}='thread' on vLLM's CPU platform: vLLM's CPU kernels (_C.onednn_mm and friends) are not "
+                "thread-safe, so running segments on several threads gives wrong answers or heap corruption. Use "
+                "'serial' (or 'auto', which is serial here), and leave DYNAFLOW_EXECUTOR unset or 'serial'.")
     return "serial" if executor == "auto" else executor
 
 

@@ -141,3 +141,13 @@ def test_thread_executor_is_refused_on_vllm_cpu(engine_ref, tmp_path):
                 DYNAFLOW_VLLM_OPTIONS=json.dumps({"nano_batches": 2, "executor": "thread"}))
     assert proc.returncode != 0
     assert "IntegrationError" in proc.stderr and "executor='thread'" in proc.stderr and "not thread-safe" in proc.stderr
+
+
+def test_the_thread_executor_knob_is_refused_on_vllm_cpu(engine_ref, tmp_path):
+    """``DYNAFLOW_EXECUTOR=thread`` overrides the option wherever an executor is made: refused by name too (it
+    got past the option's check and corrupted the heap in onednn_mm)."""
+    model, _ = engine_ref
+    proc = _run(model, "dynaflow", tmp_path / "x.json", DYNAFLOW_VLLM="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                DYNAFLOW_EXECUTOR="thread", DYNAFLOW_VLLM_OPTIONS=json.dumps({"nano_batches": 2}))
+    assert proc.returncode != 0
+    assert "IntegrationError" in proc.stderr and "DYNAFLOW_EXECUTOR='thread'" in proc.stderr
