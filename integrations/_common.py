@@ -70,7 +70,20 @@ def request_aligned_split(split: SplitConfig, lengths: Sequence[int], min_rows: 
         if (not cuts or best > cuts[-1]) and best - (cuts[-1] if cuts else 0) >= min_rows and total - best >= min_rows:
             cuts.append(best)
     bounds = [0, *cuts, total]
-    return SplitConfig(tuple(b - a for a, b in zip(bounds, bounds[1:])))
+    sizes = tuple(b - a for a, b in zip(bounds, bounds[1:]))
+    if sizes == split.sizes and split.labels:  # already on request boundaries: the phase labels still hold
+        return SplitConfig(sizes, labels=split.labels)
+    return SplitConfig(sizes)  # (per-resource stages are dropped: their cuts need not fall on request boundaries)
+
+
+def merge_to(split: SplitConfig, most: int) -> SplitConfig:
+    """``split`` with the pair of neighbouring nano-batches that is smallest together merged, again, until at
+    most ``most`` are left (cuts stay where they were, so on request boundaries if they were; labels go)."""
+    sizes = list(split.sizes)
+    while len(sizes) > max(most, 1):
+        i = min(range(len(sizes) - 1), key=lambda k: sizes[k] + sizes[k + 1])
+        sizes[i:i + 2] = [sizes[i] + sizes[i + 1]]
+    return SplitConfig(tuple(sizes))
 
 
 class RequestAligned(Strategy):
@@ -80,11 +93,14 @@ class RequestAligned(Strategy):
     when the call declared its request layout (``dynaflow.requests``); otherwise the wrapped split is kept.
     """
 
-    def __init__(self, inner: Strategy, min_rows: int = 1) -> None:
+    def __init__(self, inner: Strategy, min_rows: int = 1, max_nano: int | None = None) -> None:
         super().__init__(inner.nano_batches)
         self.inner = inner
         self.name = inner.name
         self.min_rows = min_rows
+        self.max_nano = max_nano
+        """The most nano-batches the engine has per-nano-batch state for (vLLM's metadata builders): a split
+        with more (``prefill_decode`` cuts one per run of one phase) has its smallest neighbours merged."""
 
     def rules(self) -> Sequence[Any] | None:
         return self.inner.rules()
@@ -97,6 +113,8 @@ class RequestAligned(Strategy):
         if info.request_lengths is None:
             return split
         aligned = request_aligned_split(split, info.request_lengths, self.min_rows)
+        if self.max_nano is not None and aligned.num > self.max_nano:
+            aligned = merge_to(aligned, self.max_nano)
         if aligned != split:
             log.debug("request-aligned split: %s -> %s for requests %s", split, aligned, info.request_lengths)
         return aligned
@@ -219,9 +237,10 @@ def parse_options(options: Mapping[str, Any] | str | None, source: str) -> dict[
     return {**data, **extra}
 
 
-def make_strategy(opts: Mapping[str, Any]) -> tuple[DynaflowConfig, Strategy]:
-    """The DynaflowConfig and the request-aligned strategy for parsed integration options. ``auto`` is not
-    wrapped: the autotuner plans with its candidates, whose splits already follow request boundaries."""
+def make_strategy(opts: Mapping[str, Any], max_nano: int | None = None) -> tuple[DynaflowConfig, Strategy]:
+    """The DynaflowConfig and the request-aligned strategy for parsed integration options (``max_nano``: see
+    :class:`RequestAligned`). ``auto`` is not wrapped: the autotuner plans with its candidates, whose splits
+    already follow request boundaries."""
     data = dict(opts)
     min_rows = data.pop("min_rows", 1)
     data.pop("piecewise", None)
@@ -231,4 +250,4 @@ def make_strategy(opts: Mapping[str, Any]) -> tuple[DynaflowConfig, Strategy]:
         return cfg.replace(nano_batches=None), inner
     if cfg.nano_batches is not None:
         inner.nano_batches = cfg.nano_batches
-    return cfg.replace(nano_batches=None), RequestAligned(inner, min_rows)
+    return cfg.replace(nano_batches=None), RequestAligned(inner, min_rows, max_nano)

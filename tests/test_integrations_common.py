@@ -30,6 +30,14 @@ def test_request_aligned_split(sizes, lengths, min_rows, expected):
     assert request_aligned_split(SplitConfig(sizes), lengths, min_rows).sizes == expected
 
 
+def test_an_aligned_split_keeps_its_phase_labels():
+    """A split already on request boundaries (``prefill_decode``'s, one nano-batch per run of one phase) keeps
+    its labels, which put each nano-batch on its phase's lane; a moved cut drops them."""
+    labelled = SplitConfig((5, 3), labels=("prefill", "decode"))
+    assert request_aligned_split(labelled, (5, 1, 1, 1)).labels == ("prefill", "decode")
+    assert request_aligned_split(labelled, (4, 2, 2)).labels is None
+
+
 def test_request_aligned_split_rejects_a_mismatched_layout():
     with pytest.raises(ConfigError, match=r"request lengths \(5, 3\) sum to 8 rows but the split covers 12"):
         request_aligned_split(SplitConfig((6, 6)), (5, 3))
@@ -171,3 +179,18 @@ def test_a_static_graph_takes_its_rows_from_the_declared_request_layout():
     with dynaflow.requests([1]):
         assert graph.batch_size([w, x]) == 1
         torch.testing.assert_close(graph(w, x)[0], step(w, x))
+
+
+def test_a_split_with_more_nano_batches_than_the_engine_holds_merges_its_smallest_neighbours():
+    """``prefill_decode`` cuts one nano-batch per run of one phase; vLLM has metadata builders for only so many
+    (the helper found ``32 -> 1/30/1`` with builders for 2): the smallest neighbours merge, cuts stay put."""
+    from dynaflow.integrations._common import merge_to
+    from dynaflow.strategies import get as get_strategy
+
+    assert merge_to(SplitConfig((1, 30, 1)), 2).sizes == (31, 1)
+    assert merge_to(SplitConfig((5, 37, 2, 16, 4)), 4).sizes == (5, 37, 18, 4)  # 2 + 16 is the smallest pair
+    assert merge_to(SplitConfig((5, 37, 2, 16, 4)), 1).sizes == (64,)
+    strategy = RequestAligned(get_strategy("prefill_decode"), max_nano=2)
+    info = InputInfo(32, request_lengths=(1, 30, 1), request_phases=("decode", "prefill", "decode"))
+    assert RequestAligned(get_strategy("prefill_decode")).split_config(info).num == 3  # uncapped: one per run
+    assert strategy.split_config(info).sizes == (31, 1)
