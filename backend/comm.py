@@ -33,7 +33,8 @@ from dynaflow.errors import BackendError, ScheduleError
 from dynaflow.ir import ALL, NanoGraph, NanoOp, Schedule, SplitConfig
 from dynaflow.backend.program import Launch, Program
 
-__all__ = ["groups_of", "lane_assignment", "check_collective_order", "order_text", "order_key", "bind_communicators",
+__all__ = ["groups_of", "lane_assignment", "check_collective_order", "order_text", "order_key", "collective_blocker",
+           "bind_communicators",
            "has_collectives", "DistributedPlanner"]
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,13 @@ def groups_of(collectives: tuple[str, ...]) -> list[str]:
         if g not in out:
             out.append(g)
     return out
+
+
+def collective_blocker(segments: Sequence[Any]) -> str | None:
+    """Why a step must not run its segments an extra time (the split check, an Inductor warm-up): a segment
+    issues collectives, which a rank running it again would issue without the other ranks; else ``None``."""
+    return next((f"segment {s.name!r} issues collectives ({', '.join(s.collectives)}) that the other ranks would "
+                 "not issue with it" for s in segments if s.collectives), None)
 
 
 def has_collectives(graph: NanoGraph) -> bool:

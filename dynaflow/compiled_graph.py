@@ -23,7 +23,7 @@ from dynaflow.backend import ExecutorContext, Program, check_executor_name, exec
 from dynaflow.backend.launch import records_autograd
 from dynaflow.backend.capture_sizes import (CaptureChoice, Mode, barrier_names, choose_capture_size, copy_back_written,
                                       input_specs, pad_inputs, unpad_outputs)
-from dynaflow.backend.comm import DistributedPlanner
+from dynaflow.backend.comm import DistributedPlanner, collective_blocker
 from dynaflow.backend.graph_steps import InputFingerprints
 from dynaflow.backend.inductor import InductorSegments
 from dynaflow.config import DynaflowConfig
@@ -163,9 +163,7 @@ class CompiledGraph:
         self.segmented = dataclasses.replace(
             partition(gm, batch_dim=self.config.batch_dim, rules=rules, strict=self.config.strict), inputs=roles)
         self._input_specs = input_specs(self.segmented)
-        self._replay_blocker = replay_blocker(self.segmented) or next(
-            (f"segment {s.name!r} issues collectives ({', '.join(s.collectives)}) that the other ranks would not "
-             "issue with it" for s in self.segmented.segments if s.collectives), None)
+        self._replay_blocker = replay_blocker(self.segmented) or collective_blocker(self.segmented.segments)
         self.costs = CostContext(self.segmented, self.config, self.label)
         self.distributed = DistributedPlanner(self.segmented.segments, self.config.distributed_agree,
                                               self.config.lane_communicators, strategy_name(self.strategy))

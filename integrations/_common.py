@@ -25,6 +25,7 @@ from dynaflow.errors import ConfigError, DynaflowError
 from dynaflow.frontend.effects import write_targets
 from dynaflow.ir import InputInfo, NanoGraph, Schedule, SplitConfig
 from dynaflow.strategies import Strategy, get as get_strategy
+from dynaflow.strategies.splits import at_most
 
 __all__ = ["IntegrationError", "request_aligned_split", "RequestAligned", "thread_mutations", "matching_rules",
            "parse_options", "enable_options", "make_strategy", "host_available", "active_options",
@@ -76,16 +77,6 @@ def request_aligned_split(split: SplitConfig, lengths: Sequence[int], min_rows: 
     return SplitConfig(sizes)  # (per-resource stages are dropped: their cuts need not fall on request boundaries)
 
 
-def merge_to(split: SplitConfig, most: int) -> SplitConfig:
-    """``split`` with the pair of neighbouring nano-batches that is smallest together merged, again, until at
-    most ``most`` are left (cuts stay where they were, so on request boundaries if they were; labels go)."""
-    sizes = list(split.sizes)
-    while len(sizes) > max(most, 1):
-        i = min(range(len(sizes) - 1), key=lambda k: sizes[k] + sizes[k + 1])
-        sizes[i:i + 2] = [sizes[i] + sizes[i + 1]]
-    return SplitConfig(tuple(sizes))
-
-
 class RequestAligned(Strategy):
     """Wrap a strategy so its nano-batch cuts fall on request boundaries (see :func:`request_aligned_split`).
 
@@ -114,7 +105,7 @@ class RequestAligned(Strategy):
             return split
         aligned = request_aligned_split(split, info.request_lengths, self.min_rows)
         if self.max_nano is not None and aligned.num > self.max_nano:
-            aligned = merge_to(aligned, self.max_nano)
+            aligned = at_most(aligned, self.max_nano)
         if aligned != split:
             log.debug("request-aligned split: %s -> %s for requests %s", split, aligned, info.request_lengths)
         return aligned

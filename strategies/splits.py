@@ -11,7 +11,7 @@ from __future__ import annotations
 from dynaflow.errors import ConfigError
 from dynaflow.ir import InputInfo, SplitConfig
 
-__all__ = ["even", "token_balanced", "with_min_rows", "by_phase", "round_to_multiple"]
+__all__ = ["even", "token_balanced", "with_min_rows", "at_most", "by_phase", "round_to_multiple"]
 
 
 def even(info: InputInfo, n: int) -> SplitConfig:
@@ -66,6 +66,17 @@ def with_min_rows(split: SplitConfig, min_rows: int) -> SplitConfig:
     if split.labels is not None and len(sizes) == split.num:
         labels = split.labels
     return SplitConfig(tuple(sizes), labels)
+
+
+def at_most(split: SplitConfig, most: int) -> SplitConfig:
+    """Merge the pair of neighbouring nano-batches that is smallest together, again, until at most ``most``
+    are left (the remaining cuts stay where they were, so on request boundaries if they were; labels go).
+    Example: sizes (5, 37, 2, 16, 4) with ``most=4`` → (5, 37, 18, 4)."""
+    sizes = list(split.sizes)
+    while len(sizes) > max(most, 1):
+        i = min(range(len(sizes) - 1), key=lambda k: sizes[k] + sizes[k + 1])
+        sizes[i:i + 2] = [sizes[i] + sizes[i + 1]]
+    return split if len(sizes) == split.num else SplitConfig(tuple(sizes))
 
 
 def by_phase(info: InputInfo) -> SplitConfig:

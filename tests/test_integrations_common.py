@@ -184,8 +184,8 @@ def test_a_static_graph_takes_its_rows_from_the_declared_request_layout():
 def test_a_split_with_more_nano_batches_than_the_engine_holds_merges_its_smallest_neighbours():
     """``prefill_decode`` cuts one nano-batch per run of one phase; vLLM has metadata builders for only so many
     (the helper found ``32 -> 1/30/1`` with builders for 2): the smallest neighbours merge, cuts stay put."""
-    from dynaflow.integrations._common import merge_to
     from dynaflow.strategies import get as get_strategy
+    from dynaflow.strategies.splits import at_most as merge_to
 
     assert merge_to(SplitConfig((1, 30, 1)), 2).sizes == (31, 1)
     assert merge_to(SplitConfig((5, 37, 2, 16, 4)), 4).sizes == (5, 37, 18, 4)  # 2 + 16 is the smallest pair
