@@ -372,7 +372,12 @@ class Tuner:
             cache.put(key, result)
         if knobs.debug_level() >= 1:
             log.info("%s\n%s", self.planner.label, result.table())
-        return result.winner.candidate.build()
+        return self.build(result.winner.candidate)
+
+    def build(self, cand: Candidate) -> Any:
+        """The strategy ``cand`` names, as the search runs it (wrapped by the spec's ``wrap``)."""
+        strategy = cand.build()
+        return self.spec.wrap(strategy) if self.spec.wrap is not None else strategy
 
     def _from_cache(self, cache: "TuneCache | None", key: str, bucket: str, info: InputInfo, setup: TuneSetup) -> Any:
         hit = cache.get(key) if cache is not None else None
@@ -381,6 +386,8 @@ class Tuner:
                         "does not capture here; tuning again", cache.path, key, hit[0].strategy, setup.executor)
             hit = None
         built = cache.build(key, hit[0]) if cache is not None and hit is not None else None
+        if built is not None and self.spec.wrap is not None:
+            built = self.spec.wrap(built)
         if hit is None or built is None:
             return None
         trial = Trial(hit[0], None, None, note="cached")
@@ -421,7 +428,7 @@ class Tuner:
         def build(cand: Candidate) -> Any:
             cand = replace(cand, graphs=False)  # a CUDA-graph variant runs its candidate's plan
             if cand not in plans:
-                strategy = cand.build()
+                strategy = self.build(cand)
                 split = planner.split_with(strategy, info)
                 if dist is not None:
                     split = dist.agree(split, lambda n: strategy.split_config(replace(info, requested_nano_batches=n)))

@@ -10,7 +10,9 @@ makes every nano-batch's attention independent, so any schedule the strategy pic
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import itertools
 
 import json
 import logging
@@ -25,6 +27,7 @@ from dynaflow.errors import ConfigError, DynaflowError
 from dynaflow.frontend.effects import write_targets
 from dynaflow.ir import InputInfo, NanoGraph, Schedule, SplitConfig
 from dynaflow.strategies import Strategy, get as get_strategy
+from dynaflow.strategies.base import SearchSpec
 from dynaflow.strategies.splits import at_most
 
 __all__ = ["IntegrationError", "request_aligned_split", "RequestAligned", "thread_mutations", "matching_rules",
@@ -59,22 +62,30 @@ def request_aligned_split(split: SplitConfig, lengths: Sequence[int], min_rows: 
         )
     if min_rows < 1:
         raise ConfigError(f"min_rows={min_rows} must be >= 1.")
-    if split.num == 1 or len(lengths) == 1 or total < 2 * min_rows:
-        return SplitConfig.whole(total)
+    sizes = _aligned_sizes(split.sizes, lengths, min_rows)
+    # a per-resource re-split (nanoflow's stage_nano_batches) is aligned the same way: its nano-batches carry
+    # engine state (attention metadata) as much as the main ones do
+    stages = tuple((r, st) for r, st in ((r, _aligned_sizes(sz, lengths, min_rows)) for r, sz in split.stages)
+                   if st != sizes)
+    labels = split.labels if sizes == split.sizes else None  # already on request boundaries: the labels hold
+    return SplitConfig(sizes, labels=labels, stages=stages)
+
+
+def _aligned_sizes(sizes: tuple[int, ...], lengths: Sequence[int], min_rows: int) -> tuple[int, ...]:
+    total = sum(lengths)
+    if len(sizes) == 1 or len(lengths) == 1 or total < 2 * min_rows:
+        return (total,)
     ends, acc = [], 0
     for n in lengths[:-1]:
         acc += n
         ends.append(acc)
     cuts: list[int] = []
-    for _, stop in split.boundaries[:-1]:
+    for stop in itertools.accumulate(sizes[:-1]):
         best = min(ends, key=lambda e: (abs(e - stop), e))
         if (not cuts or best > cuts[-1]) and best - (cuts[-1] if cuts else 0) >= min_rows and total - best >= min_rows:
             cuts.append(best)
     bounds = [0, *cuts, total]
-    sizes = tuple(b - a for a, b in zip(bounds, bounds[1:]))
-    if sizes == split.sizes and split.labels:  # already on request boundaries: the phase labels still hold
-        return SplitConfig(sizes, labels=split.labels)
-    return SplitConfig(sizes)  # (per-resource stages are dropped: their cuts need not fall on request boundaries)
+    return tuple(b - a for a, b in zip(bounds, bounds[1:]))
 
 
 class RequestAligned(Strategy):
@@ -92,9 +103,18 @@ class RequestAligned(Strategy):
         self.max_nano = max_nano
         """The most nano-batches the engine has per-nano-batch state for (vLLM's metadata builders): a split
         with more (``prefill_decode`` cuts one per run of one phase) has its smallest neighbours merged."""
+        self.graphs, self.passthrough = inner.graphs, inner.passthrough  # an autotuned winner's way of running
 
     def rules(self) -> Sequence[Any] | None:
         return self.inner.rules()
+
+    def search(self) -> SearchSpec | None:
+        """The wrapped strategy's search (``auto``), every candidate wrapped the same way: its winner, cached
+        or measured, keeps to request boundaries and to the engine's nano-batch cap."""
+        spec = self.inner.search()
+        if spec is None:
+            return None
+        return dataclasses.replace(spec, wrap=lambda s: RequestAligned(s, self.min_rows, self.max_nano))
 
     def lanes(self, graph: NanoGraph):  # type: ignore[no-untyped-def]
         return self.inner.lanes(graph)
@@ -104,7 +124,7 @@ class RequestAligned(Strategy):
         if info.request_lengths is None:
             return split
         aligned = request_aligned_split(split, info.request_lengths, self.min_rows)
-        if self.max_nano is not None and aligned.num > self.max_nano:
+        if self.max_nano is not None and aligned.max_num > self.max_nano:
             aligned = at_most(aligned, self.max_nano)
         if aligned != split:
             log.debug("request-aligned split: %s -> %s for requests %s", split, aligned, info.request_lengths)
@@ -117,7 +137,8 @@ class RequestAligned(Strategy):
         return f"{self.inner.describe()}; cuts on request boundaries (min {self.min_rows} rows per nano-batch)"
 
     def __repr__(self) -> str:
-        return f"RequestAligned({self.inner!r}, min_rows={self.min_rows})"
+        cap = f", max_nano={self.max_nano}" if self.max_nano is not None else ""
+        return f"RequestAligned({self.inner!r}, min_rows={self.min_rows}{cap})"
 
 
 def thread_mutations(gm: torch.fx.GraphModule, mark: Any = None) -> int:
@@ -230,15 +251,13 @@ def parse_options(options: Mapping[str, Any] | str | None, source: str) -> dict[
 
 def make_strategy(opts: Mapping[str, Any], max_nano: int | None = None) -> tuple[DynaflowConfig, Strategy]:
     """The DynaflowConfig and the request-aligned strategy for parsed integration options (``max_nano``: see
-    :class:`RequestAligned`). ``auto`` is not wrapped: the autotuner plans with its candidates, whose splits
-    already follow request boundaries."""
+    :class:`RequestAligned`; ``auto``'s candidates are wrapped one by one, and the cap is part of its tuning
+    cache key through the wrapper's repr)."""
     data = dict(opts)
     min_rows = data.pop("min_rows", 1)
     data.pop("piecewise", None)
     cfg = DynaflowConfig.from_dict(data)
     inner = get_strategy(cfg.strategy, **dict(cfg.strategy_options))
-    if inner.search() is not None:
-        return cfg.replace(nano_batches=None), inner
-    if cfg.nano_batches is not None:
+    if cfg.nano_batches is not None and inner.search() is None:
         inner.nano_batches = cfg.nano_batches
     return cfg.replace(nano_batches=None), RequestAligned(inner, min_rows, max_nano)

@@ -130,6 +130,9 @@ class SearchSpec:
     fallback: "Strategy | None" = None
     phase_bound: Any = None
     """A :class:`~dynaflow.phase_bound.PhaseBound` measured candidates must keep to win (``None``: no bound)."""
+    wrap: "Callable[[Strategy], Strategy] | None" = None
+    """Applied to the strategy of every candidate, cached winner included (an engine integration's request
+    alignment and nano-batch cap); ``None``: candidates run as built."""
 
 
 class Strategy:

@@ -70,13 +70,23 @@ def with_min_rows(split: SplitConfig, min_rows: int) -> SplitConfig:
 
 def at_most(split: SplitConfig, most: int) -> SplitConfig:
     """Merge the pair of neighbouring nano-batches that is smallest together, again, until at most ``most``
-    are left (the remaining cuts stay where they were, so on request boundaries if they were; labels go).
-    Example: sizes (5, 37, 2, 16, 4) with ``most=4`` → (5, 37, 18, 4)."""
-    sizes = list(split.sizes)
-    while len(sizes) > max(most, 1):
-        i = min(range(len(sizes) - 1), key=lambda k: sizes[k] + sizes[k + 1])
-        sizes[i:i + 2] = [sizes[i] + sizes[i + 1]]
-    return split if len(sizes) == split.num else SplitConfig(tuple(sizes))
+    are left, in the main sizes and in each per-resource stage (the remaining cuts stay where they were, so on
+    request boundaries if they were; labels go with a merge). Example: sizes (5, 37, 2, 16, 4) with ``most=4`` →
+    (5, 37, 18, 4)."""
+    sizes = _merged(split.sizes, most)
+    stages = tuple((r, _merged(sz, most)) for r, sz in split.stages)
+    if sizes == split.sizes and stages == split.stages:
+        return split
+    return SplitConfig(sizes, labels=split.labels if sizes == split.sizes else None,
+                       stages=tuple((r, sz) for r, sz in stages if sz != sizes))
+
+
+def _merged(sizes: tuple[int, ...], most: int) -> tuple[int, ...]:
+    out = list(sizes)
+    while len(out) > max(most, 1):
+        i = min(range(len(out) - 1), key=lambda k: out[k] + out[k + 1])
+        out[i:i + 2] = [out[i] + out[i + 1]]
+    return tuple(out)
 
 
 def by_phase(info: InputInfo) -> SplitConfig:

@@ -38,6 +38,23 @@ def test_an_aligned_split_keeps_its_phase_labels():
     assert request_aligned_split(labelled, (4, 2, 2)).labels is None
 
 
+def test_a_per_resource_stage_is_aligned_and_capped_too():
+    """nanoflow's ``stage_nano_batches`` re-splits the memory segments (vLLM's attention, which needs request
+    boundaries): the stage is aligned like the main split, capped like it, and dropped once it equals it."""
+    from dynaflow.strategies.splits import at_most
+
+    staged = SplitConfig((6, 6), stages=(("memory", (3, 3, 3, 3)),))
+    aligned = request_aligned_split(staged, (2, 2, 3, 1, 4))
+    assert aligned.sizes == (7, 5) and aligned.stages == (("memory", (2, 5, 1, 4)),)  # cuts 3, 6, 9 -> 2, 7, 8
+    assert at_most(aligned, 3).stages == (("memory", (2, 5, 5)),) and at_most(aligned, 3).sizes == (7, 5)
+    assert at_most(aligned, 1) == SplitConfig((12,))
+    assert request_aligned_split(staged, (6, 6)).stages == ()  # aligns to the main split: no re-split left
+    strategy = RequestAligned(dynaflow.strategies.get("nanoflow", nano_batches=2,
+                                                      stage_nano_batches={"memory": 4}), max_nano=3)
+    split = strategy.split_config(InputInfo(12, request_lengths=(2, 2, 3, 1, 4)))
+    assert split.max_num <= 3 and split.stages, split
+
+
 def test_request_aligned_split_rejects_a_mismatched_layout():
     with pytest.raises(ConfigError, match=r"request lengths \(5, 3\) sum to 8 rows but the split covers 12"):
         request_aligned_split(SplitConfig((6, 6)), (5, 3))
@@ -194,3 +211,42 @@ def test_a_split_with_more_nano_batches_than_the_engine_holds_merges_its_smalles
     info = InputInfo(32, request_lengths=(1, 30, 1), request_phases=("decode", "prefill", "decode"))
     assert RequestAligned(get_strategy("prefill_decode")).split_config(info).num == 3  # uncapped: one per run
     assert strategy.split_config(info).sizes == (31, 1)
+
+
+def test_auto_under_an_engine_cap_never_splits_past_it(tmp_path, monkeypatch):
+    """``auto`` through an integration: every candidate, and a winner read back from the disk cache, is wrapped
+    to keep request boundaries and the engine's nano-batch cap (vLLM's metadata builders). The cap is in the
+    tuning key, so a winner cached for a larger engine is not reused here."""
+    import json
+
+    from dynaflow.integrations._common import make_strategy
+
+    monkeypatch.setenv("DYNAFLOW_CACHE_DIR", str(tmp_path))
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    four = {"strategy": "round_robin", "options": {"nano_batches": 4}}
+    opts = {"strategy": "auto", "strategy_options": {"candidates": [four], "measure_top_k": 0}}
+    x = torch.randn(16, 4)
+
+    def run(cap):
+        _, strategy = make_strategy(opts, max_nano=cap)
+        assert f"max_nano={cap}" in repr(strategy)
+        fast = dynaflow.compile(model, strategy=strategy, executor="serial")
+        with torch.no_grad(), dynaflow.requests([3, 1, 5, 2, 4, 1]):
+            torch.testing.assert_close(fast(x), model(x))
+        (result,) = fast.last_graph.tuned.values()
+        return result, fast.last_graph.last_plan.split.sizes
+
+    for cap, split in ((2, "11/5"), (4, "4/5/2/5")):  # the candidate as the search planned it, under each cap
+        result, _ = run(cap)
+        (row,) = [t for t in result.trials if t.candidate.strategy == "round_robin"]
+        assert "/".join(map(str, row.split.sizes)) == split, result.table()
+    cache = tmp_path / "autotune.json"
+    entries = json.loads(cache.read_text())
+    assert len(entries) == 2  # one key per cap
+    for entry in entries.values():  # make round_robin(4) the cached winner under both keys
+        entry["candidate"] = four
+    cache.write_text(json.dumps(entries))
+    for cap in (2, 4):
+        result, sizes = run(cap)
+        assert result.from_cache and result.winner.candidate.strategy == "round_robin"
+        assert len(sizes) == cap and sum(sizes) == 16, sizes

@@ -12,8 +12,11 @@ backend types, and no state shared between nano-batches.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 from typing import Any, Callable
+
+import torch
 
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.worker.ubatch_utils import UBatchSlice, split_attn_metadata
@@ -32,8 +35,51 @@ _KEEP = 256
 _EXTRA = {"builders": 0}
 
 
+_SPLIT_BY_VLLM = ("query_start_loc", "query_start_loc_cpu", "seq_lens", "num_reqs", "num_actual_tokens",
+                  "max_query_len", "max_seq_len", "block_table_tensor", "slot_mapping", "seq_lens_cpu_upper_bound")
+"""The fields ``split_attn_metadata`` cuts itself."""
+_BY_REQUEST = ("encoder_seq_lens", "encoder_seq_lens_cpu", "dcp_local_seq_lens", "dcp_local_seq_lens_cpu_upper_bound",
+               "is_prefilling", "req_idx", "rswa_prefix_lens", "replayssm_decode_base_cpu")
+"""Per-request fields that ``split_attn_metadata`` leaves out (Mamba builders assert ``is_prefilling``)."""
+_BY_TOKEN = ("positions",)
+"""Per-token fields it leaves out (encoder-only attention builds its slot mapping from ``positions``)."""
+_CACHES = ("_num_computed_tokens_cache", "_token_to_req_indices_cache")
+"""Derived per step; the cut metadata recomputes them."""
+_WHOLE_STEP = ("logits_indices_padded", "num_logits_indices", "max_logits_per_req")
+"""Fields that describe the whole step and have no per-nano-batch meaning (fast-prefill logits indices)."""
+KNOWN_FIELDS = frozenset((*_SPLIT_BY_VLLM, *_BY_REQUEST, *_BY_TOKEN, *_CACHES, *_WHOLE_STEP, "causal",
+                          "mm_req_doc_ranges"))
+"""Every ``CommonAttentionMetadata`` field :func:`_slice_common` has a rule for (the contract test pins it)."""
+
+
 def _slice_common(meta: CommonAttentionMetadata, requests_: slice, tokens: slice) -> CommonAttentionMetadata:
-    return split_attn_metadata([UBatchSlice(requests_, tokens)], meta)[0]
+    """vLLM's ``split_attn_metadata`` of ``meta``, with every other field cut too: per request, per token, or
+    refused when it only has a whole-step meaning. A field this version does not know fails closed."""
+    cut = split_attn_metadata([UBatchSlice(requests_, tokens)], meta)[0]
+    extra: dict[str, Any] = {}
+    for f in dataclasses.fields(meta):
+        value = getattr(meta, f.name)
+        if value is None or value is getattr(cut, f.name) or f.name in _CACHES:
+            continue
+        if f.name in _BY_REQUEST:
+            extra[f.name] = value[requests_]
+        elif f.name in _BY_TOKEN:
+            extra[f.name] = value[tokens]
+        elif f.name == "causal":
+            extra[f.name] = value[requests_] if isinstance(value, torch.Tensor) else value
+        elif f.name == "mm_req_doc_ranges":
+            first = requests_.start or 0
+            extra[f.name] = {r - first: v for r, v in value.items() if requests_.start <= r < requests_.stop}
+        elif f.name not in _SPLIT_BY_VLLM:
+            raise IntegrationError(
+                f"vLLM attention metadata field {f.name!r} is set ({type(value).__name__}) and dynaflow does not know "
+                f"how to cut it into nano-batches ({_why(f.name)}). Run this model with nano_batches=1.")
+    return dataclasses.replace(cut, **extra) if extra else cut
+
+
+def _why(name: str) -> str:
+    return ("it indexes the whole step's logits" if name in _WHOLE_STEP
+            else "it is new in this vLLM version; dynaflow fails closed on fields it has no rule for")
 
 
 SLICERS: dict[type, Slicer] = {CommonAttentionMetadata: _slice_common}

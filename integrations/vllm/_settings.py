@@ -28,7 +28,11 @@ def set_options(parsed: Mapping[str, Any]) -> None:
 
 def max_nano_batches(opts: Mapping[str, Any]) -> int:
     """The most nano-batches one step may be cut into under ``opts`` (sizes the per-nano-batch metadata
-    builders): ``nano_batches``, or a larger per-resource count of ``strategy_options.stage_nano_batches``."""
+    builders): ``nano_batches``, or a larger per-resource count of ``strategy_options.stage_nano_batches``, or
+    ``auto``'s ``strategy_options.max_nano_batches``."""
     most = int(opts.get("nano_batches") or 4)
-    stages = (opts.get("strategy_options") or {}).get("stage_nano_batches") or {}
-    return max([most, *(int(v) for v in stages.values())])
+    options = opts.get("strategy_options") or {}
+    stages = options.get("stage_nano_batches") or {}
+    tuned = options.get("max_nano_batches") if opts.get("strategy") == "auto" else None
+    searched = [tuned] if isinstance(tuned, int) and not isinstance(tuned, bool) else []  # Auto refuses the rest
+    return max([most, *searched, *(int(v) for v in stages.values())])

@@ -113,7 +113,9 @@ class VllmStep:
             if args[i].shape[d] != batch:
                 raise IntegrationError(
                     f"vLLM step input {i} has {args[i].shape[d]} rows at dim {d} but the step has {batch} tokens: the "
-                    "token inputs disagree, so dynaflow cannot cut them into nano-batches. Run with nano_batches=1.")
+                    "token inputs disagree, against the shapes vLLM declared when it compiled this graph (one token "
+                    "count for all). Please report it with the model's architecture; DYNAFLOW_VLLM=0 runs the model "
+                    "without dynaflow.")
         plan = StepState.from_context(ctx, batch)
         if plan is None:
             with requests([batch]):  # no attention metadata (e.g. a profiling run): one nano-batch

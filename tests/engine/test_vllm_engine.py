@@ -99,6 +99,57 @@ def test_vllm_engine_other_architectures(engine_ref, tmp_path, arch):  # engine_
     assert got["barriers"] == []
 
 
+def test_nanoflow_stages_split_attention_finer_on_request_boundaries(engine_ref, tmp_path):
+    """nanoflow's ``stage_nano_batches`` re-splits the memory segments (vLLM's attention): the stage is cut on
+    request boundaries like the main split, so attention really runs in up to 4 nano-batches (it used to be
+    dropped under vLLM), and the tokens are eager's."""
+    model, expected = engine_ref
+    out = tmp_path / "dynaflow.json"
+    opts = {"strategy": "nanoflow", "nano_batches": 2, "executor": "serial",
+            "strategy_options": {"stage_nano_batches": {"memory": 4}}}
+    proc = _run(model, "dynaflow", out, DYNAFLOW_VLLM="1", DYNAFLOW_VERIFY="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                DYNAFLOW_VLLM_OPTIONS=json.dumps(opts))
+    _ok(proc, "dynaflow nanoflow memory stage 4")
+    got = json.loads(out.read_text())
+    assert got["tokens"] == expected
+    assert int(got["steps_by_nano_batches"].get("4", 0)) > 0, got["steps_by_nano_batches"]
+
+
+def _split_run(tmp_path: Path, arch: str) -> tuple[dict, dict]:
+    """(eager's result, dynaflow's at 2 nano-batches with the split check on) for a tiny ``arch``."""
+    model = tmp_path / f"tiny-{arch}"
+    _ok(_run(model, "make-model", tmp_path / "unused.json", arch), "make the model")
+    ref = tmp_path / "eager.json"
+    _ok(_run(model, "eager", ref, VLLM_ENABLE_V1_MULTIPROCESSING="0"), "eager reference")
+    out = tmp_path / "dynaflow.json"
+    proc = _run(model, "dynaflow", out, DYNAFLOW_VLLM="1", DYNAFLOW_VERIFY="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                DYNAFLOW_VLLM_OPTIONS=json.dumps({"nano_batches": 2, "executor": "serial"}))
+    _ok(proc, f"dynaflow {arch} nano_batches=2")
+    return json.loads(ref.read_text()), json.loads(out.read_text())
+
+
+def test_a_hybrid_mamba_attention_model_splits_its_attention(engine_ref, tmp_path):
+    """GraniteMoeHybrid: vLLM builds Mamba 2 metadata each step as well as attention metadata. A nano-batch's
+    common metadata carries every per-request field (``is_prefilling``, which the Mamba builder asserts; it used to
+    fail at the first split step). The Mamba mixer, with no batch rule, runs whole; attention splits; eager's
+    tokens."""
+    ref, got = _split_run(tmp_path, "granitemoehybrid")
+    assert got["tokens"] == ref["tokens"]
+    assert int(got["steps_by_nano_batches"].get("2", 0)) > 0, got["steps_by_nano_batches"]
+    assert got["barriers"] and all("mamba" in b for b in got["barriers"]), got["barriers"]
+
+
+def test_an_encoder_only_pooling_model_embeds_as_eager(engine_ref, tmp_path):
+    """BERT as vLLM's pooling runner: encoder-only attention builds its metadata from the token ``positions``,
+    which a nano-batch's common metadata now carries (it used to fail at the first split step). Same embeddings
+    as eager (float32; a nano-batch's matmuls see fewer rows, so 1e-5, not bit equality)."""
+    import torch
+
+    ref, got = _split_run(tmp_path, "bert")
+    assert int(got["steps_by_nano_batches"].get("2", 0)) > 0, got["steps_by_nano_batches"]
+    torch.testing.assert_close(torch.tensor(got["embeddings"]), torch.tensor(ref["embeddings"]), rtol=1e-5, atol=1e-5)
+
+
 def test_a_graph_whose_inputs_dynaflow_cannot_place_runs_as_vllm_captured_it(engine_ref, tmp_path):
     """vLLM's transformers backend (OLMo 2 here) passes ``input_ids`` as ``(1, tokens)`` through ``**kwargs``:
     dynaflow cannot tell those rows from the step's tokens, so it hands the graph back to vLLM unsplit with a

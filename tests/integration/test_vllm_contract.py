@@ -203,3 +203,53 @@ def test_full_cuda_graphs_around_the_step_are_refused_on_cuda(vllm, monkeypatch)
     for bad in (CUDAGraphMode.FULL, CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.FULL_DECODE_ONLY):
         with pytest.raises(IntegrationError, match=rf"cudagraph_mode={bad.name}.*\"cudagraph_mode\": \"NONE\""):
             _setup.check_cuda_graphs(config(bad))
+
+
+def test_every_attention_metadata_field_has_a_nano_batch_rule(vllm):
+    """A field a vLLM release adds to ``CommonAttentionMetadata`` fails here by name; at run time a set one that has
+    no rule fails closed instead of reaching a builder uncut."""
+    import dataclasses
+
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from dynaflow.integrations.vllm import _metadata
+
+    fields = {f.name for f in dataclasses.fields(CommonAttentionMetadata)}
+    assert fields <= _metadata.KNOWN_FIELDS, f"no nano-batch rule for {sorted(fields - _metadata.KNOWN_FIELDS)}"
+
+
+def _common(**extra):
+    """Three requests of 2, 1 and 3 tokens (context 5, 9, 4), with ``extra`` fields set."""
+    import torch
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    qsl = torch.tensor([0, 2, 3, 6], dtype=torch.int32)
+    seq = torch.tensor([5, 9, 4], dtype=torch.int32)
+    return CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(), seq_lens=seq, num_reqs=3, num_actual_tokens=6,
+        max_query_len=3, max_seq_len=9, block_table_tensor=torch.arange(6, dtype=torch.int32).view(3, 2),
+        slot_mapping=torch.arange(10, 16), seq_lens_cpu_upper_bound=seq.clone(), **extra)
+
+
+def test_a_nano_batch_gets_every_per_request_and_per_token_field(vllm):
+    """vLLM's ``split_attn_metadata`` cuts the core fields only; the rest (``is_prefilling`` for Mamba builders,
+    ``positions`` for encoder-only attention, ...) are cut by dynaflow, and a whole-step field is refused."""
+    import numpy as np
+    import torch
+
+    from dynaflow.integrations._common import IntegrationError
+    from dynaflow.integrations.vllm import _metadata
+
+    meta = _common(positions=torch.arange(100, 106), is_prefilling=torch.tensor([True, False, True]),
+                   req_idx=np.array([7, 8, 9]), causal=torch.tensor([True, True, False]),
+                   mm_req_doc_ranges={0: [(0, 1)], 2: [(1, 3)]})
+    cut = _metadata._slice_common(meta, slice(1, 3), slice(2, 6))
+    assert cut.num_reqs == 2 and cut.num_actual_tokens == 4
+    assert cut.query_start_loc_cpu.tolist() == [0, 1, 4] and cut.seq_lens.tolist() == [9, 4]
+    assert cut.positions.tolist() == [102, 103, 104, 105]
+    assert cut.is_prefilling.tolist() == [False, True] and cut.req_idx.tolist() == [8, 9]
+    assert cut.causal.tolist() == [True, False]
+    assert cut.mm_req_doc_ranges == {1: [(1, 3)]}
+    whole = _common(logits_indices_padded=torch.arange(3), num_logits_indices=3)
+    with pytest.raises(IntegrationError, match=r"'logits_indices_padded'.*whole step's logits.*nano_batches=1"):
+        _metadata._slice_common(whole, slice(0, 1), slice(0, 2))
