@@ -108,6 +108,11 @@ class InductorSegments:
         hit = self._programs.get(_key(program, inputs))
         return hit[1] if hit is not None and hit[0] is program else None
 
+    def compiled_versions(self, program: Program) -> list[Program]:
+        """Every compiled version of ``program`` so far (one per input shapes), for ``explain()``: with fusion on,
+        what really runs (one launch per run) differs from the planned program."""
+        return [compiled for planned, compiled in list(self._programs.values()) if planned is program]
+
     def program_for(self, program: Program, inputs: Sequence[Any]) -> Program:
         """The compiled (and warmed) version of ``program`` for these inputs' shapes; compiles on the first call
         for them."""

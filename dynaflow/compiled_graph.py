@@ -614,6 +614,13 @@ class CompiledGraph:
             out.append(f"\nbatch={split.batch_size}: {plan.split} -> {plan.graph}")
             out.append(plan.schedule.table(plan.graph))
             out.append(repr(plan.program))
+            for compiled in self._inductor.compiled_versions(plan.program) if self._inductor is not None else ():
+                if compiled.num_launches != plan.program.num_launches:
+                    n = compiled.num_launches
+                    out.append(f"  compiled by Inductor as {n} launch{'es' if n != 1 else ''} (runs of launches on "
+                               f"a lane fused; DYNAFLOW_INDUCTOR_FUSE=0 keeps one per segment): {compiled!r}")
+                    runs = [str(launch.op) for launch in compiled.serial_order if "+" in launch.segment.name]
+                    out.append("  fused runs: " + ", ".join(runs))
             for ex in self._executors.values():
                 steps = getattr(ex, "graphs", None)
                 failed = steps.failure(plan.program) if hasattr(steps, "failure") else None

@@ -146,3 +146,17 @@ def test_the_fuse_knob_compiles_segment_by_segment():
                              config={"inductor": True})
         assert torch.equal(c(x), model(x))
     assert not c.last_graph._inductor.fuse and c.last_graph._inductor.num_compiled == c.program.num_launches > 1
+
+
+def test_explain_shows_the_fused_program_that_runs():
+    """``explain()`` prints the planned program and, under ``inductor=True``, the fused one that really runs."""
+    model = make_transformer()
+    with torch.no_grad(), fused_not_compiled():
+        c = dynaflow.compile(model, strategy="sequential", nano_batches=1, executor="serial",
+                             config={"inductor": True})
+        c(transformer_input(6))
+        planned = c.program.num_launches
+        text = c.explain()
+    assert planned > 1
+    assert "compiled by Inductor as 1 launch (runs" in text and "DYNAFLOW_INDUCTOR_FUSE=0" in text
+    assert "fused runs: glue_0+" in text, text[-800:]
