@@ -25,6 +25,7 @@ from dynaflow.config import DynaflowConfig
 from dynaflow.errors import CaptureError, ConfigError, DynaflowError, PartitionError
 from dynaflow.floor_check import FloorCheck
 from dynaflow.frontend import graph_breaks
+from dynaflow.frontend.hook_watch import HookWatch, drop_captures
 from dynaflow.frontend.graph_inputs import bound_arguments, tensors_within
 from dynaflow.frontend.capture import (SHARED_BACKEND, GraphEntry, batch_size_of, check_layouts, check_outputs, flat_io,
                                        fx_state, mark_batch_dynamic, no_graph_error, run_dynamo)
@@ -69,6 +70,11 @@ class Compiled:
         (a cache object's attributes too), since Dynamo's input names are lossy."""
         weakref.finalize(self, _release_graphs, self.graphs)
         self._fx = isinstance(model, torch.fx.GraphModule)
+        owner = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
+        self.hook_watch: HookWatch | None = (
+            HookWatch([owner]) if isinstance(owner, torch.nn.Module) and not self._fx else None)
+        """Notices module hooks added or removed after a capture (:mod:`dynaflow.frontend.hook_watch`); ``None``
+        for a plain function, whose compiles guard every module's hooks in Dynamo instead."""
         if self._fx:
             self._flatten, self._unflatten = flat_io(model)
             self._fx_state = fx_state(model)
@@ -107,6 +113,23 @@ class Compiled:
                 self.graphs.append(graph)
             return graph
 
+    def watch_hooks(self, *modules: torch.nn.Module) -> None:
+        """Declare the modules a compiled function runs (an integration's step function): their hooks are
+        watched per call (:mod:`dynaflow.frontend.hook_watch`) instead of guarded by Dynamo in every compile."""
+        self.hook_watch = HookWatch(modules)
+
+    def _hooks_changed(self) -> None:
+        """A hook of a watched module was added or removed since the captures: capture again (nothing to do
+        before the first capture)."""
+        with self._lock:
+            if not self._by_entry:
+                return
+            drop_captures(f"{type(self.model).__name__}: module hooks changed since the capture")
+            _release_graphs(self.graphs)
+            self.graphs.clear()
+            self._by_entry.clear()
+            self._as_is.clear()
+
     def _static_positions(self, inputs: Sequence[Any]) -> dict[str, tuple[int, ...]]:
         """Per ``static_inputs`` name that resolves in the call in flight (an argument, a path inside one such as
         ``caches.k``, or a module attribute path such as ``l.weight``), the graph inputs that are tensors inside
@@ -137,6 +160,8 @@ class Compiled:
         if self._static_names:
             self._local.call = (args, kwargs)
         batch = self._local.batch = mark_batch_dynamic(args, kwargs, self.config.batch_dim)
+        if self.hook_watch is not None and self.hook_watch.changed():
+            self._hooks_changed()
         if batch == 0:  # no rows: nothing to split or overlap
             self.direct_calls += 1
             return self.model(*args, **kwargs)

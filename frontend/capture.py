@@ -233,13 +233,14 @@ _OWNERS = threading.local()
 
 
 class _HookGuards:
-    """Dynamo guards on every module's hook dicts in the compiles dynaflow starts. By default Dynamo skips them
+    """Dynamo guards on every module's hook dicts in the compiles dynaflow starts for an owner that does not watch
+    its modules' hooks itself (a plain function: which modules it calls is unknown; a module or a module's method
+    has a :class:`~dynaflow.frontend.hook_watch.HookWatch`, far cheaper per call). By default Dynamo skips them
     (``skip_nnmodule_hook_guards``), so a forward hook or pre-hook added to a submodule after the first call would
     be ignored by the cached graph: a silently different answer. The setting is switched off from the start of a
-    compile on a thread with a dynaflow call in flight to its end (Dynamo's compile callbacks), so only dynaflow's
-    compiles get the guards; they are checked on every call (on a CPU, a 32-block model's call took 25-45 us more:
-    correctness first). ``torch._dynamo.reset()`` drops the callbacks: each call re-installs them
-    when they are gone (:meth:`install`, a list lookup)."""
+    compile on a thread with such a dynaflow call in flight to its end (Dynamo's compile callbacks), so only those
+    compiles get the guards. ``torch._dynamo.reset()`` drops the callbacks: each call re-installs them when they
+    are gone (:meth:`install`, a list lookup)."""
 
     def __init__(self) -> None:
         self._saved: list[Any] = []
@@ -248,7 +249,8 @@ class _HookGuards:
     def start(self, *_: Any) -> None:
         config = torch._dynamo.config
         self._saved.append(config.skip_nnmodule_hook_guards)
-        if getattr(_OWNERS, "stack", None):
+        stack = getattr(_OWNERS, "stack", None)
+        if stack and getattr(stack[-1], "hook_watch", None) is None:  # an owner that watches its hooks needs none
             config.skip_nnmodule_hook_guards = False
 
     def end(self, *_: Any) -> None:

@@ -71,6 +71,7 @@ class DynaflowForward:
         self._cache_arg = cache_parameter(model)
         self._saved_disable_compile = getattr(model.generation_config, "disable_compile", False)
         self.compiled = dynaflow.compile(self._step, **options)
+        self.compiled.watch_hooks(model)  # the step runs this model: its hooks are watched, not guarded per module
         self.calls = 0
         self._prepared: tuple[Any, int, tuple[Any, ...]] | None = None
         """(cache, batch, its layers' tensors) of the last prepared cache (see ``_prepare_cache``)."""
