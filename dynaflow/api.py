@@ -118,11 +118,12 @@ class Compiled:
         watched per call (:mod:`dynaflow.frontend.hook_watch`) instead of guarded by Dynamo in every compile."""
         self.hook_watch = HookWatch(modules)
 
-    def _hooks_changed(self) -> None:
-        """A hook of a watched module was added or removed since the captures: capture again (nothing to do
-        before the first capture)."""
+    def _check_hooks(self) -> None:
+        """Hooks may have changed: if a hook of a watched module was added or removed since the captures,
+        capture again (nothing to do before the first capture). Under the lock: a concurrent call that also saw
+        the counter move waits until the captures are dropped."""
         with self._lock:
-            if not self._by_entry:
+            if not self.hook_watch.changed() or not self._by_entry:  # type: ignore[union-attr]
                 return
             drop_captures(f"{type(self.model).__name__}: module hooks changed since the capture")
             _release_graphs(self.graphs)
@@ -160,8 +161,8 @@ class Compiled:
         if self._static_names:
             self._local.call = (args, kwargs)
         batch = self._local.batch = mark_batch_dynamic(args, kwargs, self.config.batch_dim)
-        if self.hook_watch is not None and self.hook_watch.changed():
-            self._hooks_changed()
+        if self.hook_watch is not None and self.hook_watch.moved():
+            self._check_hooks()
         if batch == 0:  # no rows: nothing to split or overlap
             self.direct_calls += 1
             return self.model(*args, **kwargs)

@@ -60,14 +60,19 @@ class HookWatch:
         state += [(m, name, tuple(d)) for m in self.modules for name, d in _hook_dicts(m) if d]
         return tuple(state)
 
+    def moved(self) -> bool:
+        """Whether the hooks may have changed since the snapshot: the call-time check, a counter compare plus a
+        length check per hook dict that was not empty."""
+        return not (RemovableHandle.next_id == self._next_id and all(
+            len(d) == n and getattr(owner, name) is d for owner, name, d, n in self._filled))
+
     def changed(self) -> bool:
-        """Whether the hooks differ from the snapshot (which then moves to them). A call-time check: a counter
-        compare, plus a length check per hook dict that was not empty."""
-        if RemovableHandle.next_id == self._next_id and all(
-                len(d) == n and getattr(owner, name) is d for owner, name, d, n in self._filled):
+        """Whether the hooks differ from the snapshot, which then moves to them (a handle made elsewhere, a
+        tensor hook or another model's, moves the counter without a change here). Callers serialise it."""
+        if not self.moved():
             return False
         before = self._state
-        self._snapshot()  # a handle made elsewhere (a tensor hook, another model) moves the counter too
+        self._snapshot()
         return self._state != before
 
 
