@@ -79,12 +79,8 @@ def test_vllm_engine_tokens_equal_eager_with_nano_batches(engine_ref, tmp_path, 
     assert got["barriers"] == []
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "gemma2", "gpt2"])
-def test_vllm_engine_other_architectures(engine_ref, tmp_path, arch):  # engine_ref: vLLM is importable
-    """More of vLLM's model classes on the real engine, 2 nano-batches: MoE layers (vLLM's fused-MoE kernel, a
-    declared row rule, and the workspaces its modular kernel cuts from one batch-sized buffer, an unused one
-    sliced to zero rows), Gemma 2's soft-capping and sliding-window layers, GPT-2's learned positions. Tokens
-    equal eager; no segment runs whole."""
+def _split_run(tmp_path: Path, arch: str) -> tuple[dict, dict]:
+    """(eager's result, dynaflow's at 2 nano-batches with the split check on) for a tiny ``arch``."""
     model = tmp_path / f"tiny-{arch}"
     _ok(_run(model, "make-model", tmp_path / "unused.json", arch), "make the model")
     ref = tmp_path / "eager.json"
@@ -93,8 +89,17 @@ def test_vllm_engine_other_architectures(engine_ref, tmp_path, arch):  # engine_
     proc = _run(model, "dynaflow", out, DYNAFLOW_VLLM="1", DYNAFLOW_VERIFY="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
                 DYNAFLOW_VLLM_OPTIONS=json.dumps({"nano_batches": 2, "executor": "serial"}))
     _ok(proc, f"dynaflow {arch} nano_batches=2")
-    got = json.loads(out.read_text())
-    assert got["tokens"] == json.loads(ref.read_text())["tokens"]
+    return json.loads(ref.read_text()), json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "gemma2", "gpt2"])
+def test_vllm_engine_other_architectures(engine_ref, tmp_path, arch):  # engine_ref: vLLM is importable
+    """More of vLLM's model classes on the real engine, 2 nano-batches: MoE layers (vLLM's fused-MoE kernel, a
+    declared row rule, and the workspaces its modular kernel cuts from one batch-sized buffer, an unused one
+    sliced to zero rows), Gemma 2's soft-capping and sliding-window layers, GPT-2's learned positions. Tokens
+    equal eager; no segment runs whole."""
+    ref, got = _split_run(tmp_path, arch)
+    assert got["tokens"] == ref["tokens"]
     assert int(got["steps_by_nano_batches"].get("2", 0)) > 0, got["steps_by_nano_batches"]
     assert got["barriers"] == []
 
@@ -113,19 +118,6 @@ def test_nanoflow_stages_split_attention_finer_on_request_boundaries(engine_ref,
     got = json.loads(out.read_text())
     assert got["tokens"] == expected
     assert int(got["steps_by_nano_batches"].get("4", 0)) > 0, got["steps_by_nano_batches"]
-
-
-def _split_run(tmp_path: Path, arch: str) -> tuple[dict, dict]:
-    """(eager's result, dynaflow's at 2 nano-batches with the split check on) for a tiny ``arch``."""
-    model = tmp_path / f"tiny-{arch}"
-    _ok(_run(model, "make-model", tmp_path / "unused.json", arch), "make the model")
-    ref = tmp_path / "eager.json"
-    _ok(_run(model, "eager", ref, VLLM_ENABLE_V1_MULTIPROCESSING="0"), "eager reference")
-    out = tmp_path / "dynaflow.json"
-    proc = _run(model, "dynaflow", out, DYNAFLOW_VLLM="1", DYNAFLOW_VERIFY="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-                DYNAFLOW_VLLM_OPTIONS=json.dumps({"nano_batches": 2, "executor": "serial"}))
-    _ok(proc, f"dynaflow {arch} nano_batches=2")
-    return json.loads(ref.read_text()), json.loads(out.read_text())
 
 
 def test_a_hybrid_mamba_attention_model_splits_its_attention(engine_ref, tmp_path):
