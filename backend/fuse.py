@@ -24,7 +24,7 @@ import torch
 import torch.fx
 
 from dynaflow.ir import NanoOp, Segment, SegmentKind
-from dynaflow.backend.program import CONST, VIEW, Arg, Instr, Launch, Program, Wait, _last_uses, _serial_order
+from dynaflow.backend.program import CONST, SLOT, VIEW, Arg, Instr, Launch, Program, Wait, _last_uses, _serial_order
 
 __all__ = ["fuse_runs", "fusible", "KEPT_APART"]
 
@@ -101,6 +101,16 @@ def _fuse(run: Sequence[Launch], readers: dict[int, set[int]]) -> Launch:
     needed = [slot for launch in run for slot in launch.out_slots
               if slot in merged_from or readers.get(slot, set()) - members]
 
+    reads: dict[int, set[Arg]] = {}
+    for launch in run:
+        for a in launch.args:
+            if a.kind != CONST and a.slot not in made:
+                reads.setdefault(a.slot, set()).add(a)
+    shared = {slot for slot, args in reads.items() if len(args) > 1}
+    """Outside values the run reads in more than one way (whole and as nano-batch rows, or as two nano-batches'
+    rows): passed once, whole. Views of one tensor as separate inputs of one compile make Dynamo fakify their
+    common base, whose batch dim the caller's ``maybe_mark_dynamic`` left marked, as a symbol with no source."""
+
     graph = torch.fx.Graph()
     root = torch.nn.Module()
     outer: list[Arg] = []
@@ -117,6 +127,10 @@ def _fuse(run: Sequence[Launch], readers: dict[int, set[int]]) -> Launch:
                 return graph.call_function(rows, (node, a.dim, a.start, a.stop, a.batch))
             structure.append(("value", made[a.slot]))
             return node
+        if a.kind == VIEW and a.slot in shared:  # one input, its rows cut here: the compile sees no aliased inputs
+            whole = arg_node(Arg(SLOT, a.slot))
+            structure.append(("rows of", a.dim, a.start, a.stop, a.batch))
+            return graph.call_function(rows, (whole, a.dim, a.start, a.stop, a.batch))
         key = ("const", len(outer)) if a.kind == CONST else (a.kind, a.slot, a.dim, a.start, a.stop, a.batch)
         if key not in placeholders:
             placeholders[key] = len(outer)

@@ -43,7 +43,7 @@ from dynaflow.backend.fuse import fuse_runs
 from dynaflow.backend.program import Launch, Program, fetch
 from dynaflow.backend.sm_partitions import launch_carveouts, planned_sms, sm_carveout
 
-__all__ = ["InductorSegments", "signature", "replace_fns", "NO_INDUCTOR"]
+__all__ = ["InductorSegments", "FusedRunError", "signature", "replace_fns", "NO_INDUCTOR"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,10 @@ def eager_faithful_options() -> dict[str, Any]:
     if hasattr(inductor_config, "emulate_precision_casts"):
         options["emulate_precision_casts"] = True
     return options
+
+
+class FusedRunError(BackendError):
+    """Inductor failed on a run of launches compiled as one (:mod:`dynaflow.backend.fuse`)."""
 
 
 class InductorSegments:
@@ -140,15 +144,22 @@ class InductorSegments:
     def _compile(self, program: Program, inputs: Sequence[Any]) -> Program:
         """Compile every launch and warm it in one step that leaves no trace (:mod:`dynaflow.sandbox`): the
         executor runs the real step right after, so the inputs' writes and random draws must happen once."""
+        try:
+            with sandboxed(inputs, program.inputs.written) as box:
+                return self._compile_warm(program, box.inputs)[0]
+        except FusedRunError as exc:  # fusion is an optimisation: this program's segments compile one by one
+            log.warning("%s; compiling this program's segments one by one instead", str(exc).split(". Tag")[0])
         with sandboxed(inputs, program.inputs.written) as box:
-            return self._compile_warm(program, box.inputs)[0]
+            return self._compile_warm(program, box.inputs, fuse=False)[0]
 
-    def _compile_warm(self, program: Program, inputs: Sequence[Any]) -> tuple[Program, list[Any]]:
+    def _compile_warm(self, program: Program, inputs: Sequence[Any],
+                      fuse: bool | None = None) -> tuple[Program, list[Any]]:
         """Run the step once in serial order, compiling each launch on its arguments there; the compiled program
-        and the step's value slots (holding its outputs)."""
+        and the step's value slots (holding its outputs). ``fuse``: fuse runs of launches (default
+        :attr:`fuse`); a fused run that fails raises :class:`FusedRunError`."""
         from dynaflow.backend.launch import Executor, StepContext, run_launch
 
-        if self.fuse:
+        if self.fuse if fuse is None else fuse:
             program = fuse_runs(program)
         step = StepContext(program, Executor.new_env(program, inputs), current_nano_context())
         env = step.env
@@ -173,7 +184,10 @@ class InductorSegments:
                     names = list(dict.fromkeys(launch.segment.name.split("+")))  # a run may hold nano-batches of one
                     what = (f"segment {names[0]!r}" if len(names) == 1 else
                             f"the run of segments {', '.join(map(repr, names))} (compiled as one)")
-                    raise BackendError(
+                    fused = getattr(launch.fn, "fuse_key", None) is not None
+                    if fused:
+                        self._compiled.pop(key, None)  # not kept for another program's run like this one
+                    raise (FusedRunError if fused else BackendError)(
                         f"Inductor failed on {what} ({launch.op}) with argument shapes {shapes}: "
                         f"{type(exc).__name__}: {exc}. Tag the failing segment 'no-inductor' (e.g. a marker or rule "
                         "with tags={'no-inductor'}) to run it uncompiled, or set inductor=False"

@@ -160,3 +160,59 @@ def test_explain_shows_the_fused_program_that_runs():
     assert planned > 1
     assert "compiled by Inductor as 1 launch (runs" in text and "DYNAFLOW_INDUCTOR_FUSE=0" in text
     assert "fused runs: glue_0+" in text, text[-800:]
+
+
+class _SeqMix(torch.nn.Module):
+    """A whole-batch mix (a mean over the batch dim, a barrier) and then row-wise layers that read the input
+    again: one run reads the input whole and as each nano-batch's rows (an encoder on seq-first input)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.ln, self.ff = torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        y = self.ln(x + x.mean(0, keepdim=True))
+        return y + self.ff(y) + x
+
+
+def test_a_run_reads_each_outside_value_through_one_input():
+    """An input the run reads whole and as nano-batch rows is passed once, whole, and cut inside the fused graph:
+    views of one tensor as separate inputs of one compile made Dynamo fakify their common base with a batch dim
+    the caller's mark left dynamic, and Inductor failed ('sources must not be empty for symbol')."""
+    x = torch.randn(6, 4, 16)
+    p, inputs, _ = program_of(_SeqMix(), x, "sequential", 2)
+    q = fuse_runs(p)
+    fused = [launch for launch in q.serial_order if "+" in launch.segment.name]
+    assert fused
+    for launch in fused:
+        slots = [a.slot for a in launch.args if a.kind != CONST]
+        assert len(slots) == len(set(slots)), launch.args
+    with torch.no_grad():
+        assert torch.equal(SerialExecutor().run(q, inputs), SerialExecutor().run(p, inputs))
+    with fused_not_compiled(), torch.no_grad():
+        model = _SeqMix()
+        c = dynaflow.compile(model, strategy="sequential", nano_batches=2, executor="serial", config={"inductor": True})
+        assert torch.equal(c(x), model(x))
+
+
+def test_a_fused_run_that_inductor_fails_on_compiles_segment_by_segment(caplog):
+    """Fusion is an optimisation: when Inductor fails on a fused run, the program's segments compile one by one
+    (with a warning naming the run) and the call still gives eager's answer."""
+    def compile_one(self, launch, args):
+        if getattr(launch.fn, "fuse_key", None) is None:
+            return launch.fn
+
+        def broken(*a):
+            raise RuntimeError("an Inductor failure on the fused graph")
+        return broken
+
+    model = make_transformer()
+    x = transformer_input(6)
+    with mock.patch.object(InductorSegments, "_compile_one", compile_one), torch.no_grad(), \
+            caplog.at_level("WARNING", logger="dynaflow.backend.inductor"):
+        c = dynaflow.compile(model, strategy="sequential", nano_batches=1, executor="serial",
+                             config={"inductor": True})
+        assert torch.equal(c(x), model(x))
+        assert torch.equal(c(x), model(x))
+    assert "compiled as one" in caplog.text and "one by one instead" in caplog.text
+    assert c.last_graph._inductor.num_compiled == c.program.num_launches > 1
