@@ -87,7 +87,12 @@ def eager_faithful_options() -> dict[str, Any]:
 
 
 class FusedRunError(BackendError):
-    """Inductor failed on a run of launches compiled as one (:mod:`dynaflow.backend.fuse`)."""
+    """Inductor failed on a run of launches compiled as one (:mod:`dynaflow.backend.fuse`); ``what`` names the
+    run and the failure in a line."""
+
+    def __init__(self, message: str, what: str = "") -> None:
+        super().__init__(message)
+        self.what = what
 
 
 class InductorSegments:
@@ -148,7 +153,7 @@ class InductorSegments:
             with sandboxed(inputs, program.inputs.written) as box:
                 return self._compile_warm(program, box.inputs)[0]
         except FusedRunError as exc:  # fusion is an optimisation: this program's segments compile one by one
-            log.warning("%s; compiling this program's segments one by one instead", str(exc).split(". Tag")[0])
+            log.warning("%s; compiling this program's segments one by one instead", exc.what)
         with sandboxed(inputs, program.inputs.written) as box:
             return self._compile_warm(program, box.inputs, fuse=False)[0]
 
@@ -184,16 +189,16 @@ class InductorSegments:
                     names = list(dict.fromkeys(launch.segment.name.split("+")))  # a run may hold nano-batches of one
                     what = (f"segment {names[0]!r}" if len(names) == 1 else
                             f"the run of segments {', '.join(map(repr, names))} (compiled as one)")
-                    fused = getattr(launch.fn, "fuse_key", None) is not None
-                    if fused:
-                        self._compiled.pop(key, None)  # not kept for another program's run like this one
-                    raise (FusedRunError if fused else BackendError)(
-                        f"Inductor failed on {what} ({launch.op}) with argument shapes {shapes}: "
-                        f"{type(exc).__name__}: {exc}. Tag the failing segment 'no-inductor' (e.g. a marker or rule "
-                        "with tags={'no-inductor'}) to run it uncompiled, or set inductor=False"
-                        + (" (DYNAFLOW_INDUCTOR_FUSE=0 compiles the run segment by segment, which says which one "
-                           "fails)." if len(names) > 1 else ".")
-                    ) from exc
+                    failure = (f"Inductor failed on {what} ({launch.op}) with argument shapes {shapes}: "
+                               f"{type(exc).__name__}: {exc}")
+                    message = (f"{failure}. Tag the failing segment 'no-inductor' (e.g. a marker or rule with "
+                               "tags={'no-inductor'}) to run it uncompiled, or set inductor=False"
+                               + (" (DYNAFLOW_INDUCTOR_FUSE=0 compiles the run segment by segment, which says which "
+                                  "one fails)." if len(names) > 1 else "."))
+                    if getattr(launch.fn, "fuse_key", None) is None:
+                        raise BackendError(message) from exc
+                    self._compiled.pop(key, None)  # not kept for another program's run like this one
+                    raise FusedRunError(message, failure) from exc
             for slot in frees:
                 env[slot] = None
         log.info("inductor: %d segment compiles for %r", len(self._compiled), program)

@@ -375,8 +375,11 @@ class Tuner:
         return self.build(result.winner.candidate)
 
     def build(self, cand: Candidate) -> Any:
-        """The strategy ``cand`` names, as the search runs it (wrapped by the spec's ``wrap``)."""
-        strategy = cand.build()
+        """The strategy ``cand`` names, as the search runs it (see :meth:`_wrapped`)."""
+        return self._wrapped(cand.build())
+
+    def _wrapped(self, strategy: Any) -> Any:
+        """``strategy`` wrapped by the spec's ``wrap`` (an integration's request alignment), if it has one."""
         return self.spec.wrap(strategy) if self.spec.wrap is not None else strategy
 
     def _from_cache(self, cache: "TuneCache | None", key: str, bucket: str, info: InputInfo, setup: TuneSetup) -> Any:
@@ -386,10 +389,9 @@ class Tuner:
                         "does not capture here; tuning again", cache.path, key, hit[0].strategy, setup.executor)
             hit = None
         built = cache.build(key, hit[0]) if cache is not None and hit is not None else None
-        if built is not None and self.spec.wrap is not None:
-            built = self.spec.wrap(built)
         if hit is None or built is None:
             return None
+        built = self._wrapped(built)
         trial = Trial(hit[0], None, None, note="cached")
         self.results[bucket] = TuneResult(bucket, (trial,), trial, hit[1], from_cache=True, tuned_on=info.batch_size)
         return built

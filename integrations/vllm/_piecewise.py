@@ -11,8 +11,7 @@ import torch.fx
 from vllm.compilation.compiler_interface import CompilerInterface
 
 from dynaflow.api import CompiledGraph
-from dynaflow.integrations._common import make_strategy
-from dynaflow.integrations.vllm._settings import max_nano_batches, options
+from dynaflow.integrations.vllm._settings import options, vllm_strategy
 
 log = logging.getLogger("dynaflow.integrations.vllm")
 
@@ -52,7 +51,7 @@ class DynaflowCompiler(CompilerInterface):
 
     def compile(self, graph: torch.fx.GraphModule, example_inputs: list[Any], compiler_config: dict[str, Any],
                 compile_range: Any, key: str | None = None) -> tuple[Callable[..., Any] | None, Any | None]:
-        cfg, strategy = make_strategy(options(), max_nano_batches(options()))
+        cfg, strategy = vllm_strategy(options())
         compiled = CompiledGraph(graph, cfg, strategy, label=f"vllm-piece-{key or 'x'}")
         traced = any("val" in n.meta or "example_value" in n.meta for n in graph.graph.nodes if n.op == "placeholder")
         # vLLM's pieces keep Dynamo's fake values (token dim symbolic): partition them as they are; a plain

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from dynaflow.integrations._common import active_options
+from dynaflow.integrations._common import active_options, make_strategy
 
 SUPPORTED = ">=0.32,<0.34"
 """vLLM versions whose internals the integration was written and tested against (contract tests pin them)."""
@@ -36,3 +36,9 @@ def max_nano_batches(opts: Mapping[str, Any]) -> int:
     tuned = options.get("max_nano_batches") if opts.get("strategy") == "auto" else None
     searched = [tuned] if isinstance(tuned, int) and not isinstance(tuned, bool) else []  # Auto refuses the rest
     return max([most, *searched, *(int(v) for v in stages.values())])
+
+
+def vllm_strategy(opts: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The DynaflowConfig and request-aligned strategy for ``opts``, capped at the metadata builders the engine
+    was given (:func:`max_nano_batches`): what every vLLM graph, whole or piecewise, is planned with."""
+    return make_strategy(opts, max_nano_batches(opts))

@@ -20,8 +20,7 @@ import vllm.forward_context as vllm_fc
 
 from dynaflow.api import CompiledGraph
 from dynaflow.frontend.rules import Where, default_rules, op_name
-from dynaflow.integrations._common import (HOST_STATE_META, IntegrationError, make_strategy, matching_rules,
-                                           thread_mutations)
+from dynaflow.integrations._common import HOST_STATE_META, IntegrationError, matching_rules, thread_mutations
 from dynaflow.integrations.vllm import _layout, _metadata, _settings, _setup
 from dynaflow.nanocontext import nano_context
 from dynaflow.requests import requests
@@ -65,7 +64,7 @@ def make_step(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: Mapping
     thread_mutations(gm, is_host_op)
     if not any(_reads_host_state(n) for n in gm.graph.nodes):
         log.info("vLLM graph has no forward-context op; it is planned like any model")
-    cfg, strategy = make_strategy(opts, _settings.max_nano_batches(opts))
+    cfg, strategy = _settings.vllm_strategy(opts)
     c_kernels = any(n.op == "call_function" and op_name(n).startswith("_C.") for n in gm.graph.nodes)
     cfg = cfg.replace(executor=_setup.cpu_executor(cfg.executor, c_kernels))
     base = cfg.rules if cfg.rules is not None else (strategy.rules() or default_rules())
