@@ -25,7 +25,7 @@ from dynaflow.config import DynaflowConfig
 from dynaflow.errors import CaptureError, ConfigError, DynaflowError, PartitionError
 from dynaflow.floor_check import FloorCheck
 from dynaflow.frontend import graph_breaks
-from dynaflow.frontend.hook_watch import HookWatch, drop_captures
+from dynaflow.frontend.hook_watch import HookWatch, drop_captures, module_of
 from dynaflow.frontend.graph_inputs import bound_arguments, tensors_within
 from dynaflow.frontend.capture import (SHARED_BACKEND, GraphEntry, batch_size_of, check_layouts, check_outputs, flat_io,
                                        fx_state, mark_batch_dynamic, no_graph_error, run_dynamo)
@@ -70,9 +70,8 @@ class Compiled:
         (a cache object's attributes too), since Dynamo's input names are lossy."""
         weakref.finalize(self, _release_graphs, self.graphs)
         self._fx = isinstance(model, torch.fx.GraphModule)
-        owner = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
-        self.hook_watch: HookWatch | None = (
-            HookWatch([owner]) if isinstance(owner, torch.nn.Module) and not self._fx else None)
+        owner = None if self._fx else module_of(model)
+        self.hook_watch: HookWatch | None = HookWatch([owner]) if owner is not None else None
         """Notices module hooks added or removed after a capture (:mod:`dynaflow.frontend.hook_watch`); ``None``
         for a plain function, whose compiles guard every module's hooks in Dynamo instead."""
         if self._fx:

@@ -19,7 +19,7 @@ import torch
 from torch.nn.modules import module as nn_module
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HookWatch", "drop_captures"]
+__all__ = ["HookWatch", "drop_captures", "module_of"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,13 @@ def _hook_dicts(mod: torch.nn.Module) -> Iterable[tuple[str, dict[Any, Any]]]:
     for name, value in vars(mod).items():
         if name.endswith("hooks") and name.startswith(("_forward", "_backward")) and isinstance(value, dict):
             yield name, value
+
+
+def module_of(fn: Any) -> torch.nn.Module | None:
+    """The module a compiled callable runs, when that is known: the module itself or a bound method of one. A
+    plain function may call any module, so it has none (its compiles keep Dynamo's hook guards)."""
+    owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+    return owner if isinstance(owner, torch.nn.Module) else None
 
 
 class HookWatch:

@@ -22,6 +22,7 @@ from sglang.srt.model_executor.runner_backend_utils.tc_piecewise_cuda_graph impo
 
 from dynaflow.api import CompiledGraph
 from dynaflow.frontend.capture import SHARED_BACKEND, GraphEntry, mark_batch_dynamic, run_dynamo
+from dynaflow.frontend.hook_watch import HookWatch, drop_captures, module_of
 from dynaflow.frontend.rules import Where, default_rules, op_name
 from dynaflow.integrations._common import (HOST_STATE_META, IntegrationError, make_strategy, matching_rules,
                                            thread_mutations)
@@ -65,7 +66,7 @@ def _patch_model_hook(original: Callable[..., Any], model: torch.nn.Module, enab
         if not enable_compile:
             yield forward
             return
-        yield SglangStep(torch.no_grad()(model.forward), options())
+        yield SglangStep(torch.no_grad()(model.forward), options(), model=model)
 
 
 def _install_compiled_hook(original: Callable[..., Any], module: torch.nn.Module, *args: Any, **kwargs: Any):
@@ -131,15 +132,20 @@ def capturing() -> bool:
 
 class SglangStep:
     """A dynaflow-compiled SGLang forward: every call reads the ``ForwardBatch`` argument for the request
-    layout and installs per-nano-batch forward contexts; each Dynamo graph (graph breaks) is planned apart."""
+    layout and installs per-nano-batch forward contexts; each Dynamo graph (graph breaks) is planned apart.
+    ``model``: the module ``fn`` runs when ``fn`` is neither that module nor its bound method (a wrapped forward):
+    its hooks are then watched per call instead of guarded by Dynamo per module, as for a compiled module."""
 
-    def __init__(self, fn: Callable[..., Any], opts: Mapping[str, Any]):
+    def __init__(self, fn: Callable[..., Any], opts: Mapping[str, Any], model: torch.nn.Module | None = None):
         self.fn = fn
         self.opts = dict(opts)
         self.graphs: list[CompiledGraph] = []
         self._by_entry: dict[GraphEntry, CompiledGraph] = {}
         self._batch = 0
         self._compiled = torch.compile(fn, backend=SHARED_BACKEND, dynamic=None)
+        self.model = model if model is not None else module_of(fn)
+        self.hook_watch = HookWatch([self.model]) if self.model is not None else None
+        """Read by the frontend's hook guards too: an owner with a watch gets no Dynamo guards on hook dicts."""
 
     def graph_for(self, entry: GraphEntry, inputs: Sequence[Any] = ()) -> CompiledGraph:
         """This step's CompiledGraph for a graph Dynamo captured (the frontend's shared Dynamo hook asks the
@@ -164,12 +170,22 @@ class SglangStep:
         self._batch = state.num_tokens
         tokens = (fb.input_ids, getattr(fb, "positions", None))  # token-indexed, whether passed or not
         mark_batch_dynamic((*tokens, *args), kwargs, 0)
-        owner = getattr(self.fn, "__self__", self.fn)
+        if self.hook_watch is not None and self.hook_watch.moved():
+            self._check_hooks()
+        owner = self.model if self.model is not None else self.fn
         if capturing():  # SGLang's CUDA-graph runner: nano-batch metadata built now would replay stale
             with requests([state.num_tokens]):
                 return run_dynamo(self, self._compiled, args, kwargs, owner, 0, state.num_tokens)
         with requests(state.lengths, state.phases), nano_context(state.enter, name="sglang forward batch"):
             return run_dynamo(self, self._compiled, args, kwargs, owner, 0, state.num_tokens)
+
+    def _check_hooks(self) -> None:
+        """A hook of the model was added or removed since the captures: capture again (SGLang steps one batch
+        at a time, so no lock)."""
+        if self.hook_watch.changed() and self._by_entry:  # type: ignore[union-attr]
+            drop_captures(f"{self!r}: module hooks changed since the capture")
+            self.graphs.clear()
+            self._by_entry.clear()
 
     def explain(self) -> str:
         return "\n\n".join(g.explain() for g in self.graphs) or "(not captured yet)"

@@ -111,6 +111,7 @@ def test_entry_point_loads_and_plugin_is_gated(sgl, monkeypatch):
     tp_group = types.SimpleNamespace(ca_comm=None)
     with patched(model, True, 4, tp_group) as forward:
         assert isinstance(forward, _sglang.SglangStep)
+        assert forward.model is model and forward.hook_watch is not None  # the wrapped forward's model is watched
     with patched(model, False, 4, tp_group) as forward:
         assert not isinstance(forward, _sglang.SglangStep)
     monkeypatch.setattr(tcd, "patch_model", original)
@@ -190,6 +191,28 @@ def _compiled_llama(sgl, monkeypatch, **opts):
     model = sgl.build()
     step = ds.compile(model.model)
     return model, step, lambda ids, pos, fb: torch.nn.functional.linear(step(ids, pos, fb), model.lm_head.weight)
+
+
+def test_a_hook_added_after_the_first_step_is_honoured(sgl, monkeypatch, caplog):
+    """The step watches its model's hooks instead of having Dynamo guard every module's hook dicts: a forward hook
+    registered after the captures makes the next step capture again, so it gives eager's answer with the hook."""
+    model, step, fn = _compiled_llama(sgl, monkeypatch, nano_batches=2, strategy="round_robin", executor="serial")
+    assert step.hook_watch is not None and step.model is model.model
+    sgl.run(fn, STEPS[:1])
+    before = len(step.graphs)
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: o * 0.5)
+    try:
+        with caplog.at_level("INFO", logger="dynaflow.frontend.hook_watch"):
+            got = sgl.run(fn, STEPS)
+        eager = sgl.run(lambda ids, pos, fb: torch.nn.functional.linear(model.model(ids, pos, fb),
+                                                                        model.lm_head.weight), STEPS)
+    finally:
+        handle.remove()
+    assert any("hooks changed" in r.getMessage() for r in caplog.records)
+    assert before and len(step.graphs) >= 1
+    for (g, ref), (e, _) in zip(got, eager):
+        torch.testing.assert_close(g, e, **TOL)
+        assert not torch.allclose(e, ref, **TOL)  # the hook changed the answer: the test can fail
 
 
 def _host_ops(step) -> set[str]:
