@@ -247,9 +247,10 @@ class DistributedPlanner:
         if self.agreeing:
             distributed.fail_agreement(self._group())
 
-    def agree_key(self, key: str, batch: int) -> tuple[bool, int]:
-        """Whether every rank holds ``key`` now, and the smallest batch (see :func:`distributed.agree_key`)."""
-        return distributed.agree_key(key, batch, self._group())
+    def agree_key(self, key: str, batch: int, detail: str = "") -> tuple[bool, int, bool]:
+        """Whether every rank holds ``key`` now, the smallest batch, and whether every rank holds ``detail``
+        (see :func:`distributed.agree_key`)."""
+        return distributed.agree_key(key, batch, self._group(), detail)
 
     def max_over_ranks(self, values: Sequence[float]) -> list[float]:
         return distributed.max_over_ranks(values, self._group())

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence, TextIO
 import torch
 import torch.fx
 
+from dynaflow import distributed
 from dynaflow.backend import Program, check_executor_name
 from dynaflow.compiled_graph import CompiledGraph
 from dynaflow.config import DynaflowConfig
@@ -162,7 +163,8 @@ class Compiled:
         batch = self._local.batch = mark_batch_dynamic(args, kwargs, self.config.batch_dim)
         if self.hook_watch is not None and self.hook_watch.moved():
             self._check_hooks()
-        if batch == 0:  # no rows: nothing to split or overlap
+        # no rows: nothing to split or overlap, unless other ranks have some (the call takes part in their step)
+        if batch == 0 and distributed.world_size() == 1:
             self.direct_calls += 1
             return self.model(*args, **kwargs)
         key = call_key(args, kwargs) if self._as_is or self.floor_check.active else None
@@ -260,7 +262,8 @@ class Compiled:
         flat = list(self._flatten(*args, **kwargs))
         check_layouts(flat)
         batch = batch_size_of(flat, self.config.batch_dim)
-        if batch == 0:  # no rows: nothing to split or overlap
+        # no rows: nothing to split or overlap, unless other ranks have some (the call takes part in their step)
+        if batch == 0 and distributed.world_size() == 1:
             self.direct_calls += 1
             return self.model(*args, **kwargs)
         state = self._fx_state()

@@ -48,6 +48,8 @@ __all__ = ["CompiledGraph", "Plan"]
 
 log = logging.getLogger(__name__)
 _CALL_SEQ = itertools.count()
+_UNSPLIT_BUCKET = "(a rank that runs this call unsplit)"
+"""The tuning bucket a rank without rows, or recording autograd, compares with its peers': none holds it."""
 
 
 _MISS = object()
@@ -183,14 +185,19 @@ class CompiledGraph:
             return sum(layout.lengths)
         return batch_size_of(inputs, self.config.batch_dim)
 
-    def plan_for(self, inputs: Sequence[Any]) -> Plan:
+    def plan_for(self, inputs: Sequence[Any], unsplit: str | None = None) -> Plan:
         """The plan for these inputs: the split comes from the strategy (once per batch size and request
-        layout), the schedule and program once per distinct split."""
+        layout), the schedule and program once per distinct split. ``unsplit``: why this call runs as one
+        nano-batch (:meth:`unsplit_reason`); the strategy still splits (its errors surface), but the plan is
+        the whole batch's, agreed with the other ranks when they agree on splits."""
         with self._lock:
-            return self._plan_for(inputs)
+            plan = self._plan_for(inputs, unsplit)
+        return plan if unsplit is None else self._unsplit_plan(inputs, unsplit, plan)
 
-    def _plan_for(self, inputs: Sequence[Any]) -> Plan:
+    def _plan_for(self, inputs: Sequence[Any], unsplit: str | None = None) -> Plan:
         batch = self.batch_size(inputs)
+        if batch == 0:
+            return self._empty_plan(inputs)
         if not self._differential_done and batch >= 2:  # the knob is read on the graph's first split call only
             if (self.config.verify or knobs.verify_splits()) and self._replayable:
                 assert self.segmented is not None
@@ -204,7 +211,7 @@ class CompiledGraph:
                         self.label, self._replay_blocker)
             self._differential_done = True
         layout = current_requests()
-        tuned = self._lockstep_tune(batch, inputs, layout)
+        tuned = self._lockstep_tune(batch, inputs, layout, alone=unsplit is not None)
         key = (batch, layout, id(tuned) if tuned is not None else None)
         cached = self._splits.get(key)
         agreeing = self.distributed is not None and self.distributed.agreeing
@@ -218,6 +225,10 @@ class CompiledGraph:
                 raise
             self._repeat = None  # a new split may have a new winner (auto): no call repeats an older decision
         info, split = cached
+        if unsplit is not None and agreeing:  # every rank runs this call as one nano-batch, with its own strategy
+            split = SplitConfig.whole(batch)
+            if tuned is not None:
+                self._strategy_for.setdefault(split, tuned)
         if agreeing:  # every rank, every call
             assert self.distributed is not None
             chooser = self._strategy_for.get(split, self.strategy)
@@ -276,16 +287,39 @@ class CompiledGraph:
         return split_with(strategy, info, self.segmented, strict=self.config.strict, label=self.label,
                           warn_static=self._warn_static, specialised=self._whole_batch if self.batch_marked else None)
 
-    def _lockstep_tune(self, batch: int, inputs: Sequence[Any], layout: RequestLayout | None) -> Strategy | None:
+    def _lockstep_tune(self, batch: int, inputs: Sequence[Any], layout: RequestLayout | None,
+                       alone: bool = False) -> Strategy | None:
         """``strategy="auto"`` with ranks agreeing on the split: the strategy for this call, decided with the
-        other ranks (``None`` in every other case: the ordinary per-batch path decides)."""
+        other ranks (``None`` in every other case: the ordinary per-batch path decides). ``alone``: this rank
+        runs the call unsplit (autograd, or no rows); it takes part in the bucket comparison with a bucket no
+        rank tunes, so every rank runs the search's fallback this call."""
         if self.distributed is None or not self.distributed.agreeing:
             return None
         tuner = self.tuner
         if tuner is None:
             return None
+        if alone:
+            self.distributed.agree_key(_UNSPLIT_BUCKET, batch)
+            return tuner.spec.fallback
         return tuner.lockstep(self.input_info(batch, inputs, layout), inputs, lambda: self._planner.setup(inputs),
                               self.distributed)
+
+    def _empty_plan(self, inputs: Sequence[Any]) -> Plan:
+        """A call with no rows on this rank while other ranks have some (a data-parallel rank left idle): it runs
+        one nano-batch of no rows, so its collectives still pair with theirs, and it takes part in what they
+        agree on first (the tuning bucket, the split: one nano-batch for every rank this call)."""
+        split = SplitConfig.whole(0)
+        tuned = self._lockstep_tune(0, inputs, None, alone=True)
+        if self.distributed is not None and self.distributed.agreeing:
+            split = self.distributed.agree(split)
+        chooser = tuned or self._strategy_for.get(split, self.strategy)
+        plan = self._by_split.get(split)
+        if plan is None:
+            plan = self._by_split[split] = self.plan_split(self.input_info(0, inputs), split, chooser)
+        elif self.distributed is not None and self.distributed.agreeing:
+            self.distributed.check(plan.program)
+        self.plans[0] = plan
+        return plan
 
     def _whole_batch(self, split: SplitConfig) -> SplitConfig:
         """A graph whose batch Dynamo specialised runs as a barrier: once, on the whole batch (``strict``: an error)."""
@@ -447,9 +481,7 @@ class CompiledGraph:
             choice = self.capture_for(batch)
         specs = self._input_specs
         padded = pad_inputs(inputs, specs, batch, choice.size) if choice.padded else list(inputs)
-        plan = self.plan_for(padded)  # planned even when the call runs unsplit: a strategy's errors surface
-        if unsplit is not None:
-            plan = self._unsplit_plan(inputs, unsplit)
+        plan = self.plan_for(padded, unsplit)
         ex = executor if executor is not None else self.executor_for(plan, padded)
         if executor is None and not getattr(ex, "captures_graphs", False):
             raise BackendError(
@@ -536,15 +568,19 @@ class CompiledGraph:
         self._overlap_memo = (key, overlap)
         return overlap
 
-    def _unsplit_plan(self, inputs: Sequence[Any], reason: str) -> Plan:
-        """One nano-batch, program order (see :meth:`unsplit_reason`)."""
-        batch = self.batch_size(inputs)
-        split = SplitConfig.even(batch, 1)
-        with self._lock:
-            plan = self._by_split.get(split)
-            if plan is None:
-                plan = self._by_split[split] = self.plan_split(self.input_info(batch, inputs), split,
-                                                          get_strategy("sequential"))
+    def _unsplit_plan(self, inputs: Sequence[Any], reason: str, agreed: Plan) -> Plan:
+        """One nano-batch, program order (see :meth:`unsplit_reason`). With ranks agreeing on splits, ``agreed``
+        (the whole batch's plan, which every rank runs this call: its collectives pair with theirs)."""
+        if self.distributed is not None and self.distributed.agreeing:
+            plan = agreed
+        else:
+            batch = self.batch_size(inputs)
+            split = SplitConfig.even(batch, 1)
+            with self._lock:
+                plan = self._by_split.get(split)
+                if plan is None:
+                    plan = self._by_split[split] = self.plan_split(self.input_info(batch, inputs), split,
+                                                              get_strategy("sequential"))
         if reason not in self._unsplit_logged:
             self._unsplit_logged.add(reason)
             (log.warning if "autograd" in reason else log.info)("%s: %s: running unsplit", self.label, reason)
@@ -575,10 +611,7 @@ class CompiledGraph:
             out = self._run_repeat(inputs, fps)
             if out is not _MISS:
                 return out
-        plan = self.plan_for(inputs)  # planned even when the call runs unsplit: a strategy's errors surface
-        unsplit = self.unsplit_reason(inputs, fps)
-        if unsplit:
-            plan = self._unsplit_plan(inputs, unsplit)
+        plan = self.plan_for(inputs, self.unsplit_reason(inputs, fps))
         strategy = self._strategy_for.get(plan.split, self.strategy)
         if strategy.passthrough:  # the captured graph as is (auto's floor won this bucket)
             return self.run_passthrough(inputs, plan)

@@ -157,7 +157,7 @@ def agree_split_state(proposal: SplitConfig, group: Any = None, resplit: Any = N
         raise ScheduleError(f"Planning failed on another rank (see its error) while rank {dist.get_rank()} "
                             f"proposed {proposal}: this rank stops too rather than wait for it.")
     same_state = s_min == -neg_s_max
-    n_agreed = min(n_min, batch)
+    n_agreed = min(n_min, max(batch, 1))  # a rank without rows runs one nano-batch of none
     same_everywhere = n_min == -neg_n_max and b_min == -neg_b_max and h_min == -neg_h_max
     if same_everywhere:
         return proposal, same_state
@@ -186,15 +186,17 @@ def fail_agreement(group: Any = None) -> None:
         _all_reduce_min([FAILED] * 8, group)
 
 
-def agree_key(key: str, batch: int, group: Any = None) -> tuple[bool, int]:
-    """Whether every rank of ``group`` holds the same ``key`` (e.g. the autotuner's bucket), and the smallest
-    ``batch`` among them. One ``all_reduce(MIN)`` of three ints; ``(True, batch)`` without a group."""
+def agree_key(key: str, batch: int, group: Any = None, detail: str = "") -> tuple[bool, int, bool]:
+    """Whether every rank of ``group`` holds the same ``key`` (e.g. the autotuner's bucket), the smallest
+    ``batch`` among them, and whether they hold the same ``detail`` too (e.g. the bucket's winner: a graph one
+    rank alone captured has none yet). One ``all_reduce(MIN)`` of five ints; ``(True, batch, True)`` without a
+    group."""
     group = _multi_rank(group)
     if group is None:
-        return True, batch
-    h = _hash63(key)
-    lo, neg_hi, b_min = _all_reduce_min([h, -h, batch], group)
-    return lo == -neg_hi, b_min
+        return True, batch, True
+    h, d = _hash63(key), _hash63(detail)
+    lo, neg_hi, b_min, d_lo, neg_d_hi = _all_reduce_min([h, -h, batch, d, -d], group)
+    return lo == -neg_hi, b_min, d_lo == -neg_d_hi
 
 
 def max_over_ranks(values: Sequence[float], group: Any = None) -> list[float]:

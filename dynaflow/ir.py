@@ -153,7 +153,7 @@ class SplitConfig:
                 raise ConfigError(f"SplitConfig labels {self.labels} must give one label per nano-batch ({len(sizes)}).")
         if not sizes:
             raise ConfigError("SplitConfig needs at least one nano-batch size; got sizes=().")
-        if any(s < 1 for s in sizes):
+        if any(s < 1 for s in sizes) and sizes != (0,):  # (0,): a rank without rows joining its peers' step
             raise ConfigError(
                 f"SplitConfig sizes must all be >= 1; got {sizes}. Use fewer nano-batches for this batch."
             )
@@ -172,7 +172,7 @@ class SplitConfig:
 
     @classmethod
     def whole(cls, batch_size: int) -> "SplitConfig":
-        """One nano-batch holding the whole batch."""
+        """One nano-batch holding the whole batch (of no rows too: a data-parallel rank left idle this step)."""
         return cls((batch_size,))
 
     @property

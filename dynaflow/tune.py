@@ -323,14 +323,17 @@ class Tuner:
         holds and that has no winner yet is searched by all ranks together, in the same order, so that the
         search's own collectives (planning checks, measured steps) pair up; predicted and measured times
         are the maximum over ranks. While the ranks' buckets differ, this call runs sequentially (one
-        nano-batch, agreed) rather than tuning alone. Winners therefore stay the same on every rank."""
-        bucket, won, usable = self.bucket_winner(info)  # the same winners on every rank: set only in lockstep
-        same, smallest = distributed.agree_key(f"{bucket}|{'usable' if usable else 'not usable'}", info.batch_size)
+        nano-batch, agreed) rather than tuning alone. Winners therefore stay the same on every rank. A rank may
+        hold another winner, or none, for the same bucket (a graph it alone captured: other strides, another grad
+        mode); then every rank searches the bucket again, together."""
+        bucket, won, usable = self.bucket_winner(info)  # set only in lockstep
+        same, smallest, same_winner = distributed.agree_key(f"{bucket}|{'usable' if usable else 'not usable'}",
+                                                            info.batch_size, repr(won))
         if not same or not usable:
             log.info("%s: ranks differ in tuning bucket or in whether its winner applies (this rank: %s); "
                      "running this step sequentially", self.planner.label, bucket)
             return self.spec.fallback
-        if won is None:
+        if won is None or not same_winner:
             with distributed.lockstep():
                 won = self.winners[bucket] = self.search(info, inputs, bucket, setup(), lockstep_batch=smallest)
         return won

@@ -37,8 +37,9 @@ def _example(name: str) -> Any:
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> float | None:
     """None when equal within float tolerance, else the max difference."""
-    d = (a - b).abs().max().item()
-    return None if torch.allclose(a, b, rtol=1e-5, atol=1e-5) else d
+    if a.shape != b.shape:
+        return float("inf")
+    return None if torch.allclose(a, b, rtol=1e-5, atol=1e-5) else (a - b).abs().max().item()
 
 
 def _matrix(model: torch.nn.Module, inputs: list[torch.Tensor], label: str, **options: Any) -> list[str]:
@@ -305,15 +306,16 @@ def case_auto() -> dict[str, Any]:
 
 
 def _edge(label: str, fails: list[str], model: Any, xs: list[torch.Tensor], expect: str | None = None,
-          **options: Any) -> None:
+          grad_steps: tuple[int, ...] = (), **options: Any) -> None:
     """Run ``model`` through dynaflow on this rank's inputs ``xs`` (one call each) against eager; ``expect``: the
-    DynaflowError class name every call must raise instead (never a hang, never a raw error)."""
+    DynaflowError class name every call must raise instead (never a hang, never a raw error); ``grad_steps``: the
+    calls this rank makes with autograd on (the others under ``no_grad``)."""
     import dynaflow
 
     torch._dynamo.reset()
     fast = dynaflow.compile(model, **options)
-    with torch.no_grad():
-        for step, x in enumerate(xs):
+    for step, x in enumerate(xs):
+        with torch.set_grad_enabled(step in grad_steps):
             want = model(x)
             try:
                 got = fast(x)
@@ -330,12 +332,15 @@ def _edge(label: str, fails: list[str], model: Any, xs: list[torch.Tensor], expe
             d = _close(got, want)
             if d is not None:
                 fails.append(f"{label} step {step}: max diff {d:.3g}")
+            if got.requires_grad != want.requires_grad:
+                fails.append(f"{label} step {step}: requires_grad {got.requires_grad}, eager's {want.requires_grad}")
 
 
 def case_edges() -> dict[str, Any]:
     """What ranks may differ in and eager takes: a view of a tensor reduced in place, a reduce_scatter along
-    dim 1 (torch names a node ``self``), one rank holding a batch of one, a graph one rank alone recaptures,
-    rank-specific groups, and the per-rank mistakes that must fail on every rank rather than hang."""
+    dim 1 (torch names a node ``self``), one rank holding a batch of one or of none, one rank recording autograd
+    or in another grad mode (a graph it alone captures), a graph one rank alone recaptures, rank-specific groups,
+    and the per-rank mistakes that must fail on every rank rather than hang."""
     import torch.distributed._functional_collectives as fc
     from dynaflow.strategies.nanoflow import NanoFlow
 
@@ -373,6 +378,21 @@ def case_edges() -> dict[str, Any]:
         _edge(f"reduce_scatter dim 1 {strategy}", fails, scatter_dim1, [x6[:4]], strategy=strategy, nano_batches=2)
         _edge(f"rank-specific groups {strategy}", fails, own_then_world, [x6], strategy=strategy, nano_batches=2)
     _edge("batch 1 on one rank", fails, global_norm, [torch.randn([6, 1][rank], 8)], strategy="nanoflow")
+    lin = torch.nn.Linear(8, 8)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+
+    def param_norm(x):  # weights that require grad: a call with autograd on records, and runs unsplit
+        h = torch.relu(lin(x))
+        return h / fc.all_reduce(h.square().sum(), "sum", world_group).sqrt()
+
+    for strategy, nano in (("nanoflow", 2), ("round_robin", 3), ("auto", None)):
+        _edge(f"batch 0 on one rank {strategy}", fails, global_norm, [x6, x6[:0] if rank else x6, x6, x6[:0]],
+              strategy=strategy, nano_batches=nano)
+        _edge(f"autograd on one rank {strategy}", fails, param_norm, [x6, x6, x6], grad_steps=(1,) if rank else (),
+              strategy=strategy, nano_batches=nano)
+        _edge(f"grad mode on one rank {strategy}", fails, global_norm, [x6, x6, x6], grad_steps=(1,) if rank else (),
+              strategy=strategy, nano_batches=nano)
     column_major = x6[:4].t().contiguous().t()  # same values; rank 1 alone captures a graph for its strides
     _edge("a graph one rank recaptures", fails, two_reduces, [x6[:4], column_major if rank else x6[:4]],
           strategy="nanoflow", nano_batches=2)

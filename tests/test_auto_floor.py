@@ -317,7 +317,7 @@ def test_a_bucket_auto_runs_as_a_graph_repeats_without_planning_and_a_new_bucket
         g = c.graphs[0]
         planned: list[int] = []
         real = g.plan_for
-        monkeypatch.setattr(g, "plan_for", lambda inputs: planned.append(1) or real(inputs))
+        monkeypatch.setattr(g, "plan_for", lambda inputs, *rest: planned.append(1) or real(inputs, *rest))
         for _ in range(3):
             torch.testing.assert_close(c(x, cache), model(x, cache), atol=1e-5, rtol=1e-5)
         assert not planned and g.last_capture is not None

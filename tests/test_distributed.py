@@ -63,7 +63,7 @@ def test_autotune_runs_in_lockstep_and_every_rank_picks_the_same_winner():
 
 
 def test_ranks_that_differ_equal_eager_or_fail_together():
-    """A view of a tensor reduced in place, a reduce_scatter along dim 1, a batch of one on one rank, a graph
-    one rank alone recaptures, per-rank stage splits and group names: eager's answer on every rank; per-rank
+    """A view of a tensor reduced in place, a reduce_scatter along dim 1, a batch of one or of none on one rank,
+    autograd on one rank, a graph one rank alone recaptures, per-rank stage splits and group names: eager's answer on every rank; per-rank
     lanes or a split one rank refuses: an error on every rank, never a hang."""
     _check(run_ranks("edges", 2, CASE_TIMEOUT), 2)

@@ -732,7 +732,7 @@ def test_a_repeated_call_reuses_its_decisions_and_any_change_is_seen(fake_cuda, 
     graph = c.graphs[0]
     planned: list[int] = []
     real = graph.plan_for
-    monkeypatch.setattr(graph, "plan_for", lambda inputs: planned.append(1) or real(inputs))
+    monkeypatch.setattr(graph, "plan_for", lambda inputs, *rest: planned.append(1) or real(inputs, *rest))
 
     def check(xs: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
         out = c(xs, cs)

@@ -76,7 +76,13 @@ def test_split_rejects_empty_sizes():
         SplitConfig(())
 
 
-@pytest.mark.parametrize("sizes", [(2, 0), (0,), (3, -1, 2)])
+def test_split_whole_of_no_rows_is_one_empty_nano_batch():
+    """A data-parallel rank left without rows still runs its peers' step (their collectives), as one nano-batch."""
+    cfg = SplitConfig.whole(0)
+    assert cfg.sizes == (0,) and cfg.num == 1 and cfg.batch_size == 0 and cfg.boundaries == ((0, 0),)
+
+
+@pytest.mark.parametrize("sizes", [(2, 0), (0, 0), (3, -1, 2)])
 def test_split_rejects_non_positive_sizes(sizes):
     with pytest.raises(ConfigError, match=r"sizes must all be >= 1") as info:
         SplitConfig(sizes)
