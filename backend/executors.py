@@ -192,6 +192,7 @@ class ThreadExecutor(Executor):
             return _run_in_order(self, program, inputs)
         ctx = self.begin_step(program, inputs)
         timeout = self.wait_timeout if self.wait_timeout is not None else knobs.wait_timeout()
+        timeout = min(timeout, threading.TIMEOUT_MAX)  # inf (wait forever) and huge values: the OS's longest wait
         cached = self._readers.get(id(program))
         if cached is None or cached[0] is not program:
             cached = self._readers[id(program)] = (program, reader_counts(program))
@@ -206,7 +207,7 @@ class ThreadExecutor(Executor):
                     futures.append(crew.pool.submit(self._lane, program, li, step, per_lane[li], modes))
             self._lane(program, 0, step, per_lane[0], modes)
             for f in futures:
-                f.result(timeout=timeout * max(1, program.num_launches))
+                f.result(timeout=min(timeout * max(1, program.num_launches), threading.TIMEOUT_MAX))
         except FutureTimeout:
             step.fail(BackendError(f"A lane of the thread executor did not finish within {timeout:.1f}s per launch; "
                                    "the program deadlocked or an op hung. Raise DYNAFLOW_WAIT_TIMEOUT if an op is "

@@ -33,7 +33,7 @@ from dynaflow.frontend.capture import (SHARED_BACKEND, GraphEntry, batch_size_of
 from dynaflow.ir import Schedule
 from dynaflow.planning import Plan, describe_inputs
 from dynaflow.requests import current_requests
-from dynaflow.strategies import Strategy, get as get_strategy
+from dynaflow.strategies import Strategy, check_data_spec, get as get_strategy
 from dynaflow.timeline import Timeline
 
 __all__ = ["compile", "parallelize", "dynaflow_backend", "Compiled", "CompiledGraph", "Plan"]
@@ -419,6 +419,8 @@ def _config(config: DynaflowConfig | dict[str, Any] | None, **options: Any) -> D
     """``config`` (a DynaflowConfig, a dict of options or None) with the options passed by keyword applied."""
     if config is not None and not isinstance(config, DynaflowConfig):
         config = DynaflowConfig.from_dict(config)  # a dict, or a ConfigError naming what was passed
+        if options.get("strategy", _UNSET) is _UNSET:  # a dict of options may be a YAML file's: data imports nothing
+            check_data_spec(config.strategy, "config={'strategy': ...}")
     base = config or DynaflowConfig()
     changed = {k: v for k, v in options.items() if v is not _UNSET}
     DynaflowConfig.check_names(changed)
@@ -461,6 +463,10 @@ def _compilable(model: Any) -> Callable[..., Any]:
     if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
         raise ConfigError(f"dynaflow.compile cannot capture a TorchScript {type(model).__name__} (torch.compile does "
                           "not trace TorchScript). Pass the nn.Module or function before torch.jit.script/trace.")
+    if isinstance(model, type):  # a class is callable, but calling it builds an instance
+        fix = (f"dynaflow.compile({model.__name__}(...)) on an instance, or decorate the class with "
+               "@dynaflow.parallelize" if issubclass(model, torch.nn.Module) else "an instance or a function")
+        raise ConfigError(f"dynaflow.compile got the class {model.__qualname__}, not a model: pass {fix}.")
     if not callable(model):
         raise ConfigError(f"dynaflow.compile needs an nn.Module, a function, a torch.fx.GraphModule or an "
                           f"ExportedProgram; got {type(model).__name__} ({model!r:.80}).")

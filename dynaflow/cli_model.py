@@ -45,7 +45,7 @@ def load_example(file: str, entry: str = "example") -> tuple[Any, tuple[Any, ...
     """Import ``file`` and call its ``entry()``: ``(model, args, kwargs)``."""
     path = Path(file)
     if not path.is_file():
-        raise ConfigError(f"{file}: no such file.")
+        raise ConfigError(f"{file}: {'a directory, not a model file' if path.is_dir() else 'no such file'}.")
     spec = importlib.util.spec_from_file_location(path.stem, path) if path.suffix == ".py" else None
     if spec is None or spec.loader is None:
         raise ConfigError(f"{file}: not a Python file (.py) defining {entry}(); a strategy YAML file goes to "
@@ -97,7 +97,7 @@ def _eager_reference(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], 
 
 def _same_leaf(x: Any, y: Any) -> bool:
     if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-        return x.shape == y.shape and torch.allclose(x, y, atol=1e-5, rtol=1e-5)
+        return x.shape == y.shape and torch.allclose(x, y, atol=1e-5, rtol=1e-5, equal_nan=True)
     return not isinstance(x, torch.Tensor) and not isinstance(y, torch.Tensor) and bool(x == y)
 
 

@@ -368,7 +368,7 @@ class CompiledGraph:
     # -- running --------------------------------------------------------------------------------------
     def executor_for(self, plan: Plan, inputs: Sequence[Any]) -> Any:
         with self._lock:
-            name = knobs.forced_executor() or self.config.executor
+            name = (knobs.forced_executor() or self.config.executor).lower()  # names are case-insensitive
             if name == "auto":
                 on_cuda = describe_inputs(inputs, 0).on_cuda
                 name = "cuda" if on_cuda else ("thread" if len(plan.program.lanes) > 1 else "serial")

@@ -80,7 +80,8 @@ class DynaflowConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.executor, str) or not self.executor:
             raise ConfigError(f"executor={self.executor!r} must be a registered executor name (built in: {EXECUTORS}).")
-        if self.nano_batches is not None and (not isinstance(self.nano_batches, int) or self.nano_batches < 1):
+        if self.nano_batches is not None and (not isinstance(self.nano_batches, int) or isinstance(self.nano_batches, bool)
+                                              or self.nano_batches < 1):
             raise ConfigError(
                 f"nano_batches={self.nano_batches!r} must be an int >= 1 (or None to let the strategy choose)."
             )
@@ -90,8 +91,12 @@ class DynaflowConfig:
         if not isinstance(self.strategy_options, Mapping) or not all(isinstance(k, str) for k in self.strategy_options):
             raise ConfigError(f"strategy_options={self.strategy_options!r} must be a dict of the strategy's options "
                               "by name, e.g. strategy_options={'sm_counts': {'compute': 100, 'memory': 32}}.")
-        if not isinstance(self.batch_dim, int) or self.batch_dim < 0:
+        if not isinstance(self.batch_dim, int) or isinstance(self.batch_dim, bool) or self.batch_dim < 0:
             raise ConfigError(f"batch_dim={self.batch_dim!r} must be a non-negative int (the batch dimension index).")
+        if self.rules is not None and (isinstance(self.rules, (str, bytes)) or not isinstance(self.rules, Iterable)):
+            raise ConfigError(f"rules={self.rules!r:.80} must be a list of split rules, e.g. "
+                              "rules=[dynaflow.Op(r'linear'), dynaflow.Mod('attn')], or None for the strategy's.")
+        self._check_cost_sources()
         if self.cost_link is not None:
             from dynaflow.network import link
 
@@ -140,6 +145,24 @@ class DynaflowConfig:
             if bad:
                 raise ConfigError(f"capture_sizes={tuple(sizes)!r}: {bad[0]!r} is not a batch size (an int >= 1).")
             self.capture_sizes = tuple(sorted(set(sizes)))
+
+    def _check_cost_sources(self) -> None:
+        """``profile`` and ``cost`` are read on the first call that plans by cost (``auto``, ``executor="sim"``):
+        a value of the wrong kind is refused now, not there."""
+        import os
+
+        from dynaflow.cost import CostModel
+        from dynaflow.profiles import Profile
+
+        source = self.profile
+        items = source if isinstance(source, (list, tuple)) else [source]
+        if source is not None and not isinstance(source, (str, os.PathLike)) and not all(
+                isinstance(p, Profile) for p in items):
+            raise ConfigError(f"profile={source!r:.80} must be a path written by dynaflow.profile(...).save(path), a "
+                              "Profile, a list of Profiles, or None.")
+        if self.cost is not None and not isinstance(self.cost, CostModel):
+            raise ConfigError(f"cost={self.cost!r:.80} must be a dynaflow.cost.CostModel (an object with "
+                              "estimate(segment, rows, sm_share)), or None.")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DynaflowConfig":

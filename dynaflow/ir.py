@@ -447,8 +447,9 @@ class Schedule:
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
-        bad = next((lane for lane in self.lanes if not isinstance(lane, Lane)), None)
+        bad = next(((lane,) for lane in self.lanes if not isinstance(lane, Lane)), None)  # (None,): a lane of None
         if bad is not None:
+            bad = bad[0]
             raise ScheduleError(f"Schedule of strategy {self.strategy!r}: lane {bad!r} is a {type(bad).__name__}, not "
                                 f"a dynaflow.Lane; key the lanes by Lane objects, e.g. {{Lane({str(bad)!r}): [ops]}}.")
         shape = isinstance(self.order, tuple) and all(  # (the count per lane is verify_schedule's to check)

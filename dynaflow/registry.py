@@ -161,6 +161,9 @@ class Registry(Generic[T]):
 
     def _import(self, spec: str, may_import: bool = True) -> Callable[..., T]:
         module, _, attr = spec.partition(":")
+        if not module or module.startswith(".") or not attr:
+            raise self.error(f"{self.kind} {spec!r}: name a class as 'pkg.module:Class', with the module's absolute "
+                             f"name and the class's name (e.g. 'my_strategies:Mine').")
         if not may_import and module not in sys.modules:
             raise self.error(
                 f"{self.kind} {spec!r}: module {module!r} is not imported, and a data file never imports code "
@@ -169,7 +172,7 @@ class Registry(Generic[T]):
             )
         try:
             mod = importlib.import_module(module)
-        except ImportError as exc:
+        except (ImportError, ValueError) as exc:  # ValueError: a name importlib refuses outright
             raise self.error(f"{self.kind} {spec!r}: cannot import module {module!r} ({exc}).") from exc
         try:  # a data file's name is looked up in the module's namespace: no module __getattr__ (a lazy import) runs
             return getattr(mod, attr) if may_import else inspect.getattr_static(mod, attr)

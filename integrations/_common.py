@@ -23,10 +23,10 @@ import torch.fx
 
 from dynaflow import knobs
 from dynaflow.config import DynaflowConfig
-from dynaflow.errors import ConfigError, DynaflowError
+from dynaflow.errors import ConfigError, DynaflowError, StrategyError
 from dynaflow.frontend.effects import write_targets
 from dynaflow.ir import InputInfo, NanoGraph, Schedule, SplitConfig
-from dynaflow.strategies import Strategy, get as get_strategy
+from dynaflow.strategies import Strategy, check_data_spec, get as get_strategy
 from dynaflow.strategies.base import SearchSpec
 from dynaflow.strategies.splits import at_most
 
@@ -243,9 +243,13 @@ def parse_options(options: Mapping[str, Any] | str | None, source: str) -> dict[
         if not isinstance(extra["piecewise"], bool):
             raise IntegrationError(f"{source}: piecewise={extra['piecewise']!r} must be true or false.")
     try:
-        DynaflowConfig.from_dict(data)
+        cfg = DynaflowConfig.from_dict(data)
     except ConfigError as exc:
         raise IntegrationError(f"{source}: {exc}") from None
+    try:
+        check_data_spec(cfg.strategy, source)  # data never imports a module
+    except StrategyError as exc:
+        raise IntegrationError(str(exc)) from None
     return {**data, **extra}
 
 

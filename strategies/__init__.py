@@ -18,7 +18,7 @@ from dynaflow.strategies.sequential import Sequential
 from dynaflow.strategies.two_batch_overlap import TwoBatchOverlap
 
 __all__ = ["Strategy", "ScheduleContext", "SearchSpace", "SearchSpec", "Sequential", "Eager", "RoundRobin", "NanoFlow", "TwoBatchOverlap", "PrefillDecode",
-           "Auto", "Candidate", "splits", "registry", "get", "available", "register_strategy", "load_strategy"]
+           "Auto", "Candidate", "splits", "registry", "get", "check_data_spec", "available", "register_strategy", "load_strategy"]
 
 for _cls in (Sequential, Eager, RoundRobin, NanoFlow, TwoBatchOverlap, PrefillDecode, Auto):
     registry.register(_cls.name, _cls)
@@ -27,6 +27,14 @@ for _cls in (Sequential, Eager, RoundRobin, NanoFlow, TwoBatchOverlap, PrefillDe
 def get(spec: Any, **options: Any) -> Strategy:
     """Resolve a strategy name, class, instance or ``"pkg.module:Class"`` string into an instance."""
     return registry.resolve(spec, **options)
+
+
+def check_data_spec(spec: Any, source: str) -> None:
+    """Refuse a ``"pkg.module:Class"`` strategy read from data (a config dict, an environment variable's JSON)
+    whose module the program has not imported: importing runs the module's code, and data never does that
+    (:meth:`~dynaflow.registry.Registry.load_class`). Names, classes and instances pass unchanged."""
+    if isinstance(spec, str) and ":" in spec:
+        registry.load_class(spec, source=source)
 
 
 def available() -> list[str]:
@@ -61,7 +69,7 @@ def load_strategy(path: str | os.PathLike[str]) -> Strategy:
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
         raise StrategyError(f"Cannot read strategy file {path!r}: {exc}") from None
     if not isinstance(data, dict) or "name" not in data:
         raise StrategyError(f"Strategy file {path!r} must be a mapping with a 'name' key (and the strategy's options); "

@@ -54,7 +54,7 @@ class ScheduleContext:
     def peek(self, nano: int) -> NanoOp | None:
         q = self._queues.get(nano)
         if q is None:
-            raise StrategyError(f"Strategy {self.strategy.name!r}: ctx.pop({nano}) but there are only {self.split.max_num} nano-batches.")
+            raise StrategyError(f"Strategy {self.strategy.name!r}: ctx.pop({nano!r}) but nano-batches are numbered 0..{self.split.max_num - 1} (ints).")
         while q and q[0] in self._taken:
             q.pop(0)
         return q[0] if q else None

@@ -59,14 +59,26 @@ class NanoFlow(Strategy):
                                     f"resources are {[r.value for r in Resource]}.")
             if not isinstance(n, int) or n < 1:
                 raise StrategyError(f"Strategy 'nanoflow': stage_nano_batches[{key!r}]={n!r} must be an int >= 1.")
+        if sm_counts is not None and not isinstance(sm_counts, Mapping):
+            raise StrategyError(f"Strategy 'nanoflow': sm_counts={sm_counts!r:.80} must map lanes to SM counts, e.g. "
+                                "{'compute': 96, 'memory': 36}.")
         self.sm_counts = dict(sm_counts or {})
         unknown = [k for k in self.sm_counts if k not in {r.value for r in Resource}]
         if unknown:
             raise StrategyError(f"Strategy 'nanoflow': sm_counts names unknown lane {unknown[0]!r}; lanes are "
                                 f"{[r.value for r in Resource]}.")
+        for lane, sms in self.sm_counts.items():
+            if not isinstance(sms, int) or isinstance(sms, bool) or sms < 1:
+                raise StrategyError(f"Strategy 'nanoflow': sm_counts[{lane!r}]={sms!r:.40} must be an int >= 1 (the "
+                                    "SMs of that lane's partition), e.g. {'compute': 96, 'memory': 36}.")
         if weights is not None and (isinstance(weights, (str, bytes)) or not weights or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0 for w in weights)):
-            raise StrategyError(f"Strategy 'nanoflow': weights={list(weights)} must be positive numbers, one per nano-batch.")
+            raise StrategyError(f"Strategy 'nanoflow': weights={weights!r:.80} must be positive numbers, one per "
+                                "nano-batch.")
+        if weights is not None and nano_batches is not None and len(weights) != nano_batches:
+            raise StrategyError(f"Strategy 'nanoflow': weights={list(weights)} give {len(weights)} nano-batches but "
+                                f"nano_batches={nano_batches}; give one weight per nano-batch, or leave nano_batches "
+                                "unset (the weights' count is used).")
         self.weights = tuple(float(w) for w in weights) if weights else None
 
     def split_config(self, info: InputInfo) -> SplitConfig:
@@ -85,7 +97,8 @@ class NanoFlow(Strategy):
         if self.weights is None or info.request_lengths is not None:
             return super().split_config(info)
         n = min(len(self.weights), info.batch_size)
-        w = self.weights[:n]
+        top = max(self.weights[:n])
+        w = [x / top for x in self.weights[:n]]  # relative weights: 1e308s would overflow their sum
         raw = [info.batch_size * x / sum(w) for x in w]
         sizes = [max(1, int(r)) for r in raw]
         order = sorted(range(n), key=lambda i: raw[i] - int(raw[i]), reverse=True)

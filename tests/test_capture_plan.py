@@ -110,33 +110,44 @@ def test_missing_wait_is_caught_by_check_program():
     assert removed.op.segment in str(broken.listing()) and len(broken.serial_order) == len(p.serial_order)
 
 
+def _delayed(program, slow):
+    """``program`` with the launch of ``slow`` 0.3 s late."""
+    def f(launch):
+        if launch.op != slow:
+            return launch
+        fn = launch.fn
+
+        def late(*args):
+            time.sleep(0.3)
+            return fn(*args)
+
+        return map_launches_replace(launch, late)
+    return map_launches(program, f)
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e12])
+def test_a_wait_timeout_of_forever_waits_on_the_thread_executor(timeout):
+    """``wait_timeout=float('inf')`` (what the ConfigError suggests for "forever") and values past the OS's
+    longest wait: the lanes and the caller wait as long as they can, never an OverflowError from the lock."""
+    p, inputs, _ = _prog()
+    with torch.no_grad():
+        ref = SerialExecutor().run(p, inputs)
+        got = ThreadExecutor(wait_timeout=timeout).run(_delayed(p, drop_wait(p)[1].op), inputs)
+    assert torch.equal(got, ref)
+
+
 def test_missing_wait_gives_a_wrong_answer_or_a_failure_on_the_thread_executor():
     """Drop the wait in front of a cross-lane consumer and slow its producer down: the consumer then runs on
     a value that is not there yet, which the thread executor must expose (a failed lane or a wrong output),
     while the intact program with the same delay is right."""
     p, inputs, _ = _prog()
     broken, removed = drop_wait(p)
-    slow = removed.op
-
-    def delayed(program):
-        def f(launch):
-            if launch.op != slow:
-                return launch
-            fn = launch.fn
-
-            def late(*args):
-                time.sleep(0.3)
-                return fn(*args)
-
-            return map_launches_replace(launch, late)
-        return map_launches(program, f)
-
     with torch.no_grad():
         ref = SerialExecutor().run(p, inputs)
-        ok = ThreadExecutor(wait_timeout=10).run(delayed(p), inputs)
+        ok = ThreadExecutor(wait_timeout=10).run(_delayed(p, removed.op), inputs)
         assert torch.equal(ok, ref) if isinstance(ok, torch.Tensor) else True
         try:
-            bad = ThreadExecutor(wait_timeout=10).run(delayed(broken), inputs)
+            bad = ThreadExecutor(wait_timeout=10).run(_delayed(broken, removed.op), inputs)
         except BackendError as exc:
             assert "waited" in str(exc), exc
         except TypeError as exc:  # the consumer's segment ran on a value not there yet

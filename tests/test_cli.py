@@ -56,6 +56,15 @@ def test_explain_and_bench_run_a_model_file(capsys):
     assert "3 interleaved calls each" in out and "ratio" in out
 
 
+def test_explain_compares_nan_outputs_as_equal(tmp_path, capsys):
+    """A model whose output holds NaN where eager's does: the outputs match (NaN is not a mismatch)."""
+    path = tmp_path / "nan_model.py"
+    path.write_text("import torch\ndef example():\n    torch.manual_seed(0)\n    x = torch.randn(8, 16)\n"
+                    "    x[0, 0] = float('nan')\n    return torch.nn.Linear(16, 16).eval(), (x,)\n")
+    assert main(["explain", str(path), "--executor", "serial"]) == 0
+    assert "outputs match eager: yes" in capsys.readouterr().out
+
+
 def test_a_model_file_without_example_names_the_contract(tmp_path, capsys):
     bad = tmp_path / "m.py"
     bad.write_text("x = 1\n")

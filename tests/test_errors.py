@@ -511,6 +511,17 @@ def test_what_dynamo_cannot_capture_is_a_config_error():
     _raises(ConfigError, lambda: dynaflow.compile(torch.jit.script(model)), "TorchScript", "before torch.jit")
 
 
+def test_a_module_class_is_refused_and_leaves_the_class_usable():
+    """The class, not an instance: calling it would build a module, and Dynamo would wrap the class itself, so
+    every later compile of an instance failed with a raw AssertionError."""
+    _raises(ConfigError, lambda: dynaflow.compile(nn.Linear), "class Linear", "dynaflow.compile(Linear(...))",
+            "@dynaflow.parallelize")
+    _raises(ConfigError, lambda: dynaflow.compile(dict), "class dict", "an instance or a function")
+    model, x = nn.Linear(8, 8), torch.randn(4, 8)
+    with grad_off():
+        torch.testing.assert_close(dynaflow.compile(model, executor="serial")(x), model(x))
+
+
 def test_an_exported_program_is_compiled_as_its_module():
     model, x = make_mlp(), mlp_input(6)
     ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
@@ -596,6 +607,16 @@ def test_small_misuses_name_the_fix():
     _raises(ConfigError, lambda: InputInfo(7, "cpu", "float32", request_lengths=(3, 0, 4)),
             "request 1 has no rows", "leave requests without rows out")
     _raises(StrategyError, lambda: get("nanoflow", weights=[float("nan"), 1.0]), "must be positive numbers")
+    _raises(StrategyError, lambda: get("nanoflow", weights=[1, 2, 3], nano_batches=2), "give 3 nano-batches",
+            "nano_batches=2", "one weight per nano-batch")
+    _raises(StrategyError, lambda: get("nanoflow", sm_counts={"compute": "x"}), "sm_counts['compute']='x'",
+            "int >= 1")
+    _raises(StrategyError, lambda: get("nanoflow", sm_counts=5), "sm_counts=5 must map lanes to SM counts")
+    assert get("nanoflow", weights=[1e308, 1e308]).split_config(InputInfo(8, "cpu", "float32")).sizes == (4, 4)
+    _raises(StrategyError, lambda: get(":Foo"), "'pkg.module:Class'")
+    _raises(StrategyError, lambda: get(".rel:Foo"), "module's absolute name")
+    _raises(ScheduleError, lambda: Schedule.from_lanes("mine", dynaflow.SplitConfig((2,)), {None: []}),
+            "lane None is a NoneType")
     _raises(ScheduleError, lambda: Schedule.from_lanes("mine", dynaflow.SplitConfig((2,)), {"main": []}),
             "lane 'main' is a str", "Lane('main')")
     with pytest.raises(Exception) as info:  # torch wraps a backend's error in its BackendCompilerFailed
@@ -607,10 +628,19 @@ def test_small_misuses_name_the_fix():
 @pytest.mark.parametrize("options, says", [
     (dict(strategy_options={1: 2}), "strategy_options=.* by name"),
     (dict(wait_timeout=float("nan")), "wait_timeout=nan must be > 0"),
-], ids=["non-string-option-name", "nan-timeout"])
+    (dict(profile=5), "profile=5 must be a path written by dynaflow.profile"),
+    (dict(profile=[5]), r"profile=\[5\] must be a path"),
+    (dict(cost=5), "cost=5 must be a dynaflow.cost.CostModel"),
+    (dict(rules="linear"), "rules='linear' must be a list of split rules"),
+    (dict(rules=5), "rules=5 must be a list of split rules"),
+    (dict(nano_batches=True), "nano_batches=True must be an int >= 1"),
+    (dict(batch_dim=True), "batch_dim=True must be a non-negative int"),
+], ids=["non-string-option-name", "nan-timeout", "int-profile", "list-of-int-profile", "int-cost", "str-rules",
+        "int-rules", "bool-nano-batches", "bool-batch-dim"])
 def test_config_values_refused_at_compile(options, says):
     """A non-string option name was a raw TypeError; a NaN timeout was accepted, and every thread-executor call
-    then failed with 'did not finish within nans'."""
+    then failed with 'did not finish within nans'; a profile or cost model of the wrong kind failed at the first
+    call that planned by cost with a raw AttributeError; a string of rules was read as one rule per letter."""
     with pytest.raises(ConfigError, match=says):
         dynaflow.compile(nn.Linear(4, 4), strategy="round_robin", executor="thread", **options)
 
@@ -684,3 +714,19 @@ def test_split_config_stage_sizes_are_ints_like_the_main_sizes(stage):
 
     with pytest.raises(ConfigError, match="stage 'memory' sizes must be a sequence of ints"):
         SplitConfig((2, 2), stages=(("memory", stage),))
+
+
+def test_executor_names_are_case_insensitive_where_they_are_checked_and_where_they_run():
+    """``executor="SERIAL"`` passed the name check (case-insensitive) and then failed at the first call with
+    "not available in this build ... needs a CUDA build"."""
+    model, x = make_mlp(), mlp_input(4)
+    with grad_off():
+        got = dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor="SERIAL")(x)
+        torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_explain_on_a_directory_says_so(tmp_path, capsys):
+    from dynaflow.cli import main
+
+    assert main(["explain", str(tmp_path)]) == 2
+    assert "a directory, not a model file" in capsys.readouterr().err

@@ -195,6 +195,21 @@ def test_a_data_file_never_imports_a_module(tmp_path, monkeypatch):
     assert type(load_strategy(path)).__name__ == "Mine"
 
 
+def test_a_strategy_named_in_a_config_dict_or_integration_options_imports_nothing(tmp_path, monkeypatch):
+    """A dict of options may be a YAML or JSON file's (``DynaflowConfig.from_dict``, ``DYNAFLOW_VLLM_OPTIONS``):
+    its ``"module:Class"`` strategy is data, so its module is not imported; a keyword argument is code, and is."""
+    from dynaflow.integrations._common import IntegrationError, parse_options
+
+    _module_that_touches(tmp_path, monkeypatch, "df_side_effect_cfg_mod")
+    with pytest.raises(StrategyError, match="is not imported"):
+        dynaflow.compile(make_mlp(), config={"strategy": "df_side_effect_cfg_mod:Mine", "nano_batches": 2})
+    with pytest.raises(IntegrationError, match="DYNAFLOW_VLLM_OPTIONS: strategy .* is not imported"):
+        parse_options('{"strategy": "df_side_effect_cfg_mod:Mine"}', "DYNAFLOW_VLLM_OPTIONS")
+    assert not (tmp_path / PWN).exists() and "df_side_effect_cfg_mod" not in sys.modules
+    compiled = dynaflow.compile(make_mlp(), strategy="df_side_effect_cfg_mod:Mine", config={"nano_batches": 2})
+    assert type(compiled.strategy).__name__ == "Mine" and (tmp_path / PWN).exists()
+
+
 def test_a_cache_entry_naming_an_unimported_module_imports_nothing(tmp_path, monkeypatch):
     mod_dir = tmp_path / "mods"
     mod_dir.mkdir()
@@ -254,7 +269,7 @@ def test_a_yaml_alias_bomb_gets_a_short_error(tmp_path):
 
 
 @pytest.mark.parametrize("text, says", [
-    ("name: nanoflow\nsm_counts: ab\n", "rejected its options"),
+    ("name: nanoflow\nsm_counts: ab\n", "sm_counts=.ab. must map lanes to SM counts"),
     ("name: nanoflow\nstage_nano_batches: [memory]\n", "rejected its options"),
     ("name: auto\nmeasure_top_k: 1.5\n", "measure_top_k=1.5 must be an int"),
     ("name: auto\nrepeats: 2.5\n", "repeats=2.5 must be an int"),
