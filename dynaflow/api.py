@@ -40,6 +40,13 @@ __all__ = ["compile", "parallelize", "dynaflow_backend", "Compiled", "CompiledGr
 
 log = logging.getLogger(__name__)
 
+_CAPTURE_ANALYSIS = threading.RLock()
+"""Held while a Dynamo capture is partitioned (:meth:`Compiled.graph_for`): the analysis runs ops on the fake
+tensors Dynamo recorded in the graph, under the FakeTensorMode of that capture, and every ``Compiled`` sharing the
+capture (one model class, :data:`SHARED_BACKEND`) prepares its own copy of the same graph with the same fake values
+and mode. A FakeTensorMode is not thread-safe (its ``in_kernel_invocation`` flag is per mode, its dispatch-key
+state per thread). Taken after ``Compiled._lock``; nothing under it takes another dynaflow lock or Dynamo's
+``compile_lock``, and Dynamo's compile (which holds ``compile_lock``) never reaches ``graph_for``."""
 
 
 class Compiled:
@@ -95,9 +102,10 @@ class Compiled:
             if graph is None:
                 label = f"graph{len(self.graphs)}"
                 try:
-                    graph = CompiledGraph(entry.copy_gm(), self.config, self.strategy, label=label)
-                    graph.static_found = self._static_positions(inputs)
-                    graph.prepare()
+                    with _CAPTURE_ANALYSIS:
+                        graph = CompiledGraph(entry.copy_gm(), self.config, self.strategy, label=label)
+                        graph.static_found = self._static_positions(inputs)
+                        graph.prepare()
                 except DynaflowError:
                     raise
                 except Exception as exc:  # a user rule (a Where predicate) or a strategy's rules() raised

@@ -46,6 +46,29 @@ def narrow_inputs(seg: SegmentedModule, inputs: Sequence[Any], batch: int, rows:
     return out
 
 
+class _NoModuleTracker:
+    """Stands in for ``FlopCounterMode``'s ``ModuleTracker``, which registers process-wide module forward hooks
+    (``register_module_forward_pre_hook``) for as long as a counter is entered. Those hooks run around every module
+    call on every thread: another thread's Dynamo trace then meets them (a graph break, or a capture that falls
+    back to eager), and a ``Compiled``'s :class:`~dynaflow.frontend.hook_watch.HookWatch` sees the model's hooks
+    change and drops Dynamo's compiled code while other threads run it. Only the total is read here, which
+    ``FlopCounterMode`` books under ``"Global"``; nothing is registered."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> "_NoModuleTracker":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _counter() -> FlopCounterMode:
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _NoModuleTracker()  # type: ignore[assignment]
+    return counter
+
+
 def _count_once(seg: SegmentedModule, inputs: Sequence[Any], batch: int, rows: int) -> dict[str, tuple[float, float]]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -62,7 +85,7 @@ def _count_once(seg: SegmentedModule, inputs: Sequence[Any], batch: int, rows: i
                 env[v.name] = seg.constants[v.name]
         for call in seg.calls:
             args = [env[a] for a in call.args]
-            counter = FlopCounterMode(display=False)
+            counter = _counter()
             with counter:
                 out = call.fn(*args)
             outs = out if call.returns_tuple else (out,)

@@ -70,6 +70,47 @@ def test_concurrent_first_calls_of_different_batch_sizes_plan_once_each():
     assert sorted(set().union(*(g.plans for g in compiled.graphs))) == [2, 3, 4, 5]
 
 
+def test_concurrent_first_calls_of_models_sharing_one_capture_equal_eager(fast_switching):
+    """Compiled models of one class share Dynamo's capture, and with it the capture's FakeTensorMode, which their
+    partitioning runs ops under: concurrent first calls prepared it on two threads at once (torch's
+    'in_kernel_invocation_manager' assertion), and ``auto``'s FLOP counting installed global module hooks that
+    broke other threads' traces (CaptureError, segfaults). Each call must give eager's answer."""
+    model = make_mlp()
+    shared = dynaflow.strategies.get("round_robin", nano_batches=2)
+    compiled = [dynaflow.compile(model, strategy="auto", executor="serial"),
+                dynaflow.compile(model, strategy=shared, executor="thread"),
+                dynaflow.compile(model, strategy=shared, executor="serial")]
+    sizes = (4, 8, 16, 5, 33, 6)
+    with torch.no_grad():
+        expected = {b: model(mlp_input(b, seed=b)) for b in sizes}
+
+    def call(i: int) -> bool:
+        b = sizes[i % len(sizes)]
+        with torch.no_grad():
+            out = compiled[(i // len(sizes)) % len(compiled)](mlp_input(b, seed=b))  # every size on every model
+        return torch.allclose(out, expected[b], rtol=1e-5, atol=1e-5)
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(call, range(36)))
+    assert all(results)
+
+
+def test_a_capture_is_partitioned_by_one_thread_at_a_time(monkeypatch):
+    """Partitioning runs ops on the capture's fake tensors under its one FakeTensorMode, which is not thread-safe
+    and is shared by every model of the class: ``prepare`` runs under the process-wide analysis lock."""
+    from dynaflow import api
+    from dynaflow.compiled_graph import CompiledGraph
+
+    held: list[bool] = []
+    real = CompiledGraph.prepare
+    monkeypatch.setattr(CompiledGraph, "prepare", lambda self: held.append(api._CAPTURE_ANALYSIS._is_owned())
+                        or real(self))
+    model = make_mlp()
+    with torch.no_grad():
+        dynaflow.compile(model, strategy="round_robin", nano_batches=2, executor="serial")(mlp_input(4))
+    assert held == [True]
+
+
 def _compile_call_drop() -> weakref.ref:
     model = make_mlp()
     compiled = dynaflow.compile(model, strategy="round_robin", nano_batches=4, executor="thread")

@@ -30,6 +30,32 @@ class TwoLinears(nn.Module):
         return self.b(h)
 
 
+def test_flop_counting_installs_no_process_wide_module_hooks(monkeypatch):
+    """torch's FlopCounterMode enters a ModuleTracker, whose global module hooks run around every module call of
+    every thread while it counts: another thread's Dynamo trace broke on them, and a compiled model's hook watch saw
+    its hooks change and dropped Dynamo's code under running callers (a segfault). dynaflow counts without them."""
+    import torch.utils.module_tracker as tracker
+    from torch.utils.flop_counter import FlopCounterMode
+
+    registered: list[str] = []
+    for name in ("register_module_forward_pre_hook", "register_module_forward_hook"):
+        real = getattr(tracker, name)
+        monkeypatch.setattr(tracker, name, lambda hook, *a, _real=real, _name=name, **k:
+                            registered.append(_name) or _real(hook, *a, **k))
+    with FlopCounterMode(display=False):  # the control: torch's own counter registers them
+        pass
+    assert registered
+    registered.clear()
+    model = TwoLinears().eval()
+    compiled = dynaflow.compile(model, strategy="sequential", executor="serial")
+    x = torch.randn(10, 32)
+    with grad_off():
+        compiled(x)
+        compiled.last_graph.cost_model(_flat_inputs(compiled, x))
+    assert compiled.last_graph._counts["up_0"].flops(10) == pytest.approx(2 * 10 * 32 * 64)
+    assert not registered
+
+
 def test_flop_and_byte_counts_are_exact_for_linears():
     model = TwoLinears().eval()
     compiled = dynaflow.compile(model, strategy="sequential", executor="serial")
